@@ -1,0 +1,105 @@
+# squall: plain GNU make. `make run` and `make test` are the two commands a new user needs;
+# both install missing Debian packages first (scripts/install-deps.sh).
+
+CXX ?= g++
+CC ?= gcc
+SANITIZE ?=
+PREFIX ?= /usr/local
+
+ifeq ($(SANITIZE),)
+BUILD := build
+SAN_FLAGS :=
+else
+BUILD := build/san-$(subst $(comma),-,$(SANITIZE))
+SAN_FLAGS := -fsanitize=$(SANITIZE) -fno-omit-frame-pointer -fno-sanitize-recover=all
+endif
+comma := ,
+
+LLHTTP_DIR := /usr/share/llhttp
+LLHTTP_INCLUDE := /usr/share/include/llhttp
+PKGS := libuv spdlog fmt tomlplusplus
+
+CPPFLAGS += -Ilib -I. -I$(LLHTTP_INCLUDE) -MMD -MP
+CXXFLAGS ?= -O2 -g
+CXXFLAGS += -std=c++20 -Wall -Wextra -Werror -pthread $(SAN_FLAGS)
+CFLAGS_LLHTTP := -O2 -g $(SAN_FLAGS)
+LDFLAGS += -pthread $(SAN_FLAGS)
+
+# pkg-config is asked only when something is compiled or linked, so `make deps` can run first.
+pkg_cflags = $(shell pkg-config --cflags $(PKGS))
+pkg_libs = $(shell pkg-config --libs $(PKGS))
+
+LIB_SRCS := $(shell find lib -name '*.cpp' | sort)
+LIB_OBJS := $(LIB_SRCS:%.cpp=$(BUILD)/%.o)
+LLHTTP_OBJS := $(BUILD)/llhttp/llhttp.o $(BUILD)/llhttp/api.o $(BUILD)/llhttp/http.o
+SERVER_SRCS := $(shell find server -name '*.cpp' | sort)
+SERVER_OBJS := $(SERVER_SRCS:%.cpp=$(BUILD)/%.o)
+UNIT_SRCS := $(shell find tests/unit -name '*.cpp' | sort)
+UNIT_OBJS := $(UNIT_SRCS:%.cpp=$(BUILD)/%.o)
+EXAMPLE_SRCS := $(shell find examples -name '*.cpp' | sort)
+EXAMPLE_BINS := $(EXAMPLE_SRCS:examples/%.cpp=$(BUILD)/examples/%)
+
+LIBSQUALL := $(BUILD)/libsquall.a
+SQUALLD := $(BUILD)/squalld
+UNIT_TESTS := $(BUILD)/unit_tests
+PYTHON := /usr/bin/python3
+
+.PHONY: all deps run test unit integration examples format format-check clean bench install
+
+all: $(SQUALLD) $(UNIT_TESTS) $(EXAMPLE_BINS)
+
+deps:
+	@sh scripts/install-deps.sh
+
+# The recursive make runs after deps so that pkg-config finds the packages just installed.
+run: deps
+	@$(MAKE) --no-print-directory $(SQUALLD)
+	./$(SQUALLD) --config config/squalld.toml
+
+test: deps
+	@$(MAKE) --no-print-directory all
+	@$(MAKE) --no-print-directory unit integration
+
+unit: $(UNIT_TESTS)
+	./$(UNIT_TESTS)
+
+integration: $(SQUALLD)
+	SQUALLD=$(CURDIR)/$(SQUALLD) $(PYTHON) -m pytest -q -p no:cacheprovider tests/integration
+
+examples: $(EXAMPLE_BINS)
+
+bench: deps $(SQUALLD)
+	sh scripts/install-deps.sh --bench
+	SQUALLD=$(CURDIR)/$(SQUALLD) bench/run.sh
+
+$(BUILD)/llhttp/%.o: $(LLHTTP_DIR)/%.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_LLHTTP) -I$(LLHTTP_INCLUDE) -c $< -o $@
+
+$(BUILD)/%.o: %.cpp
+	@mkdir -p $(dir $@)
+	$(CXX) $(CPPFLAGS) $(pkg_cflags) $(CXXFLAGS) -c $< -o $@
+
+$(LIBSQUALL): $(LIB_OBJS) $(LLHTTP_OBJS)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(SQUALLD): $(SERVER_OBJS) $(LIBSQUALL)
+	$(CXX) $(LDFLAGS) -o $@ $^ $(pkg_libs)
+
+$(UNIT_TESTS): $(UNIT_OBJS) $(LIBSQUALL)
+	$(CXX) $(LDFLAGS) -o $@ $^ $(pkg_libs)
+
+$(BUILD)/examples/%: $(BUILD)/examples/%.o $(LIBSQUALL)
+	$(CXX) $(LDFLAGS) -o $@ $^ $(pkg_libs)
+
+format:
+	clang-format -i $(LIB_SRCS) $(SERVER_SRCS) $(UNIT_SRCS) $(EXAMPLE_SRCS) $(shell find lib server tests/unit examples -name '*.hpp')
+
+format-check:
+	clang-format --dry-run -Werror $(LIB_SRCS) $(SERVER_SRCS) $(UNIT_SRCS) $(EXAMPLE_SRCS) $(shell find lib server tests/unit examples -name '*.hpp')
+
+clean:
+	rm -rf build
+
+-include $(LIB_OBJS:.o=.d) $(SERVER_OBJS:.o=.d) $(UNIT_OBJS:.o=.d) $(EXAMPLE_BINS:=.d)

@@ -1,0 +1,111 @@
+// The daemon's configuration: a TOML file turned into typed values, validated as a whole.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace squall {
+
+using Duration = std::chrono::milliseconds;
+
+// One address to listen on, as written in the config: "127.0.0.1:8080" or "[::1]:8080".
+struct ListenAddress {
+  std::string host;          // Numeric IPv4 or IPv6 address, without brackets.
+  std::uint16_t port;        // 0 asks the kernel for a free port.
+  std::string text() const;  // "127.0.0.1:8080", "[::1]:8080".
+  bool operator==(const ListenAddress&) const = default;
+};
+
+// Parses "HOST:PORT" (IPv6 in brackets). Throws std::invalid_argument naming what was wrong.
+ListenAddress parse_listen_address(std::string_view text);
+
+// Parses "250ms", "10s", "2m", "1h" (an integer and a unit). Throws std::invalid_argument.
+Duration parse_duration(std::string_view text);
+
+// Parses "512", "512B", "16KiB", "1MiB", "1GiB" (an integer and a binary unit). Throws
+// std::invalid_argument.
+std::size_t parse_size(std::string_view text);
+
+struct ServerConfig {
+  std::vector<ListenAddress> listen{{"127.0.0.1", 8080}};  // [server] listen
+  int backlog = 511;                                       // [server] backlog
+  std::size_t max_connections = 10000;                     // [server] max_connections
+  std::string name = "squall";                             // [server] name: the Server header
+  bool operator==(const ServerConfig&) const = default;
+};
+
+struct LimitsConfig {
+  std::size_t max_url_bytes = 8 * 1024;              // [limits] max_url_bytes -> 414
+  std::size_t max_header_bytes = 16 * 1024;          // [limits] max_header_bytes -> 431
+  std::size_t max_header_count = 100;                // [limits] max_header_count -> 431
+  std::size_t max_body_bytes = 1024 * 1024;          // [limits] max_body_bytes -> 413
+  std::size_t max_chunk_extension_bytes = 4 * 1024;  // [limits] max_chunk_extension_bytes
+  std::size_t write_buffer_high_water = 256 * 1024;  // [limits] write_buffer_high_water
+  bool operator==(const LimitsConfig&) const = default;
+};
+
+struct TimeoutsConfig {
+  Duration header{10'000};     // [timeouts] header: first byte of a request to its last header
+  Duration body{30'000};       // [timeouts] body: the longest wait for the next body bytes
+  Duration keepalive{75'000};  // [timeouts] keepalive: idle time between requests
+  Duration write{30'000};      // [timeouts] write: the longest a write may make no progress
+  Duration lingering{2'000};   // [timeouts] lingering: reading after an early error response
+  Duration drain{20'000};      // [timeouts] drain: how long SIGTERM waits for in-flight requests
+  bool operator==(const TimeoutsConfig&) const = default;
+};
+
+enum class AccessLogFormat { combined, json };
+
+struct LogConfig {
+  std::string level = "info";         // [log] level: trace..critical, off
+  std::string error_log = "stderr";   // [log] error_log: "stderr" or a path
+  std::string access_log = "stderr";  // [log] access_log: "stderr", "off", path
+  AccessLogFormat access_format = AccessLogFormat::combined;  // [log] access_format
+  bool operator==(const LogConfig&) const = default;
+};
+
+struct LoopConfig {
+  Duration lag_interval{250};        // [loop] lag_interval: how often loop lag is sampled
+  Duration blocking_threshold{100};  // [loop] blocking_threshold: warn when a handler blocks
+  bool operator==(const LoopConfig&) const = default;
+};
+
+struct RoutesConfig {
+  bool plaintext = true;  // [routes] plaintext: GET /plaintext
+  bool healthz = true;    // [routes] healthz: GET /healthz
+  bool metrics = true;    // [routes] metrics: GET /metrics
+  bool echo = true;       // [routes] echo: POST /echo
+  bool operator==(const RoutesConfig&) const = default;
+};
+
+struct Config {
+  ServerConfig server;
+  LimitsConfig limits;
+  TimeoutsConfig timeouts;
+  LogConfig log;
+  LoopConfig loop;
+  RoutesConfig routes;
+  // Field by field; the shipped config file is tested against a default-constructed Config.
+  bool operator==(const Config&) const = default;
+};
+
+// A configuration error: the message names the file, line, key and what was wrong, e.g.
+// "squalld.toml:12: [limits] max_body_bytes: expected a size such as \"1MiB\", got \"lots\"".
+class ConfigError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// Reads and validates a TOML file. Unknown tables or keys and wrong types are errors.
+// Throws ConfigError.
+Config load_config_file(const std::string& path);
+
+// The same, from text already in memory; `source_name` is used in error messages.
+Config load_config_string(std::string_view toml_text, const std::string& source_name);
+
+}  // namespace squall

@@ -1,0 +1,162 @@
+#include "core/loop.hpp"
+
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <system_error>
+
+#include <spdlog/spdlog.h>
+
+namespace squall {
+
+namespace {
+
+void check(int status, const char* what) {
+  if (status < 0) {
+    throw std::system_error(-status, std::generic_category(), std::string(what) + ": " +
+                                                                  uv_strerror(status));
+  }
+}
+
+}  // namespace
+
+struct Loop::TimerNode {
+  uv_timer_t timer;   // Owned here; freed in the close callback.
+  Loop* loop;         // For removing this node from timers_.
+  TimerId id;         // The key in timers_.
+  Callback callback;  // What to run when the timer fires.
+};
+
+Loop::Loop() {
+  check(uv_loop_init(&loop_), "uv_loop_init");
+  check(uv_async_init(&loop_, &wakeup_, &Loop::on_async), "uv_async_init");
+  wakeup_.data = this;
+  // The wake-up handle alone must not keep run() going.
+  uv_unref(reinterpret_cast<uv_handle_t*>(&wakeup_));
+}
+
+Loop::~Loop() {
+  uv_walk(
+      &loop_,
+      [](uv_handle_t* handle, void*) {
+        if (!uv_is_closing(handle)) uv_close(handle, nullptr);
+      },
+      nullptr);
+  // Timer nodes are freed here rather than in close callbacks: uv_walk closed them without one.
+  uv_run(&loop_, UV_RUN_DEFAULT);
+  for (auto& [id, node] : timers_) delete node;
+  timers_.clear();
+  const int status = uv_loop_close(&loop_);
+  if (status != 0) {
+    std::fprintf(stderr, "squall: uv_loop_close failed (%s): a handle was left open\n",
+                 uv_strerror(status));
+  }
+}
+
+void Loop::run() { uv_run(&loop_, UV_RUN_DEFAULT); }
+
+void Loop::call_soon(Callback callback) {
+  {
+    std::lock_guard<std::mutex> lock(pending_mutex_);
+    pending_.push_back(std::move(callback));
+  }
+  // uv_async_send coalesces: one wake-up may carry many callbacks, hence the queue.
+  uv_async_send(&wakeup_);
+}
+
+void Loop::on_async(uv_async_t* handle) {
+  auto* self = static_cast<Loop*>(handle->data);
+  {
+    std::lock_guard<std::mutex> lock(self->pending_mutex_);
+    self->running_.swap(self->pending_);
+  }
+  for (Callback& callback : self->running_) {
+    try {
+      callback();
+    } catch (const std::exception& error) {
+      spdlog::error("call_soon callback threw: {}", error.what());
+    }
+  }
+  self->running_.clear();
+}
+
+Loop::TimerId Loop::call_later(std::chrono::milliseconds delay, Callback callback) {
+  auto node = std::make_unique<TimerNode>();
+  node->loop = this;
+  node->id = next_timer_id_++;
+  node->callback = std::move(callback);
+  check(uv_timer_init(&loop_, &node->timer), "uv_timer_init");
+  node->timer.data = node.get();
+  uv_timer_start(
+      &node->timer,
+      [](uv_timer_t* timer) {
+        auto* fired = static_cast<TimerNode*>(timer->data);
+        fired->loop->timers_.erase(fired->id);
+        Callback run = std::move(fired->callback);
+        uv_close(reinterpret_cast<uv_handle_t*>(&fired->timer),
+                 [](uv_handle_t* handle) { delete static_cast<TimerNode*>(handle->data); });
+        try {
+          run();
+        } catch (const std::exception& error) {
+          spdlog::error("call_later callback threw: {}", error.what());
+        }
+      },
+      static_cast<std::uint64_t>(delay.count()), 0);
+  const TimerId id = node->id;
+  timers_.emplace(id, node.release());
+  return id;
+}
+
+bool Loop::cancel(TimerId id) noexcept {
+  const auto it = timers_.find(id);
+  if (it == timers_.end()) return false;
+  TimerNode* node = it->second;
+  timers_.erase(it);
+  uv_close(reinterpret_cast<uv_handle_t*>(&node->timer),
+           [](uv_handle_t* handle) { delete static_cast<TimerNode*>(handle->data); });
+  return true;
+}
+
+namespace {
+
+struct BlockingWork {
+  uv_work_t request;                               // libuv's pool request; data -> this.
+  std::function<void()> work;                      // Runs on a pool thread.
+  std::function<void(std::exception_ptr)> done;    // Runs on the loop thread.
+  std::exception_ptr error;                        // What work threw, if anything.
+};
+
+}  // namespace
+
+void Loop::run_blocking(std::function<void()> work, std::function<void(std::exception_ptr)> done) {
+  auto job = std::make_unique<BlockingWork>();
+  job->work = std::move(work);
+  job->done = std::move(done);
+  job->request.data = job.get();
+  check(uv_queue_work(
+            &loop_, &job->request,
+            [](uv_work_t* request) {
+              auto* running = static_cast<BlockingWork*>(request->data);
+              try {
+                running->work();
+              } catch (...) {
+                running->error = std::current_exception();
+              }
+            },
+            [](uv_work_t* request, int status) {
+              std::unique_ptr<BlockingWork> finished(static_cast<BlockingWork*>(request->data));
+              if (status == UV_ECANCELED && !finished->error) {
+                finished->error = std::make_exception_ptr(
+                    std::system_error(ECANCELED, std::generic_category(), "work cancelled"));
+              }
+              try {
+                finished->done(finished->error);
+              } catch (const std::exception& error) {
+                spdlog::error("run_blocking completion threw: {}", error.what());
+              }
+            }),
+        "uv_queue_work");
+  job.release();
+}
+
+}  // namespace squall

@@ -1,0 +1,56 @@
+#include "core/loop_lag.hpp"
+
+namespace squall {
+
+struct LoopLagMonitor::State {
+  uv_timer_t timer;                              // Repeating; timer.data -> this.
+  std::uint64_t interval_ns = 0;                 // The sampling period.
+  std::uint64_t expected_ns = 0;                 // When the next tick should run (uv_hrtime).
+  double last_lag_seconds = 0;                   // The latest sample.
+  std::function<void(double)> on_sample;         // Where samples go.
+  bool stopped = false;
+};
+
+LoopLagMonitor::LoopLagMonitor(Loop& loop, std::chrono::milliseconds interval,
+                               std::function<void(double)> on_sample)
+    : state_(new State{}) {
+  state_->interval_ns = static_cast<std::uint64_t>(interval.count()) * 1'000'000;
+  state_->on_sample = std::move(on_sample);
+  uv_timer_init(loop.uv(), &state_->timer);
+  state_->timer.data = state_;
+  state_->expected_ns = uv_hrtime() + state_->interval_ns;
+  const auto interval_ms = static_cast<std::uint64_t>(interval.count());
+  uv_timer_start(
+      &state_->timer,
+      [](uv_timer_t* timer) {
+        auto* state = static_cast<State*>(timer->data);
+        const std::uint64_t now = uv_hrtime();
+        // libuv's timer granularity is a millisecond: lag below that is noise.
+        const std::uint64_t lag_ns = now > state->expected_ns ? now - state->expected_ns : 0;
+        state->expected_ns = now + state->interval_ns;
+        state->last_lag_seconds = static_cast<double>(lag_ns) / 1e9;
+        if (state->on_sample) state->on_sample(state->last_lag_seconds);
+      },
+      interval_ms, interval_ms);
+  // Sampling alone must not keep the loop alive.
+  uv_unref(reinterpret_cast<uv_handle_t*>(&state_->timer));
+}
+
+double LoopLagMonitor::last_lag_seconds() const noexcept {
+  return state_ != nullptr ? state_->last_lag_seconds : 0;
+}
+
+void LoopLagMonitor::stop() noexcept {
+  if (state_ == nullptr) return;
+  auto* handle = reinterpret_cast<uv_handle_t*>(&state_->timer);
+  if (uv_is_closing(handle)) {
+    delete state_;
+  } else {
+    uv_close(handle, [](uv_handle_t* closed) { delete static_cast<State*>(closed->data); });
+  }
+  state_ = nullptr;
+}
+
+LoopLagMonitor::~LoopLagMonitor() { stop(); }
+
+}  // namespace squall

@@ -1,0 +1,31 @@
+// Measures how late the loop runs a timer: the time a blocked loop made everyone wait.
+#pragma once
+
+#include <chrono>
+#include <functional>
+
+#include <uv.h>
+
+#include "core/loop.hpp"
+
+namespace squall {
+
+class LoopLagMonitor {
+ public:
+  // Samples every `interval`; `on_sample` receives each lag in seconds (for a histogram).
+  LoopLagMonitor(Loop& loop, std::chrono::milliseconds interval,
+                 std::function<void(double lag_seconds)> on_sample);
+  ~LoopLagMonitor();
+  LoopLagMonitor(const LoopLagMonitor&) = delete;
+  LoopLagMonitor& operator=(const LoopLagMonitor&) = delete;
+
+  // The most recent lag, in seconds.
+  double last_lag_seconds() const noexcept;
+  void stop() noexcept;
+
+ private:
+  struct State;
+  State* state_;  // Freed by the timer's close callback.
+};
+
+}  // namespace squall

@@ -1,0 +1,28 @@
+// Signals delivered on the loop thread through uv_signal_t, never handled in a raw handler.
+#pragma once
+
+#include <functional>
+
+#include <uv.h>
+
+#include "core/loop.hpp"
+
+namespace squall {
+
+class SignalWatcher {
+ public:
+  // Starts watching `signal_number`; `callback` runs on the loop thread for each delivery.
+  SignalWatcher(Loop& loop, int signal_number, std::function<void()> callback);
+  ~SignalWatcher();
+  SignalWatcher(const SignalWatcher&) = delete;
+  SignalWatcher& operator=(const SignalWatcher&) = delete;
+
+ private:
+  struct State;
+  State* state_;  // Freed by the handle's close callback, which may run after this object dies.
+};
+
+// SIGPIPE would kill the process on a write to a reset peer: libuv reports EPIPE instead.
+void ignore_sigpipe();
+
+}  // namespace squall

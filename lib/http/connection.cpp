@@ -1,0 +1,761 @@
+#include "http/connection.hpp"
+
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <charconv>
+#include <cstring>
+#include <stdexcept>
+
+#include <spdlog/spdlog.h>
+
+#include "http/response.hpp"
+#include "http/server.hpp"
+#include "net/listener.hpp"
+
+namespace squall::http {
+
+namespace {
+
+// A queued write that libuv could not finish at once; it owns its bytes until the callback.
+struct PendingWrite {
+  uv_write_t request;       // request.data -> this.
+  Connection* connection;   // The writer; alive until this callback ran (libuv's guarantee).
+  std::string bytes;        // The whole buffer, including what was written already.
+  std::size_t unsent;       // Bytes handed to uv_write.
+};
+
+constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
+
+// Input read while closing goes here and is dropped (loop thread only).
+char discard_buffer[16 * 1024];
+
+void append_decimal(std::string& out, std::uint64_t value) {
+  char digits[24];
+  const auto result = std::to_chars(digits, digits + sizeof digits, value);
+  out.append(digits, result.ptr);
+}
+
+}  // namespace
+
+// Request methods that need the connection live here, next to it.
+std::uint64_t Request::connection_id() const noexcept {
+  return connection_ != nullptr ? connection_->id() : 0;
+}
+
+std::string_view Request::remote_address() const {
+  return connection_ != nullptr ? connection_->remote_address() : std::string_view();
+}
+
+Connection::Connection(Server& server, std::uint64_t id)
+    : server_(server), id_(id), parser_(server.options_.limits) {
+  uv_tcp_init(server.loop_.uv(), &tcp_);
+  uv_timer_init(server.loop_.uv(), &timer_);
+  tcp_.data = this;
+  timer_.data = this;
+  open_handles_ = 2;
+}
+
+Connection::~Connection() {
+  if (workspace_ != nullptr && !orphaned_) server_.release_workspace(workspace_);
+  if (workspace_ != nullptr && orphaned_) {
+    delete[] workspace_->buffer;
+    delete workspace_;
+  }
+}
+
+Connection* Connection::from(uv_handle_t* handle) noexcept {
+  return static_cast<Connection*>(handle->data);
+}
+
+int Connection::start(uv_stream_t* listener) {
+  const int status = uv_accept(listener, reinterpret_cast<uv_stream_t*>(&tcp_));
+  if (status < 0) {
+    close_now();
+    return status;
+  }
+  // Responses leave whole, so Nagle's algorithm would only delay the last segment of each.
+  uv_tcp_nodelay(&tcp_, 1);
+  arm(TimerPhase::head, static_cast<std::uint64_t>(server_.options_.timeouts.header.count()));
+  update_reading();
+  return 0;
+}
+
+std::string_view Connection::remote_address() {
+  if (remote_address_.empty() && !closed_) {
+    sockaddr_storage peer{};
+    int length = sizeof peer;
+    if (uv_tcp_getpeername(&tcp_, reinterpret_cast<sockaddr*>(&peer), &length) == 0) {
+      remote_address_ = net::format_address(peer, false);
+    }
+  }
+  return remote_address_;
+}
+
+// ---- Reading ---------------------------------------------------------------------------------
+
+void Connection::on_alloc(uv_handle_t* handle, std::size_t, uv_buf_t* buf) {
+  Connection* self = from(handle);
+  if (self->closing_) {
+    *buf = uv_buf_init(discard_buffer, sizeof discard_buffer);
+    return;
+  }
+  // The workspace is borrowed only now that bytes are arriving: idle connections hold none.
+  if (self->workspace_ == nullptr) self->workspace_ = self->server_.acquire_workspace();
+  Workspace& workspace = *self->workspace_;
+  *buf = uv_buf_init(workspace.buffer + workspace.end,
+                     static_cast<unsigned>(workspace.capacity - workspace.end));
+}
+
+void Connection::on_read(uv_stream_t* stream, ssize_t nread, const uv_buf_t*) {
+  Connection* self = from(reinterpret_cast<uv_handle_t*>(stream));
+  if (nread > 0) {
+    self->server_.stats_.bytes_received += static_cast<std::uint64_t>(nread);
+    if (self->closing_) return;  // Lingering: read and drop.
+    self->workspace_->end += static_cast<std::size_t>(nread);
+    self->process();
+    return;
+  }
+  if (nread == 0 || nread == UV_ENOBUFS) {
+    // EAGAIN, or the buffer is full while an answer is pending: settle reading and buffers.
+    self->process();
+    return;
+  }
+  if (nread != UV_EOF) {
+    self->close_now();
+    return;
+  }
+  self->peer_eof_ = true;
+  if (self->closing_) {
+    if (self->lingering_) self->close_now();
+    return;
+  }
+  // Requests already received are still answered (a client may half-close after sending).
+  if (self->response_pending_ || self->output_blocked_) {
+    self->update_reading();
+    return;
+  }
+  if (self->pending_write_bytes_ > 0 && self->parser_.phase() == ParsePhase::idle) {
+    self->closing_ = true;
+    self->begin_close();
+    return;
+  }
+  self->close_now();
+}
+
+void Connection::process() noexcept {
+  if (closed_) return;
+  if (workspace_ != nullptr && !closing_) {
+    in_process_ = true;
+    Workspace& workspace = *workspace_;
+    while (!response_pending_ && !output_blocked_ && !closing_ &&
+           workspace.begin < workspace.end) {
+      if (parser_.phase() == ParsePhase::idle) {
+        workspace.request.connection_ = this;
+        parser_.attach(&workspace.request);
+        request_start_ns_ = uv_hrtime();
+      }
+      const FeedResult result =
+          parser_.feed(workspace.buffer + workspace.begin, workspace.end - workspace.begin);
+      workspace.begin += result.consumed;
+      if (result.event == ParseEvent::need_more) break;
+      if (result.event == ParseEvent::expect_continue) {
+        output(kContinue);
+        parser_.continue_after_expect();
+        continue;
+      }
+      if (result.event == ParseEvent::error) {
+        send_error(parser_.error_status(), parser_.error_reason());
+        break;
+      }
+      dispatch();
+    }
+    in_process_ = false;
+  }
+  if (closed_) return;
+  server_.flush_cork();
+  if (closed_) return;
+  if (closing_) {
+    begin_close();
+    return;
+  }
+  if (peer_eof_ && !response_pending_ && !output_blocked_) {
+    // The client sent everything it will; what could be answered was.
+    closing_ = true;
+    begin_close();
+    return;
+  }
+  compact();
+  release_workspace_if_idle();
+  update_reading();
+  update_timer();
+}
+
+void Connection::compact() noexcept {
+  if (workspace_ == nullptr || response_pending_) return;
+  Workspace& workspace = *workspace_;
+  const ParsePhase phase = parser_.phase();
+  if (phase == ParsePhase::complete) return;
+  // What must survive: the current message's head (its views) and the unparsed bytes.
+  const char* keep_begin = workspace.buffer + workspace.begin;
+  const char* keep_end = keep_begin;
+  if (phase != ParsePhase::idle && parser_.message_start() != nullptr) {
+    keep_begin = parser_.message_start();
+    keep_end = phase == ParsePhase::head ? workspace.buffer + workspace.begin : parser_.views_end();
+  }
+  const std::size_t unparsed = workspace.end - workspace.begin;
+  const auto head_length = static_cast<std::size_t>(keep_end - keep_begin);
+  if (head_length + unparsed == 0) {
+    workspace.begin = workspace.end = 0;
+    return;
+  }
+  // Moving costs a copy: do it only when space runs short.
+  if (workspace.capacity - workspace.end >= workspace.capacity / 2) return;
+  if (keep_begin == workspace.buffer) return;
+  const std::ptrdiff_t delta = workspace.buffer - keep_begin;
+  std::memmove(workspace.buffer, keep_begin, head_length);
+  std::memmove(workspace.buffer + head_length, workspace.buffer + workspace.begin, unparsed);
+  parser_.relocate(keep_begin, keep_end, delta);
+  workspace.begin = head_length;
+  workspace.end = head_length + unparsed;
+}
+
+bool Connection::idle() const noexcept {
+  return !response_pending_ && parser_.phase() == ParsePhase::idle &&
+         (workspace_ == nullptr || workspace_->begin == workspace_->end);
+}
+
+void Connection::release_workspace_if_idle() noexcept {
+  if (workspace_ == nullptr || !idle() || current_responders_ > 0) return;
+  server_.release_workspace(workspace_);
+  workspace_ = nullptr;
+}
+
+void Connection::update_reading() noexcept {
+  if (closed_) return;
+  const bool buffer_full = workspace_ != nullptr && workspace_->end == workspace_->capacity;
+  const bool want = closing_ ? lingering_ && !peer_eof_
+                             : !output_blocked_ && !peer_eof_ && !buffer_full;
+  auto* stream = reinterpret_cast<uv_stream_t*>(&tcp_);
+  if (want && !reading_) {
+    reading_ = uv_read_start(stream, on_alloc, on_read) == 0;
+  } else if (!want && reading_) {
+    uv_read_stop(stream);
+    reading_ = false;
+  }
+}
+
+// ---- Requests and responses ------------------------------------------------------------------
+
+void Connection::dispatch() noexcept {
+  Request& request = workspace_->request;
+  ++request_number_;
+  response_pending_ = true;
+  response_started_ = response_chunked_ = response_close_delimited_ = false;
+  response_status_ = 0;
+  response_body_bytes_ = 0;
+  workspace_->response_headers.clear();
+  head_request_ = request.method() == "HEAD";
+  keep_alive_ = parser_.keep_alive() && !server_.draining_;
+
+  const RouteMatch match = server_.router_.find(request.method(), request.path(), request.params_);
+  route_ = match.route;
+  if (match.status == 404) {
+    respond(404, "text/plain", "not found\n");
+    return;
+  }
+  if (match.status == 405) {
+    workspace_->response_headers.append("Allow: ").append(match.allow).append("\r\n");
+    respond(405, "text/plain", "method not allowed\n");
+    return;
+  }
+  const std::uint64_t started = uv_hrtime();
+  const char* failure = nullptr;
+  std::string what;
+  handler_running_ = true;
+  try {
+    route_->handler(request, Responder(this, request_number_));
+  } catch (const std::exception& error) {
+    failure = "threw";
+    what = error.what();
+  } catch (...) {
+    failure = "threw";
+    what = "an exception that is not a std::exception";
+  }
+  handler_running_ = false;
+  const std::uint64_t elapsed_ns = uv_hrtime() - started;
+  const auto threshold_ns =
+      static_cast<std::uint64_t>(server_.options_.blocking_threshold.count()) * 1'000'000;
+  if (elapsed_ns > threshold_ns) {
+    spdlog::warn("connection {}: handler for {} {} blocked the event loop for {:.1f} ms "
+                 "(loop.blocking_threshold {} ms)",
+                 id_, route_->method, route_->pattern, static_cast<double>(elapsed_ns) / 1e6,
+                 server_.options_.blocking_threshold.count());
+  }
+  if (closed_ || !response_pending_) return;
+  if (failure == nullptr && current_responders_ > 0) return;  // The handler answers later.
+  if (failure != nullptr) {
+    spdlog::error("connection {}: handler for {} {} {}: {}", id_, route_->method, route_->pattern,
+                  failure, what);
+  } else {
+    spdlog::error("connection {}: handler for {} {} returned without answering or keeping its "
+                  "Responder",
+                  id_, route_->method, route_->pattern);
+  }
+  answer_internal_error();
+}
+
+void Connection::answer_internal_error() noexcept {
+  if (!response_started_) {
+    workspace_->response_headers.clear();
+    respond(500, "text/plain", "internal server error\n");
+  } else {
+    // Half a response is out: the only honest end is to close.
+    close_now();
+  }
+}
+
+void Connection::write_head(int status, std::string_view content_type, std::size_t content_length,
+                            bool chunked) {
+  response_status_ = status;
+  std::string& out = server_.cork_for(this);
+  out.append("HTTP/1.1 ");
+  append_decimal(out, static_cast<std::uint64_t>(status));
+  out.push_back(' ');
+  out.append(reason_phrase(status));
+  out.append("\r\nServer: ").append(server_.options_.server_name);
+  out.append("\r\nDate: ").append(server_.date_.now());
+  out.append("\r\n");
+  if (!content_type.empty()) out.append("Content-Type: ").append(content_type).append("\r\n");
+  if (chunked) {
+    out.append("Transfer-Encoding: chunked\r\n");
+  } else if (!response_close_delimited_ && status != 204 && status != 304) {
+    out.append("Content-Length: ");
+    append_decimal(out, content_length);
+    out.append("\r\n");
+  }
+  if (workspace_ != nullptr) out.append(workspace_->response_headers);
+  const Request* request = workspace_ != nullptr ? &workspace_->request : nullptr;
+  const bool http10 = request != nullptr && request->http_minor() == 0;
+  if (!keep_alive_) {
+    out.append("Connection: close\r\n");
+  } else {
+    if (http10) out.append("Connection: keep-alive\r\n");
+    out.append(server_.keep_alive_header_);
+  }
+  out.append("\r\n");
+}
+
+void Connection::output(std::string_view bytes) { server_.cork_for(this).append(bytes); }
+
+bool Connection::respond(int status, std::string_view content_type, std::string_view body) {
+  if (!response_pending_ || response_started_) return false;
+  const bool has_body = !head_request_ && status != 204 && status != 304;
+  write_head(status, content_type, body.size(), false);
+  if (has_body) {
+    output(body);
+    response_body_bytes_ = body.size();
+  }
+  finish_response();
+  return true;
+}
+
+bool Connection::start_stream(int status, std::string_view content_type) {
+  if (!response_pending_ || response_started_) return false;
+  const bool http10 = workspace_->request.http_minor() == 0;
+  response_chunked_ = !http10 && !head_request_;
+  response_close_delimited_ = http10 && !head_request_;
+  if (response_close_delimited_) keep_alive_ = false;
+  write_head(status, content_type, 0, response_chunked_);
+  response_started_ = true;
+  if (!in_process_) server_.flush_cork();
+  return true;
+}
+
+bool Connection::write_stream(std::string_view chunk) {
+  if (!response_pending_ || !response_started_) return false;
+  if (head_request_ || chunk.empty()) return true;
+  std::string& out = server_.cork_for(this);
+  if (response_chunked_) {
+    char size[20];
+    const auto result = std::to_chars(size, size + sizeof size, chunk.size(), 16);
+    out.append(size, result.ptr).append("\r\n").append(chunk).append("\r\n");
+  } else {
+    out.append(chunk);
+  }
+  response_body_bytes_ += chunk.size();
+  if (!in_process_) server_.flush_cork();
+  return true;
+}
+
+bool Connection::finish_stream() {
+  if (!response_pending_ || !response_started_) return false;
+  if (response_chunked_) output("0\r\n\r\n");
+  finish_response();
+  return true;
+}
+
+void Connection::finish_response() noexcept {
+  response_pending_ = false;
+  ++server_.stats_.requests;
+  if (server_.request_observer_) {
+    const Request* request = workspace_ != nullptr ? &workspace_->request : nullptr;
+    const RequestRecord record{request,
+                               route_ != nullptr ? std::string_view(route_->pattern) : "",
+                               response_status_,
+                               response_body_bytes_,
+                               std::chrono::nanoseconds(uv_hrtime() - request_start_ns_),
+                               id_};
+    try {
+      server_.request_observer_(record);
+    } catch (const std::exception& error) {
+      spdlog::error("connection {}: request observer threw: {}", id_, error.what());
+    }
+  }
+  const bool more_input = workspace_ != nullptr && workspace_->begin < workspace_->end;
+  if (!keep_alive_ || (peer_eof_ && !more_input)) {
+    closing_ = true;
+  } else {
+    parser_.next_message();
+  }
+  // A late answer (outside process()) resumes reading any pipelined requests and flushes.
+  if (!in_process_) process();
+}
+
+void Connection::send_error(int status, std::string_view reason) noexcept {
+  response_pending_ = true;
+  route_ = nullptr;
+  head_request_ = false;
+  keep_alive_ = false;
+  response_started_ = response_chunked_ = response_close_delimited_ = false;
+  if (workspace_ != nullptr) workspace_->response_headers.clear();
+  spdlog::debug("connection {}: answering {}: {}", id_, status, reason);
+  std::string body(reason);
+  body.push_back('\n');
+  respond(status, "text/plain", body);
+}
+
+// ---- Writing ---------------------------------------------------------------------------------
+
+void Connection::write_out(std::string& bytes) noexcept {
+  if (closed_ || bytes.empty()) {
+    bytes.clear();
+    return;
+  }
+  const std::size_t size = bytes.size();
+  server_.stats_.bytes_sent += size;
+  auto* stream = reinterpret_cast<uv_stream_t*>(&tcp_);
+  uv_buf_t buf = uv_buf_init(bytes.data(), static_cast<unsigned>(size));
+  // Most responses fit the socket buffer: write now, without a request or a copy.
+  int written = uv_try_write(stream, &buf, 1);
+  if (written >= 0 && static_cast<std::size_t>(written) == size) {
+    bytes.clear();
+    return;
+  }
+  if (written < 0 && written != UV_EAGAIN) {
+    bytes.clear();
+    spdlog::debug("connection {}: write failed: {}", id_, uv_strerror(written));
+    close_now();
+    return;
+  }
+  if (written < 0) written = 0;
+  // The rest waits in a PendingWrite that takes the buffer itself, so nothing is copied.
+  auto* pending = new PendingWrite{};
+  pending->connection = this;
+  pending->bytes = std::move(bytes);
+  bytes.clear();
+  pending->unsent = size - static_cast<std::size_t>(written);
+  pending->request.data = pending;
+  uv_buf_t rest = uv_buf_init(pending->bytes.data() + written, static_cast<unsigned>(pending->unsent));
+  const int status = uv_write(&pending->request, stream, &rest, 1, [](uv_write_t* request, int s) {
+    auto* done = static_cast<PendingWrite*>(request->data);
+    Connection* connection = done->connection;
+    const std::size_t unsent = done->unsent;
+    delete done;
+    connection->on_write_done(unsent, s);
+  });
+  if (status < 0) {
+    delete pending;
+    close_now();
+    return;
+  }
+  pending_write_bytes_ += pending->unsent;
+  arm(TimerPhase::write, static_cast<std::uint64_t>(server_.options_.timeouts.write.count()));
+  if (pending_write_bytes_ > server_.options_.limits.write_buffer_high_water) {
+    // The client reads slower than it asks: stop taking requests until it catches up.
+    output_blocked_ = true;
+    update_reading();
+  }
+}
+
+void Connection::on_write_done(std::size_t bytes, int status) noexcept {
+  pending_write_bytes_ -= bytes;
+  if (closed_) return;
+  if (status < 0) {
+    close_now();
+    return;
+  }
+  if (pending_write_bytes_ > 0) {
+    // Progress: the write timeout measures stalls, not the length of a transfer.
+    arm(TimerPhase::write, static_cast<std::uint64_t>(server_.options_.timeouts.write.count()));
+  }
+  if (output_blocked_ && pending_write_bytes_ <= server_.options_.limits.write_buffer_high_water / 2) {
+    output_blocked_ = false;
+    process();
+  } else if (pending_write_bytes_ == 0 && !closing_) {
+    update_timer();
+  } else if (pending_write_bytes_ == 0 && lingering_) {
+    arm(TimerPhase::lingering,
+        static_cast<std::uint64_t>(server_.options_.timeouts.lingering.count()));
+  }
+}
+
+// ---- Closing ---------------------------------------------------------------------------------
+
+void Connection::begin_close() noexcept {
+  if (closed_ || shutdown_started_) return;
+  shutdown_started_ = true;
+  closing_ = true;
+  // Reading on after our answer (lingering) keeps the kernel from resetting the connection
+  // while the client has unread input, which would destroy the answer in flight.
+  lingering_ = !peer_eof_;
+  const int status = uv_shutdown(&shutdown_request_, reinterpret_cast<uv_stream_t*>(&tcp_),
+                                 &Connection::on_shutdown);
+  if (status < 0) {
+    close_now();
+    return;
+  }
+  update_reading();
+  if (pending_write_bytes_ == 0) {
+    arm(TimerPhase::lingering,
+        static_cast<std::uint64_t>(server_.options_.timeouts.lingering.count()));
+  }
+}
+
+void Connection::on_shutdown(uv_shutdown_t* request, int status) {
+  Connection* self = from(reinterpret_cast<uv_handle_t*>(request->handle));
+  if (self->closed_) return;
+  if (status < 0 || self->peer_eof_ || !self->lingering_) {
+    self->close_now();
+    return;
+  }
+  self->arm(TimerPhase::lingering,
+            static_cast<std::uint64_t>(self->server_.options_.timeouts.lingering.count()));
+}
+
+void Connection::drain() noexcept {
+  if (closed_) return;
+  if (idle() && pending_write_bytes_ == 0 && !closing_) {
+    close_now();
+    return;
+  }
+  if (response_pending_ && !response_started_) keep_alive_ = false;
+  if (response_pending_ && response_started_) keep_alive_ = false;
+  if (!response_pending_ && parser_.phase() == ParsePhase::idle && !closing_) {
+    // Only unsent output is left: finish it, then close.
+    closing_ = true;
+    begin_close();
+  }
+}
+
+void Connection::close_now() noexcept {
+  if (closed_) return;
+  closed_ = true;
+  closing_ = true;
+  response_pending_ = false;
+  if (!orphaned_) {
+    server_.forget_cork(this);
+    server_.connection_closed(this);
+  }
+  uv_close(reinterpret_cast<uv_handle_t*>(&tcp_), &Connection::on_closed);
+  uv_close(reinterpret_cast<uv_handle_t*>(&timer_), &Connection::on_closed);
+}
+
+void Connection::on_closed(uv_handle_t* handle) {
+  Connection* self = from(handle);
+  --self->open_handles_;
+  self->maybe_destroy();
+}
+
+void Connection::maybe_destroy() noexcept {
+  if (closed_ && open_handles_ == 0 && responders_ == 0) delete this;
+}
+
+// ---- Timers ----------------------------------------------------------------------------------
+
+void Connection::update_timer() noexcept {
+  if (closed_ || closing_ || pending_write_bytes_ > 0) return;
+  if (response_pending_) {
+    phase_ = TimerPhase::none;  // The application's own time is not bounded here.
+    return;
+  }
+  const auto& timeouts = server_.options_.timeouts;
+  switch (parser_.phase()) {
+    case ParsePhase::idle:
+      arm(TimerPhase::idle, static_cast<std::uint64_t>(timeouts.keepalive.count()));
+      break;
+    case ParsePhase::head:
+      // Measured from the request's first byte: later bytes do not extend it (slowloris).
+      if (phase_ != TimerPhase::head) {
+        arm(TimerPhase::head, static_cast<std::uint64_t>(timeouts.header.count()));
+      }
+      break;
+    case ParsePhase::body:
+      arm(TimerPhase::body, static_cast<std::uint64_t>(timeouts.body.count()));
+      break;
+    case ParsePhase::complete:
+      phase_ = TimerPhase::none;
+      break;
+  }
+}
+
+void Connection::arm(TimerPhase phase, std::uint64_t timeout_ms) noexcept {
+  phase_ = phase;
+  const std::uint64_t now = uv_now(server_.loop_.uv());
+  deadline_ms_ = now + timeout_ms;
+  // Deadlines mostly move later; the timer is re-set only when it would fire too late, so a
+  // busy keep-alive connection costs no timer operation per request.
+  if (!timer_running_ || timer_due_ms_ > deadline_ms_) {
+    uv_timer_start(&timer_, &Connection::on_timer, timeout_ms, 0);
+    timer_running_ = true;
+    timer_due_ms_ = deadline_ms_;
+  }
+}
+
+void Connection::on_timer(uv_timer_t* timer) {
+  Connection* self = from(reinterpret_cast<uv_handle_t*>(timer));
+  self->timer_running_ = false;
+  if (self->closed_ || self->phase_ == TimerPhase::none) return;
+  const std::uint64_t now = uv_now(self->server_.loop_.uv());
+  if (now < self->deadline_ms_) {
+    uv_timer_start(&self->timer_, &Connection::on_timer, self->deadline_ms_ - now, 0);
+    self->timer_running_ = true;
+    self->timer_due_ms_ = self->deadline_ms_;
+    return;
+  }
+  self->expire();
+}
+
+void Connection::expire() noexcept {
+  switch (phase_) {
+    case TimerPhase::head:
+      if (parser_.phase() == ParsePhase::idle) {
+        close_now();  // Nothing was asked, so there is nothing to answer.
+      } else {
+        send_error(408, "request head not received within timeouts.header");
+      }
+      break;
+    case TimerPhase::body:
+      send_error(408, "request body stalled longer than timeouts.body");
+      break;
+    case TimerPhase::write:
+      spdlog::info("connection {}: closed: client read nothing for timeouts.write ({} ms)", id_,
+                   server_.options_.timeouts.write.count());
+      close_now();
+      break;
+    case TimerPhase::idle:
+    case TimerPhase::lingering:
+    case TimerPhase::none:
+      close_now();
+      break;
+  }
+}
+
+// ---- Responder -------------------------------------------------------------------------------
+
+void Connection::add_responder(std::uint64_t request_number) noexcept {
+  ++responders_;
+  if (request_number == request_number_) ++current_responders_;
+}
+
+void Connection::drop_responder(std::uint64_t request_number) noexcept {
+  --responders_;
+  const bool current = request_number == request_number_;
+  if (current) --current_responders_;
+  if (closed_) {
+    maybe_destroy();
+    return;
+  }
+  if (current && current_responders_ == 0 && response_pending_ && !handler_running_) {
+    spdlog::error("connection {}: the Responder for {} {} was dropped without an answer", id_,
+                  route_ != nullptr ? route_->method : "", route_ != nullptr ? route_->pattern : "");
+    answer_internal_error();
+  }
+}
+
+Responder::Responder(Connection* connection, std::uint64_t request_number) noexcept
+    : connection_(connection), request_number_(request_number) {
+  connection_->add_responder(request_number_);
+}
+
+Responder::Responder(const Responder& other) noexcept
+    : connection_(other.connection_), request_number_(other.request_number_) {
+  if (connection_ != nullptr) connection_->add_responder(request_number_);
+}
+
+Responder::Responder(Responder&& other) noexcept
+    : connection_(other.connection_), request_number_(other.request_number_) {
+  other.connection_ = nullptr;
+}
+
+Responder& Responder::operator=(Responder other) noexcept {
+  std::swap(connection_, other.connection_);
+  std::swap(request_number_, other.request_number_);
+  return *this;
+}
+
+Responder::~Responder() {
+  if (connection_ != nullptr) connection_->drop_responder(request_number_);
+}
+
+Connection* Responder::live_connection() const noexcept {
+  Connection* connection = connection_;
+  if (connection == nullptr || connection->closed_ || !connection->response_pending_ ||
+      connection->request_number_ != request_number_) {
+    return nullptr;
+  }
+  return connection;
+}
+
+bool Responder::connected() const noexcept { return live_connection() != nullptr; }
+
+Responder& Responder::header(std::string_view name, std::string_view value) {
+  if (!is_header_name(name)) {
+    throw std::invalid_argument("response header name \"" + std::string(name) +
+                                "\" is not an HTTP token");
+  }
+  if (!is_header_value(value)) {
+    throw std::invalid_argument("response header " + std::string(name) +
+                                ": value holds CR, LF or another control character");
+  }
+  Connection* connection = live_connection();
+  if (connection == nullptr) return *this;
+  if (connection->response_started_) {
+    throw std::logic_error("response header " + std::string(name) +
+                           ": the response has already started");
+  }
+  connection->workspace_->response_headers.append(name).append(": ").append(value).append("\r\n");
+  return *this;
+}
+
+bool Responder::send(int status, std::string_view content_type, std::string_view body) {
+  Connection* connection = live_connection();
+  return connection != nullptr && connection->respond(status, content_type, body);
+}
+
+bool Responder::start(int status, std::string_view content_type) {
+  Connection* connection = live_connection();
+  return connection != nullptr && connection->start_stream(status, content_type);
+}
+
+bool Responder::write(std::string_view chunk) {
+  Connection* connection = live_connection();
+  return connection != nullptr && connection->write_stream(chunk);
+}
+
+bool Responder::finish() {
+  Connection* connection = live_connection();
+  return connection != nullptr && connection->finish_stream();
+}
+
+}  // namespace squall::http

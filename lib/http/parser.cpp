@@ -1,0 +1,384 @@
+#include "http/parser.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+namespace squall::http {
+
+namespace {
+
+constexpr std::size_t kRequestLineAllowance = 64;  // Method, spaces and version around the URL.
+
+// Extends `view` with the next piece of the same span. Pieces of one span arrive in order and,
+// because the connection reads into one buffer, each continues the previous in memory.
+void append_piece(std::string_view& view, const char* at, std::size_t length) noexcept {
+  if (view.empty()) {
+    view = std::string_view(at, length);
+  } else {
+    view = std::string_view(view.data(), view.size() + length);
+  }
+}
+
+
+std::string_view trim_trailing_whitespace(std::string_view value) noexcept {
+  while (!value.empty() && (value.back() == ' ' || value.back() == '\t')) value.remove_suffix(1);
+  return value;
+}
+
+}  // namespace
+
+// The trampolines: one static table, each finding the RequestParser from llhttp_t::data.
+struct ParserCallbacks {
+  static RequestParser& self(llhttp_t* parser) noexcept {
+    return *static_cast<RequestParser*>(parser->data);
+  }
+  static int message_begin(llhttp_t* p) noexcept { return self(p).on_message_begin(); }
+  static int method(llhttp_t* p, const char* at, std::size_t n) noexcept {
+    return self(p).on_method(at, n);
+  }
+  static int url(llhttp_t* p, const char* at, std::size_t n) noexcept {
+    return self(p).on_url(at, n);
+  }
+  static int header_field(llhttp_t* p, const char* at, std::size_t n) noexcept {
+    return self(p).on_header_field(at, n);
+  }
+  static int header_field_complete(llhttp_t* p) noexcept {
+    return self(p).on_header_field_complete();
+  }
+  static int header_value(llhttp_t* p, const char* at, std::size_t n) noexcept {
+    return self(p).on_header_value(at, n);
+  }
+  static int header_value_complete(llhttp_t* p) noexcept {
+    return self(p).on_header_value_complete();
+  }
+  static int headers_complete(llhttp_t* p) noexcept { return self(p).on_headers_complete(); }
+  static int body(llhttp_t* p, const char* at, std::size_t n) noexcept {
+    return self(p).on_body(at, n);
+  }
+  static int chunk_header(llhttp_t* p) noexcept { return self(p).on_chunk_header(); }
+  static int chunk_extension(llhttp_t* p, const char* at, std::size_t n) noexcept {
+    return self(p).on_chunk_extension(at, n);
+  }
+  static int message_complete(llhttp_t* p) noexcept { return self(p).on_message_complete(); }
+
+  static llhttp_settings_t make() noexcept {
+    llhttp_settings_t settings;
+    llhttp_settings_init(&settings);
+    settings.on_message_begin = message_begin;
+    settings.on_method = method;
+    settings.on_url = url;
+    settings.on_header_field = header_field;
+    settings.on_header_field_complete = header_field_complete;
+    settings.on_header_value = header_value;
+    settings.on_header_value_complete = header_value_complete;
+    settings.on_headers_complete = headers_complete;
+    settings.on_body = body;
+    settings.on_chunk_header = chunk_header;
+    settings.on_chunk_extension_name = chunk_extension;
+    settings.on_chunk_extension_value = chunk_extension;
+    settings.on_message_complete = message_complete;
+    return settings;
+  }
+};
+
+namespace {
+const llhttp_settings_t kSettings = ParserCallbacks::make();
+}  // namespace
+
+RequestParser::RequestParser(const Limits& limits) noexcept : limits_(&limits) {
+  // No llhttp_set_lenient_* call anywhere: every lenient flag stays off.
+  llhttp_init(&parser_, HTTP_REQUEST, &kSettings);
+  parser_.data = this;
+}
+
+int RequestParser::fail(int status, std::string_view reason) noexcept {
+  error_status_ = status;
+  error_reason_ = reason;
+  return HPE_USER;
+}
+
+FeedResult RequestParser::feed(const char* data, std::size_t length) noexcept {
+  if (error_status_ != 0) return {ParseEvent::error, 0};
+  scan_from_ = data;
+  const llhttp_errno_t err = llhttp_execute(&parser_, data, length);
+  const char* end = err == HPE_OK ? data + length : llhttp_get_error_pos(&parser_);
+  const auto consumed = static_cast<std::size_t>(end - data);
+  if (error_status_ != 0) return {ParseEvent::error, consumed};  // fail() from a callback.
+  if (err != HPE_OK && err != HPE_PAUSED) {
+    error_status_ = err == HPE_INVALID_VERSION ? 505 : 400;
+    error_reason_ = llhttp_get_error_reason(&parser_);
+    return {ParseEvent::error, consumed};
+  }
+  if (!scan_for_bare_cr(end)) return {ParseEvent::error, consumed};
+  if (err == HPE_PAUSED) {
+    return {phase_ == ParsePhase::complete ? ParseEvent::message_complete
+                                           : ParseEvent::expect_continue,
+            consumed};
+  }
+  // A head that is still incomplete is measured in raw bytes too, so whitespace that no
+  // callback reports cannot grow it without bound.
+  if (phase_ == ParsePhase::head && message_start_ != nullptr) {
+    const auto raw_head_bytes = static_cast<std::size_t>(end - message_start_);
+    if (raw_head_bytes > limits_->max_url_bytes + limits_->max_header_bytes + kRequestLineAllowance) {
+      fail(431, "request head larger than max_url_bytes + max_header_bytes");
+      return {ParseEvent::error, consumed};
+    }
+  }
+  return {ParseEvent::need_more, consumed};
+}
+
+bool RequestParser::scan_for_bare_cr(const char* end) noexcept {
+  // llhttp 8.1 takes a CR that no LF follows as a line end (CVE-2023-30589 class); every byte
+  // outside body data must keep CR and LF paired.
+  for (const char* p = scan_from_; p < end; ++p) {
+    if (pending_cr_) {
+      if (*p != '\n') {
+        fail(400, "CR without LF in the request framing");
+        return false;
+      }
+      pending_cr_ = false;
+      continue;
+    }
+    p = static_cast<const char*>(std::memchr(p, '\r', static_cast<std::size_t>(end - p)));
+    if (p == nullptr) break;
+    pending_cr_ = true;
+  }
+  scan_from_ = end;
+  return true;
+}
+
+void RequestParser::continue_after_expect() noexcept {
+  expect_continue_ = false;
+  llhttp_resume(&parser_);
+}
+
+void RequestParser::next_message() noexcept {
+  phase_ = ParsePhase::idle;
+  message_start_ = nullptr;
+  views_end_ = nullptr;
+  llhttp_resume(&parser_);
+}
+
+void RequestParser::relocate(const char* old_begin, const char* old_end,
+                             std::ptrdiff_t delta) noexcept {
+  if (value_end_ > old_begin && value_end_ <= old_end) value_end_ += delta;
+  if (message_start_ >= old_begin && message_start_ < old_end) message_start_ += delta;
+  if (views_end_ > old_begin && views_end_ <= old_end) views_end_ += delta;
+  if (request_ != nullptr) request_->relocate(old_begin, old_end, delta);
+}
+
+int RequestParser::on_message_begin() noexcept {
+  phase_ = ParsePhase::head;
+  message_start_ = nullptr;
+  views_end_ = nullptr;
+  url_bytes_ = header_bytes_ = header_count_ = chunk_extension_bytes_ = 0;
+  host_count_ = transfer_encoding_count_ = 0;
+  in_header_field_ = in_trailers_ = expect_continue_ = expect_unsupported_ = false;
+  upgrade_requested_ = keep_alive_ = false;
+  request_->clear();
+  return HPE_OK;
+}
+
+int RequestParser::on_method(const char* at, std::size_t) noexcept {
+  if (message_start_ == nullptr) message_start_ = at;
+  return HPE_OK;
+}
+
+int RequestParser::on_url(const char* at, std::size_t length) noexcept {
+  url_bytes_ += length;
+  if (url_bytes_ > limits_->max_url_bytes) {
+    return fail(414, "request-target longer than max_url_bytes");
+  }
+  append_piece(request_->target_, at, length);
+  views_end_ = at + length;
+  return HPE_OK;
+}
+
+int RequestParser::on_header_field(const char* at, std::size_t length) noexcept {
+  header_bytes_ += length;
+  if (header_bytes_ > limits_->max_header_bytes) {
+    return fail(431, in_trailers_ ? "trailers larger than max_header_bytes"
+                                  : "header section larger than max_header_bytes");
+  }
+  if (!in_header_field_) {
+    in_header_field_ = true;
+    value_end_ = nullptr;
+    if (++header_count_ > limits_->max_header_count) {
+      return fail(431, in_trailers_ ? "more trailer lines than max_header_count"
+                                    : "more header lines than max_header_count");
+    }
+    if (in_trailers_) return HPE_OK;
+    request_->headers_.push_back(Header{std::string_view(at, length), {}});
+  } else if (!in_trailers_) {
+    append_piece(request_->headers_.back().name, at, length);
+  }
+  views_end_ = at + length;
+  return HPE_OK;
+}
+
+int RequestParser::on_header_field_complete() noexcept {
+  in_header_field_ = false;
+  return HPE_OK;
+}
+
+int RequestParser::on_header_value(const char* at, std::size_t length) noexcept {
+  header_bytes_ += length;
+  if (header_bytes_ > limits_->max_header_bytes) {
+    return fail(431, in_trailers_ ? "trailers larger than max_header_bytes"
+                                  : "header section larger than max_header_bytes");
+  }
+  if (in_trailers_) return HPE_OK;
+  // llhttp 8.1 reports an obs-fold continuation line as one more piece of the value, after the
+  // CRLF it skipped; newer releases refuse it. Pieces of one line are contiguous in the buffer,
+  // and a first piece never starts with whitespace (llhttp skips it).
+  const bool continues_line = value_end_ == nullptr ? at[0] != ' ' && at[0] != '\t' : at == value_end_;
+  if (!continues_line) return fail(400, "obsolete line folding in a header value");
+  value_end_ = at + length;
+  append_piece(request_->headers_.back().value, at, length);
+  views_end_ = at + length;
+  return HPE_OK;
+}
+
+int RequestParser::on_header_value_complete() noexcept {
+  in_header_field_ = false;
+  if (in_trailers_) return HPE_OK;
+  Header& header = request_->headers_.back();
+  header.value = trim_trailing_whitespace(header.value);
+  // llhttp 8.1 accepts a header line that starts with whitespace (an obs-fold on the first
+  // line) as part of the request line's aftermath; refuse any name that is not a clean token.
+  if (header.name.empty() || header.name.front() == ' ' || header.name.front() == '\t') {
+    return fail(400, "header line starts with whitespace (obsolete line folding)");
+  }
+  if (iequals(header.name, "host")) {
+    ++host_count_;
+    if (header.value.find_first_of(", \t") != std::string_view::npos) {
+      return fail(400, "Host header holds more than one value");
+    }
+  } else if (iequals(header.name, "transfer-encoding")) {
+    ++transfer_encoding_count_;
+  } else if (iequals(header.name, "expect")) {
+    if (iequals(header.value, "100-continue")) {
+      expect_continue_ = true;
+    } else {
+      expect_unsupported_ = true;
+    }
+  }
+  return HPE_OK;
+}
+
+int RequestParser::on_headers_complete() noexcept {
+  Request& request = *request_;
+  request.http_major_ = parser_.http_major;
+  request.http_minor_ = parser_.http_minor;
+  request.method_ = llhttp_method_name(static_cast<llhttp_method_t>(parser_.method));
+  // llhttp 8.1 reads a request line without a version as HTTP/0.9, and any single-digit
+  // version; squall speaks HTTP/1.0 and HTTP/1.1 only.
+  if (parser_.http_major == 0) return fail(400, "request line without an HTTP version");
+  if (parser_.http_major != 1 || parser_.http_minor > 1) {
+    return fail(505, "HTTP version not supported");
+  }
+  const bool http11 = parser_.http_minor == 1;
+  if (http11 && host_count_ == 0) return fail(400, "HTTP/1.1 request without a Host header");
+  if (host_count_ > 1) return fail(400, "more than one Host header");
+  if (transfer_encoding_count_ > 1) return fail(400, "more than one Transfer-Encoding header");
+  if ((parser_.flags & F_TRANSFER_ENCODING) && (parser_.flags & F_CONTENT_LENGTH)) {
+    return fail(400, "both Content-Length and Transfer-Encoding");
+  }
+  if (transfer_encoding_count_ == 1 && !(parser_.flags & F_CHUNKED)) {
+    return fail(400, "Transfer-Encoding whose final coding is not chunked");
+  }
+  if (transfer_encoding_count_ == 1) {
+    // A coding before chunked (gzip, chunked) would have to be undone; squall does not.
+    const auto value = request.header("transfer-encoding").value_or("");
+    if (!iequals(value, "chunked")) return fail(501, "Transfer-Encoding other than chunked");
+  }
+  if (parser_.method == HTTP_CONNECT) return fail(501, "CONNECT is not supported");
+  if (expect_unsupported_ && http11) return fail(417, "Expect value other than 100-continue");
+  if ((parser_.flags & F_CONTENT_LENGTH) && parser_.content_length > limits_->max_body_bytes) {
+    return fail(413, "Content-Length above max_body_bytes");
+  }
+  if (const int status = split_target(); status != HPE_OK) return status;
+
+  // An Upgrade request is served as plain HTTP; the connection closes after it because the
+  // client may already be speaking the other protocol.
+  if (parser_.upgrade) {
+    parser_.upgrade = 0;
+    upgrade_requested_ = true;
+  }
+  phase_ = ParsePhase::body;
+  const bool has_body = (parser_.flags & F_CHUNKED) || parser_.content_length > 0;
+  if (parser_.flags & F_CONTENT_LENGTH) request.body_.reserve(parser_.content_length);
+  expect_continue_ = expect_continue_ && http11 && has_body;
+  return expect_continue_ ? HPE_PAUSED : HPE_OK;
+}
+
+int RequestParser::split_target() noexcept {
+  Request& request = *request_;
+  std::string_view target = request.target_;
+  if (target == "*") {
+    request.path_ = target;
+    return HPE_OK;
+  }
+  if (target.empty()) return fail(400, "empty request-target");
+  if (target.front() != '/') {
+    // Absolute-form: scheme "://" authority, then the path (absent means "/").
+    const auto scheme_end = target.find("://");
+    const auto scheme = target.substr(0, scheme_end);
+    if (scheme_end == std::string_view::npos || !(iequals(scheme, "http") || iequals(scheme, "https"))) {
+      return fail(400, "request-target is neither origin-form nor absolute-form");
+    }
+    target.remove_prefix(scheme_end + 3);
+    const auto path_start = target.find_first_of("/?");
+    target = path_start == std::string_view::npos ? std::string_view() : target.substr(path_start);
+  }
+  const auto query_start = target.find('?');
+  std::string_view raw_path = target.substr(0, query_start);
+  if (query_start != std::string_view::npos) request.raw_query_ = target.substr(query_start + 1);
+  if (raw_path.empty()) raw_path = "/";
+  if (raw_path.find('%') == std::string_view::npos) {
+    request.path_ = raw_path;
+    return HPE_OK;
+  }
+  // Decode into reused capacity; a bad escape or an encoded NUL is refused.
+  if (!percent_decode_into(raw_path, /*plus_is_space=*/false, request.decoded_path_)) {
+    return fail(400, "bad percent-encoding in the path");
+  }
+  request.path_ = request.decoded_path_;
+  return HPE_OK;
+}
+
+int RequestParser::on_body(const char* at, std::size_t length) noexcept {
+  // Body bytes may hold any octet: scan the framing before them, then skip them.
+  if (!scan_for_bare_cr(at)) return HPE_USER;
+  scan_from_ = at + length;
+  if (request_->body_.size() + length > limits_->max_body_bytes) {
+    return fail(413, "request body larger than max_body_bytes");
+  }
+  request_->body_.append(at, length);
+  return HPE_OK;
+}
+
+int RequestParser::on_chunk_header() noexcept {
+  // parser_.content_length is the announced chunk size: refuse before reading the chunk.
+  if (parser_.content_length > limits_->max_body_bytes - request_->body_.size()) {
+    return fail(413, "chunked request body larger than max_body_bytes");
+  }
+  if (parser_.content_length == 0) in_trailers_ = true;
+  return HPE_OK;
+}
+
+int RequestParser::on_chunk_extension(const char*, std::size_t length) noexcept {
+  chunk_extension_bytes_ += length;
+  if (chunk_extension_bytes_ > limits_->max_chunk_extension_bytes) {
+    return fail(413, "chunk extensions larger than max_chunk_extension_bytes");
+  }
+  return HPE_OK;
+}
+
+int RequestParser::on_message_complete() noexcept {
+  phase_ = ParsePhase::complete;
+  keep_alive_ = llhttp_should_keep_alive(&parser_) != 0 && !upgrade_requested_;
+  return HPE_PAUSED;
+}
+
+}  // namespace squall::http

@@ -1,0 +1,113 @@
+// The llhttp adapter: turns bytes into Requests, enforcing squall's limits and the framing rules
+// llhttp 8.1 leaves to its user (Host, obs-fold, versions, sizes). Node's node_http_parser.cc is
+// the model: one static table of trampolines, views into the caller's buffer, pause per message.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string_view>
+
+#include <llhttp.h>
+
+#include "http/limits.hpp"
+#include "http/request.hpp"
+
+namespace squall::http {
+
+enum class ParseEvent {
+  need_more,         // Everything was consumed; the message (if any) is not complete yet.
+  expect_continue,   // Headers asked for "100 Continue" and the limits allow the body.
+  message_complete,  // request() holds a whole message; call next_message() after answering.
+  error,             // A final error: answer error_status() and close.
+};
+
+struct FeedResult {
+  ParseEvent event;
+  std::size_t consumed;  // Bytes of the input that belong to what was parsed so far.
+};
+
+// Where the parser is in the current message; the connection picks its timeout from it.
+enum class ParsePhase { idle, head, body, complete };
+
+class RequestParser {
+ public:
+  // `limits` must outlive the parser.
+  explicit RequestParser(const Limits& limits) noexcept;
+  RequestParser(const RequestParser&) = delete;
+  RequestParser& operator=(const RequestParser&) = delete;
+
+  // Sets the request the next message is parsed into. Required before the first feed().
+  void attach(Request* request) noexcept { request_ = request; }
+  Request* request() const noexcept { return request_; }
+
+  // Parses bytes. Successive calls for one message must pass memory that continues the previous
+  // call's (the connection reads into one buffer); relocate() follows a move of that buffer.
+  FeedResult feed(const char* data, std::size_t length) noexcept;
+
+  // After expect_continue: parsing may go on into the body.
+  void continue_after_expect() noexcept;
+  // After message_complete and its response: ready for the next message.
+  void next_message() noexcept;
+
+  ParsePhase phase() const noexcept { return phase_; }
+  // The first byte of the current message, or nullptr before it began.
+  const char* message_start() const noexcept { return message_start_; }
+  // One past the last byte any of the request's views refers to; with message_start() it bounds
+  // what the connection must keep of the message's head while the body streams past.
+  const char* views_end() const noexcept { return views_end_; }
+  // Moves every view into [old_begin, old_end) by `delta` bytes.
+  void relocate(const char* old_begin, const char* old_end, std::ptrdiff_t delta) noexcept;
+
+  // After message_complete: whether the connection may carry another request.
+  bool keep_alive() const noexcept { return keep_alive_; }
+  // After error: the status to answer (400, 408, 413, 414, 417, 431, 501, 505) and why.
+  int error_status() const noexcept { return error_status_; }
+  std::string_view error_reason() const noexcept { return error_reason_; }
+
+  const llhttp_t& llhttp() const noexcept { return parser_; }
+
+ private:
+  friend struct ParserCallbacks;
+
+  int fail(int status, std::string_view reason) noexcept;
+  int on_message_begin() noexcept;
+  int on_method(const char* at, std::size_t length) noexcept;
+  int on_url(const char* at, std::size_t length) noexcept;
+  int on_header_field(const char* at, std::size_t length) noexcept;
+  int on_header_field_complete() noexcept;
+  int on_header_value(const char* at, std::size_t length) noexcept;
+  int on_header_value_complete() noexcept;
+  int on_headers_complete() noexcept;
+  int on_body(const char* at, std::size_t length) noexcept;
+  int on_chunk_header() noexcept;
+  int on_chunk_extension(const char* at, std::size_t length) noexcept;
+  int on_message_complete() noexcept;
+  int split_target() noexcept;
+  bool scan_for_bare_cr(const char* end) noexcept;
+
+  llhttp_t parser_;                   // llhttp's state; parser_.data points back here.
+  const Limits* limits_;              // Server-owned limits, read at each check.
+  Request* request_ = nullptr;        // Where the current message goes.
+  ParsePhase phase_ = ParsePhase::idle;  // Drives the connection's timeouts.
+  const char* message_start_ = nullptr;  // First byte of the method.
+  const char* views_end_ = nullptr;      // End of the furthest URL or header piece.
+  const char* value_end_ = nullptr;      // End of the current header value's last piece.
+  const char* scan_from_ = nullptr;      // First byte not yet checked for a bare CR.
+  bool pending_cr_ = false;              // The last byte checked was a CR; an LF must follow.
+  std::size_t url_bytes_ = 0;            // Request-target bytes so far.
+  std::size_t header_bytes_ = 0;         // Header (or trailer) name and value bytes so far.
+  std::size_t header_count_ = 0;         // Header (or trailer) lines so far.
+  std::size_t chunk_extension_bytes_ = 0;  // All chunk extension bytes of this body.
+  std::size_t host_count_ = 0;             // Host header lines.
+  std::size_t transfer_encoding_count_ = 0;  // Transfer-Encoding header lines.
+  bool in_header_field_ = false;             // A header name is being received.
+  bool in_trailers_ = false;                 // Header callbacks now carry trailers.
+  bool expect_continue_ = false;             // "Expect: 100-continue" with a body to come.
+  bool expect_unsupported_ = false;          // An Expect value other than 100-continue.
+  bool upgrade_requested_ = false;           // Upgrade asked for; served as HTTP, then closed.
+  bool keep_alive_ = false;                  // llhttp_should_keep_alive at completion.
+  int error_status_ = 0;                     // Set by fail() or from llhttp's error.
+  std::string_view error_reason_;            // A static string naming the problem.
+};
+
+}  // namespace squall::http

@@ -1,0 +1,45 @@
+// The handle a handler answers through, now or later. Copies refer to the same pending answer;
+// when the last copy goes away unanswered while the client still waits, the client gets a 500.
+// Loop thread only. Once the client is gone every call is a harmless no-op returning false.
+#pragma once
+
+#include <cstdint>
+#include <string_view>
+
+namespace squall::http {
+
+class Connection;
+
+class Responder {
+ public:
+  Responder() noexcept = default;
+  Responder(const Responder& other) noexcept;
+  Responder(Responder&& other) noexcept;
+  Responder& operator=(Responder other) noexcept;
+  ~Responder();
+
+  // Whether the client still waits for this answer.
+  bool connected() const noexcept;
+
+  // Adds a response header. Throws std::invalid_argument if the name is not a token or the value
+  // holds CR, LF or NUL (response splitting), or if the response has started.
+  Responder& header(std::string_view name, std::string_view value);
+
+  // Sends a whole response with Content-Length framing.
+  bool send(int status, std::string_view content_type, std::string_view body);
+
+  // Streams a response: chunked for HTTP/1.1, close-delimited for HTTP/1.0.
+  bool start(int status, std::string_view content_type);
+  bool write(std::string_view chunk);
+  bool finish();
+
+ private:
+  friend class Connection;
+  Responder(Connection* connection, std::uint64_t request_number) noexcept;
+  Connection* live_connection() const noexcept;
+
+  Connection* connection_ = nullptr;  // Kept alive by a reference count while this exists.
+  std::uint64_t request_number_ = 0;  // Which of the connection's requests this answers.
+};
+
+}  // namespace squall::http

@@ -1,0 +1,121 @@
+// The HTTP/1.1 server: listeners, the open connections, and what they share on the loop thread
+// (the cork buffer, the pool of read workspaces, the Date cache, counters).
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <uv.h>
+
+#include "core/clock.hpp"
+#include "core/loop.hpp"
+#include "http/limits.hpp"
+#include "http/request.hpp"
+#include "http/router.hpp"
+#include "net/listener.hpp"
+
+namespace squall::http {
+
+class Connection;
+struct Workspace;
+
+struct ServerOptions {
+  Limits limits;                                          // Per-request bounds.
+  Timeouts timeouts;                                      // Per-phase timeouts.
+  std::string server_name = "squall";                     // The Server header.
+  std::size_t max_connections = 10000;                    // Beyond it, new ones are refused.
+  int backlog = 511;                                      // listen(2) backlog.
+  std::chrono::milliseconds blocking_threshold{100};      // Warn when a handler blocks longer.
+};
+
+// What the server reports once per answered request (and per error response).
+struct RequestRecord {
+  const Request* request;             // Valid during the callback; fields may be empty on errors.
+  std::string_view route;             // The route's pattern, or "" when none matched.
+  int status;                         // The status sent.
+  std::uint64_t body_bytes_sent;      // Response body bytes (0 for HEAD).
+  std::chrono::nanoseconds duration;  // From the request's first byte to its answer queued.
+  std::uint64_t connection_id;        // Also in the server's log lines.
+};
+
+// Loop-thread counters, read by the metrics endpoint.
+struct ServerStats {
+  std::uint64_t connections_accepted = 0;  // Accepted and served.
+  std::uint64_t connections_refused = 0;   // Closed at once: over max_connections or accept error.
+  std::uint64_t connections_open = 0;      // Open now.
+  std::uint64_t bytes_received = 0;        // From all clients.
+  std::uint64_t bytes_sent = 0;            // To all clients.
+  std::uint64_t requests = 0;              // Requests answered (including error responses).
+};
+
+class Server {
+ public:
+  Server(Loop& loop, const Router& router, ServerOptions options);
+  ~Server();
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+
+  // Starts listening on host:port (port 0 picks a free one). Throws std::system_error naming
+  // the address. Returns the bound address, e.g. "127.0.0.1:41234".
+  std::string listen(const std::string& host, std::uint16_t port);
+  const std::vector<std::unique_ptr<net::Listener>>& listeners() const noexcept {
+    return listeners_;
+  }
+
+  // Called for every answered request; set before serving.
+  void on_request(std::function<void(const RequestRecord&)> observer) {
+    request_observer_ = std::move(observer);
+  }
+
+  // Graceful stop: stop accepting, close idle connections now, let in-flight requests finish
+  // (answering with Connection: close); after `deadline` close whatever is left. `on_drained`
+  // runs once no connection is left.
+  void drain(std::chrono::milliseconds deadline, std::function<void()> on_drained);
+  // Closes every listener and connection at once.
+  void close_all() noexcept;
+  bool draining() const noexcept { return draining_; }
+
+  const ServerStats& stats() const noexcept { return stats_; }
+  const ServerOptions& options() const noexcept { return options_; }
+  Loop& loop() noexcept { return loop_; }
+
+ private:
+  friend class Connection;
+
+  void on_connection(uv_stream_t* listener, int status);
+  void refuse(uv_stream_t* listener);
+  // The cork: responses produced while `owner` is being processed gather here, one write each.
+  std::string& cork_for(Connection* owner);
+  void flush_cork() noexcept;
+  void forget_cork(Connection* owner) noexcept;
+  Workspace* acquire_workspace();
+  void release_workspace(Workspace* workspace) noexcept;
+  void connection_closed(Connection* connection) noexcept;
+  void finish_drain_if_done();
+
+  Loop& loop_;                        // The loop every connection lives on.
+  const Router& router_;              // Owned by the caller; outlives the server.
+  ServerOptions options_;             // Copied at construction.
+  ServerStats stats_;                 // Counters for metrics.
+  HttpDateCache date_;                // Shared Date header text.
+  std::string keep_alive_header_;     // "Keep-Alive: timeout=75\r\n", computed once.
+  std::vector<std::unique_ptr<net::Listener>> listeners_;  // Accepting sockets.
+  Connection* connections_ = nullptr;  // Intrusive list of open connections.
+  std::uint64_t next_connection_id_ = 1;  // Ids in log lines; never reused.
+  std::string cork_;                  // Output gathered for cork_owner_.
+  Connection* cork_owner_ = nullptr;  // Whose bytes cork_ holds.
+  Workspace* free_workspaces_ = nullptr;  // Idle read buffers kept for reuse.
+  std::size_t free_workspace_count_ = 0;  // Length of that list.
+  std::size_t workspace_capacity_ = 0;    // Read buffer size, from the limits.
+  bool draining_ = false;                 // drain() was called.
+  std::function<void()> on_drained_;     // Runs once when the last connection closes.
+  uv_timer_t* drain_timer_ = nullptr;     // The drain deadline; freed in its close callback.
+  std::uint64_t drain_deadline_ms_ = 0;   // For the log line when it passes.
+  std::function<void(const RequestRecord&)> request_observer_;  // Metrics and access log.
+};
+
+}  // namespace squall::http

@@ -1,0 +1,80 @@
+#include "net/listener.hpp"
+
+#include <arpa/inet.h>
+
+#include <system_error>
+
+namespace squall::net {
+
+struct Listener::State {
+  uv_tcp_t handle;            // handle.data points here.
+  OnConnection on_connection;  // The owner's accept logic.
+  bool closed = false;
+};
+
+std::string format_address(const sockaddr_storage& address, bool with_port) {
+  char host[INET6_ADDRSTRLEN] = "?";
+  std::uint16_t port = 0;
+  if (address.ss_family == AF_INET) {
+    const auto& v4 = reinterpret_cast<const sockaddr_in&>(address);
+    uv_ip4_name(&v4, host, sizeof host);
+    port = ntohs(v4.sin_port);
+  } else if (address.ss_family == AF_INET6) {
+    const auto& v6 = reinterpret_cast<const sockaddr_in6&>(address);
+    uv_ip6_name(&v6, host, sizeof host);
+    port = ntohs(v6.sin6_port);
+    if (with_port) return "[" + std::string(host) + "]:" + std::to_string(port);
+  }
+  return with_port ? std::string(host) + ":" + std::to_string(port) : std::string(host);
+}
+
+Listener::Listener(Loop& loop, const std::string& host, std::uint16_t port, int backlog,
+                   OnConnection on_connection)
+    : state_(new State{}) {
+  state_->on_connection = std::move(on_connection);
+  uv_tcp_init(loop.uv(), &state_->handle);
+  state_->handle.data = state_;
+  const bool v6 = host.find(':') != std::string::npos;
+  const std::string display = v6 ? "[" + host + "]:" + std::to_string(port)
+                                  : host + ":" + std::to_string(port);
+  auto fail = [&](int status, const char* what) {
+    close();
+    throw std::system_error(-status, std::generic_category(),
+                            std::string(what) + " " + display + ": " + uv_strerror(status));
+  };
+  sockaddr_storage address{};
+  int status = v6 ? uv_ip6_addr(host.c_str(), port, reinterpret_cast<sockaddr_in6*>(&address))
+                  : uv_ip4_addr(host.c_str(), port, reinterpret_cast<sockaddr_in*>(&address));
+  if (status < 0) fail(status, "cannot parse listen address");
+  // IPV6ONLY keeps "[::]:80" from also claiming IPv4, so both may be listed side by side.
+  status = uv_tcp_bind(&state_->handle, reinterpret_cast<const sockaddr*>(&address),
+                       v6 ? UV_TCP_IPV6ONLY : 0);
+  if (status < 0) fail(status, "cannot bind");
+  status = uv_listen(reinterpret_cast<uv_stream_t*>(&state_->handle), backlog,
+                     [](uv_stream_t* server, int accept_status) {
+                       auto* listening = static_cast<State*>(server->data);
+                       listening->on_connection(server, accept_status);
+                     });
+  if (status < 0) fail(status, "cannot listen on");
+  sockaddr_storage bound{};
+  int length = sizeof bound;
+  uv_tcp_getsockname(&state_->handle, reinterpret_cast<sockaddr*>(&bound), &length);
+  bound_address_ = format_address(bound, true);
+  bound_port_ = ntohs(bound.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6&>(bound).sin6_port
+                                                  : reinterpret_cast<sockaddr_in&>(bound).sin_port);
+}
+
+void Listener::close() noexcept {
+  if (state_ == nullptr || state_->closed) return;
+  state_->closed = true;
+  auto* handle = reinterpret_cast<uv_handle_t*>(&state_->handle);
+  if (uv_is_closing(handle)) return;
+  uv_close(handle, [](uv_handle_t* closed) { delete static_cast<State*>(closed->data); });
+  state_ = nullptr;
+}
+
+Listener::~Listener() {
+  if (state_ != nullptr && !state_->closed) close();
+}
+
+}  // namespace squall::net

@@ -1,0 +1,106 @@
+#include "server/routes.hpp"
+
+#include <nlohmann/json.hpp>
+
+namespace squall::daemon {
+
+namespace {
+constexpr std::string_view kStatusClasses[5] = {"1xx", "2xx", "3xx", "4xx", "5xx"};
+}  // namespace
+
+HttpMetrics::HttpMetrics(metrics::Registry& registry, const http::Router& router,
+                         const http::Server& server, const LoopLagMonitor* lag,
+                         const log::Logs& logs)
+    : request_duration_(registry
+                            .histogram("squall_http_request_duration_seconds",
+                                       "Time from a request's first byte to its answer.",
+                                       {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10})
+                            .get()),
+      loop_lag_(registry
+                    .histogram("squall_loop_lag_seconds",
+                               "How late the event loop ran a timer: time it was blocked.",
+                               {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5})
+                    .get()) {
+  auto& requests = registry.counter("squall_http_requests_total",
+                                    "Requests answered, by route and status class.",
+                                    {"route", "code"});
+  auto add_route = [&](const char* pattern, std::string_view label) {
+    RouteCounters counters{pattern, {}};
+    for (std::size_t i = 0; i < 5; ++i) {
+      counters.by_status_class[i] = &requests.with({label, kStatusClasses[i]});
+    }
+    routes_.push_back(counters);
+  };
+  for (const http::Route& route : router.routes()) add_route(route.pattern.c_str(), route.pattern);
+  add_route(nullptr, "none");
+
+  const http::ServerStats* stats = &server.stats();
+  registry.gauge_callback("squall_connections_open", "Client connections open now.",
+                          [stats] { return static_cast<double>(stats->connections_open); });
+  registry.counter_callback("squall_connections_accepted_total", "Client connections accepted.",
+                            [stats] { return stats->connections_accepted; });
+  registry.counter_callback("squall_connections_refused_total",
+                            "Connections closed at once: over server.max_connections or an "
+                            "accept error.",
+                            [stats] { return stats->connections_refused; });
+  registry.counter_callback("squall_http_received_bytes_total", "Bytes read from clients.",
+                            [stats] { return stats->bytes_received; });
+  registry.counter_callback("squall_http_sent_bytes_total", "Bytes written to clients.",
+                            [stats] { return stats->bytes_sent; });
+  const log::Logs* log_ptr = &logs;
+  registry.counter_callback("squall_log_dropped_messages_total",
+                            "Log messages dropped because the log queue was full.",
+                            [log_ptr] { return log_ptr->dropped_messages(); });
+  if (lag != nullptr) {
+    registry.gauge_callback("squall_loop_lag_last_seconds", "The latest loop lag sample.",
+                            [lag] { return lag->last_lag_seconds(); });
+  }
+}
+
+void HttpMetrics::observe(const http::RequestRecord& record) {
+  const int status_class = std::clamp(record.status / 100, 1, 5) - 1;
+  const char* pattern = record.route.empty() ? nullptr : record.route.data();
+  for (RouteCounters& route : routes_) {
+    if (route.pattern == pattern) {
+      route.by_status_class[static_cast<std::size_t>(status_class)]->inc();
+      break;
+    }
+  }
+  request_duration_.observe(std::chrono::duration<double>(record.duration).count());
+}
+
+void add_builtin_routes(http::Router& router, std::shared_ptr<const BuiltinRoutes> routes) {
+  const RoutesConfig& enabled = routes->config.routes;
+  if (enabled.plaintext) {
+    router.add("GET", "/plaintext", [](http::Request&, http::Responder responder) {
+      responder.send(200, "text/plain", "Hello, World!");
+    });
+  }
+  if (enabled.healthz) {
+    router.add("GET", "/healthz", [routes](http::Request&, http::Responder responder) {
+      const bool draining = routes->server->draining();
+      const auto uptime = std::chrono::steady_clock::now() - routes->started;
+      const nlohmann::json body = {
+          {"status", draining ? "draining" : "ok"},
+          {"uptime_seconds", std::chrono::duration<double>(uptime).count()},
+          {"connections", routes->server->stats().connections_open},
+          {"loop_lag_ms", routes->lag != nullptr ? routes->lag->last_lag_seconds() * 1000 : 0.0},
+      };
+      // A draining server answers 503 so a load balancer stops sending it traffic.
+      responder.send(draining ? 503 : 200, "application/json", body.dump() + "\n");
+    });
+  }
+  if (enabled.metrics) {
+    router.add("GET", "/metrics", [routes](http::Request&, http::Responder responder) {
+      responder.send(200, "text/plain; version=0.0.4; charset=utf-8", routes->registry->render());
+    });
+  }
+  if (enabled.echo) {
+    router.add("POST", "/echo", [](http::Request& request, http::Responder responder) {
+      const auto content_type = request.header("content-type");
+      responder.send(200, content_type.value_or("application/octet-stream"), request.body());
+    });
+  }
+}
+
+}  // namespace squall::daemon

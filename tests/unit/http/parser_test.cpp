@@ -1,0 +1,303 @@
+#include "http/parser.hpp"
+
+#include <doctest/doctest.h>
+
+#include <string>
+#include <vector>
+
+using squall::http::Limits;
+using squall::http::ParseEvent;
+using squall::http::ParsePhase;
+using squall::http::Request;
+using squall::http::RequestParser;
+
+namespace {
+
+// What one parsed message looked like, copied out before the parser moves on.
+struct Parsed {
+  std::string method;
+  std::string target;
+  std::string path;
+  std::string query;
+  std::vector<std::pair<std::string, std::string>> headers;
+  std::string body;
+  bool keep_alive = false;
+};
+
+struct Outcome {
+  std::vector<Parsed> messages;
+  int error_status = 0;
+  std::string reason;
+  int continues = 0;
+};
+
+Parsed copy_of(const Request& request, const RequestParser& parser) {
+  Parsed parsed{std::string(request.method()), std::string(request.target()),
+                std::string(request.path()), std::string(request.raw_query()), {},
+                std::string(request.body()), parser.keep_alive()};
+  for (const auto& header : request.headers()) {
+    parsed.headers.emplace_back(std::string(header.name), std::string(header.value));
+  }
+  return parsed;
+}
+
+// Feeds `input` as the connection does: one contiguous buffer, delivered in pieces that end at
+// `splits` (ascending offsets), parsing everything available after each delivery.
+Outcome parse(const std::string& input, const std::vector<std::size_t>& splits,
+              const Limits& limits = Limits{}) {
+  RequestParser parser(limits);
+  Request request;
+  parser.attach(&request);
+  Outcome outcome;
+  std::size_t begin = 0;
+  std::vector<std::size_t> ends = splits;
+  ends.push_back(input.size());
+  for (const std::size_t end : ends) {
+    while (begin < end) {
+      const auto result = parser.feed(input.data() + begin, end - begin);
+      begin += result.consumed;
+      if (result.event == ParseEvent::need_more) break;
+      if (result.event == ParseEvent::error) {
+        outcome.error_status = parser.error_status();
+        outcome.reason = std::string(parser.error_reason());
+        return outcome;
+      }
+      if (result.event == ParseEvent::expect_continue) {
+        ++outcome.continues;
+        parser.continue_after_expect();
+        continue;
+      }
+      outcome.messages.push_back(copy_of(request, parser));
+      parser.next_message();
+    }
+  }
+  return outcome;
+}
+
+Outcome parse_whole(const std::string& input, const Limits& limits = Limits{}) {
+  return parse(input, {}, limits);
+}
+
+std::vector<std::size_t> every_byte(const std::string& input) {
+  std::vector<std::size_t> splits;
+  for (std::size_t i = 1; i < input.size(); ++i) splits.push_back(i);
+  return splits;
+}
+
+const std::string kGet =
+    "GET /a%20b/c?x=1&y=two HTTP/1.1\r\nHost: example.test\r\nUser-Agent: t\r\n\r\n";
+const std::string kChunkedPost =
+    "POST /echo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+    "5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nTrailer-A: x\r\n\r\n";
+
+}  // namespace
+
+TEST_CASE("llhttp runs with every lenient flag off") {
+  Limits limits;
+  RequestParser parser(limits);
+  CHECK(parser.llhttp().lenient_flags == 0);
+}
+
+TEST_CASE("a GET is parsed into method, target, decoded path, query and headers") {
+  const Outcome outcome = parse_whole(kGet);
+  REQUIRE(outcome.messages.size() == 1);
+  const Parsed& message = outcome.messages[0];
+  CHECK(message.method == "GET");
+  CHECK(message.target == "/a%20b/c?x=1&y=two");
+  CHECK(message.path == "/a b/c");
+  CHECK(message.query == "x=1&y=two");
+  REQUIRE(message.headers.size() == 2);
+  CHECK(message.headers[0] == std::pair<std::string, std::string>{"Host", "example.test"});
+  CHECK(message.keep_alive);
+}
+
+TEST_CASE("the same message split at every point parses identically") {
+  for (const std::string& input : {kGet, kChunkedPost}) {
+    const Outcome whole = parse_whole(input);
+    REQUIRE(whole.messages.size() == 1);
+    for (std::size_t split = 1; split < input.size(); ++split) {
+      CAPTURE(split);
+      const Outcome pieces = parse(input, {split});
+      REQUIRE(pieces.messages.size() == 1);
+      CHECK(pieces.messages[0].target == whole.messages[0].target);
+      CHECK(pieces.messages[0].path == whole.messages[0].path);
+      CHECK(pieces.messages[0].headers == whole.messages[0].headers);
+      CHECK(pieces.messages[0].body == whole.messages[0].body);
+    }
+  }
+}
+
+TEST_CASE("CR in body data is data, not framing") {
+  const std::string input =
+      "POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\na\rb\r"
+      "POST /echo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n\rx\r\n0\r\n\r\n";
+  for (const auto& splits : {std::vector<std::size_t>{}, every_byte(input)}) {
+    const Outcome outcome = parse(input, splits);
+    REQUIRE(outcome.messages.size() == 2);
+    CHECK(outcome.messages[0].body == "a\rb\r");
+    CHECK(outcome.messages[1].body == "\rx");
+  }
+}
+
+TEST_CASE("one byte at a time") {
+  const Outcome outcome = parse(kChunkedPost, every_byte(kChunkedPost));
+  REQUIRE(outcome.messages.size() == 1);
+  CHECK(outcome.messages[0].body == "hello world");
+  CHECK(outcome.messages[0].headers.size() == 2);  // Trailers are not headers.
+}
+
+TEST_CASE("pipelined messages come out one at a time, in order") {
+  std::string input;
+  for (int i = 0; i < 16; ++i) input += "GET /" + std::to_string(i) + " HTTP/1.1\r\nHost: h\r\n\r\n";
+  input += "POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc";
+  for (const auto& splits : {std::vector<std::size_t>{}, every_byte(input)}) {
+    const Outcome outcome = parse(input, splits);
+    REQUIRE(outcome.messages.size() == 17);
+    for (int i = 0; i < 16; ++i) CHECK(outcome.messages[i].path == "/" + std::to_string(i));
+    CHECK(outcome.messages[16].body == "abc");
+  }
+}
+
+TEST_CASE("HTTP/1.0 closes unless keep-alive is asked; Connection: close closes") {
+  CHECK_FALSE(parse_whole("GET / HTTP/1.0\r\n\r\n").messages.at(0).keep_alive);
+  CHECK(parse_whole("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").messages.at(0).keep_alive);
+  CHECK_FALSE(
+      parse_whole("GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").messages.at(0).keep_alive);
+}
+
+TEST_CASE("absolute-form targets route by their path") {
+  const Outcome outcome = parse_whole("GET http://example.test/plaintext?q HTTP/1.1\r\nHost: h\r\n\r\n");
+  REQUIRE(outcome.messages.size() == 1);
+  CHECK(outcome.messages[0].path == "/plaintext");
+  CHECK(outcome.messages[0].query == "q");
+  CHECK(parse_whole("GET http://example.test HTTP/1.1\r\nHost: h\r\n\r\n").messages.at(0).path == "/");
+}
+
+TEST_CASE("Expect: 100-continue pauses after the headers once, only with a body") {
+  const std::string with_body =
+      "POST /echo HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nok";
+  const Outcome outcome = parse_whole(with_body);
+  CHECK(outcome.continues == 1);
+  REQUIRE(outcome.messages.size() == 1);
+  CHECK(outcome.messages[0].body == "ok");
+  const Outcome empty = parse_whole(
+      "POST /echo HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n");
+  CHECK(empty.continues == 0);
+  CHECK(empty.messages.size() == 1);
+  CHECK(parse_whole("POST / HTTP/1.1\r\nHost: h\r\nExpect: x\r\nContent-Length: 1\r\n\r\nx")
+            .error_status == 417);
+}
+
+TEST_CASE("limits answer 414, 431 and 413 as the bytes arrive") {
+  Limits limits;
+  limits.max_url_bytes = 32;
+  limits.max_header_bytes = 1024;
+  limits.max_header_count = 4;
+  limits.max_body_bytes = 10;
+  limits.max_chunk_extension_bytes = 8;
+  CHECK(parse_whole("GET /" + std::string(40, 'a') + " HTTP/1.1\r\nHost: h\r\n\r\n", limits)
+            .error_status == 414);
+  CHECK(parse_whole("GET / HTTP/1.1\r\nHost: h\r\nX: " + std::string(2000, 'a') + "\r\n\r\n", limits)
+            .error_status == 431);
+  // An endless header line is refused before its end arrives.
+  CHECK(parse_whole("GET / HTTP/1.1\r\nHost: h\r\nX: " + std::string(2000, 'a'), limits)
+            .error_status == 431);
+  // So is endless whitespace, which no callback reports.
+  CHECK(parse_whole("GET / HTTP/1.1\r\nHost: h\r\nX:" + std::string(4000, ' '), limits)
+            .error_status == 431);
+  std::string many = "GET / HTTP/1.1\r\nHost: h\r\n";
+  for (int i = 0; i < 5; ++i) many += "X" + std::to_string(i) + ": v\r\n";
+  CHECK(parse_whole(many + "\r\n", limits).error_status == 431);
+  CHECK(parse_whole("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 11\r\n\r\n", limits)
+            .error_status == 413);
+  CHECK(parse_whole("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    "6\r\nabcdef\r\n6\r\nabcdef\r\n0\r\n\r\n",
+                    limits)
+            .error_status == 413);
+  CHECK(parse_whole("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    "1;aaaaaaaaaaaaaaaaaaaa\r\na\r\n0\r\n\r\n",
+                    limits)
+            .error_status == 413);
+}
+
+TEST_CASE("ambiguous framing and malformed requests are refused") {
+  struct Case {
+    std::string name;
+    std::string input;
+    int status;
+  };
+  const std::vector<Case> cases = {
+      {"CL with TE", "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400},
+      {"TE with CL", "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nContent-Length: 0\r\n\r\n", 400},
+      {"two CL", "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 0\r\n\r\n", 400},
+      {"CL list", "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5, 6\r\n\r\n", 400},
+      {"CL plus", "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: +5\r\n\r\n", 400},
+      {"CL hex", "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 0x5\r\n\r\n", 400},
+      {"CL negative", "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: -1\r\n\r\n", 400},
+      {"CL overflow", "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 99999999999999999999999\r\n\r\n", 400},
+      {"TE not chunked last", "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400},
+      {"TE gzip", "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\n", 400},
+      {"TE space before colon", "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding : chunked\r\n\r\n", 400},
+      {"TE xchunked", "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: xchunked\r\n\r\n", 400},
+      {"two TE", "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n", 400},
+      {"obs-fold first line", "GET / HTTP/1.1\r\n Host: a\r\n\r\n", 400},
+      {"obs-fold continuation", "GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n Content-Length: 5\r\n\r\n", 400},
+      {"bare CR", "GET / HTTP/1.1\r\nHost: a\r\nX: \rTransfer-Encoding: chunked\r\n\r\n", 400},
+      {"bare LF", "GET / HTTP/1.1\nHost: a\n\n", 400},
+      {"bare CR ends head", "GET / HTTP/1.1\r\nHost: a\r\n\rXGET /evil HTTP/1.1\r\n\r\n", 400},
+      {"bare CR in chunk size line", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\rXhello\r\n0\r\n\r\n", 400},
+      {"bare CR after chunk data", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\rX0\r\n\r\n", 400},
+      {"bare CR after last chunk", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\rX", 400},
+      {"NUL in value", std::string("GET / HTTP/1.1\r\nHost: a\r\nX: a\0b\r\n\r\n", 35), 400},
+      {"chunk size junk", "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n1junk\r\nx\r\n0\r\n\r\n", 400},
+      {"chunk size 0x", "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0x1\r\nx\r\n0\r\n\r\n", 400},
+      {"chunk size space", "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5 \r\nhello\r\n0\r\n\r\n", 400},
+      {"chunk size huge", "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n11111111111111111\r\nx\r\n", 400},
+      {"no CRLF after chunk", "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello0\r\n\r\n", 400},
+      {"LF in chunk extension", "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5;\nhello\r\n0\r\n\r\n", 400},
+      {"no Host", "GET / HTTP/1.1\r\n\r\n", 400},
+      {"two Host", "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400},
+      {"Host list", "GET / HTTP/1.1\r\nHost: a, b\r\n\r\n", 400},
+      {"HTTP/2.0", "GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505},
+      {"HTTP/1.2", "GET / HTTP/1.2\r\nHost: a\r\n\r\n", 505},
+      {"HTTP/0.9", "GET /\r\n\r\n", 400},
+      {"bad escape", "GET /%zz HTTP/1.1\r\nHost: a\r\n\r\n", 400},
+      {"encoded NUL", "GET /a%00 HTTP/1.1\r\nHost: a\r\n\r\n", 400},
+      {"CONNECT", "CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 501},
+  };
+  for (const Case& c : cases) {
+    CAPTURE(c.name);
+    const Outcome whole = parse_whole(c.input);
+    CHECK(whole.messages.empty());
+    CAPTURE(whole.reason);
+    CHECK(whole.error_status == c.status);
+    // Split delivery must reach the same verdict.
+    const Outcome bytes = parse(c.input, every_byte(c.input));
+    CHECK(bytes.messages.empty());
+    CHECK(bytes.error_status == c.status);
+  }
+}
+
+TEST_CASE("relocate follows a moved buffer") {
+  Limits limits;
+  RequestParser parser(limits);
+  Request request;
+  parser.attach(&request);
+  std::string first(64, '#');
+  const std::string head = "GET /moved HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n";
+  first.replace(10, head.size(), head);
+  auto result = parser.feed(first.data() + 10, head.size());
+  REQUIRE(result.event == ParseEvent::need_more);
+  CHECK(parser.phase() == ParsePhase::head);
+  // Move the head to a new buffer and continue there, as the connection's compaction does.
+  std::string second = head + "X-B: 2\r\n\r\n";
+  parser.relocate(first.data() + 10, first.data() + 10 + head.size(),
+                  second.data() - (first.data() + 10));
+  first.assign(first.size(), '!');
+  result = parser.feed(second.data() + head.size(), second.size() - head.size());
+  REQUIRE(result.event == ParseEvent::message_complete);
+  CHECK(request.path() == "/moved");
+  REQUIRE(request.headers().size() == 3);
+  CHECK(request.headers()[1].value == "1");
+  CHECK(request.headers()[2].value == "2");
+}
