@@ -51,7 +51,10 @@ def read_run(work_dir, line, clock_ticks):
         "server": server,
         "requests": requests,
         "rps": requests / seconds if seconds > 0 else 0.0,
-        "p99_us": wrk["latency_us"]["p99"],
+        # wrk's percentile() returns 0 when its coordinated-omission correction has put samples
+        # below the smallest one measured (it happens in pipelined runs); that is no latency.
+        "p99_us": wrk["latency_us"]["p99"] or None,
+        "max_us": wrk["latency_us"]["max"],
         "cpu_ticks": int(server_ticks),
         "cpu_us_per_request": server_seconds * 1e6 / requests if requests else float("nan"),
         # Shares of one CPU over the wall-clock time between the samples around wrk.
@@ -86,7 +89,12 @@ def rate(value):
 
 
 def milliseconds(microseconds):
-    return f"{microseconds / 1000:.2f} ms"
+    return "n/a" if microseconds is None else f"{microseconds / 1000:.2f} ms"
+
+
+def median_or_none(values):
+    values = [value for value in values if value is not None]
+    return statistics.median(values) if values else None
 
 
 def cpu(value):
@@ -109,6 +117,30 @@ def table(header, rows, align):
     rule = "|" + "|".join("-" * (width + 1) + ":" if side == "r" else "-" * (width + 2)
                           for width, side in zip(widths, align)) + "|"
     return "\n".join([line(header), rule] + [line(row) for row in rows])
+
+
+SERVER_LOGS = {
+    "squalld": ["squalld.stderr.log", "squalld.stdout.log"],
+    "nginx": ["nginx/error.log", "nginx.stderr.log", "nginx.stdout.log"],
+    "node": ["node.stderr.log"],
+}
+
+
+def server_log_lines(work_dir, server, limit=5):
+    """The first distinct lines a server logged (the benchmark sets them to warnings and up)."""
+    lines = []
+    for name in SERVER_LOGS.get(server, []):
+        try:
+            with open(os.path.join(work_dir, name), errors="replace") as log_file:
+                for line in log_file:
+                    line = line.strip()
+                    if line and line not in lines:
+                        lines.append(line)
+        except OSError:
+            pass
+    if len(lines) > limit:
+        lines = lines[:limit] + [f"... and {len(lines) - limit} more lines"]
+    return lines
 
 
 def read_info(path):
@@ -147,7 +179,7 @@ def report(work_dir):
     for key, rounds in runs.items():
         medians[key] = {
             "rps": statistics.median(r["rps"] for r in rounds),
-            "p99_us": statistics.median(r["p99_us"] for r in rounds),
+            "p99_us": median_or_none(r["p99_us"] for r in rounds),
             "cpu_us_per_request": statistics.median(r["cpu_us_per_request"] for r in rounds),
             "server_share": statistics.median(r["server_share"] for r in rounds),
             "wrk_share": statistics.median(r["wrk_share"] for r in rounds),
@@ -240,6 +272,11 @@ def report(work_dir):
             note = result["error"] or ""
             if result["error"]:
                 problems.append(f"idle connections / {server}: {result['error']}")
+            grown_after_close = (result["after_close"]["rss_kib"]
+                                 - result["with_connections"]["rss_kib"])
+            if grown_after_close > 0.1 * result["with_connections"]["rss_kib"]:
+                note = (note + "; " if note else "") + (
+                    f"RSS grew {grown_after_close / 1024:.1f} MiB while the connections closed")
             if result.get("still_open", 0) != result["opened"]:
                 note = (note + "; " if note else "") + (
                     f"only {result['still_open']} of {result['opened']} still open when measured")
@@ -276,10 +313,22 @@ def report(work_dir):
                + ", ".join(f"{s['name']} {s['header_bytes']}" for s in server_info)
                + "; the body is 13 bytes everywhere.")
     out.append(f"- Pipelined: wrk counts every response, but takes one latency sample per batch "
-               f"of {info['pipeline_depth']}, so p99 there is the time to the batch's last response.")
+               f"of {info['pipeline_depth']}: the time to the batch's last response. wrk then "
+               "corrects its latencies for coordinated omission with an interval computed from "
+               f"the response count, {info['pipeline_depth']} times too short for batches, so the "
+               "pipelined p99 is "
+               "distorted and only roughly comparable between servers; when that correction puts "
+               "samples below the smallest one measured, wrk's percentile comes out as 0 (its "
+               "bug), shown here as n/a. The latency columns of the other scenarios are wrk's "
+               "usual corrected ones.")
     out.append("- New connection per request: wrk sends `Connection: close` and opens a new "
                "connection after each response; the servers close first, so the TIME_WAIT "
                "sockets are on their side.")
+    for server in servers:
+        lines = server_log_lines(work_dir, server)
+        if lines:
+            out.append(f"- {server} logged:")
+            out.extend(f"  - `{line}`" for line in lines)
     all_runs = [r for rounds in runs.values() for r in rounds]
     noisy = [r for r in all_runs if max(r["others_server_cpu"], r["others_client_cpu"]) > 0.10]
     if noisy:

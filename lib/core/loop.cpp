@@ -30,23 +30,28 @@ struct Loop::TimerNode {
 Loop::Loop() {
   check(uv_loop_init(&loop_), "uv_loop_init");
   check(uv_async_init(&loop_, &wakeup_, &Loop::on_async), "uv_async_init");
+  // The wake-up handle stays referenced, so run() goes on until stop(), as Tornado's
+  // IOLoop.start() does, and callbacks queued before run() are never lost.
   wakeup_.data = this;
-  // The wake-up handle alone must not keep run() going.
-  uv_unref(reinterpret_cast<uv_handle_t*>(&wakeup_));
 }
 
-Loop::~Loop() {
+int Loop::close() {
+  if (closed_) return 0;
+  closed_ = true;
+  // call_later timers are closed with their own callbacks, which free their nodes.
+  while (!timers_.empty()) cancel(timers_.begin()->first);
   uv_walk(
       &loop_,
       [](uv_handle_t* handle, void*) {
         if (!uv_is_closing(handle)) uv_close(handle, nullptr);
       },
       nullptr);
-  // Timer nodes are freed here rather than in close callbacks: uv_walk closed them without one.
   uv_run(&loop_, UV_RUN_DEFAULT);
-  for (auto& [id, node] : timers_) delete node;
-  timers_.clear();
-  const int status = uv_loop_close(&loop_);
+  return uv_loop_close(&loop_);
+}
+
+Loop::~Loop() {
+  const int status = close();
   if (status != 0) {
     std::fprintf(stderr, "squall: uv_loop_close failed (%s): a handle was left open\n",
                  uv_strerror(status));

@@ -20,14 +20,17 @@ class Loop {
   using TimerId = std::uint64_t;
 
   Loop();
-  // Closes every handle still open and checks that uv_loop_close succeeds.
+  // Closes every handle still open (running their close callbacks) and closes the loop.
+  // Returns uv_loop_close's status: 0, or UV_EBUSY if something kept a handle or request open.
+  int close();
+  // Calls close() if it was not called; reports a failure on stderr.
   ~Loop();
   Loop(const Loop&) = delete;
   Loop& operator=(const Loop&) = delete;
 
   uv_loop_t* uv() noexcept { return &loop_; }
 
-  // Runs until stop() or until nothing is left to do.
+  // Runs callbacks, timers and I/O until stop() is called.
   void run();
   // Makes run() return after the current iteration. Loop thread only.
   void stop() noexcept { uv_stop(&loop_); }
@@ -58,6 +61,7 @@ class Loop {
   std::vector<Callback> running_;       // Swapped with pending_ to run outside the lock.
   TimerId next_timer_id_ = 1;           // Ids are never reused.
   std::unordered_map<TimerId, TimerNode*> timers_;  // Pending call_later timers.
+  bool closed_ = false;                 // close() ran.
 };
 
 }  // namespace squall

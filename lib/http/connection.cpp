@@ -130,8 +130,14 @@ void Connection::on_read(uv_stream_t* stream, ssize_t nread, const uv_buf_t*) {
     if (self->lingering_) self->close_now();
     return;
   }
-  // Requests already received are still answered (a client may half-close after sending).
-  if (self->response_pending_ || self->output_blocked_) {
+  // A client that leaves while its answer is pending has given up on it (nginx's 499,
+  // uWebSockets' onAborted): the late answer is dropped.
+  if (self->response_pending_) {
+    self->close_now();
+    return;
+  }
+  // Requests already received are still answered while the client reads slowly.
+  if (self->output_blocked_) {
     self->update_reading();
     return;
   }
@@ -719,7 +725,7 @@ Connection* Responder::live_connection() const noexcept {
 
 bool Responder::connected() const noexcept { return live_connection() != nullptr; }
 
-Responder& Responder::header(std::string_view name, std::string_view value) {
+const Responder& Responder::header(std::string_view name, std::string_view value) const {
   if (!is_header_name(name)) {
     throw std::invalid_argument("response header name \"" + std::string(name) +
                                 "\" is not an HTTP token");
@@ -738,22 +744,22 @@ Responder& Responder::header(std::string_view name, std::string_view value) {
   return *this;
 }
 
-bool Responder::send(int status, std::string_view content_type, std::string_view body) {
+bool Responder::send(int status, std::string_view content_type, std::string_view body) const {
   Connection* connection = live_connection();
   return connection != nullptr && connection->respond(status, content_type, body);
 }
 
-bool Responder::start(int status, std::string_view content_type) {
+bool Responder::start(int status, std::string_view content_type) const {
   Connection* connection = live_connection();
   return connection != nullptr && connection->start_stream(status, content_type);
 }
 
-bool Responder::write(std::string_view chunk) {
+bool Responder::write(std::string_view chunk) const {
   Connection* connection = live_connection();
   return connection != nullptr && connection->write_stream(chunk);
 }
 
-bool Responder::finish() {
+bool Responder::finish() const {
   Connection* connection = live_connection();
   return connection != nullptr && connection->finish_stream();
 }

@@ -1,6 +1,7 @@
 // The handle a handler answers through, now or later. Copies refer to the same pending answer;
 // when the last copy goes away unanswered while the client still waits, the client gets a 500.
-// Loop thread only. Once the client is gone every call is a harmless no-op returning false.
+// A Responder is a handle: its const methods act on the shared pending answer. Loop thread
+// only. Once the client is gone every call is a harmless no-op returning false.
 #pragma once
 
 #include <cstdint>
@@ -23,15 +24,15 @@ class Responder {
 
   // Adds a response header. Throws std::invalid_argument if the name is not a token or the value
   // holds CR, LF or NUL (response splitting), or if the response has started.
-  Responder& header(std::string_view name, std::string_view value);
+  const Responder& header(std::string_view name, std::string_view value) const;
 
   // Sends a whole response with Content-Length framing.
-  bool send(int status, std::string_view content_type, std::string_view body);
+  bool send(int status, std::string_view content_type, std::string_view body) const;
 
   // Streams a response: chunked for HTTP/1.1, close-delimited for HTTP/1.0.
-  bool start(int status, std::string_view content_type);
-  bool write(std::string_view chunk);
-  bool finish();
+  bool start(int status, std::string_view content_type) const;
+  bool write(std::string_view chunk) const;
+  bool finish() const;
 
  private:
   friend class Connection;

@@ -1,0 +1,323 @@
+// In-process tests: a real Server on a real loop, a blocking client on a thread, a watchdog.
+#include "http/server.hpp"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <thread>
+
+using namespace squall;
+using namespace std::chrono_literals;
+
+namespace {
+
+// A blocking client socket for the client thread.
+class Client {
+ public:
+  explicit Client(std::uint16_t port) {
+    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_port = htons(port);
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    timeval timeout{5, 0};
+    ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+    if (::connect(fd_, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0) {
+      throw std::runtime_error("connect failed");
+    }
+  }
+  ~Client() { close(); }
+  void close() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+  void send(const std::string& bytes) {
+    ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL);
+  }
+  // Reads until `marker` has been seen `count` times, the peer closes, or 5 s pass.
+  std::string read_until(const std::string& marker, int count = 1) {
+    while (occurrences(marker) < count) {
+      char chunk[4096];
+      const ssize_t n = ::recv(fd_, chunk, sizeof chunk, 0);
+      if (n <= 0) break;
+      received_.append(chunk, static_cast<std::size_t>(n));
+    }
+    return received_;
+  }
+  std::string read_all() { return read_until("\x01never\x02", 1); }
+
+ private:
+  int occurrences(const std::string& marker) const {
+    int found = 0;
+    for (auto at = received_.find(marker); at != std::string::npos;
+         at = received_.find(marker, at + marker.size())) {
+      ++found;
+    }
+    return found;
+  }
+  int fd_ = -1;
+  std::string received_;
+};
+
+// Runs `client` on a thread against a server on `router`, with the loop on this thread; a
+// watchdog fails the test if the client does not finish in 10 s.
+void run_with_client(Loop& loop, http::Router& router,
+                     const std::function<void(std::uint16_t)>& client,
+                     http::ServerOptions options = {}) {
+  {
+    http::Server server(loop, router, options);
+    server.listen("127.0.0.1", 0);
+    const std::uint16_t port = server.listeners().front()->bound_port();
+    std::atomic<bool> finished{false};
+    std::thread thread([&] {
+      client(port);
+      finished = true;
+      loop.call_soon([&] {
+        server.close_all();
+        loop.stop();
+      });
+    });
+    const auto watchdog = loop.call_later(10s, [&] {
+      server.close_all();
+      loop.stop();
+    });
+    loop.run();
+    loop.cancel(watchdog);
+    thread.join();
+    CHECK(finished);
+  }
+  CHECK(loop.close() == 0);
+}
+
+const std::string kGet = "GET /x HTTP/1.1\r\nHost: t\r\n\r\n";
+
+}  // namespace
+
+TEST_CASE("a handler may answer later, from a timer on the loop") {
+  http::Router router;
+  Loop* loop_ptr = nullptr;
+  router.add("GET", "/x", [&](http::Request& request, http::Responder responder) {
+    std::string body = "late " + std::string(request.path());
+    loop_ptr->call_later(20ms, [responder, body] { CHECK(responder.connected()); responder.send(200, "text/plain", body); });
+  });
+  Loop loop;
+  loop_ptr = &loop;
+  {
+    http::Server server(loop, router, {});
+    server.listen("127.0.0.1", 0);
+    const std::uint16_t port = server.listeners().front()->bound_port();
+    std::string reply;
+    std::thread thread([&] {
+      Client client(port);
+      client.send(kGet + kGet);  // Pipelined: the second waits for the first's late answer.
+      reply = client.read_until("late /x", 2);
+      loop.call_soon([&] {
+        server.close_all();
+        loop.stop();
+      });
+    });
+    loop.run();
+    thread.join();
+    CHECK(reply.find("HTTP/1.1 200 OK") == 0);
+    CHECK(reply.rfind("HTTP/1.1 200 OK") > 0);
+  }
+  CHECK(loop.close() == 0);
+}
+
+TEST_CASE("a late answer to a client that went away is dropped safely") {
+  http::Router router;
+  Loop loop;
+  std::atomic<int> sends_refused{0};
+  std::atomic<bool> answered{false};
+  router.add("GET", "/x", [&](http::Request&, http::Responder responder) {
+    loop.call_later(100ms, [&, responder]() mutable {
+      if (!responder.send(200, "text/plain", "too late")) ++sends_refused;
+      answered = true;
+    });
+  });
+  router.add("GET", "/ok", [](http::Request&, http::Responder responder) {
+    responder.send(200, "text/plain", "fine");
+  });
+  {
+    http::Server server(loop, router, {});
+    server.listen("127.0.0.1", 0);
+    const std::uint16_t port = server.listeners().front()->bound_port();
+    std::string second;
+    std::thread thread([&] {
+      {
+        Client client(port);
+        client.send(kGet);
+      }  // Closed before the answer.
+      while (!answered) std::this_thread::sleep_for(5ms);
+      Client again(port);
+      again.send("GET /ok HTTP/1.1\r\nHost: t\r\n\r\n");
+      second = again.read_until("fine");
+      loop.call_soon([&] {
+        server.close_all();
+        loop.stop();
+      });
+    });
+    loop.run();
+    thread.join();
+    CHECK(sends_refused == 1);
+    CHECK(second.find("200 OK") != std::string::npos);
+  }
+  CHECK(loop.close() == 0);
+}
+
+TEST_CASE("blocking work runs on the pool and the answer comes back on the loop") {
+  http::Router router;
+  Loop loop;
+  const auto loop_thread = std::this_thread::get_id();
+  std::atomic<bool> work_on_pool{false};
+  std::atomic<bool> done_on_loop{false};
+  router.add("GET", "/x", [&](http::Request&, http::Responder responder) {
+    auto result = std::make_shared<std::string>();
+    loop.run_blocking(
+        [&, result] {
+          work_on_pool = std::this_thread::get_id() != loop_thread;
+          std::this_thread::sleep_for(20ms);  // Stands in for an SMTP exchange.
+          *result = "from the pool";
+        },
+        [&, responder, result](std::exception_ptr error) {
+          done_on_loop = std::this_thread::get_id() == loop_thread && error == nullptr;
+          responder.send(200, "text/plain", *result);
+        });
+  });
+  run_with_client(loop, router, [](std::uint16_t port) {
+    Client client(port);
+    client.send(kGet);
+    CHECK(client.read_until("from the pool").find("200 OK") != std::string::npos);
+  });
+  CHECK(work_on_pool);
+  CHECK(done_on_loop);
+}
+
+TEST_CASE("a handler that throws becomes a 500 and the connection goes on") {
+  Loop loop;
+  http::Router router;
+  router.add("GET", "/x", [](http::Request&, http::Responder) { throw std::runtime_error("boom"); });
+  router.add("GET", "/ok", [](http::Request&, http::Responder responder) {
+    responder.send(200, "text/plain", "fine");
+  });
+  run_with_client(loop, router, [](std::uint16_t port) {
+    Client client(port);
+    client.send(kGet + "GET /ok HTTP/1.1\r\nHost: t\r\n\r\n");
+    const std::string reply = client.read_until("fine");
+    CHECK(reply.find("HTTP/1.1 500 Internal Server Error") == 0);
+    CHECK(reply.find("HTTP/1.1 200 OK") != std::string::npos);
+  });
+}
+
+TEST_CASE("a handler that drops its Responder unanswered gives a 500") {
+  Loop loop;
+  http::Router router;
+  router.add("GET", "/x", [](http::Request&, http::Responder) {});
+  run_with_client(loop, router, [](std::uint16_t port) {
+    Client client(port);
+    client.send(kGet);
+    CHECK(client.read_until("internal server error").find("500") != std::string::npos);
+  });
+}
+
+TEST_CASE("response headers with CR or LF are refused at the API") {
+  Loop loop;
+  http::Router router;
+  router.add("GET", "/x", [](http::Request&, http::Responder responder) {
+    CHECK_THROWS_AS(responder.header("X-Bad", "a\r\nInjected: 1"), std::invalid_argument);
+    CHECK_THROWS_AS(responder.header("Bad Name", "v"), std::invalid_argument);
+    responder.header("X-Good", "yes").send(200, "text/plain", "ok");
+  });
+  run_with_client(loop, router, [](std::uint16_t port) {
+    Client client(port);
+    client.send(kGet);
+    const std::string reply = client.read_until("\r\n\r\nok");
+    CHECK(reply.find("X-Good: yes\r\n") != std::string::npos);
+    CHECK(reply.find("Injected") == std::string::npos);
+  });
+}
+
+TEST_CASE("streamed responses are chunked for HTTP/1.1 and close-delimited for HTTP/1.0") {
+  Loop loop;
+  http::Router router;
+  router.add("GET", "/x", [](http::Request&, http::Responder responder) {
+    responder.start(200, "text/plain");
+    responder.write("hello ");
+    responder.write("world");
+    responder.finish();
+  });
+  run_with_client(loop, router, [](std::uint16_t port) {
+    Client client(port);
+    client.send(kGet);
+    const std::string reply = client.read_until("0\r\n\r\n");
+    CHECK(reply.find("Transfer-Encoding: chunked\r\n") != std::string::npos);
+    CHECK(reply.find("\r\n\r\n6\r\nhello \r\n5\r\nworld\r\n0\r\n\r\n") != std::string::npos);
+    Client old(port);
+    old.send("GET /x HTTP/1.0\r\n\r\n");
+    const std::string reply10 = old.read_all();
+    CHECK(reply10.find("Connection: close\r\n") != std::string::npos);
+    CHECK(reply10.find("Transfer-Encoding") == std::string::npos);
+    CHECK(reply10.substr(reply10.size() - 11) == "hello world");
+  });
+}
+
+TEST_CASE("call_soon is safe from other threads") {
+  Loop loop;
+  std::atomic<int> ran{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 250; ++i) loop.call_soon([&] { ++ran; });
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  loop.call_soon([&] { loop.stop(); });
+  loop.run();
+  CHECK(ran == 1000);
+  CHECK(loop.close() == 0);
+}
+
+TEST_CASE("drain closes idle connections at once and lets in-flight ones finish") {
+  http::Router router;
+  Loop loop;
+  http::Server* server_ptr = nullptr;
+  bool drained = false;
+  router.add("GET", "/x", [&](http::Request&, http::Responder responder) {
+    server_ptr->drain(5s, [&] {
+      drained = true;
+      loop.stop();
+    });
+    loop.call_later(20ms, [responder] { responder.send(200, "text/plain", "last"); });
+  });
+  {
+    http::Server server(loop, router, {});
+    server_ptr = &server;
+    server.listen("127.0.0.1", 0);
+    const std::uint16_t port = server.listeners().front()->bound_port();
+    std::string idle_reply = "unset";
+    std::string busy_reply;
+    std::thread thread([&] {
+      Client idle(port);
+      Client busy(port);
+      idle.send("GET /none HTTP/1.1\r\nHost: t\r\n\r\n");
+      idle.read_until("not found");
+      busy.send(kGet);
+      busy_reply = busy.read_all();
+      idle_reply = idle.read_all();
+    });
+    loop.run();
+    thread.join();
+    CHECK(drained);
+    CHECK(busy_reply.find("Connection: close\r\n") != std::string::npos);
+    CHECK(busy_reply.find("last") != std::string::npos);
+  }
+  CHECK(loop.close() == 0);
+}
