@@ -6,6 +6,7 @@ CC ?= gcc
 SANITIZE ?=
 PREFIX ?= /usr/local
 
+comma := ,
 ifeq ($(SANITIZE),)
 BUILD := build
 SAN_FLAGS :=
@@ -13,8 +14,6 @@ else
 BUILD := build/san-$(subst $(comma),-,$(SANITIZE))
 SAN_FLAGS := -fsanitize=$(SANITIZE) -fno-omit-frame-pointer -fno-sanitize-recover=all
 endif
-comma := ,
-
 LLHTTP_DIR := /usr/share/llhttp
 LLHTTP_INCLUDE := /usr/share/include/llhttp
 PKGS := libuv spdlog fmt tomlplusplus

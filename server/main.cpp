@@ -12,8 +12,8 @@
 #include <string>
 #include <vector>
 
-#include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
+#include <CLI/CLI.hpp>
 
 #include "config/config.hpp"
 #include "core/loop.hpp"
@@ -50,9 +50,10 @@ void raise_descriptor_limit(std::size_t max_connections) {
     getrlimit(RLIMIT_NOFILE, &limit);
   }
   if (limit.rlim_cur != RLIM_INFINITY && limit.rlim_cur < max_connections + 64) {
-    spdlog::warn("the descriptor limit ({}) is below server.max_connections ({}) + 64: raise "
-                 "LimitNOFILE (ulimit -n) or lower server.max_connections",
-                 limit.rlim_cur, max_connections);
+    spdlog::warn(
+        "the descriptor limit ({}) is below server.max_connections ({}) + 64: raise "
+        "LimitNOFILE (ulimit -n) or lower server.max_connections",
+        limit.rlim_cur, max_connections);
   }
 }
 
@@ -135,9 +136,9 @@ int serve(const CommandLine& command_line, Config config) {
     LoopLagMonitor lag(loop, config.loop.lag_interval, [&http_metrics](double seconds) {
       if (http_metrics) http_metrics->observe_loop_lag(seconds);
     });
-    daemon::add_builtin_routes(router, std::make_shared<const daemon::BuiltinRoutes>(
-                                           daemon::BuiltinRoutes{config, &server, &lag,
-                                                                 &registry, started}));
+    daemon::add_builtin_routes(
+        router, std::make_shared<const daemon::BuiltinRoutes>(
+                    daemon::BuiltinRoutes{config, &server, &lag, &registry, started}));
     http_metrics.emplace(registry, router, server, &lag, logs);
     server.on_request([&http_metrics, &logs](const http::RequestRecord& record) {
       http_metrics->observe(record);
@@ -219,8 +220,7 @@ int main(int argc, char** argv) {
   }
   if (command_line.check_config) {
     std::cout << "squalld: "
-              << (command_line.config_path.empty() ? "built-in defaults"
-                                                   : command_line.config_path)
+              << (command_line.config_path.empty() ? "built-in defaults" : command_line.config_path)
               << ": configuration is valid\n";
     return 0;
   }

@@ -14,16 +14,17 @@ HttpMetrics::HttpMetrics(metrics::Registry& registry, const http::Router& router
     : request_duration_(registry
                             .histogram("squall_http_request_duration_seconds",
                                        "Time from a request's first byte to its answer.",
-                                       {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10})
+                                       {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                        0.5, 1, 2.5, 5, 10})
                             .get()),
       loop_lag_(registry
                     .histogram("squall_loop_lag_seconds",
                                "How late the event loop ran a timer: time it was blocked.",
                                {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5})
                     .get()) {
-  auto& requests = registry.counter("squall_http_requests_total",
-                                    "Requests answered, by route and status class.",
-                                    {"route", "code"});
+  auto& requests =
+      registry.counter("squall_http_requests_total",
+                       "Requests answered, by route and status class.", {"route", "code"});
   auto add_route = [&](const char* pattern, std::string_view label) {
     RouteCounters counters{pattern, {}};
     for (std::size_t i = 0; i < 5; ++i) {

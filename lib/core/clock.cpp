@@ -6,7 +6,8 @@ std::string_view HttpDateCache::format(std::time_t seconds, std::array<char, 32>
   std::tm utc{};
   gmtime_r(&seconds, &utc);
   // strftime's %a and %b follow the C locale, which squalld never changes.
-  const std::size_t length = std::strftime(out.data(), out.size(), "%a, %d %b %Y %H:%M:%S GMT", &utc);
+  const std::size_t length =
+      std::strftime(out.data(), out.size(), "%a, %d %b %Y %H:%M:%S GMT", &utc);
   return {out.data(), length};
 }
 

@@ -13,8 +13,8 @@ namespace {
 
 void check(int status, const char* what) {
   if (status < 0) {
-    throw std::system_error(-status, std::generic_category(), std::string(what) + ": " +
-                                                                  uv_strerror(status));
+    throw std::system_error(-status, std::generic_category(),
+                            std::string(what) + ": " + uv_strerror(status));
   }
 }
 
@@ -58,7 +58,9 @@ Loop::~Loop() {
   }
 }
 
-void Loop::run() { uv_run(&loop_, UV_RUN_DEFAULT); }
+void Loop::run() {
+  uv_run(&loop_, UV_RUN_DEFAULT);
+}
 
 void Loop::call_soon(Callback callback) {
   {
@@ -125,10 +127,10 @@ bool Loop::cancel(TimerId id) noexcept {
 namespace {
 
 struct BlockingWork {
-  uv_work_t request;                               // libuv's pool request; data -> this.
-  std::function<void()> work;                      // Runs on a pool thread.
-  std::function<void(std::exception_ptr)> done;    // Runs on the loop thread.
-  std::exception_ptr error;                        // What work threw, if anything.
+  uv_work_t request;                             // libuv's pool request; data -> this.
+  std::function<void()> work;                    // Runs on a pool thread.
+  std::function<void(std::exception_ptr)> done;  // Runs on the loop thread.
+  std::exception_ptr error;                      // What work threw, if anything.
 };
 
 }  // namespace

@@ -54,14 +54,14 @@ class Loop {
   struct TimerNode;
   static void on_async(uv_async_t* handle);
 
-  uv_loop_t loop_;                      // The libuv loop itself.
-  uv_async_t wakeup_;                   // Signalled by call_soon from any thread.
-  std::mutex pending_mutex_;            // Guards pending_.
-  std::vector<Callback> pending_;       // call_soon callbacks not yet run.
-  std::vector<Callback> running_;       // Swapped with pending_ to run outside the lock.
-  TimerId next_timer_id_ = 1;           // Ids are never reused.
+  uv_loop_t loop_;                 // The libuv loop itself.
+  uv_async_t wakeup_;              // Signalled by call_soon from any thread.
+  std::mutex pending_mutex_;       // Guards pending_.
+  std::vector<Callback> pending_;  // call_soon callbacks not yet run.
+  std::vector<Callback> running_;  // Swapped with pending_ to run outside the lock.
+  TimerId next_timer_id_ = 1;      // Ids are never reused.
   std::unordered_map<TimerId, TimerNode*> timers_;  // Pending call_later timers.
-  bool closed_ = false;                 // close() ran.
+  bool closed_ = false;                             // close() ran.
 };
 
 }  // namespace squall

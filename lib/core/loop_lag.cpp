@@ -3,11 +3,11 @@
 namespace squall {
 
 struct LoopLagMonitor::State {
-  uv_timer_t timer;                              // Repeating; timer.data -> this.
-  std::uint64_t interval_ns = 0;                 // The sampling period.
-  std::uint64_t expected_ns = 0;                 // When the next tick should run (uv_hrtime).
-  double last_lag_seconds = 0;                   // The latest sample.
-  std::function<void(double)> on_sample;         // Where samples go.
+  uv_timer_t timer;                       // Repeating; timer.data -> this.
+  std::uint64_t interval_ns = 0;          // The sampling period.
+  std::uint64_t expected_ns = 0;          // When the next tick should run (uv_hrtime).
+  double last_lag_seconds = 0;            // The latest sample.
+  std::function<void(double)> on_sample;  // Where samples go.
   bool stopped = false;
 };
 
@@ -51,6 +51,8 @@ void LoopLagMonitor::stop() noexcept {
   state_ = nullptr;
 }
 
-LoopLagMonitor::~LoopLagMonitor() { stop(); }
+LoopLagMonitor::~LoopLagMonitor() {
+  stop();
+}
 
 }  // namespace squall

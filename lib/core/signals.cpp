@@ -16,7 +16,8 @@ SignalWatcher::SignalWatcher(Loop& loop, int signal_number, std::function<void()
   uv_signal_init(loop.uv(), &state_->handle);
   state_->handle.data = state_;
   const int status = uv_signal_start(
-      &state_->handle, [](uv_signal_t* handle, int) { static_cast<State*>(handle->data)->callback(); },
+      &state_->handle,
+      [](uv_signal_t* handle, int) { static_cast<State*>(handle->data)->callback(); },
       signal_number);
   if (status < 0) {
     uv_close(reinterpret_cast<uv_handle_t*>(&state_->handle),
@@ -37,6 +38,8 @@ SignalWatcher::~SignalWatcher() {
   uv_close(handle, [](uv_handle_t* closed) { delete static_cast<State*>(closed->data); });
 }
 
-void ignore_sigpipe() { std::signal(SIGPIPE, SIG_IGN); }
+void ignore_sigpipe() {
+  std::signal(SIGPIPE, SIG_IGN);
+}
 
 }  // namespace squall

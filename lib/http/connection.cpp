@@ -19,10 +19,10 @@ namespace {
 
 // A queued write that libuv could not finish at once; it owns its bytes until the callback.
 struct PendingWrite {
-  uv_write_t request;       // request.data -> this.
-  Connection* connection;   // The writer; alive until this callback ran (libuv's guarantee).
-  std::string bytes;        // The whole buffer, including what was written already.
-  std::size_t unsent;       // Bytes handed to uv_write.
+  uv_write_t request;      // request.data -> this.
+  Connection* connection;  // The writer; alive until this callback ran (libuv's guarantee).
+  std::string bytes;       // The whole buffer, including what was written already.
+  std::size_t unsent;      // Bytes handed to uv_write.
 };
 
 constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
@@ -154,8 +154,7 @@ void Connection::process() noexcept {
   if (workspace_ != nullptr && !closing_) {
     in_process_ = true;
     Workspace& workspace = *workspace_;
-    while (!response_pending_ && !output_blocked_ && !closing_ &&
-           workspace.begin < workspace.end) {
+    while (!response_pending_ && !output_blocked_ && !closing_ && workspace.begin < workspace.end) {
       if (parser_.phase() == ParsePhase::idle) {
         workspace.request.connection_ = this;
         parser_.attach(&workspace.request);
@@ -240,8 +239,8 @@ void Connection::release_workspace_if_idle() noexcept {
 void Connection::update_reading() noexcept {
   if (closed_) return;
   const bool buffer_full = workspace_ != nullptr && workspace_->end == workspace_->capacity;
-  const bool want = closing_ ? lingering_ && !peer_eof_
-                             : !output_blocked_ && !peer_eof_ && !buffer_full;
+  const bool want =
+      closing_ ? lingering_ && !peer_eof_ : !output_blocked_ && !peer_eof_ && !buffer_full;
   auto* stream = reinterpret_cast<uv_stream_t*>(&tcp_);
   if (want && !reading_) {
     reading_ = uv_read_start(stream, on_alloc, on_read) == 0;
@@ -293,10 +292,11 @@ void Connection::dispatch() noexcept {
   const auto threshold_ns =
       static_cast<std::uint64_t>(server_.options_.blocking_threshold.count()) * 1'000'000;
   if (elapsed_ns > threshold_ns) {
-    spdlog::warn("connection {}: handler for {} {} blocked the event loop for {:.1f} ms "
-                 "(loop.blocking_threshold {} ms)",
-                 id_, route_->method, route_->pattern, static_cast<double>(elapsed_ns) / 1e6,
-                 server_.options_.blocking_threshold.count());
+    spdlog::warn(
+        "connection {}: handler for {} {} blocked the event loop for {:.1f} ms "
+        "(loop.blocking_threshold {} ms)",
+        id_, route_->method, route_->pattern, static_cast<double>(elapsed_ns) / 1e6,
+        server_.options_.blocking_threshold.count());
   }
   if (closed_ || !response_pending_) return;
   if (failure == nullptr && current_responders_ > 0) return;  // The handler answers later.
@@ -304,9 +304,10 @@ void Connection::dispatch() noexcept {
     spdlog::error("connection {}: handler for {} {} {}: {}", id_, route_->method, route_->pattern,
                   failure, what);
   } else {
-    spdlog::error("connection {}: handler for {} {} returned without answering or keeping its "
-                  "Responder",
-                  id_, route_->method, route_->pattern);
+    spdlog::error(
+        "connection {}: handler for {} {} returned without answering or keeping its "
+        "Responder",
+        id_, route_->method, route_->pattern);
   }
   answer_internal_error();
 }
@@ -352,7 +353,9 @@ void Connection::write_head(int status, std::string_view content_type, std::size
   out.append("\r\n");
 }
 
-void Connection::output(std::string_view bytes) { server_.cork_for(this).append(bytes); }
+void Connection::output(std::string_view bytes) {
+  server_.cork_for(this).append(bytes);
+}
 
 bool Connection::respond(int status, std::string_view content_type, std::string_view body) {
   if (!response_pending_ || response_started_) return false;
@@ -472,7 +475,8 @@ void Connection::write_out(std::string& bytes) noexcept {
   bytes.clear();
   pending->unsent = size - static_cast<std::size_t>(written);
   pending->request.data = pending;
-  uv_buf_t rest = uv_buf_init(pending->bytes.data() + written, static_cast<unsigned>(pending->unsent));
+  uv_buf_t rest =
+      uv_buf_init(pending->bytes.data() + written, static_cast<unsigned>(pending->unsent));
   const int status = uv_write(&pending->request, stream, &rest, 1, [](uv_write_t* request, int s) {
     auto* done = static_cast<PendingWrite*>(request->data);
     Connection* connection = done->connection;
@@ -505,7 +509,8 @@ void Connection::on_write_done(std::size_t bytes, int status) noexcept {
     // Progress: the write timeout measures stalls, not the length of a transfer.
     arm(TimerPhase::write, static_cast<std::uint64_t>(server_.options_.timeouts.write.count()));
   }
-  if (output_blocked_ && pending_write_bytes_ <= server_.options_.limits.write_buffer_high_water / 2) {
+  if (output_blocked_ &&
+      pending_write_bytes_ <= server_.options_.limits.write_buffer_high_water / 2) {
     output_blocked_ = false;
     process();
   } else if (pending_write_bytes_ == 0 && !closing_) {
@@ -684,7 +689,8 @@ void Connection::drop_responder(std::uint64_t request_number) noexcept {
   }
   if (current && current_responders_ == 0 && response_pending_ && !handler_running_) {
     spdlog::error("connection {}: the Responder for {} {} was dropped without an answer", id_,
-                  route_ != nullptr ? route_->method : "", route_ != nullptr ? route_->pattern : "");
+                  route_ != nullptr ? route_->method : "",
+                  route_ != nullptr ? route_->pattern : "");
     answer_internal_error();
   }
 }
@@ -723,7 +729,9 @@ Connection* Responder::live_connection() const noexcept {
   return connection;
 }
 
-bool Responder::connected() const noexcept { return live_connection() != nullptr; }
+bool Responder::connected() const noexcept {
+  return live_connection() != nullptr;
+}
 
 const Responder& Responder::header(std::string_view name, std::string_view value) const {
   if (!is_header_name(name)) {

@@ -86,45 +86,45 @@ class Connection {
   void maybe_destroy() noexcept;
   bool idle() const noexcept;
 
-  uv_tcp_t tcp_;                       // The socket; data -> this.
-  uv_timer_t timer_;                   // One timer, re-armed per phase; data -> this.
-  uv_shutdown_t shutdown_request_;     // For the write-side shutdown before closing.
-  Server& server_;                     // Shared buffers, options, counters.
-  const std::uint64_t id_;             // In log lines and RequestRecord.
-  Connection* prev_ = nullptr;         // Server's list of open connections.
-  Connection* next_ = nullptr;         // Server's list of open connections.
-  Workspace* workspace_ = nullptr;     // Borrowed while bytes are in flight.
-  RequestParser parser_;               // llhttp state across this connection's messages.
-  const Route* route_ = nullptr;       // The matched route of the current request.
-  std::uint64_t request_number_ = 0;   // Counts dispatched requests; Responders check it.
-  std::uint64_t request_start_ns_ = 0;   // uv_hrtime at the current request's first byte.
+  uv_tcp_t tcp_;                           // The socket; data -> this.
+  uv_timer_t timer_;                       // One timer, re-armed per phase; data -> this.
+  uv_shutdown_t shutdown_request_;         // For the write-side shutdown before closing.
+  Server& server_;                         // Shared buffers, options, counters.
+  const std::uint64_t id_;                 // In log lines and RequestRecord.
+  Connection* prev_ = nullptr;             // Server's list of open connections.
+  Connection* next_ = nullptr;             // Server's list of open connections.
+  Workspace* workspace_ = nullptr;         // Borrowed while bytes are in flight.
+  RequestParser parser_;                   // llhttp state across this connection's messages.
+  const Route* route_ = nullptr;           // The matched route of the current request.
+  std::uint64_t request_number_ = 0;       // Counts dispatched requests; Responders check it.
+  std::uint64_t request_start_ns_ = 0;     // uv_hrtime at the current request's first byte.
   std::uint64_t response_body_bytes_ = 0;  // Body bytes of the current response.
-  std::size_t pending_write_bytes_ = 0;  // Queued in uv_write and not yet written.
-  std::uint64_t deadline_ms_ = 0;        // When the current phase times out (uv_now clock).
-  std::uint64_t timer_due_ms_ = 0;       // When the uv timer is set to fire.
-  std::string remote_address_;           // Filled on first use.
-  int responders_ = 0;                   // Live Responder copies; keep this object alive.
-  int current_responders_ = 0;           // Those of them for the current request.
-  int open_handles_ = 0;                 // tcp_ and timer_ until their close callbacks ran.
-  int response_status_ = 0;              // Status of the current response.
-  TimerPhase phase_ = TimerPhase::none;  // What the timer is measuring.
-  bool response_pending_ = false;        // A request was dispatched; its answer is not finished.
-  bool response_started_ = false;        // The status line is written (streaming).
-  bool response_chunked_ = false;        // The body goes out in chunks.
+  std::size_t pending_write_bytes_ = 0;    // Queued in uv_write and not yet written.
+  std::uint64_t deadline_ms_ = 0;          // When the current phase times out (uv_now clock).
+  std::uint64_t timer_due_ms_ = 0;         // When the uv timer is set to fire.
+  std::string remote_address_;             // Filled on first use.
+  int responders_ = 0;                     // Live Responder copies; keep this object alive.
+  int current_responders_ = 0;             // Those of them for the current request.
+  int open_handles_ = 0;                   // tcp_ and timer_ until their close callbacks ran.
+  int response_status_ = 0;                // Status of the current response.
+  TimerPhase phase_ = TimerPhase::none;    // What the timer is measuring.
+  bool response_pending_ = false;          // A request was dispatched; its answer is not finished.
+  bool response_started_ = false;          // The status line is written (streaming).
+  bool response_chunked_ = false;          // The body goes out in chunks.
   bool response_close_delimited_ = false;  // HTTP/1.0 streaming: the close ends the body.
-  bool head_request_ = false;            // HEAD: no body bytes go out.
-  bool keep_alive_ = true;               // Whether the current response leaves it open.
-  bool reading_ = false;                 // uv_read_start is in effect.
-  bool in_process_ = false;              // process() runs: output is corked until it ends.
-  bool output_blocked_ = false;          // Unsent bytes above the high-water mark.
-  bool peer_eof_ = false;                // The client shut down its sending side.
-  bool closing_ = false;                 // Shutting down: no more requests are read.
-  bool lingering_ = false;               // Discarding input until EOF or the lingering timeout.
-  bool closed_ = false;                  // close_now() ran.
-  bool shutdown_started_ = false;        // uv_shutdown was issued.
-  bool handler_running_ = false;         // Inside the route handler call.
-  bool orphaned_ = false;                // The server is gone; touch nothing of it.
-  bool timer_running_ = false;           // uv timer is started.
+  bool head_request_ = false;              // HEAD: no body bytes go out.
+  bool keep_alive_ = true;                 // Whether the current response leaves it open.
+  bool reading_ = false;                   // uv_read_start is in effect.
+  bool in_process_ = false;                // process() runs: output is corked until it ends.
+  bool output_blocked_ = false;            // Unsent bytes above the high-water mark.
+  bool peer_eof_ = false;                  // The client shut down its sending side.
+  bool closing_ = false;                   // Shutting down: no more requests are read.
+  bool lingering_ = false;                 // Discarding input until EOF or the lingering timeout.
+  bool closed_ = false;                    // close_now() ran.
+  bool shutdown_started_ = false;          // uv_shutdown was issued.
+  bool handler_running_ = false;           // Inside the route handler call.
+  bool orphaned_ = false;                  // The server is gone; touch nothing of it.
+  bool timer_running_ = false;             // uv timer is started.
 };
 
 }  // namespace squall::http

@@ -19,7 +19,6 @@ void append_piece(std::string_view& view, const char* at, std::size_t length) no
   }
 }
 
-
 std::string_view trim_trailing_whitespace(std::string_view value) noexcept {
   while (!value.empty() && (value.back() == ' ' || value.back() == '\t')) value.remove_suffix(1);
   return value;
@@ -111,15 +110,16 @@ FeedResult RequestParser::feed(const char* data, std::size_t length) noexcept {
   }
   if (!scan_for_bare_cr(end)) return {ParseEvent::error, consumed};
   if (err == HPE_PAUSED) {
-    return {phase_ == ParsePhase::complete ? ParseEvent::message_complete
-                                           : ParseEvent::expect_continue,
-            consumed};
+    return {
+        phase_ == ParsePhase::complete ? ParseEvent::message_complete : ParseEvent::expect_continue,
+        consumed};
   }
   // A head that is still incomplete is measured in raw bytes too, so whitespace that no
   // callback reports cannot grow it without bound.
   if (phase_ == ParsePhase::head && message_start_ != nullptr) {
     const auto raw_head_bytes = static_cast<std::size_t>(end - message_start_);
-    if (raw_head_bytes > limits_->max_url_bytes + limits_->max_header_bytes + kRequestLineAllowance) {
+    if (raw_head_bytes >
+        limits_->max_url_bytes + limits_->max_header_bytes + kRequestLineAllowance) {
       fail(431, "request head larger than max_url_bytes + max_header_bytes");
       return {ParseEvent::error, consumed};
     }
@@ -231,7 +231,8 @@ int RequestParser::on_header_value(const char* at, std::size_t length) noexcept 
   // llhttp 8.1 reports an obs-fold continuation line as one more piece of the value, after the
   // CRLF it skipped; newer releases refuse it. Pieces of one line are contiguous in the buffer,
   // and a first piece never starts with whitespace (llhttp skips it).
-  const bool continues_line = value_end_ == nullptr ? at[0] != ' ' && at[0] != '\t' : at == value_end_;
+  const bool continues_line =
+      value_end_ == nullptr ? at[0] != ' ' && at[0] != '\t' : at == value_end_;
   if (!continues_line) return fail(400, "obsolete line folding in a header value");
   value_end_ = at + length;
   append_piece(request_->headers_.back().value, at, length);
@@ -324,7 +325,8 @@ int RequestParser::split_target() noexcept {
     // Absolute-form: scheme "://" authority, then the path (absent means "/").
     const auto scheme_end = target.find("://");
     const auto scheme = target.substr(0, scheme_end);
-    if (scheme_end == std::string_view::npos || !(iequals(scheme, "http") || iequals(scheme, "https"))) {
+    if (scheme_end == std::string_view::npos ||
+        !(iequals(scheme, "http") || iequals(scheme, "https"))) {
       return fail(400, "request-target is neither origin-form nor absolute-form");
     }
     target.remove_prefix(scheme_end + 3);

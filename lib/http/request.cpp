@@ -13,7 +13,9 @@ int hex_digit(char c) noexcept {
   return -1;
 }
 
-char ascii_lower(char c) noexcept { return (c >= 'A' && c <= 'Z') ? static_cast<char>(c + 32) : c; }
+char ascii_lower(char c) noexcept {
+  return (c >= 'A' && c <= 'Z') ? static_cast<char>(c + 32) : c;
+}
 
 void relocate_view(std::string_view& view, const char* old_begin, const char* old_end,
                    std::ptrdiff_t delta) noexcept {
@@ -25,9 +27,9 @@ void relocate_view(std::string_view& view, const char* old_begin, const char* ol
 }  // namespace
 
 bool iequals(std::string_view a, std::string_view b) noexcept {
-  return a.size() == b.size() &&
-         std::equal(a.begin(), a.end(), b.begin(),
-                    [](char x, char y) { return ascii_lower(x) == ascii_lower(y); });
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
+           return ascii_lower(x) == ascii_lower(y);
+         });
 }
 
 bool percent_decode_into(std::string_view text, bool plus_is_space, std::string& out) {

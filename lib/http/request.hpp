@@ -72,16 +72,16 @@ class Request {
   void clear() noexcept;
   void relocate(const char* old_begin, const char* old_end, std::ptrdiff_t delta) noexcept;
 
-  std::string_view method_;          // A static string from llhttp_method_name().
-  std::string_view target_;          // Into the read buffer.
-  std::string_view path_;            // Into the read buffer, or into decoded_path_.
-  std::string_view raw_query_;       // Into the read buffer.
-  std::string decoded_path_;         // Used only when the path has escapes; capacity is reused.
-  std::vector<Header> headers_;      // Into the read buffer; capacity is reused.
-  std::vector<RouteParam> params_;   // Into path_; set by the router.
-  std::string body_;                 // Copied out of the read buffer; capacity is reused.
-  int http_major_ = 1;               // From the request line.
-  int http_minor_ = 1;               // From the request line.
+  std::string_view method_;           // A static string from llhttp_method_name().
+  std::string_view target_;           // Into the read buffer.
+  std::string_view path_;             // Into the read buffer, or into decoded_path_.
+  std::string_view raw_query_;        // Into the read buffer.
+  std::string decoded_path_;          // Used only when the path has escapes; capacity is reused.
+  std::vector<Header> headers_;       // Into the read buffer; capacity is reused.
+  std::vector<RouteParam> params_;    // Into path_; set by the router.
+  std::string body_;                  // Copied out of the read buffer; capacity is reused.
+  int http_major_ = 1;                // From the request line.
+  int http_minor_ = 1;                // From the request line.
   Connection* connection_ = nullptr;  // The carrying connection.
 };
 

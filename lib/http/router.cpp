@@ -39,7 +39,8 @@ bool match(const Route& route, std::string_view path, std::vector<RouteParam>& p
         matched = false;
         return;
       }
-      params.push_back(RouteParam{std::string_view(expected).substr(1, expected.size() - 2), segment});
+      params.push_back(
+          RouteParam{std::string_view(expected).substr(1, expected.size() - 2), segment});
     } else if (segment != expected) {
       matched = false;
     }
@@ -59,7 +60,8 @@ void append_allow(std::string& allow, std::string_view method) {
 
 void Router::add(std::string_view method, std::string_view pattern, Handler handler) {
   if (pattern.empty() || pattern.front() != '/') {
-    throw std::invalid_argument("route pattern must start with '/': \"" + std::string(pattern) + "\"");
+    throw std::invalid_argument("route pattern must start with '/': \"" + std::string(pattern) +
+                                "\"");
   }
   Route route;
   route.method = method;

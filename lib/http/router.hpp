@@ -18,10 +18,10 @@ namespace squall::http {
 using Handler = std::function<void(Request& request, Responder responder)>;
 
 struct Route {
-  std::string method;                  // "GET", "POST", ...
-  std::string pattern;                 // As registered; also the metrics' route label.
-  std::vector<std::string> segments;   // The pattern split at '/'; "{name}" is a parameter.
-  Handler handler;                     // What answers.
+  std::string method;                 // "GET", "POST", ...
+  std::string pattern;                // As registered; also the metrics' route label.
+  std::vector<std::string> segments;  // The pattern split at '/'; "{name}" is a parameter.
+  Handler handler;                    // What answers.
 };
 
 struct RouteMatch {

@@ -10,7 +10,7 @@ namespace squall::http {
 
 namespace {
 
-constexpr std::size_t kMaxFreeWorkspaces = 32;          // Spare read buffers kept for reuse.
+constexpr std::size_t kMaxFreeWorkspaces = 32;               // Spare read buffers kept for reuse.
 constexpr std::size_t kMaxRetainedBodyCapacity = 64 * 1024;  // Larger bodies give memory back.
 constexpr std::string_view kTooManyConnections =
     "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 37\r\n"
@@ -187,8 +187,7 @@ void Server::drain(std::chrono::milliseconds deadline, std::function<void()> on_
         [](uv_timer_t* timer) {
           auto* self = static_cast<Server*>(timer->data);
           spdlog::warn("drain deadline ({} ms) passed with {} connections open; closing them",
-                       self->drain_deadline_ms_,
-                       self->stats_.connections_open);
+                       self->drain_deadline_ms_, self->stats_.connections_open);
           self->close_all();
         },
         static_cast<std::uint64_t>(deadline.count()), 0);

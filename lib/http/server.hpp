@@ -24,12 +24,12 @@ class Connection;
 struct Workspace;
 
 struct ServerOptions {
-  Limits limits;                                          // Per-request bounds.
-  Timeouts timeouts;                                      // Per-phase timeouts.
-  std::string server_name = "squall";                     // The Server header.
-  std::size_t max_connections = 10000;                    // Beyond it, new ones are refused.
-  int backlog = 511;                                      // listen(2) backlog.
-  std::chrono::milliseconds blocking_threshold{100};      // Warn when a handler blocks longer.
+  Limits limits;                                      // Per-request bounds.
+  Timeouts timeouts;                                  // Per-phase timeouts.
+  std::string server_name = "squall";                 // The Server header.
+  std::size_t max_connections = 10000;                // Beyond it, new ones are refused.
+  int backlog = 511;                                  // listen(2) backlog.
+  std::chrono::milliseconds blocking_threshold{100};  // Warn when a handler blocks longer.
 };
 
 // What the server reports once per answered request (and per error response).
@@ -97,24 +97,24 @@ class Server {
   void connection_closed(Connection* connection) noexcept;
   void finish_drain_if_done();
 
-  Loop& loop_;                        // The loop every connection lives on.
-  const Router& router_;              // Owned by the caller; outlives the server.
-  ServerOptions options_;             // Copied at construction.
-  ServerStats stats_;                 // Counters for metrics.
-  HttpDateCache date_;                // Shared Date header text.
-  std::string keep_alive_header_;     // "Keep-Alive: timeout=75\r\n", computed once.
+  Loop& loop_;                     // The loop every connection lives on.
+  const Router& router_;           // Owned by the caller; outlives the server.
+  ServerOptions options_;          // Copied at construction.
+  ServerStats stats_;              // Counters for metrics.
+  HttpDateCache date_;             // Shared Date header text.
+  std::string keep_alive_header_;  // "Keep-Alive: timeout=75\r\n", computed once.
   std::vector<std::unique_ptr<net::Listener>> listeners_;  // Accepting sockets.
-  Connection* connections_ = nullptr;  // Intrusive list of open connections.
-  std::uint64_t next_connection_id_ = 1;  // Ids in log lines; never reused.
-  std::string cork_;                  // Output gathered for cork_owner_.
-  Connection* cork_owner_ = nullptr;  // Whose bytes cork_ holds.
-  Workspace* free_workspaces_ = nullptr;  // Idle read buffers kept for reuse.
-  std::size_t free_workspace_count_ = 0;  // Length of that list.
-  std::size_t workspace_capacity_ = 0;    // Read buffer size, from the limits.
-  bool draining_ = false;                 // drain() was called.
+  Connection* connections_ = nullptr;                      // Intrusive list of open connections.
+  std::uint64_t next_connection_id_ = 1;                   // Ids in log lines; never reused.
+  std::string cork_;                                       // Output gathered for cork_owner_.
+  Connection* cork_owner_ = nullptr;                       // Whose bytes cork_ holds.
+  Workspace* free_workspaces_ = nullptr;                   // Idle read buffers kept for reuse.
+  std::size_t free_workspace_count_ = 0;                   // Length of that list.
+  std::size_t workspace_capacity_ = 0;                     // Read buffer size, from the limits.
+  bool draining_ = false;                                  // drain() was called.
   std::function<void()> on_drained_;     // Runs once when the last connection closes.
-  uv_timer_t* drain_timer_ = nullptr;     // The drain deadline; freed in its close callback.
-  std::uint64_t drain_deadline_ms_ = 0;   // For the log line when it passes.
+  uv_timer_t* drain_timer_ = nullptr;    // The drain deadline; freed in its close callback.
+  std::uint64_t drain_deadline_ms_ = 0;  // For the log line when it passes.
   std::function<void(const RequestRecord&)> request_observer_;  // Metrics and access log.
 };
 

@@ -376,8 +376,9 @@ void Registry::counter_callback(std::string name, std::string help,
                                 std::function<std::uint64_t()> read) {
   validate_names(name, {}, false);
   if (!read) throw std::invalid_argument("metric " + name + ": empty callback");
-  add(std::make_unique<CallbackMetric>(std::move(name), std::move(help), "counter",
-                                       [read = std::move(read)] { return std::to_string(read()); }));
+  add(std::make_unique<CallbackMetric>(
+      std::move(name), std::move(help), "counter",
+      [read = std::move(read)] { return std::to_string(read()); }));
 }
 
 std::string Registry::render() const {

@@ -7,7 +7,7 @@
 namespace squall::net {
 
 struct Listener::State {
-  uv_tcp_t handle;            // handle.data points here.
+  uv_tcp_t handle;             // handle.data points here.
   OnConnection on_connection;  // The owner's accept logic.
   bool closed = false;
 };
@@ -35,8 +35,8 @@ Listener::Listener(Loop& loop, const std::string& host, std::uint16_t port, int 
   uv_tcp_init(loop.uv(), &state_->handle);
   state_->handle.data = state_;
   const bool v6 = host.find(':') != std::string::npos;
-  const std::string display = v6 ? "[" + host + "]:" + std::to_string(port)
-                                  : host + ":" + std::to_string(port);
+  const std::string display =
+      v6 ? "[" + host + "]:" + std::to_string(port) : host + ":" + std::to_string(port);
   auto fail = [&](int status, const char* what) {
     close();
     throw std::system_error(-status, std::generic_category(),

@@ -68,7 +68,7 @@ def merge_config(base: dict, overrides: dict | None) -> dict:
 # --------------------------------------------------------------------------------------------
 # The daemon
 
-LISTENING_RE = re.compile(r"listening on (\S+?):(\d+)\b")
+LISTENING_RE = re.compile(r"listening on (\[[0-9a-fA-F:.]+\]|[^\s:\[\]]+):(\d+)\b")
 # Error-level log lines: spdlog's "[error]"/"[critical]" level field, or an upper-case ERROR word.
 ERROR_LINE_RE = re.compile(r"(?i:\[(?:error|err|critical|crit)\])|\bERROR\b|\bCRITICAL\b")
 

@@ -72,6 +72,16 @@ def test_healthz_uptime_grows(server):
     assert second > first
 
 
+def wait_metrics(server, check, timeout=3.0):
+    """Metrics are recorded when a response completes: poll (bounded) until check(m) holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = server.metrics()
+        if check(m) or time.monotonic() > deadline:
+            return m
+        time.sleep(0.02)
+
+
 def test_metrics_format(server):
     server.get("/plaintext")
     response = server.get("/metrics")
@@ -103,17 +113,9 @@ def test_metrics_format(server):
             values = [v for _, v in sorted(series)]
             assert values == sorted(values), series
     assert m.total("squall_http_request_duration_seconds_count") >= 1
+    # Loop lag is sampled every lag_interval (50 ms here): wait (bounded) for a sample.
+    m = wait_metrics(server, lambda m: m.total("squall_loop_lag_seconds_count") >= 1)
     assert m.total("squall_loop_lag_seconds_count") >= 1
-
-
-def wait_metrics(server, check, timeout=3.0):
-    """Metrics are recorded when a response completes: poll (bounded) until check(m) holds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        m = server.metrics()
-        if check(m) or time.monotonic() > deadline:
-            return m
-        time.sleep(0.02)
 
 
 def test_metrics_count_requests_by_route_and_class(server):

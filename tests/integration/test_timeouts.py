@@ -98,8 +98,8 @@ def test_write_timeout_closes_a_client_that_never_reads(squalld):
         "limits": {"write_buffer_high_water": "4KiB"},
         "timeouts": {"write": "300ms", "keepalive": "20s", "lingering": "300ms"},
     })
-    body = b"w" * (256 * 1024)
-    count = 32  # 8 MiB of responses: more than the kernel buffers can hold
+    body = b"w" * (16 * 1024)
+    count = 512  # 8 MiB of responses: more than the kernel buffers can hold
     with srv.conn() as watcher:
         def open_connections():
             watcher.send(request("GET", "/metrics"))

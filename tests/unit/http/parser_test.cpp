@@ -32,9 +32,13 @@ struct Outcome {
 };
 
 Parsed copy_of(const Request& request, const RequestParser& parser) {
-  Parsed parsed{std::string(request.method()), std::string(request.target()),
-                std::string(request.path()), std::string(request.raw_query()), {},
-                std::string(request.body()), parser.keep_alive()};
+  Parsed parsed{std::string(request.method()),
+                std::string(request.target()),
+                std::string(request.path()),
+                std::string(request.raw_query()),
+                {},
+                std::string(request.body()),
+                parser.keep_alive()};
   for (const auto& header : request.headers()) {
     parsed.headers.emplace_back(std::string(header.name), std::string(header.value));
   }
@@ -148,7 +152,8 @@ TEST_CASE("one byte at a time") {
 
 TEST_CASE("pipelined messages come out one at a time, in order") {
   std::string input;
-  for (int i = 0; i < 16; ++i) input += "GET /" + std::to_string(i) + " HTTP/1.1\r\nHost: h\r\n\r\n";
+  for (int i = 0; i < 16; ++i)
+    input += "GET /" + std::to_string(i) + " HTTP/1.1\r\nHost: h\r\n\r\n";
   input += "POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc";
   for (const auto& splits : {std::vector<std::size_t>{}, every_byte(input)}) {
     const Outcome outcome = parse(input, splits);
@@ -161,16 +166,19 @@ TEST_CASE("pipelined messages come out one at a time, in order") {
 TEST_CASE("HTTP/1.0 closes unless keep-alive is asked; Connection: close closes") {
   CHECK_FALSE(parse_whole("GET / HTTP/1.0\r\n\r\n").messages.at(0).keep_alive);
   CHECK(parse_whole("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").messages.at(0).keep_alive);
-  CHECK_FALSE(
-      parse_whole("GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").messages.at(0).keep_alive);
+  CHECK_FALSE(parse_whole("GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+                  .messages.at(0)
+                  .keep_alive);
 }
 
 TEST_CASE("absolute-form targets route by their path") {
-  const Outcome outcome = parse_whole("GET http://example.test/plaintext?q HTTP/1.1\r\nHost: h\r\n\r\n");
+  const Outcome outcome =
+      parse_whole("GET http://example.test/plaintext?q HTTP/1.1\r\nHost: h\r\n\r\n");
   REQUIRE(outcome.messages.size() == 1);
   CHECK(outcome.messages[0].path == "/plaintext");
   CHECK(outcome.messages[0].query == "q");
-  CHECK(parse_whole("GET http://example.test HTTP/1.1\r\nHost: h\r\n\r\n").messages.at(0).path == "/");
+  CHECK(parse_whole("GET http://example.test HTTP/1.1\r\nHost: h\r\n\r\n").messages.at(0).path ==
+        "/");
 }
 
 TEST_CASE("Expect: 100-continue pauses after the headers once, only with a body") {
@@ -197,8 +205,9 @@ TEST_CASE("limits answer 414, 431 and 413 as the bytes arrive") {
   limits.max_chunk_extension_bytes = 8;
   CHECK(parse_whole("GET /" + std::string(40, 'a') + " HTTP/1.1\r\nHost: h\r\n\r\n", limits)
             .error_status == 414);
-  CHECK(parse_whole("GET / HTTP/1.1\r\nHost: h\r\nX: " + std::string(2000, 'a') + "\r\n\r\n", limits)
-            .error_status == 431);
+  CHECK(
+      parse_whole("GET / HTTP/1.1\r\nHost: h\r\nX: " + std::string(2000, 'a') + "\r\n\r\n", limits)
+          .error_status == 431);
   // An endless header line is refused before its end arrives.
   CHECK(parse_whole("GET / HTTP/1.1\r\nHost: h\r\nX: " + std::string(2000, 'a'), limits)
             .error_status == 431);
@@ -227,34 +236,62 @@ TEST_CASE("ambiguous framing and malformed requests are refused") {
     int status;
   };
   const std::vector<Case> cases = {
-      {"CL with TE", "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400},
-      {"TE with CL", "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nContent-Length: 0\r\n\r\n", 400},
-      {"two CL", "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 0\r\n\r\n", 400},
+      {"CL with TE",
+       "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+       400},
+      {"TE with CL",
+       "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nContent-Length: 0\r\n\r\n",
+       400},
+      {"two CL", "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 0\r\n\r\n",
+       400},
       {"CL list", "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5, 6\r\n\r\n", 400},
       {"CL plus", "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: +5\r\n\r\n", 400},
       {"CL hex", "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 0x5\r\n\r\n", 400},
       {"CL negative", "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: -1\r\n\r\n", 400},
-      {"CL overflow", "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 99999999999999999999999\r\n\r\n", 400},
-      {"TE not chunked last", "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400},
+      {"CL overflow",
+       "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 99999999999999999999999\r\n\r\n", 400},
+      {"TE not chunked last",
+       "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400},
       {"TE gzip", "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\n", 400},
-      {"TE space before colon", "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding : chunked\r\n\r\n", 400},
+      {"TE space before colon", "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding : chunked\r\n\r\n",
+       400},
       {"TE xchunked", "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: xchunked\r\n\r\n", 400},
-      {"two TE", "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n", 400},
+      {"two TE",
+       "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: "
+       "chunked\r\n\r\n",
+       400},
       {"obs-fold first line", "GET / HTTP/1.1\r\n Host: a\r\n\r\n", 400},
-      {"obs-fold continuation", "GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n Content-Length: 5\r\n\r\n", 400},
+      {"obs-fold continuation", "GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n Content-Length: 5\r\n\r\n",
+       400},
       {"bare CR", "GET / HTTP/1.1\r\nHost: a\r\nX: \rTransfer-Encoding: chunked\r\n\r\n", 400},
       {"bare LF", "GET / HTTP/1.1\nHost: a\n\n", 400},
       {"bare CR ends head", "GET / HTTP/1.1\r\nHost: a\r\n\rXGET /evil HTTP/1.1\r\n\r\n", 400},
-      {"bare CR in chunk size line", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\rXhello\r\n0\r\n\r\n", 400},
-      {"bare CR after chunk data", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\rX0\r\n\r\n", 400},
-      {"bare CR after last chunk", "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\rX", 400},
+      {"bare CR in chunk size line",
+       "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\rXhello\r\n0\r\n\r\n",
+       400},
+      {"bare CR after chunk data",
+       "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\rX0\r\n\r\n",
+       400},
+      {"bare CR after last chunk",
+       "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\rX", 400},
       {"NUL in value", std::string("GET / HTTP/1.1\r\nHost: a\r\nX: a\0b\r\n\r\n", 35), 400},
-      {"chunk size junk", "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n1junk\r\nx\r\n0\r\n\r\n", 400},
-      {"chunk size 0x", "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0x1\r\nx\r\n0\r\n\r\n", 400},
-      {"chunk size space", "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5 \r\nhello\r\n0\r\n\r\n", 400},
-      {"chunk size huge", "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n11111111111111111\r\nx\r\n", 400},
-      {"no CRLF after chunk", "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello0\r\n\r\n", 400},
-      {"LF in chunk extension", "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5;\nhello\r\n0\r\n\r\n", 400},
+      {"chunk size junk",
+       "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n1junk\r\nx\r\n0\r\n\r\n",
+       400},
+      {"chunk size 0x",
+       "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0x1\r\nx\r\n0\r\n\r\n",
+       400},
+      {"chunk size space",
+       "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5 \r\nhello\r\n0\r\n\r\n",
+       400},
+      {"chunk size huge",
+       "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n11111111111111111\r\nx\r\n",
+       400},
+      {"no CRLF after chunk",
+       "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello0\r\n\r\n", 400},
+      {"LF in chunk extension",
+       "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5;\nhello\r\n0\r\n\r\n",
+       400},
       {"no Host", "GET / HTTP/1.1\r\n\r\n", 400},
       {"two Host", "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400},
       {"Host list", "GET / HTTP/1.1\r\nHost: a, b\r\n\r\n", 400},

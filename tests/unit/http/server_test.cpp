@@ -39,9 +39,7 @@ class Client {
     if (fd_ >= 0) ::close(fd_);
     fd_ = -1;
   }
-  void send(const std::string& bytes) {
-    ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL);
-  }
+  void send(const std::string& bytes) { ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL); }
   // Reads until `marker` has been seen `count` times, the peer closes, or 5 s pass.
   std::string read_until(const std::string& marker, int count = 1) {
     while (occurrences(marker) < count) {
@@ -106,7 +104,10 @@ TEST_CASE("a handler may answer later, from a timer on the loop") {
   Loop* loop_ptr = nullptr;
   router.add("GET", "/x", [&](http::Request& request, http::Responder responder) {
     std::string body = "late " + std::string(request.path());
-    loop_ptr->call_later(20ms, [responder, body] { CHECK(responder.connected()); responder.send(200, "text/plain", body); });
+    loop_ptr->call_later(20ms, [responder, body] {
+      CHECK(responder.connected());
+      responder.send(200, "text/plain", body);
+    });
   });
   Loop loop;
   loop_ptr = &loop;
@@ -204,7 +205,8 @@ TEST_CASE("blocking work runs on the pool and the answer comes back on the loop"
 TEST_CASE("a handler that throws becomes a 500 and the connection goes on") {
   Loop loop;
   http::Router router;
-  router.add("GET", "/x", [](http::Request&, http::Responder) { throw std::runtime_error("boom"); });
+  router.add("GET", "/x",
+             [](http::Request&, http::Responder) { throw std::runtime_error("boom"); });
   router.add("GET", "/ok", [](http::Request&, http::Responder responder) {
     responder.send(200, "text/plain", "fine");
   });
