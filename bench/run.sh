@@ -325,16 +325,15 @@ check_pinned() {
 # One wrk run: $1 server, $2 scenario, $3 round (0 = warm-up, not reported).
 #
 # Besides wrk's own results it records, over the run: the server's CPU ticks, wrk's CPU time
-# (bash's `time`), and the ticks of both CPUs from /proc/stat, so the report can say how much
-# of each CPU went to something else (this machine is shared) and to softirq (network work the
-# kernel charges to no process).
+# (bash's `time`), and the user+nice+system ticks of both CPUs from /proc/stat, so the report
+# can say how much of each CPU went to something else (this machine is shared).
 
-# Prints the user+nice+system ticks and the softirq ticks so far of CPU $1, from /proc/stat.
-cpu_state_ticks() {
+# Prints the user+nice+system ticks so far of CPU $1, from /proc/stat.
+cpu_busy_ticks() {
   local fields
   while read -ra fields; do
     if [[ ${fields[0]} == "cpu$1" ]]; then
-      printf '%s %s\n' "$((fields[1] + fields[2] + fields[3]))" "${fields[7]}"
+      printf '%s\n' "$((fields[1] + fields[2] + fields[3]))"
       return 0
     fi
   done </proc/stat
@@ -345,8 +344,7 @@ run_wrk() {
   local name=$1 scenario=$2 round=$3 duration=$DURATION
   local url="http://127.0.0.1:${server_port[$name]}/plaintext"
   local output=$work_dir/wrk.$scenario.$name.round$round.txt
-  local arguments before after started_ns wrk_cpu server_busy server_softirq client_busy client_softirq
-  local server_busy_after server_softirq_after client_busy_after client_softirq_after
+  local arguments before after started_ns wrk_cpu server_busy client_busy
   case "$scenario" in
     keepalive) arguments=(-c "$CONNECTIONS" -s "$bench_dir/report.lua" "$url") ;;
     pipelined) arguments=(-c "$CONNECTIONS" -s "$bench_dir/pipeline.lua" "$url" -- "$PIPELINE_DEPTH") ;;
@@ -354,8 +352,8 @@ run_wrk() {
     close) arguments=(-c "$CLOSE_CONNECTIONS" -H "Connection: close" -s "$bench_dir/report.lua" "$url") ;;
   esac
   ((round > 0)) || duration=$WARMUP
-  read -r server_busy server_softirq < <(cpu_state_ticks "$SERVER_CPU")
-  read -r client_busy client_softirq < <(cpu_state_ticks "$CLIENT_CPU")
+  server_busy=$(cpu_busy_ticks "$SERVER_CPU")
+  client_busy=$(cpu_busy_ticks "$CLIENT_CPU")
   started_ns=$(date +%s%N)
   before=$(cpu_ticks "${server_pid[$name]}")
   if ! run_client "$output" "$output" "$output.time" \
@@ -364,8 +362,8 @@ run_wrk() {
     die "wrk failed against $name ($scenario)"
   fi
   after=$(cpu_ticks "${server_pid[$name]}")
-  read -r server_busy_after server_softirq_after < <(cpu_state_ticks "$SERVER_CPU")
-  read -r client_busy_after client_softirq_after < <(cpu_state_ticks "$CLIENT_CPU")
+  server_busy=$(($(cpu_busy_ticks "$SERVER_CPU") - server_busy))
+  client_busy=$(($(cpu_busy_ticks "$CLIENT_CPU") - client_busy))
   wrk_cpu=$(awk '{ print $1 + $2 }' "$output.time")
   kill -0 "${server_pid[$name]}" 2>/dev/null || {
     server_logs "$name"
@@ -376,13 +374,12 @@ run_wrk() {
     die "wrk printed no results against $name ($scenario)"
   }
   if ((round > 0)); then
-    # round, scenario, server, server ticks, wrk output, wrk CPU seconds, wall-clock seconds, and
-    # for the server's CPU then wrk's: user+nice+system ticks, softirq ticks.
-    printf '%s\t' "$round" "$scenario" "$name" "$((after - before))" "${output##*/}" "$wrk_cpu" \
+    # round, scenario, server, server ticks, wrk output, wrk CPU seconds, wall-clock seconds,
+    # user+nice+system ticks of the server's CPU and of wrk's.
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$scenario" "$name" "$((after - before))" \
+      "${output##*/}" "$wrk_cpu" \
       "$(awk -v a="$started_ns" -v b="$(date +%s%N)" 'BEGIN { printf "%.3f", (b - a) / 1e9 }')" \
-      "$((server_busy_after - server_busy))" "$((server_softirq_after - server_softirq))" \
-      "$((client_busy_after - client_busy))" >>"$work_dir/runs.tsv"
-    printf '%s\n' "$((client_softirq_after - client_softirq))" >>"$work_dir/runs.tsv"
+      "$server_busy" "$client_busy" >>"$work_dir/runs.tsv"
     "$PYTHON" "$bench_dir/summarize.py" --brief "$work_dir/runs.tsv" "$clock_ticks" |
       sed "s|^|bench: round $round/$ROUNDS $scenario $name: |" >&3
   fi

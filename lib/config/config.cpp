@@ -11,6 +11,7 @@
 #include <functional>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <system_error>
@@ -210,6 +211,7 @@ class Loader {
 
   Config load(const toml::table& root) {
     for (const auto& [key, node] : in_document_order(root)) load_table(*key, *node);
+    check_across_keys();
     return config_;
   }
 
@@ -256,12 +258,14 @@ class Loader {
     if (name == "log") fields = &log_fields_;
     if (name == "loop") fields = &loop_fields_;
     if (name == "routes") fields = &routes_fields_;
+    if (name == "smtp") fields = &smtp_fields_;
+    if (name == "jobs") fields = &jobs_fields_;
     const Where where{{}, name, key.source()};
     if (fields == nullptr) {
       if (node.is_table()) {
         fail(where,
              "unknown table; expected one of [server], [limits], [timeouts], [log], [loop], "
-             "[routes]");
+             "[routes], [smtp], [jobs]");
       }
       fail(where, "unknown key outside any table; settings belong in a table such as [server]");
     }
@@ -406,6 +410,98 @@ class Loader {
     config_.server.name = std::string(text);
   }
 
+  // Plain text; `allow_empty` for keys whose empty value means "not set".
+  Field text(std::string_view name, std::string& member, bool allow_empty) {
+    return field(name, member,
+                 [allow_empty](const Loader* self, const toml::node& node, const Where& where) {
+                   const std::string_view value = self->get_string(node, where, "a string");
+                   if (value.empty() && !allow_empty)
+                     self->fail(self->at(where, node), "must not be empty");
+                   if (value.find('\0') != std::string_view::npos) {
+                     self->fail(self->at(where, node), "must not contain a NUL byte");
+                   }
+                   return std::string(value);
+                 });
+  }
+
+  void load_smtp_url(const toml::node& node, const Where& where) {
+    constexpr std::string_view kExpected =
+        "a URL such as \"smtp://127.0.0.1:25\" or \"smtps://host:465\"";
+    const std::string_view value = get_string(node, where, kExpected);
+    const bool scheme_ok = value.rfind("smtp://", 0) == 0 || value.rfind("smtps://", 0) == 0;
+    if (!scheme_ok || value.size() <= value.find("://") + 3 ||
+        value.find_first_of(" \t\r\n") != std::string_view::npos) {
+      fail_type(where, node, kExpected);
+    }
+    config_.smtp.url = std::string(value);
+  }
+
+  void load_starttls(const toml::node& node, const Where& where) {
+    constexpr std::string_view kExpected = "\"off\", \"opportunistic\" or \"required\"";
+    const std::string_view value = get_string(node, where, kExpected);
+    if (value == "off") {
+      config_.smtp.starttls = StartTls::off;
+    } else if (value == "opportunistic") {
+      config_.smtp.starttls = StartTls::opportunistic;
+    } else if (value == "required") {
+      config_.smtp.starttls = StartTls::required;
+    } else {
+      fail_type(where, node, kExpected);
+    }
+  }
+
+  void load_durability(const toml::node& node, const Where& where) {
+    constexpr std::string_view kExpected = "\"full\" or \"normal\"";
+    const std::string_view value = get_string(node, where, kExpected);
+    if (value == "full") {
+      config_.jobs.durability = Durability::full;
+    } else if (value == "normal") {
+      config_.jobs.durability = Durability::normal;
+    } else {
+      fail_type(where, node, kExpected);
+    }
+  }
+
+  // Where a key was set, kept for checks that involve more than one key.
+  struct Seen {
+    std::string_view table;
+    std::string_view key;
+    toml::source_region region;
+  };
+
+  Field remembered(Field inner, std::optional<Seen>& seen) {
+    return Field{inner.name, [inner, &seen](const toml::node& node, const Where& where) {
+                   inner.load(node, where);
+                   seen = Seen{where.table, where.key, node.source()};
+                 }};
+  }
+
+  // Fails naming `seen` (with its line), or the key without a line when it was left default.
+  [[noreturn]] void fail_seen(const std::optional<Seen>& seen, std::string_view table,
+                              std::string_view key, std::string_view message) const {
+    static const toml::source_region kNoRegion{};
+    if (seen) fail(Where{seen->table, seen->key, seen->region}, message);
+    fail(Where{table, key, kNoRegion}, message);
+  }
+
+  void check_across_keys() const {
+    if (config_.jobs.max_concurrent_sends >= config_.server.thread_pool_size) {
+      // libuv's own file and DNS work shares the pool: sends must leave it a thread.
+      fail_seen(sends_where_ ? sends_where_ : pool_where_, "jobs", "max_concurrent_sends",
+                "max_concurrent_sends (" + std::to_string(config_.jobs.max_concurrent_sends) +
+                    ") must be below [server] thread_pool_size (" +
+                    std::to_string(config_.server.thread_pool_size) +
+                    "): libuv's file and DNS work shares the pool");
+    }
+    if (!config_.smtp.password_file.empty() && !config_.smtp.password_env.empty()) {
+      fail_seen(password_where_, "smtp", "password_env",
+                "set password_file or password_env, not both");
+    }
+    if (config_.jobs.retry_max < config_.jobs.retry_initial) {
+      fail_seen(retry_where_, "jobs", "retry_max", "retry_max must not be below retry_initial");
+    }
+  }
+
   void load_log_level(const toml::node& node, const Where& where) {
     constexpr std::string_view kExpected =
         "one of \"trace\", \"debug\", \"info\", \"warn\", \"error\", \"critical\", \"off\"";
@@ -491,12 +587,19 @@ class Loader {
 
   const std::string& source_;
   Config config_;
+  std::optional<Seen> pool_where_;      // Where [server] thread_pool_size was set.
+  std::optional<Seen> sends_where_;     // Where [jobs] max_concurrent_sends was set.
+  std::optional<Seen> password_where_;  // Where [smtp] password_env was set.
+  std::optional<Seen> retry_where_;     // Where [jobs] retry_max was set.
 
   const std::vector<Field> server_fields_{
       method("listen", &Loader::load_listen),
       count("backlog", config_.server.backlog, std::numeric_limits<int>::max()),
       count("max_connections", config_.server.max_connections, kMaxCount),
       method("name", &Loader::load_server_name),
+      text("user", config_.server.user, true),
+      text("group", config_.server.group, true),
+      remembered(count("thread_pool_size", config_.server.thread_pool_size, 1024), pool_where_),
   };
   const std::vector<Field> limits_fields_{
       size("max_url_bytes", config_.limits.max_url_bytes, 1, kMaxUrlOrHeaderBytes, kBufferCap),
@@ -528,10 +631,34 @@ class Loader {
       duration("blocking_threshold", config_.loop.blocking_threshold),
   };
   const std::vector<Field> routes_fields_{
-      boolean("plaintext", config_.routes.plaintext),
-      boolean("healthz", config_.routes.healthz),
-      boolean("metrics", config_.routes.metrics),
-      boolean("echo", config_.routes.echo),
+      boolean("plaintext", config_.routes.plaintext), boolean("healthz", config_.routes.healthz),
+      boolean("metrics", config_.routes.metrics),     boolean("echo", config_.routes.echo),
+      boolean("email", config_.routes.email),         boolean("jobs", config_.routes.jobs),
+  };
+  const std::vector<Field> smtp_fields_{
+      method("url", &Loader::load_smtp_url),
+      method("starttls", &Loader::load_starttls),
+      text("username", config_.smtp.username, true),
+      text("password_file", config_.smtp.password_file, true),
+      remembered(text("password_env", config_.smtp.password_env, true), password_where_),
+      text("from", config_.smtp.from, false),
+      duration("connect_timeout", config_.smtp.connect_timeout),
+      duration("timeout", config_.smtp.timeout),
+  };
+  const std::vector<Field> jobs_fields_{
+      text("store", config_.jobs.store, false),
+      method("durability", &Loader::load_durability),
+      count("max_queued", config_.jobs.max_queued, kMaxCount),
+      remembered(count("max_concurrent_sends", config_.jobs.max_concurrent_sends, 1024),
+                 sends_where_),
+      count("max_attempts", config_.jobs.max_attempts, 1000),
+      duration("retry_initial", config_.jobs.retry_initial),
+      remembered(duration("retry_max", config_.jobs.retry_max), retry_where_),
+      duration("lease", config_.jobs.lease),
+      duration("poll_interval", config_.jobs.poll_interval),
+      count("max_recipients", config_.jobs.max_recipients, 10000),
+      size("max_email_bytes", config_.jobs.max_email_bytes, 1, 64 * 1024 * 1024,
+           "an email is held in memory while it is sent"),
   };
 };
 

@@ -36,6 +36,9 @@ struct ServerConfig {
   int backlog = 511;                                       // [server] backlog
   std::size_t max_connections = 10000;                     // [server] max_connections
   std::string name = "squall";                             // [server] name: the Server header
+  std::string user;                  // [server] user: drop to it after binding ("" keeps root)
+  std::string group;                 // [server] group: with user ("" = the user's group)
+  std::size_t thread_pool_size = 4;  // [server] thread_pool_size: libuv's worker threads
   bool operator==(const ServerConfig&) const = default;
 };
 
@@ -80,7 +83,40 @@ struct RoutesConfig {
   bool healthz = true;    // [routes] healthz: GET /healthz
   bool metrics = true;    // [routes] metrics: GET /metrics
   bool echo = true;       // [routes] echo: POST /echo
+  bool email = true;      // [routes] email: POST /email
+  bool jobs = true;       // [routes] jobs: GET /jobs/{id}
   bool operator==(const RoutesConfig&) const = default;
+};
+
+enum class StartTls { off, opportunistic, required };
+
+struct SmtpConfig {
+  std::string url = "smtp://127.0.0.1:25";      // [smtp] url: smtp://host:port or smtps://
+  StartTls starttls = StartTls::opportunistic;  // [smtp] starttls: off, opportunistic, required
+  std::string username;                         // [smtp] username ("" = no authentication)
+  std::string password_file;                    // [smtp] password_file: a file holding it
+  std::string password_env;                     // [smtp] password_env: or an environment variable
+  std::string from = "squall@localhost";        // [smtp] from: the default sender
+  Duration connect_timeout{10'000};             // [smtp] connect_timeout
+  Duration timeout{60'000};                     // [smtp] timeout: one whole SMTP exchange
+  bool operator==(const SmtpConfig&) const = default;
+};
+
+enum class Durability { full, normal };
+
+struct JobsConfig {
+  std::string store = "squall-jobs.db";       // [jobs] store: the SQLite database's path
+  Durability durability = Durability::full;   // [jobs] durability: full (fsync per commit), normal
+  std::size_t max_queued = 100000;            // [jobs] max_queued: beyond it POST /email is 503
+  std::size_t max_concurrent_sends = 2;       // [jobs] max_concurrent_sends: < thread_pool_size
+  std::size_t max_attempts = 8;               // [jobs] max_attempts: then the job has failed
+  Duration retry_initial{30'000};             // [jobs] retry_initial: the first backoff
+  Duration retry_max{3'600'000};              // [jobs] retry_max: the backoff's cap
+  Duration lease{300'000};                    // [jobs] lease: a send's claim on its job
+  Duration poll_interval{1'000};              // [jobs] poll_interval: how often due jobs are sought
+  std::size_t max_recipients = 50;            // [jobs] max_recipients: to + cc + bcc
+  std::size_t max_email_bytes = 1024 * 1024;  // [jobs] max_email_bytes: subject + text + html
+  bool operator==(const JobsConfig&) const = default;
 };
 
 struct Config {
@@ -90,6 +126,8 @@ struct Config {
   LogConfig log;
   LoopConfig loop;
   RoutesConfig routes;
+  SmtpConfig smtp;
+  JobsConfig jobs;
   // Field by field; the shipped config file is tested against a default-constructed Config.
   bool operator==(const Config&) const = default;
 };

@@ -89,6 +89,9 @@ class Squalld:
         base = {
             "server": {"listen": ["127.0.0.1:0"]},
             "log": {"level": "info", "error_log": "stderr", "access_log": str(self.access_log)},
+            # Shorter than the stop timeout, so a connection left stuck by a failed test does
+            # not turn every later teardown into an error too.
+            "timeouts": {"drain": "5s"},
         }
         self.config = merge_config(base, config)
         self.config_path = self.workdir / "squalld.toml"
@@ -707,14 +710,14 @@ class Metrics:
 # curl
 
 
-def curl(*args, timeout=20, input=None) -> subprocess.CompletedProcess:
+def curl(*args, timeout=10, input=None) -> subprocess.CompletedProcess:
     """Runs the curl binary (no config file, no proxy). Returns the completed process."""
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     return subprocess.run(["curl", "-q", "--noproxy", "*", "-sS", *args], capture_output=True,
                           timeout=timeout, input=input, env=env)
 
 
-def curl_response(*args, timeout=20, input=None) -> Response:
+def curl_response(*args, timeout=10, input=None) -> Response:
     """curl --include: returns the final response (after any 100 Continue)."""
     result = curl("--include", *args, timeout=timeout, input=input)
     assert result.returncode == 0, f"curl failed ({result.returncode}): {result.stderr!r}"

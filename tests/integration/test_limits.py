@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from squall_helpers import (FOLLOW, Conn, Metrics, assert_plaintext_ok, check_rejection,
-                            chunked, parse_all, raw_exchange, request)
+from squall_helpers import (FOLLOW, Conn, Metrics, assert_plaintext_ok, check_common_headers,
+                            check_rejection, chunked, parse_all, raw_exchange, request)
 
 MAX_URL = 1024
 MAX_HEADER_BYTES = 2048
@@ -197,6 +197,7 @@ def test_max_connections(squalld):
         if result.data:
             responses = parse_all(result.data)
             assert [r.status for r in responses] == [503], responses
+            check_common_headers(responses[0])
         # The existing ones still get answers.
         for c in conns:
             c.send(request("GET", "/plaintext"))

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from squall_helpers import (Conn, Metrics, check_common_headers, curl, curl_response, parse_all,
+from squall_helpers import (Metrics, check_common_headers, curl, curl_response, parse_all,
                             raw, request)
 
 

@@ -61,6 +61,16 @@ def test_graceful_shutdown_without_connections(squalld):
     srv.stop()
 
 
+def test_sigterm_right_after_listening_line(squalld):
+    """The 'listening on' line means ready: a SIGTERM from then on is a graceful stop (the
+    handlers must be in place before the line), even with no request made yet."""
+    for _ in range(3):
+        srv = squalld()
+        srv.signal(signal.SIGTERM)
+        assert srv.wait_exit(timeout=5) == 0, srv.stderr_text()
+        srv.stop()
+
+
 def test_second_sigterm_exits_at_once(squalld):
     srv = squalld(config={"timeouts": {"drain": "20s", "body": "20s"}})
     idle = idle_keepalive(srv)

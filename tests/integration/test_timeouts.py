@@ -129,7 +129,7 @@ def test_write_timeout_closes_a_client_that_never_reads(squalld):
                 assert_plaintext_ok(srv.port)
                 time.sleep(0.05)
             closed_after = time.monotonic() - stalled_since
-            assert closed_after >= 0.25, closed_after
+            assert closed_after >= 0.2, closed_after
             # The stalled client sees the end of the connection before all its responses.
             stalled.buf = first
             rest = stalled.read_until_close(timeout=5)

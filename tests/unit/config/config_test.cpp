@@ -303,10 +303,10 @@ TEST_CASE("the message format names source, line, table, key and value") {
 TEST_CASE("unknown tables and keys are errors naming them and their line") {
   CHECK(load_error("[server]\nlisten = [\"127.0.0.1:1\"]\nlisten_address = \"x\"\n") ==
         "test.toml:3: [server] listen_address: unknown key; expected one of listen, backlog, "
-        "max_connections, name");
+        "max_connections, name, user, group, thread_pool_size");
   CHECK(load_error("\n[limit]\nmax_body_bytes = \"1MiB\"\n") ==
         "test.toml:2: limit: unknown table; expected one of [server], [limits], [timeouts], "
-        "[log], [loop], [routes]");
+        "[log], [loop], [routes], [smtp], [jobs]");
   CHECK(load_error("debug = true\n") ==
         "test.toml:1: debug: unknown key outside any table; settings belong in a table such as "
         "[server]");
@@ -498,3 +498,62 @@ TEST_CASE("the shipped config/squalld.toml loads and holds exactly the defaults"
 }
 
 }  // namespace squall
+
+TEST_CASE("[smtp] and [jobs] keys load and are checked against each other") {
+  const squall::Config config = squall::load_config_string(R"(
+[server]
+thread_pool_size = 8
+user = "squall"
+[smtp]
+url = "smtps://mail.example.test:465"
+starttls = "required"
+username = "robot"
+password_env = "SQUALL_SMTP_PASSWORD"
+from = "noreply@example.test"
+timeout = "30s"
+[jobs]
+store = "/var/lib/squall/jobs.db"
+durability = "normal"
+max_concurrent_sends = 4
+retry_initial = "1s"
+retry_max = "10s"
+max_email_bytes = "64KiB"
+[routes]
+email = false
+)",
+                                                           "t.toml");
+  CHECK(config.server.thread_pool_size == 8);
+  CHECK(config.server.user == "squall");
+  CHECK(config.smtp.url == "smtps://mail.example.test:465");
+  CHECK(config.smtp.starttls == squall::StartTls::required);
+  CHECK(config.smtp.password_env == "SQUALL_SMTP_PASSWORD");
+  CHECK(config.smtp.timeout == squall::Duration(30'000));
+  CHECK(config.jobs.durability == squall::Durability::normal);
+  CHECK(config.jobs.max_concurrent_sends == 4);
+  CHECK(config.jobs.max_email_bytes == 64 * 1024);
+  CHECK_FALSE(config.routes.email);
+  CHECK(config.routes.jobs);
+}
+
+TEST_CASE("sends must leave libuv's pool a thread; errors name the key and line") {
+  const auto message = [](const char* text) {
+    try {
+      squall::load_config_string(text, "t.toml");
+    } catch (const squall::ConfigError& error) {
+      return std::string(error.what());
+    }
+    return std::string("no error");
+  };
+  CHECK(message("[jobs]\nmax_concurrent_sends = 4\n") ==
+        "t.toml:2: [jobs] max_concurrent_sends: max_concurrent_sends (4) must be below [server] "
+        "thread_pool_size (4): libuv's file and DNS work shares the pool");
+  CHECK(message("[smtp]\nurl = \"http://x\"\n").rfind("t.toml:2: [smtp] url: expected a URL", 0) ==
+        0);
+  CHECK(message("[smtp]\nstarttls = \"maybe\"\n").rfind("t.toml:2: [smtp] starttls:", 0) == 0);
+  CHECK(message("[smtp]\npassword_file = \"/p\"\npassword_env = \"P\"\n") ==
+        "t.toml:3: [smtp] password_env: set password_file or password_env, not both");
+  CHECK(message("[jobs]\nretry_initial = \"2m\"\nretry_max = \"1m\"\n") ==
+        "t.toml:3: [jobs] retry_max: retry_max must not be below retry_initial");
+  CHECK(message("[jobs]\nstore = \"\"\n") == "t.toml:2: [jobs] store: must not be empty");
+  CHECK(message("[jobs]\nbogus = 1\n").rfind("t.toml:2: [jobs] bogus: unknown key", 0) == 0);
+}
