@@ -60,7 +60,8 @@ int main(int argc, char** argv) {
     });
   });
 
-  http::Server server(loop, router, http::ServerOptions{});
+  http::Server server(loop, std::make_shared<const http::Router>(std::move(router)),
+                      http::ServerOptions{});
   std::printf("listening on %s\n", server.listen("127.0.0.1", port).c_str());
   SignalWatcher on_int(loop, SIGINT,
                        [&] { server.drain(std::chrono::seconds(5), [&] { loop.stop(); }); });

@@ -126,7 +126,7 @@ int serve(const CommandLine& command_line, Config config) {
   raise_descriptor_limit(config.server.max_connections);
 
   Loop loop;
-  http::Router router;
+  auto router = std::make_shared<http::Router>();
   metrics::Registry registry;
   const auto started = std::chrono::steady_clock::now();
   int exit_code = 0;
@@ -137,9 +137,9 @@ int serve(const CommandLine& command_line, Config config) {
       if (http_metrics) http_metrics->observe_loop_lag(seconds);
     });
     daemon::add_builtin_routes(
-        router, std::make_shared<const daemon::BuiltinRoutes>(
-                    daemon::BuiltinRoutes{config, &server, &lag, &registry, started}));
-    http_metrics.emplace(registry, router, server, &lag, logs);
+        *router, std::make_shared<const daemon::BuiltinRoutes>(
+                     daemon::BuiltinRoutes{config, &server, &lag, &registry, started}));
+    http_metrics.emplace(registry, *router, server, &lag, logs);
     server.on_request([&http_metrics, &logs](const http::RequestRecord& record) {
       http_metrics->observe(record);
       if (logs.access_enabled()) log_access(logs, record);

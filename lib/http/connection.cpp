@@ -263,7 +263,7 @@ void Connection::dispatch() noexcept {
   head_request_ = request.method() == "HEAD";
   keep_alive_ = parser_.keep_alive() && !server_.draining_;
 
-  const RouteMatch match = server_.router_.find(request.method(), request.path(), request.params_);
+  const RouteMatch match = server_.router_->find(request.method(), request.path(), request.params_);
   route_ = match.route;
   if (match.status == 404) {
     respond(404, "text/plain", "not found\n");
@@ -299,7 +299,11 @@ void Connection::dispatch() noexcept {
         server_.options_.blocking_threshold.count());
   }
   if (closed_ || !response_pending_) return;
-  if (failure == nullptr && current_responders_ > 0) return;  // The handler answers later.
+  if (failure == nullptr && current_responders_ > 0) {
+    // The handler answers later: keep its route alive even if a reload replaces the router.
+    routes_in_use_ = server_.router_;
+    return;
+  }
   if (failure != nullptr) {
     spdlog::error("connection {}: handler for {} {} {}: {}", id_, route_->method, route_->pattern,
                   failure, what);
@@ -422,6 +426,7 @@ void Connection::finish_response() noexcept {
     }
   }
   const bool more_input = workspace_ != nullptr && workspace_->begin < workspace_->end;
+  routes_in_use_.reset();
   if (!keep_alive_ || (peer_eof_ && !more_input)) {
     closing_ = true;
   } else {

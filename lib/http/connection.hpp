@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <string_view>
 
@@ -86,28 +87,29 @@ class Connection {
   void maybe_destroy() noexcept;
   bool idle() const noexcept;
 
-  uv_tcp_t tcp_;                           // The socket; data -> this.
-  uv_timer_t timer_;                       // One timer, re-armed per phase; data -> this.
-  uv_shutdown_t shutdown_request_;         // For the write-side shutdown before closing.
-  Server& server_;                         // Shared buffers, options, counters.
-  const std::uint64_t id_;                 // In log lines and RequestRecord.
-  Connection* prev_ = nullptr;             // Server's list of open connections.
-  Connection* next_ = nullptr;             // Server's list of open connections.
-  Workspace* workspace_ = nullptr;         // Borrowed while bytes are in flight.
-  RequestParser parser_;                   // llhttp state across this connection's messages.
-  const Route* route_ = nullptr;           // The matched route of the current request.
-  std::uint64_t request_number_ = 0;       // Counts dispatched requests; Responders check it.
-  std::uint64_t request_start_ns_ = 0;     // uv_hrtime at the current request's first byte.
-  std::uint64_t response_body_bytes_ = 0;  // Body bytes of the current response.
-  std::size_t pending_write_bytes_ = 0;    // Queued in uv_write and not yet written.
-  std::uint64_t deadline_ms_ = 0;          // When the current phase times out (uv_now clock).
-  std::uint64_t timer_due_ms_ = 0;         // When the uv timer is set to fire.
-  std::string remote_address_;             // Filled on first use.
-  int responders_ = 0;                     // Live Responder copies; keep this object alive.
-  int current_responders_ = 0;             // Those of them for the current request.
-  int open_handles_ = 0;                   // tcp_ and timer_ until their close callbacks ran.
-  int response_status_ = 0;                // Status of the current response.
-  TimerPhase phase_ = TimerPhase::none;    // What the timer is measuring.
+  uv_tcp_t tcp_;                                 // The socket; data -> this.
+  uv_timer_t timer_;                             // One timer, re-armed per phase; data -> this.
+  uv_shutdown_t shutdown_request_;               // For the write-side shutdown before closing.
+  Server& server_;                               // Shared buffers, options, counters.
+  const std::uint64_t id_;                       // In log lines and RequestRecord.
+  Connection* prev_ = nullptr;                   // Server's list of open connections.
+  Connection* next_ = nullptr;                   // Server's list of open connections.
+  Workspace* workspace_ = nullptr;               // Borrowed while bytes are in flight.
+  RequestParser parser_;                         // llhttp state across this connection's messages.
+  const Route* route_ = nullptr;                 // The matched route of the current request.
+  std::shared_ptr<const Router> routes_in_use_;  // Keeps route_ alive while an answer is late.
+  std::uint64_t request_number_ = 0;             // Counts dispatched requests; Responders check it.
+  std::uint64_t request_start_ns_ = 0;           // uv_hrtime at the current request's first byte.
+  std::uint64_t response_body_bytes_ = 0;        // Body bytes of the current response.
+  std::size_t pending_write_bytes_ = 0;          // Queued in uv_write and not yet written.
+  std::uint64_t deadline_ms_ = 0;                // When the current phase times out (uv_now clock).
+  std::uint64_t timer_due_ms_ = 0;               // When the uv timer is set to fire.
+  std::string remote_address_;                   // Filled on first use.
+  int responders_ = 0;                           // Live Responder copies; keep this object alive.
+  int current_responders_ = 0;                   // Those of them for the current request.
+  int open_handles_ = 0;                         // tcp_ and timer_ until their close callbacks ran.
+  int response_status_ = 0;                      // Status of the current response.
+  TimerPhase phase_ = TimerPhase::none;          // What the timer is measuring.
   bool response_pending_ = false;          // A request was dispatched; its answer is not finished.
   bool response_started_ = false;          // The status line is written (streaming).
   bool response_chunked_ = false;          // The body goes out in chunks.

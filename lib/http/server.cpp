@@ -23,8 +23,14 @@ struct RefusedConnection {
 
 }  // namespace
 
-Server::Server(Loop& loop, const Router& router, ServerOptions options)
-    : loop_(loop), router_(router), options_(std::move(options)) {
+Server::Server(Loop& loop, std::shared_ptr<const Router> router, ServerOptions options)
+    : loop_(loop), router_(std::move(router)) {
+  reconfigure(std::move(options));
+}
+
+void Server::reconfigure(ServerOptions options) {
+  // Parsers hold a pointer to options_.limits: assign in place so it stays valid.
+  options_ = std::move(options);
   const auto& limits = options_.limits;
   // The buffer holds the largest head the limits allow plus room for the next read.
   const std::size_t head = limits.max_url_bytes + limits.max_header_bytes + 64;
@@ -59,6 +65,23 @@ std::string Server::listen(const std::string& host, std::uint16_t port) {
       loop_, host, port, options_.backlog,
       [this](uv_stream_t* listener, int status) { on_connection(listener, status); }));
   return listeners_.back()->bound_address();
+}
+
+std::string Server::adopt_listener(int fd) {
+  listeners_.push_back(std::make_unique<net::Listener>(
+      loop_, fd, options_.backlog,
+      [this](uv_stream_t* listener, int status) { on_connection(listener, status); }));
+  return listeners_.back()->bound_address();
+}
+
+bool Server::close_listener(const std::string& bound_address) {
+  const auto it = std::find_if(listeners_.begin(), listeners_.end(), [&](const auto& listener) {
+    return listener->bound_address() == bound_address;
+  });
+  if (it == listeners_.end()) return false;
+  (*it)->close();
+  listeners_.erase(it);
+  return true;
 }
 
 void Server::on_connection(uv_stream_t* listener, int status) {

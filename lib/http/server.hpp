@@ -54,7 +54,7 @@ struct ServerStats {
 
 class Server {
  public:
-  Server(Loop& loop, const Router& router, ServerOptions options);
+  Server(Loop& loop, std::shared_ptr<const Router> router, ServerOptions options);
   ~Server();
   Server(const Server&) = delete;
   Server& operator=(const Server&) = delete;
@@ -62,9 +62,20 @@ class Server {
   // Starts listening on host:port (port 0 picks a free one). Throws std::system_error naming
   // the address. Returns the bound address, e.g. "127.0.0.1:41234".
   std::string listen(const std::string& host, std::uint16_t port);
+  // Starts accepting on an inherited, already listening socket (systemd socket activation).
+  // Throws std::system_error if it is not a listening TCP socket.
+  std::string adopt_listener(int fd);
+  // Stops accepting on the listener bound to `bound_address`; returns whether one was found.
+  bool close_listener(const std::string& bound_address);
   const std::vector<std::unique_ptr<net::Listener>>& listeners() const noexcept {
     return listeners_;
   }
+
+  // Routes for requests that start from now on; requests already dispatched keep theirs.
+  void set_router(std::shared_ptr<const Router> router) { router_ = std::move(router); }
+  // New limits, timeouts and names for what happens from now on (SIGHUP reload). Connections
+  // pick them up at their next check; the read buffer size applies to buffers taken later.
+  void reconfigure(ServerOptions options);
 
   // Called for every answered request; set before serving.
   void on_request(std::function<void(const RequestRecord&)> observer) {
@@ -97,12 +108,12 @@ class Server {
   void connection_closed(Connection* connection) noexcept;
   void finish_drain_if_done();
 
-  Loop& loop_;                     // The loop every connection lives on.
-  const Router& router_;           // Owned by the caller; outlives the server.
-  ServerOptions options_;          // Copied at construction.
-  ServerStats stats_;              // Counters for metrics.
-  HttpDateCache date_;             // Shared Date header text.
-  std::string keep_alive_header_;  // "Keep-Alive: timeout=75\r\n", computed once.
+  Loop& loop_;                            // The loop every connection lives on.
+  std::shared_ptr<const Router> router_;  // Current routes; replaced on reload.
+  ServerOptions options_;                 // Copied at construction.
+  ServerStats stats_;                     // Counters for metrics.
+  HttpDateCache date_;                    // Shared Date header text.
+  std::string keep_alive_header_;         // "Keep-Alive: timeout=75\r\n", computed once.
   std::vector<std::unique_ptr<net::Listener>> listeners_;  // Accepting sockets.
   Connection* connections_ = nullptr;                      // Intrusive list of open connections.
   std::uint64_t next_connection_id_ = 1;                   // Ids in log lines; never reused.

@@ -50,12 +50,43 @@ Listener::Listener(Loop& loop, const std::string& host, std::uint16_t port, int 
   status = uv_tcp_bind(&state_->handle, reinterpret_cast<const sockaddr*>(&address),
                        v6 ? UV_TCP_IPV6ONLY : 0);
   if (status < 0) fail(status, "cannot bind");
-  status = uv_listen(reinterpret_cast<uv_stream_t*>(&state_->handle), backlog,
-                     [](uv_stream_t* server, int accept_status) {
-                       auto* listening = static_cast<State*>(server->data);
-                       listening->on_connection(server, accept_status);
-                     });
-  if (status < 0) fail(status, "cannot listen on");
+  start_listening(backlog, display);
+}
+
+Listener::Listener(Loop& loop, int fd, int backlog, OnConnection on_connection)
+    : state_(new State{}) {
+  state_->on_connection = std::move(on_connection);
+  uv_tcp_init(loop.uv(), &state_->handle);
+  state_->handle.data = state_;
+  const std::string display = "inherited descriptor " + std::to_string(fd);
+  int accepting = 0;
+  socklen_t length = sizeof accepting;
+  if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &accepting, &length) != 0 || accepting == 0) {
+    close();
+    throw std::system_error(ENOTSOCK, std::generic_category(),
+                            display + " is not a listening socket");
+  }
+  const int status = uv_tcp_open(&state_->handle, fd);
+  if (status < 0) {
+    close();
+    throw std::system_error(-status, std::generic_category(),
+                            "cannot adopt " + display + ": " + uv_strerror(status));
+  }
+  // listen() again on a listening socket only updates its backlog.
+  start_listening(backlog, display);
+}
+
+void Listener::start_listening(int backlog, const std::string& display) {
+  const int status = uv_listen(reinterpret_cast<uv_stream_t*>(&state_->handle), backlog,
+                               [](uv_stream_t* server, int accept_status) {
+                                 auto* listening = static_cast<State*>(server->data);
+                                 listening->on_connection(server, accept_status);
+                               });
+  if (status < 0) {
+    close();
+    throw std::system_error(-status, std::generic_category(),
+                            "cannot listen on " + display + ": " + uv_strerror(status));
+  }
   sockaddr_storage bound{};
   int length = sizeof bound;
   uv_tcp_getsockname(&state_->handle, reinterpret_cast<sockaddr*>(&bound), &length);

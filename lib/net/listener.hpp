@@ -19,6 +19,9 @@ class Listener {
   // Binds and listens. Throws std::system_error naming the address and the reason.
   Listener(Loop& loop, const std::string& host, std::uint16_t port, int backlog,
            OnConnection on_connection);
+  // Adopts `fd`, a socket that is already bound and listening (systemd socket activation).
+  // Throws std::system_error naming the descriptor and the reason.
+  Listener(Loop& loop, int fd, int backlog, OnConnection on_connection);
   ~Listener();
   Listener(const Listener&) = delete;
   Listener& operator=(const Listener&) = delete;
@@ -31,7 +34,9 @@ class Listener {
 
  private:
   struct State;
-  State* state_;               // Freed by the handle's close callback.
+  State* state_;  // Freed by the handle's close callback.
+  void start_listening(int backlog, const std::string& display);
+
   std::string bound_address_;  // Filled from getsockname after bind.
   std::uint16_t bound_port_ = 0;
 };

@@ -10,8 +10,10 @@
 
 #include <atomic>
 #include <functional>
+#include <memory>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 
 using namespace squall;
@@ -71,7 +73,7 @@ void run_with_client(Loop& loop, http::Router& router,
                      const std::function<void(std::uint16_t)>& client,
                      http::ServerOptions options = {}) {
   {
-    http::Server server(loop, router, options);
+    http::Server server(loop, std::make_shared<const http::Router>(router), options);
     server.listen("127.0.0.1", 0);
     const std::uint16_t port = server.listeners().front()->bound_port();
     std::atomic<bool> finished{false};
@@ -112,7 +114,7 @@ TEST_CASE("a handler may answer later, from a timer on the loop") {
   Loop loop;
   loop_ptr = &loop;
   {
-    http::Server server(loop, router, {});
+    http::Server server(loop, std::make_shared<const http::Router>(router), {});
     server.listen("127.0.0.1", 0);
     const std::uint16_t port = server.listeners().front()->bound_port();
     std::string reply;
@@ -148,7 +150,7 @@ TEST_CASE("a late answer to a client that went away is dropped safely") {
     responder.send(200, "text/plain", "fine");
   });
   {
-    http::Server server(loop, router, {});
+    http::Server server(loop, std::make_shared<const http::Router>(router), {});
     server.listen("127.0.0.1", 0);
     const std::uint16_t port = server.listeners().front()->bound_port();
     std::string second;
@@ -300,7 +302,7 @@ TEST_CASE("drain closes idle connections at once and lets in-flight ones finish"
     loop.call_later(20ms, [responder] { responder.send(200, "text/plain", "last"); });
   });
   {
-    http::Server server(loop, router, {});
+    http::Server server(loop, std::make_shared<const http::Router>(router), {});
     server_ptr = &server;
     server.listen("127.0.0.1", 0);
     const std::uint16_t port = server.listeners().front()->bound_port();
@@ -322,4 +324,41 @@ TEST_CASE("drain closes idle connections at once and lets in-flight ones finish"
     CHECK(busy_reply.find("last") != std::string::npos);
   }
   CHECK(loop.close() == 0);
+}
+
+TEST_CASE("an inherited listening socket is adopted; anything else is refused") {
+  Loop loop;
+  http::Router router;
+  router.add("GET", "/x", [](http::Request&, http::Responder responder) {
+    responder.send(200, "text/plain", "adopted");
+  });
+  http::Server server(loop, std::make_shared<const http::Router>(router), {});
+  const int not_listening = ::socket(AF_INET, SOCK_STREAM, 0);
+  CHECK_THROWS_AS(server.adopt_listener(not_listening), std::system_error);
+  ::close(not_listening);
+
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0);
+  REQUIRE(::listen(fd, 16) == 0);
+  const std::string bound = server.adopt_listener(fd);
+  CHECK(bound.rfind("127.0.0.1:", 0) == 0);
+  const std::uint16_t port = server.listeners().back()->bound_port();
+  std::string reply;
+  std::thread thread([&] {
+    Client client(port);
+    client.send(kGet);
+    reply = client.read_until("adopted");
+    loop.call_soon([&] {
+      CHECK(server.close_listener(bound));
+      CHECK_FALSE(server.close_listener(bound));
+      server.close_all();
+      loop.stop();
+    });
+  });
+  loop.run();
+  thread.join();
+  CHECK(reply.find("200 OK") != std::string::npos);
 }
