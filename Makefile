@@ -16,7 +16,7 @@ SAN_FLAGS := -fsanitize=$(SANITIZE) -fno-omit-frame-pointer -fno-sanitize-recove
 endif
 LLHTTP_DIR := /usr/share/llhttp
 LLHTTP_INCLUDE := /usr/share/include/llhttp
-PKGS := libuv spdlog fmt tomlplusplus
+PKGS := libuv spdlog fmt tomlplusplus libcurl sqlite3 libsystemd
 
 CPPFLAGS += -Ilib -I. -I$(LLHTTP_INCLUDE) -MMD -MP
 CXXFLAGS ?= -O2 -g

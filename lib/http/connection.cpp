@@ -121,6 +121,9 @@ void Connection::on_read(uv_stream_t* stream, ssize_t nread, const uv_buf_t*) {
     self->process();
     return;
   }
+  // on_alloc lent a workspace for this read, which brought no bytes: give it back now, or
+  // every closing connection would hold one until its handles are closed.
+  self->release_workspace_if_idle();
   if (nread != UV_EOF) {
     self->close_now();
     return;
@@ -437,6 +440,8 @@ void Connection::finish_response() noexcept {
 }
 
 void Connection::send_error(int status, std::string_view reason) noexcept {
+  // The client may still be sending what was refused: read and drop it after the answer.
+  linger_after_answer_ = true;
   response_pending_ = true;
   route_ = nullptr;
   head_request_ = false;
@@ -533,8 +538,18 @@ void Connection::begin_close() noexcept {
   shutdown_started_ = true;
   closing_ = true;
   // Reading on after our answer (lingering) keeps the kernel from resetting the connection
-  // while the client has unread input, which would destroy the answer in flight.
-  lingering_ = !peer_eof_;
+  // while the client has unread input, which would destroy the answer in flight. Without
+  // input left over (the usual Connection: close), nginx's choice holds: close at once.
+  const bool unread_input = workspace_ != nullptr && workspace_->begin < workspace_->end;
+  lingering_ = !peer_eof_ && (linger_after_answer_ || unread_input);
+  if (current_responders_ == 0 && workspace_ != nullptr) {
+    server_.release_workspace(workspace_);
+    workspace_ = nullptr;
+  }
+  if (!lingering_ && pending_write_bytes_ == 0) {
+    close_now();
+    return;
+  }
   const int status = uv_shutdown(&shutdown_request_, reinterpret_cast<uv_stream_t*>(&tcp_),
                                  &Connection::on_shutdown);
   if (status < 0) {
@@ -579,6 +594,11 @@ void Connection::close_now() noexcept {
   closed_ = true;
   closing_ = true;
   response_pending_ = false;
+  // A handler still holding this request's Responder may read the Request until it answers.
+  if (current_responders_ == 0 && workspace_ != nullptr && !orphaned_) {
+    server_.release_workspace(workspace_);
+    workspace_ = nullptr;
+  }
   if (!orphaned_) {
     server_.forget_cork(this);
     server_.connection_closed(this);

@@ -124,6 +124,7 @@ class Connection {
   bool lingering_ = false;                 // Discarding input until EOF or the lingering timeout.
   bool closed_ = false;                    // close_now() ran.
   bool shutdown_started_ = false;          // uv_shutdown was issued.
+  bool linger_after_answer_ = false;       // An early rejection: drain input before closing.
   bool handler_running_ = false;           // Inside the route handler call.
   bool orphaned_ = false;                  // The server is gone; touch nothing of it.
   bool timer_running_ = false;             // uv timer is started.
