@@ -217,9 +217,10 @@ void Connection::compact() noexcept {
     workspace.begin = workspace.end = 0;
     return;
   }
-  // Moving costs a copy: do it only when space runs short.
+  // Moving costs a copy: do it only when space runs short, and only if there is a gap to
+  // close (consumed bytes before the head, or body bytes between the head and the rest).
   if (workspace.capacity - workspace.end >= workspace.capacity / 2) return;
-  if (keep_begin == workspace.buffer) return;
+  if (keep_begin == workspace.buffer && keep_end == workspace.buffer + workspace.begin) return;
   const std::ptrdiff_t delta = workspace.buffer - keep_begin;
   std::memmove(workspace.buffer, keep_begin, head_length);
   std::memmove(workspace.buffer + head_length, workspace.buffer + workspace.begin, unparsed);

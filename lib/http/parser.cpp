@@ -59,6 +59,7 @@ struct ParserCallbacks {
     return self(p).on_chunk_extension(at, n);
   }
   static int message_complete(llhttp_t* p) noexcept { return self(p).on_message_complete(); }
+  static int url_complete(llhttp_t* p) noexcept { return self(p).on_url_complete(); }
 
   static llhttp_settings_t make() noexcept {
     llhttp_settings_t settings;
@@ -66,6 +67,7 @@ struct ParserCallbacks {
     settings.on_message_begin = message_begin;
     settings.on_method = method;
     settings.on_url = url;
+    settings.on_url_complete = url_complete;
     settings.on_header_field = header_field;
     settings.on_header_field_complete = header_field_complete;
     settings.on_header_value = header_value;
@@ -131,6 +133,17 @@ bool RequestParser::scan_for_bare_cr(const char* end) noexcept {
   // llhttp 8.1 takes a CR that no LF follows as a line end (CVE-2023-30589 class); every byte
   // outside body data must keep CR and LF paired.
   for (const char* p = scan_from_; p < end; ++p) {
+    if (chunk_crlf_expected_ > 0) {
+      // llhttp 8.1 skips the two bytes after chunk data without looking at them.
+      const char expected = chunk_crlf_expected_ == 2 ? '\r' : '\n';
+      if (*p != expected) {
+        fail(400, "chunk data not followed by CRLF");
+        return false;
+      }
+      --chunk_crlf_expected_;
+      pending_cr_ = chunk_crlf_expected_ == 1;
+      continue;
+    }
     if (pending_cr_) {
       if (*p != '\n') {
         fail(400, "CR without LF in the request framing");
@@ -172,6 +185,7 @@ int RequestParser::on_message_begin() noexcept {
   message_start_ = nullptr;
   views_end_ = nullptr;
   url_bytes_ = header_bytes_ = header_count_ = chunk_extension_bytes_ = 0;
+  chunk_crlf_expected_ = 0;
   host_count_ = transfer_encoding_count_ = 0;
   in_header_field_ = in_trailers_ = expect_continue_ = expect_unsupported_ = false;
   upgrade_requested_ = keep_alive_ = false;
@@ -191,6 +205,15 @@ int RequestParser::on_url(const char* at, std::size_t length) noexcept {
   }
   append_piece(request_->target_, at, length);
   views_end_ = at + length;
+  return HPE_OK;
+}
+
+int RequestParser::on_url_complete() noexcept {
+  // llhttp 8.1 takes "GET /" followed by a line end as HTTP/0.9 and waits for more; the byte
+  // after the target (in the buffer: llhttp has read it) tells at once.
+  if (views_end_ != nullptr && (*views_end_ == '\r' || *views_end_ == '\n')) {
+    return fail(400, "request line without an HTTP version (HTTP/0.9)");
+  }
   return HPE_OK;
 }
 
@@ -353,6 +376,8 @@ int RequestParser::on_body(const char* at, std::size_t length) noexcept {
   // Body bytes may hold any octet: scan the framing before them, then skip them.
   if (!scan_for_bare_cr(at)) return HPE_USER;
   scan_from_ = at + length;
+  // parser_.content_length is what remains of the chunk: at 0, CRLF must come next.
+  if ((parser_.flags & F_CHUNKED) && parser_.content_length == 0) chunk_crlf_expected_ = 2;
   if (request_->body_.size() + length > limits_->max_body_bytes) {
     return fail(413, "request body larger than max_body_bytes");
   }

@@ -73,6 +73,7 @@ class RequestParser {
   int on_message_begin() noexcept;
   int on_method(const char* at, std::size_t length) noexcept;
   int on_url(const char* at, std::size_t length) noexcept;
+  int on_url_complete() noexcept;
   int on_header_field(const char* at, std::size_t length) noexcept;
   int on_header_field_complete() noexcept;
   int on_header_value(const char* at, std::size_t length) noexcept;
@@ -85,20 +86,21 @@ class RequestParser {
   int split_target() noexcept;
   bool scan_for_bare_cr(const char* end) noexcept;
 
-  llhttp_t parser_;                          // llhttp's state; parser_.data points back here.
-  const Limits* limits_;                     // Server-owned limits, read at each check.
-  Request* request_ = nullptr;               // Where the current message goes.
-  ParsePhase phase_ = ParsePhase::idle;      // Drives the connection's timeouts.
-  const char* message_start_ = nullptr;      // First byte of the method.
-  const char* views_end_ = nullptr;          // End of the furthest URL or header piece.
-  const char* value_end_ = nullptr;          // End of the current header value's last piece.
-  const char* scan_from_ = nullptr;          // First byte not yet checked for a bare CR.
-  bool pending_cr_ = false;                  // The last byte checked was a CR; an LF must follow.
-  std::size_t url_bytes_ = 0;                // Request-target bytes so far.
-  std::size_t header_bytes_ = 0;             // Header (or trailer) name and value bytes so far.
-  std::size_t header_count_ = 0;             // Header (or trailer) lines so far.
-  std::size_t chunk_extension_bytes_ = 0;    // All chunk extension bytes of this body.
-  std::size_t host_count_ = 0;               // Host header lines.
+  llhttp_t parser_;                        // llhttp's state; parser_.data points back here.
+  const Limits* limits_;                   // Server-owned limits, read at each check.
+  Request* request_ = nullptr;             // Where the current message goes.
+  ParsePhase phase_ = ParsePhase::idle;    // Drives the connection's timeouts.
+  const char* message_start_ = nullptr;    // First byte of the method.
+  const char* views_end_ = nullptr;        // End of the furthest URL or header piece.
+  const char* value_end_ = nullptr;        // End of the current header value's last piece.
+  const char* scan_from_ = nullptr;        // First byte not yet checked for a bare CR.
+  bool pending_cr_ = false;                // The last byte checked was a CR; an LF must follow.
+  int chunk_crlf_expected_ = 0;            // Bytes of the CRLF that must end chunk data (2, 1, 0).
+  std::size_t url_bytes_ = 0;              // Request-target bytes so far.
+  std::size_t header_bytes_ = 0;           // Header (or trailer) name and value bytes so far.
+  std::size_t header_count_ = 0;           // Header (or trailer) lines so far.
+  std::size_t chunk_extension_bytes_ = 0;  // All chunk extension bytes of this body.
+  std::size_t host_count_ = 0;             // Host header lines.
   std::size_t transfer_encoding_count_ = 0;  // Transfer-Encoding header lines.
   bool in_header_field_ = false;             // A header name is being received.
   bool in_trailers_ = false;                 // Header callbacks now carry trailers.

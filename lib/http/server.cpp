@@ -12,9 +12,7 @@ namespace {
 
 constexpr std::size_t kMaxFreeWorkspaces = 32;               // Spare read buffers kept for reuse.
 constexpr std::size_t kMaxRetainedBodyCapacity = 64 * 1024;  // Larger bodies give memory back.
-constexpr std::string_view kTooManyConnections =
-    "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 37\r\n"
-    "Retry-After: 1\r\nConnection: close\r\n\r\nserver.max_connections open; retry\n";
+constexpr std::string_view kTooManyConnectionsBody = "server.max_connections reached; retry\n";
 
 // A connection refused over max_connections lives only until its handle closes.
 struct RefusedConnection {
@@ -120,8 +118,14 @@ void Server::refuse(uv_stream_t* listener) {
   uv_tcp_init(loop_.uv(), &refused->tcp);
   refused->tcp.data = refused;
   if (uv_accept(listener, reinterpret_cast<uv_stream_t*>(&refused->tcp)) == 0) {
-    uv_buf_t buf = uv_buf_init(const_cast<char*>(kTooManyConnections.data()),
-                               static_cast<unsigned>(kTooManyConnections.size()));
+    // Best effort, one non-blocking write: the client may already be sending its request.
+    std::string answer = "HTTP/1.1 503 Service Unavailable\r\nServer: " + options_.server_name +
+                         "\r\nDate: " + std::string(date_.now()) +
+                         "\r\nContent-Type: text/plain\r\nContent-Length: " +
+                         std::to_string(kTooManyConnectionsBody.size()) +
+                         "\r\nRetry-After: 1\r\nConnection: close\r\n\r\n" +
+                         std::string(kTooManyConnectionsBody);
+    uv_buf_t buf = uv_buf_init(answer.data(), static_cast<unsigned>(answer.size()));
     uv_try_write(reinterpret_cast<uv_stream_t*>(&refused->tcp), &buf, 1);
   }
   uv_close(reinterpret_cast<uv_handle_t*>(&refused->tcp),
