@@ -1,0 +1,967 @@
+#include "jobs/email.hpp"
+
+#include <arpa/inet.h>
+
+#include <array>
+#include <cstdint>
+#include <ctime>
+#include <optional>
+#include <random>
+#include <set>
+#include <stdexcept>
+#include <utility>
+
+#include <nlohmann/json.hpp>
+
+namespace squall::jobs {
+namespace {
+
+using Json = nlohmann::json;
+
+constexpr std::size_t kMaxAddrSpec = 254;  // RFC 5321 4.5.3.1.3 path (256) minus the brackets
+constexpr std::size_t kMaxLocalPart = 64;  // RFC 5321 4.5.3.1.1
+constexpr std::size_t kMaxDomain = 253;
+constexpr std::size_t kMaxLabel = 63;
+// Header lines stay within 78 characters where a fold is possible (RFC 5322 2.1.1).
+constexpr std::size_t kHeaderLine = 78;
+// An encoded-word is at most 75 characters (RFC 2047 2); 42 bytes of UTF-8 make 56 base64
+// characters and a 68-character word, so "Subject: " plus one word still fits in 78.
+constexpr std::size_t kEncodedWordBytes = 42;
+// Quoted-printable lines are at most 76 characters (RFC 2045 6.7 rule 5).
+constexpr std::size_t kQpLine = 76;
+
+constexpr std::array<std::string_view, 8> kRequestFields = {"to",       "cc",      "bcc",  "from",
+                                                            "reply_to", "subject", "text", "html"};
+
+// ---------------------------------------------------------------------------------------------
+// Characters
+
+bool is_ascii_alnum(unsigned char c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
+}
+
+// RFC 5322 3.2.3 atext.
+bool is_atext(unsigned char c) {
+  if (is_ascii_alnum(c)) return true;
+  static constexpr std::string_view kSpecials = "!#$%&'*+-/=?^_`{|}~";
+  return c != 0 && kSpecials.find(static_cast<char>(c)) != std::string_view::npos;
+}
+
+bool has_cr_lf_nul(std::string_view s) {
+  return s.find_first_of(std::string_view("\r\n\0", 3)) != std::string_view::npos;
+}
+
+bool is_control(unsigned char c) {
+  return c < 0x20 || c == 0x7f;
+}
+
+// Strict UTF-8: no overlong forms, no surrogates, nothing above U+10FFFF.
+bool valid_utf8(std::string_view s) {
+  std::size_t i = 0;
+  while (i < s.size()) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    std::size_t len = 0;
+    std::uint32_t cp = 0;
+    if (c >= 0xc2 && c <= 0xdf) {
+      len = 2;
+      cp = c & 0x1f;
+    } else if (c >= 0xe0 && c <= 0xef) {
+      len = 3;
+      cp = c & 0x0f;
+    } else if (c >= 0xf0 && c <= 0xf4) {
+      len = 4;
+      cp = c & 0x07;
+    } else {
+      return false;
+    }
+    if (i + len > s.size()) return false;
+    for (std::size_t k = 1; k < len; ++k) {
+      const auto cc = static_cast<unsigned char>(s[i + k]);
+      if ((cc & 0xc0) != 0x80) return false;
+      cp = (cp << 6) | (cc & 0x3f);
+    }
+    if ((len == 3 && cp < 0x800) || (len == 4 && (cp < 0x10000 || cp > 0x10ffff)) ||
+        (cp >= 0xd800 && cp <= 0xdfff)) {
+      return false;
+    }
+    i += len;
+  }
+  return true;
+}
+
+// The length of the UTF-8 sequence that starts with lead (input already validated).
+std::size_t utf8_length(unsigned char lead) {
+  if (lead < 0x80) return 1;
+  if (lead < 0xe0) return 2;
+  if (lead < 0xf0) return 3;
+  return 4;
+}
+
+std::string lower_ascii(std::string_view s) {
+  std::string out(s);
+  for (char& c : out) {
+    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+  }
+  return out;
+}
+
+std::string quote_for_message(std::string_view s) {
+  return "'" + std::string(s) + "'";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Addresses
+
+std::optional<std::string> check_domain(std::string_view domain) {
+  if (domain.empty()) return "has no domain after the @";
+  if (domain.front() == '[') {
+    if (domain.back() != ']') return "the domain literal is not closed with ]";
+    std::string inner(domain.substr(1, domain.size() - 2));
+    unsigned char buf[16];
+    if (inner.size() > 5 && lower_ascii(inner.substr(0, 5)) == "ipv6:") {
+      if (inet_pton(AF_INET6, inner.c_str() + 5, buf) == 1) return std::nullopt;
+    } else if (inet_pton(AF_INET, inner.c_str(), buf) == 1) {
+      return std::nullopt;
+    }
+    return "the domain literal " + std::string(domain) +
+           " is neither an IPv4 address nor IPv6:<IPv6 address>";
+  }
+  if (domain.size() > kMaxDomain) return "the domain is longer than 253 octets";
+  std::string_view last_label;
+  std::size_t start = 0;
+  while (true) {
+    const std::size_t dot = domain.find('.', start);
+    const std::string_view label =
+        domain.substr(start, dot == std::string_view::npos ? std::string_view::npos : dot - start);
+    if (label.empty()) return "the domain has an empty label (a leading, trailing or double dot)";
+    for (const char ch : label) {
+      const auto c = static_cast<unsigned char>(ch);
+      if (c >= 0x80) {
+        return "the domain has a non-ASCII character (give an internationalized domain in its "
+               "xn-- form)";
+      }
+      if (!is_ascii_alnum(c) && c != '-') {
+        return "the domain label " + quote_for_message(label) +
+               " has a character other than a letter, digit or hyphen";
+      }
+    }
+    if (label.size() > kMaxLabel) {
+      return "the domain label " + quote_for_message(label) + " is longer than 63 octets";
+    }
+    if (label.front() == '-' || label.back() == '-') {
+      return "the domain label " + quote_for_message(label) + " starts or ends with a hyphen";
+    }
+    last_label = label;
+    if (dot == std::string_view::npos) break;
+    start = dot + 1;
+  }
+  bool numeric = true;
+  for (const char c : last_label) numeric = numeric && c >= '0' && c <= '9';
+  if (numeric) {
+    return "the domain ends in a numeric label (write an IP address as a literal, e.g. "
+           "[192.0.2.1])";
+  }
+  return std::nullopt;
+}
+
+// addr-spec = local-part "@" domain, with the local part a dot-atom or a quoted string.
+std::variant<Address, std::string> parse_addr_spec(std::string_view s) {
+  if (s.empty()) return std::string("is empty");
+  if (s.size() > kMaxAddrSpec) return std::string("is longer than 254 octets");
+  std::size_t at = 0;
+  if (s.front() == '"') {
+    std::size_t i = 1;
+    for (; i < s.size(); ++i) {
+      const auto c = static_cast<unsigned char>(s[i]);
+      if (c == '"') break;
+      if (c < 0x20 || c > 0x7e) {
+        return std::string("the quoted local part has a character that is not printable ASCII");
+      }
+      if (c == '\\') {
+        if (i + 1 >= s.size()) {
+          i = s.size();  // a trailing backslash escapes nothing: not closed
+          break;
+        }
+        const auto next = static_cast<unsigned char>(s[i + 1]);
+        if (next < 0x20 || next > 0x7e) {
+          return std::string("the quoted local part has a character that is not printable ASCII");
+        }
+        ++i;
+      }
+    }
+    if (i >= s.size()) return std::string("the quoted local part is not closed");
+    at = i + 1;
+    if (at >= s.size() || s[at] != '@') {
+      return std::string("has no @ right after the quoted local part");
+    }
+  } else {
+    at = s.find('@');
+    if (at == std::string_view::npos) return std::string("has no @");
+  }
+  const std::string_view local = s.substr(0, at);
+  const std::string_view domain = s.substr(at + 1);
+  if (local.empty()) return std::string("has an empty local part");
+  if (local.size() > kMaxLocalPart) return std::string("has a local part longer than 64 octets");
+  if (local.front() != '"') {
+    for (std::size_t i = 0; i < local.size(); ++i) {
+      const auto c = static_cast<unsigned char>(local[i]);
+      if (c == '.') {
+        if (i == 0 || i + 1 == local.size() || local[i - 1] == '.') {
+          return std::string(
+              "the local part has a leading, trailing or double dot (quote it to allow that)");
+        }
+      } else if (c >= 0x80) {
+        return std::string("the local part has a non-ASCII character (not supported)");
+      } else if (!is_atext(c)) {
+        return "the local part has the character " + quote_for_message(std::string(1, char(c))) +
+               ", which is only allowed in a quoted local part";
+      }
+    }
+  }
+  if (auto error = check_domain(domain)) return std::move(*error);
+  return Address{"", std::string(s)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// JSON request parsing
+
+struct DuplicateKey {
+  std::string key;
+};
+
+// Replays a document that failed to parse and records where the parser stood, so that a string
+// that is not valid UTF-8 is reported against its field ("to[1]") instead of the whole body.
+class PathTracker : public nlohmann::json_sax<Json> {
+ public:
+  std::string field() const {
+    std::string path;
+    for (std::size_t depth = 0; depth < frames_.size(); ++depth) {
+      const Frame& frame = frames_[depth];
+      if (frame.array) {
+        path += "[" + std::to_string(frame.index) + "]";
+      } else {
+        if (frame.expect_key) return "";  // the error is in a key, not a value
+        if (depth > 0) path += ".";
+        path += frame.key;
+      }
+    }
+    return path;
+  }
+
+  bool null() override { return value(); }
+  bool boolean(bool) override { return value(); }
+  bool number_integer(number_integer_t) override { return value(); }
+  bool number_unsigned(number_unsigned_t) override { return value(); }
+  bool number_float(number_float_t, const string_t&) override { return value(); }
+  bool string(string_t&) override { return value(); }
+  bool binary(binary_t&) override { return value(); }
+  bool start_object(std::size_t) override {
+    frames_.push_back(Frame{false, true, {}, 0});
+    return true;
+  }
+  bool key(string_t& key) override {
+    frames_.back().key = key;
+    frames_.back().expect_key = false;
+    return true;
+  }
+  bool end_object() override {
+    frames_.pop_back();
+    return value();
+  }
+  bool start_array(std::size_t) override {
+    frames_.push_back(Frame{true, false, {}, 0});
+    return true;
+  }
+  bool end_array() override {
+    frames_.pop_back();
+    return value();
+  }
+  bool parse_error(std::size_t, const std::string&, const nlohmann::detail::exception&) override {
+    return false;
+  }
+
+ private:
+  struct Frame {
+    bool array;
+    bool expect_key;
+    std::string key;
+    std::size_t index;
+  };
+
+  bool value() {
+    if (!frames_.empty()) {
+      Frame& frame = frames_.back();
+      if (frame.array) {
+        ++frame.index;
+      } else {
+        frame.expect_key = true;
+      }
+    }
+    return true;
+  }
+
+  std::vector<Frame> frames_;
+};
+
+FieldError json_error(std::string_view body, const Json::parse_error& error) {
+  std::string what = error.what();
+  // "[json.exception.parse_error.101] parse error at line 1, column 7: ..." -> "parse error ..."
+  if (const auto bracket = what.find("] "); what.starts_with("[json.") && bracket != what.npos) {
+    what.erase(0, bracket + 2);
+  }
+  if (what.find("UTF-8") != what.npos || what.find("surrogate") != what.npos) {
+    PathTracker tracker;
+    Json::sax_parse(body.begin(), body.end(), &tracker);
+    const std::string field = tracker.field();
+    if (!field.empty()) {
+      return {field, "is not valid UTF-8 (byte " + std::to_string(error.byte) + " of the body)"};
+    }
+  }
+  return {"body", "is not valid JSON: " + what};
+}
+
+// An address bound for a header: CR, LF and NUL would let the client add headers of its own.
+std::optional<FieldError> check_address(const std::string& field, std::string_view value) {
+  if (has_cr_lf_nul(value)) {
+    return FieldError{field, "contains CR, LF or NUL (header injection is not allowed)"};
+  }
+  auto parsed = parse_address(value);
+  if (auto* reason = std::get_if<std::string>(&parsed)) {
+    return FieldError{field, "is not a valid address: " + *reason};
+  }
+  return std::nullopt;
+}
+
+// A string field: absent or null leaves out untouched.
+std::optional<FieldError> get_string(const Json& doc, const char* name, bool required,
+                                     std::string& out) {
+  const auto it = doc.find(name);
+  if (it == doc.end() || it->is_null()) {
+    if (required) return FieldError{name, "is required"};
+    return std::nullopt;
+  }
+  if (!it->is_string()) return FieldError{name, "must be a string"};
+  out = it->get<std::string>();
+  return std::nullopt;
+}
+
+// An address list ("a@b.c" or ["a@b.c", ...]) with every element checked and counted against
+// the recipient limit, which spans to, cc and bcc.
+std::optional<FieldError> get_recipients(const Json& doc, const char* name, bool required,
+                                         const EmailLimits& limits, std::size_t& total,
+                                         std::vector<std::string>& out) {
+  const auto it = doc.find(name);
+  if (it == doc.end() || it->is_null()) {
+    if (required) return FieldError{name, "is required"};
+    return std::nullopt;
+  }
+  std::vector<std::pair<std::string, std::string>> items;  // field name, value
+  if (it->is_string()) {
+    items.emplace_back(name, it->get<std::string>());
+  } else if (it->is_array()) {
+    if (required && it->empty()) return FieldError{name, "must not be an empty array"};
+    for (std::size_t i = 0; i < it->size(); ++i) {
+      const std::string field = std::string(name) + "[" + std::to_string(i) + "]";
+      const Json& element = (*it)[i];
+      if (!element.is_string()) return FieldError{field, "must be a string"};
+      items.emplace_back(field, element.get<std::string>());
+    }
+  } else {
+    return FieldError{name, "must be a string or an array of strings"};
+  }
+  for (auto& [field, value] : items) {
+    if (++total > limits.max_recipients) {
+      return FieldError{field, "is recipient number " + std::to_string(total) + "; at most " +
+                                   std::to_string(limits.max_recipients) +
+                                   " recipients (to + cc + bcc) are allowed"};
+    }
+    if (auto error = check_address(field, value)) return error;
+    out.push_back(std::move(value));
+  }
+  return std::nullopt;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encodings
+
+std::string base64(std::string_view in) {
+  static constexpr char kAlphabet[] =
+      "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  std::string out;
+  out.reserve((in.size() + 2) / 3 * 4);
+  std::size_t i = 0;
+  for (; i + 2 < in.size(); i += 3) {
+    const std::uint32_t n = (std::uint32_t(static_cast<unsigned char>(in[i])) << 16) |
+                            (std::uint32_t(static_cast<unsigned char>(in[i + 1])) << 8) |
+                            static_cast<unsigned char>(in[i + 2]);
+    out += kAlphabet[(n >> 18) & 63];
+    out += kAlphabet[(n >> 12) & 63];
+    out += kAlphabet[(n >> 6) & 63];
+    out += kAlphabet[n & 63];
+  }
+  if (i + 1 == in.size()) {
+    const std::uint32_t n = std::uint32_t(static_cast<unsigned char>(in[i])) << 16;
+    out += kAlphabet[(n >> 18) & 63];
+    out += kAlphabet[(n >> 12) & 63];
+    out += "==";
+  } else if (i + 2 == in.size()) {
+    const std::uint32_t n = (std::uint32_t(static_cast<unsigned char>(in[i])) << 16) |
+                            (std::uint32_t(static_cast<unsigned char>(in[i + 1])) << 8);
+    out += kAlphabet[(n >> 18) & 63];
+    out += kAlphabet[(n >> 12) & 63];
+    out += kAlphabet[(n >> 6) & 63];
+    out += '=';
+  }
+  return out;
+}
+
+void append_hex_escape(std::string& out, char prefix, unsigned char c) {
+  static constexpr char kHex[] = "0123456789ABCDEF";
+  out += prefix;
+  out += kHex[c >> 4];
+  out += kHex[c & 15];
+}
+
+// One line of text (no line break in it) as quoted-printable lines of at most 76 characters.
+// A "." at the start of a line stays literal: libcurl dot-stuffs the DATA it uploads.
+void qp_encode_line(std::string_view line, std::string& out) {
+  std::size_t column = 0;
+  std::string token;
+  for (std::size_t i = 0; i < line.size(); ++i) {
+    const auto c = static_cast<unsigned char>(line[i]);
+    const bool last = i + 1 == line.size();
+    token.clear();
+    if (i == 0 && line.starts_with("From ")) {
+      append_hex_escape(token, '=', c);  // mbox writers would turn it into ">From "
+    } else if ((c == ' ' || c == '\t') && !last) {
+      token += static_cast<char>(c);  // whitespace before a line end must be encoded (rule 3)
+    } else if (c >= 33 && c <= 126 && c != '=') {
+      token += static_cast<char>(c);
+    } else {
+      append_hex_escape(token, '=', c);
+    }
+    // Room for the soft break's "=" unless this is the line's last token.
+    if (column + token.size() > (last ? kQpLine : kQpLine - 1)) {
+      out += "=\r\n";
+      column = 0;
+    }
+    out += token;
+    column += token.size();
+  }
+}
+
+// Text as a quoted-printable body. CRLF, LF and a lone CR all end a line (hard CRLF breaks). The
+// body always ends with CRLF; when the text itself does not end with a line break, that CRLF is
+// a soft break ("=" CRLF), so decoding gives back the text exactly.
+std::string qp_encode(std::string_view text) {
+  std::string out;
+  out.reserve(text.size() + text.size() / 8 + 8);
+  std::size_t start = 0;
+  while (start < text.size()) {
+    const std::size_t end = text.find_first_of("\r\n", start);
+    if (end == std::string_view::npos) {
+      qp_encode_line(text.substr(start), out);
+      out += "=\r\n";
+      break;
+    }
+    qp_encode_line(text.substr(start, end - start), out);
+    out += "\r\n";
+    start = end + ((text[end] == '\r' && end + 1 < text.size() && text[end + 1] == '\n') ? 2 : 1);
+  }
+  return out;
+}
+
+// UTF-8 text as RFC 2047 B encoded-words, split only between characters (RFC 2047 5).
+std::vector<std::string> encoded_words(std::string_view text) {
+  std::vector<std::string> words;
+  std::size_t start = 0;
+  while (start < text.size()) {
+    std::size_t end = start;
+    while (end < text.size()) {
+      const std::size_t next = end + utf8_length(static_cast<unsigned char>(text[end]));
+      if (next - start > kEncodedWordBytes) break;
+      end = next;
+    }
+    words.push_back("=?UTF-8?B?" + base64(text.substr(start, end - start)) + "?=");
+    start = end;
+  }
+  return words;
+}
+
+// Writes one header, folding before a token when the line would pass 78 characters. Unfolding
+// removes the CRLF and keeps the space, so a fold never changes the value.
+class HeaderWriter {
+ public:
+  HeaderWriter(std::string& out, std::string_view name) : out_(out), column_(name.size() + 1) {
+    out_ += name;
+    out_ += ':';
+  }
+  void add(std::string_view token) {
+    if (!first_ && column_ + 1 + token.size() > kHeaderLine) {
+      out_ += "\r\n";
+      column_ = 0;
+    }
+    out_ += ' ';
+    out_ += token;
+    column_ += 1 + token.size();
+    first_ = false;
+  }
+  void add_all(const std::vector<std::string>& tokens) {
+    for (const auto& token : tokens) add(token);
+  }
+  void end() { out_ += "\r\n"; }
+
+ private:
+  std::string& out_;
+  std::size_t column_;
+  bool first_ = true;
+};
+
+bool printable_ascii(std::string_view s) {
+  for (const char ch : s) {
+    const auto c = static_cast<unsigned char>(ch);
+    if (c < 0x20 || c > 0x7e) return false;
+  }
+  return true;
+}
+
+// An unstructured value (Subject): as is, folded at its spaces, when it is printable ASCII that
+// no decoder could mistake for encoded-words and every piece fits on a line; otherwise as
+// encoded-words, which can always be folded and keep every space.
+std::vector<std::string> unstructured_tokens(std::string_view value, std::size_t first_room) {
+  bool plain = printable_ascii(value) && value.find("=?") == std::string_view::npos &&
+               !value.starts_with(' ') && !value.ends_with(' ');
+  std::vector<std::string> tokens;
+  if (plain) {
+    std::size_t start = 0;
+    while (true) {
+      const std::size_t space = value.find(' ', start);
+      tokens.emplace_back(value.substr(start, space == value.npos ? value.npos : space - start));
+      const std::size_t room = tokens.size() == 1 ? first_room : kHeaderLine - 1;
+      if (tokens.back().size() > room) {
+        plain = false;
+        break;
+      }
+      if (space == std::string_view::npos) break;
+      start = space + 1;
+    }
+  }
+  if (!plain) tokens = encoded_words(value);
+  return tokens;
+}
+
+// A display name as a phrase: atoms when it is plain words, a quoted string when it is short
+// printable ASCII with specials (e.g. "Doe, John"), encoded-words otherwise (non-ASCII, long).
+std::vector<std::string> phrase_tokens(std::string_view name) {
+  constexpr std::size_t kRoom = 70;
+  const bool ascii = printable_ascii(name) && name.find("=?") == std::string_view::npos;
+  if (ascii) {
+    std::vector<std::string> atoms;
+    bool atoms_only = true;
+    std::size_t start = 0;
+    while (atoms_only && start <= name.size()) {
+      std::size_t space = name.find(' ', start);
+      if (space == std::string_view::npos) space = name.size();
+      const std::string_view atom = name.substr(start, space - start);
+      if (!atom.empty()) {
+        for (const char c : atom)
+          atoms_only = atoms_only && is_atext(static_cast<unsigned char>(c));
+        atoms_only = atoms_only && atom.size() <= kRoom;
+        atoms.emplace_back(atom);
+      }
+      start = space + 1;
+    }
+    if (atoms_only && !atoms.empty()) return atoms;
+    std::string quoted = "\"";
+    for (const char c : name) {
+      if (c == '"' || c == '\\') quoted += '\\';
+      quoted += c;
+    }
+    quoted += '"';
+    if (quoted.size() <= kRoom) return {quoted};
+  }
+  return encoded_words(name);
+}
+
+Address parse_or_throw(std::string_view text, std::string_view what) {
+  auto parsed = parse_address(text);
+  if (auto* reason = std::get_if<std::string>(&parsed)) {
+    throw std::invalid_argument(std::string(what) + " is not a valid address: " + *reason);
+  }
+  return std::get<Address>(std::move(parsed));
+}
+
+std::vector<std::string> mailbox_tokens(const Address& address) {
+  if (address.display_name.empty()) return {address.addr_spec};
+  auto tokens = phrase_tokens(address.display_name);
+  tokens.push_back("<" + address.addr_spec + ">");
+  return tokens;
+}
+
+void write_address_list(std::string& out, std::string_view name,
+                        const std::vector<std::string>& addresses) {
+  HeaderWriter header(out, name);
+  for (std::size_t i = 0; i < addresses.size(); ++i) {
+    auto tokens = mailbox_tokens(
+        parse_or_throw(addresses[i], std::string(name) + "[" + std::to_string(i) + "]"));
+    if (i + 1 < addresses.size()) tokens.back() += ',';
+    header.add_all(tokens);
+  }
+  header.end();
+}
+
+// RFC 5322 3.3 date-time, always in UTC.
+std::string rfc5322_date(std::chrono::system_clock::time_point when) {
+  static constexpr std::array<const char*, 7> kDays = {"Sun", "Mon", "Tue", "Wed",
+                                                       "Thu", "Fri", "Sat"};
+  static constexpr std::array<const char*, 12> kMonths = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
+                                                          "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
+  const std::time_t t = std::chrono::system_clock::to_time_t(when);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%s, %02d %s %04d %02d:%02d:%02d +0000", kDays[tm.tm_wday],
+                tm.tm_mday, kMonths[tm.tm_mon], tm.tm_year + 1900, tm.tm_hour, tm.tm_min,
+                tm.tm_sec);
+  return buf;
+}
+
+// "=_" never occurs in quoted-printable output ("=" is always followed by two hex digits or a
+// line break), so a boundary starting with it cannot collide with a part's content; the random
+// rest keeps nested or forwarded messages apart.
+std::string make_boundary() {
+  std::random_device random;
+  std::string boundary = "=_squall_";
+  for (int i = 0; i < 4; ++i) {
+    char buf[9];
+    std::snprintf(buf, sizeof buf, "%08x", static_cast<unsigned>(random()));
+    boundary += buf;
+  }
+  return boundary;
+}
+
+void append_part_headers(std::string& out, std::string_view subtype) {
+  out += "Content-Type: text/";
+  out += subtype;
+  out += "; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n";
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+std::variant<Address, std::string> parse_address(std::string_view text) {
+  if (text.empty()) return std::string("is empty");
+  if (has_cr_lf_nul(text)) return std::string("contains CR, LF or NUL");
+  if (!valid_utf8(text)) return std::string("is not valid UTF-8");
+  for (const char c : text) {
+    if (is_control(static_cast<unsigned char>(c))) {
+      return std::string("contains a control character");
+    }
+  }
+  if (text.back() != '>') {
+    if (text.find('<') != std::string_view::npos) return std::string("has a < without a >");
+    if (text.find(' ') != std::string_view::npos) {
+      return std::string("contains whitespace (a display name takes the form Name <local@domain>)");
+    }
+    return parse_addr_spec(text);
+  }
+  if (text.front() == ' ') return std::string("starts with whitespace");
+  std::string name;
+  std::size_t open = 0;
+  if (text.front() == '"') {
+    std::size_t i = 1;
+    for (; i < text.size() && text[i] != '"'; ++i) {
+      if (text[i] == '\\') {
+        if (++i >= text.size()) break;
+      }
+      name += text[i];
+    }
+    if (i >= text.size()) return std::string("has a quoted display name that is not closed");
+    open = i + 1;
+    while (open < text.size() && text[open] == ' ') ++open;
+    if (open >= text.size() || text[open] != '<') {
+      return std::string("has text between the quoted display name and <");
+    }
+  } else {
+    open = text.find('<');
+    if (open == std::string_view::npos) return std::string("has a > without a <");
+    std::string_view raw = text.substr(0, open);
+    while (!raw.empty() && raw.back() == ' ') raw.remove_suffix(1);
+    if (raw.find('"') != std::string_view::npos) {
+      return std::string("has a \" in a display name that is not a quoted string");
+    }
+    if (raw.find('>') != std::string_view::npos) return std::string("has a > before the <");
+    name = raw;
+  }
+  const std::string_view inner = text.substr(open + 1, text.size() - open - 2);
+  if (inner.find_first_of("<>") != std::string_view::npos) {
+    return std::string("has more than one <...>");
+  }
+  if (inner.find(' ') != std::string_view::npos) {
+    return std::string("contains whitespace inside <...>");
+  }
+  auto spec = parse_addr_spec(inner);
+  if (auto* address = std::get_if<Address>(&spec)) address->display_name = std::move(name);
+  return spec;
+}
+
+std::variant<Email, FieldError> parse_email_request(std::string_view json_body,
+                                                    const EmailLimits& limits) {
+  Json doc;
+  try {
+    std::set<std::string> seen;
+    // Duplicate keys are refused: parsers disagree on which one wins, so a proxy and squall
+    // could read different recipients from the same body.
+    doc = Json::parse(json_body.begin(), json_body.end(),
+                      [&seen](int depth, Json::parse_event_t event, Json& parsed) {
+                        if (event == Json::parse_event_t::key && depth == 1 &&
+                            !seen.insert(parsed.get<std::string>()).second) {
+                          throw DuplicateKey{parsed.get<std::string>()};
+                        }
+                        return true;
+                      });
+  } catch (const DuplicateKey& duplicate) {
+    return FieldError{duplicate.key, "appears more than once"};
+  } catch (const Json::parse_error& error) {
+    return json_error(json_body, error);
+  }
+  if (!doc.is_object()) return FieldError{"body", "must be a JSON object"};
+  for (const auto& item : doc.items()) {
+    bool known = false;
+    for (const auto field : kRequestFields) known = known || item.key() == field;
+    if (!known) {
+      return FieldError{item.key(),
+                        "is not a known field (known: to, cc, bcc, from, reply_to, subject, "
+                        "text, html)"};
+    }
+  }
+
+  Email email;
+  std::size_t recipients = 0;
+  if (auto e = get_recipients(doc, "to", true, limits, recipients, email.to)) return *e;
+  if (auto e = get_recipients(doc, "cc", false, limits, recipients, email.cc)) return *e;
+  if (auto e = get_recipients(doc, "bcc", false, limits, recipients, email.bcc)) return *e;
+  const std::array<std::pair<const char*, std::string*>, 2> senders = {
+      {{"from", &email.from}, {"reply_to", &email.reply_to}}};
+  for (const auto& [name, target] : senders) {
+    if (auto e = get_string(doc, name, false, *target)) return *e;
+    // Present means it must be an address: "" is not a way to ask for the default sender.
+    if (const auto it = doc.find(name); it != doc.end() && !it->is_null()) {
+      if (auto e = check_address(name, *target)) return *e;
+    }
+  }
+  if (auto e = get_string(doc, "subject", true, email.subject)) return *e;
+  if (has_cr_lf_nul(email.subject)) {
+    return FieldError{"subject", "contains CR, LF or NUL (header injection is not allowed)"};
+  }
+  if (!valid_utf8(email.subject)) return FieldError{"subject", "is not valid UTF-8"};
+  for (const char c : email.subject) {
+    if (c != '\t' && is_control(static_cast<unsigned char>(c))) {
+      return FieldError{"subject", "contains a control character"};
+    }
+  }
+  if (auto e = get_string(doc, "text", false, email.text)) return *e;
+  if (auto e = get_string(doc, "html", false, email.html)) return *e;
+  if (!valid_utf8(email.text)) return FieldError{"text", "is not valid UTF-8"};
+  if (!valid_utf8(email.html)) return FieldError{"html", "is not valid UTF-8"};
+  if (email.text.empty() && email.html.empty()) {
+    return FieldError{"text", "is required: give text or html (or both), not empty"};
+  }
+
+  std::size_t bytes = 0;
+  const std::array<std::pair<const char*, const std::string*>, 3> parts = {
+      {{"subject", &email.subject}, {"text", &email.text}, {"html", &email.html}}};
+  for (const auto& [name, value] : parts) {
+    bytes += value->size();
+    if (bytes > limits.max_email_bytes) {
+      const std::size_t total = email.subject.size() + email.text.size() + email.html.size();
+      return FieldError{name, "makes the email too large: subject + text + html are " +
+                                  std::to_string(total) + " bytes, at most " +
+                                  std::to_string(limits.max_email_bytes) + " are allowed"};
+    }
+  }
+  return email;
+}
+
+std::string email_to_json(const Email& email) {
+  // ordered_json keeps the fields in this order, which reads better in the job store.
+  const nlohmann::ordered_json doc = {
+      {"from", email.from},
+      {"to", email.to},
+      {"cc", email.cc},
+      {"bcc", email.bcc},
+      {"reply_to", email.reply_to},
+      {"subject", email.subject},
+      {"text", email.text},
+      {"html", email.html},
+  };
+  try {
+    return doc.dump();
+  } catch (const Json::type_error& error) {  // a string that is not UTF-8
+    throw std::invalid_argument(std::string("email_to_json: ") + error.what());
+  }
+}
+
+Email email_from_json(std::string_view json) {
+  Json doc;
+  try {
+    doc = Json::parse(json.begin(), json.end());
+  } catch (const Json::parse_error& error) {
+    throw std::invalid_argument(std::string("stored email is not valid JSON: ") + error.what());
+  }
+  if (!doc.is_object()) throw std::invalid_argument("stored email is not a JSON object");
+  Email email;
+  for (const auto& item : doc.items()) {
+    const std::string& key = item.key();
+    const Json& value = item.value();
+    std::string* text = key == "from"       ? &email.from
+                        : key == "reply_to" ? &email.reply_to
+                        : key == "subject"  ? &email.subject
+                        : key == "text"     ? &email.text
+                        : key == "html"     ? &email.html
+                                            : nullptr;
+    std::vector<std::string>* list = key == "to"    ? &email.to
+                                     : key == "cc"  ? &email.cc
+                                     : key == "bcc" ? &email.bcc
+                                                    : nullptr;
+    if (text != nullptr) {
+      if (!value.is_string())
+        throw std::invalid_argument("stored email: " + key + " is not a string");
+      *text = value.get<std::string>();
+    } else if (list != nullptr) {
+      if (!value.is_array())
+        throw std::invalid_argument("stored email: " + key + " is not an array");
+      for (const Json& element : value) {
+        if (!element.is_string()) {
+          throw std::invalid_argument("stored email: " + key +
+                                      " has an element that is not a string");
+        }
+        list->push_back(element.get<std::string>());
+      }
+    } else {
+      throw std::invalid_argument("stored email: unknown field " + key);
+    }
+  }
+  return email;
+}
+
+std::string build_mime(const Email& email, std::string_view default_from,
+                       std::string_view message_id, std::chrono::system_clock::time_point date) {
+  if (message_id.starts_with('<') && message_id.ends_with('>') && message_id.size() >= 2) {
+    message_id = message_id.substr(1, message_id.size() - 2);
+  }
+  if (message_id.empty() || !printable_ascii(message_id) ||
+      message_id.find_first_of(" <>") != std::string_view::npos) {
+    throw std::invalid_argument(
+        "build_mime: the Message-ID is empty or has characters other "
+        "than printable ASCII");
+  }
+  if (has_cr_lf_nul(email.subject) || !valid_utf8(email.subject)) {
+    throw std::invalid_argument("build_mime: the subject has CR, LF, NUL or invalid UTF-8");
+  }
+  const std::string_view from = email.from.empty() ? default_from : email.from;
+
+  std::string out;
+  out.reserve(1024 + (email.text.size() + email.html.size()) * 11 / 10);
+  out += "Date: " + rfc5322_date(date) + "\r\n";
+  out += "Message-ID: <";
+  out += message_id;
+  out += ">\r\n";
+  {
+    HeaderWriter header(out, "From");
+    header.add_all(mailbox_tokens(parse_or_throw(from, "from")));
+    header.end();
+  }
+  if (!email.to.empty()) write_address_list(out, "To", email.to);
+  if (!email.cc.empty()) write_address_list(out, "Cc", email.cc);
+  // Bcc recipients are only in the envelope: a Bcc header would show them to everyone.
+  if (!email.reply_to.empty()) {
+    HeaderWriter header(out, "Reply-To");
+    header.add_all(mailbox_tokens(parse_or_throw(email.reply_to, "reply_to")));
+    header.end();
+  }
+  {
+    HeaderWriter header(out, "Subject");
+    if (!email.subject.empty()) {
+      header.add_all(unstructured_tokens(email.subject, kHeaderLine - (sizeof "Subject: " - 1)));
+    }
+    header.end();
+  }
+  out += "MIME-Version: 1.0\r\n";
+
+  const bool text = !email.text.empty();
+  const bool html = !email.html.empty();
+  if (text && html) {
+    const std::string boundary = make_boundary();
+    out += "Content-Type: multipart/alternative;\r\n boundary=\"" + boundary + "\"\r\n\r\n";
+    // The plain text comes first: multipart/alternative lists the parts in increasing order of
+    // preference (RFC 2046 5.1.4).
+    out += "--" + boundary + "\r\n";
+    append_part_headers(out, "plain");
+    out += "\r\n";
+    out += qp_encode(email.text);
+    out += "\r\n--" + boundary + "\r\n";
+    append_part_headers(out, "html");
+    out += "\r\n";
+    out += qp_encode(email.html);
+    out += "\r\n--" + boundary + "--\r\n";
+  } else {
+    append_part_headers(out, html ? "html" : "plain");
+    out += "\r\n";
+    out += qp_encode(html ? email.html : email.text);
+  }
+  return out;
+}
+
+std::string make_message_id(std::string_view job_id, std::string_view domain) {
+  if (job_id.empty()) throw std::invalid_argument("make_message_id: the job id is empty");
+  std::string right;
+  if (domain.find('@') != std::string_view::npos) {
+    const Address sender = parse_or_throw(domain, "make_message_id: the sender");
+    right = sender.addr_spec.substr(sender.addr_spec.rfind('@') + 1);
+  } else {
+    if (auto error = check_domain(domain)) {
+      throw std::invalid_argument("make_message_id: the domain " + *error);
+    }
+    right = domain;
+  }
+  std::string left;
+  for (const char ch : job_id) {
+    const auto c = static_cast<unsigned char>(ch);
+    // "." is escaped too: dot-atom-text forbids leading, trailing and double dots.
+    if (is_atext(c) && c != '=') {
+      left += ch;
+    } else {
+      append_hex_escape(left, '=', c);
+    }
+  }
+  return left + "@" + right;
+}
+
+std::vector<std::string> envelope_recipients(const Email& email) {
+  std::vector<std::string> out;
+  std::set<std::string> seen;
+  for (const auto* list : {&email.to, &email.cc, &email.bcc}) {
+    for (const auto& text : *list) {
+      Address address = parse_or_throw(text, "envelope_recipients: a recipient");
+      const std::size_t at = address.addr_spec.rfind('@');
+      // Domains are case-insensitive; local parts formally are not (RFC 5321 2.4).
+      const std::string key =
+          address.addr_spec.substr(0, at + 1) + lower_ascii(address.addr_spec.substr(at + 1));
+      if (seen.insert(key).second) out.push_back(std::move(address.addr_spec));
+    }
+  }
+  return out;
+}
+
+std::string envelope_sender(const Email& email, std::string_view default_from) {
+  const std::string_view from = email.from.empty() ? default_from : email.from;
+  return parse_or_throw(from, "envelope_sender: the sender").addr_spec;
+}
+
+}  // namespace squall::jobs

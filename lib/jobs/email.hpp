@@ -1,0 +1,92 @@
+// An email job's content: the POST /email request body (parsed and validated), its stored JSON
+// form, the MIME message built from it and the SMTP envelope. Everything here is pure and
+// thread-safe; build_mime runs on a pool thread right before the send.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <string>
+#include <string_view>
+#include <variant>
+#include <vector>
+
+namespace squall::jobs {
+
+// One email as requested. Addresses keep the spelling the client sent ("a@b.c" or
+// "Name <a@b.c>"); build_mime re-encodes display names. from and reply_to may be empty: the
+// default sender comes from the configuration ([smtp] from).
+struct Email {
+  std::string from;
+  std::vector<std::string> to, cc, bcc;
+  std::string reply_to;
+  std::string subject;
+  std::string text;
+  std::string html;
+  bool operator==(const Email&) const = default;
+};
+
+struct EmailLimits {
+  std::size_t max_recipients = 50;        // to + cc + bcc, duplicates counted
+  std::size_t max_email_bytes = 1 << 20;  // subject + text + html, in bytes
+};
+
+// A rejected request: the JSON field ("to[2]", "subject", or "body" for the document itself)
+// and what is wrong with it ("is not a valid address: the domain has an empty label").
+struct FieldError {
+  std::string field;
+  std::string message;
+};
+
+// One mailbox: "local@domain" or "Name <local@domain>". addr_spec is the bare address used in
+// the SMTP envelope; display_name is unquoted (quoted-pairs resolved) and may be UTF-8.
+struct Address {
+  std::string display_name;
+  std::string addr_spec;
+};
+
+// Parses one address of the practical subset of RFC 5322 squall accepts: a local part that is
+// a dot-atom or a quoted string (ASCII only, at most 64 octets), a domain of LDH labels or an IP
+// literal in brackets ("[192.0.2.1]", "[IPv6:2001:db8::1]"), at most 254 octets in all, no
+// whitespace outside the display name, no control characters anywhere. On failure returns a
+// short reason ("has no @", "the domain label 'a_b' has a character other than a letter, digit
+// or hyphen").
+std::variant<Address, std::string> parse_address(std::string_view text);
+
+// Parses and validates a POST /email body: {"to": "a@b.c" | ["a@b.c", ...], "cc": ..., "bcc": ...,
+// "from": "...", "reply_to": "...", "subject": "...", "text": "...", "html": "..."}. to and subject
+// are required (subject may be ""), and at least one of text and html must be non-empty; null
+// counts as absent for the optional fields. Unknown and duplicate keys are errors.
+std::variant<Email, FieldError> parse_email_request(std::string_view json_body,
+                                                    const EmailLimits& limits);
+
+// The stored form: a JSON object with every field; email_from_json(email_to_json(e)) == e.
+// email_from_json throws std::invalid_argument on malformed input or unknown keys (missing keys
+// take their empty defaults).
+std::string email_to_json(const Email& email);
+Email email_from_json(std::string_view json);
+
+// The message as sent in SMTP DATA: CRLF line endings, 7-bit only (RFC 2047 encoded-words in
+// headers, quoted-printable bodies), no Bcc header. message_id is the id without angle brackets
+// (as make_message_id returns it). The bytes are NOT dot-stuffed: libcurl's SMTP upload does
+// that. Throws std::invalid_argument when an address does not parse (a stored email is valid;
+// default_from comes from the configuration, which should be checked with parse_address at
+// start-up) or message_id has control characters.
+std::string build_mime(const Email& email, std::string_view default_from,
+                       std::string_view message_id, std::chrono::system_clock::time_point date);
+
+// A Message-ID that stays the same for every attempt of one job, so that receivers can drop
+// duplicates of an at-least-once delivery: "<job_id>@<domain>" without angle brackets. domain
+// may be a domain or the default sender's address ("Squall <squall@example.com>"), whose domain
+// is taken. Characters of job_id outside RFC 5322 atext become "=XX". Throws
+// std::invalid_argument for an empty job id or an unusable domain.
+std::string make_message_id(std::string_view job_id, std::string_view domain);
+
+// The envelope: bare addresses of to + cc + bcc in that order, duplicates (same local part, domain
+// compared case-insensitively) removed. Throws std::invalid_argument on an unparsable address.
+std::vector<std::string> envelope_recipients(const Email& email);
+
+// MAIL FROM: the bare address of email.from, or of default_from when from is empty, so bounces
+// go where the From header points. Throws std::invalid_argument on an unparsable address.
+std::string envelope_sender(const Email& email, std::string_view default_from);
+
+}  // namespace squall::jobs

@@ -1,0 +1,222 @@
+#include "jobs/runner.hpp"
+
+#include <algorithm>
+
+#include <spdlog/spdlog.h>
+
+namespace squall::jobs {
+
+JobRunner::JobRunner(Loop& loop, StoreWorker& store, RunnerOptions options, Prepare prepare,
+                     OnAttempt on_attempt)
+    : loop_(loop),
+      store_(store),
+      options_(options),
+      prepare_(std::move(prepare)),
+      on_attempt_(std::move(on_attempt)),
+      random_(std::random_device{}()),
+      alive_(std::make_shared<bool>(true)) {}
+
+JobRunner::~JobRunner() {
+  *alive_ = false;
+  if (poll_timer_ != nullptr) {
+    uv_close(reinterpret_cast<uv_handle_t*>(poll_timer_),
+             [](uv_handle_t* handle) { delete reinterpret_cast<uv_timer_t*>(handle); });
+  }
+}
+
+void JobRunner::start() {
+  if (poll_timer_ != nullptr) return;
+  poll_timer_ = new uv_timer_t;
+  uv_timer_init(loop_.uv(), poll_timer_);
+  poll_timer_->data = this;
+  const auto interval = static_cast<std::uint64_t>(options_.poll_interval.count());
+  uv_timer_start(
+      poll_timer_, [](uv_timer_t* timer) { static_cast<JobRunner*>(timer->data)->claim(); }, 0,
+      interval);
+}
+
+void JobRunner::reconfigure(const RunnerOptions& options) {
+  options_ = options;
+  if (poll_timer_ != nullptr) {
+    uv_timer_set_repeat(poll_timer_, static_cast<std::uint64_t>(options_.poll_interval.count()));
+  }
+}
+
+void JobRunner::poke() {
+  if (claim_in_flight_) {
+    claim_again_ = true;
+    return;
+  }
+  claim();
+}
+
+std::chrono::milliseconds JobRunner::backoff(int attempts) {
+  const int doublings = std::clamp(attempts - 1, 0, 40);
+  const double base = static_cast<double>(options_.retry_initial.count()) *
+                      static_cast<double>(std::uint64_t{1} << std::min(doublings, 40));
+  const double capped = std::min(base, static_cast<double>(options_.retry_max.count()));
+  std::uniform_real_distribution<double> upper_half(capped / 2, capped);
+  return std::chrono::milliseconds(static_cast<std::int64_t>(upper_half(random_)));
+}
+
+void JobRunner::claim() {
+  if (draining_ || claim_in_flight_) return;
+  const std::size_t free_slots =
+      options_.max_concurrent > stats_.running ? options_.max_concurrent - stats_.running : 0;
+  if (free_slots == 0) return;
+  claim_in_flight_ = true;
+  claim_again_ = false;
+  const std::int64_t lease_ms = options_.lease.count();
+  std::weak_ptr<bool> alive = alive_;
+  store_.run([this, alive, free_slots, lease_ms, &loop = loop_](JobStore& store) {
+    std::vector<Job> claimed;
+    std::string error;
+    try {
+      claimed = store.claim(free_slots, unix_now_ms(), lease_ms);
+    } catch (const std::exception& failure) {
+      error = failure.what();
+    }
+    loop.call_soon([this, alive, free_slots, claimed = std::move(claimed), error]() mutable {
+      const auto still_alive = alive.lock();
+      if (!still_alive || !*still_alive) return;
+      claim_in_flight_ = false;
+      if (!error.empty()) spdlog::error("jobs: claiming due jobs failed: {}", error);
+      for (Job& job : claimed) perform(std::move(job));
+      // A full batch or a poke meanwhile means more may be waiting.
+      if (!draining_ && (claim_again_ || claimed.size() == free_slots)) claim();
+      maybe_drained();
+    });
+  });
+}
+
+void JobRunner::perform(Job job) {
+  if (draining_) {
+    // Claimed just before drain began: hand it back untouched for the next start.
+    ++marks_in_flight_;
+    std::weak_ptr<bool> alive = alive_;
+    store_.run([this, alive, id = job.id, &loop = loop_](JobStore& store) {
+      try {
+        store.release(id, unix_now_ms());
+      } catch (const std::exception& failure) {
+        spdlog::error("jobs: releasing job {} failed: {}", id, failure.what());
+      }
+      loop.call_soon([this, alive] {
+        const auto still_alive = alive.lock();
+        if (!still_alive || !*still_alive) return;
+        --marks_in_flight_;
+        maybe_drained();
+      });
+    });
+    return;
+  }
+  std::function<AttemptResult()> work;
+  try {
+    work = prepare_(job);
+  } catch (const std::exception& failure) {
+    // A payload that cannot be turned into work will never succeed.
+    finish_attempt(job,
+                   {AttemptResult::Outcome::permanent_failure,
+                    std::string("cannot prepare the job: ") + failure.what()},
+                   std::chrono::nanoseconds(0));
+    return;
+  }
+  ++stats_.attempts;
+  ++stats_.running;
+  auto result = std::make_shared<AttemptResult>();
+  const auto started = std::chrono::steady_clock::now();
+  std::weak_ptr<bool> alive = alive_;
+  loop_.run_blocking(
+      [work = std::move(work), result] { *result = work(); },
+      [this, alive, job = std::move(job), result, started](std::exception_ptr error) {
+        const auto still_alive = alive.lock();
+        if (!still_alive || !*still_alive) return;
+        --stats_.running;
+        if (error) {
+          try {
+            std::rethrow_exception(error);
+          } catch (const std::exception& failure) {
+            *result = {AttemptResult::Outcome::temporary_failure,
+                       std::string("the attempt threw: ") + failure.what()};
+          } catch (...) {
+            *result = {AttemptResult::Outcome::temporary_failure, "the attempt threw"};
+          }
+        }
+        finish_attempt(job, *result, std::chrono::steady_clock::now() - started);
+        if (!draining_) claim();
+      });
+}
+
+void JobRunner::finish_attempt(const Job& job, const AttemptResult& result,
+                               std::chrono::nanoseconds elapsed) {
+  stats_.last_attempt_seconds = std::chrono::duration<double>(elapsed).count();
+  enum class Mark { sent, retry, failed } mark = Mark::failed;
+  std::string detail = result.detail;
+  std::int64_t run_after_ms = 0;
+  switch (result.outcome) {
+    case AttemptResult::Outcome::done:
+      mark = Mark::sent;
+      ++stats_.done;
+      spdlog::info("jobs: {} {} done after {} attempt(s)", job.kind, job.id, job.attempts);
+      break;
+    case AttemptResult::Outcome::permanent_failure:
+      mark = Mark::failed;
+      ++stats_.failed;
+      spdlog::warn("jobs: {} {} failed for good: {}", job.kind, job.id, detail);
+      break;
+    case AttemptResult::Outcome::temporary_failure:
+      if (static_cast<std::size_t>(job.attempts) >= options_.max_attempts) {
+        mark = Mark::failed;
+        ++stats_.failed;
+        detail = "gave up after " + std::to_string(job.attempts) + " attempts: " + detail;
+        spdlog::warn("jobs: {} {} {}", job.kind, job.id, detail);
+      } else {
+        mark = Mark::retry;
+        ++stats_.retries;
+        const auto wait = backoff(job.attempts);
+        run_after_ms = unix_now_ms() + wait.count();
+        spdlog::info("jobs: {} {} attempt {} failed ({}); retrying in {} ms", job.kind, job.id,
+                     job.attempts, detail, wait.count());
+      }
+      break;
+  }
+  if (on_attempt_) on_attempt_(job, result, elapsed, mark != Mark::retry);
+  ++marks_in_flight_;
+  std::weak_ptr<bool> alive = alive_;
+  store_.run(
+      [this, alive, id = job.id, mark, detail, run_after_ms, &loop = loop_](JobStore& store) {
+        try {
+          const std::int64_t now = unix_now_ms();
+          if (mark == Mark::sent) store.mark_sent(id, now);
+          if (mark == Mark::retry) store.mark_retry(id, detail, run_after_ms, now);
+          if (mark == Mark::failed) store.mark_failed(id, detail, now);
+        } catch (const std::exception& failure) {
+          // The lease will expire and the job will be attempted again: at least once.
+          spdlog::error("jobs: recording the outcome of {} failed: {}", id, failure.what());
+        }
+        loop.call_soon([this, alive] {
+          const auto still_alive = alive.lock();
+          if (!still_alive || !*still_alive) return;
+          --marks_in_flight_;
+          maybe_drained();
+        });
+      });
+}
+
+void JobRunner::drain(std::function<void()> done) {
+  draining_ = true;
+  on_drained_ = std::move(done);
+  if (poll_timer_ != nullptr) uv_timer_stop(poll_timer_);
+  maybe_drained();
+}
+
+void JobRunner::maybe_drained() {
+  if (!draining_ || stats_.running > 0 || marks_in_flight_ > 0 || claim_in_flight_ ||
+      !on_drained_) {
+    return;
+  }
+  auto done = std::move(on_drained_);
+  on_drained_ = nullptr;
+  done();
+}
+
+}  // namespace squall::jobs

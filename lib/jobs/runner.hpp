@@ -1,0 +1,96 @@
+// Runs due jobs: claims them from the store with a lease, performs each on libuv's thread pool,
+// and records the outcome (sent, retry later with backoff and jitter, or failed). Loop thread.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <random>
+#include <string>
+
+#include "core/loop.hpp"
+#include "jobs/store.hpp"
+#include "jobs/store_worker.hpp"
+
+namespace squall::jobs {
+
+struct RunnerOptions {
+  std::size_t max_concurrent = 2;                   // Jobs performed at once (pool threads).
+  std::size_t max_attempts = 8;                     // Then a temporary failure is final.
+  std::chrono::milliseconds retry_initial{30'000};  // The first backoff; it doubles.
+  std::chrono::milliseconds retry_max{3'600'000};   // The backoff's cap.
+  std::chrono::milliseconds lease{300'000};         // A claim's lifetime.
+  std::chrono::milliseconds poll_interval{1'000};   // How often due jobs are looked for.
+};
+
+// What one attempt came to.
+struct AttemptResult {
+  enum class Outcome { done, temporary_failure, permanent_failure };
+  Outcome outcome;
+  std::string detail;  // For the job's last_error and the log.
+};
+
+// Counters for metrics; loop thread only.
+struct RunnerStats {
+  std::uint64_t attempts = 0;       // Attempts started.
+  std::uint64_t done = 0;           // Jobs finished successfully.
+  std::uint64_t failed = 0;         // Jobs failed for good.
+  std::uint64_t retries = 0;        // Attempts that ended in a scheduled retry.
+  std::uint64_t running = 0;        // Attempts on the pool now.
+  double last_attempt_seconds = 0;  // Duration of the latest attempt.
+};
+
+class JobRunner {
+ public:
+  // Turns a claimed job into the blocking work of one attempt; called on the loop thread, so it
+  // may capture current settings. The work runs on a pool thread and must not touch the loop.
+  using Prepare = std::function<std::function<AttemptResult()>(const Job&)>;
+  // Called on the loop thread after each attempt with its duration (for a histogram) and
+  // whether the job is finished (sent or failed for good) rather than retried.
+  using OnAttempt = std::function<void(const Job&, const AttemptResult&, std::chrono::nanoseconds,
+                                       bool finished)>;
+
+  JobRunner(Loop& loop, StoreWorker& store, RunnerOptions options, Prepare prepare,
+            OnAttempt on_attempt = {});
+  ~JobRunner();
+  JobRunner(const JobRunner&) = delete;
+  JobRunner& operator=(const JobRunner&) = delete;
+
+  // Starts polling: the first claim also picks up jobs left by a previous run (expired leases).
+  void start();
+  // A job was just committed: look for work now instead of at the next poll.
+  void poke();
+  // Stops claiming; `done` runs once no attempt is running. Attempts not started stay queued.
+  void drain(std::function<void()> done);
+  void reconfigure(const RunnerOptions& options);
+
+  const RunnerStats& stats() const noexcept { return stats_; }
+  // The backoff before attempt `attempts + 1`: retry_initial * 2^(attempts-1), capped, with
+  // "equal jitter" (a uniform draw from its upper half) so failed jobs do not retry in step.
+  std::chrono::milliseconds backoff(int attempts);
+
+ private:
+  void claim();
+  void perform(Job job);
+  void finish_attempt(const Job& job, const AttemptResult& result,
+                      std::chrono::nanoseconds elapsed);
+  void maybe_drained();
+
+  Loop& loop_;                        // Whose pool and timers the runner uses.
+  StoreWorker& store_;                // All store access goes through its thread.
+  RunnerOptions options_;             // Current limits.
+  Prepare prepare_;                   // Builds one attempt's work.
+  OnAttempt on_attempt_;              // Metrics and logs hook.
+  RunnerStats stats_;                 // Counters.
+  std::mt19937_64 random_;            // For jitter.
+  uv_timer_t* poll_timer_ = nullptr;  // Repeating poll; freed in its close callback.
+  bool claim_in_flight_ = false;      // A claim is queued on the store thread.
+  bool claim_again_ = false;          // poke() arrived while a claim was in flight.
+  bool draining_ = false;             // No more claims.
+  std::size_t marks_in_flight_ = 0;   // Outcome writes not yet committed.
+  std::function<void()> on_drained_;  // drain()'s callback.
+  std::shared_ptr<bool> alive_;       // Lets store callbacks notice the runner is gone.
+};
+
+}  // namespace squall::jobs

@@ -1,0 +1,365 @@
+#include "jobs/smtp.hpp"
+
+#include <curl/curl.h>
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <utility>
+
+namespace squall::jobs {
+namespace {
+
+// What the debug callback saw of the SMTP dialogue: the last complete reply and the command it
+// answered. Only command verbs are kept, never their arguments after AUTH: the SASL exchange
+// carries the credentials.
+struct Transcript {
+  std::string pending_line;  // a reply line not yet ended by LF
+  std::string reply_lines;   // the lines of a multi-line reply read so far
+  long reply_code = 0;       // the last complete reply (QUIT's excluded)
+  std::string reply_text;
+  std::string stage = "greeting";  // what the next reply answers
+  bool quitting = false;
+
+  void on_reply_line(std::string_view line) {
+    if (quitting || line.size() < 3) return;
+    for (int i = 0; i < 3; ++i) {
+      if (line[i] < '0' || line[i] > '9') return;
+    }
+    const std::string_view text = line.size() > 4 ? line.substr(4) : std::string_view();
+    if (!reply_lines.empty()) reply_lines += ' ';
+    reply_lines += text;
+    if (line.size() > 3 && line[3] == '-') return;  // more lines follow
+    reply_code = (line[0] - '0') * 100 + (line[1] - '0') * 10 + (line[2] - '0');
+    reply_text = std::move(reply_lines);
+    reply_lines.clear();
+  }
+
+  void on_command(std::string_view line) {
+    while (!line.empty() && (line.back() == '\n' || line.back() == '\r')) line.remove_suffix(1);
+    auto starts = [&line](std::string_view verb) {
+      if (line.size() < verb.size()) return false;
+      for (std::size_t i = 0; i < verb.size(); ++i) {
+        const char c = line[i];
+        if ((c >= 'a' && c <= 'z' ? char(c - 'a' + 'A') : c) != verb[i]) return false;
+      }
+      return true;
+    };
+    if (starts("RCPT TO:")) {
+      // The address says which recipient the server refused.
+      const auto close = line.find('>');
+      stage = std::string(line.substr(0, close == line.npos ? line.size() : close + 1));
+    } else if (starts("AUTH ")) {
+      const auto end = line.find(' ', 5);
+      stage = std::string(line.substr(0, end == line.npos ? line.size() : end));
+    } else if (starts("MAIL FROM:")) {
+      stage = "MAIL FROM";
+    } else if (starts("QUIT")) {
+      quitting = true;
+    } else {
+      for (std::string_view verb : {"EHLO", "HELO", "STARTTLS", "DATA"}) {
+        if (starts(verb) && (line.size() == verb.size() || line[verb.size()] == ' ')) {
+          stage = std::string(verb);
+        }
+      }
+      // Anything else is a SASL response (credentials): ignored.
+    }
+  }
+};
+
+int on_debug(CURL*, curl_infotype type, char* data, std::size_t size, void* user) {
+  auto& transcript = *static_cast<Transcript*>(user);
+  const std::string_view bytes(data, size);
+  if (type == CURLINFO_HEADER_IN) {
+    transcript.pending_line += bytes;
+    std::size_t lf;
+    while ((lf = transcript.pending_line.find('\n')) != std::string::npos) {
+      std::string_view line(transcript.pending_line.data(), lf);
+      if (line.ends_with('\r')) line.remove_suffix(1);
+      transcript.on_reply_line(line);
+      transcript.pending_line.erase(0, lf + 1);
+    }
+  } else if (type == CURLINFO_HEADER_OUT) {
+    transcript.on_command(bytes);
+  } else if (type == CURLINFO_DATA_OUT) {
+    transcript.stage = "end of DATA";  // the next reply is the verdict on the message
+  }
+  return 0;
+}
+
+struct Upload {
+  std::string_view data;
+  std::size_t offset = 0;
+};
+
+std::size_t on_read(char* buffer, std::size_t size, std::size_t count, void* user) {
+  auto& upload = *static_cast<Upload*>(user);
+  const std::size_t n = std::min(size * count, upload.data.size() - upload.offset);
+  std::memcpy(buffer, upload.data.data() + upload.offset, n);
+  upload.offset += n;
+  return n;
+}
+
+// Control characters and non-ASCII become '?', and the length is capped: the text comes from
+// the server and ends up in logs and JSON.
+std::string printable(std::string_view text, std::size_t max = 300) {
+  std::string out;
+  for (const char c : text.substr(0, max)) {
+    out += (c >= 0x20 && c < 0x7f) ? c : '?';
+  }
+  if (text.size() > max) out += "...";
+  return out;
+}
+
+std::string strip_userinfo(std::string_view url) {
+  const auto scheme = url.find("://");
+  if (scheme == std::string_view::npos) return std::string(url);
+  const auto authority = scheme + 3;
+  const auto end = url.find_first_of("/?#", authority);
+  const auto at = url.substr(0, end).rfind('@');
+  if (at == std::string_view::npos || at < authority) return std::string(url);
+  return std::string(url.substr(0, authority)) + std::string(url.substr(at + 1));
+}
+
+// strerror is not thread-safe; this runs on pool threads. (GNU strerror_r returns the text.)
+std::string error_text(long error) {
+  char buffer[128];
+  return printable(strerror_r(static_cast<int>(error), buffer, sizeof buffer));
+}
+
+bool has_cr_lf_nul(std::string_view s) {
+  return s.find_first_of(std::string_view("\r\n\0", 3)) != std::string_view::npos;
+}
+
+struct CurlDeleter {
+  void operator()(CURL* curl) const { curl_easy_cleanup(curl); }
+};
+struct SlistDeleter {
+  void operator()(curl_slist* list) const { curl_slist_free_all(list); }
+};
+
+SendResult temporary(std::string detail, long code = 0) {
+  return {SendOutcome::temporary_failure, code, std::move(detail)};
+}
+SendResult permanent(std::string detail, long code = 0) {
+  return {SendOutcome::permanent_failure, code, std::move(detail)};
+}
+
+// Turns libcurl's verdict into sent / retry later / give up. libcurl 7.88 reports a refusal by
+// the server as CURLE_SEND_ERROR (MAIL, RCPT, DATA), CURLE_RECV_ERROR (the reply after the
+// message), CURLE_WEIRD_SERVER_REPLY (greeting), CURLE_REMOTE_ACCESS_DENIED (EHLO/HELO),
+// CURLE_LOGIN_DENIED (AUTH) or CURLE_USE_SSL_FAILED (STARTTLS); CURLINFO_RESPONSE_CODE holds the
+// last reply's code (QUIT's excluded), which decides those cases.
+SendResult classify(CURLcode rc, long code, const Transcript& transcript, long os_errno,
+                    const char* error_buffer, const std::string& url) {
+  const std::string curl_text = printable(*error_buffer ? error_buffer : curl_easy_strerror(rc));
+  const bool server_refused = rc == CURLE_SEND_ERROR || rc == CURLE_RECV_ERROR ||
+                              rc == CURLE_WEIRD_SERVER_REPLY || rc == CURLE_REMOTE_ACCESS_DENIED ||
+                              rc == CURLE_LOGIN_DENIED || rc == CURLE_USE_SSL_FAILED ||
+                              rc == CURLE_AUTH_ERROR;
+  if (server_refused && code >= 400 && code <= 599) {
+    std::string text = transcript.reply_code == code ? printable(transcript.reply_text) : "";
+    std::string detail = "SMTP " + std::to_string(code) + (text.empty() ? "" : " " + text) + " (" +
+                         transcript.stage + ")";
+    // 4xx is the server's "try again later" (RFC 5321 4.2.1), also for AUTH (454 4.7.0).
+    if (code < 500) return temporary(std::move(detail), code);
+    // A 5xx greeting (or reply to EHLO/HELO) refuses the connection, not this message (an
+    // overloaded or blocking server); like Postfix, retry later instead of bouncing the mail.
+    if (transcript.stage == "greeting" || transcript.stage == "EHLO" ||
+        transcript.stage == "HELO") {
+      return temporary(std::move(detail), code);
+    }
+    // 5xx to MAIL, RCPT, DATA or the message is final: retrying sends the same thing again.
+    // 535 to AUTH means wrong credentials, which only an operator can fix.
+    return permanent(std::move(detail), code);
+  }
+  switch (rc) {
+    case CURLE_COULDNT_CONNECT:
+      // Nothing listening is usually a relay being restarted: retry.
+      if (os_errno == ECONNREFUSED) return temporary("connection refused: " + url);
+      return temporary("could not connect (" + (os_errno ? error_text(os_errno) : curl_text) +
+                       "): " + url);
+    case CURLE_COULDNT_RESOLVE_HOST:
+    case CURLE_COULDNT_RESOLVE_PROXY:
+      // DNS failures are often transient; a wrong host name fails every attempt until the
+      // job runs out of them.
+      return temporary("could not resolve the host: " + url);
+    case CURLE_OPERATION_TIMEDOUT:
+      // The server may have accepted a message whose reply never came: the retry can
+      // duplicate it, which the stable Message-ID lets receivers detect.
+      return temporary("timed out (" + transcript.stage + "): " + url);
+    case CURLE_SEND_ERROR:
+    case CURLE_RECV_ERROR:
+    case CURLE_GOT_NOTHING:
+    case CURLE_WEIRD_SERVER_REPLY:
+    case CURLE_PARTIAL_FILE:
+    case CURLE_AGAIN:
+      return temporary("connection failed (" + transcript.stage + "): " + curl_text + ": " + url);
+    case CURLE_USE_SSL_FAILED:
+      // starttls = "required" but the server offers no STARTTLS (or refused it without a 4xx):
+      // a misconfiguration; sending in clear text is exactly what "required" forbids.
+      return permanent("STARTTLS is required but the server does not offer it: " + url);
+    case CURLE_LOGIN_DENIED:
+    case CURLE_AUTH_ERROR:
+      // Wrong credentials or no common mechanism: only an operator can fix that.
+      return permanent("login denied (" + curl_text + "): " + url);
+    case CURLE_PEER_FAILED_VERIFICATION:
+    case CURLE_SSL_CACERT_BADFILE:
+    case CURLE_SSL_CERTPROBLEM:
+    case CURLE_SSL_CIPHER:
+    case CURLE_SSL_ENGINE_NOTFOUND:
+      // The server's certificate does not verify, or the local TLS setup is broken: a
+      // misconfiguration (or an attack), not something a retry fixes.
+      return permanent("TLS setup failed (" + curl_text + "): " + url);
+    case CURLE_URL_MALFORMAT:
+    case CURLE_UNSUPPORTED_PROTOCOL:
+    case CURLE_NOT_BUILT_IN:
+    case CURLE_BAD_FUNCTION_ARGUMENT:
+      return permanent("unusable SMTP settings (" + curl_text + "): " + url);
+    default:
+      // Anything else (TLS handshake failures, out of memory, ...) gets another attempt; the
+      // job's max_attempts bounds the retries.
+      return temporary(curl_text + ": " + url);
+  }
+}
+
+}  // namespace
+
+std::string_view to_string(SendOutcome outcome) {
+  switch (outcome) {
+    case SendOutcome::sent:
+      return "sent";
+    case SendOutcome::temporary_failure:
+      return "temporary_failure";
+    case SendOutcome::permanent_failure:
+      return "permanent_failure";
+  }
+  return "unknown";
+}
+
+void global_init() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+      throw std::runtime_error("curl_global_init failed");
+    }
+  });
+}
+
+SmtpMailer::SmtpMailer(SmtpSettings settings)
+    : settings_(std::move(settings)),
+      display_url_(strip_userinfo(settings_.url)),
+      implicit_tls_(settings_.url.size() >= 8 &&
+                    curl_strnequal(settings_.url.c_str(), "smtps://", 8) != 0) {}
+
+SendResult SmtpMailer::send(std::string_view envelope_from,
+                            const std::vector<std::string>& recipients,
+                            std::string_view mime) const {
+  global_init();
+  if (recipients.empty()) return permanent("no recipients");
+  // libcurl writes these into SMTP commands as they are: a line break would add a command.
+  if (has_cr_lf_nul(envelope_from)) return permanent("the envelope sender has CR, LF or NUL");
+  std::unique_ptr<curl_slist, SlistDeleter> rcpt;
+  for (const auto& recipient : recipients) {
+    if (has_cr_lf_nul(recipient)) return permanent("a recipient has CR, LF or NUL");
+    curl_slist* appended = curl_slist_append(rcpt.get(), ("<" + recipient + ">").c_str());
+    if (appended == nullptr) return temporary("out of memory");
+    rcpt.release();
+    rcpt.reset(appended);
+  }
+  std::unique_ptr<CURL, CurlDeleter> curl(curl_easy_init());
+  if (!curl) return temporary("curl_easy_init failed");
+  CURL* h = curl.get();
+
+  Transcript transcript;
+  Upload upload{mime};
+  char error_buffer[CURL_ERROR_SIZE] = "";
+  const std::string from = "<" + std::string(envelope_from) + ">";
+  const long use_ssl = settings_.starttls == SmtpSettings::StartTls::off ? CURLUSESSL_NONE
+                       : settings_.starttls == SmtpSettings::StartTls::opportunistic
+                           ? CURLUSESSL_TRY
+                           : CURLUSESSL_ALL;
+
+  curl_easy_setopt(h, CURLOPT_URL, settings_.url.c_str());
+  // Only SMTP: a mistyped http:// URL must not make libcurl speak another protocol.
+  curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "smtp,smtps");
+  // Pool threads must not get SIGALRM from libcurl's timeouts (it uses the threaded resolver).
+  curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(h, CURLOPT_UPLOAD, 1L);
+  curl_easy_setopt(h, CURLOPT_READFUNCTION, on_read);
+  curl_easy_setopt(h, CURLOPT_READDATA, &upload);
+  curl_easy_setopt(h, CURLOPT_INFILESIZE_LARGE, static_cast<curl_off_t>(mime.size()));
+  curl_easy_setopt(h, CURLOPT_MAIL_FROM, from.c_str());
+  curl_easy_setopt(h, CURLOPT_MAIL_RCPT, rcpt.get());
+  // 0 (the default, spelled out): one refused recipient fails the send before DATA, so no
+  // recipient gets the mail twice when the job is retried.
+  curl_easy_setopt(h, CURLOPT_MAIL_RCPT_ALLLOWFAILS, 0L);
+  curl_easy_setopt(h, CURLOPT_USE_SSL, use_ssl);
+  // Opportunistic STARTTLS (RFC 7435, Postfix's "may") encrypts against passive eavesdropping
+  // without authenticating the server: a relay with a self-signed certificate must not turn
+  // every mail into a permanent failure. "required" and smtps:// verify the certificate and
+  // host name (libcurl's default, against the system's CA store).
+  if (settings_.starttls == SmtpSettings::StartTls::opportunistic && !implicit_tls_) {
+    curl_easy_setopt(h, CURLOPT_SSL_VERIFYPEER, 0L);
+    curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, 0L);
+  }
+  curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS,
+                   static_cast<long>(settings_.connect_timeout.count()));
+  curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, static_cast<long>(settings_.timeout.count()));
+  // libcurl waits for the reply to QUIT (sent at curl_easy_cleanup) without the overall timeout,
+  // for the per-reply timeout instead (120 s by default): bound it by ours. It never cuts the
+  // dialogue itself short, which CURLOPT_TIMEOUT_MS already bounds.
+  const auto timeout_seconds = (settings_.timeout.count() + 999) / 1000;
+  curl_easy_setopt(h, CURLOPT_SERVER_RESPONSE_TIMEOUT,
+                   static_cast<long>(std::max<long long>(1, timeout_seconds)));
+  if (!settings_.username.empty()) {
+    curl_easy_setopt(h, CURLOPT_USERNAME, settings_.username.c_str());
+    curl_easy_setopt(h, CURLOPT_PASSWORD, settings_.password.c_str());
+  }
+  curl_easy_setopt(h, CURLOPT_ERRORBUFFER, error_buffer);
+  // VERBOSE only routes the dialogue to on_debug (nothing is printed): it is how the reply text
+  // and the command it answered are learnt.
+  curl_easy_setopt(h, CURLOPT_VERBOSE, 1L);
+  curl_easy_setopt(h, CURLOPT_DEBUGFUNCTION, on_debug);
+  curl_easy_setopt(h, CURLOPT_DEBUGDATA, &transcript);
+
+  const CURLcode rc = curl_easy_perform(h);
+  long code = 0;
+  long os_errno = 0;
+  curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &code);
+  curl_easy_getinfo(h, CURLINFO_OS_ERRNO, &os_errno);
+
+  if (rc != CURLE_OK) {
+    // After a timeout libcurl keeps the connection and sends QUIT at cleanup, then waits for
+    // a reply a stuck server never gives. Nothing more is owed to a server that failed us:
+    // shutting the socket down makes that QUIT fail at once.
+    curl_socket_t socket = CURL_SOCKET_BAD;
+    if (curl_easy_getinfo(h, CURLINFO_ACTIVESOCKET, &socket) == CURLE_OK &&
+        socket != CURL_SOCKET_BAD) {
+      ::shutdown(socket, SHUT_RDWR);
+    }
+  }
+
+  SendResult result;
+  if (rc == CURLE_OK) {
+    std::string text = transcript.reply_code == code ? printable(transcript.reply_text) : "";
+    result = {SendOutcome::sent, code,
+              "SMTP " + std::to_string(code) + (text.empty() ? "" : " " + text)};
+  } else {
+    result = classify(rc, code, transcript, os_errno, error_buffer, display_url_);
+  }
+  // Belt and braces: no server or libcurl text may echo the password into a job's last_error.
+  if (!settings_.password.empty()) {
+    for (auto at = result.detail.find(settings_.password); at != std::string::npos;
+         at = result.detail.find(settings_.password, at)) {
+      result.detail.replace(at, settings_.password.size(), "***");
+    }
+  }
+  return result;
+}
+
+}  // namespace squall::jobs

@@ -1,0 +1,63 @@
+// The blocking SMTP send through libcurl, run on libuv's thread pool. One CURL easy handle (and
+// so one connection) per send; nothing is shared between calls, so SmtpMailer::send is safe to
+// call from several pool threads at once.
+#pragma once
+
+#include <chrono>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace squall::jobs {
+
+struct SmtpSettings {
+  // smtp://host:port (STARTTLS per starttls) or smtps://host:port (TLS from the start). A path
+  // names the EHLO domain (smtp://relay:587/client.example.com); without one libcurl sends the
+  // machine's host name.
+  std::string url;
+  // For smtp:// URLs. off: never STARTTLS. opportunistic: STARTTLS when offered, without
+  // verifying the certificate (it only defeats passive eavesdropping). required: STARTTLS with a
+  // verified certificate or no send (a permanent failure). smtps:// always verifies.
+  enum class StartTls { off, opportunistic, required } starttls = StartTls::opportunistic;
+  std::string username;  // "" = no AUTH
+  std::string password;  // never logged nor put in a SendResult
+  std::chrono::milliseconds connect_timeout{10000};
+  std::chrono::milliseconds timeout{60000};  // the whole exchange, connect included
+};
+
+enum class SendOutcome { sent, temporary_failure, permanent_failure };
+
+// "sent", "temporary_failure", "permanent_failure".
+std::string_view to_string(SendOutcome outcome);
+
+struct SendResult {
+  SendOutcome outcome;
+  // The server's reply code that decided the outcome (250 when sent), 0 when no reply did
+  // (connection refused, timeout, TLS or configuration errors).
+  long smtp_code;
+  // One line for the job's last_error, e.g. "SMTP 451 4.3.0 try later (RCPT TO:<a@b.c>)" or
+  // "connection refused: smtp://127.0.0.1:2525". Printable ASCII; never has the password.
+  std::string detail;
+};
+
+// curl_global_init, once. Call it at start-up before any thread starts (libcurl 7.88's global
+// init is not thread-safe); send() also calls it, harmlessly, for tools and tests.
+void global_init();
+
+class SmtpMailer {
+ public:
+  explicit SmtpMailer(SmtpSettings settings);
+
+  // Sends mime (CRLF lines, not dot-stuffed: libcurl does that) to every recipient. Blocks for
+  // up to settings.timeout. A recipient the server refuses fails the whole send before DATA, so
+  // a retry never duplicates the mail for the recipients that were accepted.
+  SendResult send(std::string_view envelope_from, const std::vector<std::string>& recipients,
+                  std::string_view mime) const;
+
+ private:
+  SmtpSettings settings_;
+  std::string display_url_;  // the URL without any user:password@
+  bool implicit_tls_;        // smtps://
+};
+
+}  // namespace squall::jobs

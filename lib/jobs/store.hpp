@@ -1,0 +1,124 @@
+// The durable job store: one row per background job, claimed by a sender with a lease. An
+// interface, so the SQLite implementation (open_sqlite_store) can be replaced by Postgres.
+// Every call blocks on the disk: never call it on the loop thread (writes go through the
+// StoreWorker).
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace squall::jobs {
+
+// A job's life: queued -> sending -> (sent | retrying -> sending ... | failed).
+enum class JobState { queued, sending, retrying, sent, failed };
+// The number of JobState values; StoreStats::by_state is indexed by the enum's value.
+inline constexpr std::size_t job_state_count = 5;
+
+// "queued", "sending", "retrying", "sent" or "failed": the text stored and shown in JSON.
+std::string_view to_string(JobState state) noexcept;
+// The state named by `text` (exactly as to_string spells it), or nullopt.
+std::optional<JobState> parse_job_state(std::string_view text) noexcept;
+
+// Milliseconds since the Unix epoch by the wall clock: the time base of every Job field.
+std::int64_t unix_now_ms() noexcept;
+
+// One stored job. Times are Unix epoch milliseconds; 0 means not set.
+struct Job {
+  std::string id;                     // 32 lowercase hex digits; see new_job_id().
+  std::string kind;                   // What the runner does with it, e.g. "email".
+  JobState state = JobState::queued;  // Where it is in its life.
+  std::string payload;                // Opaque bytes for the runner (stored as a BLOB).
+  std::string idempotency_key;        // The client's Idempotency-Key; empty = none.
+  int attempts = 0;                   // Claims so far (a claim counts as an attempt).
+  std::string last_error;             // The last failure's text; kept after a later success.
+  std::int64_t created_ms = 0;        // When it was inserted.
+  std::int64_t updated_ms = 0;        // Its last change.
+  std::int64_t run_after_ms = 0;      // Not claimed before this time.
+  std::int64_t lease_until_ms = 0;    // While sending: reclaimable after this time.
+  std::int64_t finished_ms = 0;       // When it became sent or failed.
+};
+
+// What a producer hands in; everything else is set by the store.
+struct NewJob {
+  std::string kind;             // See Job::kind.
+  std::string payload;          // See Job::payload.
+  std::string idempotency_key;  // Empty = none.
+};
+
+// The outcome of one NewJob. created=false: its idempotency key already existed, and `job`
+// is that existing job, unchanged even when kind or payload differ (the caller compares them
+// if it wants to refuse a reused key with another request, as Stripe and the IETF draft do).
+struct Inserted {
+  Job job;               // The stored job (new or existing).
+  bool created = false;  // Whether this call created it.
+};
+
+// Counts for metrics.
+struct StoreStats {
+  std::array<std::int64_t, job_state_count> by_state{};  // Jobs per JobState value.
+  std::int64_t oldest_queued_ms = 0;  // created_ms of the oldest queued/retrying job; 0 if none.
+};
+
+// A job table. Blocking; used by one thread at a time. Every failure throws
+// std::runtime_error naming the store, the operation and the database's message.
+class JobStore {
+ public:
+  virtual ~JobStore() = default;
+
+  // Inserts every job in one transaction (all or nothing) with state queued and
+  // run_after = now_ms; results are in input order. A key repeated within the batch yields
+  // the first job, created=false for the later ones.
+  virtual std::vector<Inserted> insert_batch(const std::vector<NewJob>& jobs,
+                                             std::int64_t now_ms) = 0;
+  // The job with this id, or nullopt.
+  virtual std::optional<Job> get(std::string_view id) = 0;
+  // In one transaction, takes up to `max` jobs that are due (queued or retrying with
+  // run_after <= now) or whose lease expired (sending with lease_until < now), by run_after,
+  // then created, then insertion; each becomes sending with attempts+1 and
+  // lease_until = now + lease_ms. Returned in that order.
+  virtual std::vector<Job> claim(std::size_t max, std::int64_t now_ms, std::int64_t lease_ms) = 0;
+  // sending/queued/retrying/failed -> sent (a delivery is the truth, whoever reports it).
+  // False if the id is unknown or the job was already sent.
+  virtual bool mark_sent(std::string_view id, std::int64_t now_ms) = 0;
+  // sending -> retrying, due at run_after_ms. False if unknown or not sending (a stale sender).
+  virtual bool mark_retry(std::string_view id, std::string_view error, std::int64_t run_after_ms,
+                          std::int64_t now_ms) = 0;
+  // sending -> failed for good. False if unknown or not sending.
+  virtual bool mark_failed(std::string_view id, std::string_view error, std::int64_t now_ms) = 0;
+  // sending -> queued, attempts-1, lease cleared: a claimed job that was never started.
+  // False if unknown or not sending.
+  virtual bool release(std::string_view id, std::int64_t now_ms) = 0;
+  // Jobs queued, retrying or sending. Walks an index entry per pending job (about 60 ms per
+  // million): poll it (e.g. with each claim), never per request.
+  virtual std::int64_t count_pending() = 0;
+  // Jobs per state and the oldest waiting job. Walks an index entry per job, finished ones
+  // included (about 0.2 s per million), stalling the StoreWorker's inserts meanwhile: call it
+  // on a second store opened on the same file, off the loop (WAL readers never block the
+  // writer), or rarely. now_ms is unused by SQLite.
+  virtual StoreStats stats(std::int64_t now_ms) = 0;
+  // Runs `body` in one transaction, so several calls share one commit (one fsync): e.g. a
+  // runner's marks for many jobs. Calls inside join it; an exception escaping `body`, or
+  // thrown by any call inside it, rolls all of it back. Nesting is allowed.
+  virtual void transaction(const std::function<void()>& body) = 0;
+};
+
+// Opens or creates the SQLite job store at `path` (its directory must exist) in WAL mode.
+// synchronous_full: fsync on every commit, so a power cut loses no committed job; otherwise
+// (NORMAL) a kill -9 loses nothing but a power cut may lose the last commits.
+std::unique_ptr<JobStore> open_sqlite_store(const std::string& path, bool synchronous_full);
+
+// The schema version open_sqlite_store creates and accepts (PRAGMA user_version).
+inline constexpr int sqlite_schema_version = 1;
+
+// A fresh job id, 32 lowercase hex digits: 48 bits of Unix milliseconds, then 80 random bits
+// from getrandom(2), so ids sort by creation and cannot be guessed.
+std::string new_job_id();
+
+}  // namespace squall::jobs

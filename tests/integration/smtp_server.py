@@ -1,0 +1,238 @@
+"""An SMTP server for tests: aiosmtpd on 127.0.0.1 and a free port, in a background thread.
+
+    server = SmtpServer(mode="accept")       # or "slow", "tempfail", "permfail"
+    server.start()
+    ... send to smtp://127.0.0.1:{server.port} ...
+    [message] = server.wait_for(1)           # Message(mail_from, rcpt_tos, content)
+    server.stop()
+
+Modes: "accept" takes everything; "slow" waits `delay` seconds before its reply to the message
+(the end of DATA); "tempfail" answers 451 and "permfail" 550, to RCPT (fail_at="rcpt", for every
+recipient or only those in fail_recipients) or to the message (fail_at="data").
+auth=("user", "password") requires AUTH (PLAIN or LOGIN, allowed without TLS).
+tls_context=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER) with a certificate loaded offers STARTTLS.
+
+In pytest, import the `smtp_server` fixture into a test module (it is not in conftest.py):
+    from smtp_server import smtp_server  # noqa: F401
+    def test_x(smtp_server):
+        server = smtp_server(mode="tempfail")   # started; stopped at teardown
+
+Standard library and aiosmtpd only (pytest is used when present, for the fixture).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import email.policy
+import socket
+import threading
+import warnings
+from dataclasses import dataclass
+
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+
+MODES = ("accept", "slow", "tempfail", "permfail")
+TEMPFAIL_REPLY = "451 4.3.0 try again later"
+PERMFAIL_REPLY = "550 5.7.1 rejected for testing"
+
+
+@dataclass
+class Message:
+    """One message the server accepted."""
+
+    mail_from: str
+    rcpt_tos: list
+    content: bytes  # as received, dot-unstuffed, CRLF line ends
+    tls: bool = False  # it came after STARTTLS
+
+    def parsed(self) -> email.message.EmailMessage:
+        return email.message_from_bytes(self.content, policy=email.policy.default)
+
+
+class _Handler:
+    def __init__(self, server: "SmtpServer"):
+        self.server = server
+
+    async def handle_RCPT(self, smtp, session, envelope, address, rcpt_options):
+        server = self.server
+        with server._cond:
+            server.rcpt_attempts.append(address)
+        if (
+            server.mode in ("tempfail", "permfail")
+            and server.fail_at == "rcpt"
+            and (server.fail_recipients is None or address in server.fail_recipients)
+        ):
+            return server._failure_reply()
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, smtp, session, envelope):
+        server = self.server
+        if server.mode == "slow":
+            await asyncio.sleep(server.delay)
+        if server.mode in ("tempfail", "permfail") and server.fail_at == "data":
+            return server._failure_reply()
+        message = Message(
+            envelope.mail_from,
+            list(envelope.rcpt_tos),
+            bytes(envelope.content),
+            tls=smtp._tls_protocol is not None,
+        )
+        with server._cond:
+            server.messages.append(message)
+            number = len(server.messages)
+            server._cond.notify_all()
+        return f"250 2.0.0 OK: queued as test-{number}"
+
+
+class SmtpServer:
+    def __init__(
+        self,
+        mode: str = "accept",
+        delay: float = 0.0,
+        *,
+        fail_at: str = "rcpt",
+        fail_recipients=None,
+        auth: tuple | None = None,
+        tls_context=None,
+        hostname: str = "smtp.test",
+    ):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        if fail_at not in ("rcpt", "data"):
+            raise ValueError(f"fail_at must be 'rcpt' or 'data', not {fail_at!r}")
+        self.mode = mode
+        self.delay = delay
+        self.fail_at = fail_at
+        self.fail_recipients = set(fail_recipients) if fail_recipients is not None else None
+        self.auth = auth
+        self.tls_context = tls_context
+        self.hostname = hostname
+        self.port: int | None = None
+        self.messages: list[Message] = []
+        self.rcpt_attempts: list[str] = []  # every RCPT TO address, refused ones included
+        self.auth_attempts: list[tuple] = []  # (mechanism, login, success)
+        self._cond = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server = None
+        self._protocols: list[SMTP] = []
+
+    @property
+    def url(self) -> str:
+        return f"smtp://127.0.0.1:{self.port}"
+
+    def _failure_reply(self) -> str:
+        return TEMPFAIL_REPLY if self.mode == "tempfail" else PERMFAIL_REPLY
+
+    def _authenticate(self, smtp, session, envelope, mechanism, auth_data):
+        ok = (
+            isinstance(auth_data, LoginPassword)
+            and self.auth is not None
+            and auth_data.login.decode() == self.auth[0]
+            and auth_data.password.decode() == self.auth[1]
+        )
+        login = auth_data.login.decode() if isinstance(auth_data, LoginPassword) else None
+        with self._cond:
+            self.auth_attempts.append((mechanism, login, ok))
+        # handled=False: aiosmtpd itself answers a failure (535), which is what servers do.
+        return AuthResult(success=ok, handled=False if not ok else True)
+
+    def _protocol(self) -> SMTP:
+        kwargs = {}
+        if self.auth is not None:
+            kwargs.update(
+                authenticator=self._authenticate, auth_required=True, auth_require_tls=False
+            )
+        if self.tls_context is not None:
+            kwargs.update(tls_context=self.tls_context)
+        with warnings.catch_warnings():
+            # "Requiring AUTH while not requiring TLS": deliberate, on 127.0.0.1.
+            warnings.simplefilter("ignore", UserWarning)
+            protocol = SMTP(_Handler(self), hostname=self.hostname, loop=self._loop, **kwargs)
+        self._protocols.append(protocol)
+        return protocol
+
+    def start(self) -> "SmtpServer":
+        # aiosmtpd's Controller probes its port after starting, which does not work with port 0;
+        # a server made with create_server reports the port the kernel chose.
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name=f"smtp-{self.mode}", daemon=True
+        )
+        self._thread.start()
+        future = asyncio.run_coroutine_threadsafe(
+            self._loop.create_server(self._protocol, "127.0.0.1", 0), self._loop
+        )
+        self._server = future.result(timeout=10)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def wait_for(self, count: int = 1, timeout: float = 10.0) -> list[Message]:
+        """The first `count` messages, once they arrived; AssertionError after `timeout`."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self.messages) >= count, timeout):
+                raise AssertionError(
+                    f"{len(self.messages)} of {count} messages arrived within {timeout} s"
+                )
+            return list(self.messages[:count])
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+
+        async def shutdown():
+            self._server.close()
+            for protocol in self._protocols:
+                if protocol.transport is not None:
+                    protocol.transport.close()
+            current = asyncio.current_task()
+            tasks = [task for task in asyncio.all_tasks() if task is not current]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=10)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._loop.close()
+            self._loop = None
+
+    def __enter__(self) -> "SmtpServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (connecting to it is refused)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+try:
+    import pytest
+except ImportError:  # the harness itself needs no pytest
+    pytest = None
+
+if pytest is not None:
+
+    @pytest.fixture
+    def smtp_server():
+        """A factory: smtp_server(mode="accept", delay=0.0, **kwargs) -> a started SmtpServer,
+        stopped at teardown."""
+        servers = []
+
+        def start(mode: str = "accept", delay: float = 0.0, **kwargs) -> SmtpServer:
+            server = SmtpServer(mode, delay, **kwargs).start()
+            servers.append(server)
+            return server
+
+        yield start
+        for server in servers:
+            server.stop()

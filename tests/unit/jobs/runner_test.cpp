@@ -1,0 +1,212 @@
+#include "jobs/runner.hpp"
+
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <filesystem>
+#include <map>
+#include <mutex>
+#include <thread>
+
+using namespace squall;
+using namespace std::chrono_literals;
+using Outcome = jobs::AttemptResult::Outcome;
+
+namespace {
+
+// A temporary store, its worker thread, and a loop to run the runner on.
+struct Fixture {
+  Fixture() {
+    char pattern[] = "/tmp/squall-runner-XXXXXX";
+    directory = ::mkdtemp(pattern);
+    store = std::make_unique<jobs::StoreWorker>(
+        jobs::open_sqlite_store(directory + "/jobs.db", false),
+        [this](std::function<void()> callback) { loop.call_soon(std::move(callback)); });
+  }
+  ~Fixture() {
+    store->stop();
+    CHECK(loop.close() == 0);
+    std::filesystem::remove_all(directory);
+  }
+  // Inserts `count` jobs and runs the loop until they are committed.
+  void insert(int count) {
+    int done = 0;
+    for (int i = 0; i < count; ++i) {
+      store->insert(jobs::NewJob{"test", "payload-" + std::to_string(i), ""},
+                    [&](std::variant<jobs::Inserted, std::string> outcome) {
+                      CHECK(std::holds_alternative<jobs::Inserted>(outcome));
+                      if (++done == count) loop.stop();
+                    });
+    }
+    loop.run();
+  }
+  // Reads every job back through the worker.
+  std::vector<jobs::Job> all_jobs(const std::vector<std::string>& ids) {
+    std::vector<jobs::Job> found;
+    store->run([&](jobs::JobStore& db) {
+      for (const auto& id : ids) {
+        if (auto job = db.get(id)) found.push_back(*job);
+      }
+      loop.call_soon([&] { loop.stop(); });
+    });
+    loop.run();
+    return found;
+  }
+
+  std::string directory;
+  Loop loop;
+  std::unique_ptr<jobs::StoreWorker> store;
+};
+
+jobs::RunnerOptions fast_options() {
+  jobs::RunnerOptions options;
+  options.max_concurrent = 2;
+  options.max_attempts = 3;
+  options.retry_initial = 1ms;
+  options.retry_max = 4ms;
+  options.lease = 60s;
+  options.poll_interval = 5ms;
+  return options;
+}
+
+}  // namespace
+
+TEST_CASE("the runner performs jobs, retries temporary failures and gives up after max_attempts") {
+  Fixture fixture;
+  fixture.insert(3);
+  // payload-0 succeeds at once, payload-1 fails once then succeeds, payload-2 always fails
+  // temporarily.
+  std::mutex mutex;
+  std::map<std::string, int> attempts_by_payload;
+  std::vector<std::string> ids;
+  int finished = 0;
+  jobs::JobRunner runner(
+      fixture.loop, *fixture.store, fast_options(),
+      [&](const jobs::Job& job) -> std::function<jobs::AttemptResult()> {
+        return [&, payload = job.payload] {
+          std::lock_guard lock(mutex);
+          const int attempt = ++attempts_by_payload[payload];
+          if (payload == "payload-0") return jobs::AttemptResult{Outcome::done, "ok"};
+          if (payload == "payload-1" && attempt == 2)
+            return jobs::AttemptResult{Outcome::done, "ok"};
+          return jobs::AttemptResult{Outcome::temporary_failure, "try later"};
+        };
+      },
+      [&](const jobs::Job& job, const jobs::AttemptResult&, std::chrono::nanoseconds, bool done) {
+        if (std::find(ids.begin(), ids.end(), job.id) == ids.end()) ids.push_back(job.id);
+        if (done && ++finished == 3) fixture.loop.call_soon([&] { fixture.loop.stop(); });
+      });
+  runner.start();
+  const auto watchdog = fixture.loop.call_later(10s, [&] { fixture.loop.stop(); });
+  fixture.loop.run();
+  fixture.loop.cancel(watchdog);
+  REQUIRE(finished == 3);
+  bool drained = false;
+  runner.drain([&] {
+    drained = true;
+    fixture.loop.stop();
+  });
+  if (!drained) fixture.loop.run();
+  CHECK(drained);
+  CHECK(attempts_by_payload["payload-0"] == 1);
+  CHECK(attempts_by_payload["payload-1"] == 2);
+  CHECK(attempts_by_payload["payload-2"] == 3);
+  CHECK(runner.stats().done == 2);
+  CHECK(runner.stats().failed == 1);
+  CHECK(runner.stats().retries == 3);
+  for (const jobs::Job& job : fixture.all_jobs(ids)) {
+    if (job.payload == "payload-2") {
+      CHECK(job.state == jobs::JobState::failed);
+      CHECK(job.last_error == "gave up after 3 attempts: try later");
+    } else {
+      CHECK(job.state == jobs::JobState::sent);
+    }
+  }
+}
+
+TEST_CASE("a permanent failure is final at once; at most max_concurrent attempts run together") {
+  Fixture fixture;
+  fixture.insert(6);
+  std::atomic<int> running{0};
+  std::atomic<int> most_running{0};
+  int finished = 0;
+  jobs::JobRunner runner(
+      fixture.loop, *fixture.store, fast_options(),
+      [&](const jobs::Job&) -> std::function<jobs::AttemptResult()> {
+        return [&] {
+          const int now = ++running;
+          int seen = most_running.load();
+          while (now > seen && !most_running.compare_exchange_weak(seen, now)) {
+          }
+          std::this_thread::sleep_for(20ms);
+          --running;
+          return jobs::AttemptResult{Outcome::permanent_failure, "550 no such user"};
+        };
+      },
+      [&](const jobs::Job&, const jobs::AttemptResult&, std::chrono::nanoseconds, bool done) {
+        CHECK(done);
+        if (++finished == 6) fixture.loop.call_soon([&] { fixture.loop.stop(); });
+      });
+  runner.start();
+  const auto watchdog = fixture.loop.call_later(10s, [&] { fixture.loop.stop(); });
+  fixture.loop.run();
+  fixture.loop.cancel(watchdog);
+  CHECK(finished == 6);
+  CHECK(most_running.load() == 2);
+  CHECK(runner.stats().failed == 6);
+  CHECK(runner.stats().retries == 0);
+  runner.drain([&] { fixture.loop.stop(); });
+  fixture.loop.run();
+}
+
+TEST_CASE("drain waits for the attempt in progress") {
+  Fixture fixture;
+  fixture.insert(1);
+  bool attempt_finished = false;
+  bool drained = false;
+  jobs::JobRunner runner(
+      fixture.loop, *fixture.store, fast_options(),
+      [&](const jobs::Job&) -> std::function<jobs::AttemptResult()> {
+        return [] {
+          std::this_thread::sleep_for(50ms);
+          return jobs::AttemptResult{Outcome::done, "ok"};
+        };
+      },
+      [&](const jobs::Job&, const jobs::AttemptResult&, std::chrono::nanoseconds, bool) {
+        attempt_finished = true;
+      });
+  runner.start();
+  fixture.loop.call_later(10ms, [&] {
+    runner.drain([&] {
+      drained = true;
+      CHECK(attempt_finished);
+      fixture.loop.stop();
+    });
+  });
+  const auto watchdog = fixture.loop.call_later(10s, [&] { fixture.loop.stop(); });
+  fixture.loop.run();
+  fixture.loop.cancel(watchdog);
+  CHECK(drained);
+  CHECK(attempt_finished);
+}
+
+TEST_CASE("backoff doubles from retry_initial, is capped, and jitters within its upper half") {
+  Fixture fixture;
+  jobs::RunnerOptions options;
+  options.retry_initial = 1000ms;
+  options.retry_max = 10'000ms;
+  jobs::JobRunner runner(fixture.loop, *fixture.store, options,
+                         [](const jobs::Job&) { return std::function<jobs::AttemptResult()>(); });
+  for (int i = 0; i < 50; ++i) {
+    const auto first = runner.backoff(1).count();
+    CHECK(first >= 500);
+    CHECK(first <= 1000);
+    const auto third = runner.backoff(3).count();
+    CHECK(third >= 2000);
+    CHECK(third <= 4000);
+    const auto late = runner.backoff(30).count();
+    CHECK(late >= 5000);
+    CHECK(late <= 10'000);
+  }
+}

@@ -1,0 +1,715 @@
+#include "jobs/store.hpp"
+#include "jobs/store_worker.hpp"
+
+#include <doctest/doctest.h>
+
+#include <sqlite3.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <csignal>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+using squall::jobs::Inserted;
+using squall::jobs::Job;
+using squall::jobs::JobState;
+using squall::jobs::JobStore;
+using squall::jobs::NewJob;
+using squall::jobs::open_sqlite_store;
+using squall::jobs::StoreWorker;
+
+namespace {
+
+// A fresh directory per test, removed with everything in it.
+struct TempDir {
+  std::filesystem::path path;
+  TempDir() {
+    std::string pattern = (std::filesystem::temp_directory_path() / "squall-store-XXXXXX").string();
+    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
+    path = pattern;
+  }
+  ~TempDir() {
+    std::error_code ignored;
+    std::filesystem::remove_all(path, ignored);
+  }
+  std::string file(const char* name) const { return (path / name).string(); }
+};
+
+NewJob new_job(std::string payload, std::string key = "") {
+  return NewJob{"email", std::move(payload), std::move(key)};
+}
+
+Inserted insert_one(JobStore& store, NewJob job, std::int64_t now_ms) {
+  auto results = store.insert_batch({std::move(job)}, now_ms);
+  REQUIRE(results.size() == 1);
+  return results[0];
+}
+
+std::string error_of(const std::function<void()>& action) {
+  try {
+    action();
+  } catch (const std::exception& error) {
+    return error.what();
+  }
+  return "";
+}
+
+// Runs raw SQL on the store's file, for setting up what the API cannot (triggers, versions).
+void run_sql(const std::string& path, const char* sql) {
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
+  char* error = nullptr;
+  const int status = sqlite3_exec(db, sql, nullptr, nullptr, &error);
+  INFO((error != nullptr ? error : ""));
+  sqlite3_free(error);
+  sqlite3_close(db);
+  REQUIRE(status == SQLITE_OK);
+}
+
+// Makes every insert of a job whose kind is "boom" fail inside SQLite.
+constexpr const char* boom_trigger =
+    "CREATE TRIGGER boom BEFORE INSERT ON jobs WHEN NEW.kind = 'boom' "
+    "BEGIN SELECT RAISE(ABORT, 'boom refused'); END";
+
+// A stand-in for the loop: callbacks posted from any thread run when the test drains them,
+// on the test's own thread.
+class FakeLoop {
+ public:
+  StoreWorker::PostToLoop poster() {
+    return [this](std::function<void()> callback) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      pending_.push_back(std::move(callback));
+      changed_.notify_all();
+    };
+  }
+  // Runs what is pending; returns how many ran. Exceptions are counted, as the loop logs them.
+  std::size_t drain() {
+    std::vector<std::function<void()>> running;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      running.swap(pending_);
+    }
+    for (auto& callback : running) {
+      try {
+        callback();
+      } catch (const std::exception& error) {
+        errors.push_back(error.what());
+      }
+    }
+    return running.size();
+  }
+  // Drains until `done()` holds or five seconds pass.
+  bool drain_until(const std::function<bool()>& done) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (!done()) {
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        changed_.wait_until(
+            lock,
+            std::min(deadline, std::chrono::steady_clock::now() + std::chrono::milliseconds(10)),
+            [this] { return !pending_.empty(); });
+      }
+      drain();
+      if (std::chrono::steady_clock::now() > deadline) return done();
+    }
+    return true;
+  }
+  std::vector<std::string> errors;  // What callbacks threw.
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  std::vector<std::function<void()>> pending_;
+};
+
+}  // namespace
+
+TEST_CASE("job states convert to and from text") {
+  for (JobState state : {JobState::queued, JobState::sending, JobState::retrying, JobState::sent,
+                         JobState::failed}) {
+    CHECK(squall::jobs::parse_job_state(squall::jobs::to_string(state)) == state);
+  }
+  CHECK(squall::jobs::to_string(JobState::retrying) == "retrying");
+  CHECK_FALSE(squall::jobs::parse_job_state("Queued").has_value());
+  CHECK_FALSE(squall::jobs::parse_job_state("").has_value());
+}
+
+TEST_CASE("job ids are 32 lowercase hex digits and differ") {
+  std::set<std::string> ids;
+  for (int i = 0; i < 1000; ++i) {
+    const std::string id = squall::jobs::new_job_id();
+    REQUIRE(id.size() == 32);
+    CHECK(id.find_first_not_of("0123456789abcdef") == std::string::npos);
+    ids.insert(id);
+  }
+  CHECK(ids.size() == 1000);
+}
+
+TEST_CASE("an inserted job reads back with every field") {
+  TempDir dir;
+  auto store = open_sqlite_store(dir.file("jobs.db"), true);
+  std::string payload = "{\"to\":\"a@example.com\"}";
+  payload.push_back('\0');  // Payloads are bytes.
+  payload += "tail";
+  const Inserted inserted = insert_one(*store, NewJob{"email", payload, ""}, 1000);
+  CHECK(inserted.created);
+  CHECK(inserted.job.id.size() == 32);
+  CHECK(inserted.job.state == JobState::queued);
+  CHECK(inserted.job.created_ms == 1000);
+  CHECK(inserted.job.run_after_ms == 1000);
+
+  const auto job = store->get(inserted.job.id);
+  REQUIRE(job.has_value());
+  CHECK(job->id == inserted.job.id);
+  CHECK(job->kind == "email");
+  CHECK(job->state == JobState::queued);
+  CHECK(job->payload == payload);
+  CHECK(job->idempotency_key.empty());
+  CHECK(job->attempts == 0);
+  CHECK(job->last_error.empty());
+  CHECK(job->created_ms == 1000);
+  CHECK(job->updated_ms == 1000);
+  CHECK(job->run_after_ms == 1000);
+  CHECK(job->lease_until_ms == 0);
+  CHECK(job->finished_ms == 0);
+
+  CHECK_FALSE(store->get("0123456789abcdef0123456789abcdef").has_value());
+  CHECK_FALSE(store->get("").has_value());
+  CHECK(store->insert_batch({}, 1000).empty());
+}
+
+TEST_CASE("an idempotency key returns the existing job, across and within batches") {
+  TempDir dir;
+  auto store = open_sqlite_store(dir.file("jobs.db"), false);
+  const Inserted first = insert_one(*store, new_job("one", "key-1"), 1000);
+  CHECK(first.created);
+
+  SUBCASE("in a later batch, even with another payload") {
+    const Inserted again = insert_one(*store, new_job("different", "key-1"), 2000);
+    CHECK_FALSE(again.created);
+    CHECK(again.job.id == first.job.id);
+    CHECK(again.job.payload == "one");
+    CHECK(again.job.created_ms == 1000);
+  }
+  SUBCASE("within one batch") {
+    auto results =
+        store->insert_batch({new_job("a", "key-2"), new_job("b", ""), new_job("c", "key-2"),
+                             new_job("d", "key-1"), new_job("e", "")},
+                            3000);
+    REQUIRE(results.size() == 5);
+    CHECK(results[0].created);
+    CHECK(results[1].created);
+    CHECK_FALSE(results[2].created);
+    CHECK(results[2].job.id == results[0].job.id);
+    CHECK(results[2].job.payload == "a");
+    CHECK_FALSE(results[3].created);
+    CHECK(results[3].job.id == first.job.id);
+    CHECK(results[4].created);
+    CHECK(results[4].job.id != results[1].job.id);  // Empty keys never collide.
+    CHECK(store->count_pending() == 4);
+  }
+}
+
+TEST_CASE("claim takes due jobs oldest first, up to max, with a lease") {
+  TempDir dir;
+  auto store = open_sqlite_store(dir.file("jobs.db"), false);
+  const Job late = insert_one(*store, new_job("late"), 3000).job;
+  const auto early = store->insert_batch({new_job("early-1"), new_job("early-2")}, 1000);
+  const Job future = insert_one(*store, new_job("future"), 9000).job;
+
+  const auto claimed = store->claim(2, 5000, 60'000);
+  REQUIRE(claimed.size() == 2);
+  CHECK(claimed[0].id == early[0].job.id);  // Same run_after: insertion order.
+  CHECK(claimed[1].id == early[1].job.id);
+  for (const Job& job : claimed) {
+    CHECK(job.state == JobState::sending);
+    CHECK(job.attempts == 1);
+    CHECK(job.lease_until_ms == 65'000);
+    CHECK(job.updated_ms == 5000);
+  }
+  CHECK(store->get(early[0].job.id)->state == JobState::sending);
+
+  const auto rest = store->claim(10, 5000, 60'000);
+  REQUIRE(rest.size() == 1);
+  CHECK(rest[0].id == late.id);  // `future` is not due yet.
+  CHECK(store->claim(10, 5000, 60'000).empty());
+  CHECK(store->claim(10, 9000, 60'000).at(0).id == future.id);
+  CHECK(store->claim(0, 9000, 60'000).empty());
+  CHECK_THROWS_AS(store->claim(1, 9000, 0), std::invalid_argument);
+}
+
+TEST_CASE("an expired lease is claimed again; a live one is not") {
+  TempDir dir;
+  auto store = open_sqlite_store(dir.file("jobs.db"), false);
+  const Job job = insert_one(*store, new_job("x"), 1000).job;
+  REQUIRE(store->claim(10, 1000, 5000).size() == 1);  // lease_until = 6000
+
+  CHECK(store->claim(10, 5999, 5000).empty());
+  CHECK(store->claim(10, 6000, 5000).empty());  // Expired means lease_until < now.
+  const auto again = store->claim(10, 6001, 5000);
+  REQUIRE(again.size() == 1);
+  CHECK(again[0].id == job.id);
+  CHECK(again[0].attempts == 2);
+  CHECK(again[0].lease_until_ms == 11'001);
+  CHECK(store->claim(10, 11'000, 5000).empty());
+}
+
+TEST_CASE("claim orders expired leases, retries and new jobs by run_after, then age") {
+  TempDir dir;
+  auto store = open_sqlite_store(dir.file("jobs.db"), false);
+  const Job stuck = insert_one(*store, new_job("stuck"), 1000).job;
+  REQUIRE(store->claim(1, 1000, 1000).size() == 1);  // Its lease ends at 2000.
+  const Job retried = insert_one(*store, new_job("retried"), 1500).job;
+  REQUIRE(store->claim(1, 1500, 100).size() == 1);
+  REQUIRE(store->mark_retry(retried.id, "later", 2000, 1500));
+  const Job fresh = insert_one(*store, new_job("fresh"), 2000).job;  // Due at 2000 as well.
+  const Job newer = insert_one(*store, new_job("newer"), 2500).job;
+
+  const auto claimed = store->claim(10, 3000, 100);
+  REQUIRE(claimed.size() == 4);
+  CHECK(claimed[0].id == stuck.id);    // run_after 1000, lease expired.
+  CHECK(claimed[1].id == retried.id);  // run_after 2000, created 1500.
+  CHECK(claimed[2].id == fresh.id);    // run_after 2000, created 2000.
+  CHECK(claimed[3].id == newer.id);
+  CHECK(claimed[0].attempts == 2);
+  CHECK(claimed[1].attempts == 2);
+  CHECK(claimed[2].attempts == 1);
+}
+
+TEST_CASE("mark_sent, mark_retry, mark_failed and release move a claimed job") {
+  TempDir dir;
+  auto store = open_sqlite_store(dir.file("jobs.db"), false);
+  const auto batch =
+      store->insert_batch({new_job("a"), new_job("b"), new_job("c"), new_job("d")}, 1000);
+  REQUIRE(store->claim(10, 2000, 60'000).size() == 4);
+  const std::string a = batch[0].job.id, b = batch[1].job.id, c = batch[2].job.id,
+                    d = batch[3].job.id;
+
+  CHECK(store->mark_sent(a, 3000));
+  auto job = store->get(a);
+  CHECK(job->state == JobState::sent);
+  CHECK(job->finished_ms == 3000);
+  CHECK(job->updated_ms == 3000);
+  CHECK(job->lease_until_ms == 0);
+  CHECK_FALSE(store->mark_sent(a, 3500));  // Already sent.
+  CHECK_FALSE(store->mark_retry(a, "late", 9000, 3500));
+  CHECK(store->get(a)->finished_ms == 3000);
+
+  CHECK(store->mark_retry(b, "421 try later", 10'000, 3000));
+  job = store->get(b);
+  CHECK(job->state == JobState::retrying);
+  CHECK(job->last_error == "421 try later");
+  CHECK(job->run_after_ms == 10'000);
+  CHECK(job->lease_until_ms == 0);
+  CHECK(job->finished_ms == 0);
+  CHECK(job->updated_ms == 3000);
+  CHECK_FALSE(store->mark_failed(b, "stale sender", 3500));  // Not sending any more.
+  CHECK(store->claim(10, 9999, 60'000).empty());
+  const auto retried = store->claim(10, 10'000, 60'000);
+  REQUIRE(retried.size() == 1);
+  CHECK(retried[0].id == b);
+  CHECK(retried[0].attempts == 2);
+  CHECK(retried[0].last_error == "421 try later");
+  CHECK(store->mark_sent(b, 11'000));
+  CHECK(store->get(b)->last_error == "421 try later");  // History stays.
+
+  CHECK(store->mark_failed(c, "550 no such user", 4000));
+  job = store->get(c);
+  CHECK(job->state == JobState::failed);
+  CHECK(job->last_error == "550 no such user");
+  CHECK(job->finished_ms == 4000);
+  CHECK(job->lease_until_ms == 0);
+
+  CHECK(store->release(d, 5000));
+  job = store->get(d);
+  CHECK(job->state == JobState::queued);
+  CHECK(job->attempts == 0);
+  CHECK(job->lease_until_ms == 0);
+  CHECK(job->updated_ms == 5000);
+  CHECK_FALSE(store->release(d, 5000));  // Only a sending job can be released.
+
+  CHECK_FALSE(store->mark_sent("ffffffffffffffffffffffffffffffff", 1));
+  CHECK_FALSE(store->release("nope", 1));
+}
+
+TEST_CASE("stats and count_pending count by state") {
+  TempDir dir;
+  auto store = open_sqlite_store(dir.file("jobs.db"), false);
+  auto empty = store->stats(0);
+  for (auto count : empty.by_state) CHECK(count == 0);
+  CHECK(empty.oldest_queued_ms == 0);
+  CHECK(store->count_pending() == 0);
+
+  const Job a = insert_one(*store, new_job("a"), 1000).job;
+  store->insert_batch({new_job("b"), new_job("c"), new_job("d")}, 2000);
+  insert_one(*store, new_job("e"), 3000);
+  const auto claimed = store->claim(4, 3000, 60'000);  // a, b, c, d
+  REQUIRE(claimed.size() == 4);
+  REQUIRE(claimed[0].id == a.id);
+  store->mark_retry(a.id, "later", 99'000, 4000);
+  store->mark_sent(claimed[1].id, 4000);
+  store->mark_failed(claimed[2].id, "no", 4000);
+
+  const auto stats = store->stats(5000);
+  CHECK(stats.by_state[static_cast<std::size_t>(JobState::queued)] == 1);
+  CHECK(stats.by_state[static_cast<std::size_t>(JobState::sending)] == 1);
+  CHECK(stats.by_state[static_cast<std::size_t>(JobState::retrying)] == 1);
+  CHECK(stats.by_state[static_cast<std::size_t>(JobState::sent)] == 1);
+  CHECK(stats.by_state[static_cast<std::size_t>(JobState::failed)] == 1);
+  CHECK(stats.oldest_queued_ms == 1000);  // a: retrying counts as waiting.
+  CHECK(store->count_pending() == 3);
+}
+
+TEST_CASE("a failing insert stores nothing of its batch") {
+  TempDir dir;
+  const std::string path = dir.file("jobs.db");
+  open_sqlite_store(path, false);  // Creates the schema.
+  run_sql(path, boom_trigger);
+  auto store = open_sqlite_store(path, false);
+  const std::string error = error_of([&] {
+    store->insert_batch({new_job("a", "k"), NewJob{"boom", "b", ""}}, 1000);
+  });
+  CHECK(error.find(path) != std::string::npos);
+  CHECK(error.find("insert") != std::string::npos);
+  CHECK(error.find("boom refused") != std::string::npos);
+  CHECK(store->count_pending() == 0);
+  // The store is still usable, and the key was not taken.
+  CHECK(insert_one(*store, new_job("a", "k"), 2000).created);
+}
+
+TEST_CASE("transaction() groups calls and rolls all of them back on failure") {
+  TempDir dir;
+  const std::string path = dir.file("jobs.db");
+  open_sqlite_store(path, false);
+  run_sql(path, boom_trigger);
+  auto store = open_sqlite_store(path, false);
+  const auto batch = store->insert_batch({new_job("a"), new_job("b")}, 1000);
+  REQUIRE(store->claim(2, 1000, 60'000).size() == 2);
+
+  CHECK_THROWS_AS(store->transaction([&] {
+    CHECK(store->mark_sent(batch[0].job.id, 2000));
+    throw std::runtime_error("caller gave up");
+  }),
+                  std::runtime_error);
+  CHECK(store->get(batch[0].job.id)->state == JobState::sending);
+
+  // A failure inside that the body swallows still dooms the transaction.
+  const std::string error = error_of([&] {
+    store->transaction([&] {
+      store->mark_sent(batch[0].job.id, 2000);
+      CHECK_THROWS(store->insert_batch({NewJob{"boom", "", ""}}, 2000));
+    });
+  });
+  CHECK(error.find("rolled back") != std::string::npos);
+  CHECK(store->get(batch[0].job.id)->state == JobState::sending);
+
+  store->transaction([&] {
+    store->mark_sent(batch[0].job.id, 3000);
+    store->transaction([&] { store->mark_failed(batch[1].job.id, "bad", 3000); });
+    store->insert_batch({new_job("c")}, 3000);
+  });
+  CHECK(store->get(batch[0].job.id)->state == JobState::sent);
+  CHECK(store->get(batch[1].job.id)->state == JobState::failed);
+  CHECK(store->count_pending() == 1);
+}
+
+TEST_CASE("closing and reopening the store keeps every job") {
+  TempDir dir;
+  const std::string path = dir.file("jobs.db");
+  std::string sent_id, queued_id, keyed_id;
+  {
+    auto store = open_sqlite_store(path, true);
+    sent_id = insert_one(*store, new_job("s"), 1000).job.id;
+    REQUIRE(store->claim(1, 1000, 60'000).size() == 1);
+    store->mark_sent(sent_id, 2000);
+    queued_id = insert_one(*store, new_job("q"), 3000).job.id;
+    keyed_id = insert_one(*store, new_job("k", "key"), 3000).job.id;
+  }
+  auto store = open_sqlite_store(path, true);
+  CHECK(store->get(sent_id)->state == JobState::sent);
+  CHECK(store->get(sent_id)->finished_ms == 2000);
+  CHECK(store->get(queued_id)->payload == "q");
+  CHECK(store->count_pending() == 2);
+  const Inserted again = insert_one(*store, new_job("other", "key"), 4000);
+  CHECK_FALSE(again.created);
+  CHECK(again.job.id == keyed_id);
+}
+
+TEST_CASE("a second store on the same file reads while the StoreWorker writes") {
+  TempDir dir;
+  const std::string path = dir.file("jobs.db");
+  FakeLoop loop;
+  StoreWorker worker(open_sqlite_store(path, true), loop.poster());
+  auto reader = open_sqlite_store(path, true);
+  int stored = 0;
+  for (int i = 0; i < 3000; ++i) {
+    worker.insert(new_job("x"), [&](std::variant<Inserted, std::string> outcome) {
+      if (std::holds_alternative<Inserted>(outcome)) ++stored;
+    });
+  }
+  std::int64_t last_seen = 0;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (stored < 3000) {
+    REQUIRE(std::chrono::steady_clock::now() < deadline);
+    const auto stats = reader->stats(0);  // Never SQLITE_BUSY: WAL readers do not wait.
+    const std::int64_t queued = stats.by_state[static_cast<std::size_t>(JobState::queued)];
+    CHECK(queued >= last_seen);
+    last_seen = queued;
+    loop.drain();
+  }
+  CHECK(reader->count_pending() == 3000);
+}
+
+TEST_CASE("a job committed by a process survives its kill -9") {
+  TempDir dir;
+  const std::string path = dir.file("jobs.db");
+  int pipe_fds[2];
+  REQUIRE(::pipe(pipe_fds) == 0);
+  const pid_t child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    // The child acknowledges only after insert_batch returned, i.e. after the commit, then
+    // waits with the connection open: nothing is checkpointed or closed cleanly.
+    ::close(pipe_fds[0]);
+    try {
+      auto store = open_sqlite_store(path, true);
+      const Inserted inserted = insert_one(*store, new_job("survivor", "child-key"), 1234);
+      const std::string message = "ok " + inserted.job.id;
+      if (::write(pipe_fds[1], message.data(), message.size()) !=
+          static_cast<ssize_t>(message.size())) {
+        ::_exit(2);
+      }
+      for (;;) ::pause();
+    } catch (...) {
+      ::_exit(1);
+    }
+  }
+  ::close(pipe_fds[1]);
+  char buffer[64] = {};
+  std::size_t got = 0;
+  while (got < 35) {
+    const ssize_t n = ::read(pipe_fds[0], buffer + got, sizeof buffer - 1 - got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    got += static_cast<std::size_t>(n);
+  }
+  ::close(pipe_fds[0]);
+  ::kill(child, SIGKILL);
+  int status = 0;
+  REQUIRE(::waitpid(child, &status, 0) == child);
+  CHECK(WIFSIGNALED(status));
+  CHECK(WTERMSIG(status) == SIGKILL);
+
+  const std::string message(buffer, got);
+  REQUIRE(message.size() == 35);
+  REQUIRE(message.substr(0, 3) == "ok ");
+  const std::string id = message.substr(3);
+  // The job is only in the write-ahead log: the reopen recovers it from there.
+  CHECK(std::filesystem::file_size(path + "-wal") > 0);
+
+  auto store = open_sqlite_store(path, true);
+  const auto job = store->get(id);
+  REQUIRE(job.has_value());
+  CHECK(job->payload == "survivor");
+  CHECK(job->idempotency_key == "child-key");
+  CHECK(job->state == JobState::queued);
+  CHECK(job->created_ms == 1234);
+}
+
+TEST_CASE("a file that is not a SQLite database is refused with its path") {
+  TempDir dir;
+  const std::string path = dir.file("not-a.db");
+  {
+    std::ofstream out(path, std::ios::binary);
+    for (int i = 0; i < 200; ++i) out << "this is not a database, it is a text file\n";
+  }
+  const std::string error = error_of([&] { open_sqlite_store(path, true); });
+  CHECK(error.find(path) != std::string::npos);
+  CHECK(error.find("not a SQLite database") != std::string::npos);
+}
+
+TEST_CASE("a missing directory is refused with the path") {
+  TempDir dir;
+  const std::string path = dir.file("missing/jobs.db");
+  const std::string error = error_of([&] { open_sqlite_store(path, true); });
+  CHECK(error.find(path) != std::string::npos);
+  CHECK(error.find("open") != std::string::npos);
+  CHECK(error.find("directory") != std::string::npos);
+}
+
+TEST_CASE("a store with a newer schema version is refused untouched") {
+  TempDir dir;
+  const std::string path = dir.file("jobs.db");
+  open_sqlite_store(path, true);
+  run_sql(path, "PRAGMA user_version=99");
+  const std::string error = error_of([&] { open_sqlite_store(path, true); });
+  CHECK(error.find(path) != std::string::npos);
+  CHECK(error.find("schema version 99 is newer") != std::string::npos);
+}
+
+TEST_CASE("StoreWorker group-commits inserts and answers each exactly once on the loop") {
+  TempDir dir;
+  FakeLoop loop;
+  const auto loop_thread = std::this_thread::get_id();
+  StoreWorker worker(open_sqlite_store(dir.file("jobs.db"), true), loop.poster());
+
+  constexpr int count = 2000;
+  std::vector<int> calls(count, 0);
+  std::set<std::string> ids;
+  int off_thread = 0;
+  for (int i = 0; i < count; ++i) {
+    worker.insert(new_job("p" + std::to_string(i)),
+                  [&, i](std::variant<Inserted, std::string> outcome) {
+                    ++calls[i];
+                    if (std::this_thread::get_id() != loop_thread) ++off_thread;
+                    REQUIRE(std::holds_alternative<Inserted>(outcome));
+                    const Inserted& inserted = std::get<Inserted>(outcome);
+                    CHECK(inserted.created);
+                    CHECK(inserted.job.payload == "p" + std::to_string(i));
+                    ids.insert(inserted.job.id);
+                  });
+  }
+  // run() after the inserts sees all of them committed.
+  std::int64_t pending_seen = -1;
+  CHECK(worker.run([&, post = loop.poster()](JobStore& store) {
+    const std::int64_t pending = store.count_pending();
+    post([&pending_seen, pending] { pending_seen = pending; });
+  }));
+  REQUIRE(loop.drain_until([&] { return pending_seen >= 0 && ids.size() == count; }));
+  CHECK(pending_seen == count);
+  CHECK(off_thread == 0);
+  for (int c : calls) CHECK(c == 1);
+  CHECK(worker.inserts_committed() == count);
+  CHECK(worker.batches_committed() >= 1);
+  CHECK(worker.batches_committed() < count);
+  MESSAGE("2000 inserts in " << worker.batches_committed() << " commits");
+  worker.stop();
+  loop.drain();
+  for (int c : calls) CHECK(c == 1);
+  CHECK(loop.errors.empty());
+}
+
+TEST_CASE("StoreWorker keeps run() and insert() in FIFO order") {
+  TempDir dir;
+  FakeLoop loop;
+  StoreWorker worker(open_sqlite_store(dir.file("jobs.db"), false), loop.poster());
+  std::vector<std::string> order;
+  auto post = loop.poster();
+  for (int round = 0; round < 50; ++round) {
+    worker.insert(new_job("x", "key-" + std::to_string(round)),
+                  [&, round](std::variant<Inserted, std::string> outcome) {
+                    REQUIRE(std::holds_alternative<Inserted>(outcome));
+                    order.push_back("insert " + std::to_string(round));
+                  });
+    worker.run([&, round, post](JobStore& store) {
+      // The insert queued just before is committed and visible.
+      const std::int64_t pending = store.count_pending();
+      post([&, round, pending] {
+        CHECK(pending == round + 1);
+        order.push_back("run " + std::to_string(round));
+      });
+    });
+  }
+  REQUIRE(loop.drain_until([&] { return order.size() == 100; }));
+  for (int round = 0; round < 50; ++round) {
+    CHECK(order[2 * round] == "insert " + std::to_string(round));
+    CHECK(order[2 * round + 1] == "run " + std::to_string(round));
+  }
+}
+
+TEST_CASE("StoreWorker::stop drains the queue, then refuses new work") {
+  TempDir dir;
+  const std::string path = dir.file("jobs.db");
+  FakeLoop loop;
+  int stored = 0;
+  int refused = 0;
+  bool ran_after_stop = false;
+  {
+    StoreWorker worker(open_sqlite_store(path, true), loop.poster());
+    for (int i = 0; i < 500; ++i) {
+      worker.insert(new_job("x"), [&](std::variant<Inserted, std::string> outcome) {
+        if (std::holds_alternative<Inserted>(outcome)) ++stored;
+      });
+    }
+    worker.stop();
+    CHECK(worker.queue_depth() == 0);
+    CHECK(worker.inserts_committed() == 500);
+    worker.stop();  // Idempotent.
+    worker.insert(new_job("late"), [&](std::variant<Inserted, std::string> outcome) {
+      REQUIRE(std::holds_alternative<std::string>(outcome));
+      CHECK(std::get<std::string>(outcome).find("shut down") != std::string::npos);
+      ++refused;
+    });
+    CHECK(refused == 0);  // Never inside insert() itself.
+    CHECK_FALSE(worker.run([&](JobStore&) { ran_after_stop = true; }));
+  }
+  loop.drain();
+  CHECK(stored == 500);
+  CHECK(refused == 1);
+  CHECK_FALSE(ran_after_stop);
+  CHECK(open_sqlite_store(path, true)->count_pending() == 500);
+}
+
+TEST_CASE("StoreWorker fails every insert of a failed batch, and survives operations that throw") {
+  TempDir dir;
+  const std::string path = dir.file("jobs.db");
+  open_sqlite_store(path, false);
+  run_sql(path, boom_trigger);
+  FakeLoop loop;
+  StoreWorker worker(open_sqlite_store(path, false), loop.poster());
+
+  // Hold the worker inside an operation so that the three inserts form one batch.
+  std::mutex gate;
+  std::unique_lock<std::mutex> hold(gate);
+  std::atomic<bool> entered{false};
+  worker.run([&](JobStore&) {
+    entered = true;
+    std::lock_guard<std::mutex> wait(gate);
+  });
+  while (!entered) std::this_thread::yield();
+  std::vector<std::string> errors;
+  for (const char* kind : {"email", "boom", "email"}) {
+    worker.insert(NewJob{kind, "p", ""}, [&](std::variant<Inserted, std::string> outcome) {
+      REQUIRE(std::holds_alternative<std::string>(outcome));
+      errors.push_back(std::get<std::string>(outcome));
+    });
+  }
+  CHECK(worker.queue_depth() == 3);
+  hold.unlock();
+  REQUIRE(loop.drain_until([&] { return errors.size() == 3; }));
+  for (const std::string& error : errors) {
+    CHECK(error.find("boom refused") != std::string::npos);
+    CHECK(error.find(path) != std::string::npos);
+  }
+  CHECK(worker.batches_committed() == 0);
+
+  worker.run([](JobStore&) { throw std::runtime_error("operation broke"); });
+  bool ok = false;
+  worker.insert(new_job("fine"), [&](std::variant<Inserted, std::string> outcome) {
+    ok = std::holds_alternative<Inserted>(outcome);
+  });
+  REQUIRE(loop.drain_until([&] { return ok; }));
+  REQUIRE(loop.errors.size() == 1);
+  CHECK(loop.errors[0] == "operation broke");
+  CHECK(worker.batches_committed() == 1);
+
+  // stop() from inside an operation would join its own thread: refused, and the worker goes on.
+  worker.run([&](JobStore&) { worker.stop(); });
+  bool after = false;
+  CHECK(worker.run([&, post = loop.poster()](JobStore&) { post([&] { after = true; }); }));
+  REQUIRE(loop.drain_until([&] { return after; }));
+  REQUIRE(loop.errors.size() == 2);
+  CHECK(loop.errors[1].find("own thread") != std::string::npos);
+}
