@@ -43,7 +43,8 @@ SQUALLD := $(BUILD)/squalld
 UNIT_TESTS := $(BUILD)/unit_tests
 PYTHON := /usr/bin/python3
 
-.PHONY: all deps run test unit integration examples format format-check clean bench install
+.PHONY: all deps run test unit integration examples format format-check clean bench install \
+	uninstall
 
 all: $(SQUALLD) $(UNIT_TESTS) $(EXAMPLE_BINS)
 
@@ -62,8 +63,8 @@ test: deps
 unit: $(UNIT_TESTS)
 	./$(UNIT_TESTS)
 
-integration: $(SQUALLD)
-	SQUALLD=$(CURDIR)/$(SQUALLD) $(PYTHON) -m pytest -q -p no:cacheprovider tests/integration
+integration: $(SQUALLD) $(EXAMPLE_BINS)
+	SQUALLD=$(CURDIR)/$(SQUALLD) SEND_EMAIL=$(CURDIR)/$(BUILD)/examples/send_email $(PYTHON) -m pytest -q -p no:cacheprovider tests/integration
 
 examples: $(EXAMPLE_BINS)
 
@@ -91,6 +92,46 @@ $(UNIT_TESTS): $(UNIT_OBJS) $(LIBSQUALL)
 
 $(BUILD)/examples/%: $(BUILD)/examples/%.o $(LIBSQUALL)
 	$(CXX) $(LDFLAGS) -o $@ $^ $(pkg_libs)
+
+# `make install PREFIX=/usr/local DESTDIR=...`: the binary, the man page, the systemd units (with
+# the binary's path in ExecStart), the logrotate snippet, and the config, which is installed only
+# when none is there (an edited one is never overwritten). `make uninstall` removes them; the
+# config only if it is still the shipped one.
+BINDIR ?= $(PREFIX)/bin
+MANDIR ?= $(PREFIX)/share/man
+SYSCONFDIR ?= /etc
+UNITDIR ?= $(PREFIX)/lib/systemd/system
+LOGROTATEDIR ?= $(SYSCONFDIR)/logrotate.d
+
+install: $(SQUALLD)
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(UNITDIR) \
+	  $(DESTDIR)$(LOGROTATEDIR) $(DESTDIR)$(SYSCONFDIR)/squall
+	install -m 0755 $(SQUALLD) $(DESTDIR)$(BINDIR)/squalld
+	install -m 0644 docs/squalld.8 $(DESTDIR)$(MANDIR)/man8/squalld.8
+	sed -e 's|/usr/local/bin/squalld|$(BINDIR)/squalld|g' \
+	  -e 's|/etc/squall/squalld.toml|$(SYSCONFDIR)/squall/squalld.toml|g' \
+	  systemd/squalld.service > $(DESTDIR)$(UNITDIR)/squalld.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/squalld.service
+	install -m 0644 systemd/squalld.socket $(DESTDIR)$(UNITDIR)/squalld.socket
+	install -m 0644 config/logrotate $(DESTDIR)$(LOGROTATEDIR)/squalld
+	@if [ -e $(DESTDIR)$(SYSCONFDIR)/squall/squalld.toml ]; then \
+	  echo "keeping the existing $(DESTDIR)$(SYSCONFDIR)/squall/squalld.toml"; \
+	else \
+	  echo "install -m 0644 config/squalld.toml $(DESTDIR)$(SYSCONFDIR)/squall/squalld.toml"; \
+	  install -m 0644 config/squalld.toml $(DESTDIR)$(SYSCONFDIR)/squall/squalld.toml; \
+	fi
+	@echo "installed; with systemd: systemctl daemon-reload && systemctl enable --now squalld"
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/squalld $(DESTDIR)$(MANDIR)/man8/squalld.8 \
+	  $(DESTDIR)$(UNITDIR)/squalld.service $(DESTDIR)$(UNITDIR)/squalld.socket \
+	  $(DESTDIR)$(LOGROTATEDIR)/squalld
+	@if cmp -s config/squalld.toml $(DESTDIR)$(SYSCONFDIR)/squall/squalld.toml; then \
+	  rm -f $(DESTDIR)$(SYSCONFDIR)/squall/squalld.toml; \
+	  rmdir $(DESTDIR)$(SYSCONFDIR)/squall 2>/dev/null || true; \
+	elif [ -e $(DESTDIR)$(SYSCONFDIR)/squall/squalld.toml ]; then \
+	  echo "kept $(DESTDIR)$(SYSCONFDIR)/squall/squalld.toml (edited); remove it by hand"; \
+	fi
 
 format:
 	clang-format -i $(LIB_SRCS) $(SERVER_SRCS) $(UNIT_SRCS) $(EXAMPLE_SRCS) $(shell find lib server tests/unit examples -name '*.hpp')

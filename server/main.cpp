@@ -1,10 +1,14 @@
-// squalld: command line -> config -> logging -> loop -> routes -> signals -> run.
+// squalld: command line -> config -> (daemonize) -> logging -> loop -> listeners -> privileges
+// -> services -> READY -> run; SIGHUP reloads the configuration, SIGTERM drains.
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <memory>
@@ -12,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include <fmt/format.h>
 #include <spdlog/spdlog.h>
 #include <CLI/CLI.hpp>
 
@@ -19,10 +24,15 @@
 #include "core/loop.hpp"
 #include "core/loop_lag.hpp"
 #include "core/signals.hpp"
+#include "daemon/daemonize.hpp"
+#include "daemon/privileges.hpp"
+#include "daemon/systemd.hpp"
 #include "http/router.hpp"
 #include "http/server.hpp"
+#include "jobs/smtp.hpp"
 #include "log/log.hpp"
 #include "metrics/metrics.hpp"
+#include "server/jobs_service.hpp"
 #include "server/routes.hpp"
 
 #ifndef SQUALL_VERSION
@@ -32,13 +42,65 @@
 namespace {
 
 using namespace squall;
+namespace fs = std::filesystem;
 
 struct CommandLine {
-  std::string config_path;          // --config; empty means built-in defaults.
+  std::string config_path;          // --config; empty means built-in defaults. Made absolute.
   bool check_config = false;        // --check-config
   std::vector<std::string> listen;  // --listen, replacing [server] listen.
-  std::string port_file;            // --port-file
+  std::string port_file;            // --port-file. Made absolute.
+  bool daemonize = false;           // --daemon
+  std::string pid_file;             // --pid-file. Made absolute.
 };
+
+// What main() prepared before serving: it outlives the daemon.
+struct Startup {
+  const CommandLine& command_line;
+  fs::path base_directory;                   // The starting directory: relative paths in the
+                                             // config are resolved against it, also on reload.
+  std::vector<daemon::ListenFd> inherited;   // Sockets from systemd (socket activation).
+  daemon::PidFile* pid_file = nullptr;       // --pid-file, locked.
+  daemon::Daemonizer* daemonizer = nullptr;  // --daemon: tells the starting process the outcome.
+  bool daemon_refused = false;               // --daemon given under systemd.
+};
+
+// `path` made absolute against `base` (empty stays empty).
+std::string absolute_from(const fs::path& base, const std::string& path) {
+  if (path.empty() || path.front() == '/') return path;
+  return (base / path).lexically_normal().string();
+}
+
+// Relative paths in the config are relative to the directory squalld was started in, and stay
+// so after --daemon's chdir("/") and on reload: they are made absolute here.
+void resolve_paths(Config& config, const fs::path& base) {
+  for (std::string* target : {&config.log.error_log, &config.log.access_log}) {
+    if (*target != "stderr" && *target != "off") *target = absolute_from(base, *target);
+  }
+  if (config.jobs.store != ":memory:" && !config.jobs.store.starts_with("file:")) {
+    config.jobs.store = absolute_from(base, config.jobs.store);
+  }
+  config.smtp.password_file = absolute_from(base, config.smtp.password_file);
+}
+
+// The configuration as the command line asks for it: the --config file (or the defaults), with
+// --listen replacing [server] listen and relative paths resolved. Used at start and on reload.
+// Throws ConfigError naming the file, line and key.
+Config load_configuration(const CommandLine& command_line, const fs::path& base) {
+  Config config;
+  if (!command_line.config_path.empty()) config = load_config_file(command_line.config_path);
+  if (!command_line.listen.empty()) {
+    config.server.listen.clear();
+    for (const std::string& text : command_line.listen) {
+      try {
+        config.server.listen.push_back(parse_listen_address(text));
+      } catch (const std::invalid_argument& error) {
+        throw ConfigError("--listen " + text + ": " + error.what());
+      }
+    }
+  }
+  resolve_paths(config, base);
+  return config;
+}
 
 // Raises the soft descriptor limit to the hard one: every connection costs a descriptor.
 void raise_descriptor_limit(std::size_t max_connections) {
@@ -97,6 +159,8 @@ log::Options log_options(const Config& config) {
   options.error_log = config.log.error_log;
   options.access_log = config.log.access_log;
   options.access_json = config.log.access_format == AccessLogFormat::json;
+  // journald timestamps lines and files them by the "<N>" priority prefix.
+  options.journal = config.log.error_log == "stderr" && daemon::stderr_is_journal();
   return options;
 }
 
@@ -120,65 +184,331 @@ void log_access(log::Logs& logs, const http::RequestRecord& record) {
   logs.access(access);
 }
 
-int serve(const CommandLine& command_line, Config config) {
+// The running daemon: the server, its routes and metrics, listeners, signals, reloads.
+class Squalld {
+ public:
+  Squalld(const Startup& startup, Config config, log::Logs& logs, Loop& loop)
+      : startup_(startup),
+        config_(std::move(config)),
+        logs_(logs),
+        loop_(loop),
+        server_(loop, std::make_shared<const http::Router>(), server_options(config_)),
+        lag_(loop, config_.loop.lag_interval,
+             [this](double seconds) {
+               if (http_metrics_) http_metrics_->observe_loop_lag(seconds);
+             }),
+        builtin_(std::make_shared<const daemon::BuiltinRoutes>(
+            daemon::BuiltinRoutes{&server_, &lag_, &registry_, started_})) {
+    http_metrics_.emplace(registry_, server_, &lag_, logs_);
+    server_.on_request([this](const http::RequestRecord& record) {
+      http_metrics_->observe(record);
+      if (logs_.access_enabled()) log_access(logs_, record);
+    });
+    // Signals are watched before the first listener exists: from the "listening on" line on,
+    // SIGTERM is a graceful stop and SIGHUP a reload (they run once the loop runs).
+    on_term_.emplace(loop_, SIGTERM, [this] { shut_down("SIGTERM"); });
+    on_int_.emplace(loop_, SIGINT, [this] { shut_down("SIGINT"); });
+    on_hup_.emplace(loop_, SIGHUP, [this] { reload(); });
+    on_usr1_.emplace(loop_, SIGUSR1, [this] {
+      // Queued after the reopen request, so this line is the first one in the new files.
+      logs_.reopen();
+      spdlog::info("SIGUSR1: log files reopened");
+    });
+  }
+
+  // Everything between the configuration and READY=1. Throws on failure (the caller exits 1).
+  void start() {
+    daemon::notify_status("Starting: opening listeners");
+    open_listeners();
+    if (startup_.pid_file != nullptr) startup_.pid_file->write(getpid());
+    // Root is needed no further than this: binding, log files, the pid file.
+    const std::string dropped = daemon::drop_privileges(config_.server.user, config_.server.group);
+    if (!dropped.empty()) spdlog::info("{}", dropped);
+
+    // ---- Things that must be ready before READY=1 -----------------------------------------
+    // Whatever must work before systemd (or --daemon's parent) is told the service is up.
+    // After the privilege drop, so files created here belong to the service user; before the
+    // router, so build_router() can add routes that use these services.
+    daemon::notify_status("Starting: opening the job store " + config_.jobs.store);
+    jobs_ = std::make_unique<daemon::JobsService>(loop_, config_, registry_);
+    jobs_->start();
+    // ---- End of the things that must be ready before READY=1 ------------------------------
+
+    install_router(config_);
+    watchdog_.emplace(loop_);
+    spdlog::info("squalld {} ready: {} listener(s), pid {}", SQUALL_VERSION, listeners_.size(),
+                 getpid());
+    if (startup_.daemonizer != nullptr) {
+      logs_.flush();  // Start-up lines reach the terminal before stderr goes to /dev/null.
+      startup_.daemonizer->report_ready();
+    }
+    daemon::notify_ready(serving_status());
+  }
+
+  int exit_code() const noexcept { return exit_code_; }
+
+ private:
+  // One configured address and what it is bound to ("127.0.0.1:0" -> "127.0.0.1:41234").
+  struct OpenListener {
+    ListenAddress configured;
+    std::string bound;
+  };
+
+  // The routes a configuration asks for: at start and on every reload.
+  std::shared_ptr<const http::Router> build_router(const Config& config) const {
+    auto router = std::make_shared<http::Router>();
+    daemon::add_builtin_routes(*router, config.routes, builtin_);
+    if (jobs_) jobs_->add_routes(*router, config);
+    return router;
+  }
+
+  void install_router(const Config& config) {
+    std::shared_ptr<const http::Router> router = build_router(config);
+    http_metrics_->set_routes(*router);
+    server_.set_router(std::move(router));
+  }
+
+  void open_listeners() {
+    std::vector<std::string> notes;  // Logged once the port file exists, which tests rely on.
+    if (!startup_.inherited.empty()) {
+      // Socket activation: systemd owns the addresses; [server] listen is not used.
+      socket_activated_ = true;
+      for (const daemon::ListenFd& passed : startup_.inherited) {
+        const std::string bound = server_.adopt_listener(passed.fd);
+        listeners_.push_back({ListenAddress{}, bound});
+        notes.push_back(fmt::format("listening on {} (socket \"{}\" from systemd, descriptor {})",
+                                    bound, passed.name, passed.fd));
+      }
+      notes.push_back("[server] listen is ignored: the listening sockets come from systemd");
+    } else {
+      for (const ListenAddress& address : config_.server.listen) {
+        const std::string bound = server_.listen(address.host, address.port);
+        listeners_.push_back({address, bound});
+        notes.push_back("listening on " + bound);
+      }
+    }
+    write_port_file();
+    for (const std::string& note : notes) spdlog::info("{}", note);
+  }
+
+  // --port-file: every bound address, one a line (at start and after the list changes).
+  void write_port_file() const {
+    if (startup_.command_line.port_file.empty()) return;
+    std::string text;
+    for (const OpenListener& open : listeners_) text += open.bound + "\n";
+    write_file_atomically(startup_.command_line.port_file, text);
+  }
+
+  std::string serving_status() const {
+    std::string status = "Serving on";
+    for (std::size_t i = 0; i < listeners_.size(); ++i) {
+      status += (i == 0 ? " " : ", ") + listeners_[i].bound;
+    }
+    return status;
+  }
+
+  std::string config_name() const {
+    return startup_.command_line.config_path.empty() ? "the built-in defaults"
+                                                     : startup_.command_line.config_path;
+  }
+
+  // SIGHUP: the same --config file again (with the same --listen overrides), validated as a
+  // whole before any of it applies; an invalid one is refused and the old one stays in force.
+  void reload() {
+    if (stopping_) {
+      spdlog::info("SIGHUP while draining: not reloading");
+      return;
+    }
+    daemon::notify_reloading("Reloading " + config_name());
+    spdlog::info("SIGHUP: reloading {}", config_name());
+    try {
+      apply(load_configuration(startup_.command_line, startup_.base_directory));
+    } catch (const std::exception& error) {
+      spdlog::error("reload refused, the running configuration stays in force: {}", error.what());
+      daemon::notify_ready(std::string("Reload failed: ") + error.what() +
+                           "; running the previous configuration. " + serving_status());
+      return;
+    }
+    daemon::notify_ready(serving_status() + " (configuration reloaded)");
+  }
+
+  // Applies `next`, or throws having changed nothing.
+  void apply(Config next) {
+    // 1. Whatever can fail, before anything changes.
+    log::parse_level(next.log.level);
+    std::shared_ptr<const http::Router> router = build_router(next);
+    http::ServerOptions options = server_options(next);
+
+    std::vector<OpenListener> listeners;  // The new list, in the new config's order.
+    std::vector<OpenListener> opened;     // Opened by this reload.
+    if (socket_activated_) {
+      listeners = listeners_;
+      if (next.server.listen != config_.server.listen) {
+        spdlog::info("[server] listen changed but is ignored: the sockets come from systemd");
+      }
+    } else {
+      for (const ListenAddress& address : next.server.listen) {
+        const auto existing =
+            std::find_if(listeners_.begin(), listeners_.end(),
+                         [&](const OpenListener& open) { return open.configured == address; });
+        if (existing != listeners_.end()) {
+          listeners.push_back(*existing);
+          continue;
+        }
+        try {
+          const std::string bound = server_.listen(address.host, address.port);
+          opened.push_back({address, bound});
+          listeners.push_back({address, bound});
+        } catch (const std::exception& error) {
+          for (const OpenListener& undo : opened) server_.close_listener(undo.bound);
+          throw std::runtime_error(std::string("[server] listen: ") + error.what());
+        }
+      }
+    }
+    // [smtp] and [jobs]: all or nothing (a password file may be unreadable), and last, so a
+    // failure only has the listeners just opened to undo.
+    try {
+      if (jobs_) jobs_->reconfigure(next);
+    } catch (const std::exception&) {
+      for (const OpenListener& undo : opened) server_.close_listener(undo.bound);
+      throw;
+    }
+
+    // 2. Apply; nothing below throws.
+    server_.reconfigure(std::move(options));
+    http_metrics_->set_routes(*router);
+    server_.set_router(std::move(router));
+    logs_.set_level(next.log.level);
+    for (const OpenListener& old : listeners_) {
+      const bool kept = std::any_of(listeners.begin(), listeners.end(),
+                                    [&](const auto& open) { return open.bound == old.bound; });
+      if (!kept && server_.close_listener(old.bound)) {
+        spdlog::info("stopped listening on {}", old.bound);
+      }
+    }
+    const bool listeners_changed = !opened.empty() || listeners.size() != listeners_.size();
+    listeners_ = std::move(listeners);
+    if (listeners_changed) {
+      try {
+        write_port_file();
+      } catch (const std::exception& error) {
+        spdlog::warn("reload: --port-file: {}", error.what());
+      }
+    }
+    for (const OpenListener& open : opened) spdlog::info("listening on {}", open.bound);
+
+    if (next.server.max_connections > config_.server.max_connections) {
+      raise_descriptor_limit(next.server.max_connections);
+    }
+    spdlog::info("configuration reloaded from {}", config_name());
+    // Logged after the line above, so that a level raised to warn still shows these.
+    warn_restart_needed(next);
+    config_ = std::move(next);
+  }
+
+  void warn_restart_needed(const Config& next) const {
+    auto warn = [](const char* key) {
+      spdlog::warn("reload: {} changed; the new value takes effect at the next restart", key);
+    };
+    if (next.log.error_log != config_.log.error_log) warn("[log] error_log");
+    if (next.log.access_log != config_.log.access_log) warn("[log] access_log");
+    if (next.log.access_format != config_.log.access_format) warn("[log] access_format");
+    if (next.server.thread_pool_size != config_.server.thread_pool_size) {
+      warn("[server] thread_pool_size");
+    }
+    if (next.server.user != config_.server.user) warn("[server] user");
+    if (next.server.group != config_.server.group) warn("[server] group");
+    if (next.loop.lag_interval != config_.loop.lag_interval) warn("[loop] lag_interval");
+    if (next.jobs.store != config_.jobs.store) warn("[jobs] store");
+    if (next.jobs.durability != config_.jobs.durability) warn("[jobs] durability");
+  }
+
+  void shut_down(const char* signal_name) {
+    if (stopping_) {
+      spdlog::warn("{} again while draining: exiting now", signal_name);
+      exit_code_ = 1;
+      server_.close_all();
+      loop_.stop();
+      return;
+    }
+    stopping_ = true;
+    const auto connections = server_.stats().connections_open;
+    // systemd waits for the drain deadline plus a margin, even if TimeoutStopSec= is shorter.
+    daemon::notify_stopping("Draining " + std::to_string(connections) + " connection(s)",
+                            config_.timeouts.drain + std::chrono::seconds(5));
+    spdlog::info("{}: draining {} connections (timeouts.drain {} ms)", signal_name, connections,
+                 config_.timeouts.drain.count());
+    // Connections and running sends drain side by side; the last one to finish stops the loop.
+    auto remaining = std::make_shared<int>(jobs_ ? 2 : 1);
+    auto one_done = [this, remaining] {
+      if (--*remaining > 0) return;
+      spdlog::info("drained: exiting");
+      loop_.stop();
+    };
+    if (jobs_) {
+      jobs_->drain([one_done] {
+        spdlog::info("running sends finished; unsent jobs stay queued for the next start");
+        one_done();
+      });
+    }
+    server_.drain(config_.timeouts.drain, one_done);
+    // Sends that outlive the deadline keep their lease; the next start sends them again.
+    drain_deadline_ =
+        loop_.call_later(config_.timeouts.drain + std::chrono::milliseconds(100), [this] {
+          spdlog::warn(
+              "drain deadline passed with sends running; "
+              "their jobs will be retried after the lease");
+          loop_.stop();
+        });
+  }
+
+  const Startup& startup_;
+  Config config_;  // The configuration in force.
+  log::Logs& logs_;
+  Loop& loop_;
+  metrics::Registry registry_;
+  const std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
+  http::Server server_;
+  LoopLagMonitor lag_;
+  std::optional<daemon::HttpMetrics> http_metrics_;
+  // Declared after server_, so destroyed first: its pending answers go before connections do.
+  std::unique_ptr<daemon::JobsService> jobs_;
+  Loop::TimerId drain_deadline_ = 0;  // Stops the loop if sends outlive timeouts.drain.
+  std::shared_ptr<const daemon::BuiltinRoutes> builtin_;  // What the built-in routes read.
+  std::vector<OpenListener> listeners_;                   // In the configured order.
+  bool socket_activated_ = false;                         // The listeners came from systemd.
+  bool stopping_ = false;                                 // SIGTERM or SIGINT arrived.
+  int exit_code_ = 0;
+  std::optional<daemon::Watchdog> watchdog_;
+  std::optional<SignalWatcher> on_term_;
+  std::optional<SignalWatcher> on_int_;
+  std::optional<SignalWatcher> on_hup_;
+  std::optional<SignalWatcher> on_usr1_;
+};
+
+int serve(const Startup& startup, Config config) {
   log::Logs logs(log_options(config));
+  if (startup.daemon_refused) {
+    spdlog::info(
+        "started by systemd (NOTIFY_SOCKET or INVOCATION_ID is set): --daemon is "
+        "ignored, staying in the foreground");
+  }
+  if (startup.command_line.daemonize && config.log.error_log == "stderr" &&
+      !startup.daemon_refused) {
+    spdlog::warn(
+        "--daemon with [log] error_log = \"stderr\": the error log is discarded once "
+        "started; set it to a file");
+  }
   ignore_sigpipe();
   raise_descriptor_limit(config.server.max_connections);
 
   Loop loop;
-  auto router = std::make_shared<http::Router>();
-  metrics::Registry registry;
-  const auto started = std::chrono::steady_clock::now();
   int exit_code = 0;
   {
-    http::Server server(loop, router, server_options(config));
-    std::optional<daemon::HttpMetrics> http_metrics;
-    LoopLagMonitor lag(loop, config.loop.lag_interval, [&http_metrics](double seconds) {
-      if (http_metrics) http_metrics->observe_loop_lag(seconds);
-    });
-    daemon::add_builtin_routes(
-        *router, std::make_shared<const daemon::BuiltinRoutes>(
-                     daemon::BuiltinRoutes{config, &server, &lag, &registry, started}));
-    http_metrics.emplace(registry, *router, server, &lag, logs);
-    server.on_request([&http_metrics, &logs](const http::RequestRecord& record) {
-      http_metrics->observe(record);
-      if (logs.access_enabled()) log_access(logs, record);
-    });
-
-    std::string bound;
-    for (const ListenAddress& address : config.server.listen) {
-      const std::string where = server.listen(address.host, address.port);
-      spdlog::info("listening on {}", where);
-      bound += where + "\n";
-    }
-    if (!command_line.port_file.empty()) write_file_atomically(command_line.port_file, bound);
-
-    bool stopping = false;
-    auto shut_down = [&](const char* signal_name) {
-      if (stopping) {
-        spdlog::warn("{} again while draining: exiting now", signal_name);
-        exit_code = 1;
-        server.close_all();
-        loop.stop();
-        return;
-      }
-      stopping = true;
-      spdlog::info("{}: draining {} connections (timeouts.drain {} ms)", signal_name,
-                   server.stats().connections_open, config.timeouts.drain.count());
-      server.drain(config.timeouts.drain, [&] {
-        spdlog::info("drained: exiting");
-        loop.stop();
-      });
-    };
-    SignalWatcher on_term(loop, SIGTERM, [&] { shut_down("SIGTERM"); });
-    SignalWatcher on_int(loop, SIGINT, [&] { shut_down("SIGINT"); });
-    SignalWatcher on_usr1(loop, SIGUSR1, [&] {
-      spdlog::info("SIGUSR1: reopening log files");
-      logs.reopen();
-    });
-    spdlog::info("squalld {} ready: {} listener(s), pid {}", SQUALL_VERSION,
-                 config.server.listen.size(), getpid());
+    Squalld squalld(startup, std::move(config), logs, loop);
+    squalld.start();
     loop.run();
+    exit_code = squalld.exit_code();
   }
   spdlog::info("stopped");
   return exit_code;
@@ -198,22 +528,32 @@ int main(int argc, char** argv) {
                  "a free port)");
   app.add_option("--port-file", command_line.port_file,
                  "Write the bound ADDR:PORT of each listener to FILE once listening");
+  app.add_flag("--daemon", command_line.daemonize,
+               "Detach into the background once started (ignored under systemd)");
+  app.add_option("--pid-file", command_line.pid_file,
+                 "Write the daemon's pid to FILE, locked against a second instance, removed "
+                 "on exit");
   app.set_version_flag("-V,--version", std::string("squalld ") + SQUALL_VERSION);
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& error) {
+    // --help and --version exit 0; every command-line mistake exits 1, as config errors do.
+    return app.exit(error) == 0 ? 0 : 1;
+  }
+  // libcurl's global state must be set up before any thread exists.
+  jobs::global_init();
+
+  // Paths are relative to the starting directory, also after --daemon's chdir("/").
+  std::error_code cwd_error;
+  const fs::path base = fs::current_path(cwd_error);
+  for (std::string* path :
+       {&command_line.config_path, &command_line.port_file, &command_line.pid_file}) {
+    *path = absolute_from(base, *path);
+  }
 
   Config config;
   try {
-    if (!command_line.config_path.empty()) config = load_config_file(command_line.config_path);
-    if (!command_line.listen.empty()) {
-      config.server.listen.clear();
-      for (const std::string& text : command_line.listen) {
-        try {
-          config.server.listen.push_back(parse_listen_address(text));
-        } catch (const std::invalid_argument& error) {
-          throw ConfigError("--listen " + text + ": " + error.what());
-        }
-      }
-    }
+    config = load_configuration(command_line, base);
   } catch (const ConfigError& error) {
     std::cerr << "squalld: " << error.what() << "\n";
     return 1;
@@ -224,11 +564,39 @@ int main(int argc, char** argv) {
               << ": configuration is valid\n";
     return 0;
   }
+
+  Startup startup{command_line, base, {}, nullptr, nullptr, false};
+  std::optional<daemon::Daemonizer> daemonizer;
+  std::optional<daemon::PidFile> pid_file;
+  int exit_code = 1;
   try {
-    return serve(command_line, std::move(config));
+    // Before daemonizing: LISTEN_PID names this process, and the sockets must be kept open.
+    startup.inherited = daemon::listen_fds();
+    // libuv sizes its pool from the environment on first use: before the loop exists.
+    setenv("UV_THREADPOOL_SIZE", std::to_string(config.server.thread_pool_size).c_str(), 1);
+    if (command_line.daemonize) {
+      if (daemon::under_systemd()) {
+        startup.daemon_refused = true;
+      } else {
+        std::vector<int> keep;
+        for (const daemon::ListenFd& passed : startup.inherited) keep.push_back(passed.fd);
+        daemonizer.emplace(daemon::Daemonizer::start(keep));
+        startup.daemonizer = &*daemonizer;
+      }
+    }
+    if (!command_line.pid_file.empty()) {
+      pid_file.emplace(command_line.pid_file);
+      startup.pid_file = &*pid_file;
+    }
+    exit_code = serve(startup, std::move(config));
+  } catch (const daemon::AlreadyRunning& error) {
+    std::cerr << error.what() << "\n";
+    exit_code = 1;
   } catch (const std::exception& error) {
     spdlog::critical("squalld: {}", error.what());
     std::cerr << "squalld: " << error.what() << "\n";
-    return 1;
+    exit_code = 1;
   }
+  if (daemonizer) daemonizer->report_exit(exit_code);
+  return exit_code;
 }

@@ -1,5 +1,7 @@
 #include "server/routes.hpp"
 
+#include <algorithm>
+
 #include <nlohmann/json.hpp>
 
 namespace squall::daemon {
@@ -8,10 +10,12 @@ namespace {
 constexpr std::string_view kStatusClasses[5] = {"1xx", "2xx", "3xx", "4xx", "5xx"};
 }  // namespace
 
-HttpMetrics::HttpMetrics(metrics::Registry& registry, const http::Router& router,
-                         const http::Server& server, const LoopLagMonitor* lag,
-                         const log::Logs& logs)
-    : request_duration_(registry
+HttpMetrics::HttpMetrics(metrics::Registry& registry, const http::Server& server,
+                         const LoopLagMonitor* lag, const log::Logs& logs)
+    : requests_(registry.counter("squall_http_requests_total",
+                                 "Requests answered, by route and status class.",
+                                 {"route", "code"})),
+      request_duration_(registry
                             .histogram("squall_http_request_duration_seconds",
                                        "Time from a request's first byte to its answer.",
                                        {0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
@@ -22,18 +26,7 @@ HttpMetrics::HttpMetrics(metrics::Registry& registry, const http::Router& router
                                "How late the event loop ran a timer: time it was blocked.",
                                {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5})
                     .get()) {
-  auto& requests =
-      registry.counter("squall_http_requests_total",
-                       "Requests answered, by route and status class.", {"route", "code"});
-  auto add_route = [&](const char* pattern, std::string_view label) {
-    RouteCounters counters{pattern, {}};
-    for (std::size_t i = 0; i < 5; ++i) {
-      counters.by_status_class[i] = &requests.with({label, kStatusClasses[i]});
-    }
-    routes_.push_back(counters);
-  };
-  for (const http::Route& route : router.routes()) add_route(route.pattern.c_str(), route.pattern);
-  add_route(nullptr, "none");
+  none_ = counters_for("none", nullptr);
 
   const http::ServerStats* stats = &server.stats();
   registry.gauge_callback("squall_connections_open", "Client connections open now.",
@@ -58,20 +51,58 @@ HttpMetrics::HttpMetrics(metrics::Registry& registry, const http::Router& router
   }
 }
 
+HttpMetrics::RouteCounters HttpMetrics::counters_for(std::string_view label, const char* identity) {
+  RouteCounters counters{std::string(label), identity, {}};
+  for (std::size_t i = 0; i < 5; ++i) {
+    counters.by_status_class[i] = &requests_.with({label, kStatusClasses[i]});
+  }
+  return counters;
+}
+
+void HttpMetrics::set_routes(const http::Router& router) {
+  std::vector<RouteCounters> routes;
+  routes.reserve(router.routes().size());
+  for (const http::Route& route : router.routes()) {
+    // Two methods on one pattern share the label, and so the counters.
+    routes.push_back(counters_for(route.pattern, route.pattern.c_str()));
+  }
+  routes_ = std::move(routes);
+}
+
 void HttpMetrics::observe(const http::RequestRecord& record) {
-  const int status_class = std::clamp(record.status / 100, 1, 5) - 1;
-  const char* pattern = record.route.empty() ? nullptr : record.route.data();
-  for (RouteCounters& route : routes_) {
-    if (route.pattern == pattern) {
-      route.by_status_class[static_cast<std::size_t>(status_class)]->inc();
-      break;
+  const auto status_class = static_cast<std::size_t>(std::clamp(record.status / 100, 1, 5) - 1);
+  RouteCounters* found = nullptr;
+  if (record.route.empty()) {
+    found = &none_;
+  } else {
+    // The pattern's address identifies the route of the current router; a request dispatched
+    // before a reload carries the old router's string, found by value.
+    for (RouteCounters& route : routes_) {
+      if (route.identity == record.route.data()) {
+        found = &route;
+        break;
+      }
     }
+    if (found == nullptr) {
+      for (RouteCounters& route : routes_) {
+        if (route.pattern == record.route) {
+          found = &route;
+          break;
+        }
+      }
+    }
+  }
+  if (found != nullptr) {
+    found->by_status_class[status_class]->inc();
+  } else {
+    // A route removed by a reload answering late: rare, so the locked lookup is fine.
+    requests_.with({record.route, kStatusClasses[status_class]}).inc();
   }
   request_duration_.observe(std::chrono::duration<double>(record.duration).count());
 }
 
-void add_builtin_routes(http::Router& router, std::shared_ptr<const BuiltinRoutes> routes) {
-  const RoutesConfig& enabled = routes->config.routes;
+void add_builtin_routes(http::Router& router, const RoutesConfig& enabled,
+                        std::shared_ptr<const BuiltinRoutes> routes) {
   if (enabled.plaintext) {
     router.add("GET", "/plaintext", [](http::Request&, http::Responder responder) {
       responder.send(200, "text/plain", "Hello, World!");

@@ -17,6 +17,7 @@
 #include <fmt/format.h>
 #include <spdlog/async.h>
 #include <spdlog/async_logger.h>
+#include <spdlog/pattern_formatter.h>
 #include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
 #include <nlohmann/json.hpp>
@@ -27,6 +28,8 @@ namespace {
 
 constexpr const char* kErrorPattern = "[%Y-%m-%dT%H:%M:%S.%e%z] [%l] %v";
 constexpr const char* kAccessPattern = "%v";
+// '*' is the syslog priority flag below; journald strips "<N>" and files the line under N.
+constexpr const char* kJournalPattern = "<%*>%v";
 constexpr auto kFlushTimeout = std::chrono::seconds(5);
 
 std::string errno_text(int err) {
@@ -43,6 +46,39 @@ int open_append(const std::string& path) {
   }
   return fd;
 }
+
+// The syslog priority of a message's level, as sd-daemon(3) prefixes expect ("<6>").
+class SyslogPriorityFlag final : public spdlog::custom_flag_formatter {
+ public:
+  void format(const spdlog::details::log_msg& msg, const std::tm&,
+              spdlog::memory_buf_t& dest) override {
+    char digit = '6';
+    switch (msg.level) {
+      case spdlog::level::trace:
+      case spdlog::level::debug:
+        digit = '7';
+        break;
+      case spdlog::level::info:
+        digit = '6';
+        break;
+      case spdlog::level::warn:
+        digit = '4';
+        break;
+      case spdlog::level::err:
+        digit = '3';
+        break;
+      case spdlog::level::critical:
+        digit = '2';
+        break;
+      default:
+        break;
+    }
+    dest.push_back(digit);
+  }
+  std::unique_ptr<custom_flag_formatter> clone() const override {
+    return std::make_unique<SyslogPriorityFlag>();
+  }
+};
 
 }  // namespace
 
@@ -277,7 +313,13 @@ Logs::Logs(const Options& options) : options_(options) {
   error_ = std::make_shared<spdlog::async_logger>(
       "squall", spdlog::sinks_init_list{error_sink, barrier_}, pool_,
       spdlog::async_overflow_policy::overrun_oldest);
-  error_->set_pattern(kErrorPattern);
+  if (options.journal) {
+    auto formatter = std::make_unique<spdlog::pattern_formatter>();
+    formatter->add_flag<SyslogPriorityFlag>('*').set_pattern(kJournalPattern);
+    error_->set_formatter(std::move(formatter));
+  } else {
+    error_->set_pattern(kErrorPattern);
+  }
   error_->set_level(level);
   if (access_sink) {
     access_ = std::make_shared<spdlog::async_logger>(

@@ -28,6 +28,10 @@ struct Options {
   std::string access_log = "stderr";  // "stderr", "off" or a file path
   bool access_json = false;           // JSON lines instead of nginx's combined format
   std::size_t queue_size = 8192;      // Messages queued for the log thread; the oldest drop first
+  // For journald (stderr under systemd): error log lines are "<N>message", N the syslog
+  // priority (7 debug/trace, 6 info, 4 warning, 3 error, 2 critical), with no timestamp or
+  // level name since the journal records both.
+  bool journal = false;
 };
 
 // Parses a level name (trace, debug, info, warn/warning, error/err, critical, off). Throws

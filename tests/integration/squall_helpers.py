@@ -665,7 +665,10 @@ def wait_refused(host, port, timeout=3.0):
 # --------------------------------------------------------------------------------------------
 # Metrics
 
-METRIC_LINE_RE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)(?:\s+\d+)?$")
+# Label values are quoted strings that may hold braces ({id} in a route pattern).
+METRIC_LINE_RE = re.compile(
+    r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})?\s+(\S+)(?:\s+\d+)?$'
+)
 LABEL_RE = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 

@@ -237,3 +237,22 @@ TEST_CASE("a full queue drops the oldest messages and counts them") {
   CHECK(lines + logs.dropped_messages() == kMessages);
   CHECK(text.ends_with("message 19999\n"));  // The newest survive.
 }
+
+TEST_CASE("journal mode prefixes error lines with the syslog priority and drops the timestamp") {
+  TempDir dir;
+  Options options;
+  options.error_log = (dir.path / "error.log").string();
+  options.access_log = "off";
+  options.level = "trace";
+  options.journal = true;
+  {
+    Logs logs(options);
+    spdlog::trace("t");
+    spdlog::debug("d");
+    spdlog::info("i {}", 1);
+    spdlog::warn("w");
+    spdlog::error("e");
+    spdlog::critical("c");
+  }
+  CHECK(read_file(dir.path / "error.log") == "<7>t\n<7>d\n<6>i 1\n<4>w\n<3>e\n<2>c\n");
+}

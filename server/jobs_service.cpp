@@ -1,0 +1,373 @@
+#include "server/jobs_service.hpp"
+
+#include <fstream>
+#include <stdexcept>
+
+#include <spdlog/spdlog.h>
+#include <nlohmann/json.hpp>
+
+#include "jobs/email.hpp"
+
+namespace squall::daemon {
+
+namespace {
+
+constexpr std::size_t kMaxIdempotencyKeyBytes = 255;
+constexpr std::string_view kJsonType = "application/json";
+
+std::string iso8601(std::int64_t unix_ms) {
+  if (unix_ms <= 0) return {};
+  const std::time_t seconds = static_cast<std::time_t>(unix_ms / 1000);
+  std::tm utc{};
+  gmtime_r(&seconds, &utc);
+  char text[32];
+  const std::size_t length = std::strftime(text, sizeof text, "%Y-%m-%dT%H:%M:%S", &utc);
+  return std::string(text, length) + "." + std::to_string(1000 + unix_ms % 1000).substr(1) + "Z";
+}
+
+nlohmann::json job_json(const jobs::Job& job) {
+  nlohmann::json body = {
+      {"id", job.id},
+      {"kind", job.kind},
+      {"status", std::string(jobs::to_string(job.state))},
+      {"attempts", job.attempts},
+      {"last_error",
+       job.last_error.empty() ? nlohmann::json(nullptr) : nlohmann::json(job.last_error)},
+      {"created_at", iso8601(job.created_ms)},
+      {"updated_at", iso8601(job.updated_ms)},
+  };
+  if (job.state == jobs::JobState::retrying || job.state == jobs::JobState::queued) {
+    body["next_attempt_at"] = iso8601(job.run_after_ms);
+  }
+  if (job.finished_ms > 0) body["finished_at"] = iso8601(job.finished_ms);
+  return body;
+}
+
+void send_json(const http::Responder& responder, int status, const nlohmann::json& body) {
+  responder.send(status, kJsonType,
+                 body.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
+}
+
+void send_error(const http::Responder& responder, int status, std::string_view field,
+                std::string_view message) {
+  nlohmann::json body = {{"error", message}};
+  if (!field.empty()) body["field"] = field;
+  send_json(responder, status, body);
+}
+
+// The password comes from a file or the environment and never appears in a log line.
+std::string resolve_password(const SmtpConfig& smtp) {
+  if (!smtp.password_file.empty()) {
+    std::ifstream file(smtp.password_file);
+    if (!file) {
+      throw std::runtime_error("[smtp] password_file " + smtp.password_file + ": cannot read it");
+    }
+    std::string password;
+    std::getline(file, password);
+    return password;
+  }
+  if (!smtp.password_env.empty()) {
+    const char* value = std::getenv(smtp.password_env.c_str());
+    if (value == nullptr) {
+      throw std::runtime_error("[smtp] password_env: the environment variable " +
+                               smtp.password_env + " is not set");
+    }
+    return value;
+  }
+  return {};
+}
+
+jobs::SmtpSettings smtp_settings(const SmtpConfig& smtp) {
+  jobs::SmtpSettings settings;
+  settings.url = smtp.url;
+  settings.starttls = smtp.starttls == StartTls::off ? jobs::SmtpSettings::StartTls::off
+                      : smtp.starttls == StartTls::required
+                          ? jobs::SmtpSettings::StartTls::required
+                          : jobs::SmtpSettings::StartTls::opportunistic;
+  settings.username = smtp.username;
+  settings.password = resolve_password(smtp);
+  settings.connect_timeout = smtp.connect_timeout;
+  settings.timeout = smtp.timeout;
+  return settings;
+}
+
+jobs::RunnerOptions runner_options(const JobsConfig& jobs) {
+  jobs::RunnerOptions options;
+  options.max_concurrent = jobs.max_concurrent_sends;
+  options.max_attempts = jobs.max_attempts;
+  options.retry_initial = jobs.retry_initial;
+  options.retry_max = jobs.retry_max;
+  options.lease = jobs.lease;
+  options.poll_interval = jobs.poll_interval;
+  return options;
+}
+
+}  // namespace
+
+// Everything a reload may change, swapped whole so a send in progress keeps its own copy.
+struct JobsService::Settings {
+  jobs::EmailLimits limits;                        // For POST /email validation.
+  std::size_t max_queued = 0;                      // Back-pressure threshold.
+  std::string default_from;                        // [smtp] from.
+  std::string message_id_domain;                   // The domain of default_from.
+  std::shared_ptr<const jobs::SmtpMailer> mailer;  // Libcurl settings.
+};
+
+JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& registry)
+    : loop_(loop), alive_(std::make_shared<bool>(true)) {
+  reconfigure(config);
+  const bool synchronous_full = config.jobs.durability == Durability::full;
+  store_ = std::make_unique<jobs::StoreWorker>(
+      jobs::open_sqlite_store(config.jobs.store, synchronous_full),
+      [&loop](std::function<void()> callback) { loop.call_soon(std::move(callback)); });
+  stats_reader_ = jobs::open_sqlite_store(config.jobs.store, synchronous_full);
+  runner_ = std::make_unique<jobs::JobRunner>(
+      loop, *store_, runner_options(config.jobs),
+      [this](const jobs::Job& job) -> std::function<jobs::AttemptResult()> {
+        // Runs on the loop: capture the settings current now; the work runs on the pool.
+        const auto settings = settings_;
+        return [settings, job] {
+          const jobs::Email email = jobs::email_from_json(job.payload);
+          const std::string mime =
+              jobs::build_mime(email, settings->default_from,
+                               jobs::make_message_id(job.id, settings->message_id_domain),
+                               std::chrono::system_clock::now());
+          const jobs::SendResult sent =
+              settings->mailer->send(jobs::envelope_sender(email, settings->default_from),
+                                     jobs::envelope_recipients(email), mime);
+          using Outcome = jobs::AttemptResult::Outcome;
+          switch (sent.outcome) {
+            case jobs::SendOutcome::sent:
+              return jobs::AttemptResult{Outcome::done, sent.detail};
+            case jobs::SendOutcome::permanent_failure:
+              return jobs::AttemptResult{Outcome::permanent_failure, sent.detail};
+            case jobs::SendOutcome::temporary_failure:
+              break;
+          }
+          return jobs::AttemptResult{Outcome::temporary_failure, sent.detail};
+        };
+      },
+      [this](const jobs::Job&, const jobs::AttemptResult&, std::chrono::nanoseconds took,
+             bool finished) {
+        send_seconds_->observe(std::chrono::duration<double>(took).count());
+        if (finished) --pending_;
+      });
+
+  // The count survives restarts: the store knows what is still waiting.
+  std::weak_ptr<bool> alive = alive_;
+  store_->run([this, alive, &loop](jobs::JobStore& store) {
+    const std::int64_t pending = store.count_pending();
+    loop.call_soon([this, alive, pending] {
+      if (auto still = alive.lock(); still && *still) pending_ += pending;
+    });
+  });
+
+  auto& by_state = registry.gauge("squall_jobs",
+                                  "Jobs in the store by state (refreshed every "
+                                  "few seconds).",
+                                  {"state"});
+  for (std::size_t i = 0; i < by_state_gauges_.size(); ++i) {
+    by_state_gauges_[i] = &by_state.with({jobs::to_string(static_cast<jobs::JobState>(i))});
+  }
+  registry.gauge_callback("squall_jobs_queue_depth",
+                          "Jobs accepted and not yet sent or failed (incl. inserts in flight).",
+                          [this] { return static_cast<double>(pending_); });
+  registry.gauge_callback("squall_jobs_oldest_pending_age_seconds",
+                          "Age of the oldest job still waiting to be sent.", [this] {
+                            if (oldest_pending_ms_ == 0) return 0.0;
+                            return static_cast<double>(jobs::unix_now_ms() - oldest_pending_ms_) /
+                                   1000;
+                          });
+  registry.counter_callback("squall_jobs_attempts_total", "Send attempts started.",
+                            [this] { return runner_->stats().attempts; });
+  registry.counter_callback("squall_jobs_retries_total", "Attempts that ended in a retry.",
+                            [this] { return runner_->stats().retries; });
+  registry.counter_callback("squall_jobs_sent_total", "Jobs sent.",
+                            [this] { return runner_->stats().done; });
+  registry.counter_callback("squall_jobs_failed_total", "Jobs failed for good.",
+                            [this] { return runner_->stats().failed; });
+  registry.gauge_callback("squall_jobs_sends_running", "Sends on the thread pool now.",
+                          [this] { return static_cast<double>(runner_->stats().running); });
+  registry.gauge_callback("squall_jobs_store_queue_depth",
+                          "Operations waiting for the job store's thread.",
+                          [this] { return static_cast<double>(store_->queue_depth()); });
+  send_seconds_ =
+      &registry
+           .histogram("squall_jobs_send_duration_seconds", "Duration of one send attempt.",
+                      {0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60})
+           .get();
+}
+
+JobsService::~JobsService() {
+  *alive_ = false;
+  runner_.reset();
+  if (store_) store_->stop();
+  if (stats_timer_ != nullptr) {
+    uv_close(reinterpret_cast<uv_handle_t*>(stats_timer_),
+             [](uv_handle_t* handle) { delete reinterpret_cast<uv_timer_t*>(handle); });
+  }
+}
+
+void JobsService::start() {
+  runner_->start();
+  stats_timer_ = new uv_timer_t;
+  uv_timer_init(loop_.uv(), stats_timer_);
+  stats_timer_->data = this;
+  uv_timer_start(
+      stats_timer_,
+      [](uv_timer_t* timer) { static_cast<JobsService*>(timer->data)->refresh_stats(); }, 0, 2000);
+  // Statistics alone must not keep the loop running.
+  uv_unref(reinterpret_cast<uv_handle_t*>(stats_timer_));
+}
+
+void JobsService::refresh_stats() {
+  if (stats_in_flight_ || stats_reader_ == nullptr) return;
+  stats_in_flight_ = true;
+  // A second connection, read on the pool: WAL lets it read while the worker writes, so the
+  // counts (a scan of the table) never hold up an insert.
+  auto stats = std::make_shared<jobs::StoreStats>();
+  std::weak_ptr<bool> alive = alive_;
+  loop_.run_blocking(
+      [reader = stats_reader_, stats] { *stats = reader->stats(jobs::unix_now_ms()); },
+      [this, alive, stats](std::exception_ptr error) {
+        const auto still = alive.lock();
+        if (!still || !*still) return;
+        stats_in_flight_ = false;
+        if (error) {
+          try {
+            std::rethrow_exception(error);
+          } catch (const std::exception& failure) {
+            spdlog::error("jobs: reading store statistics failed: {}", failure.what());
+          }
+          return;
+        }
+        for (std::size_t i = 0; i < by_state_gauges_.size(); ++i) {
+          by_state_gauges_[i]->set(static_cast<double>(stats->by_state[i]));
+        }
+        oldest_pending_ms_ = stats->oldest_queued_ms;
+      });
+}
+
+void JobsService::reconfigure(const Config& config) {
+  auto settings = std::make_shared<Settings>();
+  settings->limits.max_recipients = config.jobs.max_recipients;
+  settings->limits.max_email_bytes = config.jobs.max_email_bytes;
+  settings->max_queued = config.jobs.max_queued;
+  settings->default_from = config.smtp.from;
+  const auto sender = jobs::parse_address(config.smtp.from);
+  if (const auto* problem = std::get_if<std::string>(&sender)) {
+    throw std::runtime_error("[smtp] from \"" + config.smtp.from + "\": " + *problem);
+  }
+  const std::string& address = std::get<jobs::Address>(sender).addr_spec;
+  settings->message_id_domain = address.substr(address.rfind('@') + 1);
+  settings->mailer = std::make_shared<const jobs::SmtpMailer>(smtp_settings(config.smtp));
+  settings_ = std::move(settings);
+  if (runner_) runner_->reconfigure(runner_options(config.jobs));
+}
+
+void JobsService::add_routes(http::Router& router, const Config& config) {
+  if (config.routes.email) {
+    router.add("POST", "/email", [this](http::Request& request, http::Responder responder) {
+      accept_email(request, responder);
+    });
+  }
+  if (config.routes.jobs) {
+    router.add("GET", "/jobs/{id}", [this](http::Request& request, http::Responder responder) {
+      report_job(request, responder);
+    });
+  }
+}
+
+void JobsService::accept_email(http::Request& request, const http::Responder& responder) {
+  if (!accepting_) {
+    responder.header("Retry-After", "5");
+    send_error(responder, 503, "", "shutting down: not accepting jobs");
+    return;
+  }
+  const auto content_type = request.header("content-type").value_or("");
+  if (!content_type.empty() && content_type.substr(0, kJsonType.size()) != kJsonType) {
+    send_error(responder, 415, "Content-Type", "expected application/json");
+    return;
+  }
+  const auto key = request.header("idempotency-key").value_or("");
+  if (key.size() > kMaxIdempotencyKeyBytes) {
+    send_error(responder, 400, "Idempotency-Key",
+               "longer than " + std::to_string(kMaxIdempotencyKeyBytes) + " bytes");
+    return;
+  }
+  const auto settings = settings_;
+  auto parsed = jobs::parse_email_request(request.body(), settings->limits);
+  if (const auto* error = std::get_if<jobs::FieldError>(&parsed)) {
+    send_error(responder, 400, error->field, error->message);
+    return;
+  }
+  if (pending_ >= static_cast<std::int64_t>(settings->max_queued)) {
+    responder.header("Retry-After", "5");
+    send_error(responder, 503, "", "the job queue is full ([jobs] max_queued)");
+    return;
+  }
+  ++pending_;
+  std::string payload = jobs::email_to_json(std::get<jobs::Email>(parsed));
+  jobs::NewJob job{"email", payload, std::string(key)};
+  std::weak_ptr<bool> alive = alive_;
+  store_->insert(std::move(job), [this, alive, responder, payload = std::move(payload)](
+                                     std::variant<jobs::Inserted, std::string> outcome) {
+    const auto still = alive.lock();
+    if (!still || !*still) return;
+    if (const auto* error = std::get_if<std::string>(&outcome)) {
+      --pending_;
+      spdlog::error("jobs: storing an email job failed: {}", *error);
+      send_error(responder, 500, "", "the job could not be stored");
+      return;
+    }
+    const auto& inserted = std::get<jobs::Inserted>(outcome);
+    if (!inserted.created) {
+      --pending_;  // A repeat of an earlier request: nothing new.
+      if (inserted.job.payload != payload) {
+        // The key was used for a different email: answering with that job would mislead.
+        send_error(responder, 422, "Idempotency-Key",
+                   "already used for a different request (job " + inserted.job.id + ")");
+        return;
+      }
+    }
+    responder.header("Location", "/jobs/" + inserted.job.id);
+    send_json(
+        responder, inserted.created ? 202 : 200,
+        {{"id", inserted.job.id}, {"status", std::string(jobs::to_string(inserted.job.state))}});
+    if (inserted.created) runner_->poke();
+  });
+}
+
+void JobsService::report_job(http::Request& request, const http::Responder& responder) {
+  const std::string id(request.param("id"));
+  std::weak_ptr<bool> alive = alive_;
+  store_->run([alive, id, responder, &loop = loop_](jobs::JobStore& store) {
+    std::optional<jobs::Job> job;
+    std::string error;
+    try {
+      job = store.get(id);
+    } catch (const std::exception& failure) {
+      error = failure.what();
+    }
+    loop.call_soon([alive, id, responder, job = std::move(job), error] {
+      const auto still = alive.lock();
+      if (!still || !*still) return;
+      if (!error.empty()) {
+        spdlog::error("jobs: reading job {} failed: {}", id, error);
+        send_error(responder, 500, "", "the job store could not be read");
+      } else if (!job) {
+        send_error(responder, 404, "id", "no such job");
+      } else {
+        send_json(responder, 200, job_json(*job));
+      }
+    });
+  });
+}
+
+void JobsService::drain(std::function<void()> done) {
+  accepting_ = false;
+  if (stats_timer_ != nullptr) uv_timer_stop(stats_timer_);
+  runner_->drain(std::move(done));
+}
+
+}  // namespace squall::daemon

@@ -1,0 +1,63 @@
+// Background email jobs in squalld: POST /email stores a job durably (group commit on the
+// store thread) and answers 202 at once; the runner sends it on the thread pool; GET /jobs/{id}
+// tells where it is.
+#pragma once
+
+#include <array>
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "config/config.hpp"
+#include "core/loop.hpp"
+#include "http/router.hpp"
+#include "jobs/runner.hpp"
+#include "jobs/smtp.hpp"
+#include "jobs/store_worker.hpp"
+#include "metrics/metrics.hpp"
+
+namespace squall::daemon {
+
+class JobsService {
+ public:
+  // Opens the job store (throws std::runtime_error naming the path) and registers metrics.
+  // Call start() once the server is ready to run jobs.
+  JobsService(Loop& loop, const Config& config, metrics::Registry& registry);
+  ~JobsService();
+  JobsService(const JobsService&) = delete;
+  JobsService& operator=(const JobsService&) = delete;
+
+  // Starts the runner: jobs left by an earlier run (queued, retrying, expired leases) go first.
+  void start();
+  // Adds POST /email and GET /jobs/{id} as [routes] enables them.
+  void add_routes(http::Router& router, const Config& config);
+  // New SMTP settings and job limits for attempts that start from now on.
+  void reconfigure(const Config& config);
+  // Stops accepting jobs and claiming; `done` runs when running sends finished. Jobs not sent
+  // stay in the store for the next start.
+  void drain(std::function<void()> done);
+
+ private:
+  void accept_email(http::Request& request, const http::Responder& responder);
+  void report_job(http::Request& request, const http::Responder& responder);
+  void refresh_stats();
+
+  struct Settings;
+  Loop& loop_;                                    // The loop the routes and runner live on.
+  std::shared_ptr<const Settings> settings_;      // Replaced whole on reload.
+  std::unique_ptr<jobs::StoreWorker> store_;      // The store's own thread.
+  std::shared_ptr<jobs::JobStore> stats_reader_;  // A second connection, for counts on the pool.
+  std::unique_ptr<jobs::JobRunner> runner_;       // Claims and performs due jobs.
+  std::int64_t pending_ = 0;                      // Jobs stored and not finished, plus inserts
+                                                  // in flight: the max_queued back-pressure.
+  bool accepting_ = true;                         // False once draining.
+  std::array<metrics::Gauge*, 5> by_state_gauges_{};  // squall_jobs{state=...}.
+  std::int64_t oldest_pending_ms_ = 0;                // created_ms of the oldest waiting job.
+  uv_timer_t* stats_timer_ = nullptr;                 // Refreshes by_state_; freed on close.
+  bool stats_in_flight_ = false;                      // A stats query is queued.
+  metrics::Histogram* send_seconds_ = nullptr;        // Attempt durations.
+  std::shared_ptr<bool> alive_;                       // For callbacks from the store thread.
+};
+
+}  // namespace squall::daemon
