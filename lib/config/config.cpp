@@ -436,32 +436,6 @@ class Loader {
     config_.smtp.url = std::string(value);
   }
 
-  void load_starttls(const toml::node& node, const Where& where) {
-    constexpr std::string_view kExpected = "\"off\", \"opportunistic\" or \"required\"";
-    const std::string_view value = get_string(node, where, kExpected);
-    if (value == "off") {
-      config_.smtp.starttls = StartTls::off;
-    } else if (value == "opportunistic") {
-      config_.smtp.starttls = StartTls::opportunistic;
-    } else if (value == "required") {
-      config_.smtp.starttls = StartTls::required;
-    } else {
-      fail_type(where, node, kExpected);
-    }
-  }
-
-  void load_durability(const toml::node& node, const Where& where) {
-    constexpr std::string_view kExpected = "\"full\" or \"normal\"";
-    const std::string_view value = get_string(node, where, kExpected);
-    if (value == "full") {
-      config_.jobs.durability = Durability::full;
-    } else if (value == "normal") {
-      config_.jobs.durability = Durability::normal;
-    } else {
-      fail_type(where, node, kExpected);
-    }
-  }
-
   // Where a key was set, kept for checks that involve more than one key.
   struct Seen {
     std::string_view table;
@@ -525,18 +499,6 @@ class Loader {
     config_.log.error_log = std::move(target);
   }
 
-  void load_access_format(const toml::node& node, const Where& where) {
-    constexpr std::string_view kExpected = "\"combined\" or \"json\"";
-    const std::string_view text = get_string(node, where, kExpected);
-    if (text == "combined") {
-      config_.log.access_format = AccessLogFormat::combined;
-    } else if (text == "json") {
-      config_.log.access_format = AccessLogFormat::json;
-    } else {
-      fail_type(where, node, kExpected);
-    }
-  }
-
   // Binds a Field to a member through `load`, so each table below is one line per key.
   template <typename T, typename Load>
   Field field(std::string_view name, T& member, Load load) {
@@ -549,6 +511,25 @@ class Loader {
     return field(name, member, [](const Loader* self, const toml::node& node, const Where& where) {
       return self->get_duration(node, where);
     });
+  }
+
+  // One of a few words, each naming an enum value.
+  template <typename Enum>
+  Field choice(std::string_view name, Enum& member,
+               std::vector<std::pair<std::string_view, Enum>> words) {
+    std::string expected;
+    for (std::size_t i = 0; i < words.size(); ++i) {
+      if (i > 0) expected += i + 1 == words.size() ? " or " : ", ";
+      expected += "\"" + std::string(words[i].first) + "\"";
+    }
+    return field(name, member,
+                 [words, expected](const Loader* self, const toml::node& node, const Where& where) {
+                   const std::string_view value = self->get_string(node, where, expected);
+                   for (const auto& [word, meaning] : words) {
+                     if (value == word) return meaning;
+                   }
+                   self->fail_type(where, node, expected);
+                 });
   }
 
   Field boolean(std::string_view name, bool& member) {
@@ -624,7 +605,8 @@ class Loader {
             [](const Loader* self, const toml::node& node, const Where& where) {
               return self->get_log_target(node, where, "\"stderr\", \"off\" or a path");
             }),
-      method("access_format", &Loader::load_access_format),
+      choice("access_format", config_.log.access_format,
+             {{"combined", AccessLogFormat::combined}, {"json", AccessLogFormat::json}}),
   };
   const std::vector<Field> loop_fields_{
       duration("lag_interval", config_.loop.lag_interval),
@@ -637,7 +619,10 @@ class Loader {
   };
   const std::vector<Field> smtp_fields_{
       method("url", &Loader::load_smtp_url),
-      method("starttls", &Loader::load_starttls),
+      choice("starttls", config_.smtp.starttls,
+             {{"off", StartTls::off},
+              {"opportunistic", StartTls::opportunistic},
+              {"required", StartTls::required}}),
       text("username", config_.smtp.username, true),
       text("password_file", config_.smtp.password_file, true),
       remembered(text("password_env", config_.smtp.password_env, true), password_where_),
@@ -647,7 +632,8 @@ class Loader {
   };
   const std::vector<Field> jobs_fields_{
       text("store", config_.jobs.store, false),
-      method("durability", &Loader::load_durability),
+      choice("durability", config_.jobs.durability,
+             {{"full", Durability::full}, {"normal", Durability::normal}}),
       count("max_queued", config_.jobs.max_queued, kMaxCount),
       remembered(count("max_concurrent_sends", config_.jobs.max_concurrent_sends, 1024),
                  sends_where_),

@@ -51,11 +51,14 @@ Server::~Server() {
     delete[] workspace->buffer;
     delete workspace;
   }
-  if (drain_timer_ != nullptr) {
-    uv_close(reinterpret_cast<uv_handle_t*>(drain_timer_),
-             [](uv_handle_t* handle) { delete reinterpret_cast<uv_timer_t*>(handle); });
-    drain_timer_ = nullptr;
-  }
+  close_drain_timer();
+}
+
+void Server::close_drain_timer() noexcept {
+  if (drain_timer_ == nullptr) return;
+  uv_close(reinterpret_cast<uv_handle_t*>(drain_timer_),
+           [](uv_handle_t* handle) { delete reinterpret_cast<uv_timer_t*>(handle); });
+  drain_timer_ = nullptr;
 }
 
 std::string Server::listen(const std::string& host, std::uint16_t port) {
@@ -235,11 +238,7 @@ void Server::close_all() noexcept {
 
 void Server::finish_drain_if_done() {
   if (!draining_ || connections_ != nullptr || !on_drained_) return;
-  if (drain_timer_ != nullptr) {
-    uv_close(reinterpret_cast<uv_handle_t*>(drain_timer_),
-             [](uv_handle_t* handle) { delete reinterpret_cast<uv_timer_t*>(handle); });
-    drain_timer_ = nullptr;
-  }
+  close_drain_timer();
   auto done = std::move(on_drained_);
   on_drained_ = nullptr;
   done();

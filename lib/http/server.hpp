@@ -107,6 +107,7 @@ class Server {
   void release_workspace(Workspace* workspace) noexcept;
   void connection_closed(Connection* connection) noexcept;
   void finish_drain_if_done();
+  void close_drain_timer() noexcept;
 
   Loop& loop_;                            // The loop every connection lives on.
   std::shared_ptr<const Router> router_;  // Current routes; replaced on reload.

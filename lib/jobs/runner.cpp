@@ -92,21 +92,8 @@ void JobRunner::claim() {
 void JobRunner::perform(Job job) {
   if (draining_) {
     // Claimed just before drain began: hand it back untouched for the next start.
-    ++marks_in_flight_;
-    std::weak_ptr<bool> alive = alive_;
-    store_.run([this, alive, id = job.id, &loop = loop_](JobStore& store) {
-      try {
-        store.release(id, unix_now_ms());
-      } catch (const std::exception& failure) {
-        spdlog::error("jobs: releasing job {} failed: {}", id, failure.what());
-      }
-      loop.call_soon([this, alive] {
-        const auto still_alive = alive.lock();
-        if (!still_alive || !*still_alive) return;
-        --marks_in_flight_;
-        maybe_drained();
-      });
-    });
+    record(job.id, "releasing",
+           [id = job.id](JobStore& store, std::int64_t now) { store.release(id, now); });
     return;
   }
   std::function<AttemptResult()> work;
@@ -180,26 +167,32 @@ void JobRunner::finish_attempt(const Job& job, const AttemptResult& result,
       break;
   }
   if (on_attempt_) on_attempt_(job, result, elapsed, mark != Mark::retry);
+  record(job.id, "recording the outcome of",
+         [id = job.id, mark, detail, run_after_ms](JobStore& store, std::int64_t now) {
+           if (mark == Mark::sent) store.mark_sent(id, now);
+           if (mark == Mark::retry) store.mark_retry(id, detail, run_after_ms, now);
+           if (mark == Mark::failed) store.mark_failed(id, detail, now);
+         });
+}
+
+void JobRunner::record(const std::string& id, const char* what,
+                       std::function<void(JobStore&, std::int64_t now_ms)> write) {
   ++marks_in_flight_;
   std::weak_ptr<bool> alive = alive_;
-  store_.run(
-      [this, alive, id = job.id, mark, detail, run_after_ms, &loop = loop_](JobStore& store) {
-        try {
-          const std::int64_t now = unix_now_ms();
-          if (mark == Mark::sent) store.mark_sent(id, now);
-          if (mark == Mark::retry) store.mark_retry(id, detail, run_after_ms, now);
-          if (mark == Mark::failed) store.mark_failed(id, detail, now);
-        } catch (const std::exception& failure) {
-          // The lease will expire and the job will be attempted again: at least once.
-          spdlog::error("jobs: recording the outcome of {} failed: {}", id, failure.what());
-        }
-        loop.call_soon([this, alive] {
-          const auto still_alive = alive.lock();
-          if (!still_alive || !*still_alive) return;
-          --marks_in_flight_;
-          maybe_drained();
-        });
-      });
+  store_.run([this, alive, id, what, write = std::move(write), &loop = loop_](JobStore& store) {
+    try {
+      write(store, unix_now_ms());
+    } catch (const std::exception& failure) {
+      // The lease will expire and the job will be attempted again: at least once.
+      spdlog::error("jobs: {} job {} failed: {}", what, id, failure.what());
+    }
+    loop.call_soon([this, alive] {
+      const auto still_alive = alive.lock();
+      if (!still_alive || !*still_alive) return;
+      --marks_in_flight_;
+      maybe_drained();
+    });
+  });
 }
 
 void JobRunner::drain(std::function<void()> done) {

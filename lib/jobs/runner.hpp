@@ -76,6 +76,9 @@ class JobRunner {
   void finish_attempt(const Job& job, const AttemptResult& result,
                       std::chrono::nanoseconds elapsed);
   void maybe_drained();
+  // Writes to the store on its thread; drain waits until the write is committed.
+  void record(const std::string& id, const char* what,
+              std::function<void(JobStore&, std::int64_t now_ms)> write);
 
   Loop& loop_;                        // Whose pool and timers the runner uses.
   StoreWorker& store_;                // All store access goes through its thread.
