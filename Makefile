@@ -1,6 +1,13 @@
 # squall: plain GNU make. `make run` and `make test` are the two commands a new user needs;
 # both install missing Debian packages first (scripts/install-deps.sh).
 
+# Compile on every core unless the caller chose (-j1 still works); sub-makes share the jobs.
+ifeq ($(MAKELEVEL),0)
+ifeq ($(filter -j%,$(MAKEFLAGS)),)
+MAKEFLAGS += -j$(shell nproc 2>/dev/null || echo 2)
+endif
+endif
+
 CXX ?= g++
 CC ?= gcc
 SANITIZE ?=
@@ -58,7 +65,8 @@ run: deps
 
 test: deps
 	@$(MAKE) --no-print-directory all
-	@$(MAKE) --no-print-directory unit integration
+	@$(MAKE) --no-print-directory unit
+	@$(MAKE) --no-print-directory integration
 
 unit: $(UNIT_TESTS)
 	./$(UNIT_TESTS)
