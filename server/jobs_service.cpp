@@ -284,8 +284,13 @@ void JobsService::accept_email(http::Request& request, const http::Responder& re
     send_error(responder, 503, "", "shutting down: not accepting jobs");
     return;
   }
-  const auto content_type = request.header("content-type").value_or("");
-  if (!content_type.empty() && content_type.substr(0, kJsonType.size()) != kJsonType) {
+  // The media type is case-insensitive and may carry parameters (charset=utf-8).
+  std::string_view media_type = request.header("content-type").value_or("");
+  media_type = media_type.substr(0, media_type.find(';'));
+  while (!media_type.empty() && (media_type.back() == ' ' || media_type.back() == '\t')) {
+    media_type.remove_suffix(1);
+  }
+  if (!media_type.empty() && !http::iequals(media_type, kJsonType)) {
     send_error(responder, 415, "Content-Type", "expected application/json");
     return;
   }

@@ -471,6 +471,14 @@ class Loader {
       fail_seen(password_where_, "smtp", "password_env",
                 "set password_file or password_env, not both");
     }
+    if (config_.jobs.lease <= config_.smtp.connect_timeout + config_.smtp.timeout) {
+      // A send still running when its lease ends would be claimed and sent again.
+      fail_seen(lease_where_, "jobs", "lease",
+                "lease (" + std::to_string(config_.jobs.lease.count()) +
+                    " ms) must be longer than [smtp] connect_timeout + timeout (" +
+                    std::to_string((config_.smtp.connect_timeout + config_.smtp.timeout).count()) +
+                    " ms), or a send still running would be claimed again");
+    }
     if (config_.jobs.retry_max < config_.jobs.retry_initial) {
       fail_seen(retry_where_, "jobs", "retry_max", "retry_max must not be below retry_initial");
     }
@@ -572,6 +580,7 @@ class Loader {
   std::optional<Seen> sends_where_;     // Where [jobs] max_concurrent_sends was set.
   std::optional<Seen> password_where_;  // Where [smtp] password_env was set.
   std::optional<Seen> retry_where_;     // Where [jobs] retry_max was set.
+  std::optional<Seen> lease_where_;     // Where [jobs] lease was set.
 
   const std::vector<Field> server_fields_{
       method("listen", &Loader::load_listen),
@@ -640,7 +649,7 @@ class Loader {
       count("max_attempts", config_.jobs.max_attempts, 1000),
       duration("retry_initial", config_.jobs.retry_initial),
       remembered(duration("retry_max", config_.jobs.retry_max), retry_where_),
-      duration("lease", config_.jobs.lease),
+      remembered(duration("lease", config_.jobs.lease), lease_where_),
       duration("poll_interval", config_.jobs.poll_interval),
       count("max_recipients", config_.jobs.max_recipients, 10000),
       size("max_email_bytes", config_.jobs.max_email_bytes, 1, 64 * 1024 * 1024,

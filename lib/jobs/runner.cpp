@@ -90,6 +90,13 @@ void JobRunner::claim() {
 }
 
 void JobRunner::perform(Job job) {
+  if (running_ids_.count(job.id) != 0) {
+    // Our own attempt outlived its lease and the store handed the job out again: the attempt
+    // still running will record the outcome.
+    spdlog::warn("jobs: {} {} is still being attempted after its lease ([jobs] lease) ended",
+                 job.kind, job.id);
+    return;
+  }
   if (draining_) {
     // Claimed just before drain began: hand it back untouched for the next start.
     record(job.id, "releasing",
@@ -109,6 +116,7 @@ void JobRunner::perform(Job job) {
   }
   ++stats_.attempts;
   ++stats_.running;
+  running_ids_.insert(job.id);
   auto result = std::make_shared<AttemptResult>();
   const auto started = std::chrono::steady_clock::now();
   std::weak_ptr<bool> alive = alive_;
@@ -118,6 +126,7 @@ void JobRunner::perform(Job job) {
         const auto still_alive = alive.lock();
         if (!still_alive || !*still_alive) return;
         --stats_.running;
+        running_ids_.erase(job.id);
         if (error) {
           try {
             std::rethrow_exception(error);

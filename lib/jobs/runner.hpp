@@ -8,6 +8,7 @@
 #include <functional>
 #include <random>
 #include <string>
+#include <unordered_set>
 
 #include "core/loop.hpp"
 #include "jobs/store.hpp"
@@ -80,20 +81,21 @@ class JobRunner {
   void record(const std::string& id, const char* what,
               std::function<void(JobStore&, std::int64_t now_ms)> write);
 
-  Loop& loop_;                        // Whose pool and timers the runner uses.
-  StoreWorker& store_;                // All store access goes through its thread.
-  RunnerOptions options_;             // Current limits.
-  Prepare prepare_;                   // Builds one attempt's work.
-  OnAttempt on_attempt_;              // Metrics and logs hook.
-  RunnerStats stats_;                 // Counters.
-  std::mt19937_64 random_;            // For jitter.
-  uv_timer_t* poll_timer_ = nullptr;  // Repeating poll; freed in its close callback.
-  bool claim_in_flight_ = false;      // A claim is queued on the store thread.
-  bool claim_again_ = false;          // poke() arrived while a claim was in flight.
-  bool draining_ = false;             // No more claims.
-  std::size_t marks_in_flight_ = 0;   // Outcome writes not yet committed.
-  std::function<void()> on_drained_;  // drain()'s callback.
-  std::shared_ptr<bool> alive_;       // Lets store callbacks notice the runner is gone.
+  Loop& loop_;                                   // Whose pool and timers the runner uses.
+  StoreWorker& store_;                           // All store access goes through its thread.
+  RunnerOptions options_;                        // Current limits.
+  Prepare prepare_;                              // Builds one attempt's work.
+  OnAttempt on_attempt_;                         // Metrics and logs hook.
+  RunnerStats stats_;                            // Counters.
+  std::mt19937_64 random_;                       // For jitter.
+  uv_timer_t* poll_timer_ = nullptr;             // Repeating poll; freed in its close callback.
+  bool claim_in_flight_ = false;                 // A claim is queued on the store thread.
+  bool claim_again_ = false;                     // poke() arrived while a claim was in flight.
+  bool draining_ = false;                        // No more claims.
+  std::size_t marks_in_flight_ = 0;              // Outcome writes not yet committed.
+  std::function<void()> on_drained_;             // drain()'s callback.
+  std::unordered_set<std::string> running_ids_;  // Jobs with an attempt on the pool now.
+  std::shared_ptr<bool> alive_;                  // Lets store callbacks notice the runner is gone.
 };
 
 }  // namespace squall::jobs

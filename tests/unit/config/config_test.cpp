@@ -555,5 +555,8 @@ TEST_CASE("sends must leave libuv's pool a thread; errors name the key and line"
   CHECK(message("[jobs]\nretry_initial = \"2m\"\nretry_max = \"1m\"\n") ==
         "t.toml:3: [jobs] retry_max: retry_max must not be below retry_initial");
   CHECK(message("[jobs]\nstore = \"\"\n") == "t.toml:2: [jobs] store: must not be empty");
+  CHECK(message("[smtp]\ntimeout = \"30s\"\n[jobs]\nlease = \"30s\"\n") ==
+        "t.toml:4: [jobs] lease: lease (30000 ms) must be longer than [smtp] connect_timeout + "
+        "timeout (40000 ms), or a send still running would be claimed again");
   CHECK(message("[jobs]\nbogus = 1\n").rfind("t.toml:2: [jobs] bogus: unknown key", 0) == 0);
 }

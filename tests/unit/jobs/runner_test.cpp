@@ -210,3 +210,36 @@ TEST_CASE("backoff doubles from retry_initial, is capped, and jitters within its
     CHECK(late <= 10'000);
   }
 }
+
+TEST_CASE("a claim of a job whose attempt is still running is ignored") {
+  // The lease ends long before the attempt does, so every poll hands the job out again; the
+  // runner must not start a second attempt of its own job.
+  Fixture fixture;
+  fixture.insert(1);
+  auto options = fast_options();
+  options.lease = 20ms;
+  std::atomic<int> attempts{0};
+  bool finished = false;
+  jobs::JobRunner runner(
+      fixture.loop, *fixture.store, options,
+      [&](const jobs::Job&) -> std::function<jobs::AttemptResult()> {
+        return [&] {
+          ++attempts;
+          std::this_thread::sleep_for(200ms);
+          return jobs::AttemptResult{Outcome::done, "ok"};
+        };
+      },
+      [&](const jobs::Job&, const jobs::AttemptResult&, std::chrono::nanoseconds, bool) {
+        finished = true;
+        fixture.loop.call_soon([&] { fixture.loop.stop(); });
+      });
+  runner.start();
+  const auto watchdog = fixture.loop.call_later(10s, [&] { fixture.loop.stop(); });
+  fixture.loop.run();
+  fixture.loop.cancel(watchdog);
+  CHECK(finished);
+  CHECK(attempts == 1);
+  CHECK(runner.stats().attempts == 1);
+  runner.drain([&] { fixture.loop.stop(); });
+  fixture.loop.run();
+}
