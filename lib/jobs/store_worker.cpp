@@ -96,13 +96,17 @@ void StoreWorker::thread_main() {
       std::unique_lock<std::mutex> lock(mutex_);
       wakeup_.wait(lock, [this] { return !queue_.empty() || stopping_; });
       if (queue_.empty()) return;  // Stopping, and everything queued has run.
-      // Every insert waiting at the head goes into one commit. An operation ends the batch,
-      // so it still sees exactly the inserts queued before it.
-      while (!queue_.empty() && batch.size() < max_batch) {
-        auto* pending = std::get_if<PendingInsert>(&queue_.front());
-        if (pending == nullptr) break;
-        batch.push_back(std::move(*pending));
-        queue_.pop_front();
+      // Every insert waiting goes into one commit, also those queued behind operations: under
+      // load the runner's claims and marks arrive between inserts, and ending the batch at
+      // each would cost a commit apiece. Operations keep their order and run after the batch,
+      // so each still sees every insert queued before it (and perhaps some queued later).
+      for (auto item = queue_.begin(); item != queue_.end() && batch.size() < max_batch;) {
+        if (auto* pending = std::get_if<PendingInsert>(&*item)) {
+          batch.push_back(std::move(*pending));
+          item = queue_.erase(item);
+        } else {
+          ++item;
+        }
       }
       if (batch.empty()) {
         operation = std::move(std::get<Operation>(queue_.front()));

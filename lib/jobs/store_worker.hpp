@@ -43,8 +43,9 @@ class StoreWorker {
   // once. A failed commit fails every insert of its batch and stores none of them. After
   // stop(), `done` gets an error at once (still through post_to_loop). Any thread.
   void insert(NewJob job, InsertDone done);
-  // Queues `operation`, run on the worker thread in FIFO order with the inserts: it sees every
-  // insert queued before it committed. An exception escaping it is rethrown on the loop
+  // Queues `operation`, run on the worker thread after every insert queued before it has
+  // committed (inserts queued after it may be committed first: they join the waiting batch).
+  // Operations run in the order they were queued. An exception escaping it is rethrown on the loop
   // thread (logged there). Returns false, without running it, after stop(). Any thread.
   bool run(Operation operation);
   // Runs everything queued, then joins the thread. Idempotent; not from inside an Operation.
