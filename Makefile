@@ -25,7 +25,7 @@ LLHTTP_DIR := /usr/share/llhttp
 LLHTTP_INCLUDE := /usr/share/include/llhttp
 PKGS := libuv spdlog fmt tomlplusplus libcurl sqlite3 libsystemd
 
-CPPFLAGS += -Ilib -I. -I$(LLHTTP_INCLUDE) -MMD -MP
+CPPFLAGS += -Ilib -I. -Itests/unit -I$(LLHTTP_INCLUDE) -MMD -MP
 CXXFLAGS ?= -O2 -g
 CXXFLAGS += -std=c++20 -Wall -Wextra -Werror -pthread $(SAN_FLAGS)
 CFLAGS_LLHTTP := -O2 -g $(SAN_FLAGS)

@@ -180,36 +180,10 @@ def wait_messages(server: SmtpServer, job_ids, timeout=10.0) -> dict:
             pass
 
 
-# squall_helpers.Metrics stops a label set at the first "}", so it cannot read the
-# route="/jobs/{id}" labels this route brings; this one skips quoted label values.
-METRIC_LINE_RE = re.compile(
-    r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[^"}]|"(?:[^"\\]|\\.)*")*\})?\s+(\S+)(?:\s+\d+)?$')
-LABEL_RE = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
-
-
-class JobMetrics(Metrics):
-    def __init__(self, text: str):  # not super().__init__: it fails on those lines
-        self.text = text
-        self.samples = []
-        self.types = {}
-        for line in text.splitlines():
-            if not line.strip():
-                continue
-            if line.startswith("#"):
-                parts = line.split()
-                if len(parts) >= 4 and parts[1] == "TYPE":
-                    self.types[parts[2]] = parts[3]
-                continue
-            m = METRIC_LINE_RE.match(line)
-            assert m, f"bad metrics line: {line!r}"
-            labels = dict(LABEL_RE.findall(m.group(2) or ""))
-            self.samples.append((m.group(1), labels, float(m.group(3))))
-
-
-def metrics(srv) -> JobMetrics:
+def metrics(srv) -> Metrics:
     response = srv.get("/metrics")
     assert response.status == 200, response
-    return JobMetrics(response.body.decode())
+    return Metrics(response.body.decode())
 
 
 def simple(n="x", **extra) -> dict:

@@ -21,31 +21,14 @@
 #include "core/loop.hpp"
 #include "daemon/daemonize.hpp"
 #include "daemon/systemd.hpp"
+#include "test_support.hpp"
 
 using namespace squall;
 namespace fs = std::filesystem;
+using squall::testing::read_file;
+using squall::testing::TempDir;
 
 namespace {
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "squall-daemon-XXXXXX").string();
-    REQUIRE(mkdtemp(tmpl.data()) != nullptr);
-    path = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
-
-std::string read_file(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
 
 // Sets (or unsets, for nullopt) an environment variable for one scope.
 class ScopedEnv {

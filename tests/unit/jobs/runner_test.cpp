@@ -1,4 +1,5 @@
 #include "jobs/runner.hpp"
+#include "test_support.hpp"
 
 #include <doctest/doctest.h>
 
@@ -18,16 +19,13 @@ namespace {
 // A temporary store, its worker thread, and a loop to run the runner on.
 struct Fixture {
   Fixture() {
-    char pattern[] = "/tmp/squall-runner-XXXXXX";
-    directory = ::mkdtemp(pattern);
     store = std::make_unique<jobs::StoreWorker>(
-        jobs::open_sqlite_store(directory + "/jobs.db", false),
+        jobs::open_sqlite_store(directory.file("jobs.db"), false),
         [this](std::function<void()> callback) { loop.call_soon(std::move(callback)); });
   }
   ~Fixture() {
     store->stop();
     CHECK(loop.close() == 0);
-    std::filesystem::remove_all(directory);
   }
   // Inserts `count` jobs and runs the loop until they are committed.
   void insert(int count) {
@@ -54,7 +52,7 @@ struct Fixture {
     return found;
   }
 
-  std::string directory;
+  testing::TempDir directory;  // Declared first: removed after the store closed its file.
   Loop loop;
   std::unique_ptr<jobs::StoreWorker> store;
 };

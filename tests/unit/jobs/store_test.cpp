@@ -1,5 +1,6 @@
 #include "jobs/store.hpp"
 #include "jobs/store_worker.hpp"
+#include "test_support.hpp"
 
 #include <doctest/doctest.h>
 
@@ -31,23 +32,9 @@ using squall::jobs::JobStore;
 using squall::jobs::NewJob;
 using squall::jobs::open_sqlite_store;
 using squall::jobs::StoreWorker;
+using squall::testing::TempDir;
 
 namespace {
-
-// A fresh directory per test, removed with everything in it.
-struct TempDir {
-  std::filesystem::path path;
-  TempDir() {
-    std::string pattern = (std::filesystem::temp_directory_path() / "squall-store-XXXXXX").string();
-    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
-    path = pattern;
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    std::filesystem::remove_all(path, ignored);
-  }
-  std::string file(const char* name) const { return (path / name).string(); }
-};
 
 NewJob new_job(std::string payload, std::string key = "") {
   return NewJob{"email", std::move(payload), std::move(key)};

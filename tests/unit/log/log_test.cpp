@@ -1,4 +1,5 @@
 #include "log/log.hpp"
+#include "test_support.hpp"
 
 #include <doctest/doctest.h>
 
@@ -16,29 +17,10 @@
 
 using namespace squall::log;
 namespace fs = std::filesystem;
+using squall::testing::read_file;
+using squall::testing::TempDir;
 
 namespace {
-
-// A fresh directory under $TMPDIR, removed at the end of the test.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "squall-log-XXXXXX").string();
-    REQUIRE(mkdtemp(tmpl.data()) != nullptr);
-    path = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
-
-std::string read_file(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
 
 AccessRecord sample_record() {
   using namespace std::chrono;
