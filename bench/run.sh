@@ -59,11 +59,10 @@ command_line+=" SQUALLD=$SQUALLD $0${*:+ $*}"
 # Messages go to the stderr the script started with (fd 3), also from a trap that runs while a
 # redirection is in force.
 exec 3>&2
+
+# shellcheck source=bench/common.sh
+source "$bench_dir/common.sh"
 log() { printf 'bench: %s\n' "$*" >&3; }
-die() {
-  log "error: $*"
-  exit 1
-}
 
 # ---------------------------------------------------------------------------------------------
 # Checks before anything starts.
@@ -124,24 +123,6 @@ work_dir=$(mktemp -d "${TMPDIR:-/tmp}/squall-bench.XXXXXX")
 declare -A server_pid=() server_port=()
 client_pid=""
 
-# Runs a client (wrk, the idle-connection helper) in the background and waits for it, so that
-# an interrupt reaches this script's traps at once: bash holds a trap until a foreground command
-# ends, and forgets SIGINT altogether when that command catches it and exits normally, as wrk
-# does. $1 and $2 are files for its stdout and stderr (the same file for both is fine); its user
-# and system CPU seconds go to the file $3.
-run_client() {
-  local stdout_file=$1 stderr_file=$2 time_file=$3 status=0 TIMEFORMAT='%3U %3S'
-  shift 3
-  if [[ $stderr_file == "$stdout_file" ]]; then
-    "$@" >"$stdout_file" 2>&1 &
-  else
-    "$@" >"$stdout_file" 2>"$stderr_file" &
-  fi
-  client_pid=$!
-  { time wait "$client_pid"; } 2>"$time_file" || status=$?
-  client_pid=""
-  return "$status"
-}
 
 stop_servers() {
   local name pid waited
@@ -210,17 +191,6 @@ wait_until_serving() {
   die "$name did not answer on 127.0.0.1:${server_port[$name]:-?} within 10s"
 }
 
-# Reads a port written by a server into a file: a bare port or host:port on the first line.
-# Only a complete line counts, so a half-written file is never taken for a port.
-port_from_file() {
-  local file=$1 line
-  [[ -s $file ]] || return 1
-  IFS= read -r line <"$file" || return 1
-  line=${line%$'\r'}
-  line=${line##*:}
-  [[ $line =~ ^[0-9]+$ ]] || return 1
-  printf '%s\n' "$line"
-}
 
 start_squalld() {
   local port_file=$work_dir/squalld.port tries
@@ -284,33 +254,7 @@ start_node() {
   }
 }
 
-# The pid given and all its descendants (nginx with a master, a forking squalld, ...).
-process_tree() {
-  local pids=("$1") index=0 pid children_file child
-  while ((index < ${#pids[@]})); do
-    pid=${pids[index]}
-    index=$((index + 1))
-    for children_file in /proc/"$pid"/task/*/children; do
-      [[ -r $children_file ]] || continue
-      for child in $(<"$children_file"); do
-        pids+=("$child")
-      done
-    done
-  done
-  printf '%s\n' "${pids[@]}"
-}
 
-# utime+stime in clock ticks, summed over a server's processes (all their threads included).
-cpu_ticks() {
-  local total=0 pid stat fields
-  for pid in $(process_tree "$1"); do
-    stat=$(<"/proc/$pid/stat") || continue
-    # Fields after the ")" that ends the command name: state is field 3, utime 14, stime 15.
-    read -ra fields <<<"${stat##*) }"
-    total=$((total + fields[11] + fields[12]))
-  done
-  printf '%s\n' "$total"
-}
 
 # Checks a server's affinity really is SERVER_CPU (taskset's mask is inherited by every thread).
 check_pinned() {
@@ -328,17 +272,6 @@ check_pinned() {
 # (bash's `time`), and the user+nice+system ticks of both CPUs from /proc/stat, so the report
 # can say how much of each CPU went to something else (this machine is shared).
 
-# Prints the user+nice+system ticks so far of CPU $1, from /proc/stat.
-cpu_busy_ticks() {
-  local fields
-  while read -ra fields; do
-    if [[ ${fields[0]} == "cpu$1" ]]; then
-      printf '%s\n' "$((fields[1] + fields[2] + fields[3]))"
-      return 0
-    fi
-  done </proc/stat
-  die "no cpu$1 line in /proc/stat"
-}
 
 run_wrk() {
   local name=$1 scenario=$2 round=$3 duration=$DURATION

@@ -51,11 +51,10 @@ command_line+=" SQUALLD=$SQUALLD $0${*:+ $*}"
 
 # Messages go to the stderr the script started with (fd 3), also from a trap.
 exec 3>&2
+
+# shellcheck source=bench/common.sh
+source "$bench_dir/common.sh"
 log() { printf 'bench-email: %s\n' "$*" >&3; }
-die() {
-  log "error: $*"
-  exit 1
-}
 
 # ---------------------------------------------------------------------------------------------
 # Checks before anything starts.
@@ -130,50 +129,9 @@ trap cleanup EXIT
 trap 'log interrupted; exit 130' INT
 trap 'log terminated; exit 143' TERM
 
-# Runs a client in the background and waits for it, so an interrupt reaches the traps at once
-# (see bench/run.sh). $1: output file (stdout and stderr); $2: file for its CPU seconds.
-run_client() {
-  local output=$1 time_file=$2 status=0 TIMEFORMAT='%3U %3S'
-  shift 2
-  "$@" >"$output" 2>&1 &
-  client_pid=$!
-  { time wait "$client_pid"; } 2>"$time_file" || status=$?
-  client_pid=""
-  return "$status"
-}
 
-# Reads a port from the first complete line of file $1 ("host:port" or "port").
-port_from_file() {
-  local line
-  [[ -s $1 ]] || return 1
-  IFS= read -r line <"$1" || return 1
-  line=${line##*:}
-  [[ $line =~ ^[0-9]+$ ]] || return 1
-  printf '%s\n' "$line"
-}
 
-# utime+stime in clock ticks of process $1, all its threads included.
-cpu_ticks() {
-  local stat fields
-  stat=$(<"/proc/$1/stat") || {
-    echo 0
-    return
-  }
-  read -ra fields <<<"${stat##*) }"
-  printf '%s\n' "$((fields[11] + fields[12]))"
-}
 
-# user+nice+system ticks so far of CPU $1.
-cpu_busy_ticks() {
-  local fields
-  while read -ra fields; do
-    if [[ ${fields[0]} == "cpu$1" ]]; then
-      printf '%s\n' "$((fields[1] + fields[2] + fields[3]))"
-      return 0
-    fi
-  done </proc/stat
-  die "no cpu$1 line in /proc/stat"
-}
 
 # The SMTP relay: the integration tests' aiosmtpd harness, accepting everything. It writes its
 # port to $work_dir/smtp.port and, every 0.2 s, the number of messages received to
@@ -341,7 +299,7 @@ for connections in "${connection_counts[@]}"; do
   url="http://127.0.0.1:$squalld_port/email"
   log "-c $connections: squalld pid $squalld_pid on 127.0.0.1:$squalld_port, store $store"
   if [[ $WARMUP != 0 && $WARMUP != 0[smh] ]]; then
-    run_client "$work_dir/wrk.warmup.c$connections.txt" "$work_dir/wrk.warmup.c$connections.time" \
+    run_client "$work_dir/wrk.warmup.c$connections.txt" "$work_dir/wrk.warmup.c$connections.txt" "$work_dir/wrk.warmup.c$connections.time" \
       taskset -c "$CLIENT_CPU" "$WRK" -t1 -c "$connections" -d "$WARMUP" --latency \
       -s "$bench_dir/email.lua" "$url" || die "the warm-up wrk run failed"
   fi
@@ -354,7 +312,7 @@ for connections in "${connection_counts[@]}"; do
   client_busy=$(cpu_busy_ticks "$CLIENT_CPU")
   started_ns=$(date +%s%N)
   output=$work_dir/wrk.c$connections.txt
-  if ! run_client "$output" "$output.time" taskset -c "$CLIENT_CPU" "$WRK" -t1 \
+  if ! run_client "$output" "$output" "$output.time" taskset -c "$CLIENT_CPU" "$WRK" -t1 \
     -c "$connections" -d "$DURATION" --latency -s "$bench_dir/email.lua" "$url"; then
     cat "$output" >&3
     die "wrk failed (-c $connections)"

@@ -220,19 +220,27 @@ try:
 except ImportError:  # the harness itself needs no pytest
     pytest = None
 
+
+def started_servers(server_class=None):
+    """A generator for fixtures: yields start(mode="accept", delay=0.0, **kwargs), which makes
+    and starts a server_class (SmtpServer by default), and stops every one at teardown."""
+    server_class = server_class or SmtpServer
+    servers = []
+
+    def start(mode: str = "accept", delay: float = 0.0, **kwargs):
+        server = server_class(mode, delay, **kwargs).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
 if pytest is not None:
 
     @pytest.fixture
     def smtp_server():
         """A factory: smtp_server(mode="accept", delay=0.0, **kwargs) -> a started SmtpServer,
         stopped at teardown."""
-        servers = []
-
-        def start(mode: str = "accept", delay: float = 0.0, **kwargs) -> SmtpServer:
-            server = SmtpServer(mode, delay, **kwargs).start()
-            servers.append(server)
-            return server
-
-        yield start
-        for server in servers:
-            server.stop()
+        yield from started_servers()

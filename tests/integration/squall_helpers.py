@@ -70,7 +70,9 @@ def merge_config(base: dict, overrides: dict | None) -> dict:
 
 LISTENING_RE = re.compile(r"listening on (\[[0-9a-fA-F:.]+\]|[^\s:\[\]]+):(\d+)\b")
 # Error-level log lines: spdlog's "[error]"/"[critical]" level field, or an upper-case ERROR word.
-ERROR_LINE_RE = re.compile(r"(?i:\[(?:error|err|critical|crit)\])|\bERROR\b|\bCRITICAL\b")
+# An error-level line: spdlog's [error]/[critical], or journald's <0>..<3> priority prefix.
+ERROR_LINE_RE = re.compile(
+    r"(?i:\[(?:error|err|critical|crit)\])|\bERROR\b|\bCRITICAL\b|^<[0-3]>")
 
 
 class ServerError(AssertionError):
@@ -86,16 +88,8 @@ class Squalld:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.access_log = self.workdir / "access.log"
-        base = {
-            "server": {"listen": ["127.0.0.1:0"]},
-            "log": {"level": "info", "error_log": "stderr", "access_log": str(self.access_log)},
-            # Shorter than the stop timeout, so a connection left stuck by a failed test does
-            # not turn every later teardown into an error too.
-            "timeouts": {"drain": "5s"},
-        }
-        self.config = merge_config(base, config)
         self.config_path = self.workdir / "squalld.toml"
-        self.config_path.write_text(render_toml(self.config))
+        self.write_config(config)
         self.port_file = self.workdir / "port" if with_port_file else None
         self.args = list(args)
         self.allow_errors = allow_errors
@@ -106,6 +100,26 @@ class Squalld:
         self._reader: threading.Thread | None = None
         self.addresses: list[tuple[str, int]] = []
         self.returncode: int | None = None
+
+    def base_config(self) -> dict:
+        """The tables every config starts from; a test's own tables are merged over them."""
+        return {
+            "server": {"listen": ["127.0.0.1:0"]},
+            "log": {"level": "info", "error_log": "stderr", "access_log": str(self.access_log)},
+            # Shorter than the stop timeout, so a connection left stuck by a failed test does
+            # not turn every later teardown into an error too.
+            "timeouts": {"drain": "5s"},
+        }
+
+    def write_config(self, config: dict | None = None, text: str | None = None):
+        """Writes the config file atomically (a reload may read it at any moment): the test's
+        tables merged over base_config(), or raw text."""
+        if text is None:
+            self.config = merge_config(self.base_config(), config)
+            text = render_toml(self.config)
+        temporary = self.config_path.with_suffix(".tmp")
+        temporary.write_text(text)
+        os.replace(temporary, self.config_path)
 
     # -- process ---------------------------------------------------------------------------
 
@@ -123,7 +137,8 @@ class Squalld:
         with open(self.stdout_path, "wb") as stdout:
             self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=stdout,
                                          stderr=subprocess.PIPE, cwd=self.workdir)
-        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader = threading.Thread(target=self._read_stderr, args=(self.proc.stderr,),
+                                        daemon=True)
         self._reader.start()
         deadline = time.monotonic() + timeout
         index = 0
@@ -135,12 +150,12 @@ class Squalld:
             index += 1
         return self
 
-    def _read_stderr(self):
-        assert self.proc is not None and self.proc.stderr is not None
-        for raw_line in self.proc.stderr:
-            with self._cond:
-                self.lines.append(raw_line.decode("utf-8", "replace").rstrip("\r\n"))
-                self._cond.notify_all()
+    def _read_stderr(self, stream):
+        with stream:
+            for raw_line in stream:
+                with self._cond:
+                    self.lines.append(raw_line.decode("utf-8", "replace").rstrip("\r\n"))
+                    self._cond.notify_all()
         with self._cond:
             self._eof = True
             self._cond.notify_all()
@@ -164,6 +179,10 @@ class Squalld:
         self.poll()
         raise ServerError(f"{self.name}: no stderr line matching {regex.pattern!r} within "
                           f"{timeout:.1f}s (exit code {self.returncode})\n" + self.stderr_text())
+
+    def line_count(self) -> int:
+        with self._cond:
+            return len(self.lines)
 
     def stderr_text(self) -> str:
         with self._cond:
@@ -218,8 +237,9 @@ class Squalld:
         return rc
 
     def kill(self):
-        """Ends the process if it still runs (our own child, by its pid)."""
+        """Ends the process if it still runs (our own child, by its pid), stopped or not."""
         if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
             self.proc.kill()
             self.proc.wait(5)
         if self.proc is not None:

@@ -20,14 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from squall_helpers import REPO, Conn, merge_config, render_toml, request, squalld_path
+from squall_helpers import REPO, Conn, Squalld, request, squalld_path
 
 # Variables through which systemd talks to a service: never inherited from whatever runs the
 # tests, only set by a test on purpose.
 SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "INVOCATION_ID", "JOURNAL_STREAM", "LISTEN_PID",
                      "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID")
 
-ERROR_LINE_RE = re.compile(r"\[(?:error|critical)\]|^<[0-3]>")
 SERVING_RE = re.compile(r"Serving on (\S+?):(\d+)\b")
 _counter = itertools.count()
 
@@ -155,47 +154,20 @@ class NotifySocket:
         return self.wait_for("READY", "1", timeout=timeout, start=start)
 
 
-class Daemon:
-    """One squalld process for the daemon tests. The config is rendered from a base (listen on
-    127.0.0.1:0, error log on stderr, no access log) plus overrides, and can be rewritten for a
-    reload. stderr is read through a pipe of ours, so JOURNAL_STREAM can name it."""
-
-    BASE = {
-        "server": {"listen": ["127.0.0.1:0"]},
-        "log": {"level": "info", "error_log": "stderr", "access_log": "off"},
-        "timeouts": {"drain": "5s"},
-    }
+class Daemon(Squalld):
+    """One squalld process for the daemon tests: no access log, ports read from the port file,
+    started with a clean environment (NOTIFY_SOCKET, LISTEN_FDS, JOURNAL_STREAM as the test
+    asks). stderr is read through a pipe of ours, so JOURNAL_STREAM can name it."""
 
     def __init__(self, workdir: Path, config: dict | None = None, args=(), name="squalld",
                  allow_errors=False):
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.name = name
-        self.config_path = self.workdir / "squalld.toml"
-        self.port_file = self.workdir / "port"
-        self.args = list(args)
-        self.allow_errors = allow_errors
-        self.write_config(config)
-        self.proc: subprocess.Popen | None = None
+        super().__init__(workdir, config, args, name=name, allow_errors=allow_errors)
         self.notify: NotifySocket | None = None
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self._eof = False
-        self._reader = None
-        self.returncode = None
 
-    def write_config(self, config: dict | None = None, text: str | None = None):
-        """Rewrites the config file (atomically): tables merged over BASE, or raw text."""
-        if text is None:
-            self.config = merge_config(self.BASE, config)
-            text = render_toml(self.config)
-        temporary = self.config_path.with_suffix(".tmp")
-        temporary.write_text(text)
-        os.replace(temporary, self.config_path)
-
-    def command(self) -> list[str]:
-        return [squalld_path(), "--config", str(self.config_path), "--port-file",
-                str(self.port_file)] + self.args
+    def base_config(self) -> dict:
+        base = super().base_config()
+        base["log"]["access_log"] = "off"
+        return base
 
     def start(self, notify: NotifySocket | None = None, env: dict | None = None,
               journal=False, wait_ready=True, command=None, pass_fds=(), preexec_fn=None,
@@ -217,7 +189,8 @@ class Daemon:
                                          pass_fds=pass_fds, preexec_fn=preexec_fn)
         finally:
             os.close(write_end)
-        self._reader = threading.Thread(target=self._read_stderr, args=(read_end,), daemon=True)
+        self._reader = threading.Thread(target=self._read_stderr,
+                                        args=(os.fdopen(read_end, "rb"),), daemon=True)
         self._reader.start()
         if notify is not None and wait_ready:
             try:
@@ -225,46 +198,6 @@ class Daemon:
             except AssertionError as e:
                 raise AssertionError(f"{e}\n{self.stderr_text()}") from None
         return self
-
-    def _read_stderr(self, fd):
-        with os.fdopen(fd, "rb") as stream:
-            for raw in stream:
-                with self._cond:
-                    self.lines.append(raw.decode("utf-8", "replace").rstrip("\r\n"))
-                    self._cond.notify_all()
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
-
-    # -- output ------------------------------------------------------------------------------
-
-    def wait_for_line(self, pattern, timeout=5.0, start=0) -> tuple[str, int]:
-        regex = pattern if isinstance(pattern, re.Pattern) else re.compile(re.escape(pattern))
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for i in range(start, len(self.lines)):
-                    if regex.search(self.lines[i]):
-                        return self.lines[i], i
-                start = max(start, len(self.lines))
-                remaining = deadline - time.monotonic()
-                if self._eof or remaining <= 0:
-                    break
-                self._cond.wait(remaining)
-        raise AssertionError(f"{self.name}: no stderr line matching {regex.pattern!r} within "
-                             f"{timeout}s\n{self.stderr_text()}")
-
-    def line_count(self) -> int:
-        with self._cond:
-            return len(self.lines)
-
-    def stderr_text(self) -> str:
-        with self._cond:
-            return f"--- {self.name} stderr ---\n" + "\n".join(self.lines) + "\n--- end ---"
-
-    def error_lines(self) -> list[str]:
-        with self._cond:
-            return [line for line in self.lines if ERROR_LINE_RE.search(line)]
 
     # -- addresses -----------------------------------------------------------------------------
 
@@ -286,10 +219,6 @@ class Daemon:
     def pid(self) -> int:
         return self.proc.pid
 
-    def signal(self, sig):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
     def reload(self, timeout=5.0) -> tuple[Notification, Notification]:
         """SIGHUP; returns the RELOADING=1 and the READY=1 notifications that follow it."""
         start = len(self.notify)
@@ -297,43 +226,6 @@ class Daemon:
         i, reloading = self.notify.wait_for("RELOADING", "1", timeout=timeout, start=start)
         _, ready = self.notify.wait_ready(timeout=timeout, start=i + 1)
         return reloading, ready
-
-    def wait_exit(self, timeout=10.0) -> int:
-        try:
-            self.returncode = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.name} did not exit within {timeout}s\n"
-                                 + self.stderr_text()) from None
-        if self._reader is not None:
-            self._reader.join(5)
-        return self.returncode
-
-    def stop(self, expect_rc=0, timeout=10.0):
-        """SIGTERM, wait, check the exit code and (unless allowed) that nothing was logged at
-        error level."""
-        if self.proc is None:
-            return None
-        try:
-            self.signal(signal.SIGTERM)
-            rc = self.wait_exit(timeout)
-        finally:
-            self.kill()
-        assert expect_rc is None or rc == expect_rc, \
-            f"{self.name} exited with {rc}, expected {expect_rc}\n{self.stderr_text()}"
-        if not self.allow_errors:
-            errors = self.error_lines()
-            assert not errors, f"{self.name} logged errors: {errors}\n{self.stderr_text()}"
-        return rc
-
-    def kill(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.kill()
-            self.proc.wait(5)
-        if self.proc is not None:
-            self.returncode = self.proc.returncode
-        if self._reader is not None:
-            self._reader.join(5)
 
 
 class DaemonFactory:

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from smtp_server import SmtpServer
+from smtp_server import SmtpServer, started_servers
 from squall_helpers import Metrics, assert_plaintext_ok, request, squalld_path, wait_refused
 
 SENDER_NAME = "Squall Test"
@@ -64,16 +64,7 @@ class CapturingSmtpServer(SmtpServer):
 @pytest.fixture
 def smtp():
     """A factory of started SMTP servers (CapturingSmtpServer), stopped at teardown."""
-    servers = []
-
-    def start(mode="accept", delay=0.0, **kwargs) -> CapturingSmtpServer:
-        server = CapturingSmtpServer(mode, delay, **kwargs).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
+    yield from started_servers(CapturingSmtpServer)
 
 
 def jobs_config(store, smtp_url, jobs=None, **tables) -> dict:

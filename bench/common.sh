@@ -1,0 +1,77 @@
+# Helpers shared by bench/run.sh and bench/run_email.sh (sourced; each script defines log()).
+
+die() {
+  log "error: $*"
+  exit 1
+}
+
+# The pid given and all its descendants (nginx with a master, a forking squalld, ...).
+process_tree() {
+  local pids=("$1") index=0 pid children_file child
+  while ((index < ${#pids[@]})); do
+    pid=${pids[index]}
+    index=$((index + 1))
+    for children_file in /proc/"$pid"/task/*/children; do
+      [[ -r $children_file ]] || continue
+      for child in $(<"$children_file"); do
+        pids+=("$child")
+      done
+    done
+  done
+  printf '%s\n' "${pids[@]}"
+}
+
+# utime+stime in clock ticks, summed over a server's processes (all their threads included).
+cpu_ticks() {
+  local total=0 pid stat fields
+  for pid in $(process_tree "$1"); do
+    stat=$(<"/proc/$pid/stat") || continue
+    # Fields after the ")" that ends the command name: state is field 3, utime 14, stime 15.
+    read -ra fields <<<"${stat##*) }"
+    total=$((total + fields[11] + fields[12]))
+  done
+  printf '%s\n' "$total"
+}
+
+# Prints the user+nice+system ticks so far of CPU $1, from /proc/stat.
+cpu_busy_ticks() {
+  local fields
+  while read -ra fields; do
+    if [[ ${fields[0]} == "cpu$1" ]]; then
+      printf '%s\n' "$((fields[1] + fields[2] + fields[3]))"
+      return 0
+    fi
+  done </proc/stat
+  die "no cpu$1 line in /proc/stat"
+}
+
+# Reads a port written by a server into a file: a bare port or host:port on the first line.
+# Only a complete line counts, so a half-written file is never taken for a port.
+port_from_file() {
+  local file=$1 line
+  [[ -s $file ]] || return 1
+  IFS= read -r line <"$file" || return 1
+  line=${line%$'\r'}
+  line=${line##*:}
+  [[ $line =~ ^[0-9]+$ ]] || return 1
+  printf '%s\n' "$line"
+}
+
+# Runs a client (wrk, the idle-connection helper) in the background and waits for it, so that
+# an interrupt reaches this script's traps at once: bash holds a trap until a foreground command
+# ends, and forgets SIGINT altogether when that command catches it and exits normally, as wrk
+# does. $1 and $2 are files for its stdout and stderr (the same file for both is fine); its user
+# and system CPU seconds go to the file $3.
+run_client() {
+  local stdout_file=$1 stderr_file=$2 time_file=$3 status=0 TIMEFORMAT='%3U %3S'
+  shift 3
+  if [[ $stderr_file == "$stdout_file" ]]; then
+    "$@" >"$stdout_file" 2>&1 &
+  else
+    "$@" >"$stdout_file" 2>"$stderr_file" &
+  fi
+  client_pid=$!
+  { time wait "$client_pid"; } 2>"$time_file" || status=$?
+  client_pid=""
+  return "$status"
+}
