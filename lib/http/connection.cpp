@@ -581,8 +581,8 @@ void Connection::drain() noexcept {
     close_now();
     return;
   }
-  if (response_pending_ && !response_started_) keep_alive_ = false;
-  if (response_pending_ && response_started_) keep_alive_ = false;
+  // An answer not yet started says Connection: close; a started one is followed by the close.
+  if (response_pending_) keep_alive_ = false;
   if (!response_pending_ && parser_.phase() == ParsePhase::idle && !closing_) {
     // Only unsent output is left: finish it, then close.
     closing_ = true;

@@ -89,9 +89,7 @@ void Server::on_connection(uv_stream_t* listener, int status) {
   if (status < 0) {
     // libuv already shed one pending connection with its reserve descriptor on EMFILE.
     ++stats_.connections_refused;
-    static std::uint64_t last_logged_ms = 0;
-    if (loop_.now_ms() - last_logged_ms >= 1000 || last_logged_ms == 0) {
-      last_logged_ms = loop_.now_ms();
+    if (once_a_second(last_accept_error_log_ms_)) {
       spdlog::error("accept failed: {} (raise LimitNOFILE or lower server.max_connections)",
                     uv_strerror(status));
     }
@@ -109,11 +107,17 @@ void Server::on_connection(uv_stream_t* listener, int status) {
   if (connection->start(listener) == 0) ++stats_.connections_accepted;
 }
 
+bool Server::once_a_second(std::uint64_t& last_ms) noexcept {
+  // A flood of failing accepts must not become a flood of log lines.
+  const std::uint64_t now = loop_.now_ms();
+  if (last_ms != 0 && now - last_ms < 1000) return false;
+  last_ms = now == 0 ? 1 : now;
+  return true;
+}
+
 void Server::refuse(uv_stream_t* listener) {
   ++stats_.connections_refused;
-  static std::uint64_t last_logged_ms = 0;
-  if (loop_.now_ms() - last_logged_ms >= 1000 || last_logged_ms == 0) {
-    last_logged_ms = loop_.now_ms();
+  if (once_a_second(last_refusal_log_ms_)) {
     spdlog::warn("server.max_connections ({}) reached: refusing new connections",
                  options_.max_connections);
   }

@@ -99,6 +99,8 @@ class Server {
 
   void on_connection(uv_stream_t* listener, int status);
   void refuse(uv_stream_t* listener);
+  // Whether a rate-limited log line may be written now; updates `last_ms`.
+  bool once_a_second(std::uint64_t& last_ms) noexcept;
   // The cork: responses produced while `owner` is being processed gather here, one write each.
   std::string& cork_for(Connection* owner);
   void flush_cork() noexcept;
@@ -124,9 +126,11 @@ class Server {
   std::size_t free_workspace_count_ = 0;                   // Length of that list.
   std::size_t workspace_capacity_ = 0;                     // Read buffer size, from the limits.
   bool draining_ = false;                                  // drain() was called.
-  std::function<void()> on_drained_;     // Runs once when the last connection closes.
-  uv_timer_t* drain_timer_ = nullptr;    // The drain deadline; freed in its close callback.
-  std::uint64_t drain_deadline_ms_ = 0;  // For the log line when it passes.
+  std::function<void()> on_drained_;            // Runs once when the last connection closes.
+  uv_timer_t* drain_timer_ = nullptr;           // The drain deadline; freed in its close callback.
+  std::uint64_t drain_deadline_ms_ = 0;         // For the log line when it passes.
+  std::uint64_t last_accept_error_log_ms_ = 0;  // Accept errors are logged once a second.
+  std::uint64_t last_refusal_log_ms_ = 0;       // So are max_connections refusals.
   std::function<void(const RequestRecord&)> request_observer_;  // Metrics and access log.
 };
 
