@@ -59,9 +59,10 @@ deps:
 	@sh scripts/install-deps.sh
 
 # The recursive make runs after deps so that pkg-config finds the packages just installed.
+# config/dev.toml is the shipped defaults with mail written to ./squall-mail (a Maildir).
 run: deps
 	@$(MAKE) --no-print-directory $(SQUALLD)
-	./$(SQUALLD) --config config/squalld.toml
+	./$(SQUALLD) --config config/dev.toml
 
 test: deps
 	@$(MAKE) --no-print-directory all

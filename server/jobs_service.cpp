@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "jobs/email.hpp"
+#include "jobs/maildir.hpp"
 
 namespace squall::daemon {
 
@@ -110,7 +111,8 @@ struct JobsService::Settings {
   std::size_t max_queued = 0;                      // Back-pressure threshold.
   std::string default_from;                        // [smtp] from.
   std::string message_id_domain;                   // The domain of default_from.
-  std::shared_ptr<const jobs::SmtpMailer> mailer;  // Libcurl settings.
+  std::shared_ptr<const jobs::SmtpMailer> mailer;  // Libcurl settings, for smtp:// and smtps://.
+  std::shared_ptr<const jobs::MaildirWriter> maildir;  // For maildir:PATH, instead of the relay.
 };
 
 JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& registry)
@@ -133,8 +135,10 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
                                jobs::make_message_id(job.id, settings->message_id_domain),
                                std::chrono::system_clock::now());
           const jobs::SendResult sent =
-              settings->mailer->send(jobs::envelope_sender(email, settings->default_from),
-                                     jobs::envelope_recipients(email), mime);
+              settings->maildir
+                  ? settings->maildir->deliver(job.id, job.created_ms, mime)
+                  : settings->mailer->send(jobs::envelope_sender(email, settings->default_from),
+                                           jobs::envelope_recipients(email), mime);
           using Outcome = jobs::AttemptResult::Outcome;
           switch (sent.outcome) {
             case jobs::SendOutcome::sent:
@@ -260,7 +264,20 @@ void JobsService::reconfigure(const Config& config) {
   }
   const std::string& address = std::get<jobs::Address>(sender).addr_spec;
   settings->message_id_domain = address.substr(address.rfind('@') + 1);
-  settings->mailer = std::make_shared<const jobs::SmtpMailer>(smtp_settings(config.smtp));
+  if (config.smtp.url.starts_with(jobs::maildir_scheme)) {
+    auto maildir = std::make_shared<const jobs::MaildirWriter>(
+        config.smtp.url.substr(jobs::maildir_scheme.size()));
+    maildir->create_directories();
+    const bool changed = !settings_ || !settings_->maildir ||
+                         settings_->maildir->directory() != maildir->directory();
+    if (changed) {
+      spdlog::info("jobs: mail is written to the Maildir {} ([smtp] url), not sent to a relay",
+                   maildir->directory());
+    }
+    settings->maildir = std::move(maildir);
+  } else {
+    settings->mailer = std::make_shared<const jobs::SmtpMailer>(smtp_settings(config.smtp));
+  }
   settings_ = std::move(settings);
   if (runner_) runner_->reconfigure(runner_options(config.jobs));
 }

@@ -29,6 +29,7 @@
 #include "daemon/systemd.hpp"
 #include "http/router.hpp"
 #include "http/server.hpp"
+#include "jobs/maildir.hpp"
 #include "jobs/smtp.hpp"
 #include "log/log.hpp"
 #include "metrics/metrics.hpp"
@@ -80,6 +81,10 @@ void resolve_paths(Config& config, const fs::path& base) {
     config.jobs.store = absolute_from(base, config.jobs.store);
   }
   config.smtp.password_file = absolute_from(base, config.smtp.password_file);
+  if (config.smtp.url.starts_with(jobs::maildir_scheme)) {
+    config.smtp.url = std::string(jobs::maildir_scheme) +
+                      absolute_from(base, config.smtp.url.substr(jobs::maildir_scheme.size()));
+  }
 }
 
 // The configuration as the command line asks for it: the --config file (or the defaults), with

@@ -426,11 +426,24 @@ class Loader {
 
   void load_smtp_url(const toml::node& node, const Where& where) {
     constexpr std::string_view kExpected =
-        "a URL such as \"smtp://127.0.0.1:25\" or \"smtps://host:465\"";
+        "a URL such as \"smtp://127.0.0.1:25\" or \"smtps://host:465\", or "
+        "\"maildir:PATH\"";
     const std::string_view value = get_string(node, where, kExpected);
+    if (value.find_first_of("\t\r\n") != std::string_view::npos ||
+        value.find('\0') != std::string_view::npos) {
+      fail_type(where, node, kExpected);
+    }
+    if (value.starts_with("maildir:")) {
+      // A directory for the development transport: any path but an empty one.
+      if (value.size() == std::string_view("maildir:").size()) {
+        fail(at(where, node), "\"maildir:\" needs a directory, e.g. \"maildir:squall-mail\"");
+      }
+      config_.smtp.url = std::string(value);
+      return;
+    }
     const bool scheme_ok = value.rfind("smtp://", 0) == 0 || value.rfind("smtps://", 0) == 0;
     if (!scheme_ok || value.size() <= value.find("://") + 3 ||
-        value.find_first_of(" \t\r\n") != std::string_view::npos) {
+        value.find(' ') != std::string_view::npos) {
       fail_type(where, node, kExpected);
     }
     config_.smtp.url = std::string(value);
