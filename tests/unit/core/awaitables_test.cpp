@@ -3,7 +3,9 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <stdexcept>
 #include <stop_token>
 #include <string>
@@ -128,8 +130,10 @@ TEST_CASE("run_blocking rethrows the work's exception at the co_await") {
 TEST_CASE("cancelling run_blocking before the work starts uv_cancels it") {
   Loop loop;
   PoolBlocker blocker;
-  // More blockers than pool threads (libuv's default is 4): the work below waits in the queue.
-  blocker.block(loop, 8);
+  // More blockers than pool threads (UV_THREADPOOL_SIZE, 4 by default): the work below waits in
+  // the queue behind them.
+  const char* pool_size = std::getenv("UV_THREADPOOL_SIZE");
+  blocker.block(loop, std::max(4, pool_size != nullptr ? std::atoi(pool_size) : 0) + 4);
   std::atomic<bool> work_ran{false};
   std::stop_source source;
   spawn(loop, cancel_after(loop, 30ms, &source));

@@ -71,9 +71,10 @@ class Client {
 };
 
 // Serves `router` on the loop while `client` runs on a thread; a watchdog stops it after 10 s.
-void serve(Loop& loop, http::Router& router, const std::function<void(std::uint16_t)>& client) {
+void serve(Loop& loop, http::Router& router, const std::function<void(std::uint16_t)>& client,
+           http::ServerOptions options = {}) {
   {
-    http::Server server(loop, std::make_shared<const http::Router>(router), {});
+    http::Server server(loop, std::make_shared<const http::Router>(router), options);
     server.listen("127.0.0.1", 0);
     const std::uint16_t port = server.listeners().front()->bound_port();
     std::thread thread([&] {
@@ -112,6 +113,12 @@ Task<void> hello_later(Loop& loop, http::Request& request, http::Responder respo
 Task<void> throw_after_sleep(Loop& loop, http::Request&, http::Responder) {
   co_await sleep(loop, 5ms);
   throw std::runtime_error("late coroutine failure");
+}
+
+Task<void> block_then_answer(Loop& loop, http::Responder responder) {
+  std::this_thread::sleep_for(80ms);  // Blocks the loop before the first suspension.
+  co_await sleep(loop, 1ms);
+  responder.send(200, "text/plain", "done");
 }
 
 Task<void> throw_at_once(http::Request&, http::Responder) {
@@ -197,4 +204,26 @@ TEST_CASE("a coroutine handler is cancelled when its client goes away") {
   });
   CHECK(cancelled);
   CHECK(squall::testing::elapsed_ms(start) < 5000);
+}
+
+TEST_CASE("the blocking-handler warning names a coroutine handler that blocks the loop") {
+  squall::testing::CapturedLog log;
+  http::Router router;
+  Loop loop;
+  router.add("GET", "/x", [&loop](http::Request&, http::Responder responder) {
+    return block_then_answer(loop, std::move(responder));
+  });
+  http::ServerOptions options;
+  options.blocking_threshold = 40ms;
+  std::string reply;
+  serve(
+      loop, router,
+      [&](std::uint16_t port) {
+        Client client(port);
+        client.send(kGet);
+        reply = client.read_response();
+      },
+      options);
+  CHECK(reply.find("HTTP/1.1 200 OK") == 0);
+  CHECK(log.text().find("handler for GET /x blocked the event loop for") != std::string::npos);
 }
