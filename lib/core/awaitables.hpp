@@ -10,6 +10,7 @@
 #include <exception>
 #include <functional>
 #include <optional>
+#include <stdexcept>
 #include <stop_token>
 #include <string>
 #include <tuple>
@@ -378,9 +379,11 @@ requires(sizeof...(As) > 0) auto when_any(As... awaitables) {
   return detail::when_any_tasks(detail::to_task(std::move(awaitables))...);
 }
 
-// The same over a vector of tasks of one type: {index of the first to end, its result}.
+// The same over a vector of tasks of one type: {index of the first to end, its result}. An empty
+// vector throws std::invalid_argument at the co_await.
 template <typename T>
 Task<std::pair<std::size_t, detail::ValueOrMonostate<T>>> when_any(std::vector<Task<T>> tasks) {
+  if (tasks.empty()) throw std::invalid_argument("squall::when_any: no tasks to wait for");
   detail::Group group;
   group.first_wins = true;
   std::vector<std::optional<detail::ValueOrMonostate<T>>> results(tasks.size());

@@ -240,6 +240,8 @@ TEST_CASE("when_any gives the first result and cancels the others") {
   const auto [index, value] = run_task(loop, when_any(std::move(tasks)));
   CHECK(index == 1);
   CHECK(value == 1);
+  CHECK_THROWS_AS(run_task(loop, when_any(std::vector<Task<int>>())), std::invalid_argument);
+  CHECK(run_task(loop, when_all(std::vector<Task<int>>())).empty());
   CHECK(loop.close() == 0);
 }
 
