@@ -24,10 +24,12 @@ bool Sleep::start(std::coroutine_handle<> waiter, std::stop_token token) {
     cancelled_ = true;
     return false;
   }
-  node_ = new Node{};
+  if (node_ == nullptr) {  // A Sleep awaited again reuses its timer.
+    node_ = new Node{};
+    uv_timer_init(loop_->uv(), &node_->timer);
+    node_->timer.data = node_;
+  }
   node_->waiter = waiter;
-  uv_timer_init(loop_->uv(), &node_->timer);
-  node_->timer.data = node_;
   const auto delay_ms = delay_.count() > 0 ? static_cast<std::uint64_t>(delay_.count()) : 0;
   uv_timer_start(&node_->timer, &Sleep::on_timer, delay_ms, 0);
   if (token.stop_possible()) on_stop_.emplace(std::move(token), OnStop{this});
