@@ -73,7 +73,7 @@ unit: $(UNIT_TESTS)
 	./$(UNIT_TESTS)
 
 integration: $(SQUALLD) $(EXAMPLE_BINS)
-	SQUALLD=$(CURDIR)/$(SQUALLD) SEND_EMAIL=$(CURDIR)/$(BUILD)/examples/send_email $(PYTHON) -m pytest -q -p no:cacheprovider tests/integration
+	SQUALLD=$(CURDIR)/$(SQUALLD) SEND_EMAIL=$(CURDIR)/$(BUILD)/examples/send_email EXAMPLES_DIR=$(CURDIR)/$(BUILD)/examples $(PYTHON) -m pytest -q -p no:cacheprovider tests/integration
 
 examples: $(EXAMPLE_BINS)
 

@@ -21,23 +21,39 @@ void check(int status, const char* what) {
 }  // namespace
 
 struct Loop::TimerNode {
-  uv_timer_t timer;   // Owned here; freed in the close callback.
-  Loop* loop;         // For removing this node from timers_.
-  TimerId id;         // The key in timers_.
-  Callback callback;  // What to run when the timer fires.
+  uv_timer_t timer;         // Owned here; freed in the close callback.
+  Loop* loop;               // For removing this node from timers_.
+  TimerId id;               // The key in timers_.
+  std::uint64_t period_ms;  // call_every's period; 0 for a one-shot call_later.
+  std::uint64_t due_ms;     // When the current run is due (uv_now clock): call_every's grid.
+  Callback callback;        // What to run when the timer fires.
 };
 
-Loop::Loop() {
+Loop::Loop() : queue_(std::make_shared<detail::CallQueue>()) {
   check(uv_loop_init(&loop_), "uv_loop_init");
   check(uv_async_init(&loop_, &wakeup_, &Loop::on_async), "uv_async_init");
   // The wake-up handle stays referenced, so run() goes on until stop(), as Tornado's
   // IOLoop.start() does, and callbacks queued before run() are never lost.
   wakeup_.data = this;
+  queue_->wakeup = &wakeup_;
 }
 
 int Loop::close() {
   if (closed_) return 0;
   closed_ = true;
+  // From here on call_soon, from any thread, returns false: nothing can reach wakeup_ again.
+  std::vector<Callback> dropped;
+  {
+    std::lock_guard<std::mutex> lock(queue_->mutex);
+    queue_->wakeup = nullptr;
+    dropped.swap(queue_->calls);
+  }
+  // Suspended tasks are destroyed while their handles are still open: each awaitable stops and
+  // closes what it waits on, and those handles are closed by the run below.
+  std::unordered_set<void*> frames;
+  frames.swap(tasks_);
+  for (void* frame : frames) std::coroutine_handle<>::from_address(frame).destroy();
+  dropped.clear();
   // call_later timers are closed with their own callbacks, which free their nodes.
   while (!timers_.empty()) cancel(timers_.begin()->first);
   uv_walk(
@@ -46,7 +62,9 @@ int Loop::close() {
         if (!uv_is_closing(handle)) uv_close(handle, nullptr);
       },
       nullptr);
-  uv_run(&loop_, UV_RUN_DEFAULT);
+  // A stop() not followed by run() makes the first uv_run return at once: run until idle.
+  while (uv_run(&loop_, UV_RUN_DEFAULT) != 0) {
+  }
   return uv_loop_close(&loop_);
 }
 
@@ -62,20 +80,33 @@ void Loop::run() {
   uv_run(&loop_, UV_RUN_DEFAULT);
 }
 
-void Loop::call_soon(Callback callback) {
-  {
-    std::lock_guard<std::mutex> lock(pending_mutex_);
-    pending_.push_back(std::move(callback));
-  }
-  // uv_async_send coalesces: one wake-up may carry many callbacks, hence the queue.
-  uv_async_send(&wakeup_);
+namespace {
+
+bool post(detail::CallQueue& queue, std::function<void()>& callback) {
+  std::lock_guard<std::mutex> lock(queue.mutex);
+  if (queue.wakeup == nullptr) return false;
+  queue.calls.push_back(std::move(callback));
+  // Sent under the lock, so close() cannot close the handle in between. uv_async_send
+  // coalesces: one wake-up may carry many callbacks, hence the queue.
+  uv_async_send(queue.wakeup);
+  return true;
+}
+
+}  // namespace
+
+bool RemoteLoop::call_soon(std::function<void()> callback) const {
+  return queue_ != nullptr && post(*queue_, callback);
+}
+
+bool Loop::call_soon(Callback callback) {
+  return post(*queue_, callback);
 }
 
 void Loop::on_async(uv_async_t* handle) {
   auto* self = static_cast<Loop*>(handle->data);
   {
-    std::lock_guard<std::mutex> lock(self->pending_mutex_);
-    self->running_.swap(self->pending_);
+    std::lock_guard<std::mutex> lock(self->queue_->mutex);
+    self->running_.swap(self->queue_->calls);
   }
   for (Callback& callback : self->running_) {
     try {
@@ -88,30 +119,58 @@ void Loop::on_async(uv_async_t* handle) {
 }
 
 Loop::TimerId Loop::call_later(std::chrono::milliseconds delay, Callback callback) {
+  // libuv takes an unsigned timeout: a negative one would become a date far in the future.
+  const auto delay_ms = delay.count() > 0 ? static_cast<std::uint64_t>(delay.count()) : 0;
+  return start_timer(delay_ms, 0, std::move(callback));
+}
+
+Loop::TimerId Loop::call_every(std::chrono::milliseconds period, Callback callback) {
+  const auto period_ms = period.count() > 1 ? static_cast<std::uint64_t>(period.count()) : 1;
+  return start_timer(period_ms, period_ms, std::move(callback));
+}
+
+Loop::TimerId Loop::start_timer(std::uint64_t delay_ms, std::uint64_t period_ms,
+                                Callback callback) {
   auto node = std::make_unique<TimerNode>();
   node->loop = this;
   node->id = next_timer_id_++;
+  node->period_ms = period_ms;
+  node->due_ms = uv_now(&loop_) + delay_ms;
   node->callback = std::move(callback);
   check(uv_timer_init(&loop_, &node->timer), "uv_timer_init");
   node->timer.data = node.get();
-  uv_timer_start(
-      &node->timer,
-      [](uv_timer_t* timer) {
-        auto* fired = static_cast<TimerNode*>(timer->data);
-        fired->loop->timers_.erase(fired->id);
-        Callback run = std::move(fired->callback);
-        uv_close(reinterpret_cast<uv_handle_t*>(&fired->timer),
-                 [](uv_handle_t* handle) { delete static_cast<TimerNode*>(handle->data); });
-        try {
-          run();
-        } catch (const std::exception& error) {
-          spdlog::error("call_later callback threw: {}", error.what());
-        }
-      },
-      static_cast<std::uint64_t>(delay.count()), 0);
+  uv_timer_start(&node->timer, &Loop::on_timer, delay_ms, 0);
   const TimerId id = node->id;
   timers_.emplace(id, node.release());
   return id;
+}
+
+void Loop::on_timer(uv_timer_t* timer) {
+  auto* fired = static_cast<TimerNode*>(timer->data);
+  if (fired->period_ms == 0) {
+    fired->loop->timers_.erase(fired->id);
+    Callback run = std::move(fired->callback);
+    uv_close(reinterpret_cast<uv_handle_t*>(&fired->timer),
+             [](uv_handle_t* handle) { delete static_cast<TimerNode*>(handle->data); });
+    try {
+      run();
+    } catch (const std::exception& error) {
+      spdlog::error("call_later callback threw: {}", error.what());
+    }
+    return;
+  }
+  // The next run is the first point of the grid still ahead: missed runs are skipped.
+  const std::uint64_t now = uv_now(timer->loop);
+  std::uint64_t next = fired->due_ms + fired->period_ms;
+  if (next <= now) next += (now - next) / fired->period_ms * fired->period_ms + fired->period_ms;
+  fired->due_ms = next;
+  uv_timer_start(&fired->timer, &Loop::on_timer, next - now, 0);
+  // The node is freed only by its close callback, so the callback may cancel itself.
+  try {
+    fired->callback();
+  } catch (const std::exception& error) {
+    spdlog::error("call_every callback threw: {}", error.what());
+  }
 }
 
 bool Loop::cancel(TimerId id) noexcept {

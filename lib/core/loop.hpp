@@ -3,16 +3,45 @@
 #pragma once
 
 #include <chrono>
+#include <coroutine>
 #include <cstdint>
 #include <exception>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include <uv.h>
 
 namespace squall {
+
+namespace detail {
+
+// The call_soon queue, shared by the Loop and every RemoteLoop so that a thread holding a
+// RemoteLoop can post safely even while (or after) the Loop closes.
+struct CallQueue {
+  std::mutex mutex;                          // Guards the fields below.
+  std::vector<std::function<void()>> calls;  // call_soon callbacks not yet run.
+  uv_async_t* wakeup = nullptr;              // The loop's wake-up handle; null once closed.
+};
+
+}  // namespace detail
+
+// A handle on a Loop for other threads: call_soon stays safe after the Loop closed or was
+// destroyed (it then returns false). Copyable; cheap to keep.
+class RemoteLoop {
+ public:
+  RemoteLoop() = default;
+  // Queues `callback` for the loop thread; false (and `callback` dropped) if the loop is closed.
+  bool call_soon(std::function<void()> callback) const;
+
+ private:
+  friend class Loop;
+  explicit RemoteLoop(std::shared_ptr<detail::CallQueue> queue) : queue_(std::move(queue)) {}
+  std::shared_ptr<detail::CallQueue> queue_;  // Shared with the Loop.
+};
 
 class Loop {
  public:
@@ -20,8 +49,10 @@ class Loop {
   using TimerId = std::uint64_t;
 
   Loop();
-  // Closes every handle still open (running their close callbacks) and closes the loop.
-  // Returns uv_loop_close's status: 0, or UV_EBUSY if something kept a handle or request open.
+  // Destroys the coroutine frames of spawned tasks still suspended (their awaitables stop their
+  // timers and requests), drops call_soon callbacks not yet run, closes every handle still open
+  // (running their close callbacks) and closes the loop. Returns uv_loop_close's status: 0, or
+  // UV_EBUSY if something kept a handle or request open. Loop thread only.
   int close();
   // Calls close() if it was not called; reports a failure on stderr.
   ~Loop();
@@ -35,12 +66,23 @@ class Loop {
   // Makes run() return after the current iteration. Loop thread only.
   void stop() noexcept { uv_stop(&loop_); }
 
-  // Runs `callback` on the loop thread soon. The one entry that is safe from any thread.
-  void call_soon(Callback callback);
+  // Runs `callback` on the loop thread soon. The one entry that is safe from any thread, as long
+  // as this Loop object exists; a thread that may outlive it posts through remote() instead.
+  // Returns false, dropping `callback`, once close() has begun (it never runs then).
+  bool call_soon(Callback callback);
+  // A handle for other threads whose call_soon is safe even after this Loop is destroyed.
+  RemoteLoop remote() const { return RemoteLoop(queue_); }
 
-  // Runs `callback` on the loop thread after `delay`. Loop thread only.
+  // Runs `callback` on the loop thread after `delay`; a zero or negative delay runs it on the
+  // next loop iteration. Loop thread only.
   TimerId call_later(std::chrono::milliseconds delay, Callback callback);
-  // Cancels a pending call_later; a no-op once it ran. Returns whether it was pending.
+  // Runs `callback` every `period` (at least 1 ms) until cancel(id), first one period from now
+  // (Tornado's PeriodicCallback). Runs stay on the grid start + k * period: when a run (or
+  // anything else on the loop) overruns, the missed runs are skipped, never bunched. A callback
+  // that throws is logged and keeps its schedule. Loop thread only.
+  TimerId call_every(std::chrono::milliseconds period, Callback callback);
+  // Cancels a pending call_later or a call_every; a no-op once a call_later ran. Returns whether
+  // it was pending. A call_every may cancel itself from its own callback.
   bool cancel(TimerId id) noexcept;
 
   // Runs `work` on libuv's thread pool, then `done` on the loop thread with the exception
@@ -50,17 +92,26 @@ class Loop {
   // Milliseconds of the loop's cached clock (uv_now).
   std::uint64_t now_ms() const noexcept { return uv_now(&loop_); }
 
+  // Whether close() has begun.
+  bool closed() const noexcept { return closed_; }
+
+  // For spawn(): the root frame of a detached task, destroyed by close() if still suspended.
+  void adopt_task(std::coroutine_handle<> frame) { tasks_.insert(frame.address()); }
+  void release_task(std::coroutine_handle<> frame) noexcept { tasks_.erase(frame.address()); }
+
  private:
   struct TimerNode;
   static void on_async(uv_async_t* handle);
+  static void on_timer(uv_timer_t* timer);
+  TimerId start_timer(std::uint64_t delay_ms, std::uint64_t period_ms, Callback callback);
 
-  uv_loop_t loop_;                 // The libuv loop itself.
-  uv_async_t wakeup_;              // Signalled by call_soon from any thread.
-  std::mutex pending_mutex_;       // Guards pending_.
-  std::vector<Callback> pending_;  // call_soon callbacks not yet run.
-  std::vector<Callback> running_;  // Swapped with pending_ to run outside the lock.
-  TimerId next_timer_id_ = 1;      // Ids are never reused.
-  std::unordered_map<TimerId, TimerNode*> timers_;  // Pending call_later timers.
+  uv_loop_t loop_;                                  // The libuv loop itself.
+  uv_async_t wakeup_;                               // Signalled by call_soon from any thread.
+  std::shared_ptr<detail::CallQueue> queue_;        // call_soon's queue; wakeup -> wakeup_.
+  std::vector<Callback> running_;                   // Swapped with the queue to run unlocked.
+  TimerId next_timer_id_ = 1;                       // Ids are never reused.
+  std::unordered_map<TimerId, TimerNode*> timers_;  // Pending call_later / call_every timers.
+  std::unordered_set<void*> tasks_;                 // Frames of spawned tasks not yet finished.
   bool closed_ = false;                             // close() ran.
 };
 

@@ -9,6 +9,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include "core/task.hpp"
+
 #include "http/response.hpp"
 #include "http/server.hpp"
 #include "net/listener.hpp"
@@ -266,6 +268,8 @@ void Connection::dispatch() noexcept {
   workspace_->response_headers.clear();
   head_request_ = request.method() == "HEAD";
   keep_alive_ = parser_.keep_alive() && !server_.draining_;
+
+  if (handler_stop_.stop_possible()) handler_stop_ = std::stop_source(std::nostopstate);
 
   const RouteMatch match = server_.router_->find(request.method(), request.path(), request.params_);
   route_ = match.route;
@@ -592,6 +596,7 @@ void Connection::drain() noexcept {
 
 void Connection::close_now() noexcept {
   if (closed_) return;
+  const bool client_gone_before_answer = response_pending_;
   closed_ = true;
   closing_ = true;
   response_pending_ = false;
@@ -606,6 +611,9 @@ void Connection::close_now() noexcept {
   }
   uv_close(reinterpret_cast<uv_handle_t*>(&tcp_), &Connection::on_closed);
   uv_close(reinterpret_cast<uv_handle_t*>(&timer_), &Connection::on_closed);
+  // A coroutine handler still working on the answer is cancelled. lib/core's awaitables only
+  // stop their operations here and resume later, so nothing runs inside this close.
+  if (client_gone_before_answer && handler_stop_.stop_possible()) handler_stop_.request_stop();
 }
 
 void Connection::on_closed(uv_handle_t* handle) {
@@ -796,6 +804,67 @@ bool Responder::write(std::string_view chunk) const {
 bool Responder::finish() const {
   Connection* connection = live_connection();
   return connection != nullptr && connection->finish_stream();
+}
+
+namespace {
+
+std::string describe(std::exception_ptr error) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const std::exception& caught) {
+    return caught.what();
+  } catch (...) {
+    return "an exception that is not a std::exception";
+  }
+}
+
+}  // namespace
+
+void Connection::handler_failed(std::uint64_t request_number, const std::string& route,
+                                std::exception_ptr error) noexcept {
+  const bool live = !closed_ && response_pending_ && request_number == request_number_;
+  bool cancelled = false;
+  try {
+    std::rethrow_exception(error);
+  } catch (const CancelledError&) {
+    cancelled = true;
+  } catch (...) {
+  }
+  if (cancelled && !live) {
+    spdlog::debug("connection {}: handler for {} cancelled: the client went away", id_, route);
+    return;
+  }
+  spdlog::error("connection {}: handler for {} threw: {}", id_, route, describe(error));
+  if (live) answer_internal_error();
+}
+
+void Responder::run_handler(Task<void> task) const {
+  Connection* connection = live_connection();
+  if (connection == nullptr) return;
+  connection->handler_stop_ = std::stop_source();
+  // Whether the task ended with an exception before run_handler returned: it is then rethrown
+  // to dispatch(), which answers and logs as for a callback.
+  struct Start {
+    bool returned = false;
+    std::exception_ptr early_error;
+  };
+  auto start = std::make_shared<Start>();
+  std::string route = connection->route_ != nullptr
+                          ? connection->route_->method + " " + connection->route_->pattern
+                          : std::string();
+  spawn(connection->server_.loop(), std::move(task), connection->handler_stop_.get_token(),
+        [responder = *this, start, route = std::move(route)](std::exception_ptr error) {
+          if (!error) return;
+          if (!start->returned) {
+            start->early_error = error;
+            return;
+          }
+          if (responder.connection_ != nullptr) {
+            responder.connection_->handler_failed(responder.request_number_, route, error);
+          }
+        });
+  start->returned = true;
+  if (start->early_error) std::rethrow_exception(start->early_error);
 }
 
 }  // namespace squall::http

@@ -4,7 +4,9 @@
 #pragma once
 
 #include <cstdint>
+#include <exception>
 #include <memory>
+#include <stop_token>
 #include <string>
 #include <string_view>
 
@@ -86,6 +88,8 @@ class Connection {
   void drop_responder(std::uint64_t request_number) noexcept;
   void maybe_destroy() noexcept;
   bool idle() const noexcept;
+  void handler_failed(std::uint64_t request_number, const std::string& route,
+                      std::exception_ptr error) noexcept;
 
   uv_tcp_t tcp_;                                 // The socket; data -> this.
   uv_timer_t timer_;                             // One timer, re-armed per phase; data -> this.
@@ -128,6 +132,8 @@ class Connection {
   bool handler_running_ = false;           // Inside the route handler call.
   bool orphaned_ = false;                  // The server is gone; touch nothing of it.
   bool timer_running_ = false;             // uv timer is started.
+  // A coroutine handler's stop source: requested when the client goes away before its answer.
+  std::stop_source handler_stop_{std::nostopstate};
 };
 
 }  // namespace squall::http

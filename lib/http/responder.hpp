@@ -7,6 +7,11 @@
 #include <cstdint>
 #include <string_view>
 
+namespace squall {
+template <typename T>
+class Task;
+}  // namespace squall
+
 namespace squall::http {
 
 class Connection;
@@ -33,6 +38,12 @@ class Responder {
   bool start(int status, std::string_view content_type) const;
   bool write(std::string_view chunk) const;
   bool finish() const;
+
+  // Runs a coroutine handler's task on the connection's loop (Router::add does this for handlers
+  // returning Task<void>). Its stop token fires when the client goes away before the answer is
+  // finished. An exception escaping the task is answered with a 500 and logged exactly as one
+  // escaping a callback handler; one thrown before the task first suspends is rethrown here.
+  void run_handler(Task<void> task) const;
 
  private:
   friend class Connection;

@@ -6,8 +6,11 @@
 #include <functional>
 #include <string>
 #include <string_view>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
+#include "core/task.hpp"
 #include "http/request.hpp"
 #include "http/responder.hpp"
 
@@ -16,6 +19,26 @@ namespace squall::http {
 // A handler answers through the Responder now or later (keeping it); the Request stays valid
 // until the answer is sent. An exception escaping a handler becomes a 500.
 using Handler = std::function<void(Request& request, Responder responder)>;
+
+// A coroutine handler: any callable taking (Request&, Responder) and returning Task<void>:
+//
+//   Task<void> slow_hello(Loop& loop, http::Request& request, http::Responder responder) {
+//     std::string name(request.query("name").value_or("world"));  // Copy before suspending.
+//     co_await sleep(loop, 100ms);
+//     responder.send(200, "text/plain", "hello " + name + "\n");
+//   }
+//   router.add("GET", "/hello", [&loop](http::Request& request, http::Responder responder) {
+//     return slow_hello(loop, request, std::move(responder));
+//   });
+//
+// The Request stays valid while the task holds the Responder and has not answered; copy what it
+// needs after answering. The task's stop token fires when the client goes away first: every
+// await in it then throws CancelledError. An escaping exception is a 500 and a log line, as for a
+// callback. Write the coroutine as a named function (or a lambda without captures): a capturing
+// lambda that is itself a coroutine leaves its frame pointing at captures that may be gone.
+template <typename Fn>
+concept CoroutineHandler =
+    std::is_same_v<std::invoke_result_t<Fn&, Request&, Responder>, Task<void>>;
 
 struct Route {
   std::string method;                 // "GET", "POST", ...
@@ -34,6 +57,15 @@ class Router {
  public:
   // Adds a route. Throws std::invalid_argument for a malformed pattern or a duplicate.
   void add(std::string_view method, std::string_view pattern, Handler handler);
+  // The same for a coroutine handler (see CoroutineHandler).
+  template <CoroutineHandler Fn>
+  void add(std::string_view method, std::string_view pattern, Fn handler) {
+    add(method, pattern,
+        Handler([handler = std::move(handler)](Request& request, Responder responder) mutable {
+          const Responder runner = responder;
+          runner.run_handler(handler(request, std::move(responder)));
+        }));
+  }
 
   // Finds the route for `method` and the decoded `path`, filling request.params_ through
   // `params`. HEAD is answered by the GET route when no HEAD route exists.

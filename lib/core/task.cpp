@@ -1,0 +1,87 @@
+#include "core/task.hpp"
+
+#include <stdexcept>
+
+#include <spdlog/spdlog.h>
+
+#include "core/loop.hpp"
+
+namespace squall {
+
+namespace {
+
+// The root frame of a spawned task: registered with its Loop while it lives, freed at its end.
+struct Detached {
+  struct promise_type : detail::PromiseBase {
+    Loop* loop = nullptr;  // Where the frame is registered.
+
+    Detached get_return_object() noexcept {
+      return Detached{std::coroutine_handle<promise_type>::from_promise(*this)};
+    }
+    std::suspend_always initial_suspend() const noexcept { return {}; }
+    struct Release {
+      bool await_ready() const noexcept { return false; }
+      void await_suspend(std::coroutine_handle<promise_type> frame) const noexcept {
+        frame.promise().loop->release_task(frame);
+        frame.destroy();
+      }
+      void await_resume() const noexcept {}
+    };
+    Release final_suspend() const noexcept { return {}; }
+    void return_void() const noexcept {}
+    // The body catches everything; nothing can arrive here.
+    void unhandled_exception() const noexcept { std::terminate(); }
+  };
+  std::coroutine_handle<promise_type> frame;  // Owned by itself once started.
+};
+
+void log_outcome(std::exception_ptr error) {
+  if (!error) return;
+  try {
+    std::rethrow_exception(error);
+  } catch (const CancelledError& cancelled) {
+    spdlog::debug("spawned task cancelled: {}", cancelled.what());
+  } catch (const std::exception& failure) {
+    spdlog::error("spawned task failed: {}", failure.what());
+  } catch (...) {
+    spdlog::error("spawned task failed with an exception that is not a std::exception");
+  }
+}
+
+Detached run_detached(Task<void> task, std::function<void(std::exception_ptr)> done) {
+  std::exception_ptr error;
+  try {
+    co_await std::move(task);
+  } catch (...) {
+    error = std::current_exception();
+  }
+  try {
+    if (done) {
+      done(error);
+    } else {
+      log_outcome(error);
+    }
+  } catch (const std::exception& failure) {
+    spdlog::error("completion of a spawned task threw: {}", failure.what());
+  } catch (...) {
+    spdlog::error("completion of a spawned task threw an exception that is not a std::exception");
+  }
+}
+
+}  // namespace
+
+void spawn(Loop& loop, Task<void> task, std::stop_token token) {
+  spawn(loop, std::move(task), std::move(token), nullptr);
+}
+
+void spawn(Loop& loop, Task<void> task, std::stop_token token,
+           std::function<void(std::exception_ptr)> done) {
+  if (loop.closed()) throw std::logic_error("squall::spawn: the loop is closed");
+  const Detached root = run_detached(std::move(task), std::move(done));
+  root.frame.promise().loop = &loop;
+  root.frame.promise().stop_token = std::move(token);
+  loop.adopt_task(root.frame);
+  root.frame.resume();
+}
+
+}  // namespace squall

@@ -1,0 +1,216 @@
+"""The example programs of examples/, each started as a user would and checked: a coroutine
+handler, a periodic callback, two slow things at once with when_all, reply first and work later,
+and a handler that blocks the loop. Binaries come from $EXAMPLES_DIR, else from the examples/
+directory beside $SQUALLD, else build/examples."""
+
+import http.client
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from squall_helpers import squalld_path
+
+
+def examples_dir() -> Path:
+    if os.environ.get("EXAMPLES_DIR"):
+        return Path(os.environ["EXAMPLES_DIR"])
+    return Path(squalld_path()).resolve().parent / "examples"
+
+
+def example(name: str) -> str:
+    path = examples_dir() / name
+    assert os.access(path, os.X_OK), f"{path} is missing: run `make examples`"
+    return str(path)
+
+
+class Example:
+    """A running example server on port 0: its port comes through --port-file."""
+
+    def __init__(self, name: str, tmp_path: Path):
+        self.port_file = tmp_path / f"{name}.port"
+        self.proc = subprocess.Popen(
+            [example(name), "0", "--port-file", str(self.port_file)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        deadline = time.monotonic() + 10
+        while True:
+            text = self.port_file.read_text() if self.port_file.exists() else ""
+            if text.endswith("\n"):
+                self.port = int(text)
+                break
+            assert self.proc.poll() is None, f"{name} exited early: {self.output()}"
+            assert time.monotonic() < deadline, f"{name} wrote no port file: {self.output()}"
+            time.sleep(0.01)
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def get(self, target: str, timeout=10.0):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request("GET", target)
+            response = conn.getresponse()
+            return response.status, response.read().decode()
+        finally:
+            conn.close()
+
+    def wait_for_output(self, text: str, timeout=5.0):
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            assert time.monotonic() < deadline, f"no {text!r} in: {self.output()}"
+            time.sleep(0.01)
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout=10)
+        self.reader.join(timeout=5)
+        return rc
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def run_example(tmp_path):
+    started = []
+
+    def start(name):
+        ex = Example(name, tmp_path)
+        started.append(ex)
+        return ex
+
+    yield start
+    for ex in started:
+        ex.kill()
+
+
+def test_coroutine_handler_awaits_pool_work_and_a_sleep(run_example):
+    ex = run_example("coroutine_handler")
+    began = time.monotonic()
+    status, body = ex.get("/digest?text=abc&delay_ms=200")
+    took = time.monotonic() - began
+    assert status == 200
+    assert len(body.strip()) == 16 and int(body, 16) >= 0
+    assert took >= 0.2
+    # Same input, same digest: the pool work really ran on the text.
+    assert ex.get("/digest?text=abc&delay_ms=0") == (200, body)
+    assert ex.get("/digest?text=abd&delay_ms=0")[1] != body
+    assert ex.get("/digest?delay_ms=-1")[0] == 400
+    assert ex.stop(signal.SIGINT) == 0
+
+
+def test_coroutine_handler_serves_others_while_it_sleeps(run_example):
+    ex = run_example("coroutine_handler")
+    results = {}
+
+    def slow():
+        results["slow"] = ex.get("/digest?text=a&delay_ms=1500")
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    time.sleep(0.1)
+    began = time.monotonic()
+    assert ex.get("/digest?text=b&delay_ms=0")[0] == 200
+    assert time.monotonic() - began < 1.0  # Not behind the sleeping one.
+    thread.join(timeout=10)
+    assert results["slow"][0] == 200
+    assert ex.stop() == 0
+
+
+def test_periodic_callback_ticks_on_its_period_and_stops_after_count(tmp_path):
+    began = time.monotonic()
+    out = subprocess.run([example("periodic"), "--period-ms", "50", "--count", "6"],
+                         capture_output=True, text=True, timeout=10)
+    took = time.monotonic() - began
+    assert out.returncode == 0, out.stderr
+    ticks = [line for line in out.stdout.splitlines() if line.startswith("tick ")]
+    assert [t.split()[1] for t in ticks] == ["1", "2", "3", "4", "5", "6"]
+    at = [int(t.split("+")[1].split()[0]) for t in ticks]
+    assert at[0] >= 49
+    for before, after in zip(at, at[1:]):
+        assert after - before >= 40
+    assert took >= 0.29
+
+
+def test_periodic_callback_exits_cleanly_on_sigterm():
+    proc = subprocess.Popen([example("periodic"), "--period-ms", "20", "--count", "100000"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("tick 1 ")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+
+
+def test_when_all_takes_the_slower_time_not_the_sum(run_example):
+    ex = run_example("when_all")
+    began = time.monotonic()
+    status, body = ex.get("/both?wait_ms=400&work_ms=500")
+    took = time.monotonic() - began
+    assert status == 200
+    assert body.startswith("lookup done, report done in ")
+    assert 0.5 <= took < 0.8, f"took {took:.3f} s: the two waits did not overlap"
+    reported_ms = int(body.split(" in ")[1].split()[0])
+    assert 495 <= reported_ms < 800
+    assert ex.stop() == 0
+
+
+def test_reply_first_answers_at_once_and_finishes_the_work_later(run_example):
+    ex = run_example("reply_first")
+    began = time.monotonic()
+    status, body = ex.get("/work?ms=600")
+    assert status == 202 and body == "job 1 accepted\n"
+    assert time.monotonic() - began < 0.4  # Before the work is done.
+    assert ex.get("/status") == (200, "accepted 1 finished 0\n")
+    ex.wait_for_output("job 1 finished")
+    assert time.monotonic() - began >= 0.6
+    assert ex.get("/status") == (200, "accepted 1 finished 1\n")
+    assert ex.stop() == 0
+
+
+def test_a_handler_that_blocks_the_loop_is_named_in_a_warning(run_example):
+    ex = run_example("blocking_handler")
+    results = {}
+
+    def blocked():
+        results["block"] = ex.get("/block?ms=400")
+
+    thread = threading.Thread(target=blocked)
+    thread.start()
+    time.sleep(0.1)
+    began = time.monotonic()
+    assert ex.get("/hello") == (200, "hello\n")
+    waited = time.monotonic() - began
+    thread.join(timeout=10)
+    assert results["block"] == (200, "blocked the loop\n")
+    assert waited >= 0.2  # /hello waited for the blocked loop.
+    ex.wait_for_output("handler for GET /block blocked the event loop for ")
+    ex.wait_for_output("(loop.blocking_threshold 50 ms)")
+    ex.wait_for_output("event loop lag ")
+    # The fix: the same work on the pool leaves the loop free.
+    thread = threading.Thread(target=lambda: results.update(fixed=ex.get("/fixed?ms=400")))
+    thread.start()
+    time.sleep(0.1)
+    began = time.monotonic()
+    assert ex.get("/hello") == (200, "hello\n")
+    assert time.monotonic() - began < 0.2
+    thread.join(timeout=10)
+    assert results["fixed"] == (200, "worked on the pool\n")
+    assert "handler for GET /fixed blocked" not in ex.output()
+    assert ex.stop() == 0

@@ -1,0 +1,229 @@
+// In-process tests of coroutine handlers: a real Server on a real loop, a blocking client on a
+// thread, a watchdog.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <thread>
+
+#include "core/awaitables.hpp"
+#include "core/core_test_support.hpp"
+#include "core/loop.hpp"
+#include "core/task.hpp"
+#include "http/router.hpp"
+#include "http/server.hpp"
+
+using namespace squall;
+using namespace std::chrono_literals;
+
+namespace {
+
+// A blocking client: sends bytes, reads until the peer closes or 5 s pass.
+class Client {
+ public:
+  explicit Client(std::uint16_t port) {
+    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_port = htons(port);
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    timeval timeout{5, 0};
+    ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+    if (::connect(fd_, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0) {
+      throw std::runtime_error("connect failed");
+    }
+  }
+  ~Client() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+  void send(const std::string& bytes) { ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL); }
+  // One whole response with Content-Length framing (the tests' responses are small).
+  std::string read_response() {
+    std::string received;
+    while (true) {
+      const auto head_end = received.find("\r\n\r\n");
+      if (head_end != std::string::npos) {
+        const auto length_at = received.find("Content-Length: ");
+        if (length_at != std::string::npos && length_at < head_end) {
+          const std::size_t length = std::stoul(received.substr(length_at + 16));
+          if (received.size() >= head_end + 4 + length) return received;
+        }
+      }
+      char chunk[4096];
+      const ssize_t n = ::recv(fd_, chunk, sizeof chunk, 0);
+      if (n <= 0) return received;
+      received.append(chunk, static_cast<std::size_t>(n));
+    }
+  }
+
+ private:
+  int fd_ = -1;
+};
+
+// Serves `router` on the loop while `client` runs on a thread; a watchdog stops it after 10 s.
+void serve(Loop& loop, http::Router& router, const std::function<void(std::uint16_t)>& client,
+           http::ServerOptions options = {}) {
+  {
+    http::Server server(loop, std::make_shared<const http::Router>(router), options);
+    server.listen("127.0.0.1", 0);
+    const std::uint16_t port = server.listeners().front()->bound_port();
+    std::thread thread([&] {
+      client(port);
+      loop.call_soon([&] {
+        server.close_all();
+        loop.stop();
+      });
+    });
+    const auto watchdog = loop.call_later(10s, [&] {
+      server.close_all();
+      loop.stop();
+    });
+    loop.run();
+    loop.cancel(watchdog);
+    thread.join();
+  }
+  CHECK(loop.close() == 0);
+}
+
+const std::string kGet = "GET /x?name=squall HTTP/1.1\r\nHost: t\r\n\r\n";
+
+Task<void> hello_later(Loop& loop, http::Request& request, http::Responder responder) {
+  std::string name = request.query("name").value_or("?");
+  co_await sleep(loop, 20ms);
+  // Named first: g++ 12 destroys a capturing lambda temporary inside co_await twice.
+  auto to_upper = [name] {
+    std::string out = name;
+    for (char& c : out) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+    return out;
+  };
+  std::string upper = co_await run_blocking(loop, std::move(to_upper));
+  responder.send(200, "text/plain", "hello " + upper);
+}
+
+Task<void> throw_after_sleep(Loop& loop, http::Request&, http::Responder) {
+  co_await sleep(loop, 5ms);
+  throw std::runtime_error("late coroutine failure");
+}
+
+Task<void> block_then_answer(Loop& loop, http::Responder responder) {
+  std::this_thread::sleep_for(80ms);  // Blocks the loop before the first suspension.
+  co_await sleep(loop, 1ms);
+  responder.send(200, "text/plain", "done");
+}
+
+Task<void> throw_at_once(http::Request&, http::Responder) {
+  throw std::runtime_error("early coroutine failure");
+  co_return;
+}
+
+Task<void> wait_for_ever(Loop& loop, http::Responder responder, std::atomic<bool>* started,
+                         std::atomic<bool>* cancelled) {
+  *started = true;
+  try {
+    co_await sleep(loop, 30s);
+  } catch (const CancelledError&) {
+    *cancelled = true;
+    CHECK_FALSE(responder.connected());
+    throw;
+  }
+  responder.send(200, "text/plain", "too late");
+}
+
+}  // namespace
+
+TEST_CASE("a coroutine handler awaits a sleep and pool work, then answers") {
+  http::Router router;
+  Loop loop;
+  router.add("GET", "/x", [&loop](http::Request& request, http::Responder responder) {
+    return hello_later(loop, request, std::move(responder));
+  });
+  std::string reply;
+  serve(loop, router, [&](std::uint16_t port) {
+    Client client(port);
+    client.send(kGet);
+    reply = client.read_response();
+  });
+  CHECK(reply.find("HTTP/1.1 200 OK") == 0);
+  CHECK(reply.find("\r\n\r\nhello SQUALL") != std::string::npos);
+}
+
+TEST_CASE("a coroutine handler that throws gives a 500 and the callback's log line") {
+  squall::testing::CapturedLog log;
+  http::Router router;
+  Loop loop;
+  router.add("GET", "/late", [&loop](http::Request& request, http::Responder responder) {
+    return throw_after_sleep(loop, request, std::move(responder));
+  });
+  router.add("GET", "/early", [](http::Request& request, http::Responder responder) {
+    return throw_at_once(request, std::move(responder));
+  });
+  std::string late;
+  std::string early;
+  serve(loop, router, [&](std::uint16_t port) {
+    Client client(port);
+    client.send("GET /late HTTP/1.1\r\nHost: t\r\n\r\n");
+    late = client.read_response();
+    client.send("GET /early HTTP/1.1\r\nHost: t\r\n\r\n");
+    early = client.read_response();
+  });
+  CHECK(late.find("HTTP/1.1 500 Internal Server Error") == 0);
+  CHECK(early.find("HTTP/1.1 500 Internal Server Error") == 0);
+  const std::string text = log.text();
+  CHECK(text.find("handler for GET /late threw: late coroutine failure") != std::string::npos);
+  CHECK(text.find("handler for GET /early threw: early coroutine failure") != std::string::npos);
+}
+
+TEST_CASE("a coroutine handler is cancelled when its client goes away") {
+  http::Router router;
+  Loop loop;
+  std::atomic<bool> started{false};
+  std::atomic<bool> cancelled{false};
+  router.add("GET", "/x", [&](http::Request&, http::Responder responder) {
+    return wait_for_ever(loop, std::move(responder), &started, &cancelled);
+  });
+  const std::uint64_t start = uv_hrtime();
+  serve(loop, router, [&](std::uint16_t port) {
+    {
+      Client client(port);
+      client.send(kGet);
+      while (!started) std::this_thread::sleep_for(1ms);
+    }  // Gone before the answer.
+    while (!cancelled && uv_hrtime() - start < 5'000'000'000ULL) {
+      std::this_thread::sleep_for(1ms);
+    }
+  });
+  CHECK(cancelled);
+  CHECK(squall::testing::elapsed_ms(start) < 5000);
+}
+
+TEST_CASE("the blocking-handler warning names a coroutine handler that blocks the loop") {
+  squall::testing::CapturedLog log;
+  http::Router router;
+  Loop loop;
+  router.add("GET", "/x", [&loop](http::Request&, http::Responder responder) {
+    return block_then_answer(loop, std::move(responder));
+  });
+  http::ServerOptions options;
+  options.blocking_threshold = 40ms;
+  std::string reply;
+  serve(
+      loop, router,
+      [&](std::uint16_t port) {
+        Client client(port);
+        client.send(kGet);
+        reply = client.read_response();
+      },
+      options);
+  CHECK(reply.find("HTTP/1.1 200 OK") == 0);
+  CHECK(log.text().find("handler for GET /x blocked the event loop for") != std::string::npos);
+}
