@@ -14,12 +14,24 @@ SANITIZE ?=
 PREFIX ?= /usr/local
 
 comma := ,
+# clang++ builds go to their own directory, so `make` (g++) and `make CXX=clang++` never mix
+# objects; `make fuzz` builds the libFuzzer targets with clang into build/fuzz.
+ifneq ($(findstring clang,$(notdir $(CXX))),)
+BUILD_BASE := build/clang
+else
+BUILD_BASE := build
+endif
 ifeq ($(SANITIZE),)
-BUILD := build
+BUILD := $(BUILD_BASE)
 SAN_FLAGS :=
 else
-BUILD := build/san-$(subst $(comma),-,$(SANITIZE))
+BUILD := $(BUILD_BASE)/san-$(subst $(comma),-,$(SANITIZE))
 SAN_FLAGS := -fsanitize=$(SANITIZE) -fno-omit-frame-pointer -fno-sanitize-recover=all
+endif
+ifneq ($(FUZZ),)
+BUILD := build/fuzz
+SAN_FLAGS := -fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer \
+	-fno-sanitize-recover=all
 endif
 LLHTTP_DIR := /usr/share/llhttp
 LLHTTP_INCLUDE := /usr/share/include/llhttp
