@@ -161,9 +161,10 @@ void Connection::process() noexcept {
     Workspace& workspace = *workspace_;
     while (!response_pending_ && !output_blocked_ && !closing_ && workspace.begin < workspace.end) {
       if (parser_.phase() == ParsePhase::idle) {
-        if (server_.unsent_budget_.exhausted()) {
-          // Clients that do not read hold more unsent bytes than the server allows: take no
-          // new request until they drain (Server::resume_output_waiters) or time out.
+        if (pending_write_bytes_ > 0 && server_.unsent_budget_.exhausted()) {
+          // Clients that do not read hold more unsent bytes than the server allows: one that
+          // has not taken its last answer yet gets no new request until its output or the
+          // server's drains (Server::resume_output_waiters), or the write timeout closes it.
           waiting_for_output_budget_ = true;
           server_.output_waiters_ = true;
           break;
@@ -551,6 +552,10 @@ void Connection::settle_after_write(int status) noexcept {
   if (output_blocked_ &&
       pending_write_bytes_ <= server_.options_.limits.write_buffer_high_water / 2) {
     output_blocked_ = false;
+    if (pending_write_bytes_ == 0) waiting_for_output_budget_ = false;
+    process();
+  } else if (waiting_for_output_budget_ && pending_write_bytes_ == 0) {
+    waiting_for_output_budget_ = false;
     process();
   } else if (pending_write_bytes_ == 0 && !closing_) {
     update_timer();
