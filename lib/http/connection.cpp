@@ -427,6 +427,9 @@ bool Connection::finish_stream() {
 
 void Connection::finish_response() noexcept {
   response_pending_ = false;
+  // The deadline measured belonged to this request; the next one starts its own (a pipelined
+  // request parsed in the same pass must not inherit this one's head or body deadline).
+  phase_ = TimerPhase::none;
   ++server_.stats_.requests;
   if (server_.request_observer_) {
     const Request* request = workspace_ != nullptr ? &workspace_->request : nullptr;

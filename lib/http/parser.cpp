@@ -323,7 +323,11 @@ int RequestParser::on_header_field(const char* at, std::size_t length) noexcept 
                                     : "more header lines than max_header_count");
     }
     if (in_trailers_) return HPE_OK;
-    request_->headers_.push_back(Header{std::string_view(at, length), {}});
+    try {
+      request_->headers_.push_back(Header{std::string_view(at, length), {}});
+    } catch (const std::bad_alloc&) {
+      return fail(503, "out of memory for the request headers");
+    }
   } else if (!in_trailers_) {
     append_piece(request_->headers_.back().name, at, length);
   }
@@ -419,7 +423,11 @@ int RequestParser::on_headers_complete() noexcept {
   if ((parser_.flags & F_CONTENT_LENGTH) && parser_.content_length > limits_->max_body_bytes) {
     return fail(413, "Content-Length above max_body_bytes");
   }
-  if (const int status = split_target(); status != HPE_OK) return status;
+  try {
+    if (const int status = split_target(); status != HPE_OK) return status;
+  } catch (const std::bad_alloc&) {
+    return fail(503, "out of memory for the request-target");
+  }
 
   // An Upgrade request is served as plain HTTP; the connection closes after it because the
   // client may already be speaking the other protocol.
@@ -433,7 +441,7 @@ int RequestParser::on_headers_complete() noexcept {
   return expect_continue_ ? HPE_PAUSED : HPE_OK;
 }
 
-int RequestParser::split_target() noexcept {
+int RequestParser::split_target() {
   Request& request = *request_;
   std::string_view target = request.target_;
   if (target == "*") {

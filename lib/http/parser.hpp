@@ -91,7 +91,7 @@ class RequestParser {
   int on_chunk_header() noexcept;
   int on_chunk_extension(const char* at, std::size_t length) noexcept;
   int on_message_complete() noexcept;
-  int split_target() noexcept;
+  int split_target();  // May throw std::bad_alloc (decoding the path).
   bool scan_for_bare_cr(const char* end) noexcept;
   int grow_body(std::size_t length) noexcept;
 
