@@ -1,8 +1,9 @@
 // libFuzzer target: a POST /email body through parse_email_request, and every accepted request
 // through its stored JSON form and build_mime. Checks: no exception other than the documented
 // ones, the stored form round-trips, and the MIME message has CRLF line ends only, every line at
-// most 998 bytes (RFC 5322 2.1.1), and a header section whose every line is a header squall
-// writes or a folded continuation: no header line comes from CR or LF in the input.
+// most 998 bytes (RFC 5322 2.1.1), body lines at most 76 (quoted-printable), and a header
+// section whose every line is a header squall writes or a non-blank folded continuation: no
+// header line comes from CR or LF in the input.
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -51,6 +52,9 @@ void check_mime(std::string_view mime) {
       } else {
         check(known_header_line(line));
       }
+    } else {
+      // The body is quoted-printable parts and their boundaries: 76 at most (RFC 2045 6.7).
+      check(line.size() <= 76);
     }
     start = lf + 1;
   }
