@@ -2,6 +2,7 @@
 
 #include <doctest/doctest.h>
 
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -428,6 +429,20 @@ TEST_CASE("a declared Content-Length reserves nothing until its bytes arrive") {
   CHECK(result.event == ParseEvent::need_more);
   CHECK(request.body() == "abc");
   CHECK(parser.body_bytes_charged() < 64 * 1024);
+}
+
+TEST_CASE("a huge declared Content-Length under a huge limit is no allocation and no crash") {
+  // Reserving the declared length used to throw inside the llhttp callback: std::terminate.
+  Limits limits;
+  limits.max_body_bytes = std::numeric_limits<std::size_t>::max();
+  RequestParser parser(limits);
+  Request request;
+  parser.attach(&request);
+  const std::string head =
+      "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 4611686018427387904\r\n\r\nxyz";
+  const auto result = parser.feed(head.data(), head.size());
+  CHECK(result.event == ParseEvent::need_more);
+  CHECK(request.body() == "xyz");
 }
 
 TEST_CASE("request bodies are charged to the server-wide budget and given back") {
