@@ -32,7 +32,7 @@ bool is_alpha(char c) noexcept {
 
 // unreserved / sub-delims of RFC 3986 2.3 and 2.2.
 bool is_unreserved_or_sub_delim(char c) noexcept {
-  return is_alpha(c) || is_digit(c) || std::strchr("-._~!$&'()*+,;=", c) != nullptr;
+  return is_alpha(c) || is_digit(c) || (c != '\0' && std::strchr("-._~!$&'()*+,;=", c) != nullptr);
 }
 
 // IPv6address of RFC 3986 3.2.2, checked by inet_pton.
