@@ -14,12 +14,24 @@ SANITIZE ?=
 PREFIX ?= /usr/local
 
 comma := ,
+# clang++ builds go to their own directory, so `make` (g++) and `make CXX=clang++` never mix
+# objects; `make fuzz` builds the libFuzzer targets with clang into build/fuzz.
+ifneq ($(findstring clang,$(notdir $(CXX))),)
+BUILD_BASE := build/clang
+else
+BUILD_BASE := build
+endif
 ifeq ($(SANITIZE),)
-BUILD := build
+BUILD := $(BUILD_BASE)
 SAN_FLAGS :=
 else
-BUILD := build/san-$(subst $(comma),-,$(SANITIZE))
+BUILD := $(BUILD_BASE)/san-$(subst $(comma),-,$(SANITIZE))
 SAN_FLAGS := -fsanitize=$(SANITIZE) -fno-omit-frame-pointer -fno-sanitize-recover=all
+endif
+ifneq ($(FUZZ),)
+BUILD := build/fuzz
+SAN_FLAGS := -fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer \
+	-fno-sanitize-recover=all
 endif
 LLHTTP_DIR := /usr/share/llhttp
 LLHTTP_INCLUDE := /usr/share/include/llhttp
@@ -50,8 +62,17 @@ SQUALLD := $(BUILD)/squalld
 UNIT_TESTS := $(BUILD)/unit_tests
 PYTHON := /usr/bin/python3
 
+# libFuzzer targets (`make fuzz`, clang only): each links just the objects it exercises.
+FUZZ_TARGETS := parser email config
+FUZZ_BINS := $(FUZZ_TARGETS:%=$(BUILD)/%_fuzz)
+FUZZ_OBJS_parser := $(BUILD)/lib/http/parser.o $(BUILD)/lib/http/request.o $(LLHTTP_OBJS)
+FUZZ_OBJS_email := $(BUILD)/lib/jobs/email.o
+FUZZ_OBJS_config := $(BUILD)/lib/config/config.o
+# Seconds each target runs in `make test`; `make fuzz-run FUZZ_SECONDS=600` runs longer.
+FUZZ_SECONDS ?= 10
+
 .PHONY: all deps run test unit integration examples format format-check clean bench install \
-	uninstall
+	uninstall fuzz fuzz-targets fuzz-run
 
 all: $(SQUALLD) $(UNIT_TESTS) $(EXAMPLE_BINS)
 
@@ -68,6 +89,26 @@ test: deps
 	@$(MAKE) --no-print-directory all
 	@$(MAKE) --no-print-directory unit
 	@$(MAKE) --no-print-directory integration
+	@$(MAKE) --no-print-directory fuzz-run
+
+# The fuzz build is its own tree (build/fuzz), compiled by clang with libFuzzer, ASan and UBSan.
+fuzz: deps
+	@$(MAKE) --no-print-directory FUZZ=1 CXX=clang++ CC=clang fuzz-targets
+
+fuzz-targets: $(FUZZ_BINS)
+
+# Runs each target from its committed seeds (fuzz/corpus/<target>); what it finds new goes to
+# build/fuzz/corpus/<target>, a crash to build/fuzz/crash-*, and the run fails.
+fuzz-run: fuzz
+	@for target in $(FUZZ_TARGETS); do \
+	  mkdir -p build/fuzz/corpus/$$target || exit 1; \
+	  echo "fuzz: $$target for $(FUZZ_SECONDS)s"; \
+	  ./build/fuzz/$${target}_fuzz -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=1024 \
+	    -print_final_stats=1 -artifact_prefix=build/fuzz/$$target- \
+	    build/fuzz/corpus/$$target fuzz/corpus/$$target 2>build/fuzz/$$target.log \
+	    || { tail -n 60 build/fuzz/$$target.log; exit 1; }; \
+	  grep -h -E '^stat::(number_of_executed_units|new_units_added)' build/fuzz/$$target.log; \
+	done
 
 unit: $(UNIT_TESTS)
 	./$(UNIT_TESTS)
@@ -101,6 +142,10 @@ $(UNIT_TESTS): $(UNIT_OBJS) $(LIBSQUALL)
 
 $(BUILD)/examples/%: $(BUILD)/examples/%.o $(LIBSQUALL)
 	$(CXX) $(LDFLAGS) -o $@ $^ $(pkg_libs)
+
+.SECONDEXPANSION:
+$(BUILD)/%_fuzz: $(BUILD)/fuzz/%_fuzz.o $$(FUZZ_OBJS_$$*)
+	$(CXX) $(LDFLAGS) -fsanitize=fuzzer -o $@ $^ $(pkg_libs)
 
 # `make install PREFIX=/usr/local DESTDIR=...`: the binary, the man page, the systemd units (with
 # the binary's path in ExecStart), the logrotate snippet, and the config, which is installed only
@@ -143,12 +188,13 @@ uninstall:
 	fi
 
 format:
-	clang-format -i $(LIB_SRCS) $(SERVER_SRCS) $(UNIT_SRCS) $(EXAMPLE_SRCS) $(shell find lib server tests/unit examples -name '*.hpp')
+	clang-format -i $(LIB_SRCS) $(SERVER_SRCS) $(UNIT_SRCS) $(EXAMPLE_SRCS) $(wildcard fuzz/*.cpp) $(shell find lib server tests/unit examples -name '*.hpp')
 
 format-check:
-	clang-format --dry-run -Werror $(LIB_SRCS) $(SERVER_SRCS) $(UNIT_SRCS) $(EXAMPLE_SRCS) $(shell find lib server tests/unit examples -name '*.hpp')
+	clang-format --dry-run -Werror $(LIB_SRCS) $(SERVER_SRCS) $(UNIT_SRCS) $(EXAMPLE_SRCS) $(wildcard fuzz/*.cpp) $(shell find lib server tests/unit examples -name '*.hpp')
 
 clean:
 	rm -rf build
 
--include $(LIB_OBJS:.o=.d) $(SERVER_OBJS:.o=.d) $(UNIT_OBJS:.o=.d) $(EXAMPLE_BINS:=.d)
+-include $(LIB_OBJS:.o=.d) $(SERVER_OBJS:.o=.d) $(UNIT_OBJS:.o=.d) $(EXAMPLE_BINS:=.d) \
+	$(FUZZ_TARGETS:%=$(BUILD)/fuzz/%_fuzz.d)

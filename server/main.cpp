@@ -146,6 +146,8 @@ http::ServerOptions server_options(const Config& config) {
   options.limits.max_body_bytes = config.limits.max_body_bytes;
   options.limits.max_chunk_extension_bytes = config.limits.max_chunk_extension_bytes;
   options.limits.write_buffer_high_water = config.limits.write_buffer_high_water;
+  options.limits.max_buffered_body_bytes = config.limits.max_buffered_body_bytes;
+  options.limits.max_unsent_bytes = config.limits.max_unsent_bytes;
   options.timeouts.header = config.timeouts.header;
   options.timeouts.body = config.timeouts.body;
   options.timeouts.keepalive = config.timeouts.keepalive;

@@ -41,6 +41,15 @@ HttpMetrics::HttpMetrics(metrics::Registry& registry, const http::Server& server
                             [stats] { return stats->bytes_received; });
   registry.counter_callback("squall_http_sent_bytes_total", "Bytes written to clients.",
                             [stats] { return stats->bytes_sent; });
+  // The server-wide budgets of [limits] max_buffered_body_bytes and max_unsent_bytes.
+  const http::MemoryBudget* bodies = &server.body_budget();
+  registry.gauge_callback("squall_http_buffered_body_bytes",
+                          "Request body bytes held by all connections now.",
+                          [bodies] { return static_cast<double>(bodies->used); });
+  const http::MemoryBudget* unsent = &server.unsent_budget();
+  registry.gauge_callback("squall_http_unsent_bytes",
+                          "Response bytes written but not yet read by the clients.",
+                          [unsent] { return static_cast<double>(unsent->used); });
   const log::Logs* log_ptr = &logs;
   registry.counter_callback("squall_log_dropped_messages_total",
                             "Log messages dropped because the log queue was full.",

@@ -35,6 +35,12 @@ constexpr std::size_t kMaxUrlOrHeaderBytes = 1 * kMiB;
 constexpr std::size_t kMinHeaderBytes = 1 * kKiB;
 // Smaller high-water marks would stall writers on every response.
 constexpr std::size_t kMinWriteBufferHighWater = 4 * kKiB;
+// A request body is held in memory whole (and /echo sends it back): above this one request
+// could take the daemon's memory, or fail to allocate.
+constexpr std::size_t kMaxBodyBytes = 1 * kGiB;
+constexpr std::string_view kBodyInMemory = "a request body is held in memory whole";
+// The server-wide budgets: below this a single ordinary request would not fit.
+constexpr std::size_t kMinBudgetBytes = 64 * kKiB;
 // Timers add durations to the loop's clock; anything above a day is a typo, and the cap keeps
 // those sums far from overflow.
 constexpr Duration kMaxDuration = std::chrono::hours(24);
@@ -273,9 +279,11 @@ class Loader {
     if (table == nullptr) fail_type(where, node, "a table [" + std::string(name) + "]");
 
     for (const auto& [field_key, value] : in_document_order(*table)) {
-      const Where field_where{name, field_key->str(), field_key->source()};
+      // A structured binding cannot be captured by a lambda before C++20's P1091 (clang 14).
+      const std::string_view key_name = field_key->str();
+      const Where field_where{name, key_name, field_key->source()};
       const auto field = std::find_if(fields->begin(), fields->end(),
-                                      [&](const Field& f) { return f.name == field_key->str(); });
+                                      [key_name](const Field& f) { return f.name == key_name; });
       if (field == fields->end()) {
         std::string known;
         for (const Field& f : *fields) {
@@ -492,6 +500,13 @@ class Loader {
                     std::to_string((config_.smtp.connect_timeout + config_.smtp.timeout).count()) +
                     " ms), or a send still running would be claimed again");
     }
+    if (config_.limits.max_body_bytes > config_.limits.max_buffered_body_bytes) {
+      // Such a body could never be received: the server-wide budget would refuse it.
+      fail_seen(body_where_ ? body_where_ : body_budget_where_, "limits", "max_body_bytes",
+                "max_body_bytes (" + format_size(config_.limits.max_body_bytes) +
+                    ") must not exceed max_buffered_body_bytes (" +
+                    format_size(config_.limits.max_buffered_body_bytes) + ")");
+    }
     if (config_.jobs.retry_max < config_.jobs.retry_initial) {
       fail_seen(retry_where_, "jobs", "retry_max", "retry_max must not be below retry_initial");
     }
@@ -589,11 +604,13 @@ class Loader {
 
   const std::string& source_;
   Config config_;
-  std::optional<Seen> pool_where_;      // Where [server] thread_pool_size was set.
-  std::optional<Seen> sends_where_;     // Where [jobs] max_concurrent_sends was set.
-  std::optional<Seen> password_where_;  // Where [smtp] password_env was set.
-  std::optional<Seen> retry_where_;     // Where [jobs] retry_max was set.
-  std::optional<Seen> lease_where_;     // Where [jobs] lease was set.
+  std::optional<Seen> pool_where_;         // Where [server] thread_pool_size was set.
+  std::optional<Seen> sends_where_;        // Where [jobs] max_concurrent_sends was set.
+  std::optional<Seen> password_where_;     // Where [smtp] password_env was set.
+  std::optional<Seen> retry_where_;        // Where [jobs] retry_max was set.
+  std::optional<Seen> lease_where_;        // Where [jobs] lease was set.
+  std::optional<Seen> body_where_;         // Where [limits] max_body_bytes was set.
+  std::optional<Seen> body_budget_where_;  // Where [limits] max_buffered_body_bytes was set.
 
   const std::vector<Field> server_fields_{
       method("listen", &Loader::load_listen),
@@ -610,10 +627,16 @@ class Loader {
            kMaxUrlOrHeaderBytes, kBufferCap),
       count("max_header_count", config_.limits.max_header_count, kMaxCount),
       // Zero is meaningful for these two: refuse every body, or every chunk extension.
-      size("max_body_bytes", config_.limits.max_body_bytes, 0),
+      remembered(
+          size("max_body_bytes", config_.limits.max_body_bytes, 0, kMaxBodyBytes, kBodyInMemory),
+          body_where_),
       size("max_chunk_extension_bytes", config_.limits.max_chunk_extension_bytes, 0),
       size("write_buffer_high_water", config_.limits.write_buffer_high_water,
            kMinWriteBufferHighWater),
+      remembered(
+          size("max_buffered_body_bytes", config_.limits.max_buffered_body_bytes, kMinBudgetBytes),
+          body_budget_where_),
+      size("max_unsent_bytes", config_.limits.max_unsent_bytes, kMinBudgetBytes),
   };
   const std::vector<Field> timeouts_fields_{
       duration("header", config_.timeouts.header),       duration("body", config_.timeouts.body),

@@ -46,15 +46,22 @@ struct LimitsConfig {
   std::size_t max_url_bytes = 8 * 1024;              // [limits] max_url_bytes -> 414
   std::size_t max_header_bytes = 16 * 1024;          // [limits] max_header_bytes -> 431
   std::size_t max_header_count = 100;                // [limits] max_header_count -> 431
-  std::size_t max_body_bytes = 1024 * 1024;          // [limits] max_body_bytes -> 413
+  std::size_t max_body_bytes = 1024 * 1024;          // [limits] max_body_bytes -> 413 (<= 1GiB)
   std::size_t max_chunk_extension_bytes = 4 * 1024;  // [limits] max_chunk_extension_bytes
   std::size_t write_buffer_high_water = 256 * 1024;  // [limits] write_buffer_high_water
+  // [limits] max_buffered_body_bytes: request bodies held by all connections at once; a body
+  // that would go past it gets 503 + Retry-After and the connection closes.
+  std::size_t max_buffered_body_bytes = 64 * 1024 * 1024;
+  // [limits] max_unsent_bytes: response bytes of all connections the clients have not read;
+  // above it no connection takes a new request until it falls to half.
+  std::size_t max_unsent_bytes = 64 * 1024 * 1024;
   bool operator==(const LimitsConfig&) const = default;
 };
 
 struct TimeoutsConfig {
-  Duration header{10'000};     // [timeouts] header: first byte of a request to its last header
-  Duration body{30'000};       // [timeouts] body: the longest wait for the next body bytes
+  Duration header{10'000};     // [timeouts] header: first byte of a request (or the accept, for
+                               // a connection's first byte) to its last header
+  Duration body{30'000};       // [timeouts] body: end of a request's head to its body's last byte
   Duration keepalive{75'000};  // [timeouts] keepalive: idle time between requests
   Duration write{30'000};      // [timeouts] write: the longest a write may make no progress
   Duration lingering{2'000};   // [timeouts] lingering: reading after an early error response

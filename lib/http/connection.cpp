@@ -50,7 +50,7 @@ std::string_view Request::remote_address() const {
 }
 
 Connection::Connection(Server& server, std::uint64_t id)
-    : server_(server), id_(id), parser_(server.options_.limits) {
+    : server_(server), id_(id), parser_(server.options_.limits, &server.body_budget_) {
   uv_tcp_init(server.loop_.uv(), &tcp_);
   uv_timer_init(server.loop_.uv(), &timer_);
   tcp_.data = this;
@@ -78,7 +78,9 @@ int Connection::start(uv_stream_t* listener) {
   }
   // Responses leave whole, so Nagle's algorithm would only delay the last segment of each.
   uv_tcp_nodelay(&tcp_, 1);
-  arm(TimerPhase::head, static_cast<std::uint64_t>(server_.options_.timeouts.header.count()));
+  // A client that never sends a byte is closed after timeouts.header; the head of each request
+  // then has timeouts.header from its own first byte.
+  arm(TimerPhase::first_byte, static_cast<std::uint64_t>(server_.options_.timeouts.header.count()));
   update_reading();
   return 0;
 }
@@ -161,6 +163,15 @@ void Connection::process() noexcept {
     Workspace& workspace = *workspace_;
     while (!response_pending_ && !output_blocked_ && !closing_ && workspace.begin < workspace.end) {
       if (parser_.phase() == ParsePhase::idle) {
+        if (pending_write_bytes_ > 0 && server_.unsent_budget_.exhausted()) {
+          // Clients that do not read hold more unsent bytes than the server allows: one that
+          // has not taken its last answer yet gets no new request until its output or the
+          // server's drains (Server::resume_output_waiters), or the write timeout closes it.
+          waiting_for_output_budget_ = true;
+          server_.output_waiters_ = true;
+          break;
+        }
+        first_byte_seen_ = true;
         workspace.request.connection_ = this;
         parser_.attach(&workspace.request);
         request_start_ns_ = uv_hrtime();
@@ -238,6 +249,7 @@ bool Connection::idle() const noexcept {
 
 void Connection::release_workspace_if_idle() noexcept {
   if (workspace_ == nullptr || !idle() || current_responders_ > 0) return;
+  parser_.release_body_budget();
   server_.release_workspace(workspace_);
   workspace_ = nullptr;
 }
@@ -246,7 +258,8 @@ void Connection::update_reading() noexcept {
   if (closed_) return;
   const bool buffer_full = workspace_ != nullptr && workspace_->end == workspace_->capacity;
   const bool want =
-      closing_ ? lingering_ && !peer_eof_ : !output_blocked_ && !peer_eof_ && !buffer_full;
+      closing_ ? lingering_ && !peer_eof_
+               : !output_blocked_ && !waiting_for_output_budget_ && !peer_eof_ && !buffer_full;
   auto* stream = reinterpret_cast<uv_stream_t*>(&tcp_);
   if (want && !reading_) {
     reading_ = uv_read_start(stream, on_alloc, on_read) == 0;
@@ -418,6 +431,9 @@ bool Connection::finish_stream() {
 
 void Connection::finish_response() noexcept {
   response_pending_ = false;
+  // The deadline measured belonged to this request; the next one starts its own (a pipelined
+  // request parsed in the same pass must not inherit this one's head or body deadline).
+  phase_ = TimerPhase::none;
   ++server_.stats_.requests;
   if (server_.request_observer_) {
     const Request* request = workspace_ != nullptr ? &workspace_->request : nullptr;
@@ -453,6 +469,13 @@ void Connection::send_error(int status, std::string_view reason) noexcept {
   keep_alive_ = false;
   response_started_ = response_chunked_ = response_close_delimited_ = false;
   if (workspace_ != nullptr) workspace_->response_headers.clear();
+  if (status == 503) {
+    // A server-wide budget (or memory) ran out: the client may retry; the operator should know.
+    if (workspace_ != nullptr) workspace_->response_headers.append("Retry-After: 1\r\n");
+    if (server_.once_a_second(server_.last_budget_log_ms_)) {
+      spdlog::warn("connection {}: answering 503: {}", id_, reason);
+    }
+  }
   spdlog::debug("connection {}: answering {}: {}", id_, status, reason);
   std::string body(reason);
   body.push_back('\n');
@@ -505,6 +528,7 @@ void Connection::write_out(std::string& bytes) noexcept {
     return;
   }
   pending_write_bytes_ += pending->unsent;
+  server_.unsent_budget_.take(pending->unsent);
   arm(TimerPhase::write, static_cast<std::uint64_t>(server_.options_.timeouts.write.count()));
   if (pending_write_bytes_ > server_.options_.limits.write_buffer_high_water) {
     // The client reads slower than it asks: stop taking requests until it catches up.
@@ -515,6 +539,14 @@ void Connection::write_out(std::string& bytes) noexcept {
 
 void Connection::on_write_done(std::size_t bytes, int status) noexcept {
   pending_write_bytes_ -= bytes;
+  if (orphaned_) return;
+  server_.unsent_budget_.give_back(bytes);
+  settle_after_write(status);
+  // Last: other connections may run here, and this one may have been closed above.
+  server_.resume_output_waiters();
+}
+
+void Connection::settle_after_write(int status) noexcept {
   if (closed_) return;
   if (status < 0) {
     close_now();
@@ -527,6 +559,10 @@ void Connection::on_write_done(std::size_t bytes, int status) noexcept {
   if (output_blocked_ &&
       pending_write_bytes_ <= server_.options_.limits.write_buffer_high_water / 2) {
     output_blocked_ = false;
+    if (pending_write_bytes_ == 0) waiting_for_output_budget_ = false;
+    process();
+  } else if (waiting_for_output_budget_ && pending_write_bytes_ == 0) {
+    waiting_for_output_budget_ = false;
     process();
   } else if (pending_write_bytes_ == 0 && !closing_) {
     update_timer();
@@ -547,6 +583,7 @@ void Connection::begin_close() noexcept {
   // input left over (the usual Connection: close), nginx's choice holds: close at once.
   const bool unread_input = workspace_ != nullptr && workspace_->begin < workspace_->end;
   lingering_ = !peer_eof_ && (linger_after_answer_ || unread_input);
+  parser_.release_body_budget();
   if (current_responders_ == 0 && workspace_ != nullptr) {
     server_.release_workspace(workspace_);
     workspace_ = nullptr;
@@ -600,6 +637,8 @@ void Connection::close_now() noexcept {
   closed_ = true;
   closing_ = true;
   response_pending_ = false;
+  waiting_for_output_budget_ = false;
+  if (!orphaned_) parser_.release_body_budget();
   // A handler still holding this request's Responder may read the Request until it answers.
   if (current_responders_ == 0 && workspace_ != nullptr && !orphaned_) {
     server_.release_workspace(workspace_);
@@ -637,7 +676,14 @@ void Connection::update_timer() noexcept {
   const auto& timeouts = server_.options_.timeouts;
   switch (parser_.phase()) {
     case ParsePhase::idle:
-      arm(TimerPhase::idle, static_cast<std::uint64_t>(timeouts.keepalive.count()));
+      if (!first_byte_seen_) {
+        // Still waiting for the first request: bounded by timeouts.header since the accept.
+        if (phase_ != TimerPhase::first_byte) {
+          arm(TimerPhase::first_byte, static_cast<std::uint64_t>(timeouts.header.count()));
+        }
+      } else {
+        arm(TimerPhase::idle, static_cast<std::uint64_t>(timeouts.keepalive.count()));
+      }
       break;
     case ParsePhase::head:
       // Measured from the request's first byte: later bytes do not extend it (slowloris).
@@ -646,7 +692,11 @@ void Connection::update_timer() noexcept {
       }
       break;
     case ParsePhase::body:
-      arm(TimerPhase::body, static_cast<std::uint64_t>(timeouts.body.count()));
+      // One deadline for the whole body from the end of its head: a trickle of bytes does not
+      // extend it, so a slow client cannot hold a body buffer open.
+      if (phase_ != TimerPhase::body) {
+        arm(TimerPhase::body, static_cast<std::uint64_t>(timeouts.body.count()));
+      }
       break;
     case ParsePhase::complete:
       phase_ = TimerPhase::none;
@@ -683,6 +733,9 @@ void Connection::on_timer(uv_timer_t* timer) {
 
 void Connection::expire() noexcept {
   switch (phase_) {
+    case TimerPhase::first_byte:
+      close_now();  // Nothing was asked, so there is nothing to answer.
+      break;
     case TimerPhase::head:
       if (parser_.phase() == ParsePhase::idle) {
         close_now();  // Nothing was asked, so there is nothing to answer.
@@ -691,7 +744,7 @@ void Connection::expire() noexcept {
       }
       break;
     case TimerPhase::body:
-      send_error(408, "request body stalled longer than timeouts.body");
+      send_error(408, "request body not received within timeouts.body");
       break;
     case TimerPhase::write:
       spdlog::info("connection {}: closed: client read nothing for timeouts.write ({} ms)", id_,

@@ -53,7 +53,7 @@ class Connection {
   friend class Server;
   friend class Responder;
 
-  enum class TimerPhase : std::uint8_t { none, head, body, idle, write, lingering };
+  enum class TimerPhase : std::uint8_t { none, first_byte, head, body, idle, write, lingering };
 
   ~Connection();
   static Connection* from(uv_handle_t* handle) noexcept;
@@ -71,6 +71,7 @@ class Connection {
   void output(std::string_view bytes);
   void write_out(std::string& bytes) noexcept;
   void on_write_done(std::size_t bytes, int status) noexcept;
+  void settle_after_write(int status) noexcept;
   bool respond(int status, std::string_view content_type, std::string_view body);
   bool start_stream(int status, std::string_view content_type);
   bool write_stream(std::string_view chunk);
@@ -114,24 +115,26 @@ class Connection {
   int open_handles_ = 0;                         // tcp_ and timer_ until their close callbacks ran.
   int response_status_ = 0;                      // Status of the current response.
   TimerPhase phase_ = TimerPhase::none;          // What the timer is measuring.
-  bool response_pending_ = false;          // A request was dispatched; its answer is not finished.
-  bool response_started_ = false;          // The status line is written (streaming).
-  bool response_chunked_ = false;          // The body goes out in chunks.
-  bool response_close_delimited_ = false;  // HTTP/1.0 streaming: the close ends the body.
-  bool head_request_ = false;              // HEAD: no body bytes go out.
-  bool keep_alive_ = true;                 // Whether the current response leaves it open.
-  bool reading_ = false;                   // uv_read_start is in effect.
-  bool in_process_ = false;                // process() runs: output is corked until it ends.
-  bool output_blocked_ = false;            // Unsent bytes above the high-water mark.
-  bool peer_eof_ = false;                  // The client shut down its sending side.
-  bool closing_ = false;                   // Shutting down: no more requests are read.
-  bool lingering_ = false;                 // Discarding input until EOF or the lingering timeout.
-  bool closed_ = false;                    // close_now() ran.
-  bool shutdown_started_ = false;          // uv_shutdown was issued.
-  bool linger_after_answer_ = false;       // An early rejection: drain input before closing.
-  bool handler_running_ = false;           // Inside the route handler call.
-  bool orphaned_ = false;                  // The server is gone; touch nothing of it.
-  bool timer_running_ = false;             // uv timer is started.
+  bool response_pending_ = false;           // A request was dispatched; its answer is not finished.
+  bool response_started_ = false;           // The status line is written (streaming).
+  bool response_chunked_ = false;           // The body goes out in chunks.
+  bool response_close_delimited_ = false;   // HTTP/1.0 streaming: the close ends the body.
+  bool head_request_ = false;               // HEAD: no body bytes go out.
+  bool keep_alive_ = true;                  // Whether the current response leaves it open.
+  bool reading_ = false;                    // uv_read_start is in effect.
+  bool in_process_ = false;                 // process() runs: output is corked until it ends.
+  bool output_blocked_ = false;             // Unsent bytes above the high-water mark.
+  bool peer_eof_ = false;                   // The client shut down its sending side.
+  bool closing_ = false;                    // Shutting down: no more requests are read.
+  bool lingering_ = false;                  // Discarding input until EOF or the lingering timeout.
+  bool closed_ = false;                     // close_now() ran.
+  bool shutdown_started_ = false;           // uv_shutdown was issued.
+  bool linger_after_answer_ = false;        // An early rejection: drain input before closing.
+  bool handler_running_ = false;            // Inside the route handler call.
+  bool orphaned_ = false;                   // The server is gone; touch nothing of it.
+  bool timer_running_ = false;              // uv timer is started.
+  bool first_byte_seen_ = false;            // A request has begun since the accept.
+  bool waiting_for_output_budget_ = false;  // Paused: the server's unsent bytes are over budget.
   // A coroutine handler's stop source: requested when the client goes away before its answer.
   std::stop_source handler_stop_{std::nostopstate};
 };

@@ -3,24 +3,45 @@
 
 #include <chrono>
 #include <cstddef>
+#include <limits>
 
 namespace squall::http {
 
 struct Limits {
-  std::size_t max_url_bytes = 8 * 1024;              // Longer request-target -> 414.
-  std::size_t max_header_bytes = 16 * 1024;          // Header section (and trailers) -> 431.
-  std::size_t max_header_count = 100;                // More header lines -> 431.
-  std::size_t max_body_bytes = 1024 * 1024;          // Declared or received body -> 413.
-  std::size_t max_chunk_extension_bytes = 4 * 1024;  // All chunk extensions of a body -> 413.
-  std::size_t write_buffer_high_water = 256 * 1024;  // Unsent bytes above this stop reading.
+  std::size_t max_url_bytes = 8 * 1024;                    // Longer request-target -> 414.
+  std::size_t max_header_bytes = 16 * 1024;                // Header section (and trailers) -> 431.
+  std::size_t max_header_count = 100;                      // More header lines -> 431.
+  std::size_t max_body_bytes = 1024 * 1024;                // Declared or received body -> 413.
+  std::size_t max_chunk_extension_bytes = 4 * 1024;        // All chunk extensions of a body -> 413.
+  std::size_t write_buffer_high_water = 256 * 1024;        // Unsent bytes above this stop reading.
+  std::size_t max_buffered_body_bytes = 64 * 1024 * 1024;  // All connections' bodies -> 503.
+  std::size_t max_unsent_bytes = 64 * 1024 * 1024;         // All connections' unsent output: pause.
 };
 
 struct Timeouts {
-  std::chrono::milliseconds header{10'000};     // From a request's first byte to its last header.
-  std::chrono::milliseconds body{30'000};       // Longest wait for the next body bytes.
+  std::chrono::milliseconds header{10'000};     // From a request's first byte (or the accept) to
+                                                // its last header.
+  std::chrono::milliseconds body{30'000};       // From the end of the head to the body's last byte.
   std::chrono::milliseconds keepalive{75'000};  // Idle time between requests.
   std::chrono::milliseconds write{30'000};      // Longest a pending write may make no progress.
   std::chrono::milliseconds lingering{2'000};   // Reading and discarding after an error reply.
+};
+
+// A byte budget shared by every connection of a server (loop thread only): bodies being
+// received, or response bytes the clients have not read yet.
+struct MemoryBudget {
+  std::size_t limit = std::numeric_limits<std::size_t>::max();  // Most bytes held at once.
+  std::size_t used = 0;                                         // Bytes held now.
+
+  // Takes `bytes` if they fit under the limit; returns whether they did.
+  bool try_take(std::size_t bytes) noexcept {
+    if (used > limit || bytes > limit - used) return false;
+    used += bytes;
+    return true;
+  }
+  void take(std::size_t bytes) noexcept { used += bytes; }
+  void give_back(std::size_t bytes) noexcept { used -= bytes < used ? bytes : used; }
+  bool exhausted() const noexcept { return used >= limit; }
 };
 
 }  // namespace squall::http

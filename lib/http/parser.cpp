@@ -1,13 +1,90 @@
 #include "http/parser.hpp"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+
 #include <algorithm>
 #include <cstring>
+#include <new>
 
 namespace squall::http {
 
 namespace {
 
 constexpr std::size_t kRequestLineAllowance = 64;  // Method, spaces and version around the URL.
+// A body buffer up to this size is kept for the next message; a larger one is freed.
+constexpr std::size_t kRetainedBodyCapacity = 64 * 1024;
+// The first allocation for a body of unknown or large size; it then doubles as bytes arrive,
+// so a declared Content-Length reserves nothing until its bytes come.
+constexpr std::size_t kInitialBodyCapacity = 16 * 1024;
+
+bool is_digit(char c) noexcept {
+  return c >= '0' && c <= '9';
+}
+
+bool is_hex_digit(char c) noexcept {
+  return is_digit(c) || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
+}
+
+bool is_alpha(char c) noexcept {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+}
+
+// unreserved / sub-delims of RFC 3986 2.3 and 2.2.
+bool is_unreserved_or_sub_delim(char c) noexcept {
+  return is_alpha(c) || is_digit(c) || (c != '\0' && std::strchr("-._~!$&'()*+,;=", c) != nullptr);
+}
+
+// IPv6address of RFC 3986 3.2.2, checked by inet_pton.
+bool is_ipv6_address(std::string_view text) noexcept {
+  char copy[INET6_ADDRSTRLEN + 1];
+  if (text.empty() || text.size() >= sizeof copy) return false;
+  std::memcpy(copy, text.data(), text.size());
+  copy[text.size()] = '\0';
+  in6_addr address{};
+  return inet_pton(AF_INET6, copy, &address) == 1;
+}
+
+// IPvFuture = "v" 1*HEXDIG "." 1*( unreserved / sub-delims / ":" ).
+bool is_ipvfuture(std::string_view text) noexcept {
+  if (text.size() < 4 || (text[0] != 'v' && text[0] != 'V')) return false;
+  std::size_t i = 1;
+  while (i < text.size() && is_hex_digit(text[i])) ++i;
+  if (i == 1 || i >= text.size() || text[i] != '.') return false;
+  if (++i == text.size()) return false;
+  for (; i < text.size(); ++i) {
+    if (!is_unreserved_or_sub_delim(text[i]) && text[i] != ':') return false;
+  }
+  return true;
+}
+
+// Host = uri-host [ ":" port ] (RFC 9112 3.2, RFC 3986 3.2.2): an IP-literal in brackets or a
+// reg-name (which covers IPv4address), then optional digits after one colon. An empty value is
+// allowed (a target without an authority).
+bool is_valid_host(std::string_view value) noexcept {
+  std::string_view rest = value;
+  if (!rest.empty() && rest.front() == '[') {
+    const auto close = rest.find(']');
+    if (close == std::string_view::npos) return false;
+    const std::string_view literal = rest.substr(1, close - 1);
+    if (!is_ipv6_address(literal) && !is_ipvfuture(literal)) return false;
+    rest.remove_prefix(close + 1);
+  } else {
+    while (!rest.empty() && rest.front() != ':') {
+      if (rest.front() == '%') {
+        if (rest.size() < 3 || !is_hex_digit(rest[1]) || !is_hex_digit(rest[2])) return false;
+        rest.remove_prefix(3);
+        continue;
+      }
+      if (!is_unreserved_or_sub_delim(rest.front())) return false;
+      rest.remove_prefix(1);
+    }
+  }
+  if (rest.empty()) return true;
+  if (rest.front() != ':') return false;
+  rest.remove_prefix(1);
+  return std::all_of(rest.begin(), rest.end(), is_digit);
+}
 
 // Extends `view` with the next piece of the same span. Pieces of one span arrive in order and,
 // because the connection reads into one buffer, each continues the previous in memory.
@@ -86,7 +163,8 @@ namespace {
 const llhttp_settings_t kSettings = ParserCallbacks::make();
 }  // namespace
 
-RequestParser::RequestParser(const Limits& limits) noexcept : limits_(&limits) {
+RequestParser::RequestParser(const Limits& limits, MemoryBudget* body_budget) noexcept
+    : limits_(&limits), body_budget_(body_budget) {
   // No llhttp_set_lenient_* call anywhere: every lenient flag stays off.
   llhttp_init(&parser_, HTTP_REQUEST, &kSettings);
   parser_.data = this;
@@ -166,10 +244,19 @@ void RequestParser::continue_after_expect() noexcept {
 }
 
 void RequestParser::next_message() noexcept {
+  if (request_ != nullptr && request_->body_.capacity() > kRetainedBodyCapacity) {
+    release_body_budget();
+    std::string().swap(request_->body_);
+  }
   phase_ = ParsePhase::idle;
   message_start_ = nullptr;
   views_end_ = nullptr;
   llhttp_resume(&parser_);
+}
+
+void RequestParser::release_body_budget() noexcept {
+  if (body_budget_ != nullptr) body_budget_->give_back(body_charged_);
+  body_charged_ = 0;
 }
 
 void RequestParser::relocate(const char* old_begin, const char* old_end,
@@ -218,6 +305,11 @@ int RequestParser::on_url_complete() noexcept {
 }
 
 int RequestParser::on_header_field(const char* at, std::size_t length) noexcept {
+  // llhttp 8.1 takes spaces before the colon into the name ("X-Custom : 1"); RFC 9112 5.1
+  // requires a 400, since intermediaries disagree on what such a field is.
+  if (std::memchr(at, ' ', length) != nullptr) {
+    return fail(400, "whitespace between a header field name and its colon");
+  }
   header_bytes_ += length;
   if (header_bytes_ > limits_->max_header_bytes) {
     return fail(431, in_trailers_ ? "trailers larger than max_header_bytes"
@@ -231,7 +323,11 @@ int RequestParser::on_header_field(const char* at, std::size_t length) noexcept 
                                     : "more header lines than max_header_count");
     }
     if (in_trailers_) return HPE_OK;
-    request_->headers_.push_back(Header{std::string_view(at, length), {}});
+    try {
+      request_->headers_.push_back(Header{std::string_view(at, length), {}});
+    } catch (const std::bad_alloc&) {
+      return fail(503, "out of memory for the request headers");
+    }
   } else if (!in_trailers_) {
     append_piece(request_->headers_.back().name, at, length);
   }
@@ -278,6 +374,7 @@ int RequestParser::on_header_value_complete() noexcept {
     if (header.value.find_first_of(", \t") != std::string_view::npos) {
       return fail(400, "Host header holds more than one value");
     }
+    if (!is_valid_host(header.value)) return fail(400, "Host header is not a valid host[:port]");
   } else if (iequals(header.name, "transfer-encoding")) {
     ++transfer_encoding_count_;
   } else if (iequals(header.name, "expect")) {
@@ -302,6 +399,11 @@ int RequestParser::on_headers_complete() noexcept {
     return fail(505, "HTTP version not supported");
   }
   const bool http11 = parser_.http_minor == 1;
+  // RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing (a 1.0
+  // intermediary would not have understood it); the connection must close after the answer.
+  if (!http11 && transfer_encoding_count_ > 0) {
+    return fail(400, "Transfer-Encoding in an HTTP/1.0 request");
+  }
   if (http11 && host_count_ == 0) return fail(400, "HTTP/1.1 request without a Host header");
   if (host_count_ > 1) return fail(400, "more than one Host header");
   if (transfer_encoding_count_ > 1) return fail(400, "more than one Transfer-Encoding header");
@@ -321,7 +423,11 @@ int RequestParser::on_headers_complete() noexcept {
   if ((parser_.flags & F_CONTENT_LENGTH) && parser_.content_length > limits_->max_body_bytes) {
     return fail(413, "Content-Length above max_body_bytes");
   }
-  if (const int status = split_target(); status != HPE_OK) return status;
+  try {
+    if (const int status = split_target(); status != HPE_OK) return status;
+  } catch (const std::bad_alloc&) {
+    return fail(503, "out of memory for the request-target");
+  }
 
   // An Upgrade request is served as plain HTTP; the connection closes after it because the
   // client may already be speaking the other protocol.
@@ -331,12 +437,11 @@ int RequestParser::on_headers_complete() noexcept {
   }
   phase_ = ParsePhase::body;
   const bool has_body = (parser_.flags & F_CHUNKED) || parser_.content_length > 0;
-  if (parser_.flags & F_CONTENT_LENGTH) request.body_.reserve(parser_.content_length);
   expect_continue_ = expect_continue_ && http11 && has_body;
   return expect_continue_ ? HPE_PAUSED : HPE_OK;
 }
 
-int RequestParser::split_target() noexcept {
+int RequestParser::split_target() {
   Request& request = *request_;
   std::string_view target = request.target_;
   if (target == "*") {
@@ -381,7 +486,33 @@ int RequestParser::on_body(const char* at, std::size_t length) noexcept {
   if (request_->body_.size() + length > limits_->max_body_bytes) {
     return fail(413, "request body larger than max_body_bytes");
   }
-  request_->body_.append(at, length);
+  if (const int status = grow_body(length); status != HPE_OK) return status;
+  request_->body_.append(at, length);  // Fits the capacity grow_body made: no allocation.
+  return HPE_OK;
+}
+
+int RequestParser::grow_body(std::size_t length) noexcept {
+  std::string& body = request_->body_;
+  const std::size_t needed = body.size() + length;
+  if (needed <= body.capacity() && body_charged_ >= body.capacity()) return HPE_OK;
+  // Double as bytes arrive, never past max_body_bytes: a declared length reserves nothing.
+  std::size_t capacity = std::max(body.capacity(), needed);
+  if (needed > body.capacity()) {
+    capacity = std::max(needed, std::min(std::max(kInitialBodyCapacity, body.capacity() * 2),
+                                         limits_->max_body_bytes));
+  }
+  const std::size_t extra = capacity > body_charged_ ? capacity - body_charged_ : 0;
+  if (body_budget_ != nullptr && !body_budget_->try_take(extra)) {
+    return fail(503, "request bodies being received exceed limits.max_buffered_body_bytes");
+  }
+  body_charged_ += extra;
+  try {
+    body.reserve(capacity);
+  } catch (const std::bad_alloc&) {
+    return fail(503, "out of memory for the request body");
+  } catch (const std::length_error&) {
+    return fail(413, "request body larger than this system can hold");
+  }
   return HPE_OK;
 }
 

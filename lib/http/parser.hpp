@@ -31,8 +31,9 @@ enum class ParsePhase { idle, head, body, complete };
 
 class RequestParser {
  public:
-  // `limits` must outlive the parser.
-  explicit RequestParser(const Limits& limits) noexcept;
+  // `limits` (and `body_budget`, when given) must outlive the parser. Body bytes are charged to
+  // `body_budget` as the body's buffer grows; next_message() and release_body() give them back.
+  explicit RequestParser(const Limits& limits, MemoryBudget* body_budget = nullptr) noexcept;
   RequestParser(const RequestParser&) = delete;
   RequestParser& operator=(const RequestParser&) = delete;
 
@@ -46,8 +47,14 @@ class RequestParser {
 
   // After expect_continue: parsing may go on into the body.
   void continue_after_expect() noexcept;
-  // After message_complete and its response: ready for the next message.
+  // After message_complete and its response: ready for the next message. A body buffer above
+  // 64 KiB is freed and its bytes go back to the budget.
   void next_message() noexcept;
+  // Gives the body's bytes back to the budget without freeing them (the connection is closing,
+  // or its workspace goes back to the server, which frees a large body buffer itself).
+  void release_body_budget() noexcept;
+  // Bytes charged to the budget for the current body.
+  std::size_t body_bytes_charged() const noexcept { return body_charged_; }
 
   ParsePhase phase() const noexcept { return phase_; }
   // The first byte of the current message, or nullptr before it began.
@@ -60,7 +67,8 @@ class RequestParser {
 
   // After message_complete: whether the connection may carry another request.
   bool keep_alive() const noexcept { return keep_alive_; }
-  // After error: the status to answer (400, 408, 413, 414, 417, 431, 501, 505) and why.
+  // After error: the status to answer (400, 408, 413, 414, 417, 431, 501, 503, 505) and why.
+  // 503 means the server's body budget was spent (or memory ran out): retry later.
   int error_status() const noexcept { return error_status_; }
   std::string_view error_reason() const noexcept { return error_reason_; }
 
@@ -83,11 +91,14 @@ class RequestParser {
   int on_chunk_header() noexcept;
   int on_chunk_extension(const char* at, std::size_t length) noexcept;
   int on_message_complete() noexcept;
-  int split_target() noexcept;
+  int split_target();  // May throw std::bad_alloc (decoding the path).
   bool scan_for_bare_cr(const char* end) noexcept;
+  int grow_body(std::size_t length) noexcept;
 
   llhttp_t parser_;                        // llhttp's state; parser_.data points back here.
   const Limits* limits_;                   // Server-owned limits, read at each check.
+  MemoryBudget* body_budget_;              // Server-wide body bytes, or nullptr.
+  std::size_t body_charged_ = 0;           // Bytes of body capacity charged to body_budget_.
   Request* request_ = nullptr;             // Where the current message goes.
   ParsePhase phase_ = ParsePhase::idle;    // Drives the connection's timeouts.
   const char* message_start_ = nullptr;    // First byte of the method.

@@ -30,6 +30,8 @@ void Server::reconfigure(ServerOptions options) {
   // Parsers hold a pointer to options_.limits: assign in place so it stays valid.
   options_ = std::move(options);
   const auto& limits = options_.limits;
+  body_budget_.limit = limits.max_buffered_body_bytes;
+  unsent_budget_.limit = limits.max_unsent_bytes;
   // The buffer holds the largest head the limits allow plus room for the next read.
   const std::size_t head = limits.max_url_bytes + limits.max_header_bytes + 64;
   workspace_capacity_ = std::max<std::size_t>(16 * 1024, (head + 4096 + 4095) / 4096 * 4096);
@@ -238,6 +240,24 @@ void Server::close_all() noexcept {
     connection->close_now();
     connection = next;
   }
+}
+
+void Server::resume_output_waiters() noexcept {
+  if (!output_waiters_ || resuming_output_waiters_ ||
+      unsent_budget_.used > unsent_budget_.limit / 2) {
+    return;
+  }
+  output_waiters_ = false;
+  resuming_output_waiters_ = true;
+  for (Connection* connection = connections_; connection != nullptr;) {
+    Connection* next = connection->next_;
+    if (connection->waiting_for_output_budget_) {
+      connection->waiting_for_output_budget_ = false;
+      connection->process();  // It may pause again, which sets output_waiters_ again.
+    }
+    connection = next;
+  }
+  resuming_output_waiters_ = false;
 }
 
 void Server::finish_drain_if_done() {

@@ -91,6 +91,10 @@ class Server {
   bool draining() const noexcept { return draining_; }
 
   const ServerStats& stats() const noexcept { return stats_; }
+  // Body bytes buffered by all connections, and response bytes written but not yet taken by
+  // the clients, with their limits (limits.max_buffered_body_bytes, limits.max_unsent_bytes).
+  const MemoryBudget& body_budget() const noexcept { return body_budget_; }
+  const MemoryBudget& unsent_budget() const noexcept { return unsent_budget_; }
   const ServerOptions& options() const noexcept { return options_; }
   Loop& loop() noexcept { return loop_; }
 
@@ -109,6 +113,8 @@ class Server {
   void release_workspace(Workspace* workspace) noexcept;
   void connection_closed(Connection* connection) noexcept;
   void finish_drain_if_done();
+  // Once unsent bytes fall to half the budget, connections paused for it read again.
+  void resume_output_waiters() noexcept;
   void close_drain_timer() noexcept;
 
   Loop& loop_;                            // The loop every connection lives on.
@@ -132,6 +138,11 @@ class Server {
   std::uint64_t last_accept_error_log_ms_ = 0;  // Accept errors are logged once a second.
   std::uint64_t last_refusal_log_ms_ = 0;       // So are max_connections refusals.
   std::function<void(const RequestRecord&)> request_observer_;  // Metrics and access log.
+  MemoryBudget body_budget_;              // Request bodies buffered by every connection.
+  MemoryBudget unsent_budget_;            // Response bytes queued and not yet written.
+  bool output_waiters_ = false;           // Some connection paused for unsent_budget_.
+  bool resuming_output_waiters_ = false;  // resume_output_waiters() is running.
+  std::uint64_t last_budget_log_ms_ = 0;  // 503s for a spent budget are logged once a second.
 };
 
 }  // namespace squall::http

@@ -427,8 +427,10 @@ void append_hex_escape(std::string& out, char prefix, unsigned char c) {
 }
 
 // One line of text (no line break in it) as quoted-printable lines of at most 76 characters.
-// A "." at the start of a line stays literal: libcurl dot-stuffs the DATA it uploads.
-void qp_encode_line(std::string_view line, std::string& out) {
+// With `soft_break_after`, the caller ends the line with "=" CRLF, so its last encoded line
+// keeps room for that "=". A "." at the start of a line stays literal: libcurl dot-stuffs the
+// DATA it uploads.
+void qp_encode_line(std::string_view line, std::string& out, bool soft_break_after) {
   std::size_t column = 0;
   std::string token;
   for (std::size_t i = 0; i < line.size(); ++i) {
@@ -444,8 +446,9 @@ void qp_encode_line(std::string_view line, std::string& out) {
     } else {
       append_hex_escape(token, '=', c);
     }
-    // Room for the soft break's "=" unless this is the line's last token.
-    if (column + token.size() > (last ? kQpLine : kQpLine - 1)) {
+    // Room for the soft break's "=" unless this is the line's last token and no soft break
+    // follows it.
+    if (column + token.size() > (last && !soft_break_after ? kQpLine : kQpLine - 1)) {
       out += "=\r\n";
       column = 0;
     }
@@ -464,11 +467,11 @@ std::string qp_encode(std::string_view text) {
   while (start < text.size()) {
     const std::size_t end = text.find_first_of("\r\n", start);
     if (end == std::string_view::npos) {
-      qp_encode_line(text.substr(start), out);
+      qp_encode_line(text.substr(start), out, /*soft_break_after=*/true);
       out += "=\r\n";
       break;
     }
-    qp_encode_line(text.substr(start, end - start), out);
+    qp_encode_line(text.substr(start, end - start), out, /*soft_break_after=*/false);
     out += "\r\n";
     start = end + ((text[end] == '\r' && end + 1 < text.size() && text[end + 1] == '\n') ? 2 : 1);
   }
@@ -537,9 +540,13 @@ std::vector<std::string> unstructured_tokens(std::string_view value, std::size_t
                !value.starts_with(' ') && !value.ends_with(' ');
   std::vector<std::string> tokens;
   if (plain) {
+    // A token is a word with the extra spaces before it ("a  b" -> "a", " b"): the writer puts
+    // one space before each token and may fold there, so no token is empty and no folded line
+    // is whitespace only.
     std::size_t start = 0;
     while (true) {
-      const std::size_t space = value.find(' ', start);
+      const std::size_t word = value.find_first_not_of(' ', start);
+      const std::size_t space = value.find(' ', word);
       tokens.emplace_back(value.substr(start, space == value.npos ? value.npos : space - start));
       const std::size_t room = tokens.size() == 1 ? first_room : kHeaderLine - 1;
       if (tokens.back().size() > room) {
@@ -729,6 +736,15 @@ std::variant<Email, FieldError> parse_email_request(std::string_view json_body,
     return FieldError{duplicate.key, "appears more than once"};
   } catch (const Json::parse_error& error) {
     return json_error(json_body, error);
+  } catch (const Json::out_of_range&) {
+    // A number that does not fit a double (1e999): name the field it is in.
+    PathTracker tracker;
+    Json::sax_parse(json_body.begin(), json_body.end(), &tracker);
+    const std::string field = tracker.field();
+    return FieldError{field.empty() ? "body" : field,
+                      "is a number out of range (a JSON number must fit a double)"};
+  } catch (const Json::exception& error) {
+    return FieldError{"body", std::string("is not valid JSON: ") + error.what()};
   }
   if (!doc.is_object()) return FieldError{"body", "must be a JSON object"};
   for (const auto& item : doc.items()) {

@@ -23,6 +23,8 @@ max_header_count = 100
 max_body_bytes = "1MiB"
 max_chunk_extension_bytes = "4KiB"
 write_buffer_high_water = "256KiB"
+max_buffered_body_bytes = "64MiB"
+max_unsent_bytes = "64MiB"
 
 [timeouts]
 header = "10s"

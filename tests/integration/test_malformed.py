@@ -80,6 +80,20 @@ CASES = {
     "http11_without_host": (b"GET /plaintext HTTP/1.1\r\n\r\n" + FOLLOW, (400,)),
     "two_host_lines": (get(b"Host: a\r\nHost: b\r\n"), (400,)),
     "host_list": (get(b"Host: a, b\r\n"), (400,)),
+    # RFC 9112 3.2: Host is uri-host [":" port].
+    "host_userinfo": (get(b"Host: user@host\r\n"), (400,)),
+    "host_path": (get(b"Host: host/x\r\n"), (400,)),
+    "host_open_bracket": (get(b"Host: [::1\r\n"), (400,)),
+    "host_two_ports": (get(b"Host: host:1:80\r\n"), (400,)),
+    # RFC 9112 5.1: no whitespace between a field name and its colon.
+    "space_before_colon": (get(b"Host: a\r\nX-Custom : 1\r\n"), (400,)),
+    "space_before_colon_of_cl": (post(b"Content-Length : 5\r\n", b"hello"), (400,)),
+    # RFC 9112 6.1: Transfer-Encoding in HTTP/1.0 is faulty framing; the connection closes.
+    "te_in_http_1_0": (b"POST /echo HTTP/1.0\r\nTransfer-Encoding: chunked\r\n"
+                       b"Connection: keep-alive\r\n\r\n5\r\nhello\r\n0\r\n\r\n" + FOLLOW,
+                       (400,)),
+    "te_in_http_1_0_with_cl": (b"POST /echo HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked"
+                               b"\r\nContent-Length: 5\r\n\r\nhello" + FOLLOW, (400,)),
     # Versions.
     "http_2_0": (b"GET /plaintext HTTP/2.0\r\nHost: a\r\n\r\n" + FOLLOW, (505,)),
     "http_1_2": (b"GET /plaintext HTTP/1.2\r\nHost: a\r\n\r\n" + FOLLOW, (505,)),
@@ -108,3 +122,11 @@ def test_well_formed_control_case(server):
     assert result.eof and not result.reset
     assert result.data.startswith(b"HTTP/1.1 200 "), result
     assert result.data.endswith(b"\r\n\r\nhello"), result
+
+
+@pytest.mark.parametrize("host", [b"example.test", b"example.test:8080", b"127.0.0.1:80",
+                                  b"[::1]:8080", b"", b"xn--bcher-kva.example"])
+def test_valid_host_values_are_served(server, host):
+    result = raw_exchange(server.port, b"GET /plaintext HTTP/1.1\r\nHost: " + host +
+                          b"\r\nConnection: close\r\n\r\n")
+    assert result.data.startswith(b"HTTP/1.1 200 "), result

@@ -157,3 +157,50 @@ def test_server_keeps_serving_during_slow_clients(server):
     finally:
         for c in stalled:
             c.close()
+
+
+def test_trickling_body_is_cut_off_at_the_body_deadline(server):
+    """timeouts.body runs from the end of the head to the body's last byte: a byte every 50 ms
+    (each well within the timeout) does not extend it, so a slow client cannot hold a body
+    buffer open."""
+    with Conn(server.port, timeout=5) as c:
+        c.send(request("POST", "/echo", content_length=1000))
+        start = time.monotonic()
+        for _ in range(1000):
+            try:
+                c.send(b"x")
+            except OSError:
+                break
+            readable, _, _ = select.select([c.sock], [], [], 0.05)
+            if readable:
+                break
+            assert time.monotonic() - start < 5, "the server never cut the trickling body off"
+        data = c.read_until_close()
+        elapsed = time.monotonic() - start
+    responses, _ = parse_responses(data, closed=True)
+    assert [r.status for r in responses] == [408], data
+    assert b"timeouts.body" in responses[0].body
+    assert BODY * 0.8 <= elapsed < BODY + 2.5, elapsed
+    assert_plaintext_ok(server.port)
+
+
+def test_header_timeout_runs_from_the_first_byte_not_the_accept(squalld):
+    """A connection may wait before its first request; the head then has the whole
+    timeouts.header from its own first byte."""
+    header = 1.0
+    srv = squalld(config={"timeouts": {"header": "1s", "keepalive": "5s"}})
+    with Conn(srv.port, timeout=5) as c:
+        readable, _, _ = select.select([c.sock], [], [], header * 0.6)
+        assert not readable
+        c.send(b"GET /plaintext HTTP/1.1\r\n")
+        readable, _, _ = select.select([c.sock], [], [], header * 0.6)
+        assert not readable, "the head was timed from the accept"
+        c.send(b"Host: a\r\n\r\n")
+        assert c.read_response().status == 200
+
+
+def test_a_connection_that_never_sends_is_closed_after_the_header_timeout(server):
+    with Conn(server.port, timeout=5) as c:
+        waited = c.expect_closed(timeout=HEADER + 3)
+        assert c.buf == b""
+    assert HEADER * 0.8 <= waited < HEADER + 2.5, waited

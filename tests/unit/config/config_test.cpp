@@ -421,8 +421,32 @@ TEST_CASE("limits are checked against what the parser and writer need") {
       "[limits]\nmax_body_bytes = \"0\"\nmax_chunk_extension_bytes = \"0B\"\n", "x");
   CHECK(zero.limits.max_body_bytes == 0);
   CHECK(zero.limits.max_chunk_extension_bytes == 0);
-  CHECK(load_config_string("[limits]\nmax_body_bytes = \"4GiB\"\n", "x").limits.max_body_bytes ==
-        std::size_t{4} << 30);
+}
+
+TEST_CASE("max_body_bytes is capped and must fit the server-wide body budget") {
+  // "64GiB" used to load, and one request then reserved it inside a parser callback.
+  CHECK(load_error("[limits]\nmax_body_bytes = \"64GiB\"\n") ==
+        "test.toml:2: [limits] max_body_bytes: must be at most 1GiB (a request body is held in "
+        "memory whole), got \"64GiB\"");
+  CHECK(load_error("[limits]\nmax_body_bytes = \"1025MiB\"\n")
+            .starts_with("test.toml:2: [limits] max_body_bytes: must be at most 1GiB"));
+  const Config largest = load_config_string(
+      "[limits]\nmax_body_bytes = \"1GiB\"\nmax_buffered_body_bytes = \"2GiB\"\n", "x");
+  CHECK(largest.limits.max_body_bytes == std::size_t{1} << 30);
+  CHECK(largest.limits.max_buffered_body_bytes == std::size_t{2} << 30);
+  CHECK(load_error("[limits]\nmax_buffered_body_bytes = \"1MiB\"\nmax_body_bytes = \"2MiB\"\n") ==
+        "test.toml:3: [limits] max_body_bytes: max_body_bytes (2MiB) must not exceed "
+        "max_buffered_body_bytes (1MiB)");
+  CHECK(load_error("[limits]\nmax_buffered_body_bytes = \"512KiB\"\n") ==
+        "test.toml:2: [limits] max_buffered_body_bytes: max_body_bytes (1MiB) must not exceed "
+        "max_buffered_body_bytes (512KiB)");
+  CHECK(load_error("[limits]\nmax_buffered_body_bytes = \"1KiB\"\n") ==
+        "test.toml:2: [limits] max_buffered_body_bytes: must be at least 64KiB, got \"1KiB\"");
+  CHECK(load_error("[limits]\nmax_unsent_bytes = \"4KiB\"\n") ==
+        "test.toml:2: [limits] max_unsent_bytes: must be at least 64KiB, got \"4KiB\"");
+  CHECK(
+      load_config_string("[limits]\nmax_unsent_bytes = \"8MiB\"\n", "x").limits.max_unsent_bytes ==
+      8 * 1024 * 1024);
 }
 
 TEST_CASE("counts must be positive and in range") {

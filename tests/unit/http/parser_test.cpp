@@ -2,6 +2,7 @@
 
 #include <doctest/doctest.h>
 
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -344,4 +345,156 @@ TEST_CASE("relocate follows a moved buffer") {
   REQUIRE(request.headers().size() == 3);
   CHECK(request.headers()[1].value == "1");
   CHECK(request.headers()[2].value == "2");
+}
+
+TEST_CASE("RFC 9112 framing rules llhttp 8.1 lets through are enforced at every split point") {
+  struct Case {
+    std::string name;
+    std::string input;
+  };
+  const std::vector<Case> cases = {
+      // 6.1: Transfer-Encoding in HTTP/1.0 is faulty framing.
+      {"TE in HTTP/1.0",
+       "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"},
+      {"TE in HTTP/1.0 with Host",
+       "POST / HTTP/1.0\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"},
+      {"TE gzip in HTTP/1.0", "GET / HTTP/1.0\r\nTransfer-Encoding: gzip\r\n\r\n"},
+      // 5.1: no whitespace between a field name and its colon.
+      {"space before colon", "GET / HTTP/1.1\r\nHost: h\r\nX-Custom : 1\r\n\r\n"},
+      {"spaces before colon", "GET / HTTP/1.1\r\nX-Custom   : 1\r\nHost: h\r\n\r\n"},
+      {"space before colon of Host", "GET / HTTP/1.1\r\nHost : h\r\n\r\n"},
+      {"space before colon of a trailer",
+       "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-T : 1\r\n\r\n"},
+      {"tab before colon", "GET / HTTP/1.1\r\nHost: h\r\nX-Custom\t: 1\r\n\r\n"},
+      // 3.2: Host must be uri-host [":" port].
+      {"Host with userinfo", "GET / HTTP/1.1\r\nHost: user@host\r\n\r\n"},
+      {"Host with a path", "GET / HTTP/1.1\r\nHost: host/x\r\n\r\n"},
+      {"Host with an open bracket", "GET / HTTP/1.1\r\nHost: [::1\r\n\r\n"},
+      {"Host with two ports", "GET / HTTP/1.1\r\nHost: host:1:80\r\n\r\n"},
+      {"Host with a letter in the port", "GET / HTTP/1.1\r\nHost: host:8o\r\n\r\n"},
+      {"Host with a bad escape", "GET / HTTP/1.1\r\nHost: ho%zzst\r\n\r\n"},
+      {"Host with a bad IPv6 literal", "GET / HTTP/1.1\r\nHost: [::g]:80\r\n\r\n"},
+      {"Host with text after the literal", "GET / HTTP/1.1\r\nHost: [::1]x\r\n\r\n"},
+      {"Host with a query", "GET / HTTP/1.1\r\nHost: host?x\r\n\r\n"},
+      {"Host with a fragment", "GET / HTTP/1.1\r\nHost: host#x\r\n\r\n"},
+      {"Host with a bad IPvFuture", "GET / HTTP/1.1\r\nHost: [v1]\r\n\r\n"},
+      {"HTTP/1.0 with a bad Host", "GET / HTTP/1.0\r\nHost: a@b\r\n\r\n"},
+  };
+  for (const Case& c : cases) {
+    CAPTURE(c.name);
+    const Outcome whole = parse_whole(c.input);
+    CAPTURE(whole.reason);
+    CHECK(whole.messages.empty());
+    CHECK(whole.error_status == 400);
+    for (std::size_t split = 1; split < c.input.size(); ++split) {
+      CAPTURE(split);
+      const Outcome pieces = parse(c.input, {split});
+      CHECK(pieces.messages.empty());
+      CHECK(pieces.error_status == 400);
+    }
+    const Outcome bytes = parse(c.input, every_byte(c.input));
+    CHECK(bytes.messages.empty());
+    CHECK(bytes.error_status == 400);
+  }
+}
+
+TEST_CASE("valid Host values are accepted at every split point") {
+  for (const std::string host :
+       {"example.test", "example.test:8080", "127.0.0.1", "127.0.0.1:80", "[::1]", "[::1]:8080",
+        "[2001:db8::1]:443", "[v1.fe80::a+en1]", "xn--bcher-kva.example",
+        "a-b_c~d.e!$&'()*+;=", "ho%41st", "host:", ""}) {
+    const std::string input = "GET / HTTP/1.1\r\nHost: " + host + "\r\n\r\n";
+    CAPTURE(input);
+    const Outcome whole = parse_whole(input);
+    CAPTURE(whole.reason);
+    REQUIRE(whole.messages.size() == 1);
+    CHECK(whole.messages[0].headers[0].second == host);
+    for (std::size_t split = 1; split < input.size(); ++split) {
+      CAPTURE(split);
+      CHECK(parse(input, {split}).messages.size() == 1);
+    }
+  }
+  // HTTP/1.0 without Transfer-Encoding and without Host is still served.
+  CHECK(parse_whole("POST / HTTP/1.0\r\nContent-Length: 2\r\n\r\nhi").messages.size() == 1);
+}
+
+TEST_CASE("a declared Content-Length reserves nothing until its bytes arrive") {
+  Limits limits;
+  limits.max_body_bytes = 512 * 1024 * 1024;
+  RequestParser parser(limits);
+  Request request;
+  parser.attach(&request);
+  const std::string head = "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 500000000\r\n\r\nabc";
+  const auto result = parser.feed(head.data(), head.size());
+  CHECK(result.event == ParseEvent::need_more);
+  CHECK(request.body() == "abc");
+  CHECK(parser.body_bytes_charged() < 64 * 1024);
+}
+
+TEST_CASE("a huge declared Content-Length under a huge limit is no allocation and no crash") {
+  // Reserving the declared length used to throw inside the llhttp callback: std::terminate.
+  Limits limits;
+  limits.max_body_bytes = std::numeric_limits<std::size_t>::max();
+  RequestParser parser(limits);
+  Request request;
+  parser.attach(&request);
+  const std::string head =
+      "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 4611686018427387904\r\n\r\nxyz";
+  const auto result = parser.feed(head.data(), head.size());
+  CHECK(result.event == ParseEvent::need_more);
+  CHECK(request.body() == "xyz");
+}
+
+TEST_CASE("request bodies are charged to the server-wide budget and given back") {
+  Limits limits;
+  limits.max_body_bytes = 1024 * 1024;
+  squall::http::MemoryBudget budget;
+  budget.limit = 256 * 1024;
+  const std::string body(100 * 1024, 'x');
+  const std::string message =
+      "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: " + std::to_string(body.size()) + "\r\n\r\n" +
+      body;
+
+  RequestParser first(limits, &budget);
+  Request first_request;
+  first.attach(&first_request);
+  const auto done = first.feed(message.data(), message.size());
+  REQUIRE(done.event == ParseEvent::message_complete);
+  CHECK(first_request.body() == body);
+  CHECK(budget.used == first.body_bytes_charged());
+  CHECK(budget.used >= body.size());
+
+  // A second body that does not fit beside the first is refused with 503, as it arrives.
+  RequestParser second(limits, &budget);
+  Request second_request;
+  second.attach(&second_request);
+  const std::string big_body(200 * 1024, 'y');
+  const std::string big =
+      "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: " + std::to_string(big_body.size()) +
+      "\r\n\r\n" + big_body;
+  std::size_t offset = 0;
+  squall::http::FeedResult result{ParseEvent::need_more, 0};
+  while (offset < big.size()) {
+    const std::size_t piece = std::min<std::size_t>(4096, big.size() - offset);
+    result = second.feed(big.data() + offset, piece);
+    offset += result.consumed;
+    if (result.event != ParseEvent::need_more) break;
+  }
+  CHECK(result.event == ParseEvent::error);
+  CHECK(second.error_status() == 503);
+  CHECK(std::string(second.error_reason()).find("max_buffered_body_bytes") != std::string::npos);
+  second.release_body_budget();
+
+  // Answered: a body above 64 KiB is freed and its bytes go back.
+  first.next_message();
+  CHECK(budget.used == 0);
+  CHECK(first.body_bytes_charged() == 0);
+
+  RequestParser third(limits, &budget);
+  Request third_request;
+  third.attach(&third_request);
+  CHECK(third.feed(big.data(), big.size()).event == ParseEvent::message_complete);
+  CHECK(third_request.body() == big_body);
+  third.release_body_budget();
+  CHECK(budget.used == 0);
 }

@@ -373,3 +373,32 @@ TEST_CASE("an inherited listening socket is adopted; anything else is refused") 
   thread.join();
   CHECK(reply.find("200 OK") != std::string::npos);
 }
+
+TEST_CASE("a pipelined request gets its own body deadline, not the one before it") {
+  // A's body began at t=0; B's head and first body byte arrive with A's last byte at 0.6 s,
+  // in one read. B must have timeouts.body (1 s) from its own head: its last byte at 1.2 s is
+  // in time, although A's deadline (1 s) has passed.
+  http::Router router;
+  router.add("POST", "/x", [](http::Request& request, http::Responder responder) {
+    responder.send(200, "text/plain", std::string(request.body()));
+  });
+  http::ServerOptions options;
+  options.timeouts.body = 1s;
+  Loop loop;
+  std::string reply;
+  run_with_client(
+      loop, router,
+      [&](std::uint16_t port) {
+        Client client(port);
+        client.send("POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\na");
+        std::this_thread::sleep_for(600ms);
+        client.send("A" + std::string("POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nb"));
+        std::this_thread::sleep_for(600ms);
+        client.send("B");
+        reply = client.read_until("\r\n\r\nbB");
+      },
+      options);
+  CHECK(reply.find("HTTP/1.1 200 OK") == 0);
+  CHECK(reply.find("408") == std::string::npos);
+  CHECK(reply.ends_with("\r\n\r\nbB"));
+}

@@ -696,3 +696,50 @@ TEST_CASE("envelope_sender: the From address, else the default sender") {
   CHECK(envelope_sender(email, "Squall <squall@example.com>") == "me@example.org");
   CHECK_THROWS_AS(envelope_sender(Email{}, "bad"), std::invalid_argument);
 }
+
+TEST_CASE("rejected: a number out of range is a 400 naming its field, not an exception") {
+  check_rejected(R"({"to": "a@example.com", "subject": "s", "text": "t", "x": 1e999})", "x",
+                 "number out of range");
+  check_rejected(R"({"to": [1e999], "subject": "s", "text": "t"})", "to[0]", "number out of range");
+  check_rejected(R"({"to": "a@example.com", "subject": -1e400, "text": "t"})", "subject",
+                 "number out of range");
+  check_rejected("1e999", "body", "number out of range");
+}
+
+TEST_CASE("build_mime: text without a final line break keeps its last line within 76") {
+  Email email;
+  email.to = {"a@example.com"};
+  email.subject = "s";
+  // Each length puts the last character at or near column 76, before the final soft break.
+  for (std::size_t length = 70; length <= 160; ++length) {
+    for (const char last : {'x', '=', ' '}) {
+      email.text = std::string(length - 1, 'a') + last;
+      CAPTURE(length);
+      CAPTURE(last);
+      const std::string mime = build_mime(email, "s@example.com", "i@x", kDate);
+      check_line_lengths(mime, 78, 76);
+      const std::string body = mime.substr(mime.find("\r\n\r\n") + 4);
+      CHECK(qp_decode(body) == email.text);
+    }
+  }
+}
+
+TEST_CASE("build_mime: a subject with runs of spaces never folds into a blank line") {
+  Email email;
+  email.to = {"a@example.com"};
+  email.text = "t";
+  for (std::size_t spaces = 2; spaces <= 70; spaces += 1) {
+    for (std::size_t word = 1; word <= 70; word += 23) {
+      email.subject = std::string(word, 'w') + std::string(spaces, ' ') + std::string(word, 'v') +
+                      std::string(spaces, ' ') + std::string(60, 'u') + "  end";
+      CAPTURE(email.subject);
+      const std::string mime = build_mime(email, "s@example.com", "i@x", kDate);
+      check_line_lengths(mime, 78, 76);
+      for (const std::string& line : split_lines(headers_of(mime))) {
+        CHECK(line.find_first_not_of(" \t") != std::string::npos);
+      }
+      const std::string value = header_value(mime, "Subject");
+      CHECK((value == email.subject || decode_encoded_words(value) == email.subject));
+    }
+  }
+}
