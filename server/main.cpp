@@ -80,6 +80,7 @@ void resolve_paths(Config& config, const fs::path& base) {
     config.jobs.store = absolute_from(base, config.jobs.store);
   }
   config.smtp.password_file = absolute_from(base, config.smtp.password_file);
+  config.smtp.ca_file = absolute_from(base, config.smtp.ca_file);
 }
 
 // The configuration as the command line asks for it: the --config file (or the defaults), with
