@@ -64,6 +64,8 @@ class SmtpMailer {
   SendResult send(std::string_view envelope_from, const std::vector<std::string>& recipients,
                   std::string_view mime,
                   std::shared_ptr<const std::atomic<bool>> cancel = nullptr) const;
+  // The relay's URL without any user:password@, for logs.
+  const std::string& display_url() const noexcept { return display_url_; }
 
  private:
   SmtpSettings settings_;
