@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <stdexcept>
 
 #include <spdlog/spdlog.h>
@@ -367,17 +368,18 @@ void JobsService::housekeeping() {
     // 110% of it.
     const auto period = std::clamp<std::int64_t>(retain.count() / 10, 1000, 60'000);
     next_purge_ms_ = now + period;
-    purge(now - retain.count(), true);
+    purge(now - retain.count(), true, std::numeric_limits<std::int64_t>::max());
   }
 }
 
-void JobsService::purge(std::int64_t finished_before_ms, bool vacuum_only_if_purged) {
+void JobsService::purge(std::int64_t finished_before_ms, bool vacuum_only_if_purged,
+                        std::int64_t free_pages_before) {
   purge_in_flight_ = true;
   std::weak_ptr<bool> alive = alive_;
   const bool queued = store_->run([this, alive, finished_before_ms, vacuum_only_if_purged,
                                    &loop = loop_](jobs::JobStore& store) {
     std::size_t purged = 0;
-    std::int64_t free_pages = 0;
+    std::int64_t free_pages = -1;  // Not compacted this round.
     std::string error;
     try {
       purged = store.purge_finished(finished_before_ms, kPurgeBatch);
@@ -385,7 +387,7 @@ void JobsService::purge(std::int64_t finished_before_ms, bool vacuum_only_if_pur
     } catch (const std::exception& failure) {
       error = failure.what();
     }
-    loop.call_soon([this, alive, finished_before_ms, purged, free_pages, error] {
+    loop.call_soon([this, alive, finished_before_ms, purged, free_pages, free_pages_before, error] {
       const auto still = alive.lock();
       if (!still || !*still) return;
       purge_in_flight_ = false;
@@ -396,8 +398,10 @@ void JobsService::purge(std::int64_t finished_before_ms, bool vacuum_only_if_pur
       if (purged > 0) spdlog::debug("jobs: {} finished job(s) past [jobs] retain deleted", purged);
       // More to delete, or free pages left to give back: another round, behind the inserts
       // that queued meanwhile.
-      if (accepting_ && (purged == kPurgeBatch || free_pages > 0)) {
-        purge(finished_before_ms, purged == kPurgeBatch);
+      const bool compacting = free_pages > 0 && free_pages < free_pages_before;
+      if (accepting_ && (purged == kPurgeBatch || compacting)) {
+        purge(finished_before_ms, purged == kPurgeBatch,
+              free_pages >= 0 ? free_pages : free_pages_before);
       }
     });
   });

@@ -54,7 +54,10 @@ class JobsService {
   void housekeeping();
   void store_failed(const std::string& what, const std::string& error);
   void store_worked();
-  void purge(std::int64_t finished_before_ms, bool vacuum_only_if_purged);
+  // One retention round on the store thread; another follows while there is more to delete,
+  // or free pages to give back and the last round gave some back (free_pages_before).
+  void purge(std::int64_t finished_before_ms, bool vacuum_only_if_purged,
+             std::int64_t free_pages_before);
 
   struct Settings;
   Loop& loop_;                                    // The loop the routes and runner live on.
