@@ -377,7 +377,7 @@ void JobsService::purge(std::int64_t finished_before_ms, bool vacuum_only_if_pur
   purge_in_flight_ = true;
   std::weak_ptr<bool> alive = alive_;
   const bool queued = store_->run([this, alive, finished_before_ms, vacuum_only_if_purged,
-                                   &loop = loop_](jobs::JobStore& store) {
+                                   free_pages_before, &loop = loop_](jobs::JobStore& store) {
     std::size_t purged = 0;
     std::int64_t free_pages = -1;  // Not compacted this round.
     std::string error;
