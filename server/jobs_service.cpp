@@ -185,6 +185,11 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
   running_pool_size_ = config.server.thread_pool_size;
   reconfigure(config);
   const bool synchronous_full = config.jobs.durability == Durability::full;
+  store_ = std::make_unique<jobs::StoreWorker>(
+      jobs::open_sqlite_store(config.jobs.store, synchronous_full),
+      [&loop](std::function<void()> callback) { loop.call_soon(std::move(callback)); });
+  stats_reader_ = jobs::open_sqlite_store(config.jobs.store, synchronous_full);
+  // After the store opened, so that a missing directory or a foreign file is reported as such.
   std::string lock_holder;
   store_lock_.emplace(jobs::StoreLock::try_acquire(config.jobs.store, lock_holder));
   if (!store_lock_->acquired()) {
@@ -193,10 +198,6 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
         "their lease",
         lock_holder.empty() ? "unknown" : lock_holder, config.jobs.store);
   }
-  store_ = std::make_unique<jobs::StoreWorker>(
-      jobs::open_sqlite_store(config.jobs.store, synchronous_full),
-      [&loop](std::function<void()> callback) { loop.call_soon(std::move(callback)); });
-  stats_reader_ = jobs::open_sqlite_store(config.jobs.store, synchronous_full);
   runner_ = std::make_unique<jobs::JobRunner>(
       loop, *store_, runner_options(config.jobs),
       [this](const jobs::Job& job) -> std::function<jobs::AttemptResult()> {
