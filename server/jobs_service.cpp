@@ -280,6 +280,12 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
                             [this] { return runner_->stats().failed; });
   registry.gauge_callback("squall_jobs_sends_running", "Sends on the thread pool now.",
                           [this] { return static_cast<double>(runner_->stats().running); });
+  registry.gauge_callback("squall_jobs_store_failing",
+                          "1 while the job store refuses writes (POST /email answers 503).",
+                          [this] { return store_failing_ ? 1.0 : 0.0; });
+  registry.counter_callback("squall_jobs_purged_total",
+                            "Finished jobs deleted after [jobs] retain.",
+                            [this] { return purged_total_; });
   registry.gauge_callback("squall_jobs_store_queue_depth",
                           "Operations waiting for the job store's thread.",
                           [this] { return static_cast<double>(store_->queue_depth()); });
@@ -396,6 +402,7 @@ void JobsService::purge(std::int64_t finished_before_ms, bool vacuum_only_if_pur
         spdlog::error("jobs: deleting jobs older than [jobs] retain failed: {}", error);
         return;
       }
+      purged_total_ += purged;
       if (purged > 0) spdlog::debug("jobs: {} finished job(s) past [jobs] retain deleted", purged);
       // More to delete, or free pages left to give back: another round, behind the inserts
       // that queued meanwhile.

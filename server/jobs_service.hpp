@@ -5,6 +5,7 @@
 
 #include <array>
 #include <chrono>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -83,6 +84,7 @@ class JobsService {
   unsigned housekeeping_ticks_ = 0;            // Seconds since start, for the slower tasks.
   std::int64_t next_purge_ms_ = 0;             // When the next purge round is due.
   uv_timer_t* housekeeping_timer_ = nullptr;   // Runs housekeeping(); freed on close.
+  std::uint64_t purged_total_ = 0;             // Jobs deleted by retention.
 };
 
 }  // namespace squall::daemon

@@ -107,6 +107,7 @@ def test_a_sent_payload_is_deleted_and_finished_jobs_are_purged_after_retain(
     while srv.get(f"/jobs/{job_id}").status != 404:
         assert time.monotonic() < deadline, "the finished job was not purged"
         time.sleep(0.1)
+    assert srv.metrics().value("squall_jobs_purged_total") >= 1
     again = post_email(srv, body, headers=(JSON, key))
     assert again.status == 202, again
     assert again.json()["id"] != job_id
@@ -161,6 +162,7 @@ def test_a_failing_store_gives_503_and_healthz_says_so_until_it_recovers(smtp, s
         assert health.status == 503, health
         assert health.json()["store"] == "failing", health
         assert health.json()["status"] == "failing", health
+        assert srv.metrics().value("squall_jobs_store_failing") == 1
     srv.wait_for_line("the job store is failing")
     # Released: the probe (every second while failing) sees writes work again.
     deadline = time.monotonic() + 15
@@ -171,6 +173,7 @@ def test_a_failing_store_gives_503_and_healthz_says_so_until_it_recovers(smtp, s
         assert time.monotonic() < deadline, health
         time.sleep(0.2)
     assert health.json() == {**health.json(), "status": "ok", "store": "ok"}
+    assert srv.metrics().value("squall_jobs_store_failing") == 0
     job = accept(srv, simple("after"))
     wait_messages(server, [job])
     assert not any(b"subject locked" in m.content for m in server.messages)
