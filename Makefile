@@ -35,7 +35,7 @@ SAN_FLAGS := -fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer
 endif
 LLHTTP_DIR := /usr/share/llhttp
 LLHTTP_INCLUDE := /usr/share/include/llhttp
-PKGS := libuv spdlog fmt tomlplusplus libcurl sqlite3 libsystemd
+PKGS := libuv spdlog fmt tomlplusplus libcurl sqlite3 libsystemd libcrypto
 
 CPPFLAGS += -Ilib -I. -Itests/unit -I$(LLHTTP_INCLUDE) -MMD -MP
 CXXFLAGS ?= -O2 -g

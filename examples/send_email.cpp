@@ -30,7 +30,8 @@ constexpr std::string_view kUsage =
     "usage: send_email --url smtp://host:port [--from ADDRESS] [--starttls "
     "off|opportunistic|required]\n"
     "                  [--username NAME] [--timeout MS] [--connect-timeout MS] [--job-id ID]\n"
-    "                  [--max-recipients N] [--max-bytes N] [--print-mime] < email.json\n"
+    "                  [--max-recipients N] [--max-bytes N] [--ca-file PEM] [--no-verify]\n"
+    "                  [--print-mime] < email.json\n"
     "The password is read from $SMTP_PASSWORD.\n";
 
 [[noreturn]] void usage(std::string_view problem) {
@@ -68,6 +69,10 @@ int main(int argc, char** argv) {
       print_mime = true;
       continue;
     }
+    if (option == "--no-verify") {
+      settings.verify_peer = false;
+      continue;
+    }
     if (option == "--help" || option == "-h") {
       std::cout << kUsage;
       return 0;
@@ -94,6 +99,8 @@ int main(int argc, char** argv) {
       settings.timeout = std::chrono::milliseconds(to_number(option, value));
     } else if (option == "--connect-timeout") {
       settings.connect_timeout = std::chrono::milliseconds(to_number(option, value));
+    } else if (option == "--ca-file") {
+      settings.ca_file = value;
     } else if (option == "--job-id") {
       job_id = value;
     } else if (option == "--max-recipients") {
@@ -144,6 +151,7 @@ int main(int argc, char** argv) {
     case SendOutcome::temporary_failure:
       return 1;
     case SendOutcome::permanent_failure:
+    case SendOutcome::aborted:
       return 2;
   }
   return 2;

@@ -1,6 +1,14 @@
 #include "server/jobs_service.hpp"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <fstream>
+#include <limits>
 #include <stdexcept>
 
 #include <spdlog/spdlog.h>
@@ -15,6 +23,15 @@ namespace {
 
 constexpr std::size_t kMaxIdempotencyKeyBytes = 255;
 constexpr std::string_view kJsonType = "application/json";
+// Seconds a client is asked to wait (Retry-After) when the store cannot take its job.
+constexpr std::string_view kStoreRetryAfter = "5";
+// A healthy store is probed with a write this often (seconds), a failing one every second.
+constexpr unsigned kProbeEvery = 10;
+// Retention works in rounds of at most this many deleted jobs (one short transaction each,
+// about a millisecond), queued behind waiting inserts, so a purge never stalls accepts long;
+// then at most kCompactPages free pages go back to the file system.
+constexpr std::size_t kPurgeBatch = 500;
+constexpr std::int64_t kCompactPages = 2048;
 
 std::string iso8601(std::int64_t unix_ms) {
   if (unix_ms <= 0) return {};
@@ -56,17 +73,55 @@ void send_error(const http::Responder& responder, int status, std::string_view f
   send_json(responder, status, body);
 }
 
+// The first line of the password file, which only its owner may read (as ssh insists for a
+// private key): a password others can read is no secret.
+std::string read_password_file(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    throw std::runtime_error("[smtp] password_file " + path +
+                             ": cannot read it: " + std::strerror(errno));
+  }
+  struct stat status {};
+  if (::fstat(fd, &status) != 0 || !S_ISREG(status.st_mode)) {
+    ::close(fd);
+    throw std::runtime_error("[smtp] password_file " + path + ": not a regular file");
+  }
+  if ((status.st_mode & (S_IRGRP | S_IROTH)) != 0) {
+    ::close(fd);
+    char mode[8];
+    std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(status.st_mode & 07777));
+    throw std::runtime_error("[smtp] password_file " + path + ": mode " + mode +
+                             " lets group or others read the password; make it readable by "
+                             "its owner only (chmod 600 " +
+                             path + ")");
+  }
+  std::string content;
+  char buffer[4096];
+  for (;;) {
+    const ssize_t got = ::read(fd, buffer, sizeof buffer);
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) {
+      const int error = errno;
+      ::close(fd);
+      throw std::runtime_error("[smtp] password_file " + path +
+                               ": cannot read it: " + std::strerror(error));
+    }
+    if (got == 0) break;
+    content.append(buffer, static_cast<std::size_t>(got));
+    if (content.find('\n') != std::string::npos || content.size() > 64 * 1024) break;
+  }
+  ::close(fd);
+  // The first line, without its end: LF, or CR LF from a file written on Windows.
+  std::string password = content.substr(0, content.find('\n'));
+  while (!password.empty() && (password.back() == '\r' || password.back() == '\n')) {
+    password.pop_back();
+  }
+  return password;
+}
+
 // The password comes from a file or the environment and never appears in a log line.
 std::string resolve_password(const SmtpConfig& smtp) {
-  if (!smtp.password_file.empty()) {
-    std::ifstream file(smtp.password_file);
-    if (!file) {
-      throw std::runtime_error("[smtp] password_file " + smtp.password_file + ": cannot read it");
-    }
-    std::string password;
-    std::getline(file, password);
-    return password;
-  }
+  if (!smtp.password_file.empty()) return read_password_file(smtp.password_file);
   if (!smtp.password_env.empty()) {
     const char* value = std::getenv(smtp.password_env.c_str());
     if (value == nullptr) {
@@ -89,6 +144,16 @@ jobs::SmtpSettings smtp_settings(const SmtpConfig& smtp) {
   settings.password = resolve_password(smtp);
   settings.connect_timeout = smtp.connect_timeout;
   settings.timeout = smtp.timeout;
+  settings.verify_peer = smtp.tls_verify;
+  settings.ca_file = smtp.ca_file;
+  if (!smtp.ca_file.empty()) {
+    // Checked now rather than as a TLS failure on every send.
+    std::ifstream ca(smtp.ca_file);
+    if (!ca) {
+      throw std::runtime_error("[smtp] ca_file " + smtp.ca_file +
+                               ": cannot read it: " + std::strerror(errno));
+    }
+  }
   return settings;
 }
 
@@ -113,22 +178,34 @@ struct JobsService::Settings {
   std::string message_id_domain;                   // The domain of default_from.
   std::shared_ptr<const jobs::SmtpMailer> mailer;  // Libcurl settings, for smtp:// and smtps://.
   std::shared_ptr<const jobs::MaildirWriter> maildir;  // For maildir:PATH, instead of the relay.
+  std::chrono::milliseconds retain{0};                 // [jobs] retain.
 };
 
 JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& registry)
     : loop_(loop), alive_(std::make_shared<bool>(true)) {
+  // libuv's pool got its size from this config (UV_THREADPOOL_SIZE) and keeps it until exit.
+  running_pool_size_ = config.server.thread_pool_size;
   reconfigure(config);
   const bool synchronous_full = config.jobs.durability == Durability::full;
   store_ = std::make_unique<jobs::StoreWorker>(
       jobs::open_sqlite_store(config.jobs.store, synchronous_full),
       [&loop](std::function<void()> callback) { loop.call_soon(std::move(callback)); });
   stats_reader_ = jobs::open_sqlite_store(config.jobs.store, synchronous_full);
+  // After the store opened, so that a missing directory or a foreign file is reported as such.
+  std::string lock_holder;
+  store_lock_.emplace(jobs::StoreLock::try_acquire(config.jobs.store, lock_holder));
+  if (!store_lock_->acquired()) {
+    spdlog::warn(
+        "jobs: another process (pid {}) uses the job store {}: jobs it is sending are left to "
+        "their lease",
+        lock_holder.empty() ? "unknown" : lock_holder, config.jobs.store);
+  }
   runner_ = std::make_unique<jobs::JobRunner>(
       loop, *store_, runner_options(config.jobs),
       [this](const jobs::Job& job) -> std::function<jobs::AttemptResult()> {
         // Runs on the loop: capture the settings current now; the work runs on the pool.
         const auto settings = settings_;
-        return [settings, job] {
+        return [settings, job, cancel = runner_->cancel_flag()] {
           const jobs::Email email = jobs::email_from_json(job.payload);
           const std::string mime =
               jobs::build_mime(email, settings->default_from,
@@ -138,9 +215,11 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
               settings->maildir
                   ? settings->maildir->deliver(job.id, job.created_ms, mime)
                   : settings->mailer->send(jobs::envelope_sender(email, settings->default_from),
-                                           jobs::envelope_recipients(email), mime);
+                                           jobs::envelope_recipients(email), mime, cancel);
           using Outcome = jobs::AttemptResult::Outcome;
           switch (sent.outcome) {
+            case jobs::SendOutcome::aborted:
+              return jobs::AttemptResult{Outcome::aborted, sent.detail};
             case jobs::SendOutcome::sent:
               return jobs::AttemptResult{Outcome::done, sent.detail};
             case jobs::SendOutcome::permanent_failure:
@@ -159,6 +238,19 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
 
   // The count survives restarts: the store knows what is still waiting.
   std::weak_ptr<bool> alive = alive_;
+  if (store_lock_->acquired()) {
+    // No other process of this node uses the store: whatever is `sending` was being sent by a
+    // process that is gone (kill -9, a crash). Due at once rather than after its lease.
+    store_->run([](jobs::JobStore& store) {
+      const std::size_t expired = store.expire_all_leases(jobs::unix_now_ms());
+      if (expired > 0) {
+        spdlog::warn(
+            "jobs: {} job(s) were being sent when the previous process stopped: they are "
+            "sent again now (a receiver may get such a mail twice, with the same Message-ID)",
+            expired);
+      }
+    });
+  }
   store_->run([this, alive, &loop](jobs::JobStore& store) {
     const std::int64_t pending = store.count_pending();
     loop.call_soon([this, alive, pending] {
@@ -192,6 +284,12 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
                             [this] { return runner_->stats().failed; });
   registry.gauge_callback("squall_jobs_sends_running", "Sends on the thread pool now.",
                           [this] { return static_cast<double>(runner_->stats().running); });
+  registry.gauge_callback("squall_jobs_store_failing",
+                          "1 while the job store refuses writes (POST /email answers 503).",
+                          [this] { return store_failing_ ? 1.0 : 0.0; });
+  registry.counter_callback("squall_jobs_purged_total",
+                            "Finished jobs deleted after [jobs] retain.",
+                            [this] { return purged_total_; });
   registry.gauge_callback("squall_jobs_store_queue_depth",
                           "Operations waiting for the job store's thread.",
                           [this] { return static_cast<double>(store_->queue_depth()); });
@@ -206,8 +304,9 @@ JobsService::~JobsService() {
   *alive_ = false;
   runner_.reset();
   if (store_) store_->stop();
-  if (stats_timer_ != nullptr) {
-    uv_close(reinterpret_cast<uv_handle_t*>(stats_timer_),
+  for (uv_timer_t* timer : {stats_timer_, housekeeping_timer_}) {
+    if (timer == nullptr) continue;
+    uv_close(reinterpret_cast<uv_handle_t*>(timer),
              [](uv_handle_t* handle) { delete reinterpret_cast<uv_timer_t*>(handle); });
   }
 }
@@ -222,6 +321,103 @@ void JobsService::start() {
       [](uv_timer_t* timer) { static_cast<JobsService*>(timer->data)->refresh_stats(); }, 0, 2000);
   // Statistics alone must not keep the loop running.
   uv_unref(reinterpret_cast<uv_handle_t*>(stats_timer_));
+
+  housekeeping_timer_ = new uv_timer_t;
+  uv_timer_init(loop_.uv(), housekeeping_timer_);
+  housekeeping_timer_->data = this;
+  next_purge_ms_ = jobs::unix_now_ms();
+  uv_timer_start(
+      housekeeping_timer_,
+      [](uv_timer_t* timer) { static_cast<JobsService*>(timer->data)->housekeeping(); }, 0, 1000);
+  uv_unref(reinterpret_cast<uv_handle_t*>(housekeeping_timer_));
+}
+
+void JobsService::store_failed(const std::string& what, const std::string& error) {
+  if (!store_failing_) {
+    spdlog::error(
+        "jobs: the job store is failing ({} failed: {}); POST /email answers 503 and "
+        "/healthz reports it until a write succeeds",
+        what, error);
+  }
+  store_failing_ = true;
+}
+
+void JobsService::store_worked() {
+  if (store_failing_) spdlog::info("jobs: the job store accepts writes again");
+  store_failing_ = false;
+}
+
+void JobsService::housekeeping() {
+  ++housekeeping_ticks_;
+  if (!probe_in_flight_ && (store_failing_ || housekeeping_ticks_ % kProbeEvery == 0)) {
+    probe_in_flight_ = true;
+    std::weak_ptr<bool> alive = alive_;
+    const bool queued = store_->run([this, alive, &loop = loop_](jobs::JobStore& store) {
+      std::string error;
+      try {
+        store.probe_write(jobs::unix_now_ms());
+      } catch (const std::exception& failure) {
+        error = failure.what();
+      }
+      loop.call_soon([this, alive, error] {
+        const auto still = alive.lock();
+        if (!still || !*still) return;
+        probe_in_flight_ = false;
+        if (error.empty()) {
+          store_worked();
+        } else {
+          store_failed("a probe write", error);
+        }
+      });
+    });
+    if (!queued) probe_in_flight_ = false;
+  }
+  const std::int64_t now = jobs::unix_now_ms();
+  if (!purge_in_flight_ && now >= next_purge_ms_) {
+    const auto retain = settings_->retain;
+    // A tenth of the retention, between a second and a minute: jobs live at most about
+    // 110% of it.
+    const auto period = std::clamp<std::int64_t>(retain.count() / 10, 1000, 60'000);
+    next_purge_ms_ = now + period;
+    purge(now - retain.count(), true, std::numeric_limits<std::int64_t>::max());
+  }
+}
+
+void JobsService::purge(std::int64_t finished_before_ms, bool vacuum_only_if_purged,
+                        std::int64_t free_pages_before) {
+  purge_in_flight_ = true;
+  std::weak_ptr<bool> alive = alive_;
+  const bool queued = store_->run([this, alive, finished_before_ms, vacuum_only_if_purged,
+                                   free_pages_before, &loop = loop_](jobs::JobStore& store) {
+    std::size_t purged = 0;
+    std::int64_t free_pages = -1;  // Not compacted this round.
+    std::string error;
+    try {
+      purged = store.purge_finished(finished_before_ms, kPurgeBatch);
+      if (purged > 0 || !vacuum_only_if_purged) free_pages = store.compact(kCompactPages);
+    } catch (const std::exception& failure) {
+      error = failure.what();
+    }
+    loop.call_soon([this, alive, finished_before_ms, purged, free_pages, free_pages_before, error] {
+      const auto still = alive.lock();
+      if (!still || !*still) return;
+      purge_in_flight_ = false;
+      if (!error.empty()) {
+        spdlog::error("jobs: deleting jobs older than [jobs] retain failed: {}", error);
+        return;
+      }
+      purged_total_ += purged;
+      if (purged > 0) spdlog::debug("jobs: {} finished job(s) past [jobs] retain deleted", purged);
+      // More to delete, or free pages left to give back: another round, behind the inserts
+      // that queued meanwhile.
+      const bool compacting = free_pages > 0 && free_pages < free_pages_before;
+      if (accepting_ && (purged == kPurgeBatch || compacting)) {
+        purge(finished_before_ms, purged == kPurgeBatch,
+              free_pages >= 0 ? free_pages : free_pages_before);
+      }
+    });
+  });
+  if (!queued) purge_in_flight_ = false;
 }
 
 void JobsService::refresh_stats() {
@@ -277,6 +473,20 @@ void JobsService::reconfigure(const Config& config) {
     settings->maildir = std::move(maildir);
   } else {
     settings->mailer = std::make_shared<const jobs::SmtpMailer>(smtp_settings(config.smtp));
+  }
+  settings->retain = config.jobs.retain;
+  if (config.jobs.max_concurrent_sends >= running_pool_size_) {
+    throw std::runtime_error(
+        "[jobs] max_concurrent_sends (" + std::to_string(config.jobs.max_concurrent_sends) +
+        ") must be below the running thread pool's size (" + std::to_string(running_pool_size_) +
+        "): a new [server] thread_pool_size takes effect only at the next restart");
+  }
+  if (settings->mailer && !config.smtp.tls_verify) {
+    spdlog::warn(
+        "[smtp] tls_verify = false: the certificate of the relay {} is NOT verified; anyone on "
+        "the network path can pose as it and read every email{}",
+        settings->mailer->display_url(),
+        config.smtp.username.empty() ? "" : " and the SMTP password");
   }
   settings_ = std::move(settings);
   if (runner_) runner_->reconfigure(runner_options(config.jobs));
@@ -339,13 +549,19 @@ void JobsService::accept_email(http::Request& request, const http::Responder& re
     if (const auto* error = std::get_if<std::string>(&outcome)) {
       --pending_;
       spdlog::error("jobs: storing an email job failed: {}", *error);
-      send_error(responder, 500, "", "the job could not be stored");
+      store_failed("storing a job", *error);
+      // The store's trouble (a full disk, a lock, an I/O error) is usually passing: the
+      // client may try again, and nothing was stored.
+      responder.header("Retry-After", kStoreRetryAfter);
+      send_error(responder, 503, "", "the job store cannot take the job now; nothing was stored");
       return;
     }
+    store_worked();
     const auto& inserted = std::get<jobs::Inserted>(outcome);
     if (!inserted.created) {
       --pending_;  // A repeat of an earlier request: nothing new.
-      if (inserted.job.payload != payload) {
+      // Digests: a sent job's payload itself is deleted.
+      if (inserted.job.payload_digest != jobs::payload_digest(payload)) {
         // The key was used for a different email: answering with that job would mislead.
         send_error(responder, 422, "Idempotency-Key",
                    "already used for a different request (job " + inserted.job.id + ")");
@@ -376,7 +592,8 @@ void JobsService::report_job(http::Request& request, const http::Responder& resp
       if (!still || !*still) return;
       if (!error.empty()) {
         spdlog::error("jobs: reading job {} failed: {}", id, error);
-        send_error(responder, 500, "", "the job store could not be read");
+        responder.header("Retry-After", kStoreRetryAfter);
+        send_error(responder, 503, "", "the job store cannot be read now");
       } else if (!job) {
         send_error(responder, 404, "id", "no such job");
       } else {
@@ -389,7 +606,18 @@ void JobsService::report_job(http::Request& request, const http::Responder& resp
 void JobsService::drain(std::function<void()> done) {
   accepting_ = false;
   if (stats_timer_ != nullptr) uv_timer_stop(stats_timer_);
+  if (housekeeping_timer_ != nullptr) uv_timer_stop(housekeeping_timer_);
   runner_->drain(std::move(done));
+}
+
+void JobsService::abort_sends() {
+  if (runner_->stats().running > 0) {
+    spdlog::warn(
+        "jobs: drain deadline: aborting {} send(s) in progress; their jobs go back to "
+        "the queue",
+        runner_->stats().running);
+  }
+  runner_->abort_attempts();
 }
 
 }  // namespace squall::daemon

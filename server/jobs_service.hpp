@@ -5,8 +5,10 @@
 
 #include <array>
 #include <chrono>
+#include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "config/config.hpp"
@@ -37,11 +39,26 @@ class JobsService {
   // Stops accepting jobs and claiming; `done` runs when running sends finished. Jobs not sent
   // stay in the store for the next start.
   void drain(std::function<void()> done);
+  // At the drain deadline: cuts the sends still running (within about a second); their jobs
+  // go back to the queue untouched, and drain's `done` follows once that is recorded.
+  void abort_sends();
+  // "ok", or "failing" while the store refuses writes (full disk, a lock held too long, an
+  // I/O error); it turns "ok" again by itself once a write succeeds. For /healthz.
+  const char* store_status() const noexcept { return store_failing_ ? "failing" : "ok"; }
 
  private:
   void accept_email(http::Request& request, const http::Responder& responder);
   void report_job(http::Request& request, const http::Responder& responder);
   void refresh_stats();
+  // Once a second: the write probe (every second while the store fails, every
+  // kProbeEvery seconds otherwise) and, when due, the retention purge.
+  void housekeeping();
+  void store_failed(const std::string& what, const std::string& error);
+  void store_worked();
+  // One retention round on the store thread; another follows while there is more to delete,
+  // or free pages to give back and the last round gave some back (free_pages_before).
+  void purge(std::int64_t finished_before_ms, bool vacuum_only_if_purged,
+             std::int64_t free_pages_before);
 
   struct Settings;
   Loop& loop_;                                    // The loop the routes and runner live on.
@@ -58,6 +75,16 @@ class JobsService {
   bool stats_in_flight_ = false;                      // A stats query is queued.
   metrics::Histogram* send_seconds_ = nullptr;        // Attempt durations.
   std::shared_ptr<bool> alive_;                       // For callbacks from the store thread.
+  // Retention, store health and shutdown.
+  std::optional<jobs::StoreLock> store_lock_;  // Held for the process's life; see StoreLock.
+  std::size_t running_pool_size_ = 0;          // The pool's size (fixed at start).
+  bool store_failing_ = false;                 // The last write (insert or probe) failed.
+  bool probe_in_flight_ = false;               // A probe write is queued.
+  bool purge_in_flight_ = false;               // A purge round is running on the store thread.
+  unsigned housekeeping_ticks_ = 0;            // Seconds since start, for the slower tasks.
+  std::int64_t next_purge_ms_ = 0;             // When the next purge round is due.
+  uv_timer_t* housekeeping_timer_ = nullptr;   // Runs housekeeping(); freed on close.
+  std::uint64_t purged_total_ = 0;             // Jobs deleted by retention.
 };
 
 }  // namespace squall::daemon

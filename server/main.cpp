@@ -45,6 +45,10 @@ namespace {
 using namespace squall;
 namespace fs = std::filesystem;
 
+// After the drain deadline, how long sends aborted then may take to end and release their jobs
+// (libcurl checks the abort flag about once a second) before the loop stops regardless.
+constexpr std::chrono::milliseconds kAbortGrace{2'000};
+
 struct CommandLine {
   std::string config_path;          // --config; empty means built-in defaults. Made absolute.
   bool check_config = false;        // --check-config
@@ -85,6 +89,7 @@ void resolve_paths(Config& config, const fs::path& base) {
     config.smtp.url = std::string(jobs::maildir_scheme) +
                       absolute_from(base, config.smtp.url.substr(jobs::maildir_scheme.size()));
   }
+  config.smtp.ca_file = absolute_from(base, config.smtp.ca_file);
 }
 
 // The configuration as the command line asks for it: the --config file (or the defaults), with
@@ -204,8 +209,9 @@ class Squalld {
              [this](double seconds) {
                if (http_metrics_) http_metrics_->observe_loop_lag(seconds);
              }),
-        builtin_(std::make_shared<const daemon::BuiltinRoutes>(
-            daemon::BuiltinRoutes{&server_, &lag_, &registry_, started_})) {
+        builtin_(std::make_shared<const daemon::BuiltinRoutes>(daemon::BuiltinRoutes{
+            &server_, &lag_, &registry_, started_,
+            [this]() -> const char* { return jobs_ ? jobs_->store_status() : nullptr; }})) {
     http_metrics_.emplace(registry_, server_, &lag_, logs_);
     server_.on_request([this](const http::RequestRecord& record) {
       http_metrics_->observe(record);
@@ -459,14 +465,18 @@ class Squalld {
       });
     }
     server_.drain(config_.timeouts.drain, one_done);
-    // Sends that outlive the deadline keep their lease; the next start sends them again.
-    drain_deadline_ =
-        loop_.call_later(config_.timeouts.drain + std::chrono::milliseconds(100), [this] {
-          spdlog::warn(
-              "drain deadline passed with sends running; "
-              "their jobs will be retried after the lease");
-          loop_.stop();
-        });
+    // At the deadline, sends still running are aborted (libcurl notices within a second) and
+    // their jobs released for the next start; the loop stops once that is recorded, or a
+    // short grace later whatever happens, so the exit stays bounded by the drain deadline.
+    drain_deadline_ = loop_.call_later(config_.timeouts.drain, [this] {
+      if (jobs_) jobs_->abort_sends();
+      drain_deadline_ = loop_.call_later(kAbortGrace, [this] {
+        spdlog::warn(
+            "drain deadline passed and aborted sends did not end in time; "
+            "their jobs are sent again at the next start");
+        loop_.stop();
+      });
+    });
   }
 
   const Startup& startup_;

@@ -120,15 +120,21 @@ void add_builtin_routes(http::Router& router, const RoutesConfig& enabled,
   if (enabled.healthz) {
     router.add("GET", "/healthz", [routes](http::Request&, http::Responder responder) {
       const bool draining = routes->server->draining();
+      const char* store = routes->store_status ? routes->store_status() : nullptr;
+      const bool store_failing = store != nullptr && std::string_view(store) != "ok";
       const auto uptime = std::chrono::steady_clock::now() - routes->started;
-      const nlohmann::json body = {
-          {"status", draining ? "draining" : "ok"},
+      nlohmann::json body = {
+          {"status", draining        ? "draining"
+                     : store_failing ? "failing"
+                                     : "ok"},
           {"uptime_seconds", std::chrono::duration<double>(uptime).count()},
           {"connections", routes->server->stats().connections_open},
           {"loop_lag_ms", routes->lag != nullptr ? routes->lag->last_lag_seconds() * 1000 : 0.0},
       };
-      // A draining server answers 503 so a load balancer stops sending it traffic.
-      responder.send(draining ? 503 : 200, "application/json", body.dump() + "\n");
+      if (store != nullptr) body["store"] = store;
+      // A draining server, or one whose job store refuses writes, answers 503 so a load
+      // balancer sends its traffic elsewhere.
+      responder.send(draining || store_failing ? 503 : 200, "application/json", body.dump() + "\n");
     });
   }
   if (enabled.metrics) {

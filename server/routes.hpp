@@ -4,6 +4,7 @@
 #include <array>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -51,6 +52,8 @@ struct BuiltinRoutes {
   const LoopLagMonitor* lag;                      // For /healthz.
   const metrics::Registry* registry;              // For /metrics.
   std::chrono::steady_clock::time_point started;  // For uptime.
+  // For /healthz: the job store's state ("ok", "failing"), or nullptr without a store.
+  std::function<const char*()> store_status;
 };
 
 // Adds GET /plaintext, GET /healthz, GET /metrics and POST /echo as `enabled` says. The

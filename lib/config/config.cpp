@@ -337,7 +337,8 @@ class Loader {
     return size;
   }
 
-  Duration get_duration(const toml::node& node, const Where& where) const {
+  Duration get_duration(const toml::node& node, const Where& where,
+                        Duration max = kMaxDuration) const {
     const std::string_view text = get_string(node, where, "a duration such as \"10s\"");
     Duration duration{};
     try {
@@ -348,9 +349,8 @@ class Loader {
     // Every duration here is a timer or a threshold; zero would fire at once or spin the loop.
     if (duration.count() <= 0)
       fail(at(where, node), "must be greater than zero, got " + quote(text));
-    if (duration > kMaxDuration) {
-      fail(at(where, node),
-           "must be at most " + format_duration(kMaxDuration) + ", got " + quote(text));
+    if (duration > max) {
+      fail(at(where, node), "must be at most " + format_duration(max) + ", got " + quote(text));
     }
     return duration;
   }
@@ -510,6 +510,15 @@ class Loader {
     if (config_.jobs.retry_max < config_.jobs.retry_initial) {
       fail_seen(retry_where_, "jobs", "retry_max", "retry_max must not be below retry_initial");
     }
+    const bool implicit_tls = config_.smtp.url.rfind("smtps://", 0) == 0;
+    if (!config_.smtp.username.empty() && !implicit_tls &&
+        config_.smtp.starttls != StartTls::required) {
+      // With "opportunistic", a relay (or anyone in between) that offers no STARTTLS gets
+      // the password in clear text; with "off" everyone on the path does.
+      fail_seen(username_where_, "smtp", "username",
+                "a username needs an encrypted connection, or the password goes in clear "
+                "text: use an smtps:// url or starttls = \"required\"");
+    }
   }
 
   void load_log_level(const toml::node& node, const Where& where) {
@@ -601,6 +610,8 @@ class Loader {
   static constexpr std::string_view kBufferCap =
       "the parser's read buffer holds the URL and headers";
   static constexpr std::int64_t kMaxCount = std::numeric_limits<std::int64_t>::max();
+  // Ten years: long enough for any retention policy, far from the clock's overflow.
+  static constexpr Duration kMaxRetain = std::chrono::hours(24 * 3650);
 
   const std::string& source_;
   Config config_;
@@ -611,6 +622,7 @@ class Loader {
   std::optional<Seen> lease_where_;        // Where [jobs] lease was set.
   std::optional<Seen> body_where_;         // Where [limits] max_body_bytes was set.
   std::optional<Seen> body_budget_where_;  // Where [limits] max_buffered_body_bytes was set.
+  std::optional<Seen> username_where_;     // Where [smtp] username was set.
 
   const std::vector<Field> server_fields_{
       method("listen", &Loader::load_listen),
@@ -668,12 +680,14 @@ class Loader {
              {{"off", StartTls::off},
               {"opportunistic", StartTls::opportunistic},
               {"required", StartTls::required}}),
-      text("username", config_.smtp.username, true),
+      remembered(text("username", config_.smtp.username, true), username_where_),
       text("password_file", config_.smtp.password_file, true),
       remembered(text("password_env", config_.smtp.password_env, true), password_where_),
       text("from", config_.smtp.from, false),
       duration("connect_timeout", config_.smtp.connect_timeout),
       duration("timeout", config_.smtp.timeout),
+      text("ca_file", config_.smtp.ca_file, true),
+      boolean("tls_verify", config_.smtp.tls_verify),
   };
   const std::vector<Field> jobs_fields_{
       text("store", config_.jobs.store, false),
@@ -690,6 +704,10 @@ class Loader {
       count("max_recipients", config_.jobs.max_recipients, 10000),
       size("max_email_bytes", config_.jobs.max_email_bytes, 1, 64 * 1024 * 1024,
            "an email is held in memory while it is sent"),
+      field("retain", config_.jobs.retain,
+            [](const Loader* self, const toml::node& node, const Where& where) {
+              return self->get_duration(node, where, kMaxRetain);
+            }),
   };
 };
 
@@ -777,10 +795,13 @@ Duration parse_duration(std::string_view text) {
     unit_ms = 60'000;
   } else if (number.rest == "h") {
     unit_ms = 3'600'000;
+  } else if (number.rest == "d") {
+    unit_ms = 86'400'000;
   } else if (number.rest.empty()) {
-    throw_expected(kExpected, text, "missing unit; use ms, s, m or h");
+    throw_expected(kExpected, text, "missing unit; use ms, s, m, h or d");
   } else {
-    throw_expected(kExpected, text, "unknown unit " + quote(number.rest) + "; use ms, s, m or h");
+    throw_expected(kExpected, text,
+                   "unknown unit " + quote(number.rest) + "; use ms, s, m, h or d");
   }
   constexpr auto kMax = static_cast<std::uint64_t>(std::numeric_limits<Duration::rep>::max());
   if (number.value > kMax / static_cast<std::uint64_t>(unit_ms)) {

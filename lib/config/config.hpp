@@ -24,7 +24,8 @@ struct ListenAddress {
 // Parses "HOST:PORT" (IPv6 in brackets). Throws std::invalid_argument naming what was wrong.
 ListenAddress parse_listen_address(std::string_view text);
 
-// Parses "250ms", "10s", "2m", "1h" (an integer and a unit). Throws std::invalid_argument.
+// Parses "250ms", "10s", "2m", "1h", "7d" (an integer and a unit). Throws
+// std::invalid_argument.
 Duration parse_duration(std::string_view text);
 
 // Parses "512", "512B", "16KiB", "1MiB", "1GiB" (an integer and a binary unit). Throws
@@ -106,6 +107,8 @@ struct SmtpConfig {
   std::string from = "squall@localhost";        // [smtp] from: the default sender
   Duration connect_timeout{10'000};             // [smtp] connect_timeout
   Duration timeout{60'000};                     // [smtp] timeout: one whole SMTP exchange
+  std::string ca_file;     // [smtp] ca_file: PEM CA certificates for the relay ("" = system's)
+  bool tls_verify = true;  // [smtp] tls_verify: false skips certificate checks (logged loudly)
   bool operator==(const SmtpConfig&) const = default;
 };
 
@@ -123,6 +126,7 @@ struct JobsConfig {
   Duration poll_interval{1'000};              // [jobs] poll_interval: how often due jobs are sought
   std::size_t max_recipients = 50;            // [jobs] max_recipients: to + cc + bcc
   std::size_t max_email_bytes = 1024 * 1024;  // [jobs] max_email_bytes: subject + text + html
+  Duration retain{7 * 24 * 3'600'000};        // [jobs] retain: sent/failed jobs kept this long
   bool operator==(const JobsConfig&) const = default;
 };
 

@@ -97,6 +97,15 @@ void JobRunner::perform(Job job) {
                  job.kind, job.id);
     return;
   }
+  if (recording_ids_.count(job.id) != 0) {
+    // Its attempt is over and the outcome (perhaps "sent") is still being written: attempting
+    // it again would send it twice. The write in progress settles the job's state.
+    spdlog::warn(
+        "jobs: {} {} was claimed again while its outcome is being recorded: not "
+        "attempted again",
+        job.kind, job.id);
+    return;
+  }
   if (draining_) {
     // Claimed just before drain began: hand it back untouched for the next start.
     record(job.id, "releasing",
@@ -144,6 +153,16 @@ void JobRunner::perform(Job job) {
 
 void JobRunner::finish_attempt(const Job& job, const AttemptResult& result,
                                std::chrono::nanoseconds elapsed) {
+  if (result.outcome == AttemptResult::Outcome::aborted) {
+    // Shutdown cut the attempt short: the job goes back to the queue untouched (attempts - 1),
+    // for the next start. The relay may have taken the message just before the cut; then it
+    // is sent again with the same Message-ID.
+    spdlog::info("jobs: {} {} attempt {} aborted by shutdown ({}); back in the queue", job.kind,
+                 job.id, job.attempts, result.detail);
+    record(job.id, "releasing",
+           [id = job.id](JobStore& store, std::int64_t now) { store.release(id, now); });
+    return;
+  }
   stats_.last_attempt_seconds = std::chrono::duration<double>(elapsed).count();
   enum class Mark { sent, retry, failed } mark = Mark::failed;
   std::string detail = result.detail;
@@ -174,6 +193,8 @@ void JobRunner::finish_attempt(const Job& job, const AttemptResult& result,
                      job.attempts, detail, wait.count());
       }
       break;
+    case AttemptResult::Outcome::aborted:
+      break;  // Handled above.
   }
   if (on_attempt_) on_attempt_(job, result, elapsed, mark != Mark::retry);
   record(job.id, "recording the outcome of",
@@ -184,24 +205,60 @@ void JobRunner::finish_attempt(const Job& job, const AttemptResult& result,
          });
 }
 
-void JobRunner::record(const std::string& id, const char* what,
-                       std::function<void(JobStore&, std::int64_t now_ms)> write) {
+void JobRunner::record(const std::string& id, const char* what, Write write) {
   ++marks_in_flight_;
+  recording_ids_.insert(id);
+  record_attempt(id, what, std::move(write), 0);
+}
+
+void JobRunner::record_attempt(const std::string& id, const char* what, Write write, int failures) {
   std::weak_ptr<bool> alive = alive_;
-  store_.run([this, alive, id, what, write = std::move(write), &loop = loop_](JobStore& store) {
-    try {
-      write(store, unix_now_ms());
-    } catch (const std::exception& failure) {
-      // The lease will expire and the job will be attempted again: at least once.
-      spdlog::error("jobs: {} job {} failed: {}", what, id, failure.what());
-    }
-    loop.call_soon([this, alive] {
-      const auto still_alive = alive.lock();
-      if (!still_alive || !*still_alive) return;
-      --marks_in_flight_;
-      maybe_drained();
-    });
-  });
+  auto shared_write = std::make_shared<Write>(std::move(write));
+  const bool queued =
+      store_.run([this, alive, id, what, shared_write, failures, &loop = loop_](JobStore& store) {
+        std::string error;
+        try {
+          (*shared_write)(store, unix_now_ms());
+        } catch (const std::exception& failure) {
+          error = failure.what();
+        }
+        loop.call_soon([this, alive, id, what, shared_write, failures, error] {
+          const auto still_alive = alive.lock();
+          if (!still_alive || !*still_alive) return;
+          if (error.empty()) {
+            if (failures > 0) {
+              spdlog::info("jobs: {} job {} succeeded at the {}th try", what, id, failures + 1);
+            }
+            recording_ids_.erase(id);
+            --marks_in_flight_;
+            maybe_drained();
+            return;
+          }
+          // The fact stays here and is written again: were it dropped, the job would be attempted
+          // again when its lease ends, and a sent email sent twice.
+          const int doublings = std::min(failures, 20);
+          const auto wait = std::min(options_.record_retry_initial * (std::int64_t{1} << doublings),
+                                     options_.record_retry_max);
+          spdlog::error("jobs: {} job {} failed: {}; trying again in {} ms", what, id, error,
+                        wait.count());
+          loop_.call_later(wait, [this, alive, id, what, shared_write, failures] {
+            const auto again = alive.lock();
+            if (!again || !*again) return;
+            record_attempt(id, what, std::move(*shared_write), failures + 1);
+          });
+        });
+      });
+  if (!queued) {
+    // The store thread is shut down: nothing can be recorded any more.
+    spdlog::error("jobs: {} job {}: the job store is shut down; not recorded", what, id);
+    recording_ids_.erase(id);
+    --marks_in_flight_;
+    maybe_drained();
+  }
+}
+
+void JobRunner::abort_attempts() {
+  cancel_->store(true, std::memory_order_relaxed);
 }
 
 void JobRunner::drain(std::function<void()> done) {

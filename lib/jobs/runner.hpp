@@ -2,10 +2,12 @@
 // and records the outcome (sent, retry later with backoff and jitter, or failed). Loop thread.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <random>
 #include <string>
 #include <unordered_set>
@@ -23,11 +25,17 @@ struct RunnerOptions {
   std::chrono::milliseconds retry_max{3'600'000};   // The backoff's cap.
   std::chrono::milliseconds lease{300'000};         // A claim's lifetime.
   std::chrono::milliseconds poll_interval{1'000};   // How often due jobs are looked for.
+  // An outcome the store failed to record (locked, full, I/O error) is kept in memory and
+  // written again after this wait, doubling up to record_retry_max, until it sticks.
+  std::chrono::milliseconds record_retry_initial{100};
+  std::chrono::milliseconds record_retry_max{5'000};
 };
 
 // What one attempt came to.
 struct AttemptResult {
-  enum class Outcome { done, temporary_failure, permanent_failure };
+  // aborted: cut short by abort_attempts() (shutdown); the job goes back to the queue as it
+  // was, its attempt not counted.
+  enum class Outcome { done, temporary_failure, permanent_failure, aborted };
   Outcome outcome;
   std::string detail;  // For the job's last_error and the log.
 };
@@ -62,8 +70,14 @@ class JobRunner {
   void start();
   // A job was just committed: look for work now instead of at the next poll.
   void poke();
-  // Stops claiming; `done` runs once no attempt is running. Attempts not started stay queued.
+  // Stops claiming; `done` runs once no attempt is running and every outcome is recorded.
+  // Attempts not started stay queued.
   void drain(std::function<void()> done);
+  // Asks running attempts to stop now (the work polls cancel_flag()); those that do end as
+  // Outcome::aborted and their jobs are released. For the drain deadline.
+  void abort_attempts();
+  // Set by abort_attempts(); the work of an attempt may read it from its pool thread.
+  std::shared_ptr<const std::atomic<bool>> cancel_flag() const { return cancel_; }
   void reconfigure(const RunnerOptions& options);
 
   const RunnerStats& stats() const noexcept { return stats_; }
@@ -77,25 +91,31 @@ class JobRunner {
   void finish_attempt(const Job& job, const AttemptResult& result,
                       std::chrono::nanoseconds elapsed);
   void maybe_drained();
-  // Writes to the store on its thread; drain waits until the write is committed.
-  void record(const std::string& id, const char* what,
-              std::function<void(JobStore&, std::int64_t now_ms)> write);
+  using Write = std::function<void(JobStore&, std::int64_t now_ms)>;
+  // Writes to the store on its thread; drain waits until the write is committed. A write that
+  // fails is tried again (record_retry_initial, doubling) until it sticks: a job whose outcome
+  // is not recorded yet is not attempted again, even when its lease ends meanwhile.
+  void record(const std::string& id, const char* what, Write write);
+  void record_attempt(const std::string& id, const char* what, Write write, int failures);
 
-  Loop& loop_;                                   // Whose pool and timers the runner uses.
-  StoreWorker& store_;                           // All store access goes through its thread.
-  RunnerOptions options_;                        // Current limits.
-  Prepare prepare_;                              // Builds one attempt's work.
-  OnAttempt on_attempt_;                         // Metrics and logs hook.
-  RunnerStats stats_;                            // Counters.
-  std::mt19937_64 random_;                       // For jitter.
-  uv_timer_t* poll_timer_ = nullptr;             // Repeating poll; freed in its close callback.
-  bool claim_in_flight_ = false;                 // A claim is queued on the store thread.
-  bool claim_again_ = false;                     // poke() arrived while a claim was in flight.
-  bool draining_ = false;                        // No more claims.
-  std::size_t marks_in_flight_ = 0;              // Outcome writes not yet committed.
-  std::function<void()> on_drained_;             // drain()'s callback.
-  std::unordered_set<std::string> running_ids_;  // Jobs with an attempt on the pool now.
-  std::shared_ptr<bool> alive_;                  // Lets store callbacks notice the runner is gone.
+  Loop& loop_;                                     // Whose pool and timers the runner uses.
+  StoreWorker& store_;                             // All store access goes through its thread.
+  RunnerOptions options_;                          // Current limits.
+  Prepare prepare_;                                // Builds one attempt's work.
+  OnAttempt on_attempt_;                           // Metrics and logs hook.
+  RunnerStats stats_;                              // Counters.
+  std::mt19937_64 random_;                         // For jitter.
+  uv_timer_t* poll_timer_ = nullptr;               // Repeating poll; freed in its close callback.
+  bool claim_in_flight_ = false;                   // A claim is queued on the store thread.
+  bool claim_again_ = false;                       // poke() arrived while a claim was in flight.
+  bool draining_ = false;                          // No more claims.
+  std::size_t marks_in_flight_ = 0;                // Outcome writes not yet committed.
+  std::function<void()> on_drained_;               // drain()'s callback.
+  std::unordered_set<std::string> running_ids_;    // Jobs with an attempt on the pool now.
+  std::unordered_set<std::string> recording_ids_;  // Jobs whose outcome is not stored yet.
+  std::shared_ptr<std::atomic<bool>> cancel_ =
+      std::make_shared<std::atomic<bool>>(false);  // See abort_attempts().
+  std::shared_ptr<bool> alive_;  // Lets store callbacks notice the runner is gone.
 };
 
 }  // namespace squall::jobs

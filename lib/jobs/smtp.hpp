@@ -3,7 +3,9 @@
 // call from several pool threads at once.
 #pragma once
 
+#include <atomic>
 #include <chrono>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -15,19 +17,26 @@ struct SmtpSettings {
   // names the EHLO domain (smtp://relay:587/client.example.com); without one libcurl sends the
   // machine's host name.
   std::string url;
-  // For smtp:// URLs. off: never STARTTLS. opportunistic: STARTTLS when offered, without
-  // verifying the certificate (it only defeats passive eavesdropping). required: STARTTLS with a
-  // verified certificate or no send (a permanent failure). smtps:// always verifies.
+  // For smtp:// URLs. off: never STARTTLS. opportunistic: STARTTLS when offered, in clear text
+  // otherwise. required: STARTTLS or no send (a permanent failure). Whenever TLS is used (also
+  // smtps://) the certificate is verified unless verify_peer is false.
   enum class StartTls { off, opportunistic, required } starttls = StartTls::opportunistic;
   std::string username;  // "" = no AUTH
   std::string password;  // never logged nor put in a SendResult
   std::chrono::milliseconds connect_timeout{10000};
   std::chrono::milliseconds timeout{60000};  // the whole exchange, connect included
+  // Whether TLS verifies the relay's certificate and host name: false leaves the connection
+  // open to anyone on the path (and the password with it).
+  bool verify_peer = true;
+  // PEM file of the CA certificates that verify the relay ("" = the system's CA store).
+  std::string ca_file;
 };
 
-enum class SendOutcome { sent, temporary_failure, permanent_failure };
+// aborted: the caller's cancel flag stopped the transfer (shutdown); nothing is known of the
+// message (the relay may have taken it just before the cut).
+enum class SendOutcome { sent, temporary_failure, permanent_failure, aborted };
 
-// "sent", "temporary_failure", "permanent_failure".
+// "sent", "temporary_failure", "permanent_failure", "aborted".
 std::string_view to_string(SendOutcome outcome);
 
 struct SendResult {
@@ -50,9 +59,13 @@ class SmtpMailer {
 
   // Sends mime (CRLF lines, not dot-stuffed: libcurl does that) to every recipient. Blocks for
   // up to settings.timeout. A recipient the server refuses fails the whole send before DATA, so
-  // a retry never duplicates the mail for the recipients that were accepted.
+  // a retry never duplicates the mail for the recipients that were accepted. Once `cancel` (if
+  // given) turns true, the transfer stops within about a second: SendOutcome::aborted.
   SendResult send(std::string_view envelope_from, const std::vector<std::string>& recipients,
-                  std::string_view mime) const;
+                  std::string_view mime,
+                  std::shared_ptr<const std::atomic<bool>> cancel = nullptr) const;
+  // The relay's URL without any user:password@, for logs.
+  const std::string& display_url() const noexcept { return display_url_; }
 
  private:
   SmtpSettings settings_;

@@ -10,8 +10,13 @@
 #include <tuple>
 #include <utility>
 
+#include <fcntl.h>
+#include <openssl/evp.h>
 #include <sqlite3.h>
+#include <sys/file.h>
 #include <sys/random.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 namespace squall::jobs {
 
@@ -57,12 +62,12 @@ std::string job_id(std::int64_t now_ms, const unsigned char* random) {
   return hex_id(bytes);
 }
 
-// The one place the schema is written down. seq is the rowid alias: it keeps inserts appending
-// to the table's B-tree (random ids would scatter the rows) and breaks the last ties of claim's
-// order in insertion order. The idempotency index is partial so that jobs without a key never
-// collide. jobs_due serves claim's order (run_after_ms, created_ms, seq) and, as a covering
-// index, stats' oldest waiting job without reading a single row.
-constexpr const char* schema_sql = R"sql(
+// Schema version 1, as squall first created it (migrate_to_1). seq is the rowid alias: it keeps
+// inserts appending to the table's B-tree (random ids would scatter the rows) and breaks the last
+// ties of claim's order in insertion order. The idempotency index is partial so that jobs without a
+// key never collide. jobs_due serves claim's order (run_after_ms, created_ms, seq) and, as a
+// covering index, stats' oldest waiting job without reading a single row.
+constexpr const char* schema_v1_sql = R"sql(
 CREATE TABLE IF NOT EXISTS jobs (
   seq INTEGER PRIMARY KEY,
   id TEXT NOT NULL UNIQUE,
@@ -83,14 +88,24 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency_key ON jobs (idempotency_key)
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, run_after_ms, created_ms);
 )sql";
 
+// Version 2 (migrate_to_2): retention and privacy. A sent job's payload is deleted, so its
+// digest is kept for Idempotency-Key comparisons; jobs_finished serves the purge of old
+// finished jobs in finishing order; store_probe is what probe_write writes; the application
+// id marks the file as a squall store.
+constexpr const char* schema_v2_sql = R"sql(
+ALTER TABLE jobs ADD COLUMN payload_digest BLOB NOT NULL DEFAULT X'';
+CREATE INDEX jobs_finished ON jobs (finished_ms) WHERE finished_ms > 0;
+CREATE TABLE store_probe (id INTEGER PRIMARY KEY CHECK (id = 1), written_ms INTEGER NOT NULL);
+)sql";
+
 // The columns read_job expects, in its order.
 #define SQUALL_JOB_COLUMNS                                                                    \
   "id, kind, state, payload, idempotency_key, attempts, last_error, created_ms, updated_ms, " \
-  "run_after_ms, lease_until_ms, finished_ms"
+  "run_after_ms, lease_until_ms, finished_ms, payload_digest"
 
 constexpr const char* insert_sql =
     "INSERT INTO jobs (id, kind, state, payload, idempotency_key, created_ms, updated_ms, "
-    "run_after_ms) VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?5, ?5) "
+    "run_after_ms, payload_digest) VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?5, ?5, ?6) "
     "ON CONFLICT (idempotency_key) WHERE idempotency_key <> '' DO NOTHING";
 constexpr const char* get_by_id_sql = "SELECT " SQUALL_JOB_COLUMNS " FROM jobs WHERE id = ?1";
 constexpr const char* get_by_key_sql =
@@ -110,9 +125,11 @@ constexpr const char* claim_sql =
     "'sending' AND "
     "lease_until_ms < ?1 ORDER BY run_after_ms, created_ms, seq LIMIT ?3) "
     "ORDER BY run_after_ms, created_ms, seq LIMIT ?3)) RETURNING " SQUALL_JOB_COLUMNS ", seq";
+constexpr int claim_seq_column = 13;  // After the SQUALL_JOB_COLUMNS.
+// The payload (addresses, Bcc, the text) is deleted once sent: only its digest stays.
 constexpr const char* mark_sent_sql =
-    "UPDATE jobs SET state = 'sent', lease_until_ms = 0, updated_ms = ?2, finished_ms = ?2 "
-    "WHERE id = ?1 AND state <> 'sent'";
+    "UPDATE jobs SET state = 'sent', payload = X'', lease_until_ms = 0, updated_ms = ?2, "
+    "finished_ms = ?2 WHERE id = ?1 AND state <> 'sent'";
 constexpr const char* mark_retry_sql =
     "UPDATE jobs SET state = 'retrying', last_error = ?2, run_after_ms = ?3, lease_until_ms = 0, "
     "updated_ms = ?4 WHERE id = ?1 AND state = 'sending'";
@@ -122,6 +139,14 @@ constexpr const char* mark_failed_sql =
 constexpr const char* release_sql =
     "UPDATE jobs SET state = 'queued', attempts = max(attempts - 1, 0), lease_until_ms = 0, "
     "updated_ms = ?2 WHERE id = ?1 AND state = 'sending'";
+constexpr const char* purge_sql =
+    "DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE finished_ms > 0 AND "
+    "finished_ms < ?1 ORDER BY finished_ms LIMIT ?2)";
+constexpr const char* expire_leases_sql =
+    "UPDATE jobs SET lease_until_ms = 0, updated_ms = ?1 WHERE state = 'sending'";
+constexpr const char* probe_sql =
+    "INSERT INTO store_probe (id, written_ms) VALUES (1, ?1) "
+    "ON CONFLICT (id) DO UPDATE SET written_ms = excluded.written_ms";
 constexpr const char* count_pending_sql =
     "SELECT count(*) FROM jobs WHERE state IN ('queued', 'retrying', 'sending')";
 constexpr const char* count_by_state_sql = "SELECT state, count(*) FROM jobs GROUP BY state";
@@ -187,6 +212,10 @@ class SqliteJobStore final : public JobStore {
   std::int64_t count_pending() override;
   StoreStats stats(std::int64_t now_ms) override;
   void transaction(const std::function<void()>& body) override;
+  std::size_t purge_finished(std::int64_t finished_before_ms, std::size_t max_jobs) override;
+  std::int64_t compact(std::int64_t max_pages) override;
+  std::size_t expire_all_leases(std::int64_t now_ms) override;
+  void probe_write(std::int64_t now_ms) override;
 
  private:
   // A write transaction that nests: only the outermost one begins and commits. Any scope
@@ -216,6 +245,20 @@ class SqliteJobStore final : public JobStore {
   std::optional<Job> find(const Statement& statement, std::string_view key, const char* operation);
   bool run_update(const Statement& statement, const char* operation);
   void rollback() noexcept;
+  std::int64_t pragma_int(const char* pragma, const char* operation);
+  void check_owner_and_version(int version);
+  void migrate(int from_version);
+  void migrate_to_1();
+  void migrate_to_2();
+
+  // The schema's history: migrations[i] upgrades user_version i to i + 1, inside the one
+  // transaction that also sets user_version, so a failure leaves the file as it was. A new
+  // version adds one member function and one entry here (sqlite_schema_version follows).
+  static constexpr void (SqliteJobStore::*migrations[])() = {
+      &SqliteJobStore::migrate_to_1,
+      &SqliteJobStore::migrate_to_2,
+  };
+  static_assert(std::size(migrations) == sqlite_schema_version);
 
   std::string path_;                 // Named in every error.
   sqlite3* db_ = nullptr;            // The connection; closed after every statement is finalized.
@@ -236,9 +279,28 @@ class SqliteJobStore final : public JobStore {
   Statement count_by_state_;         // count_by_state_sql.
   Statement oldest_queued_;          // oldest_queued_sql.
   Statement begin_read_;             // BEGIN (deferred): stats reads one snapshot.
+  Statement purge_;                  // purge_sql.
+  Statement expire_leases_;          // expire_leases_sql.
+  Statement probe_;                  // probe_sql.
 };
 
+// A store file that does not exist yet is created here, mode 0600 whatever the umask: SQLite
+// would create it 0644 & ~umask, and it gives the -wal and -shm files the database's mode.
+// Jobs hold addresses and message text. An existing file keeps the mode its owner gave it.
+void create_private_file(const std::string& path) {
+  if (path.empty() || path == ":memory:" || path.starts_with("file:")) return;
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+  if (fd < 0) return;  // It exists (or cannot be made): SQLite's open reports the problem.
+  const int chmod_status = ::fchmod(fd, 0600);
+  const int chmod_errno = errno;
+  ::close(fd);
+  if (chmod_status != 0) {
+    throw std::runtime_error("job store " + path + ": chmod 0600: " + std::strerror(chmod_errno));
+  }
+}
+
 SqliteJobStore::SqliteJobStore(const std::string& path, bool synchronous_full) : path_(path) {
+  create_private_file(path);
   // NOMUTEX: the store is used by one thread at a time (the StoreWorker), so SQLite's
   // per-connection mutex would only cost time.
   const int open_status =
@@ -263,20 +325,18 @@ SqliteJobStore::SqliteJobStore(const std::string& path, bool synchronous_full) :
     // Another process (an admin reading the file) may hold a lock for a moment.
     if (sqlite3_busy_timeout(db_, 5000) != SQLITE_OK) fail("busy_timeout");
 
-    // The version is read before anything is written, so neither a newer store nor a foreign
-    // file is touched. Reading it is also where a non-SQLite file is detected.
-    int version = 0;
-    {
-      Statement user_version;
-      prepare(user_version, "PRAGMA user_version", "read user_version");
-      StatementUse use(user_version);
-      if (step(use.get(), "read user_version")) version = sqlite3_column_int(use.get(), 0);
-    }
-    if (version > sqlite_schema_version) {
-      throw std::runtime_error("job store " + path_ + ": schema version " +
-                               std::to_string(version) + " is newer than this squall supports (" +
-                               std::to_string(sqlite_schema_version) +
-                               "), or the file belongs to another program");
+    // Who owns the file and which version it has are read before anything is written, so
+    // neither a newer store nor another program's file is touched (not even switched to WAL).
+    // Reading is also where a non-SQLite file is detected.
+    const int version = static_cast<int>(pragma_int("PRAGMA user_version", "read user_version"));
+    check_owner_and_version(version);
+
+    // Compaction (retention deletes jobs): the free pages of deleted rows can be given back to
+    // the file system a few at a time (compact()). A new file gets the mode before its first
+    // table; an existing one is rebuilt once by VACUUM, which takes as long as copying it.
+    if (pragma_int("PRAGMA auto_vacuum", "read auto_vacuum") != 2) {
+      exec("PRAGMA auto_vacuum=INCREMENTAL", "set auto_vacuum=INCREMENTAL");
+      if (version > 0) exec("VACUUM", "convert the store to auto_vacuum=INCREMENTAL (VACUUM)");
     }
 
     // WAL: readers do not block the writer, and a commit appends to one file (one fsync).
@@ -299,19 +359,7 @@ SqliteJobStore::SqliteJobStore(const std::string& path, bool synchronous_full) :
     // file is truncated back to this size instead of keeping its peak forever.
     exec("PRAGMA journal_size_limit=67108864", "set journal_size_limit");
 
-    if (version < sqlite_schema_version) {
-      // In one transaction, so two processes creating the store at once cannot half-create it.
-      exec("BEGIN IMMEDIATE", "create schema");
-      try {
-        exec(schema_sql, "create schema");
-        exec(("PRAGMA user_version=" + std::to_string(sqlite_schema_version)).c_str(),
-             "create schema");
-        exec("COMMIT", "create schema");
-      } catch (...) {
-        rollback();
-        throw;
-      }
-    }
+    if (version < sqlite_schema_version) migrate(version);
 
     prepare(begin_, "BEGIN IMMEDIATE");
     prepare(commit_, "COMMIT");
@@ -328,6 +376,9 @@ SqliteJobStore::SqliteJobStore(const std::string& path, bool synchronous_full) :
     prepare(count_by_state_, count_by_state_sql);
     prepare(oldest_queued_, oldest_queued_sql);
     prepare(begin_read_, "BEGIN");
+    prepare(purge_, purge_sql);
+    prepare(expire_leases_, expire_leases_sql);
+    prepare(probe_, probe_sql);
   } catch (...) {
     // The destructor does not run; the prepared members are finalized after this, and
     // sqlite3_close_v2 waits for them.
@@ -341,6 +392,119 @@ SqliteJobStore::~SqliteJobStore() {
   // sqlite3_close_v2 defers the close until the statements (members, destroyed after this
   // body) are finalized, so the order of destruction does not matter.
   sqlite3_close_v2(db_);
+}
+
+std::int64_t SqliteJobStore::pragma_int(const char* pragma, const char* operation) {
+  Statement statement;
+  prepare(statement, pragma, operation);
+  StatementUse use(statement);
+  return step(use.get(), operation) ? sqlite3_column_int64(use.get(), 0) : 0;
+}
+
+void SqliteJobStore::check_owner_and_version(int version) {
+  const auto application_id =
+      static_cast<std::int32_t>(pragma_int("PRAGMA application_id", "read application_id"));
+  std::vector<std::string> tables;
+  {
+    Statement list;
+    prepare(list,
+            "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' "
+            "ESCAPE '\\' ORDER BY name",
+            "list tables");
+    StatementUse use(list);
+    while (step(use.get(), "list tables")) tables.push_back(column_string(use.get(), 0));
+  }
+  auto refuse = [this](const std::string& why) {
+    throw std::runtime_error("job store " + path_ + ": " + why +
+                             "; refusing to use it (nothing was written to it)");
+  };
+  std::string table_list;
+  for (const std::string& table : tables) table_list += (table_list.empty() ? "" : ", ") + table;
+  if (application_id == sqlite_application_id) {
+    if (version > sqlite_schema_version) {
+      refuse("schema version " + std::to_string(version) + " is newer than this squall supports (" +
+             std::to_string(sqlite_schema_version) + "): written by a later squall");
+    }
+    return;
+  }
+  if (application_id != 0) {
+    char hex[16];
+    std::snprintf(hex, sizeof hex, "0x%08x", static_cast<unsigned>(application_id));
+    refuse(std::string("the file belongs to another program (application_id ") + hex + ")");
+  }
+  // No application id: a new, empty file, or a store of schema version 1 (which set none).
+  if (version == 0) {
+    if (!tables.empty()) {
+      refuse("the file belongs to another program (it has tables " + table_list +
+             " and no squall schema version)");
+    }
+    return;
+  }
+  if (version > sqlite_schema_version || (version == 1 && table_list != "jobs")) {
+    refuse("schema version " + std::to_string(version) + " is newer than this squall supports (" +
+           std::to_string(sqlite_schema_version) + "), or the file belongs to another program " +
+           "(tables: " + (table_list.empty() ? "none" : table_list) + ")");
+  }
+}
+
+void SqliteJobStore::migrate(int from_version) {
+  // In one transaction, so two processes creating the store at once cannot half-create it,
+  // and a failed step leaves the previous version intact.
+  exec("BEGIN IMMEDIATE", "migrate the schema");
+  try {
+    // Another process may have migrated the file between the check and the lock.
+    int version = static_cast<int>(pragma_int("PRAGMA user_version", "migrate the schema"));
+    for (; version < sqlite_schema_version; ++version) (this->*migrations[version])();
+    exec(("PRAGMA user_version=" + std::to_string(sqlite_schema_version)).c_str(),
+         "migrate the schema");
+    exec("COMMIT", "migrate the schema");
+  } catch (...) {
+    rollback();
+    throw std::runtime_error("job store " + path_ + ": migrating schema version " +
+                             std::to_string(from_version) + " to " +
+                             std::to_string(sqlite_schema_version) + " failed: " + [] {
+                               try {
+                                 throw;
+                               } catch (const std::exception& error) {
+                                 return std::string(error.what());
+                               } catch (...) {
+                                 return std::string("an unknown error");
+                               }
+                             }());
+  }
+}
+
+void SqliteJobStore::migrate_to_1() {
+  exec(schema_v1_sql, "create schema version 1");
+}
+
+void SqliteJobStore::migrate_to_2() {
+  exec(schema_v2_sql, "migrate to schema version 2");
+  exec(("PRAGMA application_id=" + std::to_string(sqlite_application_id)).c_str(),
+       "migrate to schema version 2: set application_id");
+  // Digests of the jobs stored before: their payloads are all still there.
+  std::vector<std::pair<std::int64_t, std::string>> digests;
+  {
+    Statement select;
+    prepare(select, "SELECT seq, payload FROM jobs", "migrate to schema version 2");
+    StatementUse use(select);
+    while (step(use.get(), "migrate to schema version 2")) {
+      digests.emplace_back(sqlite3_column_int64(use.get(), 0),
+                           payload_digest(column_string(use.get(), 1)));
+    }
+  }
+  Statement update;
+  prepare(update, "UPDATE jobs SET payload_digest = ?2 WHERE seq = ?1",
+          "migrate to schema version 2");
+  for (const auto& [seq, digest] : digests) {
+    StatementUse use(update);
+    bind_int(use.get(), 1, seq, "migrate to schema version 2");
+    if (sqlite3_bind_blob64(use.get(), 2, digest.data(), digest.size(), SQLITE_STATIC) !=
+        SQLITE_OK) {
+      fail("migrate to schema version 2");
+    }
+    step(use.get(), "migrate to schema version 2");
+  }
 }
 
 void SqliteJobStore::fail(const char* operation) const {
@@ -410,6 +574,7 @@ Job SqliteJobStore::read_job(sqlite3_stmt* stmt, const char* operation) const {
   job.run_after_ms = sqlite3_column_int64(stmt, 9);
   job.lease_until_ms = sqlite3_column_int64(stmt, 10);
   job.finished_ms = sqlite3_column_int64(stmt, 11);
+  job.payload_digest = column_string(stmt, 12);
   return job;
 }
 
@@ -493,6 +658,11 @@ std::vector<Inserted> SqliteJobStore::insert_batch(const std::vector<NewJob>& jo
       }
       bind_text(use.get(), 4, new_job.idempotency_key, "insert");
       bind_int(use.get(), 5, now_ms, "insert");
+      job.payload_digest = payload_digest(new_job.payload);
+      if (sqlite3_bind_blob64(use.get(), 6, job.payload_digest.data(), job.payload_digest.size(),
+                              SQLITE_STATIC) != SQLITE_OK) {
+        fail("insert");
+      }
       // DO NOTHING on a known key: no change means the key exists (the unique id cannot be
       // the cause: that conflict is not the target and would raise an error).
       created = run_update(insert_, "insert");
@@ -539,7 +709,8 @@ std::vector<Job> SqliteJobStore::claim(std::size_t max, std::int64_t now_ms,
     bind_int(use.get(), 2, now_ms + lease_ms, "claim");
     bind_int(use.get(), 3, limit, "claim");
     while (step(use.get(), "claim")) {
-      claimed.emplace_back(sqlite3_column_int64(use.get(), 12), read_job(use.get(), "claim"));
+      claimed.emplace_back(sqlite3_column_int64(use.get(), claim_seq_column),
+                           read_job(use.get(), "claim"));
     }
   }
   transaction.commit();
@@ -629,6 +800,54 @@ void SqliteJobStore::transaction(const std::function<void()>& body) {
   transaction.commit();
 }
 
+std::size_t SqliteJobStore::purge_finished(std::int64_t finished_before_ms, std::size_t max_jobs) {
+  if (max_jobs == 0) return 0;
+  Transaction transaction(*this, "purge");
+  std::size_t deleted = 0;
+  {
+    StatementUse use(purge_);
+    bind_int(use.get(), 1, finished_before_ms, "purge");
+    bind_int(use.get(), 2,
+             static_cast<std::int64_t>(std::min<std::size_t>(
+                 max_jobs, static_cast<std::size_t>(std::numeric_limits<std::int64_t>::max()))),
+             "purge");
+    step(use.get(), "purge");
+    deleted = static_cast<std::size_t>(sqlite3_changes(db_));
+  }
+  transaction.commit();
+  return deleted;
+}
+
+std::int64_t SqliteJobStore::compact(std::int64_t max_pages) {
+  if (max_pages > 0) {
+    exec(("PRAGMA incremental_vacuum(" + std::to_string(max_pages) + ")").c_str(), "compact");
+  }
+  return pragma_int("PRAGMA freelist_count", "compact");
+}
+
+std::size_t SqliteJobStore::expire_all_leases(std::int64_t now_ms) {
+  Transaction transaction(*this, "expire_all_leases");
+  std::size_t expired = 0;
+  {
+    StatementUse use(expire_leases_);
+    bind_int(use.get(), 1, now_ms, "expire_all_leases");
+    step(use.get(), "expire_all_leases");
+    expired = static_cast<std::size_t>(sqlite3_changes(db_));
+  }
+  transaction.commit();
+  return expired;
+}
+
+void SqliteJobStore::probe_write(std::int64_t now_ms) {
+  Transaction transaction(*this, "probe_write");
+  {
+    StatementUse use(probe_);
+    bind_int(use.get(), 1, now_ms, "probe_write");
+    step(use.get(), "probe_write");
+  }
+  transaction.commit();
+}
+
 }  // namespace
 
 std::string_view to_string(JobState state) noexcept {
@@ -657,6 +876,65 @@ std::string new_job_id() {
 
 std::unique_ptr<JobStore> open_sqlite_store(const std::string& path, bool synchronous_full) {
   return std::make_unique<SqliteJobStore>(path, synchronous_full);
+}
+
+std::string payload_digest(std::string_view payload) {
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int size = 0;
+  if (EVP_Digest(payload.data(), payload.size(), digest, &size, EVP_sha256(), nullptr) != 1) {
+    throw std::runtime_error("job store: SHA-256 of a payload failed");
+  }
+  return std::string(reinterpret_cast<const char*>(digest), size);
+}
+
+StoreLock StoreLock::try_acquire(const std::string& store_path, std::string& holder) {
+  holder.clear();
+  StoreLock lock;
+  if (store_path.empty() || store_path == ":memory:" || store_path.starts_with("file:")) {
+    lock.acquired_ = true;
+    return lock;
+  }
+  const std::string path = store_path + ".lock";
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+  if (fd < 0) {
+    throw std::runtime_error("job store lock " + path + ": open: " + std::strerror(errno));
+  }
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    const int error = errno;
+    char text[32] = {};
+    const ssize_t got = ::pread(fd, text, sizeof text - 1, 0);
+    if (got > 0) holder.assign(text, static_cast<std::size_t>(got));
+    while (!holder.empty() && (holder.back() == '\n' || holder.back() == ' ')) holder.pop_back();
+    ::close(fd);
+    if (error != EWOULDBLOCK) {
+      throw std::runtime_error("job store lock " + path + ": flock: " + std::strerror(error));
+    }
+    return lock;
+  }
+  // The pid, for the message of a process that finds the lock taken.
+  const std::string pid = std::to_string(::getpid()) + "\n";
+  if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, pid.data(), pid.size(), 0) < 0) {
+    // Only the message would lack the pid; the lock itself holds.
+  }
+  lock.fd_ = fd;
+  lock.acquired_ = true;
+  return lock;
+}
+
+StoreLock::StoreLock(StoreLock&& other) noexcept
+    : fd_(std::exchange(other.fd_, -1)), acquired_(std::exchange(other.acquired_, false)) {}
+
+StoreLock& StoreLock::operator=(StoreLock&& other) noexcept {
+  if (this != &other) {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = std::exchange(other.fd_, -1);
+    acquired_ = std::exchange(other.acquired_, false);
+  }
+  return *this;
+}
+
+StoreLock::~StoreLock() {
+  if (fd_ >= 0) ::close(fd_);
 }
 
 }  // namespace squall::jobs

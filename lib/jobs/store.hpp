@@ -43,6 +43,9 @@ struct Job {
   std::int64_t run_after_ms = 0;      // Not claimed before this time.
   std::int64_t lease_until_ms = 0;    // While sending: reclaimable after this time.
   std::int64_t finished_ms = 0;       // When it became sent or failed.
+  // SHA-256 of the payload as inserted (32 bytes; see payload_digest()): kept when the payload
+  // itself is deleted (a sent job), so a repeated Idempotency-Key can still be compared.
+  std::string payload_digest;
 };
 
 // What a producer hands in; everything else is set by the store.
@@ -107,6 +110,20 @@ class JobStore {
   // runner's marks for many jobs. Calls inside join it; an exception escaping `body`, or
   // thrown by any call inside it, rolls all of it back. Nesting is allowed.
   virtual void transaction(const std::function<void()>& body) = 0;
+
+  // Retention: deletes up to `max_jobs` finished jobs (sent or failed) that finished before
+  // `finished_before_ms`, oldest first, with their Idempotency-Keys, in one transaction.
+  // Returns how many were deleted; fewer than max_jobs means none is left to delete.
+  virtual std::size_t purge_finished(std::int64_t finished_before_ms, std::size_t max_jobs) = 0;
+  // Gives up to `max_pages` free pages back to the file system (incremental vacuum); returns
+  // the free pages left. Bounded, so a store thread that runs it never stalls inserts long.
+  virtual std::int64_t compact(std::int64_t max_pages) = 0;
+  // Makes every sending job reclaimable at once (its lease ends now): call it only when no
+  // other process can be sending from this store (StoreLock says so). Returns their number.
+  virtual std::size_t expire_all_leases(std::int64_t now_ms) = 0;
+  // Commits a small write, to learn whether the store accepts writes again (after a full
+  // disk, a lock held too long, an I/O error). Throws as every other write does.
+  virtual void probe_write(std::int64_t now_ms) = 0;
 };
 
 // Opens or creates the SQLite job store at `path` (its directory must exist) in WAL mode.
@@ -114,8 +131,40 @@ class JobStore {
 // (NORMAL) a kill -9 loses nothing but a power cut may lose the last commits.
 std::unique_ptr<JobStore> open_sqlite_store(const std::string& path, bool synchronous_full);
 
-// The schema version open_sqlite_store creates and accepts (PRAGMA user_version).
-inline constexpr int sqlite_schema_version = 1;
+// The schema version open_sqlite_store creates and upgrades to (PRAGMA user_version). Older
+// stores are migrated in place, one step per version; newer ones are refused untouched.
+inline constexpr int sqlite_schema_version = 2;
+// PRAGMA application_id of a squall job store ("Sqal"): another program's SQLite file is
+// recognised, and refused, before anything is written to it.
+inline constexpr std::int32_t sqlite_application_id = 0x5371616c;
+
+// SHA-256 of `payload`, 32 raw bytes: Job::payload_digest.
+std::string payload_digest(std::string_view payload);
+
+// An exclusive lock on "<store>.lock" (flock), held by the one squalld process that uses the
+// store on this node. Whoever gets it knows that every job left in `sending` was leased by a
+// process that is gone (kill -9, a crash), so it may reclaim those jobs at once instead of
+// waiting out their lease. The lock ends with the process, however it dies.
+class StoreLock {
+ public:
+  // Tries to take the lock without waiting. `holder` gets the pid written by the process that
+  // holds it when it is taken, or "" otherwise. Throws std::runtime_error naming the lock file
+  // when it cannot be opened. A store without a file (":memory:", "file:" URIs) is never
+  // shared: acquired, with no lock file.
+  static StoreLock try_acquire(const std::string& store_path, std::string& holder);
+  StoreLock(StoreLock&& other) noexcept;
+  StoreLock& operator=(StoreLock&& other) noexcept;
+  ~StoreLock();
+  StoreLock(const StoreLock&) = delete;
+  StoreLock& operator=(const StoreLock&) = delete;
+
+  bool acquired() const noexcept { return acquired_; }
+
+ private:
+  StoreLock() = default;
+  int fd_ = -1;            // The lock file, open while the lock is held; -1 otherwise.
+  bool acquired_ = false;  // The lock is ours (or there is no file to share).
+};
 
 // A fresh job id, 32 lowercase hex digits: 48 bits of Unix milliseconds, then 80 random bits
 // from getrandom(2), so ids sort by creation and cannot be guessed.

@@ -1,6 +1,7 @@
 #include "log/log.hpp"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <pthread.h>
 #include <signal.h>
 #include <unistd.h>
@@ -36,11 +37,26 @@ std::string errno_text(int err) {
   return std::strerror(err);
 }
 
+// Opens a log file for appending. One it creates is 0640 whatever the umask (an admin group
+// may read the logs, nobody else); an existing one keeps the mode logrotate or its owner gave it.
 int open_append(const std::string& path) {
   int fd;
   do {
-    fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
+    fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_APPEND | O_CLOEXEC, 0640);
   } while (fd < 0 && errno == EINTR);
+  if (fd >= 0) {
+    if (::fchmod(fd, 0640) != 0) {
+      const int error = errno;
+      ::close(fd);
+      throw std::runtime_error("cannot chmod 0640 log file \"" + path + "\": " + errno_text(error));
+    }
+    return fd;
+  }
+  if (errno == EEXIST) {
+    do {
+      fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
+    } while (fd < 0 && errno == EINTR);
+  }
   if (fd < 0) {
     throw std::runtime_error("cannot open log file \"" + path + "\": " + errno_text(errno));
   }

@@ -245,9 +245,15 @@ def self_signed_tls(tmp_path_factory):
     return context
 
 
-def test_opportunistic_starttls_encrypts_without_verifying(smtp_server, self_signed_tls):
+def test_opportunistic_starttls_verifies_unless_told_not_to(smtp_server, self_signed_tls):
+    # Offered STARTTLS is used, and its certificate verified like any other: a self-signed one
+    # fails, and only --no-verify (squalld's [smtp] tls_verify = false) lets it through.
     server = smtp_server(tls_context=self_signed_tls)
     status, result, _ = send(SIMPLE, server.url, "--starttls", "opportunistic")
+    assert status == 2, result
+    assert result["detail"].startswith("TLS setup failed ("), result
+    assert server.messages == []
+    status, result, _ = send(SIMPLE, server.url, "--starttls", "opportunistic", "--no-verify")
     assert status == 0, result
     assert server.wait_for(1)[0].tls
 

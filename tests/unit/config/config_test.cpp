@@ -184,6 +184,7 @@ TEST_CASE("parse_duration accepts an integer and a unit") {
   CHECK(parse_duration("10s") == 10s);
   CHECK(parse_duration("2m") == 120s);
   CHECK(parse_duration("1h") == 3600s);
+  CHECK(parse_duration("7d") == 168h);
   CHECK(parse_duration("0s") == 0ms);  // Zero is a duration; the loader decides where it is wrong.
   CHECK(parse_duration("007s") == 7s);
   CHECK(parse_duration("9223372036854775807ms") == Duration::max());
@@ -192,14 +193,14 @@ TEST_CASE("parse_duration accepts an integer and a unit") {
 TEST_CASE("parse_duration rejects everything else, saying why") {
   CHECK(duration_error("") == "expected a duration such as \"10s\", got \"\"");
   CHECK(duration_error("soon") == "expected a duration such as \"10s\", got \"soon\"");
-  CHECK(contains(duration_error("10"), "missing unit; use ms, s, m or h"));
+  CHECK(contains(duration_error("10"), "missing unit; use ms, s, m, h or d"));
   CHECK(contains(duration_error("-5s"), "negative durations are not allowed"));
   CHECK(contains(duration_error("1.5s"), "fractions are not allowed"));
   CHECK(contains(duration_error("10x"), "unknown unit \"x\""));
   CHECK(contains(duration_error("10S"), "unknown unit \"S\""));
   CHECK(contains(duration_error("10 s"), "unknown unit \" s\""));
   CHECK(contains(duration_error("10sec"), "unknown unit \"sec\""));
-  CHECK(contains(duration_error("1d"), "unknown unit \"d\""));
+  CHECK(contains(duration_error("1D"), "unknown unit \"D\""));
   CHECK(contains(duration_error("99999999999999999999s"), "too large"));
   CHECK(contains(duration_error("9223372036854775808ms"), "too large"));
   CHECK(contains(duration_error("2562047788016h"), "too large"));
@@ -473,6 +474,8 @@ TEST_CASE("durations must be positive and at most a day") {
   CHECK(load_error("[timeouts]\ndrain = \"25h\"\n") ==
         "test.toml:2: [timeouts] drain: must be at most 24h, got \"25h\"");
   CHECK(load_config_string("[timeouts]\ndrain = \"24h\"\n", "x").timeouts.drain == 24h);
+  CHECK(load_error("[timeouts]\ndrain = \"2d\"\n") ==
+        "test.toml:2: [timeouts] drain: must be at most 24h, got \"2d\"");
   CHECK(contains(load_error("[timeouts]\nheader = \"-1s\"\n"), "negative durations"));
   CHECK(contains(load_error("[timeouts]\nheader = \"10\"\n"), "missing unit"));
   CHECK(contains(load_error("[timeouts]\nheader = \"999999999999999999999h\"\n"), "too large"));
@@ -583,4 +586,43 @@ TEST_CASE("sends must leave libuv's pool a thread; errors name the key and line"
         "t.toml:4: [jobs] lease: lease (30000 ms) must be longer than [smtp] connect_timeout + "
         "timeout (40000 ms), or a send still running would be claimed again");
   CHECK(message("[jobs]\nbogus = 1\n").rfind("t.toml:2: [jobs] bogus: unknown key", 0) == 0);
+}
+
+TEST_CASE("[jobs] retain takes days, up to ten years") {
+  CHECK(squall::Config{}.jobs.retain == std::chrono::hours(24 * 7));
+  CHECK(squall::load_config_string("[jobs]\nretain = \"30d\"\n", "t.toml").jobs.retain ==
+        std::chrono::hours(24 * 30));
+  CHECK(squall::load_config_string("[jobs]\nretain = \"90s\"\n", "t.toml").jobs.retain ==
+        std::chrono::seconds(90));
+  try {
+    squall::load_config_string("[jobs]\nretain = \"3651d\"\n", "t.toml");
+    FAIL("no error");
+  } catch (const squall::ConfigError& error) {
+    CHECK(std::string(error.what()) ==
+          "t.toml:2: [jobs] retain: must be at most 87600h, got \"3651d\"");
+  }
+}
+
+TEST_CASE("an SMTP username needs smtps:// or starttls = required; TLS keys load") {
+  const auto message = [](const char* text) {
+    try {
+      squall::load_config_string(text, "t.toml");
+    } catch (const squall::ConfigError& error) {
+      return std::string(error.what());
+    }
+    return std::string("no error");
+  };
+  const std::string expected =
+      ": [smtp] username: a username needs an encrypted connection, or the password goes in "
+      "clear text: use an smtps:// url or starttls = \"required\"";
+  CHECK(message("[smtp]\nurl = \"smtp://relay:587\"\nusername = \"robot\"\n") ==
+        "t.toml:3" + expected);
+  CHECK(message("[smtp]\nusername = \"robot\"\nstarttls = \"off\"\n") == "t.toml:2" + expected);
+  CHECK(message("[smtp]\nusername = \"robot\"\nstarttls = \"required\"\n") == "no error");
+  CHECK(message("[smtp]\nusername = \"robot\"\nurl = \"smtps://relay:465\"\n") == "no error");
+  const squall::Config config = squall::load_config_string(
+      "[smtp]\nca_file = \"/etc/squall/relay-ca.pem\"\ntls_verify = false\n", "t.toml");
+  CHECK(config.smtp.ca_file == "/etc/squall/relay-ca.pem");
+  CHECK_FALSE(config.smtp.tls_verify);
+  CHECK(squall::Config{}.smtp.tls_verify);
 }

@@ -18,9 +18,12 @@ namespace {
 
 // A temporary store, its worker thread, and a loop to run the runner on.
 struct Fixture {
-  Fixture() {
+  using Wrap = std::function<std::unique_ptr<jobs::JobStore>(std::unique_ptr<jobs::JobStore>)>;
+  // `wrap`, if given, stands between the worker and the SQLite store (to inject failures).
+  explicit Fixture(const Wrap& wrap = {}) {
+    auto sqlite = jobs::open_sqlite_store(directory.file("jobs.db"), false);
     store = std::make_unique<jobs::StoreWorker>(
-        jobs::open_sqlite_store(directory.file("jobs.db"), false),
+        wrap ? wrap(std::move(sqlite)) : std::move(sqlite),
         [this](std::function<void()> callback) { loop.call_soon(std::move(callback)); });
   }
   ~Fixture() {
@@ -55,6 +58,54 @@ struct Fixture {
   testing::TempDir directory;  // Declared first: removed after the store closed its file.
   Loop loop;
   std::unique_ptr<jobs::StoreWorker> store;
+};
+
+// A store whose mark_sent fails (as a store locked by a backup does) while `fail_marks` > 0.
+class FlakyStore final : public jobs::JobStore {
+ public:
+  FlakyStore(std::unique_ptr<jobs::JobStore> inner, std::atomic<int>& fail_marks)
+      : inner_(std::move(inner)), fail_marks_(fail_marks) {}
+  std::vector<jobs::Inserted> insert_batch(const std::vector<jobs::NewJob>& jobs,
+                                           std::int64_t now_ms) override {
+    return inner_->insert_batch(jobs, now_ms);
+  }
+  std::optional<jobs::Job> get(std::string_view id) override { return inner_->get(id); }
+  std::vector<jobs::Job> claim(std::size_t max, std::int64_t now_ms,
+                               std::int64_t lease_ms) override {
+    return inner_->claim(max, now_ms, lease_ms);
+  }
+  bool mark_sent(std::string_view id, std::int64_t now_ms) override {
+    if (fail_marks_.load() > 0) {
+      --fail_marks_;
+      throw std::runtime_error("job store test.db: mark_sent: database is locked");
+    }
+    return inner_->mark_sent(id, now_ms);
+  }
+  bool mark_retry(std::string_view id, std::string_view error, std::int64_t run_after_ms,
+                  std::int64_t now_ms) override {
+    return inner_->mark_retry(id, error, run_after_ms, now_ms);
+  }
+  bool mark_failed(std::string_view id, std::string_view error, std::int64_t now_ms) override {
+    return inner_->mark_failed(id, error, now_ms);
+  }
+  bool release(std::string_view id, std::int64_t now_ms) override {
+    return inner_->release(id, now_ms);
+  }
+  std::int64_t count_pending() override { return inner_->count_pending(); }
+  jobs::StoreStats stats(std::int64_t now_ms) override { return inner_->stats(now_ms); }
+  void transaction(const std::function<void()>& body) override { inner_->transaction(body); }
+  std::size_t purge_finished(std::int64_t before_ms, std::size_t max_jobs) override {
+    return inner_->purge_finished(before_ms, max_jobs);
+  }
+  std::int64_t compact(std::int64_t max_pages) override { return inner_->compact(max_pages); }
+  std::size_t expire_all_leases(std::int64_t now_ms) override {
+    return inner_->expire_all_leases(now_ms);
+  }
+  void probe_write(std::int64_t now_ms) override { inner_->probe_write(now_ms); }
+
+ private:
+  std::unique_ptr<jobs::JobStore> inner_;
+  std::atomic<int>& fail_marks_;
 };
 
 jobs::RunnerOptions fast_options() {
@@ -240,4 +291,91 @@ TEST_CASE("a claim of a job whose attempt is still running is ignored") {
   CHECK(runner.stats().attempts == 1);
   runner.drain([&] { fixture.loop.stop(); });
   fixture.loop.run();
+}
+
+TEST_CASE("a sent outcome the store fails to record is kept and written again; no second send") {
+  // The store refuses mark_sent four times (locked by a backup) for longer than the lease: the
+  // job is claimed again meanwhile, and must not be attempted again.
+  std::atomic<int> fail_marks{4};
+  Fixture fixture([&](std::unique_ptr<jobs::JobStore> inner) {
+    return std::make_unique<FlakyStore>(std::move(inner), fail_marks);
+  });
+  fixture.insert(1);
+  auto options = fast_options();
+  options.lease = 20ms;
+  options.record_retry_initial = 15ms;
+  std::atomic<int> attempts{0};
+  std::string id;
+  jobs::JobRunner runner(fixture.loop, *fixture.store, options,
+                         [&](const jobs::Job& job) -> std::function<jobs::AttemptResult()> {
+                           id = job.id;
+                           return [&] {
+                             ++attempts;
+                             return jobs::AttemptResult{Outcome::done, "250 ok"};
+                           };
+                         });
+  runner.start();
+  const auto deadline = std::chrono::steady_clock::now() + 10s;
+  std::optional<jobs::Job> stored;
+  while (std::chrono::steady_clock::now() < deadline) {
+    fixture.loop.call_later(20ms, [&] { fixture.loop.stop(); });
+    fixture.loop.run();
+    if (id.empty()) continue;
+    const auto found = fixture.all_jobs({id});
+    if (!found.empty() && found[0].state == jobs::JobState::sent) {
+      stored = found[0];
+      break;
+    }
+  }
+  REQUIRE(stored.has_value());
+  CHECK(fail_marks.load() == 0);
+  CHECK(attempts.load() == 1);
+  CHECK(runner.stats().attempts == 1);
+  runner.drain([&] { fixture.loop.stop(); });
+  fixture.loop.run();
+}
+
+TEST_CASE("abort_attempts ends running attempts; their jobs go back to the queue uncounted") {
+  Fixture fixture;
+  fixture.insert(1);
+  std::atomic<bool> started{false};
+  std::string id;
+  jobs::JobRunner* self = nullptr;
+  jobs::JobRunner runner(fixture.loop, *fixture.store, fast_options(),
+                         [&](const jobs::Job& job) -> std::function<jobs::AttemptResult()> {
+                           id = job.id;
+                           return [&started, cancel = self->cancel_flag()] {
+                             started = true;
+                             // A send that would take a minute, polling the flag as libcurl's
+                             // progress callback does.
+                             for (int i = 0; i < 60'000 && !cancel->load(); ++i)
+                               std::this_thread::sleep_for(1ms);
+                             if (cancel->load())
+                               return jobs::AttemptResult{Outcome::aborted, "aborted"};
+                             return jobs::AttemptResult{Outcome::done, "ok"};
+                           };
+                         });
+  self = &runner;
+  runner.start();
+  bool drained = false;
+  const auto begun = std::chrono::steady_clock::now();
+  fixture.loop.call_later(50ms, [&] {
+    CHECK(started.load());
+    runner.drain([&] {
+      drained = true;
+      fixture.loop.stop();
+    });
+    runner.abort_attempts();
+  });
+  const auto watchdog = fixture.loop.call_later(10s, [&] { fixture.loop.stop(); });
+  fixture.loop.run();
+  fixture.loop.cancel(watchdog);
+  CHECK(drained);
+  CHECK(std::chrono::steady_clock::now() - begun < 5s);
+  const auto found = fixture.all_jobs({id});
+  REQUIRE(found.size() == 1);
+  CHECK(found[0].state == jobs::JobState::queued);
+  CHECK(found[0].attempts == 0);
+  CHECK(runner.stats().done == 0);
+  CHECK(runner.stats().failed == 0);
 }

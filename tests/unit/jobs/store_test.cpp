@@ -7,6 +7,7 @@
 #include <algorithm>
 
 #include <sqlite3.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -731,4 +732,223 @@ TEST_CASE("StoreWorker fails every insert of a failed batch, and survives operat
   REQUIRE(loop.drain_until([&] { return after; }));
   REQUIRE(loop.errors.size() == 2);
   CHECK(loop.errors[1].find("own thread") != std::string::npos);
+}
+
+namespace {
+
+// Reads one integer through a separate connection (read-only use of the file).
+std::int64_t sql_int(const std::string& path, const char* sql) {
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open_v2(path.c_str(), &db, SQLITE_OPEN_READONLY, nullptr) == SQLITE_OK);
+  sqlite3_stmt* stmt = nullptr;
+  REQUIRE(sqlite3_prepare_v2(db, sql, -1, &stmt, nullptr) == SQLITE_OK);
+  std::int64_t value = -1;
+  if (sqlite3_step(stmt) == SQLITE_ROW) value = sqlite3_column_int64(stmt, 0);
+  sqlite3_finalize(stmt);
+  sqlite3_close(db);
+  return value;
+}
+
+unsigned file_mode(const std::string& path) {
+  struct stat status {};
+  REQUIRE(::stat(path.c_str(), &status) == 0);
+  return status.st_mode & 0777;
+}
+
+// Sets the umask for one scope.
+struct Umask {
+  explicit Umask(mode_t mask) : old(::umask(mask)) {}
+  ~Umask() { ::umask(old); }
+  mode_t old;
+};
+
+}  // namespace
+
+TEST_CASE("the store's files are created 0600 whatever the umask") {
+  TempDir dir;
+  const std::string path = dir.file("jobs.db");
+  {
+    const Umask open_umask(0);
+    auto store = open_sqlite_store(path, true);
+    insert_one(*store, new_job("private"), 1);
+    CHECK(file_mode(path) == 0600);
+    CHECK(file_mode(path + "-wal") == 0600);
+    CHECK(file_mode(path + "-shm") == 0600);
+  }
+  // An existing file keeps the mode its owner chose.
+  REQUIRE(::chmod(path.c_str(), 0640) == 0);
+  open_sqlite_store(path, true);
+  CHECK(file_mode(path) == 0640);
+}
+
+TEST_CASE("another program's SQLite file is refused before anything is written to it") {
+  TempDir dir;
+  const std::string path = dir.file("other.db");
+  run_sql(path, "CREATE TABLE users (name TEXT); INSERT INTO users VALUES ('ann')");
+  const std::string before = squall::testing::read_file(path);
+  const std::string error = error_of([&] { open_sqlite_store(path, true); });
+  CHECK(error.find(path) != std::string::npos);
+  CHECK(error.find("another program") != std::string::npos);
+  CHECK(error.find("users") != std::string::npos);
+  // Byte for byte as it was: still in rollback-journal mode, no schema, no application id.
+  CHECK(squall::testing::read_file(path) == before);
+  CHECK(!std::filesystem::exists(path + "-wal"));
+
+  // The same with another program's application id and no tables at all.
+  const std::string tagged = dir.file("tagged.db");
+  run_sql(tagged, "PRAGMA application_id=1234");
+  const std::string tagged_before = squall::testing::read_file(tagged);
+  const std::string tagged_error = error_of([&] { open_sqlite_store(tagged, true); });
+  CHECK(tagged_error.find("application_id 0x000004d2") != std::string::npos);
+  CHECK(squall::testing::read_file(tagged) == tagged_before);
+}
+
+TEST_CASE("a store of schema version 1 is migrated in place and keeps its jobs") {
+  TempDir dir;
+  const std::string path = dir.file("jobs.db");
+  // The file as the first squall left it: version 1, no application id, no auto_vacuum.
+  run_sql(path,
+          "PRAGMA journal_mode=WAL;"
+          "CREATE TABLE jobs (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, kind TEXT NOT "
+          "NULL, state TEXT NOT NULL CHECK (state IN ('queued', 'sending', 'retrying', 'sent', "
+          "'failed')), payload BLOB NOT NULL, idempotency_key TEXT NOT NULL DEFAULT '', attempts "
+          "INTEGER NOT NULL DEFAULT 0, last_error TEXT NOT NULL DEFAULT '', created_ms INTEGER "
+          "NOT NULL, updated_ms INTEGER NOT NULL, run_after_ms INTEGER NOT NULL, lease_until_ms "
+          "INTEGER NOT NULL DEFAULT 0, finished_ms INTEGER NOT NULL DEFAULT 0);"
+          "CREATE UNIQUE INDEX jobs_idempotency_key ON jobs (idempotency_key) WHERE "
+          "idempotency_key <> '';"
+          "CREATE INDEX jobs_due ON jobs (state, run_after_ms, created_ms);"
+          "INSERT INTO jobs (id, kind, state, payload, idempotency_key, created_ms, updated_ms, "
+          "run_after_ms) VALUES ('0123456789abcdef0123456789abcdef', 'email', 'queued', "
+          "'old payload', 'old-key', 5, 5, 5);"
+          "PRAGMA user_version=1;");
+  REQUIRE(sql_int(path, "PRAGMA auto_vacuum") == 0);
+  {
+    auto store = open_sqlite_store(path, true);
+    const auto job = store->get("0123456789abcdef0123456789abcdef");
+    REQUIRE(job.has_value());
+    CHECK(job->payload == "old payload");
+    CHECK(job->payload_digest == squall::jobs::payload_digest("old payload"));
+    // The old key still finds the old job, and the digest compares the same request.
+    const Inserted repeat = insert_one(*store, new_job("old payload", "old-key"), 9);
+    CHECK(!repeat.created);
+    CHECK(repeat.job.id == "0123456789abcdef0123456789abcdef");
+  }
+  CHECK(sql_int(path, "PRAGMA user_version") == squall::jobs::sqlite_schema_version);
+  CHECK(sql_int(path, "PRAGMA application_id") == squall::jobs::sqlite_application_id);
+  CHECK(sql_int(path, "PRAGMA auto_vacuum") == 2);
+  // A second open migrates nothing more and refuses nothing.
+  CHECK(error_of([&] { open_sqlite_store(path, true); }).empty());
+}
+
+TEST_CASE("a new store is incremental-vacuum, tagged and at the current version") {
+  TempDir dir;
+  const std::string path = dir.file("jobs.db");
+  open_sqlite_store(path, true);
+  CHECK(sql_int(path, "PRAGMA auto_vacuum") == 2);
+  CHECK(sql_int(path, "PRAGMA application_id") == squall::jobs::sqlite_application_id);
+  CHECK(sql_int(path, "PRAGMA user_version") == squall::jobs::sqlite_schema_version);
+}
+
+TEST_CASE("mark_sent deletes the payload and keeps its digest") {
+  TempDir dir;
+  auto store = open_sqlite_store(dir.file("jobs.db"), true);
+  const Inserted inserted = insert_one(*store, new_job("{\"bcc\":\"secret@example.com\"}", "k"), 1);
+  CHECK(inserted.job.payload_digest.size() == 32);
+  store->claim(1, 2, 1000);
+  REQUIRE(store->mark_sent(inserted.job.id, 3));
+  const auto job = store->get(inserted.job.id);
+  REQUIRE(job.has_value());
+  CHECK(job->payload.empty());
+  CHECK(job->payload_digest == squall::jobs::payload_digest("{\"bcc\":\"secret@example.com\"}"));
+  // A failed job keeps its payload (an operator may want to send it again).
+  const Inserted other = insert_one(*store, new_job("kept"), 4);
+  store->claim(1, 5, 1000);
+  REQUIRE(store->mark_failed(other.job.id, "550", 6));
+  CHECK(store->get(other.job.id)->payload == "kept");
+}
+
+TEST_CASE("purge_finished deletes old finished jobs in batches, and compact shrinks the file") {
+  TempDir dir;
+  const std::string path = dir.file("jobs.db");
+  auto store = open_sqlite_store(path, false);
+  const std::string big(20'000, 'x');
+  std::vector<NewJob> batch;
+  for (int i = 0; i < 60; ++i)
+    batch.push_back(new_job(big + std::to_string(i), "key-" + std::to_string(i)));
+  const auto inserted = store->insert_batch(batch, 10);
+  const auto pending = insert_one(*store, new_job("still queued", "pending-key"), 10);
+  const auto claimed = store->claim(60, 11, 1000);
+  REQUIRE(claimed.size() == 60);
+  for (int i = 0; i < 60; ++i) {
+    // Finished at 100 + i: half before the cutoff of 130, half after.
+    if (i % 2 == 0) {
+      REQUIRE(store->mark_sent(inserted[i].job.id, 100 + i));
+    } else {
+      REQUIRE(store->mark_failed(inserted[i].job.id, "no", 100 + i));
+    }
+  }
+  const std::int64_t pages_before = sql_int(path, "PRAGMA page_count");
+  CHECK(store->purge_finished(130, 20) == 20);
+  CHECK(store->purge_finished(130, 20) == 10);
+  CHECK(store->purge_finished(130, 20) == 0);
+  for (int i = 0; i < 60; ++i) {
+    CHECK(store->get(inserted[i].job.id).has_value() == (100 + i >= 130));
+  }
+  CHECK(store->get(pending.job.id).has_value());
+  // A purged key is free again: the same key makes a new job.
+  CHECK(insert_one(*store, new_job("again", "key-0"), 200).created);
+  CHECK(!insert_one(*store, new_job("again", "key-59"), 200).created);
+
+  CHECK(store->purge_finished(1'000, 100) == 30);
+  CHECK(store->compact(10) > 0);  // Bounded: pages are left for the next round.
+  CHECK(store->compact(1'000'000) == 0);
+  store->transaction([] {});  // Checkpoint-free: the page count is what the WAL says.
+  CHECK(sql_int(path, "PRAGMA page_count") < pages_before / 4);
+}
+
+TEST_CASE("expire_all_leases makes sending jobs claimable at once; StoreLock is exclusive") {
+  TempDir dir;
+  const std::string path = dir.file("jobs.db");
+  auto store = open_sqlite_store(path, true);
+  const Inserted sending = insert_one(*store, new_job("a"), 1);
+  insert_one(*store, new_job("b"), 1);
+  REQUIRE(store->claim(1, 2, 1'000'000).size() == 1);
+  CHECK(store->claim(5, 3, 1'000'000).size() == 1);  // Only "b": "a" is leased.
+  CHECK(store->expire_all_leases(4) == 2);
+  const auto again = store->claim(5, 5, 1'000'000);
+  REQUIRE(again.size() == 2);
+  CHECK(again[0].id == sending.job.id);
+  CHECK(again[0].attempts == 2);
+
+  std::string holder;
+  auto first = squall::jobs::StoreLock::try_acquire(path, holder);
+  CHECK(first.acquired());
+  CHECK(holder.empty());
+  auto second = squall::jobs::StoreLock::try_acquire(path, holder);
+  CHECK(!second.acquired());
+  CHECK(holder == std::to_string(::getpid()));
+  CHECK(file_mode(path + ".lock") == 0600);
+  first = squall::jobs::StoreLock::try_acquire(path + ".other", holder);  // Releases the first.
+  CHECK(squall::jobs::StoreLock::try_acquire(path, holder).acquired());
+}
+
+TEST_CASE("probe_write fails while another connection holds the write lock, then succeeds") {
+  TempDir dir;
+  const std::string path = dir.file("jobs.db");
+  auto store = open_sqlite_store(path, true);
+  store->probe_write(1);
+  sqlite3* other = nullptr;
+  REQUIRE(sqlite3_open(path.c_str(), &other) == SQLITE_OK);
+  REQUIRE(sqlite3_exec(other, "BEGIN IMMEDIATE", nullptr, nullptr, nullptr) == SQLITE_OK);
+  sqlite3_busy_timeout(other, 0);
+  // The store waits its busy timeout (5 s) and then reports the lock.
+  const auto started = std::chrono::steady_clock::now();
+  const std::string error = error_of([&] { store->probe_write(2); });
+  CHECK(std::chrono::steady_clock::now() - started >= std::chrono::seconds(4));
+  CHECK(error.find("probe_write") != std::string::npos);
+  CHECK(error.find("locked") != std::string::npos);
+  REQUIRE(sqlite3_exec(other, "COMMIT", nullptr, nullptr, nullptr) == SQLITE_OK);
+  sqlite3_close(other);
+  store->probe_write(3);
 }

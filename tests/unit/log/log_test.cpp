@@ -5,6 +5,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
@@ -237,4 +239,26 @@ TEST_CASE("journal mode prefixes error lines with the syslog priority and drops 
     spdlog::critical("c");
   }
   CHECK(read_file(dir.path / "error.log") == "<7>t\n<7>d\n<6>i 1\n<4>w\n<3>e\n<2>c\n");
+}
+
+TEST_CASE("log files are created 0640 whatever the umask; existing ones keep their mode") {
+  TempDir dir;
+  for (const mode_t mask : {mode_t{0}, mode_t{022}, mode_t{077}}) {
+    CAPTURE(mask);
+    const fs::path path = dir.path / ("app-" + std::to_string(mask) + ".log");
+    const mode_t old = ::umask(mask);
+    {
+      auto sink = std::make_shared<ReopenableFileSink>(path.string());
+      fs::rename(path, path.string() + ".1");
+      sink->reopen();  // As after logrotate: a new file.
+    }
+    ::umask(old);
+    CHECK(fs::status(path.string() + ".1").permissions() == fs::perms(0640));
+    CHECK(fs::status(path).permissions() == fs::perms(0640));
+  }
+  const fs::path existing = dir.path / "existing.log";
+  std::ofstream(existing) << "old\n";
+  fs::permissions(existing, fs::perms(0600));
+  ReopenableFileSink sink(existing.string());
+  CHECK(fs::status(existing).permissions() == fs::perms(0600));
 }
