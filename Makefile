@@ -23,7 +23,7 @@ SAN_FLAGS := -fsanitize=$(SANITIZE) -fno-omit-frame-pointer -fno-sanitize-recove
 endif
 LLHTTP_DIR := /usr/share/llhttp
 LLHTTP_INCLUDE := /usr/share/include/llhttp
-PKGS := libuv spdlog fmt tomlplusplus libcurl sqlite3 libsystemd
+PKGS := libuv spdlog fmt tomlplusplus libcurl sqlite3 libsystemd libcrypto
 
 CPPFLAGS += -Ilib -I. -Itests/unit -I$(LLHTTP_INCLUDE) -MMD -MP
 CXXFLAGS ?= -O2 -g

@@ -101,15 +101,18 @@ void HttpMetrics::observe(const http::RequestRecord& record) {
   request_duration_.observe(std::chrono::duration<double>(record.duration).count());
 }
 
-void add_builtin_routes(http::Router& router, const RoutesConfig& enabled,
-                        std::shared_ptr<const BuiltinRoutes> routes) {
+void add_builtin_routes(http::Router& router, const RoutesConfig& enabled, const AuthConfig& rules,
+                        std::shared_ptr<const BuiltinRoutes> routes,
+                        std::shared_ptr<const AccessControl> access) {
   if (enabled.plaintext) {
     router.add("GET", "/plaintext", [](http::Request&, http::Responder responder) {
       responder.send(200, "text/plain", "Hello, World!");
     });
   }
   if (enabled.healthz) {
-    router.add("GET", "/healthz", [routes](http::Request&, http::Responder responder) {
+    router.add("GET", "/healthz", [routes, access, rule = rules.healthz](
+                                      http::Request& request, http::Responder responder) {
+      if (!access->allow(rule, request, responder)) return;
       const bool draining = routes->server->draining();
       const auto uptime = std::chrono::steady_clock::now() - routes->started;
       const nlohmann::json body = {
@@ -123,12 +126,16 @@ void add_builtin_routes(http::Router& router, const RoutesConfig& enabled,
     });
   }
   if (enabled.metrics) {
-    router.add("GET", "/metrics", [routes](http::Request&, http::Responder responder) {
+    router.add("GET", "/metrics", [routes, access, rule = rules.metrics](
+                                      http::Request& request, http::Responder responder) {
+      if (!access->allow(rule, request, responder)) return;
       responder.send(200, "text/plain; version=0.0.4; charset=utf-8", routes->registry->render());
     });
   }
   if (enabled.echo) {
-    router.add("POST", "/echo", [](http::Request& request, http::Responder responder) {
+    router.add("POST", "/echo", [access, rule = rules.echo](http::Request& request,
+                                                            http::Responder responder) {
+      if (!access->allow(rule, request, responder)) return;
       const auto content_type = request.header("content-type");
       responder.send(200, content_type.value_or("application/octet-stream"), request.body());
     });

@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <charconv>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 
@@ -48,7 +50,10 @@ std::string_view Request::remote_address() const {
 }
 
 Connection::Connection(Server& server, std::uint64_t id)
-    : server_(server), id_(id), parser_(server.options_.limits) {
+    : server_(server),
+      id_(id),
+      loop_thread_(std::this_thread::get_id()),
+      parser_(server.options_.limits) {
   uv_tcp_init(server.loop_.uv(), &tcp_);
   uv_timer_init(server.loop_.uv(), &timer_);
   tcp_.data = this;
@@ -700,12 +705,28 @@ void Connection::expire() noexcept {
 
 // ---- Responder -------------------------------------------------------------------------------
 
+// The reference counts below are plain ints of a loop-owned object: a Responder copied or
+// destroyed on another thread races with the loop and may free the connection there. That is a
+// bug in the caller (keep the Responder on the loop; send data across threads), so it stops the
+// process with a message naming it rather than corrupting memory silently. Connections are made
+// on the loop thread, so the comparison costs one load per copy.
+void Connection::check_loop_thread(const char* what) const noexcept {
+  if (std::this_thread::get_id() == loop_thread_) return;
+  std::fprintf(stderr,
+               "squall: a Responder of connection %llu was %s off the loop thread; keep "
+               "Responders on the loop and pass only data to other threads\n",
+               static_cast<unsigned long long>(id_), what);
+  std::abort();
+}
+
 void Connection::add_responder(std::uint64_t request_number) noexcept {
+  check_loop_thread("copied");
   ++responders_;
   if (request_number == request_number_) ++current_responders_;
 }
 
 void Connection::drop_responder(std::uint64_t request_number) noexcept {
+  check_loop_thread("destroyed");
   --responders_;
   const bool current = request_number == request_number_;
   if (current) --current_responders_;

@@ -7,6 +7,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <thread>
 
 #include <uv.h>
 
@@ -84,6 +85,7 @@ class Connection {
   void expire() noexcept;
   void add_responder(std::uint64_t request_number) noexcept;
   void drop_responder(std::uint64_t request_number) noexcept;
+  void check_loop_thread(const char* what) const noexcept;
   void maybe_destroy() noexcept;
   bool idle() const noexcept;
 
@@ -92,6 +94,7 @@ class Connection {
   uv_shutdown_t shutdown_request_;               // For the write-side shutdown before closing.
   Server& server_;                               // Shared buffers, options, counters.
   const std::uint64_t id_;                       // In log lines and RequestRecord.
+  const std::thread::id loop_thread_;            // Responder copies must be made and dropped here.
   Connection* prev_ = nullptr;                   // Server's list of open connections.
   Connection* next_ = nullptr;                   // Server's list of open connections.
   Workspace* workspace_ = nullptr;               // Borrowed while bytes are in flight.

@@ -4,6 +4,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <iterator>
 #include <limits>
 #include <stdexcept>
 #include <system_error>
@@ -83,18 +84,34 @@ CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency_key ON jobs (idempotency_key)
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (state, run_after_ms, created_ms);
 )sql";
 
+// Schema 1 -> 2: every job has an owner (the API token that created it; '' for jobs stored
+// before, and for anonymous callers), and an Idempotency-Key is unique per owner, so one client
+// can neither collide with nor learn about another's keys. A self-contained step: it runs in
+// the caller's transaction, after the steps before it.
+constexpr const char* migrate_1_to_2_sql = R"sql(
+ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+DROP INDEX IF EXISTS jobs_idempotency_key;
+CREATE UNIQUE INDEX jobs_owner_idempotency_key ON jobs (owner, idempotency_key)
+  WHERE idempotency_key <> '';
+)sql";
+
+// The steps from each version to the next, in order: steps[v - 1] takes version v to v + 1.
+constexpr const char* migration_steps[] = {migrate_1_to_2_sql};
+static_assert(std::size(migration_steps) == sqlite_schema_version - 1);
+
 // The columns read_job expects, in its order.
 #define SQUALL_JOB_COLUMNS                                                                    \
   "id, kind, state, payload, idempotency_key, attempts, last_error, created_ms, updated_ms, " \
-  "run_after_ms, lease_until_ms, finished_ms"
+  "run_after_ms, lease_until_ms, finished_ms, owner"
 
 constexpr const char* insert_sql =
     "INSERT INTO jobs (id, kind, state, payload, idempotency_key, created_ms, updated_ms, "
-    "run_after_ms) VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?5, ?5) "
-    "ON CONFLICT (idempotency_key) WHERE idempotency_key <> '' DO NOTHING";
+    "run_after_ms, owner) VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?5, ?5, ?6) "
+    "ON CONFLICT (owner, idempotency_key) WHERE idempotency_key <> '' DO NOTHING";
 constexpr const char* get_by_id_sql = "SELECT " SQUALL_JOB_COLUMNS " FROM jobs WHERE id = ?1";
 constexpr const char* get_by_key_sql =
-    "SELECT " SQUALL_JOB_COLUMNS " FROM jobs WHERE idempotency_key = ?1 AND idempotency_key <> ''";
+    "SELECT " SQUALL_JOB_COLUMNS
+    " FROM jobs WHERE owner = ?2 AND idempotency_key = ?1 AND idempotency_key <> ''";
 // Each branch walks jobs_due in order and stops after ?3 rows, so a claim costs O(max) even
 // with a million due jobs; a single OR query would sort every due row first. Expired leases
 // are found among the sending rows, which are few (bounded by the runner's concurrency).
@@ -124,6 +141,9 @@ constexpr const char* release_sql =
     "updated_ms = ?2 WHERE id = ?1 AND state = 'sending'";
 constexpr const char* count_pending_sql =
     "SELECT count(*) FROM jobs WHERE state IN ('queued', 'retrying', 'sending')";
+constexpr const char* pending_by_owner_sql =
+    "SELECT owner, count(*), sum(length(payload)) FROM jobs "
+    "WHERE state IN ('queued', 'retrying', 'sending') GROUP BY owner";
 constexpr const char* count_by_state_sql = "SELECT state, count(*) FROM jobs GROUP BY state";
 constexpr const char* oldest_queued_sql =
     "SELECT min(created_ms) FROM jobs WHERE state IN ('queued', 'retrying')";
@@ -185,6 +205,7 @@ class SqliteJobStore final : public JobStore {
   bool mark_failed(std::string_view id, std::string_view error, std::int64_t now_ms) override;
   bool release(std::string_view id, std::int64_t now_ms) override;
   std::int64_t count_pending() override;
+  std::vector<OwnerUsage> pending_by_owner() override;
   StoreStats stats(std::int64_t now_ms) override;
   void transaction(const std::function<void()>& body) override;
 
@@ -213,7 +234,8 @@ class SqliteJobStore final : public JobStore {
   void bind_text(sqlite3_stmt* stmt, int index, std::string_view text, const char* operation);
   void bind_int(sqlite3_stmt* stmt, int index, std::int64_t value, const char* operation);
   Job read_job(sqlite3_stmt* stmt, const char* operation) const;
-  std::optional<Job> find(const Statement& statement, std::string_view key, const char* operation);
+  std::optional<Job> find(const Statement& statement, std::string_view key, const char* operation,
+                          const std::string* owner = nullptr);
   bool run_update(const Statement& statement, const char* operation);
   void rollback() noexcept;
 
@@ -233,6 +255,7 @@ class SqliteJobStore final : public JobStore {
   Statement mark_failed_;            // mark_failed_sql.
   Statement release_;                // release_sql.
   Statement count_pending_;          // count_pending_sql.
+  Statement pending_by_owner_;       // pending_by_owner_sql.
   Statement count_by_state_;         // count_by_state_sql.
   Statement oldest_queued_;          // oldest_queued_sql.
   Statement begin_read_;             // BEGIN (deferred): stats reads one snapshot.
@@ -301,9 +324,25 @@ SqliteJobStore::SqliteJobStore(const std::string& path, bool synchronous_full) :
 
     if (version < sqlite_schema_version) {
       // In one transaction, so two processes creating the store at once cannot half-create it.
+      // The version is read again under the write lock: another process may have just done it.
       exec("BEGIN IMMEDIATE", "create schema");
       try {
-        exec(schema_sql, "create schema");
+        int current = 0;
+        {
+          Statement user_version;
+          prepare(user_version, "PRAGMA user_version", "read user_version");
+          StatementUse use(user_version);
+          if (step(use.get(), "read user_version")) current = sqlite3_column_int(use.get(), 0);
+        }
+        if (current == 0) {
+          exec(schema_sql, "create schema");
+          current = 1;
+        }
+        for (; current < sqlite_schema_version; ++current) {
+          const std::string what = "migrate schema " + std::to_string(current) + " to " +
+                                   std::to_string(current + 1);
+          exec(migration_steps[current - 1], what.c_str());
+        }
         exec(("PRAGMA user_version=" + std::to_string(sqlite_schema_version)).c_str(),
              "create schema");
         exec("COMMIT", "create schema");
@@ -325,6 +364,7 @@ SqliteJobStore::SqliteJobStore(const std::string& path, bool synchronous_full) :
     prepare(mark_failed_, mark_failed_sql);
     prepare(release_, release_sql);
     prepare(count_pending_, count_pending_sql);
+    prepare(pending_by_owner_, pending_by_owner_sql);
     prepare(count_by_state_, count_by_state_sql);
     prepare(oldest_queued_, oldest_queued_sql);
     prepare(begin_read_, "BEGIN");
@@ -410,13 +450,15 @@ Job SqliteJobStore::read_job(sqlite3_stmt* stmt, const char* operation) const {
   job.run_after_ms = sqlite3_column_int64(stmt, 9);
   job.lease_until_ms = sqlite3_column_int64(stmt, 10);
   job.finished_ms = sqlite3_column_int64(stmt, 11);
+  job.owner = column_string(stmt, 12);
   return job;
 }
 
 std::optional<Job> SqliteJobStore::find(const Statement& statement, std::string_view key,
-                                        const char* operation) {
+                                        const char* operation, const std::string* owner) {
   StatementUse use(statement);
   bind_text(use.get(), 1, key, operation);
+  if (owner != nullptr) bind_text(use.get(), 2, *owner, operation);
   if (!step(use.get(), operation)) return std::nullopt;
   return read_job(use.get(), operation);
 }
@@ -493,6 +535,7 @@ std::vector<Inserted> SqliteJobStore::insert_batch(const std::vector<NewJob>& jo
       }
       bind_text(use.get(), 4, new_job.idempotency_key, "insert");
       bind_int(use.get(), 5, now_ms, "insert");
+      bind_text(use.get(), 6, new_job.owner, "insert");
       // DO NOTHING on a known key: no change means the key exists (the unique id cannot be
       // the cause: that conflict is not the target and would raise an error).
       created = run_update(insert_, "insert");
@@ -502,12 +545,14 @@ std::vector<Inserted> SqliteJobStore::insert_batch(const std::vector<NewJob>& jo
       job.state = JobState::queued;
       job.payload = new_job.payload;
       job.idempotency_key = new_job.idempotency_key;
+      job.owner = new_job.owner;
       job.created_ms = job.updated_ms = job.run_after_ms = now_ms;
       results.push_back(Inserted{std::move(job), true});
     } else {
       // Same transaction, so a key first used earlier in this batch is found too.
       std::optional<Job> existing =
-          find(get_by_key_, new_job.idempotency_key, "insert: read the existing job");
+          find(get_by_key_, new_job.idempotency_key, "insert: read the existing job",
+               &new_job.owner);
       if (!existing) {
         throw std::runtime_error("job store " + path_ + ": insert: idempotency key '" +
                                  new_job.idempotency_key + "' conflicted but was not found");
@@ -539,7 +584,7 @@ std::vector<Job> SqliteJobStore::claim(std::size_t max, std::int64_t now_ms,
     bind_int(use.get(), 2, now_ms + lease_ms, "claim");
     bind_int(use.get(), 3, limit, "claim");
     while (step(use.get(), "claim")) {
-      claimed.emplace_back(sqlite3_column_int64(use.get(), 12), read_job(use.get(), "claim"));
+      claimed.emplace_back(sqlite3_column_int64(use.get(), 13), read_job(use.get(), "claim"));
     }
   }
   transaction.commit();
@@ -589,6 +634,16 @@ std::int64_t SqliteJobStore::count_pending() {
   StatementUse use(count_pending_);
   if (!step(use.get(), "count_pending")) return 0;
   return sqlite3_column_int64(use.get(), 0);
+}
+
+std::vector<OwnerUsage> SqliteJobStore::pending_by_owner() {
+  std::vector<OwnerUsage> usage;
+  StatementUse use(pending_by_owner_);
+  while (step(use.get(), "pending_by_owner")) {
+    usage.push_back(OwnerUsage{column_string(use.get(), 0), sqlite3_column_int64(use.get(), 1),
+                               sqlite3_column_int64(use.get(), 2)});
+  }
+  return usage;
 }
 
 StoreStats SqliteJobStore::stats(std::int64_t /*now_ms*/) {

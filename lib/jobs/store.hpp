@@ -43,13 +43,15 @@ struct Job {
   std::int64_t run_after_ms = 0;      // Not claimed before this time.
   std::int64_t lease_until_ms = 0;    // While sending: reclaimable after this time.
   std::int64_t finished_ms = 0;       // When it became sent or failed.
+  std::string owner;                  // Who created it (an API token's name); "" = anonymous.
 };
 
 // What a producer hands in; everything else is set by the store.
 struct NewJob {
   std::string kind;             // See Job::kind.
   std::string payload;          // See Job::payload.
-  std::string idempotency_key;  // Empty = none.
+  std::string idempotency_key;  // Empty = none; unique per owner.
+  std::string owner;            // See Job::owner.
 };
 
 // The outcome of one NewJob. created=false: its idempotency key already existed, and `job`
@@ -58,6 +60,13 @@ struct NewJob {
 struct Inserted {
   Job job;               // The stored job (new or existing).
   bool created = false;  // Whether this call created it.
+};
+
+// What one owner has waiting (queued, retrying or sending).
+struct OwnerUsage {
+  std::string owner;        // See Job::owner.
+  std::int64_t jobs = 0;    // Waiting jobs.
+  std::int64_t bytes = 0;   // Their payloads' bytes.
 };
 
 // Counts for metrics.
@@ -73,8 +82,9 @@ class JobStore {
   virtual ~JobStore() = default;
 
   // Inserts every job in one transaction (all or nothing) with state queued and
-  // run_after = now_ms; results are in input order. A key repeated within the batch yields
-  // the first job, created=false for the later ones.
+  // run_after = now_ms; results are in input order. A key repeated by the same owner (within
+  // the batch or before) yields the first job, created=false; keys of other owners never
+  // collide.
   virtual std::vector<Inserted> insert_batch(const std::vector<NewJob>& jobs,
                                              std::int64_t now_ms) = 0;
   // The job with this id, or nullopt.
@@ -98,6 +108,8 @@ class JobStore {
   // Jobs queued, retrying or sending. Walks an index entry per pending job (about 60 ms per
   // million): poll it (e.g. with each claim), never per request.
   virtual std::int64_t count_pending() = 0;
+  // Waiting jobs and their payload bytes per owner (owners with none are left out).
+  virtual std::vector<OwnerUsage> pending_by_owner() = 0;
   // Jobs per state and the oldest waiting job. Walks an index entry per job, finished ones
   // included (about 0.2 s per million), stalling the StoreWorker's inserts meanwhile: call it
   // on a second store opened on the same file, off the loop (WAL readers never block the
@@ -114,8 +126,10 @@ class JobStore {
 // (NORMAL) a kill -9 loses nothing but a power cut may lose the last commits.
 std::unique_ptr<JobStore> open_sqlite_store(const std::string& path, bool synchronous_full);
 
-// The schema version open_sqlite_store creates and accepts (PRAGMA user_version).
-inline constexpr int sqlite_schema_version = 1;
+// The schema version open_sqlite_store creates and accepts (PRAGMA user_version). An older
+// store is migrated step by step when opened: 1 -> 2 adds jobs.owner and scopes idempotency
+// keys per owner.
+inline constexpr int sqlite_schema_version = 2;
 
 // A fresh job id, 32 lowercase hex digits: 48 bits of Unix milliseconds, then 80 random bits
 // from getrandom(2), so ids sort by creation and cannot be guessed.
