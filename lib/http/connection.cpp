@@ -3,6 +3,7 @@
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <atomic>
 #include <charconv>
 #include <cstdio>
 #include <cstdlib>
@@ -710,13 +711,30 @@ void Connection::expire() noexcept {
 // bug in the caller (keep the Responder on the loop; send data across threads), so it stops the
 // process with a message naming it rather than corrupting memory silently. Connections are made
 // on the loop thread, so the comparison costs one load per copy.
+namespace {
+
+void abort_on_thread_violation(const char* message) {
+  std::fprintf(stderr, "squall: %s\n", message);
+  std::abort();
+}
+
+std::atomic<ThreadViolationHandler> thread_violation_handler{&abort_on_thread_violation};
+
+}  // namespace
+
+ThreadViolationHandler set_thread_violation_handler(ThreadViolationHandler handler) noexcept {
+  return thread_violation_handler.exchange(handler != nullptr ? handler
+                                                              : &abort_on_thread_violation);
+}
+
 void Connection::check_loop_thread(const char* what) const noexcept {
   if (std::this_thread::get_id() == loop_thread_) return;
-  std::fprintf(stderr,
-               "squall: a Responder of connection %llu was %s off the loop thread; keep "
-               "Responders on the loop and pass only data to other threads\n",
-               static_cast<unsigned long long>(id_), what);
-  std::abort();
+  char message[256];
+  std::snprintf(message, sizeof message,
+                "a Responder of connection %llu was %s off the loop thread; keep Responders on "
+                "the loop and pass only data to other threads",
+                static_cast<unsigned long long>(id_), what);
+  thread_violation_handler.load()(message);
 }
 
 void Connection::add_responder(std::uint64_t request_number) noexcept {

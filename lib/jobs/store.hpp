@@ -12,6 +12,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace squall::jobs {
@@ -48,6 +49,15 @@ struct Job {
 
 // What a producer hands in; everything else is set by the store.
 struct NewJob {
+  NewJob() = default;
+  // The owner is last and optional, so {kind, payload, key} still reads as before.
+  NewJob(std::string kind_, std::string payload_, std::string idempotency_key_,
+         std::string owner_ = {})
+      : kind(std::move(kind_)),
+        payload(std::move(payload_)),
+        idempotency_key(std::move(idempotency_key_)),
+        owner(std::move(owner_)) {}
+
   std::string kind;             // See Job::kind.
   std::string payload;          // See Job::payload.
   std::string idempotency_key;  // Empty = none; unique per owner.
