@@ -75,8 +75,7 @@ std::optional<Caller> AccessControl::authenticate(const http::Request& request,
   const auth::Token* token = presented ? tokens_.find(*presented) : nullptr;
   if (token == nullptr) {
     refuse(responder, 401,
-           presented ? "the API token is not valid" : "expected Authorization: Bearer TOKEN",
-           true);
+           presented ? "the API token is not valid" : "expected Authorization: Bearer TOKEN", true);
     return std::nullopt;
   }
   return Caller{token};

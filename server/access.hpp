@@ -38,8 +38,7 @@ class AccessControl {
   // Reads [auth] tokens_file (if set). Throws std::runtime_error naming the setting when the
   // configuration would serve the mail routes to anyone on a public address (no tokens and no
   // [auth] anonymous = true), or when the tokens file cannot be read or parsed.
-  static std::shared_ptr<const AccessControl> build(const Config& config,
-                                                    const Exposure& exposure);
+  static std::shared_ptr<const AccessControl> build(const Config& config, const Exposure& exposure);
 
   // For POST /email and GET /jobs/{id}: the caller, or nullopt after answering 401 (no or an
   // invalid token where one is needed; an invalid token is refused even where none is needed).

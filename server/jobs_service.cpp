@@ -182,9 +182,9 @@ std::optional<Refusal> check_policy(const jobs::Email& email, const Caller& call
       }
       for (const std::string& blocked : policy.blocked_recipient_domains) {
         if (in_domain(domain, blocked)) {
-          return Refusal{400, name,
-                         "the domain " + domain +
-                             " is not allowed ([policy] blocked_recipient_domains)"};
+          return Refusal{
+              400, name,
+              "the domain " + domain + " is not allowed ([policy] blocked_recipient_domains)"};
         }
       }
       if (!policy.recipient_domains.empty() &&
@@ -425,15 +425,15 @@ void JobsService::reconfigure(const Config& config) {
   // New limiters only when the rates change: a reload must not refill every bucket.
   if (!token_rate_ || config.quota.token_per_minute != rates_in_use_.token_per_minute ||
       config.quota.token_burst != rates_in_use_.token_burst) {
-    token_rate_ = std::make_unique<KeyedRateLimiter>(
-        static_cast<double>(config.quota.token_per_minute),
-        static_cast<double>(config.quota.token_burst));
+    token_rate_ =
+        std::make_unique<KeyedRateLimiter>(static_cast<double>(config.quota.token_per_minute),
+                                           static_cast<double>(config.quota.token_burst));
   }
   if (!address_rate_ || config.quota.address_per_minute != rates_in_use_.address_per_minute ||
       config.quota.address_burst != rates_in_use_.address_burst) {
-    address_rate_ = std::make_unique<KeyedRateLimiter>(
-        static_cast<double>(config.quota.address_per_minute),
-        static_cast<double>(config.quota.address_burst));
+    address_rate_ =
+        std::make_unique<KeyedRateLimiter>(static_cast<double>(config.quota.address_per_minute),
+                                           static_cast<double>(config.quota.address_burst));
   }
   rates_in_use_ = config.quota;
 }
@@ -441,12 +441,11 @@ void JobsService::reconfigure(const Config& config) {
 void JobsService::add_routes(http::Router& router, const Config& config,
                              std::shared_ptr<const AccessControl> access) {
   if (config.routes.email) {
-    router.add("POST", "/email",
-               [this, access](http::Request& request, http::Responder responder) {
-                 if (const auto caller = access->authenticate(request, responder)) {
-                   accept_email(request, responder, *caller);
-                 }
-               });
+    router.add("POST", "/email", [this, access](http::Request& request, http::Responder responder) {
+      if (const auto caller = access->authenticate(request, responder)) {
+        accept_email(request, responder, *caller);
+      }
+    });
   }
   if (config.routes.jobs) {
     router.add("GET", "/jobs/{id}",
@@ -524,9 +523,9 @@ void JobsService::accept_email(http::Request& request, const http::Responder& re
     media_type.remove_suffix(1);
   }
   if (!http::iequals(media_type, kJsonType)) {
-    send_error(responder, 415, "Content-Type",
-               media_type.empty() ? "missing; expected application/json"
-                                  : "expected application/json");
+    send_error(
+        responder, 415, "Content-Type",
+        media_type.empty() ? "missing; expected application/json" : "expected application/json");
     return;
   }
   if (!within_rate(request, caller, responder)) return;
@@ -610,30 +609,30 @@ void JobsService::report_job(http::Request& request, const http::Responder& resp
   std::weak_ptr<bool> alive = alive_;
   const std::uint64_t ticket = park(responder);
   // Only data crosses to the store thread and back; the Responder stays in parked_.
-  const bool queued = store_->run([this, alive, id, ticket, owner = caller.owner(),
-                                   &loop = loop_](jobs::JobStore& store) {
-    std::optional<jobs::Job> job;
-    std::string error;
-    try {
-      job = store.get(id);
-    } catch (const std::exception& failure) {
-      error = failure.what();
-    }
-    loop.call_soon([this, alive, id, ticket, owner, job = std::move(job), error] {
-      const auto still = alive.lock();
-      if (!still || !*still) return;
-      const http::Responder responder = unpark(ticket);
-      if (!error.empty()) {
-        spdlog::error("jobs: reading job {} failed: {}", id, error);
-        send_error(responder, 500, "", "the job store could not be read");
-      } else if (!job || job->owner != owner) {
-        // Another owner's job is answered exactly like a missing one.
-        send_error(responder, 404, "id", "no such job");
-      } else {
-        send_json(responder, 200, job_json(*job));
-      }
-    });
-  });
+  const bool queued = store_->run(
+      [this, alive, id, ticket, owner = caller.owner(), &loop = loop_](jobs::JobStore& store) {
+        std::optional<jobs::Job> job;
+        std::string error;
+        try {
+          job = store.get(id);
+        } catch (const std::exception& failure) {
+          error = failure.what();
+        }
+        loop.call_soon([this, alive, id, ticket, owner, job = std::move(job), error] {
+          const auto still = alive.lock();
+          if (!still || !*still) return;
+          const http::Responder responder = unpark(ticket);
+          if (!error.empty()) {
+            spdlog::error("jobs: reading job {} failed: {}", id, error);
+            send_error(responder, 500, "", "the job store could not be read");
+          } else if (!job || job->owner != owner) {
+            // Another owner's job is answered exactly like a missing one.
+            send_error(responder, 404, "id", "no such job");
+          } else {
+            send_json(responder, 200, job_json(*job));
+          }
+        });
+      });
   if (!queued) {
     parked_.erase(ticket);
     responder.header("Retry-After", "5");

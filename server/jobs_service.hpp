@@ -49,10 +49,8 @@ class JobsService {
     std::int64_t bytes = 0;  // Their payloads' bytes.
   };
 
-  void accept_email(http::Request& request, const http::Responder& responder,
-                    const Caller& caller);
-  void report_job(http::Request& request, const http::Responder& responder,
-                  const Caller& caller);
+  void accept_email(http::Request& request, const http::Responder& responder, const Caller& caller);
+  void report_job(http::Request& request, const http::Responder& responder, const Caller& caller);
   void refresh_stats();
   bool within_rate(const http::Request& request, const Caller& caller,
                    const http::Responder& responder);

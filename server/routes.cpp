@@ -110,35 +110,40 @@ void add_builtin_routes(http::Router& router, const RoutesConfig& enabled, const
     });
   }
   if (enabled.healthz) {
-    router.add("GET", "/healthz", [routes, access, rule = rules.healthz](
-                                      http::Request& request, http::Responder responder) {
-      if (!access->allow(rule, request, responder)) return;
-      const bool draining = routes->server->draining();
-      const auto uptime = std::chrono::steady_clock::now() - routes->started;
-      const nlohmann::json body = {
-          {"status", draining ? "draining" : "ok"},
-          {"uptime_seconds", std::chrono::duration<double>(uptime).count()},
-          {"connections", routes->server->stats().connections_open},
-          {"loop_lag_ms", routes->lag != nullptr ? routes->lag->last_lag_seconds() * 1000 : 0.0},
-      };
-      // A draining server answers 503 so a load balancer stops sending it traffic.
-      responder.send(draining ? 503 : 200, "application/json", body.dump() + "\n");
-    });
+    router.add(
+        "GET", "/healthz",
+        [routes, access, rule = rules.healthz](http::Request& request, http::Responder responder) {
+          if (!access->allow(rule, request, responder)) return;
+          const bool draining = routes->server->draining();
+          const auto uptime = std::chrono::steady_clock::now() - routes->started;
+          const nlohmann::json body = {
+              {"status", draining ? "draining" : "ok"},
+              {"uptime_seconds", std::chrono::duration<double>(uptime).count()},
+              {"connections", routes->server->stats().connections_open},
+              {"loop_lag_ms",
+               routes->lag != nullptr ? routes->lag->last_lag_seconds() * 1000 : 0.0},
+          };
+          // A draining server answers 503 so a load balancer stops sending it traffic.
+          responder.send(draining ? 503 : 200, "application/json", body.dump() + "\n");
+        });
   }
   if (enabled.metrics) {
-    router.add("GET", "/metrics", [routes, access, rule = rules.metrics](
-                                      http::Request& request, http::Responder responder) {
-      if (!access->allow(rule, request, responder)) return;
-      responder.send(200, "text/plain; version=0.0.4; charset=utf-8", routes->registry->render());
-    });
+    router.add(
+        "GET", "/metrics",
+        [routes, access, rule = rules.metrics](http::Request& request, http::Responder responder) {
+          if (!access->allow(rule, request, responder)) return;
+          responder.send(200, "text/plain; version=0.0.4; charset=utf-8",
+                         routes->registry->render());
+        });
   }
   if (enabled.echo) {
-    router.add("POST", "/echo", [access, rule = rules.echo](http::Request& request,
-                                                            http::Responder responder) {
-      if (!access->allow(rule, request, responder)) return;
-      const auto content_type = request.header("content-type");
-      responder.send(200, content_type.value_or("application/octet-stream"), request.body());
-    });
+    router.add("POST", "/echo",
+               [access, rule = rules.echo](http::Request& request, http::Responder responder) {
+                 if (!access->allow(rule, request, responder)) return;
+                 const auto content_type = request.header("content-type");
+                 responder.send(200, content_type.value_or("application/octet-stream"),
+                                request.body());
+               });
   }
 }
 

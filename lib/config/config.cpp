@@ -489,34 +489,33 @@ class Loader {
 
   // A list of mail domains ("example.com"), kept in lower case: LDH labels separated by dots.
   Field domains(std::string_view name, std::vector<std::string>& member) {
-    return field(
-        name, member, [](const Loader* self, const toml::node& node, const Where& where) {
-          constexpr std::string_view kExpected = "an array of domains such as [\"example.com\"]";
-          const auto* array = node.as_array();
-          if (array == nullptr) self->fail_type(where, node, kExpected);
-          std::vector<std::string> result;
-          for (const toml::node& element : *array) {
-            const std::string_view text =
-                self->get_string(element, where, "a domain such as \"example.com\"");
-            std::string domain;
-            bool valid = !text.empty() && text.size() <= 253 && text.front() != '.' &&
-                         text.back() != '.' && text.find("..") == std::string_view::npos;
-            for (const char c : text) {
-              const bool ldh = is_digit(c) || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-                               c == '-' || c == '.';
-              if (!ldh) valid = false;
-              domain += (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c;
-            }
-            if (!valid) {
-              self->fail(self->at(where, element),
-                         "expected a domain of letters, digits, hyphens and dots such as "
-                         "\"example.com\", got " +
-                             quote(text));
-            }
-            result.push_back(std::move(domain));
-          }
-          return result;
-        });
+    return field(name, member, [](const Loader* self, const toml::node& node, const Where& where) {
+      constexpr std::string_view kExpected = "an array of domains such as [\"example.com\"]";
+      const auto* array = node.as_array();
+      if (array == nullptr) self->fail_type(where, node, kExpected);
+      std::vector<std::string> result;
+      for (const toml::node& element : *array) {
+        const std::string_view text =
+            self->get_string(element, where, "a domain such as \"example.com\"");
+        std::string domain;
+        bool valid = !text.empty() && text.size() <= 253 && text.front() != '.' &&
+                     text.back() != '.' && text.find("..") == std::string_view::npos;
+        for (const char c : text) {
+          const bool ldh = is_digit(c) || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+                           c == '-' || c == '.';
+          if (!ldh) valid = false;
+          domain += (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c;
+        }
+        if (!valid) {
+          self->fail(self->at(where, element),
+                     "expected a domain of letters, digits, hyphens and dots such as "
+                     "\"example.com\", got " +
+                         quote(text));
+        }
+        result.push_back(std::move(domain));
+      }
+      return result;
+    });
   }
 
   Field access(std::string_view name, RouteAccess& member) {

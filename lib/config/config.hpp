@@ -145,8 +145,8 @@ struct PolicyConfig {
 };
 
 struct QuotaConfig {
-  std::size_t token_per_minute = 600;  // [quota] token_per_minute: POST /email per token
-  std::size_t token_burst = 100;       // [quota] token_burst: POSTs a token may make at once
+  std::size_t token_per_minute = 600;    // [quota] token_per_minute: POST /email per token
+  std::size_t token_burst = 100;         // [quota] token_burst: POSTs a token may make at once
   std::size_t address_per_minute = 600;  // [quota] address_per_minute: POST /email per client IP
   std::size_t address_burst = 100;       // [quota] address_burst: POSTs an address may make at once
   std::size_t max_queued_per_client = 10000;  // [quota] max_queued_per_client: waiting jobs of

@@ -27,8 +27,7 @@ bool TokenBucket::try_take(Clock::time_point now, std::chrono::milliseconds& ret
 }
 
 bool TokenBucket::full(Clock::time_point now) const noexcept {
-  const double elapsed =
-      now > last_ ? std::chrono::duration<double>(now - last_).count() : 0.0;
+  const double elapsed = now > last_ ? std::chrono::duration<double>(now - last_).count() : 0.0;
   return tokens_ + elapsed * per_second_ >= burst_;
 }
 

@@ -27,10 +27,10 @@ class TokenBucket {
  private:
   void refill(Clock::time_point now) noexcept;
 
-  double per_second_;             // Tokens added per second.
-  double burst_;                  // The bucket's size.
-  double tokens_;                 // Tokens in it at last_.
-  Clock::time_point last_;        // When tokens_ was computed.
+  double per_second_;       // Tokens added per second.
+  double burst_;            // The bucket's size.
+  double tokens_;           // Tokens in it at last_.
+  Clock::time_point last_;  // When tokens_ was computed.
 };
 
 // One bucket per key, all with the same rate. Keys whose bucket is full again are forgotten
@@ -51,9 +51,9 @@ class KeyedRateLimiter {
  private:
   void prune(Clock::time_point now);
 
-  double per_second_;                                  // The rate of every bucket.
-  double burst_;                                       // The size of every bucket.
-  std::size_t max_keys_;                               // Pruning starts above it.
+  double per_second_;                                     // The rate of every bucket.
+  double burst_;                                          // The size of every bucket.
+  std::size_t max_keys_;                                  // Pruning starts above it.
   std::unordered_map<std::string, TokenBucket> buckets_;  // By key.
 };
 

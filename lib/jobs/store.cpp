@@ -339,8 +339,8 @@ SqliteJobStore::SqliteJobStore(const std::string& path, bool synchronous_full) :
           current = 1;
         }
         for (; current < sqlite_schema_version; ++current) {
-          const std::string what = "migrate schema " + std::to_string(current) + " to " +
-                                   std::to_string(current + 1);
+          const std::string what =
+              "migrate schema " + std::to_string(current) + " to " + std::to_string(current + 1);
           exec(migration_steps[current - 1], what.c_str());
         }
         exec(("PRAGMA user_version=" + std::to_string(sqlite_schema_version)).c_str(),
@@ -550,9 +550,8 @@ std::vector<Inserted> SqliteJobStore::insert_batch(const std::vector<NewJob>& jo
       results.push_back(Inserted{std::move(job), true});
     } else {
       // Same transaction, so a key first used earlier in this batch is found too.
-      std::optional<Job> existing =
-          find(get_by_key_, new_job.idempotency_key, "insert: read the existing job",
-               &new_job.owner);
+      std::optional<Job> existing = find(get_by_key_, new_job.idempotency_key,
+                                         "insert: read the existing job", &new_job.owner);
       if (!existing) {
         throw std::runtime_error("job store " + path_ + ": insert: idempotency key '" +
                                  new_job.idempotency_key + "' conflicted but was not found");

@@ -74,9 +74,9 @@ struct Inserted {
 
 // What one owner has waiting (queued, retrying or sending).
 struct OwnerUsage {
-  std::string owner;        // See Job::owner.
-  std::int64_t jobs = 0;    // Waiting jobs.
-  std::int64_t bytes = 0;   // Their payloads' bytes.
+  std::string owner;       // See Job::owner.
+  std::int64_t jobs = 0;   // Waiting jobs.
+  std::int64_t bytes = 0;  // Their payloads' bytes.
 };
 
 // Counts for metrics.

@@ -55,17 +55,18 @@ TEST_CASE("a new token is random, 256 bits, and its line admits exactly it") {
 TEST_CASE("tokens files: comments, from= lists, and errors naming the line") {
   const std::string hash_a = "sha256:" + to_hex(sha256("a"));
   const std::string hash_b = "sha256:" + to_hex(sha256("b"));
-  const auto tokens = parse_tokens("# a comment\n\n  alice " + hash_a +
-                                       " from=Alice@Example.com,@example.org\r\nbob\t" + hash_b +
-                                       "\n",
-                                   "tokens");
+  const auto tokens =
+      parse_tokens("# a comment\n\n  alice " + hash_a +
+                       " from=Alice@Example.com,@example.org\r\nbob\t" + hash_b + "\n",
+                   "tokens");
   REQUIRE(tokens.size() == 2);
   CHECK(tokens[0].name == "alice");
   CHECK(tokens[0].senders == std::vector<std::string>{"alice@example.com", "@example.org"});
   CHECK(tokens[1].name == "bob");
 
-  CHECK(parse_error("alice\n") == "tokens:1: expected \"NAME sha256:HEX\" optionally followed by "
-                                  "\"from=ADDRESS,@DOMAIN\"");
+  CHECK(parse_error("alice\n") ==
+        "tokens:1: expected \"NAME sha256:HEX\" optionally followed by "
+        "\"from=ADDRESS,@DOMAIN\"");
   CHECK(parse_error("\nalice sha256:abcd\n").rfind("tokens:2: token alice: expected its hash", 0) ==
         0);
   CHECK(parse_error("alice sha256:" + std::string(64, 'g') + "\n") ==
@@ -82,11 +83,10 @@ TEST_CASE("tokens files: comments, from= lists, and errors naming the line") {
         "tokens:1: token alice: expected from=ADDRESS,@DOMAIN,... after the hash");
 
   squall::testing::TempDir dir;
-  CHECK_THROWS_WITH_AS(load_tokens_file(dir.file("missing")),
-                       (dir.file("missing") +
-                        ": cannot read the tokens file: No such file or directory")
-                           .c_str(),
-                       std::runtime_error);
+  CHECK_THROWS_WITH_AS(
+      load_tokens_file(dir.file("missing")),
+      (dir.file("missing") + ": cannot read the tokens file: No such file or directory").c_str(),
+      std::runtime_error);
   std::ofstream(dir.file("tokens")) << "carol " << hash_a << "\n";
   CHECK(load_tokens_file(dir.file("tokens")).at(0).name == "carol");
 }

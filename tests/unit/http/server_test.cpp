@@ -418,10 +418,9 @@ TEST_CASE("Responders copied and dropped on the loop thread raise no violation")
     // The pattern squalld uses: the pool gets data only; the Responder waits on the loop.
     auto parked = std::make_shared<http::Responder>(responder);
     auto result = std::make_shared<std::string>();
-    loop_ptr->run_blocking([result] { *result = "from the pool"; },
-                           [parked, result](std::exception_ptr) {
-                             parked->send(200, "text/plain", *result);
-                           });
+    loop_ptr->run_blocking(
+        [result] { *result = "from the pool"; },
+        [parked, result](std::exception_ptr) { parked->send(200, "text/plain", *result); });
   });
   Loop loop;
   loop_ptr = &loop;

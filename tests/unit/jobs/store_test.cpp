@@ -819,8 +819,7 @@ TEST_CASE("idempotency keys are scoped per owner") {
   CHECK(alice_again.job.payload == "a");
   // Within one batch too.
   const auto batch = store->insert_batch(
-      {owned_job("x", "k", "carol"), owned_job("y", "k", "dave"), owned_job("z", "k", "carol")},
-      4);
+      {owned_job("x", "k", "carol"), owned_job("y", "k", "dave"), owned_job("z", "k", "carol")}, 4);
   CHECK(batch[0].created);
   CHECK(batch[1].created);
   CHECK_FALSE(batch[2].created);
