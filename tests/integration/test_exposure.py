@@ -386,3 +386,18 @@ def test_job_view_never_shows_addresses_or_the_relay(squalld, tmp_path, smtp):
     accepted = call(down, "POST", "/email", body=email("d"))
     job = wait_status(down, accepted.json()["id"], None, ("retrying",))
     assert job["last_error"] == "could not connect to the relay", job
+
+
+def test_a_reload_to_a_public_address_without_tokens_is_refused(squalld, tmp_path, smtp):
+    server = smtp()
+    config = mail_config(tmp_path, server.url)
+    srv = squalld(config=config, allow_errors=True)
+    srv.write_config({**config, "server": {"listen": ["127.0.0.1:0", "0.0.0.0:0"]}})
+    mark = srv.line_count()
+    srv.signal(signal.SIGHUP)
+    line, _ = srv.wait_for_line("reload refused", start=mark)
+    assert "[server] listen 0.0.0.0:0 is not a loopback address" in line, line
+    assert "[auth] tokens_file" in line
+    # Still serving the old configuration, on loopback only.
+    assert call(srv, "POST", "/email", body=email("still")).status == 202
+    assert len(srv.addresses) == 1
