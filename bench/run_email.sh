@@ -225,7 +225,14 @@ from = "Squall Bench <bench@example.com>"
 store = "$store"
 durability = "$DURABILITY"
 max_queued = 100000000
+max_queued_bytes = "64GiB"
 max_concurrent_sends = 2
+
+# One client from one address is the whole point here: no rate limit or queue share applies.
+[quota]
+address_per_minute = 6000000
+address_burst = 1000000
+max_queued_per_client = 100000000
 EOF
   timeout 10 "$SQUALLD" --config "$config" --check-config >"$work_dir/squalld.check.log" 2>&1 || {
     cat "$work_dir/squalld.check.log" >&3

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <fstream>
 #include <limits>
+#include <optional>
 #include <stdexcept>
 
 #include <spdlog/spdlog.h>
@@ -43,14 +44,72 @@ std::string iso8601(std::int64_t unix_ms) {
   return std::string(text, length) + "." + std::to_string(1000 + unix_ms % 1000).substr(1) + "Z";
 }
 
+// The reply code of "SMTP 550 ... (RCPT TO:<...>)", or 0.
+int smtp_code(std::string_view error) {
+  constexpr std::string_view kSmtp = "SMTP ";
+  if (error.substr(0, kSmtp.size()) != kSmtp || error.size() < kSmtp.size() + 3) return 0;
+  int code = 0;
+  for (std::size_t i = kSmtp.size(); i < kSmtp.size() + 3; ++i) {
+    if (error[i] < '0' || error[i] > '9') return 0;
+    code = code * 10 + (error[i] - '0');
+  }
+  return code;
+}
+
+// What a client may learn of a failed attempt: a fixed summary chosen from the error text, with
+// at most the relay's reply code and the attempt count copied from it. The full text (which
+// names recipients, the relay's URL and its reply) stays in the error log, where the runner
+// wrote it.
+std::string public_error(std::string_view error) {
+  constexpr std::string_view kGaveUp = "gave up after ";
+  if (error.substr(0, kGaveUp.size()) == kGaveUp) {
+    std::size_t digits = kGaveUp.size();
+    while (digits < error.size() && error[digits] >= '0' && error[digits] <= '9') ++digits;
+    const std::size_t colon = error.find(": ", digits);
+    const std::string count(error.substr(kGaveUp.size(), digits - kGaveUp.size()));
+    if (!count.empty() && colon != std::string_view::npos) {
+      return "gave up after " + count + " attempts: " + public_error(error.substr(colon + 2));
+    }
+    return "gave up after repeated failures";
+  }
+  if (const int code = smtp_code(error); code != 0) {
+    const std::string suffix = " (" + std::to_string(code) + ")";
+    const std::size_t open = error.rfind('(');
+    const std::string_view stage = open == std::string_view::npos ? "" : error.substr(open + 1);
+    if (stage.starts_with("RCPT")) return "relay refused a recipient" + suffix;
+    if (stage.starts_with("MAIL")) return "relay refused the sender" + suffix;
+    if (stage.starts_with("DATA") || stage.starts_with("end of DATA")) {
+      return "relay refused the message" + suffix;
+    }
+    if (stage.starts_with("AUTH")) return "relay refused the login" + suffix;
+    if (stage.starts_with("STARTTLS")) return "relay refused TLS" + suffix;
+    if (stage.starts_with("greeting") || stage.starts_with("EHLO") || stage.starts_with("HELO")) {
+      return "relay refused the connection" + suffix;
+    }
+    return "relay refused the email" + suffix;
+  }
+  const auto starts = [error](std::string_view prefix) { return error.starts_with(prefix); };
+  if (starts("connection refused") || starts("could not connect")) {
+    return "could not connect to the relay";
+  }
+  if (starts("could not resolve")) return "could not resolve the relay's host name";
+  if (starts("timed out")) return "the relay did not answer in time";
+  if (starts("connection failed")) return "the connection to the relay failed";
+  if (starts("STARTTLS is required")) return "the relay offers no STARTTLS";
+  if (starts("TLS setup failed")) return "TLS with the relay failed";
+  if (starts("login denied")) return "the relay refused the login";
+  if (starts("cannot prepare the job")) return "the job could not be prepared";
+  return "delivery failed";
+}
+
 nlohmann::json job_json(const jobs::Job& job) {
   nlohmann::json body = {
       {"id", job.id},
       {"kind", job.kind},
       {"status", std::string(jobs::to_string(job.state))},
       {"attempts", job.attempts},
-      {"last_error",
-       job.last_error.empty() ? nlohmann::json(nullptr) : nlohmann::json(job.last_error)},
+      {"last_error", job.last_error.empty() ? nlohmann::json(nullptr)
+                                            : nlohmann::json(public_error(job.last_error))},
       {"created_at", iso8601(job.created_ms)},
       {"updated_at", iso8601(job.updated_ms)},
   };
@@ -119,6 +178,89 @@ std::string read_password_file(const std::string& path) {
   return password;
 }
 
+std::string lower(std::string_view text) {
+  std::string out(text);
+  for (char& c : out) {
+    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+  }
+  return out;
+}
+
+// Whether `domain` (lower case) is `parent` or one of its subdomains.
+bool in_domain(std::string_view domain, std::string_view parent) {
+  if (domain == parent) return true;
+  return domain.size() > parent.size() && domain.ends_with(parent) &&
+         domain[domain.size() - parent.size() - 1] == '.';
+}
+
+struct Refusal {
+  int status;
+  std::string field;
+  std::string message;
+};
+
+// The sender and recipient policy: a token may send from the default sender and from the
+// addresses and domains its tokens-file line lists (an anonymous caller from the default only);
+// recipients must pass [policy]. A refusal names the field.
+std::optional<Refusal> check_policy(const jobs::Email& email, const Caller& caller,
+                                    const PolicyConfig& policy,
+                                    std::string_view default_from_address) {
+  if (!email.from.empty()) {
+    const auto parsed = jobs::parse_address(email.from);
+    const auto* address = std::get_if<jobs::Address>(&parsed);
+    if (address == nullptr) return Refusal{400, "from", "is not a valid address"};
+    const std::string from = lower(address->addr_spec);
+    const std::string domain = from.substr(from.rfind('@'));  // "@example.com"
+    bool allowed = from == default_from_address;
+    if (caller.token != nullptr) {
+      for (const std::string& sender : caller.token->senders) {
+        if (sender == from || sender == domain) allowed = true;
+      }
+    }
+    if (!allowed) {
+      return Refusal{403, "from",
+                     caller.token != nullptr
+                         ? "token " + caller.token->name + " may not send from " + from +
+                               " (its from= list in [auth] tokens_file)"
+                         : "callers without a token may only send from [smtp] from"};
+    }
+  }
+  const std::pair<const char*, const std::vector<std::string>*> lists[] = {
+      {"to", &email.to}, {"cc", &email.cc}, {"bcc", &email.bcc}};
+  for (const auto& [field, list] : lists) {
+    for (std::size_t i = 0; i < list->size(); ++i) {
+      const auto parsed = jobs::parse_address((*list)[i]);
+      const auto* address = std::get_if<jobs::Address>(&parsed);
+      const std::string name = std::string(field) + "[" + std::to_string(i) + "]";
+      if (address == nullptr) return Refusal{400, name, "is not a valid address"};
+      const std::string recipient = lower(address->addr_spec);
+      const std::string domain = recipient.substr(recipient.rfind('@') + 1);
+      if (!domain.empty() && domain.front() == '[') {
+        if (!policy.ip_literal_recipients) {
+          return Refusal{400, name,
+                         "IP-literal recipients are not allowed ([policy] "
+                         "ip_literal_recipients)"};
+        }
+        continue;
+      }
+      for (const std::string& blocked : policy.blocked_recipient_domains) {
+        if (in_domain(domain, blocked)) {
+          return Refusal{
+              400, name,
+              "the domain " + domain + " is not allowed ([policy] blocked_recipient_domains)"};
+        }
+      }
+      if (!policy.recipient_domains.empty() &&
+          std::none_of(policy.recipient_domains.begin(), policy.recipient_domains.end(),
+                       [&](const std::string& allowed) { return in_domain(domain, allowed); })) {
+        return Refusal{400, name,
+                       "the domain " + domain + " is not allowed ([policy] recipient_domains)"};
+      }
+    }
+  }
+  return std::nullopt;
+}
+
 // The password comes from a file or the environment and never appears in a log line.
 std::string resolve_password(const SmtpConfig& smtp) {
   if (!smtp.password_file.empty()) return read_password_file(smtp.password_file);
@@ -174,6 +316,10 @@ jobs::RunnerOptions runner_options(const JobsConfig& jobs) {
 struct JobsService::Settings {
   jobs::EmailLimits limits;                        // For POST /email validation.
   std::size_t max_queued = 0;                      // Back-pressure threshold.
+  std::size_t max_queued_bytes = 0;                // [jobs] max_queued_bytes.
+  std::size_t max_queued_per_client = 0;           // [quota] max_queued_per_client.
+  PolicyConfig policy;                             // Recipient domains, IP literals.
+  std::string default_from_address;                // [smtp] from's address, lower case.
   std::string default_from;                        // [smtp] from.
   std::string message_id_domain;                   // The domain of default_from.
   std::shared_ptr<const jobs::SmtpMailer> mailer;  // Libcurl settings, for smtp:// and smtps://.
@@ -230,13 +376,13 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
           return jobs::AttemptResult{Outcome::temporary_failure, sent.detail};
         };
       },
-      [this](const jobs::Job&, const jobs::AttemptResult&, std::chrono::nanoseconds took,
+      [this](const jobs::Job& job, const jobs::AttemptResult&, std::chrono::nanoseconds took,
              bool finished) {
         send_seconds_->observe(std::chrono::duration<double>(took).count());
-        if (finished) --pending_;
+        if (finished) release(job.owner, static_cast<std::int64_t>(job.payload.size()));
       });
 
-  // The count survives restarts: the store knows what is still waiting.
+  // The counts survive restarts: the store knows what is still waiting, and whose it is.
   std::weak_ptr<bool> alive = alive_;
   if (store_lock_->acquired()) {
     // No other process of this node uses the store: whatever is `sending` was being sent by a
@@ -252,9 +398,17 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
     });
   }
   store_->run([this, alive, &loop](jobs::JobStore& store) {
-    const std::int64_t pending = store.count_pending();
-    loop.call_soon([this, alive, pending] {
-      if (auto still = alive.lock(); still && *still) pending_ += pending;
+    auto usage = store.pending_by_owner();
+    loop.call_soon([this, alive, usage = std::move(usage)] {
+      const auto still = alive.lock();
+      if (!still || !*still) return;
+      for (const jobs::OwnerUsage& owner : usage) {
+        pending_ += owner.jobs;
+        pending_bytes_ += owner.bytes;
+        Usage& share = usage_[owner.owner];
+        share.jobs += owner.jobs;
+        share.bytes += owner.bytes;
+      }
     });
   });
 
@@ -453,12 +607,16 @@ void JobsService::reconfigure(const Config& config) {
   settings->limits.max_recipients = config.jobs.max_recipients;
   settings->limits.max_email_bytes = config.jobs.max_email_bytes;
   settings->max_queued = config.jobs.max_queued;
+  settings->max_queued_bytes = config.jobs.max_queued_bytes;
+  settings->max_queued_per_client = config.quota.max_queued_per_client;
+  settings->policy = config.policy;
   settings->default_from = config.smtp.from;
   const auto sender = jobs::parse_address(config.smtp.from);
   if (const auto* problem = std::get_if<std::string>(&sender)) {
     throw std::runtime_error("[smtp] from \"" + config.smtp.from + "\": " + *problem);
   }
   const std::string& address = std::get<jobs::Address>(sender).addr_spec;
+  settings->default_from_address = lower(address);
   settings->message_id_domain = address.substr(address.rfind('@') + 1);
   if (config.smtp.url.starts_with(jobs::maildir_scheme)) {
     auto maildir = std::make_shared<const jobs::MaildirWriter>(
@@ -490,37 +648,113 @@ void JobsService::reconfigure(const Config& config) {
   }
   settings_ = std::move(settings);
   if (runner_) runner_->reconfigure(runner_options(config.jobs));
+  // New limiters only when the rates change: a reload must not refill every bucket.
+  if (!token_rate_ || config.quota.token_per_minute != rates_in_use_.token_per_minute ||
+      config.quota.token_burst != rates_in_use_.token_burst) {
+    token_rate_ =
+        std::make_unique<KeyedRateLimiter>(static_cast<double>(config.quota.token_per_minute),
+                                           static_cast<double>(config.quota.token_burst));
+  }
+  if (!address_rate_ || config.quota.address_per_minute != rates_in_use_.address_per_minute ||
+      config.quota.address_burst != rates_in_use_.address_burst) {
+    address_rate_ =
+        std::make_unique<KeyedRateLimiter>(static_cast<double>(config.quota.address_per_minute),
+                                           static_cast<double>(config.quota.address_burst));
+  }
+  rates_in_use_ = config.quota;
 }
 
-void JobsService::add_routes(http::Router& router, const Config& config) {
+void JobsService::add_routes(http::Router& router, const Config& config,
+                             std::shared_ptr<const AccessControl> access) {
   if (config.routes.email) {
-    router.add("POST", "/email", [this](http::Request& request, http::Responder responder) {
-      accept_email(request, responder);
+    router.add("POST", "/email", [this, access](http::Request& request, http::Responder responder) {
+      if (const auto caller = access->authenticate(request, responder)) {
+        accept_email(request, responder, *caller);
+      }
     });
   }
   if (config.routes.jobs) {
-    router.add("GET", "/jobs/{id}", [this](http::Request& request, http::Responder responder) {
-      report_job(request, responder);
-    });
+    router.add("GET", "/jobs/{id}",
+               [this, access](http::Request& request, http::Responder responder) {
+                 if (const auto caller = access->authenticate(request, responder)) {
+                   report_job(request, responder, *caller);
+                 }
+               });
   }
 }
 
-void JobsService::accept_email(http::Request& request, const http::Responder& responder) {
+std::uint64_t JobsService::park(const http::Responder& responder) {
+  const std::uint64_t ticket = next_ticket_++;
+  parked_.emplace(ticket, responder);
+  return ticket;
+}
+
+http::Responder JobsService::unpark(std::uint64_t ticket) {
+  const auto found = parked_.find(ticket);
+  if (found == parked_.end()) return {};
+  http::Responder responder = std::move(found->second);
+  parked_.erase(found);
+  return responder;
+}
+
+void JobsService::reserve(const std::string& owner, std::int64_t bytes) {
+  ++pending_;
+  pending_bytes_ += bytes;
+  Usage& share = usage_[owner];
+  ++share.jobs;
+  share.bytes += bytes;
+}
+
+void JobsService::release(const std::string& owner, std::int64_t bytes) {
+  --pending_;
+  pending_bytes_ -= bytes;
+  const auto found = usage_.find(owner);
+  if (found == usage_.end()) return;
+  --found->second.jobs;
+  found->second.bytes -= bytes;
+  if (found->second.jobs <= 0) usage_.erase(found);
+}
+
+bool JobsService::within_rate(const http::Request& request, const Caller& caller,
+                              const http::Responder& responder) {
+  const auto now = KeyedRateLimiter::Clock::now();
+  std::chrono::milliseconds wait{0};
+  std::string_view limit;
+  if (!address_rate_->try_take(request.remote_address(), now, wait)) {
+    limit = "[quota] address_per_minute";
+  } else if (caller.token != nullptr && !token_rate_->try_take(caller.token->name, now, wait)) {
+    limit = "[quota] token_per_minute";
+  } else {
+    return true;
+  }
+  const auto seconds = std::max<std::int64_t>(1, (wait.count() + 999) / 1000);
+  responder.header("Retry-After", std::to_string(seconds));
+  send_error(responder, 429, "", "too many requests (" + std::string(limit) + ")");
+  return false;
+}
+
+void JobsService::accept_email(http::Request& request, const http::Responder& responder,
+                               const Caller& caller) {
   if (!accepting_) {
     responder.header("Retry-After", "5");
     send_error(responder, 503, "", "shutting down: not accepting jobs");
     return;
   }
-  // The media type is case-insensitive and may carry parameters (charset=utf-8).
+  // application/json only: a form or text/plain body is what a web page can send cross-site
+  // without a CORS preflight, so anything else (no Content-Type included) is refused. The
+  // media type is case-insensitive and may carry parameters (charset=utf-8).
   std::string_view media_type = request.header("content-type").value_or("");
   media_type = media_type.substr(0, media_type.find(';'));
   while (!media_type.empty() && (media_type.back() == ' ' || media_type.back() == '\t')) {
     media_type.remove_suffix(1);
   }
-  if (!media_type.empty() && !http::iequals(media_type, kJsonType)) {
-    send_error(responder, 415, "Content-Type", "expected application/json");
+  if (!http::iequals(media_type, kJsonType)) {
+    send_error(
+        responder, 415, "Content-Type",
+        media_type.empty() ? "missing; expected application/json" : "expected application/json");
     return;
   }
+  if (!within_rate(request, caller, responder)) return;
   const auto key = request.header("idempotency-key").value_or("");
   if (key.size() > kMaxIdempotencyKeyBytes) {
     send_error(responder, 400, "Idempotency-Key",
@@ -533,21 +767,46 @@ void JobsService::accept_email(http::Request& request, const http::Responder& re
     send_error(responder, 400, error->field, error->message);
     return;
   }
+  const jobs::Email& email = std::get<jobs::Email>(parsed);
+  if (const auto refusal =
+          check_policy(email, caller, settings->policy, settings->default_from_address)) {
+    send_error(responder, refusal->status, refusal->field, refusal->message);
+    return;
+  }
+  std::string payload = jobs::email_to_json(email);
+  const auto bytes = static_cast<std::int64_t>(payload.size());
+  const std::string owner = caller.owner();
   if (pending_ >= static_cast<std::int64_t>(settings->max_queued)) {
     responder.header("Retry-After", "5");
     send_error(responder, 503, "", "the job queue is full ([jobs] max_queued)");
     return;
   }
-  ++pending_;
-  std::string payload = jobs::email_to_json(std::get<jobs::Email>(parsed));
-  jobs::NewJob job{"email", payload, std::string(key)};
+  if (pending_bytes_ + bytes > static_cast<std::int64_t>(settings->max_queued_bytes)) {
+    responder.header("Retry-After", "5");
+    send_error(responder, 503, "", "the job queue is full ([jobs] max_queued_bytes)");
+    return;
+  }
+  if (const auto found = usage_.find(owner);
+      found != usage_.end() &&
+      found->second.jobs >= static_cast<std::int64_t>(settings->max_queued_per_client)) {
+    responder.header("Retry-After", "30");
+    send_error(responder, 429, "",
+               "too many of your jobs are waiting ([quota] max_queued_per_client)");
+    return;
+  }
+  reserve(owner, bytes);
+  jobs::NewJob job{"email", payload, std::string(key), owner};
   std::weak_ptr<bool> alive = alive_;
-  store_->insert(std::move(job), [this, alive, responder, payload = std::move(payload)](
+  const std::uint64_t ticket = park(responder);
+  // The callback runs on the loop, but the worker thread holds (and moves) it until then: it
+  // carries the ticket, never the Responder.
+  store_->insert(std::move(job), [this, alive, ticket, owner, bytes, payload = std::move(payload)](
                                      std::variant<jobs::Inserted, std::string> outcome) {
     const auto still = alive.lock();
     if (!still || !*still) return;
+    const http::Responder responder = unpark(ticket);
     if (const auto* error = std::get_if<std::string>(&outcome)) {
-      --pending_;
+      release(owner, bytes);
       spdlog::error("jobs: storing an email job failed: {}", *error);
       store_failed("storing a job", *error);
       // The store's trouble (a full disk, a lock, an I/O error) is usually passing: the
@@ -559,7 +818,7 @@ void JobsService::accept_email(http::Request& request, const http::Responder& re
     store_worked();
     const auto& inserted = std::get<jobs::Inserted>(outcome);
     if (!inserted.created) {
-      --pending_;  // A repeat of an earlier request: nothing new.
+      release(owner, bytes);  // A repeat of an earlier request: nothing new.
       // Digests: a sent job's payload itself is deleted.
       if (inserted.job.payload_digest != jobs::payload_digest(payload)) {
         // The key was used for a different email: answering with that job would mislead.
@@ -576,31 +835,42 @@ void JobsService::accept_email(http::Request& request, const http::Responder& re
   });
 }
 
-void JobsService::report_job(http::Request& request, const http::Responder& responder) {
+void JobsService::report_job(http::Request& request, const http::Responder& responder,
+                             const Caller& caller) {
   const std::string id(request.param("id"));
   std::weak_ptr<bool> alive = alive_;
-  store_->run([alive, id, responder, &loop = loop_](jobs::JobStore& store) {
-    std::optional<jobs::Job> job;
-    std::string error;
-    try {
-      job = store.get(id);
-    } catch (const std::exception& failure) {
-      error = failure.what();
-    }
-    loop.call_soon([alive, id, responder, job = std::move(job), error] {
-      const auto still = alive.lock();
-      if (!still || !*still) return;
-      if (!error.empty()) {
-        spdlog::error("jobs: reading job {} failed: {}", id, error);
-        responder.header("Retry-After", kStoreRetryAfter);
-        send_error(responder, 503, "", "the job store cannot be read now");
-      } else if (!job) {
-        send_error(responder, 404, "id", "no such job");
-      } else {
-        send_json(responder, 200, job_json(*job));
-      }
-    });
-  });
+  const std::uint64_t ticket = park(responder);
+  // Only data crosses to the store thread and back; the Responder stays in parked_.
+  const bool queued = store_->run(
+      [this, alive, id, ticket, owner = caller.owner(), &loop = loop_](jobs::JobStore& store) {
+        std::optional<jobs::Job> job;
+        std::string error;
+        try {
+          job = store.get(id);
+        } catch (const std::exception& failure) {
+          error = failure.what();
+        }
+        loop.call_soon([this, alive, id, ticket, owner, job = std::move(job), error] {
+          const auto still = alive.lock();
+          if (!still || !*still) return;
+          const http::Responder responder = unpark(ticket);
+          if (!error.empty()) {
+            spdlog::error("jobs: reading job {} failed: {}", id, error);
+            responder.header("Retry-After", kStoreRetryAfter);
+            send_error(responder, 503, "", "the job store cannot be read now");
+          } else if (!job || job->owner != owner) {
+            // Another owner's job is answered exactly like a missing one.
+            send_error(responder, 404, "id", "no such job");
+          } else {
+            send_json(responder, 200, job_json(*job));
+          }
+        });
+      });
+  if (!queued) {
+    parked_.erase(ticket);
+    responder.header("Retry-After", "5");
+    send_error(responder, 503, "", "shutting down: the job store is closed");
+  }
 }
 
 void JobsService::drain(std::function<void()> done) {

@@ -10,14 +10,17 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <unordered_map>
 
 #include "config/config.hpp"
 #include "core/loop.hpp"
+#include "core/rate_limit.hpp"
 #include "http/router.hpp"
 #include "jobs/runner.hpp"
 #include "jobs/smtp.hpp"
 #include "jobs/store_worker.hpp"
 #include "metrics/metrics.hpp"
+#include "server/access.hpp"
 
 namespace squall::daemon {
 
@@ -32,8 +35,9 @@ class JobsService {
 
   // Starts the runner: jobs left by an earlier run (queued, retrying, expired leases) go first.
   void start();
-  // Adds POST /email and GET /jobs/{id} as [routes] enables them.
-  void add_routes(http::Router& router, const Config& config);
+  // Adds POST /email and GET /jobs/{id} as [routes] enables them, behind `access`.
+  void add_routes(http::Router& router, const Config& config,
+                  std::shared_ptr<const AccessControl> access);
   // New SMTP settings and job limits for attempts that start from now on.
   void reconfigure(const Config& config);
   // Stops accepting jobs and claiming; `done` runs when running sends finished. Jobs not sent
@@ -47,8 +51,14 @@ class JobsService {
   const char* store_status() const noexcept { return store_failing_ ? "failing" : "ok"; }
 
  private:
-  void accept_email(http::Request& request, const http::Responder& responder);
-  void report_job(http::Request& request, const http::Responder& responder);
+  // What one owner (an API token, or "" for anonymous callers) has waiting.
+  struct Usage {
+    std::int64_t jobs = 0;   // Accepted and not finished, plus inserts in flight.
+    std::int64_t bytes = 0;  // Their payloads' bytes.
+  };
+
+  void accept_email(http::Request& request, const http::Responder& responder, const Caller& caller);
+  void report_job(http::Request& request, const http::Responder& responder, const Caller& caller);
   void refresh_stats();
   // Once a second: the write probe (every second while the store fails, every
   // kProbeEvery seconds otherwise) and, when due, the retention purge.
@@ -59,6 +69,15 @@ class JobsService {
   // or free pages to give back and the last round gave some back (free_pages_before).
   void purge(std::int64_t finished_before_ms, bool vacuum_only_if_purged,
              std::int64_t free_pages_before);
+  bool within_rate(const http::Request& request, const Caller& caller,
+                   const http::Responder& responder);
+  void reserve(const std::string& owner, std::int64_t bytes);
+  void release(const std::string& owner, std::int64_t bytes);
+  // Keeps a Responder on the loop while the store thread works: callbacks from other threads
+  // carry the ticket, never the Responder (whose copies change loop-owned reference counts).
+  std::uint64_t park(const http::Responder& responder);
+  // The parked Responder, removed from the table; an empty one if the ticket is unknown.
+  http::Responder unpark(std::uint64_t ticket);
 
   struct Settings;
   Loop& loop_;                                    // The loop the routes and runner live on.
@@ -85,6 +104,13 @@ class JobsService {
   std::int64_t next_purge_ms_ = 0;             // When the next purge round is due.
   uv_timer_t* housekeeping_timer_ = nullptr;   // Runs housekeeping(); freed on close.
   std::uint64_t purged_total_ = 0;             // Jobs deleted by retention.
+  std::int64_t pending_bytes_ = 0;                    // Payload bytes of pending_ jobs.
+  std::unordered_map<std::string, Usage> usage_;      // By owner: the per-client queue share.
+  std::unique_ptr<KeyedRateLimiter> token_rate_;      // [quota] token_*: by token name.
+  std::unique_ptr<KeyedRateLimiter> address_rate_;    // [quota] address_*: by client address.
+  QuotaConfig rates_in_use_;                          // What the limiters were built with.
+  std::unordered_map<std::uint64_t, http::Responder> parked_;  // Answers waiting for the store.
+  std::uint64_t next_ticket_ = 1;                              // Never reused.
 };
 
 }  // namespace squall::daemon

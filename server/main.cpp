@@ -33,6 +33,7 @@
 #include "jobs/smtp.hpp"
 #include "log/log.hpp"
 #include "metrics/metrics.hpp"
+#include "server/access.hpp"
 #include "server/jobs_service.hpp"
 #include "server/routes.hpp"
 
@@ -56,6 +57,7 @@ struct CommandLine {
   std::string port_file;            // --port-file. Made absolute.
   bool daemonize = false;           // --daemon
   std::string pid_file;             // --pid-file. Made absolute.
+  std::string new_token;            // --new-token NAME: print a token and its line, exit.
 };
 
 // What main() prepared before serving: it outlives the daemon.
@@ -90,6 +92,7 @@ void resolve_paths(Config& config, const fs::path& base) {
                       absolute_from(base, config.smtp.url.substr(jobs::maildir_scheme.size()));
   }
   config.smtp.ca_file = absolute_from(base, config.smtp.ca_file);
+  config.auth.tokens_file = absolute_from(base, config.auth.tokens_file);
 }
 
 // The configuration as the command line asks for it: the --config file (or the defaults), with
@@ -231,6 +234,13 @@ class Squalld {
 
   // Everything between the configuration and READY=1. Throws on failure (the caller exits 1).
   void start() {
+    // Before anything is bound: an open mail relay on a public address is refused here.
+    try {
+      access_ = daemon::AccessControl::build(
+          config_, daemon::exposure_of(config_, !startup_.inherited.empty()));
+    } catch (const std::exception& error) {
+      throw std::runtime_error(config_name() + ": " + error.what());
+    }
     daemon::notify_status("Starting: opening listeners");
     open_listeners();
     if (startup_.pid_file != nullptr) startup_.pid_file->write(getpid());
@@ -268,15 +278,16 @@ class Squalld {
   };
 
   // The routes a configuration asks for: at start and on every reload.
-  std::shared_ptr<const http::Router> build_router(const Config& config) const {
+  std::shared_ptr<const http::Router> build_router(
+      const Config& config, std::shared_ptr<const daemon::AccessControl> access) const {
     auto router = std::make_shared<http::Router>();
-    daemon::add_builtin_routes(*router, config.routes, builtin_);
-    if (jobs_) jobs_->add_routes(*router, config);
+    daemon::add_builtin_routes(*router, config.routes, config.auth, builtin_, access);
+    if (jobs_) jobs_->add_routes(*router, config, access);
     return router;
   }
 
   void install_router(const Config& config) {
-    std::shared_ptr<const http::Router> router = build_router(config);
+    std::shared_ptr<const http::Router> router = build_router(config, access_);
     http_metrics_->set_routes(*router);
     server_.set_router(std::move(router));
   }
@@ -349,7 +360,10 @@ class Squalld {
   void apply(Config next) {
     // 1. Whatever can fail, before anything changes.
     log::parse_level(next.log.level);
-    std::shared_ptr<const http::Router> router = build_router(next);
+    // The tokens file is read again, so a reload adds and revokes tokens.
+    std::shared_ptr<const daemon::AccessControl> access =
+        daemon::AccessControl::build(next, daemon::exposure_of(next, socket_activated_));
+    std::shared_ptr<const http::Router> router = build_router(next, access);
     http::ServerOptions options = server_options(next);
 
     std::vector<OpenListener> listeners;  // The new list, in the new config's order.
@@ -391,6 +405,7 @@ class Squalld {
     server_.reconfigure(std::move(options));
     http_metrics_->set_routes(*router);
     server_.set_router(std::move(router));
+    access_ = std::move(access);
     logs_.set_level(next.log.level);
     for (const OpenListener& old : listeners_) {
       const bool kept = std::any_of(listeners.begin(), listeners.end(),
@@ -492,6 +507,7 @@ class Squalld {
   std::unique_ptr<daemon::JobsService> jobs_;
   Loop::TimerId drain_deadline_ = 0;  // Stops the loop if sends outlive timeouts.drain.
   std::shared_ptr<const daemon::BuiltinRoutes> builtin_;  // What the built-in routes read.
+  std::shared_ptr<const daemon::AccessControl> access_;   // Tokens and rules in force.
   std::vector<OpenListener> listeners_;                   // In the configured order.
   bool socket_activated_ = false;                         // The listeners came from systemd.
   bool stopping_ = false;                                 // SIGTERM or SIGINT arrived.
@@ -550,12 +566,23 @@ int main(int argc, char** argv) {
   app.add_option("--pid-file", command_line.pid_file,
                  "Write the daemon's pid to FILE, locked against a second instance, removed "
                  "on exit");
+  app.add_option("--new-token", command_line.new_token,
+                 "Print a new API token NAME and its line for [auth] tokens_file, then exit");
   app.set_version_flag("-V,--version", std::string("squalld ") + SQUALL_VERSION);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& error) {
     // --help and --version exit 0; every command-line mistake exits 1, as config errors do.
     return app.exit(error) == 0 ? 0 : 1;
+  }
+  if (!command_line.new_token.empty()) {
+    try {
+      std::cout << daemon::new_token_text(command_line.new_token);
+    } catch (const std::exception& error) {
+      std::cerr << "squalld: --new-token: " << error.what() << "\n";
+      return 1;
+    }
+    return 0;
   }
   // libcurl's global state must be set up before any thread exists.
   jobs::global_init();
@@ -576,9 +603,20 @@ int main(int argc, char** argv) {
     return 1;
   }
   if (command_line.check_config) {
-    std::cout << "squalld: "
-              << (command_line.config_path.empty() ? "built-in defaults" : command_line.config_path)
-              << ": configuration is valid\n";
+    const std::string name =
+        command_line.config_path.empty() ? "built-in defaults" : command_line.config_path;
+    // Sockets passed by systemd count as public; a check run by hand sees none.
+    const bool inherited = std::getenv("LISTEN_FDS") != nullptr;
+    const daemon::Exposure exposure = daemon::exposure_of(config, inherited);
+    try {
+      const auto access = daemon::AccessControl::build(config, exposure);
+      std::cout << "squalld: " << name << ": configuration is valid\n"
+                << "squalld: access: " << daemon::describe_access(config, exposure, *access)
+                << "\n";
+    } catch (const std::exception& error) {
+      std::cerr << "squalld: " << name << ": " << error.what() << "\n";
+      return 1;
+    }
     return 0;
   }
 

@@ -110,43 +110,57 @@ void HttpMetrics::observe(const http::RequestRecord& record) {
   request_duration_.observe(std::chrono::duration<double>(record.duration).count());
 }
 
-void add_builtin_routes(http::Router& router, const RoutesConfig& enabled,
-                        std::shared_ptr<const BuiltinRoutes> routes) {
+void add_builtin_routes(http::Router& router, const RoutesConfig& enabled, const AuthConfig& rules,
+                        std::shared_ptr<const BuiltinRoutes> routes,
+                        std::shared_ptr<const AccessControl> access) {
   if (enabled.plaintext) {
     router.add("GET", "/plaintext", [](http::Request&, http::Responder responder) {
       responder.send(200, "text/plain", "Hello, World!");
     });
   }
   if (enabled.healthz) {
-    router.add("GET", "/healthz", [routes](http::Request&, http::Responder responder) {
-      const bool draining = routes->server->draining();
-      const char* store = routes->store_status ? routes->store_status() : nullptr;
-      const bool store_failing = store != nullptr && std::string_view(store) != "ok";
-      const auto uptime = std::chrono::steady_clock::now() - routes->started;
-      nlohmann::json body = {
-          {"status", draining        ? "draining"
-                     : store_failing ? "failing"
-                                     : "ok"},
-          {"uptime_seconds", std::chrono::duration<double>(uptime).count()},
-          {"connections", routes->server->stats().connections_open},
-          {"loop_lag_ms", routes->lag != nullptr ? routes->lag->last_lag_seconds() * 1000 : 0.0},
-      };
-      if (store != nullptr) body["store"] = store;
-      // A draining server, or one whose job store refuses writes, answers 503 so a load
-      // balancer sends its traffic elsewhere.
-      responder.send(draining || store_failing ? 503 : 200, "application/json", body.dump() + "\n");
-    });
+    router.add(
+        "GET", "/healthz",
+        [routes, access, rule = rules.healthz](http::Request& request, http::Responder responder) {
+          if (!access->allow(rule, request, responder)) return;
+          const bool draining = routes->server->draining();
+          const char* store = routes->store_status ? routes->store_status() : nullptr;
+          const bool store_failing = store != nullptr && std::string_view(store) != "ok";
+          const auto uptime = std::chrono::steady_clock::now() - routes->started;
+          nlohmann::json body = {
+              {"status", draining        ? "draining"
+                         : store_failing ? "failing"
+                                         : "ok"},
+              {"uptime_seconds", std::chrono::duration<double>(uptime).count()},
+              {"connections", routes->server->stats().connections_open},
+              {"loop_lag_ms",
+               routes->lag != nullptr ? routes->lag->last_lag_seconds() * 1000 : 0.0},
+          };
+          if (store != nullptr) body["store"] = store;
+          // A draining server, or one whose job store refuses writes, answers 503 so a load
+          // balancer sends its traffic elsewhere.
+          responder.send(draining || store_failing ? 503 : 200, "application/json",
+                         body.dump() + "
+");
+        });
   }
   if (enabled.metrics) {
-    router.add("GET", "/metrics", [routes](http::Request&, http::Responder responder) {
-      responder.send(200, "text/plain; version=0.0.4; charset=utf-8", routes->registry->render());
-    });
+    router.add(
+        "GET", "/metrics",
+        [routes, access, rule = rules.metrics](http::Request& request, http::Responder responder) {
+          if (!access->allow(rule, request, responder)) return;
+          responder.send(200, "text/plain; version=0.0.4; charset=utf-8",
+                         routes->registry->render());
+        });
   }
   if (enabled.echo) {
-    router.add("POST", "/echo", [](http::Request& request, http::Responder responder) {
-      const auto content_type = request.header("content-type");
-      responder.send(200, content_type.value_or("application/octet-stream"), request.body());
-    });
+    router.add("POST", "/echo",
+               [access, rule = rules.echo](http::Request& request, http::Responder responder) {
+                 if (!access->allow(rule, request, responder)) return;
+                 const auto content_type = request.header("content-type");
+                 responder.send(200, content_type.value_or("application/octet-stream"),
+                                request.body());
+               });
   }
 }
 

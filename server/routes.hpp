@@ -16,6 +16,7 @@
 #include "http/server.hpp"
 #include "log/log.hpp"
 #include "metrics/metrics.hpp"
+#include "server/access.hpp"
 
 namespace squall::daemon {
 
@@ -56,9 +57,11 @@ struct BuiltinRoutes {
   std::function<const char*()> store_status;
 };
 
-// Adds GET /plaintext, GET /healthz, GET /metrics and POST /echo as `enabled` says. The
-// pointers in `routes` must outlive the router.
-void add_builtin_routes(http::Router& router, const RoutesConfig& enabled,
-                        std::shared_ptr<const BuiltinRoutes> routes);
+// Adds GET /plaintext, GET /healthz, GET /metrics and POST /echo as `enabled` says, the last
+// three behind the rules of `rules` ([auth] healthz, metrics, echo) as `access` applies them.
+// The pointers in `routes` must outlive the router.
+void add_builtin_routes(http::Router& router, const RoutesConfig& enabled, const AuthConfig& rules,
+                        std::shared_ptr<const BuiltinRoutes> routes,
+                        std::shared_ptr<const AccessControl> access);
 
 }  // namespace squall::daemon

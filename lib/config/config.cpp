@@ -266,12 +266,15 @@ class Loader {
     if (name == "routes") fields = &routes_fields_;
     if (name == "smtp") fields = &smtp_fields_;
     if (name == "jobs") fields = &jobs_fields_;
+    if (name == "auth") fields = &auth_fields_;
+    if (name == "policy") fields = &policy_fields_;
+    if (name == "quota") fields = &quota_fields_;
     const Where where{{}, name, key.source()};
     if (fields == nullptr) {
       if (node.is_table()) {
         fail(where,
              "unknown table; expected one of [server], [limits], [timeouts], [log], [loop], "
-             "[routes], [smtp], [jobs]");
+             "[routes], [smtp], [jobs], [auth], [policy], [quota]");
       }
       fail(where, "unknown key outside any table; settings belong in a table such as [server]");
     }
@@ -521,6 +524,45 @@ class Loader {
     }
   }
 
+  // A list of mail domains ("example.com"), kept in lower case: LDH labels separated by dots.
+  Field domains(std::string_view name, std::vector<std::string>& member) {
+    return field(name, member, [](const Loader* self, const toml::node& node, const Where& where) {
+      constexpr std::string_view kExpected = "an array of domains such as [\"example.com\"]";
+      const auto* array = node.as_array();
+      if (array == nullptr) self->fail_type(where, node, kExpected);
+      std::vector<std::string> result;
+      for (const toml::node& element : *array) {
+        const std::string_view text =
+            self->get_string(element, where, "a domain such as \"example.com\"");
+        std::string domain;
+        bool valid = !text.empty() && text.size() <= 253 && text.front() != '.' &&
+                     text.back() != '.' && text.find("..") == std::string_view::npos;
+        for (const char c : text) {
+          const bool ldh = is_digit(c) || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+                           c == '-' || c == '.';
+          if (!ldh) valid = false;
+          domain += (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c;
+        }
+        if (!valid) {
+          self->fail(self->at(where, element),
+                     "expected a domain of letters, digits, hyphens and dots such as "
+                     "\"example.com\", got " +
+                         quote(text));
+        }
+        result.push_back(std::move(domain));
+      }
+      return result;
+    });
+  }
+
+  Field access(std::string_view name, RouteAccess& member) {
+    return choice(name, member,
+                  {{"open", RouteAccess::open},
+                   {"loopback", RouteAccess::loopback},
+                   {"token", RouteAccess::token},
+                   {"loopback-or-token", RouteAccess::loopback_or_token}});
+  }
+
   void load_log_level(const toml::node& node, const Where& where) {
     constexpr std::string_view kExpected =
         "one of \"trace\", \"debug\", \"info\", \"warn\", \"error\", \"critical\", \"off\"";
@@ -708,6 +750,26 @@ class Loader {
             [](const Loader* self, const toml::node& node, const Where& where) {
               return self->get_duration(node, where, kMaxRetain);
             }),
+      size("max_queued_bytes", config_.jobs.max_queued_bytes, 1),
+  };
+  const std::vector<Field> auth_fields_{
+      text("tokens_file", config_.auth.tokens_file, true),
+      boolean("anonymous", config_.auth.anonymous),
+      access("healthz", config_.auth.healthz),
+      access("metrics", config_.auth.metrics),
+      access("echo", config_.auth.echo),
+  };
+  const std::vector<Field> policy_fields_{
+      domains("recipient_domains", config_.policy.recipient_domains),
+      domains("blocked_recipient_domains", config_.policy.blocked_recipient_domains),
+      boolean("ip_literal_recipients", config_.policy.ip_literal_recipients),
+  };
+  const std::vector<Field> quota_fields_{
+      count("token_per_minute", config_.quota.token_per_minute, 6'000'000),
+      count("token_burst", config_.quota.token_burst, 1'000'000),
+      count("address_per_minute", config_.quota.address_per_minute, 6'000'000),
+      count("address_burst", config_.quota.address_burst, 1'000'000),
+      count("max_queued_per_client", config_.quota.max_queued_per_client, kMaxCount),
   };
 };
 

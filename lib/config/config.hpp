@@ -127,7 +127,42 @@ struct JobsConfig {
   std::size_t max_recipients = 50;            // [jobs] max_recipients: to + cc + bcc
   std::size_t max_email_bytes = 1024 * 1024;  // [jobs] max_email_bytes: subject + text + html
   Duration retain{7 * 24 * 3'600'000};        // [jobs] retain: sent/failed jobs kept this long
+  // [jobs] max_queued_bytes: stored payload bytes of waiting jobs beyond which POST /email is 503
+  std::size_t max_queued_bytes = std::size_t{1024} * 1024 * 1024;
   bool operator==(const JobsConfig&) const = default;
+};
+
+// Who may call a route that is not a mail route: anyone, loopback clients only, callers with a
+// valid API token only, or either of the last two.
+enum class RouteAccess { open, loopback, token, loopback_or_token };
+
+struct AuthConfig {
+  std::string tokens_file;  // [auth] tokens_file: "NAME sha256:HEX [from=...]" lines ("" = none)
+  bool anonymous = false;   // [auth] anonymous: mail routes without a token on a public address
+  RouteAccess healthz = RouteAccess::open;               // [auth] healthz: GET /healthz
+  RouteAccess metrics = RouteAccess::loopback_or_token;  // [auth] metrics: GET /metrics
+  RouteAccess echo = RouteAccess::loopback_or_token;     // [auth] echo: POST /echo
+  bool operator==(const AuthConfig&) const = default;
+};
+
+struct PolicyConfig {
+  // [policy] recipient_domains: recipients must be in one of these domains or their subdomains
+  // (empty = any domain)
+  std::vector<std::string> recipient_domains;
+  // [policy] blocked_recipient_domains: recipients in these domains (or subdomains) are refused
+  std::vector<std::string> blocked_recipient_domains;
+  bool ip_literal_recipients = false;  // [policy] ip_literal_recipients: allow "a@[192.0.2.1]"
+  bool operator==(const PolicyConfig&) const = default;
+};
+
+struct QuotaConfig {
+  std::size_t token_per_minute = 600;    // [quota] token_per_minute: POST /email per token
+  std::size_t token_burst = 100;         // [quota] token_burst: POSTs a token may make at once
+  std::size_t address_per_minute = 600;  // [quota] address_per_minute: POST /email per client IP
+  std::size_t address_burst = 100;       // [quota] address_burst: POSTs an address may make at once
+  std::size_t max_queued_per_client = 10000;  // [quota] max_queued_per_client: waiting jobs of
+                                              // one token (or of all anonymous callers)
+  bool operator==(const QuotaConfig&) const = default;
 };
 
 struct Config {
@@ -139,6 +174,9 @@ struct Config {
   RoutesConfig routes;
   SmtpConfig smtp;
   JobsConfig jobs;
+  AuthConfig auth;
+  PolicyConfig policy;
+  QuotaConfig quota;
   // Field by field; the shipped config file is tested against a default-constructed Config.
   bool operator==(const Config&) const = default;
 };

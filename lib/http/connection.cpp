@@ -3,7 +3,10 @@
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <atomic>
 #include <charconv>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 
@@ -50,7 +53,10 @@ std::string_view Request::remote_address() const {
 }
 
 Connection::Connection(Server& server, std::uint64_t id)
-    : server_(server), id_(id), parser_(server.options_.limits, &server.body_budget_) {
+    : server_(server),
+      id_(id),
+      loop_thread_(std::this_thread::get_id()),
+      parser_(server.options_.limits, &server.body_budget_) {
   uv_tcp_init(server.loop_.uv(), &tcp_);
   uv_timer_init(server.loop_.uv(), &timer_);
   tcp_.data = this;
@@ -761,12 +767,45 @@ void Connection::expire() noexcept {
 
 // ---- Responder -------------------------------------------------------------------------------
 
+// The reference counts below are plain ints of a loop-owned object: a Responder copied or
+// destroyed on another thread races with the loop and may free the connection there. That is a
+// bug in the caller (keep the Responder on the loop; send data across threads), so it stops the
+// process with a message naming it rather than corrupting memory silently. Connections are made
+// on the loop thread, so the comparison costs one load per copy.
+namespace {
+
+void abort_on_thread_violation(const char* message) {
+  std::fprintf(stderr, "squall: %s\n", message);
+  std::abort();
+}
+
+std::atomic<ThreadViolationHandler> thread_violation_handler{&abort_on_thread_violation};
+
+}  // namespace
+
+ThreadViolationHandler set_thread_violation_handler(ThreadViolationHandler handler) noexcept {
+  return thread_violation_handler.exchange(handler != nullptr ? handler
+                                                              : &abort_on_thread_violation);
+}
+
+void Connection::check_loop_thread(const char* what) const noexcept {
+  if (std::this_thread::get_id() == loop_thread_) return;
+  char message[256];
+  std::snprintf(message, sizeof message,
+                "a Responder of connection %llu was %s off the loop thread; keep Responders on "
+                "the loop and pass only data to other threads",
+                static_cast<unsigned long long>(id_), what);
+  thread_violation_handler.load()(message);
+}
+
 void Connection::add_responder(std::uint64_t request_number) noexcept {
+  check_loop_thread("copied");
   ++responders_;
   if (request_number == request_number_) ++current_responders_;
 }
 
 void Connection::drop_responder(std::uint64_t request_number) noexcept {
+  check_loop_thread("destroyed");
   --responders_;
   const bool current = request_number == request_number_;
   if (current) --current_responders_;

@@ -9,6 +9,7 @@
 #include <stop_token>
 #include <string>
 #include <string_view>
+#include <thread>
 
 #include <uv.h>
 
@@ -87,6 +88,7 @@ class Connection {
   void expire() noexcept;
   void add_responder(std::uint64_t request_number) noexcept;
   void drop_responder(std::uint64_t request_number) noexcept;
+  void check_loop_thread(const char* what) const noexcept;
   void maybe_destroy() noexcept;
   bool idle() const noexcept;
   void handler_failed(std::uint64_t request_number, const std::string& route,
@@ -97,6 +99,7 @@ class Connection {
   uv_shutdown_t shutdown_request_;               // For the write-side shutdown before closing.
   Server& server_;                               // Shared buffers, options, counters.
   const std::uint64_t id_;                       // In log lines and RequestRecord.
+  const std::thread::id loop_thread_;            // Responder copies must be made and dropped here.
   Connection* prev_ = nullptr;                   // Server's list of open connections.
   Connection* next_ = nullptr;                   // Server's list of open connections.
   Workspace* workspace_ = nullptr;               // Borrowed while bytes are in flight.

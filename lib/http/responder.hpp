@@ -16,6 +16,14 @@ namespace squall::http {
 
 class Connection;
 
+// Runs when a Responder is copied or destroyed on a thread other than its connection's loop
+// thread: a bug in the caller, which races with the loop on the connection's reference counts
+// (keep Responders on the loop; pass only data to other threads and back through call_soon).
+// The default handler prints `message` and aborts. Tests install their own; returns the previous
+// one. Any thread.
+using ThreadViolationHandler = void (*)(const char* message);
+ThreadViolationHandler set_thread_violation_handler(ThreadViolationHandler handler) noexcept;
+
 class Responder {
  public:
   Responder() noexcept = default;

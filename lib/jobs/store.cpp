@@ -4,6 +4,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <iterator>
 #include <limits>
 #include <stdexcept>
 #include <system_error>
@@ -98,18 +99,29 @@ CREATE INDEX jobs_finished ON jobs (finished_ms) WHERE finished_ms > 0;
 CREATE TABLE store_probe (id INTEGER PRIMARY KEY CHECK (id = 1), written_ms INTEGER NOT NULL);
 )sql";
 
+// Version 3 (migrate_to_3): every job has an owner (the API token that created it; '' for
+// jobs stored before, and for anonymous callers), and an Idempotency-Key is unique per owner,
+// so one client can neither collide with nor learn about another's keys.
+constexpr const char* schema_v3_sql = R"sql(
+ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+DROP INDEX IF EXISTS jobs_idempotency_key;
+CREATE UNIQUE INDEX jobs_owner_idempotency_key ON jobs (owner, idempotency_key)
+  WHERE idempotency_key <> '';
+)sql";
+
 // The columns read_job expects, in its order.
 #define SQUALL_JOB_COLUMNS                                                                    \
   "id, kind, state, payload, idempotency_key, attempts, last_error, created_ms, updated_ms, " \
-  "run_after_ms, lease_until_ms, finished_ms, payload_digest"
+  "run_after_ms, lease_until_ms, finished_ms, payload_digest, owner"
 
 constexpr const char* insert_sql =
     "INSERT INTO jobs (id, kind, state, payload, idempotency_key, created_ms, updated_ms, "
-    "run_after_ms, payload_digest) VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?5, ?5, ?6) "
-    "ON CONFLICT (idempotency_key) WHERE idempotency_key <> '' DO NOTHING";
+    "run_after_ms, payload_digest, owner) VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?5, ?5, ?6, ?7) "
+    "ON CONFLICT (owner, idempotency_key) WHERE idempotency_key <> '' DO NOTHING";
 constexpr const char* get_by_id_sql = "SELECT " SQUALL_JOB_COLUMNS " FROM jobs WHERE id = ?1";
 constexpr const char* get_by_key_sql =
-    "SELECT " SQUALL_JOB_COLUMNS " FROM jobs WHERE idempotency_key = ?1 AND idempotency_key <> ''";
+    "SELECT " SQUALL_JOB_COLUMNS
+    " FROM jobs WHERE owner = ?2 AND idempotency_key = ?1 AND idempotency_key <> ''";
 // Each branch walks jobs_due in order and stops after ?3 rows, so a claim costs O(max) even
 // with a million due jobs; a single OR query would sort every due row first. Expired leases
 // are found among the sending rows, which are few (bounded by the runner's concurrency).
@@ -125,7 +137,7 @@ constexpr const char* claim_sql =
     "'sending' AND "
     "lease_until_ms < ?1 ORDER BY run_after_ms, created_ms, seq LIMIT ?3) "
     "ORDER BY run_after_ms, created_ms, seq LIMIT ?3)) RETURNING " SQUALL_JOB_COLUMNS ", seq";
-constexpr int claim_seq_column = 13;  // After the SQUALL_JOB_COLUMNS.
+constexpr int claim_seq_column = 14;  // After the SQUALL_JOB_COLUMNS.
 // The payload (addresses, Bcc, the text) is deleted once sent: only its digest stays.
 constexpr const char* mark_sent_sql =
     "UPDATE jobs SET state = 'sent', payload = X'', lease_until_ms = 0, updated_ms = ?2, "
@@ -149,6 +161,9 @@ constexpr const char* probe_sql =
     "ON CONFLICT (id) DO UPDATE SET written_ms = excluded.written_ms";
 constexpr const char* count_pending_sql =
     "SELECT count(*) FROM jobs WHERE state IN ('queued', 'retrying', 'sending')";
+constexpr const char* pending_by_owner_sql =
+    "SELECT owner, count(*), sum(length(payload)) FROM jobs "
+    "WHERE state IN ('queued', 'retrying', 'sending') GROUP BY owner";
 constexpr const char* count_by_state_sql = "SELECT state, count(*) FROM jobs GROUP BY state";
 constexpr const char* oldest_queued_sql =
     "SELECT min(created_ms) FROM jobs WHERE state IN ('queued', 'retrying')";
@@ -210,6 +225,7 @@ class SqliteJobStore final : public JobStore {
   bool mark_failed(std::string_view id, std::string_view error, std::int64_t now_ms) override;
   bool release(std::string_view id, std::int64_t now_ms) override;
   std::int64_t count_pending() override;
+  std::vector<OwnerUsage> pending_by_owner() override;
   StoreStats stats(std::int64_t now_ms) override;
   void transaction(const std::function<void()>& body) override;
   std::size_t purge_finished(std::int64_t finished_before_ms, std::size_t max_jobs) override;
@@ -242,7 +258,8 @@ class SqliteJobStore final : public JobStore {
   void bind_text(sqlite3_stmt* stmt, int index, std::string_view text, const char* operation);
   void bind_int(sqlite3_stmt* stmt, int index, std::int64_t value, const char* operation);
   Job read_job(sqlite3_stmt* stmt, const char* operation) const;
-  std::optional<Job> find(const Statement& statement, std::string_view key, const char* operation);
+  std::optional<Job> find(const Statement& statement, std::string_view key, const char* operation,
+                          const std::string* owner = nullptr);
   bool run_update(const Statement& statement, const char* operation);
   void rollback() noexcept;
   std::int64_t pragma_int(const char* pragma, const char* operation);
@@ -250,6 +267,7 @@ class SqliteJobStore final : public JobStore {
   void migrate(int from_version);
   void migrate_to_1();
   void migrate_to_2();
+  void migrate_to_3();
 
   // The schema's history: migrations[i] upgrades user_version i to i + 1, inside the one
   // transaction that also sets user_version, so a failure leaves the file as it was. A new
@@ -257,6 +275,7 @@ class SqliteJobStore final : public JobStore {
   static constexpr void (SqliteJobStore::*migrations[])() = {
       &SqliteJobStore::migrate_to_1,
       &SqliteJobStore::migrate_to_2,
+      &SqliteJobStore::migrate_to_3,
   };
   static_assert(std::size(migrations) == sqlite_schema_version);
 
@@ -276,6 +295,7 @@ class SqliteJobStore final : public JobStore {
   Statement mark_failed_;            // mark_failed_sql.
   Statement release_;                // release_sql.
   Statement count_pending_;          // count_pending_sql.
+  Statement pending_by_owner_;       // pending_by_owner_sql.
   Statement count_by_state_;         // count_by_state_sql.
   Statement oldest_queued_;          // oldest_queued_sql.
   Statement begin_read_;             // BEGIN (deferred): stats reads one snapshot.
@@ -373,6 +393,7 @@ SqliteJobStore::SqliteJobStore(const std::string& path, bool synchronous_full) :
     prepare(mark_failed_, mark_failed_sql);
     prepare(release_, release_sql);
     prepare(count_pending_, count_pending_sql);
+    prepare(pending_by_owner_, pending_by_owner_sql);
     prepare(count_by_state_, count_by_state_sql);
     prepare(oldest_queued_, oldest_queued_sql);
     prepare(begin_read_, "BEGIN");
@@ -478,6 +499,8 @@ void SqliteJobStore::migrate_to_1() {
   exec(schema_v1_sql, "create schema version 1");
 }
 
+void SqliteJobStore::migrate_to_3() { exec(schema_v3_sql, "migrate to schema version 3"); }
+
 void SqliteJobStore::migrate_to_2() {
   exec(schema_v2_sql, "migrate to schema version 2");
   exec(("PRAGMA application_id=" + std::to_string(sqlite_application_id)).c_str(),
@@ -575,13 +598,15 @@ Job SqliteJobStore::read_job(sqlite3_stmt* stmt, const char* operation) const {
   job.lease_until_ms = sqlite3_column_int64(stmt, 10);
   job.finished_ms = sqlite3_column_int64(stmt, 11);
   job.payload_digest = column_string(stmt, 12);
+  job.owner = column_string(stmt, 13);
   return job;
 }
 
 std::optional<Job> SqliteJobStore::find(const Statement& statement, std::string_view key,
-                                        const char* operation) {
+                                        const char* operation, const std::string* owner) {
   StatementUse use(statement);
   bind_text(use.get(), 1, key, operation);
+  if (owner != nullptr) bind_text(use.get(), 2, *owner, operation);
   if (!step(use.get(), operation)) return std::nullopt;
   return read_job(use.get(), operation);
 }
@@ -663,6 +688,7 @@ std::vector<Inserted> SqliteJobStore::insert_batch(const std::vector<NewJob>& jo
                               SQLITE_STATIC) != SQLITE_OK) {
         fail("insert");
       }
+      bind_text(use.get(), 7, new_job.owner, "insert");
       // DO NOTHING on a known key: no change means the key exists (the unique id cannot be
       // the cause: that conflict is not the target and would raise an error).
       created = run_update(insert_, "insert");
@@ -672,12 +698,13 @@ std::vector<Inserted> SqliteJobStore::insert_batch(const std::vector<NewJob>& jo
       job.state = JobState::queued;
       job.payload = new_job.payload;
       job.idempotency_key = new_job.idempotency_key;
+      job.owner = new_job.owner;
       job.created_ms = job.updated_ms = job.run_after_ms = now_ms;
       results.push_back(Inserted{std::move(job), true});
     } else {
       // Same transaction, so a key first used earlier in this batch is found too.
-      std::optional<Job> existing =
-          find(get_by_key_, new_job.idempotency_key, "insert: read the existing job");
+      std::optional<Job> existing = find(get_by_key_, new_job.idempotency_key,
+                                         "insert: read the existing job", &new_job.owner);
       if (!existing) {
         throw std::runtime_error("job store " + path_ + ": insert: idempotency key '" +
                                  new_job.idempotency_key + "' conflicted but was not found");
@@ -760,6 +787,16 @@ std::int64_t SqliteJobStore::count_pending() {
   StatementUse use(count_pending_);
   if (!step(use.get(), "count_pending")) return 0;
   return sqlite3_column_int64(use.get(), 0);
+}
+
+std::vector<OwnerUsage> SqliteJobStore::pending_by_owner() {
+  std::vector<OwnerUsage> usage;
+  StatementUse use(pending_by_owner_);
+  while (step(use.get(), "pending_by_owner")) {
+    usage.push_back(OwnerUsage{column_string(use.get(), 0), sqlite3_column_int64(use.get(), 1),
+                               sqlite3_column_int64(use.get(), 2)});
+  }
+  return usage;
 }
 
 StoreStats SqliteJobStore::stats(std::int64_t /*now_ms*/) {

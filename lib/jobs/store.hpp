@@ -12,6 +12,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace squall::jobs {
@@ -46,13 +47,24 @@ struct Job {
   // SHA-256 of the payload as inserted (32 bytes; see payload_digest()): kept when the payload
   // itself is deleted (a sent job), so a repeated Idempotency-Key can still be compared.
   std::string payload_digest;
+  std::string owner;                  // Who created it (an API token's name); "" = anonymous.
 };
 
 // What a producer hands in; everything else is set by the store.
 struct NewJob {
+  NewJob() = default;
+  // The owner is last and optional, so {kind, payload, key} still reads as before.
+  NewJob(std::string kind_, std::string payload_, std::string idempotency_key_,
+         std::string owner_ = {})
+      : kind(std::move(kind_)),
+        payload(std::move(payload_)),
+        idempotency_key(std::move(idempotency_key_)),
+        owner(std::move(owner_)) {}
+
   std::string kind;             // See Job::kind.
   std::string payload;          // See Job::payload.
-  std::string idempotency_key;  // Empty = none.
+  std::string idempotency_key;  // Empty = none; unique per owner.
+  std::string owner;            // See Job::owner.
 };
 
 // The outcome of one NewJob. created=false: its idempotency key already existed, and `job`
@@ -61,6 +73,13 @@ struct NewJob {
 struct Inserted {
   Job job;               // The stored job (new or existing).
   bool created = false;  // Whether this call created it.
+};
+
+// What one owner has waiting (queued, retrying or sending).
+struct OwnerUsage {
+  std::string owner;       // See Job::owner.
+  std::int64_t jobs = 0;   // Waiting jobs.
+  std::int64_t bytes = 0;  // Their payloads' bytes.
 };
 
 // Counts for metrics.
@@ -76,8 +95,9 @@ class JobStore {
   virtual ~JobStore() = default;
 
   // Inserts every job in one transaction (all or nothing) with state queued and
-  // run_after = now_ms; results are in input order. A key repeated within the batch yields
-  // the first job, created=false for the later ones.
+  // run_after = now_ms; results are in input order. A key repeated by the same owner (within
+  // the batch or before) yields the first job, created=false; keys of other owners never
+  // collide.
   virtual std::vector<Inserted> insert_batch(const std::vector<NewJob>& jobs,
                                              std::int64_t now_ms) = 0;
   // The job with this id, or nullopt.
@@ -101,6 +121,8 @@ class JobStore {
   // Jobs queued, retrying or sending. Walks an index entry per pending job (about 60 ms per
   // million): poll it (e.g. with each claim), never per request.
   virtual std::int64_t count_pending() = 0;
+  // Waiting jobs and their payload bytes per owner (owners with none are left out).
+  virtual std::vector<OwnerUsage> pending_by_owner() = 0;
   // Jobs per state and the oldest waiting job. Walks an index entry per job, finished ones
   // included (about 0.2 s per million), stalling the StoreWorker's inserts meanwhile: call it
   // on a second store opened on the same file, off the loop (WAL readers never block the
@@ -132,8 +154,9 @@ class JobStore {
 std::unique_ptr<JobStore> open_sqlite_store(const std::string& path, bool synchronous_full);
 
 // The schema version open_sqlite_store creates and upgrades to (PRAGMA user_version). Older
-// stores are migrated in place, one step per version; newer ones are refused untouched.
-inline constexpr int sqlite_schema_version = 2;
+// stores are migrated in place, one step per version (2: retention, 3: job owners and
+// Idempotency-Keys per owner); newer ones are refused untouched.
+inline constexpr int sqlite_schema_version = 3;
 // PRAGMA application_id of a squall job store ("Sqal"): another program's SQLite file is
 // recognised, and refused, before anything is written to it.
 inline constexpr std::int32_t sqlite_application_id = 0x5371616c;

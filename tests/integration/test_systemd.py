@@ -134,7 +134,9 @@ def _socket_activation_command(srv, names="web"):
 def test_socket_activation_serves_the_passed_socket_and_ignores_listen(daemons):
     unused = free_port()
     notify = daemons.notify_socket()
-    srv = daemons(config={"server": {"listen": [f"127.0.0.1:{unused}"]}})
+    # Passed sockets count as public: without tokens, the mail routes need anonymous = true.
+    srv = daemons(config={"server": {"listen": [f"127.0.0.1:{unused}"]},
+                          "auth": {"anonymous": True}})
     listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listening.bind(("127.0.0.1", 0))
     listening.listen(16)
@@ -155,13 +157,36 @@ def test_socket_activation_serves_the_passed_socket_and_ignores_listen(daemons):
         assert http_get(port).status == 200
         assert is_refused(unused), "the configured address was opened too"
         # A reload keeps the inherited socket, whatever [server] listen says.
-        srv.write_config({"server": {"listen": [f"127.0.0.1:{free_port()}"]}})
+        srv.write_config({"server": {"listen": [f"127.0.0.1:{free_port()}"]},
+                          "auth": {"anonymous": True}})
         srv.reload()
         assert http_get(port).status == 200
         srv.stop()
         # systemd keeps its copy of the socket: squalld never shut it down.
         probe = socket.create_connection(("127.0.0.1", port), timeout=2)
         probe.close()
+    finally:
+        listening.close()
+
+
+def test_socket_activation_without_tokens_is_refused(daemons):
+    """systemd's sockets may be on any address (squalld.socket: port 80 everywhere), so they
+    are treated as public: no open mail relay without tokens or anonymous = true."""
+    srv = daemons(allow_errors=True)
+    listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(16)
+    fd = listening.fileno()
+
+    def at_fd_3():
+        os.dup2(fd, 3)
+        os.set_inheritable(3, True)
+
+    try:
+        srv.start(command=_socket_activation_command(srv), pass_fds=(3,), preexec_fn=at_fd_3)
+        assert srv.wait_exit() == 1
+        srv.wait_for_line("squalld serves sockets passed by systemd (socket activation), and "
+                          "[auth] tokens_file names no token")
     finally:
         listening.close()
 

@@ -307,7 +307,7 @@ TEST_CASE("unknown tables and keys are errors naming them and their line") {
         "max_connections, name, user, group, thread_pool_size");
   CHECK(load_error("\n[limit]\nmax_body_bytes = \"1MiB\"\n") ==
         "test.toml:2: limit: unknown table; expected one of [server], [limits], [timeouts], "
-        "[log], [loop], [routes], [smtp], [jobs]");
+        "[log], [loop], [routes], [smtp], [jobs], [auth], [policy], [quota]");
   CHECK(load_error("debug = true\n") ==
         "test.toml:1: debug: unknown key outside any table; settings belong in a table such as "
         "[server]");
@@ -626,3 +626,46 @@ TEST_CASE("an SMTP username needs smtps:// or starttls = required; TLS keys load
   CHECK_FALSE(config.smtp.tls_verify);
   CHECK(squall::Config{}.smtp.tls_verify);
 }
+namespace squall {
+
+TEST_CASE("[auth], [policy] and [quota] load, and their mistakes name key and line") {
+  const Config config = load_config_string(
+      "[auth]\ntokens_file = \"/etc/squall/tokens\"\nanonymous = true\nhealthz = \"loopback\"\n"
+      "metrics = \"token\"\necho = \"open\"\n"
+      "[policy]\nrecipient_domains = [\"Example.COM\", \"example.org\"]\n"
+      "blocked_recipient_domains = [\"bad.example.com\"]\nip_literal_recipients = true\n"
+      "[quota]\ntoken_per_minute = 60\ntoken_burst = 5\naddress_per_minute = 120\n"
+      "address_burst = 10\nmax_queued_per_client = 7\n"
+      "[jobs]\nmax_queued_bytes = \"64MiB\"\n",
+      "test.toml");
+  CHECK(config.auth.tokens_file == "/etc/squall/tokens");
+  CHECK(config.auth.anonymous);
+  CHECK(config.auth.healthz == RouteAccess::loopback);
+  CHECK(config.auth.metrics == RouteAccess::token);
+  CHECK(config.auth.echo == RouteAccess::open);
+  CHECK(config.policy.recipient_domains == std::vector<std::string>{"example.com", "example.org"});
+  CHECK(config.policy.blocked_recipient_domains == std::vector<std::string>{"bad.example.com"});
+  CHECK(config.policy.ip_literal_recipients);
+  CHECK(config.quota.token_per_minute == 60);
+  CHECK(config.quota.token_burst == 5);
+  CHECK(config.quota.address_per_minute == 120);
+  CHECK(config.quota.address_burst == 10);
+  CHECK(config.quota.max_queued_per_client == 7);
+  CHECK(config.jobs.max_queued_bytes == 64 * 1024 * 1024);
+
+  CHECK(load_error("[auth]\nmetrics = \"public\"\n") ==
+        "test.toml:2: [auth] metrics: expected \"open\", \"loopback\", \"token\" or "
+        "\"loopback-or-token\", got \"public\"");
+  CHECK(load_error("[policy]\nrecipient_domains = [\n  \"ok.example\",\n  \"a b\"]\n") ==
+        "test.toml:4: [policy] recipient_domains: expected a domain of letters, digits, hyphens "
+        "and dots such as \"example.com\", got \"a b\"");
+  CHECK(load_error("[policy]\nblocked_recipient_domains = \"x.com\"\n") ==
+        "test.toml:2: [policy] blocked_recipient_domains: expected an array of domains such as "
+        "[\"example.com\"], got \"x.com\"");
+  CHECK(load_error("[quota]\ntoken_burst = 0\n") ==
+        "test.toml:2: [quota] token_burst: expected an integer from 1 to 1000000, got integer 0");
+  CHECK(load_error("[auth]\nanonymous = \"yes\"\n") ==
+        "test.toml:2: [auth] anonymous: expected true or false, got \"yes\"");
+}
+
+}  // namespace squall

@@ -401,4 +401,63 @@ TEST_CASE("a pipelined request gets its own body deadline, not the one before it
   CHECK(reply.find("HTTP/1.1 200 OK") == 0);
   CHECK(reply.find("408") == std::string::npos);
   CHECK(reply.ends_with("\r\n\r\nbB"));
+namespace {
+
+std::atomic<int> thread_violations{0};
+std::string last_violation;  // Written by the handler, read after the thread joined.
+
+void record_violation(const char* message) {
+  ++thread_violations;
+  last_violation = message;
+}
+
+}  // namespace
+
+TEST_CASE("copying or dropping a Responder off the loop thread is caught") {
+  const auto previous = http::set_thread_violation_handler(&record_violation);
+  thread_violations = 0;
+  http::Router router;
+  router.add("GET", "/x", [&](http::Request&, http::Responder responder) {
+    // The loop waits for the thread, so the counts are not raced here; the check must still
+    // report both the copy and its destruction.
+    std::thread([&responder] { http::Responder copy = responder; }).join();
+    responder.send(200, "text/plain", "ok");
+  });
+  Loop loop;
+  std::string reply;
+  run_with_client(loop, router, [&](std::uint16_t port) {
+    Client client(port);
+    client.send(kGet);
+    reply = client.read_until("ok");
+  });
+  http::set_thread_violation_handler(previous);
+  CHECK(reply.find("HTTP/1.1 200 OK") == 0);
+  CHECK(thread_violations == 2);
+  CHECK(last_violation.find("was destroyed off the loop thread") != std::string::npos);
+}
+
+TEST_CASE("Responders copied and dropped on the loop thread raise no violation") {
+  const auto previous = http::set_thread_violation_handler(&record_violation);
+  thread_violations = 0;
+  http::Router router;
+  Loop* loop_ptr = nullptr;
+  router.add("GET", "/x", [&](http::Request&, http::Responder responder) {
+    // The pattern squalld uses: the pool gets data only; the Responder waits on the loop.
+    auto parked = std::make_shared<http::Responder>(responder);
+    auto result = std::make_shared<std::string>();
+    loop_ptr->run_blocking(
+        [result] { *result = "from the pool"; },
+        [parked, result](std::exception_ptr) { parked->send(200, "text/plain", *result); });
+  });
+  Loop loop;
+  loop_ptr = &loop;
+  std::string reply;
+  run_with_client(loop, router, [&](std::uint16_t port) {
+    Client client(port);
+    client.send(kGet);
+    reply = client.read_until("from the pool");
+  });
+  http::set_thread_violation_handler(previous);
+  CHECK(reply.find("from the pool") != std::string::npos);
+  CHECK(thread_violations == 0);
 }

@@ -951,4 +951,118 @@ TEST_CASE("probe_write fails while another connection holds the write lock, then
   REQUIRE(sqlite3_exec(other, "COMMIT", nullptr, nullptr, nullptr) == SQLITE_OK);
   sqlite3_close(other);
   store->probe_write(3);
+// ---- Owners (schema 2) -----------------------------------------------------------------------
+
+namespace {
+
+// The schema 1 table and index exactly as squall created them before owners existed.
+constexpr const char* schema_1_sql = R"sql(
+CREATE TABLE jobs (
+  seq INTEGER PRIMARY KEY,
+  id TEXT NOT NULL UNIQUE,
+  kind TEXT NOT NULL,
+  state TEXT NOT NULL CHECK (state IN ('queued', 'sending', 'retrying', 'sent', 'failed')),
+  payload BLOB NOT NULL,
+  idempotency_key TEXT NOT NULL DEFAULT '',
+  attempts INTEGER NOT NULL DEFAULT 0,
+  last_error TEXT NOT NULL DEFAULT '',
+  created_ms INTEGER NOT NULL,
+  updated_ms INTEGER NOT NULL,
+  run_after_ms INTEGER NOT NULL,
+  lease_until_ms INTEGER NOT NULL DEFAULT 0,
+  finished_ms INTEGER NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX jobs_idempotency_key ON jobs (idempotency_key) WHERE idempotency_key <> '';
+CREATE INDEX jobs_due ON jobs (state, run_after_ms, created_ms);
+INSERT INTO jobs (id, kind, state, payload, idempotency_key, created_ms, updated_ms, run_after_ms)
+  VALUES ('0123456789abcdef0123456789abcdef', 'email', 'queued', 'old', 'k1', 5, 5, 5);
+PRAGMA user_version=1;
+)sql";
+
+int user_version(const std::string& path) {
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
+  sqlite3_stmt* stmt = nullptr;
+  REQUIRE(sqlite3_prepare_v2(db, "PRAGMA user_version", -1, &stmt, nullptr) == SQLITE_OK);
+  REQUIRE(sqlite3_step(stmt) == SQLITE_ROW);
+  const int version = sqlite3_column_int(stmt, 0);
+  sqlite3_finalize(stmt);
+  sqlite3_close(db);
+  return version;
+}
+
+NewJob owned_job(std::string payload, std::string key, std::string owner) {
+  return NewJob{"email", std::move(payload), std::move(key), std::move(owner)};
+}
+
+}  // namespace
+
+TEST_CASE("a schema 1 store is migrated to owners, keeping its jobs and keys") {
+  TempDir dir;
+  const std::string path = dir.file("jobs.db");
+  run_sql(path, schema_1_sql);
+  REQUIRE(user_version(path) == 1);
+
+  auto store = open_sqlite_store(path, false);
+  CHECK(user_version(path) == squall::jobs::sqlite_schema_version);
+  const auto old = store->get("0123456789abcdef0123456789abcdef");
+  REQUIRE(old);
+  CHECK(old->payload == "old");
+  CHECK(old->owner.empty());
+  // The old key still belongs to the anonymous owner ...
+  const Inserted again = insert_one(*store, owned_job("other", "k1", ""), 10);
+  CHECK_FALSE(again.created);
+  CHECK(again.job.id == old->id);
+  // ... and no longer collides with a token's key of the same text.
+  const Inserted token_job = insert_one(*store, owned_job("mine", "k1", "alice"), 10);
+  CHECK(token_job.created);
+  CHECK(token_job.job.owner == "alice");
+  store.reset();
+  // Opening again does not migrate twice.
+  auto reopened = open_sqlite_store(path, false);
+  CHECK(reopened->get(token_job.job.id)->owner == "alice");
+}
+
+TEST_CASE("idempotency keys are scoped per owner") {
+  TempDir dir;
+  auto store = open_sqlite_store(dir.file("jobs.db"), false);
+  const Inserted alice = insert_one(*store, owned_job("a", "order-1", "alice"), 1);
+  const Inserted bob = insert_one(*store, owned_job("b", "order-1", "bob"), 2);
+  CHECK(alice.created);
+  CHECK(bob.created);
+  CHECK(alice.job.id != bob.job.id);
+  const Inserted alice_again = insert_one(*store, owned_job("a2", "order-1", "alice"), 3);
+  CHECK_FALSE(alice_again.created);
+  CHECK(alice_again.job.id == alice.job.id);
+  CHECK(alice_again.job.payload == "a");
+  // Within one batch too.
+  const auto batch = store->insert_batch(
+      {owned_job("x", "k", "carol"), owned_job("y", "k", "dave"), owned_job("z", "k", "carol")}, 4);
+  CHECK(batch[0].created);
+  CHECK(batch[1].created);
+  CHECK_FALSE(batch[2].created);
+  CHECK(batch[2].job.id == batch[0].job.id);
+  CHECK(store->get(bob.job.id)->owner == "bob");
+}
+
+TEST_CASE("pending_by_owner counts waiting jobs and payload bytes per owner") {
+  TempDir dir;
+  auto store = open_sqlite_store(dir.file("jobs.db"), false);
+  store->insert_batch({owned_job("12345", "", "alice"), owned_job("123", "", "alice"),
+                       owned_job("1", "", ""), owned_job("done", "", "bob")},
+                      1);
+  const auto claimed = store->claim(10, 2, 1000);
+  for (const Job& job : claimed) {
+    if (job.owner == "bob") store->mark_sent(job.id, 3);
+  }
+  auto usage = store->pending_by_owner();
+  std::sort(usage.begin(), usage.end(),
+            [](const auto& a, const auto& b) { return a.owner < b.owner; });
+  REQUIRE(usage.size() == 2);
+  CHECK(usage[0].owner.empty());
+  CHECK(usage[0].jobs == 1);
+  CHECK(usage[0].bytes == 1);
+  CHECK(usage[1].owner == "alice");
+  CHECK(usage[1].jobs == 2);
+  CHECK(usage[1].bytes == 8);
 }
