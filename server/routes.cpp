@@ -140,8 +140,7 @@ void add_builtin_routes(http::Router& router, const RoutesConfig& enabled, const
           // A draining server, or one whose job store refuses writes, answers 503 so a load
           // balancer sends its traffic elsewhere.
           responder.send(draining || store_failing ? 503 : 200, "application/json",
-                         body.dump() + "
-");
+                         body.dump() + "\n");
         });
   }
   if (enabled.metrics) {

@@ -401,6 +401,8 @@ TEST_CASE("a pipelined request gets its own body deadline, not the one before it
   CHECK(reply.find("HTTP/1.1 200 OK") == 0);
   CHECK(reply.find("408") == std::string::npos);
   CHECK(reply.ends_with("\r\n\r\nbB"));
+}
+
 namespace {
 
 std::atomic<int> thread_violations{0};

@@ -102,6 +102,7 @@ class FlakyStore final : public jobs::JobStore {
     return inner_->expire_all_leases(now_ms);
   }
   void probe_write(std::int64_t now_ms) override { inner_->probe_write(now_ms); }
+  std::vector<jobs::OwnerUsage> pending_by_owner() override { return inner_->pending_by_owner(); }
 
  private:
   std::unique_ptr<jobs::JobStore> inner_;

@@ -951,7 +951,9 @@ TEST_CASE("probe_write fails while another connection holds the write lock, then
   REQUIRE(sqlite3_exec(other, "COMMIT", nullptr, nullptr, nullptr) == SQLITE_OK);
   sqlite3_close(other);
   store->probe_write(3);
-// ---- Owners (schema 2) -----------------------------------------------------------------------
+}
+
+// ---- Owners (schema 3) -----------------------------------------------------------------------
 
 namespace {
 
