@@ -524,3 +524,46 @@ TEST_CASE("callback forms run later, never inside the call") {
   server.close();
   CHECK(loop.close() == 0);
 }
+
+namespace {
+
+// Connects with `timeout`; the outcome's message ("" when connected).
+Task<std::string> try_connect(Loop& loop, std::uint16_t port, std::chrono::milliseconds timeout,
+                              std::vector<TcpStream>* keep) {
+  ConnectOptions options;
+  options.timeout = timeout;
+  try {
+    keep->push_back(co_await connect(loop, "127.0.0.1", port, options));
+    co_return std::string();
+  } catch (const TimeoutError& late) {
+    co_return std::string(late.what());
+  }
+}
+
+}  // namespace
+
+TEST_CASE("connect gives up after its timeout, naming host:port") {
+  Loop loop;
+  // A server that never accepts, with a backlog of one: once its queue is full the kernel drops
+  // further SYNs, and those connects hang until their deadline.
+  TcpServerOptions options;
+  options.backlog = 1;
+  TcpServer server(loop, options);
+  server.listen("127.0.0.1", 0);
+  std::vector<TcpStream> connected;
+  std::vector<Task<std::string>> attempts;
+  for (int i = 0; i < 6; ++i)
+    attempts.push_back(try_connect(loop, server.port(), 200ms, &connected));
+  const std::uint64_t start = uv_hrtime();
+  const std::vector<std::string> outcomes = run_task(loop, when_all(std::move(attempts)));
+  const std::string expected =
+      "connect to 127.0.0.1:" + std::to_string(server.port()) + ": timed out after 200 ms";
+  const auto timed_out = std::count(outcomes.begin(), outcomes.end(), expected);
+  CHECK(timed_out >= 1);
+  CHECK(timed_out + static_cast<long>(connected.size()) == 6);
+  CHECK(elapsed_ms(start) >= 190);
+  CHECK(elapsed_ms(start) < 2000);
+  connected.clear();
+  server.close();
+  CHECK(loop.close() == 0);
+}
