@@ -567,3 +567,58 @@ TEST_CASE("connect gives up after its timeout, naming host:port") {
   server.close();
   CHECK(loop.close() == 0);
 }
+
+namespace {
+
+Task<void> accept_one(TcpServer& server, TcpStream* out) {
+  *out = co_await server.accept();
+}
+
+Task<void> connect_to(Loop& loop, std::string host, std::uint16_t port, TcpStream* out) {
+  *out = co_await connect(loop, std::move(host), port);
+}
+
+// Runs `task` under a stop token stopped after `delay`; the error it ended with.
+std::exception_ptr run_cancelled(Loop& loop, Task<void> task, std::chrono::milliseconds delay) {
+  std::stop_source source;
+  const auto stopper = loop.call_later(delay, [&] { source.request_stop(); });
+  std::exception_ptr error;
+  try {
+    run_task(loop, std::move(task), source.get_token());
+  } catch (...) {
+    error = std::current_exception();
+  }
+  loop.cancel(stopper);
+  return error;
+}
+
+}  // namespace
+
+TEST_CASE("a cancelled accept or connect resumes with CancelledError; the server goes on") {
+  Loop loop;
+  TcpServerOptions options;
+  options.backlog = 1;
+  TcpServer server(loop, options);
+  server.listen("127.0.0.1", 0);
+  TcpStream accepted;
+  std::exception_ptr error = run_cancelled(loop, accept_one(server, &accepted), 20ms);
+  CHECK_THROWS_WITH_AS(std::rethrow_exception(error), doctest::Contains("accept on 127.0.0.1:"),
+                       CancelledError);
+  // Fill the backlog (nobody accepts) until a connect hangs; then one is cancelled.
+  std::vector<TcpStream> queued;
+  while (run_task(loop, try_connect(loop, server.port(), 200ms, &queued)).empty()) {
+    REQUIRE(queued.size() < 16);
+  }
+  TcpStream hanging;
+  const std::uint64_t start = uv_hrtime();
+  error = run_cancelled(loop, connect_to(loop, "127.0.0.1", server.port(), &hanging), 50ms);
+  CHECK_THROWS_WITH_AS(std::rethrow_exception(error), doctest::Contains("connect to 127.0.0.1:"),
+                       CancelledError);
+  CHECK(elapsed_ms(start) < 1000);
+  CHECK_FALSE(hanging.is_open());
+  // The server still accepts what waits in its backlog.
+  run_task(loop, accept_one(server, &accepted));
+  CHECK(accepted.is_open());
+  CHECK(accepted.peer_address() == queued[0].local_address());
+  CHECK(loop.close() == 0);
+}
