@@ -36,8 +36,9 @@
 // callbacks still pending (they never run); close() makes them fail with StreamClosedError.
 //
 // Loop::close(): it destroys suspended tasks (their streams close) and closes every socket still
-// open. A TcpStream or TcpServer that outlives Loop::close(), or the Loop itself, is inert: its
-// operations fail with StreamClosedError and its destructor only frees memory.
+// open. A TcpStream or TcpServer that outlives Loop::close() is inert: is_open() is false, an
+// awaited operation fails with StreamClosedError, a callback form throws std::logic_error (the
+// loop is closed), and its destructor only frees memory, even once the Loop object is gone.
 #pragma once
 
 #include <sys/socket.h>
