@@ -400,7 +400,8 @@ class TcpServer {
   AcceptOperation accept();
   // Serves every connection, from now on, with `handler(TcpStream)`: a coroutine returning
   // Task<void> (spawned under `token`; what it throws is logged) or a plain function. The handler
-  // object lives as long as the server.
+  // object lives as long as the server: a coroutine lambda that captures must not outlive it
+  // (better, capture nothing and take what it needs as parameters).
   template <typename Handler>
   void serve(Handler handler, std::stop_token token = {}) {
     if constexpr (std::is_same_v<std::invoke_result_t<Handler&, TcpStream>, Task<void>>) {
