@@ -139,9 +139,12 @@ def test_periodic_callback_ticks_on_its_period_and_stops_after_count(tmp_path):
     ticks = [line for line in out.stdout.splitlines() if line.startswith("tick ")]
     assert [t.split()[1] for t in ticks] == ["1", "2", "3", "4", "5", "6"]
     at = [int(t.split("+")[1].split()[0]) for t in ticks]
-    assert at[0] >= 49
-    for before, after in zip(at, at[1:]):
-        assert after - before >= 40
+    # Runs sit on the grid k * 50 ms: never early, at most one per grid slot (a late run does
+    # not bring the next one earlier or twice).
+    for k, ms in enumerate(at, start=1):
+        assert ms >= 50 * k - 1
+    slots = [ms // 50 for ms in at]
+    assert all(b > a for a, b in zip(slots, slots[1:]))
     assert took >= 0.29
 
 
@@ -165,9 +168,9 @@ def test_when_all_takes_the_slower_time_not_the_sum(run_example):
     took = time.monotonic() - began
     assert status == 200
     assert body.startswith("lookup done, report done in ")
-    assert 0.5 <= took < 0.8, f"took {took:.3f} s: the two waits did not overlap"
+    assert 0.5 <= took < 0.85, f"took {took:.3f} s: the two waits did not overlap (sum 0.9 s)"
     reported_ms = int(body.split(" in ")[1].split()[0])
-    assert 495 <= reported_ms < 800
+    assert 495 <= reported_ms < 850
     assert ex.stop() == 0
 
 
@@ -189,7 +192,7 @@ def test_a_handler_that_blocks_the_loop_is_named_in_a_warning(run_example):
     results = {}
 
     def blocked():
-        results["block"] = ex.get("/block?ms=400")
+        results["block"] = ex.get("/block?ms=700")
 
     thread = threading.Thread(target=blocked)
     thread.start()
@@ -199,17 +202,17 @@ def test_a_handler_that_blocks_the_loop_is_named_in_a_warning(run_example):
     waited = time.monotonic() - began
     thread.join(timeout=10)
     assert results["block"] == (200, "blocked the loop\n")
-    assert waited >= 0.2  # /hello waited for the blocked loop.
+    assert waited >= 0.4  # /hello waited for the blocked loop.
     ex.wait_for_output("handler for GET /block blocked the event loop for ")
     ex.wait_for_output("(loop.blocking_threshold 50 ms)")
     ex.wait_for_output("event loop lag ")
     # The fix: the same work on the pool leaves the loop free.
-    thread = threading.Thread(target=lambda: results.update(fixed=ex.get("/fixed?ms=400")))
+    thread = threading.Thread(target=lambda: results.update(fixed=ex.get("/fixed?ms=700")))
     thread.start()
     time.sleep(0.1)
     began = time.monotonic()
     assert ex.get("/hello") == (200, "hello\n")
-    assert time.monotonic() - began < 0.2
+    assert time.monotonic() - began < 0.4  # Not behind the 0.7 s of work.
     thread.join(timeout=10)
     assert results["fixed"] == (200, "worked on the pool\n")
     assert "handler for GET /fixed blocked" not in ex.output()
