@@ -720,7 +720,7 @@ bool JobsService::within_rate(const http::Request& request, const Caller& caller
   const auto now = KeyedRateLimiter::Clock::now();
   std::chrono::milliseconds wait{0};
   std::string_view limit;
-  if (!address_rate_->try_take(request.remote_address(), now, wait)) {
+  if (!address_rate_->try_take(client_rate_key(request.remote_address()), now, wait)) {
     limit = "[quota] address_per_minute";
   } else if (caller.token != nullptr && !token_rate_->try_take(caller.token->name, now, wait)) {
     limit = "[quota] token_per_minute";

@@ -1,7 +1,10 @@
 #include "core/rate_limit.hpp"
 
+#include <arpa/inet.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 namespace squall {
 
@@ -47,6 +50,26 @@ bool KeyedRateLimiter::try_take(std::string_view key, Clock::time_point now,
 void KeyedRateLimiter::prune(Clock::time_point now) {
   // A full bucket behaves exactly like a new one, so forgetting it changes nothing.
   std::erase_if(buckets_, [now](const auto& entry) { return entry.second.full(now); });
+}
+
+std::string client_rate_key(std::string_view numeric_address) {
+  char text[INET6_ADDRSTRLEN] = {};
+  if (numeric_address.size() >= sizeof text ||
+      numeric_address.find(':') == std::string_view::npos) {
+    return std::string(numeric_address);
+  }
+  std::memcpy(text, numeric_address.data(), numeric_address.size());
+  in6_addr v6{};
+  // An IPv4 client of a dual-stack socket (::ffff:192.0.2.1) is limited by its own address.
+  if (inet_pton(AF_INET6, text, &v6) != 1 || IN6_IS_ADDR_V4MAPPED(&v6)) {
+    return std::string(numeric_address);
+  }
+  std::memset(v6.s6_addr + 8, 0, 8);
+  char prefix[INET6_ADDRSTRLEN] = {};
+  if (inet_ntop(AF_INET6, &v6, prefix, sizeof prefix) == nullptr) {
+    return std::string(numeric_address);
+  }
+  return std::string(prefix) + "/64";
 }
 
 }  // namespace squall

@@ -57,4 +57,9 @@ class KeyedRateLimiter {
   std::unordered_map<std::string, TokenBucket> buckets_;  // By key.
 };
 
+// The key under which a client address is rate limited: an IPv4 address as it is, an IPv6
+// address by its /64 ("2001:db8:1:2::/64"), since one host commonly holds a whole /64 and could
+// otherwise rotate through it. Anything else is returned unchanged.
+std::string client_rate_key(std::string_view numeric_address);
+
 }  // namespace squall

@@ -55,3 +55,14 @@ TEST_CASE("keyed limiter forgets idle keys once it holds too many") {
   // A forgotten key starts full again, as it would have been.
   CHECK(limiter.try_take("a0", now, wait));
 }
+
+TEST_CASE("client addresses are limited by IPv4 address and by IPv6 /64") {
+  using squall::client_rate_key;
+  CHECK(client_rate_key("192.0.2.7") == "192.0.2.7");
+  CHECK(client_rate_key("2001:db8:1:2:aaaa:bbbb:cccc:dddd") == "2001:db8:1:2::/64");
+  CHECK(client_rate_key("2001:db8:1:2::1") == client_rate_key("2001:db8:1:2:ffff::9"));
+  CHECK(client_rate_key("2001:db8:1:3::1") != client_rate_key("2001:db8:1:2::1"));
+  CHECK(client_rate_key("::1") == "::/64");
+  CHECK(client_rate_key("::ffff:192.0.2.7") == "::ffff:192.0.2.7");
+  CHECK(client_rate_key("") == "");
+}
