@@ -218,6 +218,15 @@ TEST_CASE("drain waits for the attempt in progress") {
   jobs::JobRunner runner(
       fixture.loop, *fixture.store, fast_options(),
       [&](const jobs::Job&) -> std::function<jobs::AttemptResult()> {
+        // The job is claimed and its attempt goes to the pool right after this returns: drain
+        // then, on the next turn of the loop, while the attempt is in progress.
+        fixture.loop.call_soon([&] {
+          runner.drain([&] {
+            drained = true;
+            CHECK(attempt_finished);
+            fixture.loop.stop();
+          });
+        });
         return [] {
           std::this_thread::sleep_for(50ms);
           return jobs::AttemptResult{Outcome::done, "ok"};
@@ -227,13 +236,6 @@ TEST_CASE("drain waits for the attempt in progress") {
         attempt_finished = true;
       });
   runner.start();
-  fixture.loop.call_later(10ms, [&] {
-    runner.drain([&] {
-      drained = true;
-      CHECK(attempt_finished);
-      fixture.loop.stop();
-    });
-  });
   const auto watchdog = fixture.loop.call_later(10s, [&] { fixture.loop.stop(); });
   fixture.loop.run();
   fixture.loop.cancel(watchdog);
