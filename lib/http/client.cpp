@@ -236,7 +236,12 @@ Client::Client(Loop& loop, ClientOptions options)
 }
 
 Client::~Client() {
-  close();
+  try {
+    close();
+  } catch (const std::logic_error& error) {
+    spdlog::error("http client destroyed off its loop thread; its handles are leaked: {}",
+                  error.what());
+  }
   *alive_ = false;
 }
 
@@ -668,6 +673,7 @@ void Client::expire_queue() {
 }
 
 void Client::close() {
+  check_thread("close");
   if (!curl_) return;
   if (inside_curl_ > 0) {
     // From on_body_chunk: finished as soon as curl returns.
