@@ -106,7 +106,9 @@ log "nginx $("$NGINX" -v 2>&1 | sed 's/^nginx version: //') on $url (cpu $SERVER
 # Runs one client; appends its JSON line (with "client" and "round") to results.jsonl.
 run_one() {
   local client=$1 round=$2 out=$work_dir/$client.$round.out err=$work_dir/$client.$round.err
-  local time_file=$work_dir/$client.$round.time status=0
+  local time_file=$work_dir/$client.$round.time status=0 busy_before busy_after started ended
+  busy_before=$(cpu_busy_ticks "$CLIENT_CPU")
+  started=$(date +%s%N)
   case $client in
     squall)
       run_client "$out" "$err" "$time_file" taskset -c "$CLIENT_CPU" "$FETCH_BENCH" \
@@ -126,10 +128,14 @@ run_one() {
         -c "$CONCURRENCY" -m 1 -t 1 -D "$DURATION" "$url" || status=$?
       ;;
   esac
+  ended=$(date +%s%N)
+  busy_after=$(cpu_busy_ticks "$CLIENT_CPU")
   ((status == 0)) || die "$client failed (exit $status): $(tail -5 "$err")"
-  "$PYTHON" - "$client" "$round" "$out" "$time_file" >>"$work_dir/results.jsonl" <<'EOF'
+  "$PYTHON" - "$client" "$round" "$out" "$time_file" "$((busy_after - busy_before))" \
+    "$(getconf CLK_TCK)" "$((ended - started))" >>"$work_dir/results.jsonl" <<'EOF'
 import json, re, sys
 client, round_, out, time_file = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+busy_ticks, ticks_per_s, wall_ns = int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
 text = open(out).read()
 if client == "h2load":
     seconds = float(re.search(r"finished in ([0-9.]+)s", text).group(1))
@@ -141,7 +147,11 @@ if client == "h2load":
               "cpu_us_per_fetch": round((user + system) * 1e6 / max(done, 1), 2)}
 else:
     result = json.loads(text.strip().splitlines()[-1])
-result.update(client=client, round=round_)
+# What other processes took of the client's CPU during the whole run (its busy time less the
+# client's own user + system time), as a share of the wall time: 0 on a quiet machine.
+client_cpu = sum(float(x) for x in open(time_file).read().split())
+others = max(0.0, busy_ticks / ticks_per_s - client_cpu) / (wall_ns / 1e9)
+result.update(client=client, round=round_, others_on_client_cpu=round(others, 3))
 print(json.dumps(result))
 EOF
   log "round $round $client: $(tail -1 "$work_dir/results.jsonl")"
@@ -168,17 +178,19 @@ for client in order:
     mine = [r for r in rows if r["client"] == client]
     med[client] = (statistics.median(r["fetches_per_s"] for r in mine),
                    statistics.median(r["cpu_us_per_fetch"] for r in mine),
-                   sum(r.get("errors", 0) for r in mine))
+                   sum(r.get("errors", 0) for r in mine),
+                   max(r["others_on_client_cpu"] for r in mine))
 print(f"`{sys.argv[2]}`\n")
-print("| client | fetches/s | client CPU µs/fetch | squall's fetches/s ÷ this | this CPU/fetch ÷ squall's | errors |")
-print("|---|---:|---:|---:|---:|---:|")
+print("| client | fetches/s | client CPU µs/fetch | squall's fetches/s ÷ this | this CPU/fetch ÷ squall's | errors | others on the client CPU (max) |")
+print("|---|---:|---:|---:|---:|---:|---:|")
 base = med.get("squall")
 for client in order:
-    rate, cpu, errors = med[client]
+    rate, cpu, errors, others = med[client]
     if base:
         ratio_rate = f"{base[0] / rate:.2f}x" if rate else "-"
         ratio_cpu = f"{cpu / base[1]:.2f}x" if base[1] else "-"
     else:
         ratio_rate = ratio_cpu = "-"
-    print(f"| {names[client]} | {rate:,.0f} | {cpu:.1f} | {ratio_rate} | {ratio_cpu} | {errors} |")
+    print(f"| {names[client]} | {rate:,.0f} | {cpu:.1f} | {ratio_rate} | {ratio_cpu} | {errors} "
+          f"| {others:.0%} |")
 EOF
