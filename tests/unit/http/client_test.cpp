@@ -840,9 +840,16 @@ TEST_CASE("client: slow DNS, in a private network namespace (runs the skipped ca
   std::string program = "unit_tests";
   std::string no_skip = "--no-skip";
   char* argv[] = {program.data(), no_skip.data(), filter.data(), nullptr};
+  // The child's report goes to a file, shown here only if it failed.
+  testing::TempDir dir;
+  const std::string report = dir.file("child.txt");
+  const int report_fd = ::open(report.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  REQUIRE(report_fd >= 0);
   const pid_t child = ::fork();
   REQUIRE(child >= 0);
   if (child == 0) {
+    ::dup2(report_fd, STDOUT_FILENO);
+    ::dup2(report_fd, STDERR_FILENO);
     if (::unshare(CLONE_NEWNET | CLONE_NEWNS) != 0) ::_exit(77);
     ::execve("/proc/self/exe", argv, envp.data());
     ::_exit(127);
@@ -854,15 +861,16 @@ TEST_CASE("client: slow DNS, in a private network namespace (runs the skipped ca
          std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(20ms);
   }
+  ::close(report_fd);
   if (waited == 0) {
     ::kill(child, SIGKILL);
     ::waitpid(child, &status, 0);
-    FAIL("the slow-DNS child did not finish within 60 s");
+    FAIL("the slow-DNS child did not finish within 60 s:\n", testing::read_file(report));
   }
   REQUIRE(WIFEXITED(status));
   if (WEXITSTATUS(status) == 77) {
     MESSAGE("skipped: no permission for network and mount namespaces (needs root)");
     return;
   }
-  CHECK(WEXITSTATUS(status) == 0);
+  CHECK_MESSAGE(WEXITSTATUS(status) == 0, testing::read_file(report));
 }
