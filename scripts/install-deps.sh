@@ -6,10 +6,10 @@ set -eu
 packages="build-essential pkg-config libuv1-dev node-llhttp libspdlog-dev libfmt-dev doctest-dev \
 libtomlplusplus-dev libcli11-dev nlohmann-json3-dev libcurl4-openssl-dev libsqlite3-dev \
 libsystemd-dev libssl-dev curl python3 python3-pytest python3-aiosmtpd systemd logrotate \
-clang libclang-rt-14-dev"
+clang libclang-rt-14-dev openssl"
 
 case "${1:-}" in
-  --bench) packages="$packages wrk nginx nodejs util-linux procps" ;;
+  --bench) packages="$packages wrk nginx nodejs util-linux procps nghttp2-client python3-tornado python3-pycurl" ;;
 esac
 
 missing=""
