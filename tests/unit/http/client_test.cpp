@@ -633,12 +633,12 @@ TEST_CASE("client: close() with fetches in flight cancels each one and frees eve
     auto record = [&](http::FetchResult result) {
       outcomes.push_back(result.ok() ? "ok" : std::string(http::to_string(result.error().kind())));
     };
+    // Both running fetches wait on a server that never answers, so no squall handler is left
+    // holding a Responder in a loop timer when the Server goes away (not what this tests).
     client->fetch(get(silent.url("/a")), record);
-    client->fetch(get(server.url("/slow/5000")), record);
+    client->fetch(get(silent.url("/b")), record);
     client->fetch(get(server.url("/plain")), record);  // Queued.
-    run_until(loop, [&] {
-      return silent.accepted == 1 && server.server.stats().connections_accepted == 1;
-    });
+    run_until(loop, [&] { return silent.accepted == 2; });
     CHECK(client->in_flight() == 2);
     CHECK(client->queued() == 1);
     CHECK(outcomes.empty());
