@@ -4,6 +4,8 @@
 // curl_multi_socket_action, never from inside one of curl's own callbacks.
 #include "http/client.hpp"
 
+#include <coroutine>
+
 #include <algorithm>
 #include <cstdio>
 #include <mutex>
@@ -775,5 +777,72 @@ std::size_t Client::on_header(char* data, std::size_t size, std::size_t count, v
   }
   return length;
 }
+
+// ---- the coroutine form ------------------------------------------------------------------------
+
+Task<FetchResponse> Client::fetch(FetchRequest request) {
+  co_return co_await detail::FetchOperation(*this, std::move(request));
+}
+
+namespace detail {
+
+struct FetchOperation::State {
+  std::coroutine_handle<> waiter;     // Resumed once the result is in; null when none waits.
+  std::optional<FetchResult> result;  // The fetch's outcome.
+  bool stop_requested = false;        // The task's token fired (the fetch was cancelled).
+};
+
+bool FetchOperation::start(std::coroutine_handle<> waiter, std::stop_token token) {
+  if (token.stop_requested()) {
+    state_ = std::make_shared<State>();
+    state_->stop_requested = true;
+    return false;
+  }
+  state_ = std::make_shared<State>();
+  std::weak_ptr<State> weak = state_;
+  Loop& loop = client_->loop();
+  id_ = client_->fetch(std::move(request_), [weak, &loop](FetchResult result) {
+    const auto state = weak.lock();
+    if (!state) return;  // The awaiting frame is gone.
+    state->result.emplace(std::move(result));
+    if (!state->waiter) return;  // Ended inside fetch() or before the task suspended.
+    // Resume on a later turn: never inside the client, nor inside request_stop().
+    loop.call_soon([weak] {
+      if (const auto alive = weak.lock(); alive && alive->waiter) {
+        std::exchange(alive->waiter, nullptr).resume();
+      }
+    });
+  });
+  if (state_->result) return false;  // The client was closed or its queue full: done at once.
+  state_->waiter = waiter;
+  if (token.stop_possible()) on_stop_.emplace(std::move(token), OnStop{this});
+  return true;
+}
+
+void FetchOperation::OnStop::operator()() const noexcept {
+  self->state_->stop_requested = true;
+  // The callback runs inside cancel() with a `cancelled` error and schedules the resumption.
+  if (!self->state_->result) self->client_->cancel(self->id_);
+}
+
+FetchResponse FetchOperation::await_resume() {
+  on_stop_.reset();
+  if (state_->stop_requested) throw CancelledError("fetch cancelled: the task was stopped");
+  FetchResult& result = *state_->result;
+  if (!result.ok()) throw result.error();
+  return std::move(result.response());
+}
+
+FetchOperation::~FetchOperation() {
+  on_stop_.reset();
+  // A frame destroyed while its fetch runs (Loop::close, a cancelled when_any): the fetch ends
+  // now. Once it has a result, the client may already be gone: it is not touched.
+  if (state_ && state_->waiter && !state_->result) {
+    state_->waiter = nullptr;
+    client_->cancel(id_);
+  }
+}
+
+}  // namespace detail
 
 }  // namespace squall::http

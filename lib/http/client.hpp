@@ -8,6 +8,11 @@
 //     if (result.ok()) std::printf("%d %s\n", result.response().status, ...);
 //     else std::printf("%s\n", result.error().what());
 //   });
+//
+// or in a coroutine, where an error is thrown as FetchError and a stop request on the task's
+// token cancels the fetch (CancelledError):
+//
+//   http::FetchResponse response = co_await client.fetch(std::move(request));
 #pragma once
 
 #include <chrono>
@@ -26,7 +31,9 @@
 #include <variant>
 #include <vector>
 
+#include "core/cancel.hpp"
 #include "core/loop.hpp"
+#include "core/task.hpp"
 
 namespace squall::http {
 
@@ -159,6 +166,12 @@ class Client {
   // std::logic_error off the loop thread.
   FetchId fetch(FetchRequest request, Callback callback);
 
+  // The same fetch for a coroutine: `co_await client.fetch(request)` gives the response (any
+  // status) or throws FetchError; when the awaiting task's stop token fires, the fetch is
+  // cancelled at once and the await throws CancelledError. The task resumes on a later turn of
+  // the loop, never inside the client. The Client must outlive the task's await.
+  Task<FetchResponse> fetch(FetchRequest request);
+
   // Ends a pending fetch now: it leaves curl's multi handle (or the queue) at once and its
   // callback runs with a `cancelled` error before cancel returns. False if it already ended.
   bool cancel(FetchId id);
@@ -210,5 +223,44 @@ class Client {
   std::shared_ptr<bool> alive_;            // False once destroyed; checked after user callbacks.
   ClientStats stats_;
 };
+
+namespace detail {
+
+// What `co_await client.fetch(request)` waits on: one callback fetch, resumed through
+// Loop::call_soon so that the task never runs inside the client's own callback. Moved only
+// before it is awaited.
+class [[nodiscard]] FetchOperation {
+ public:
+  FetchOperation(Client& client, FetchRequest request) noexcept
+      : client_(&client), request_(std::move(request)) {}
+  FetchOperation(FetchOperation&& other) noexcept
+      : client_(other.client_), request_(std::move(other.request_)) {}
+  FetchOperation& operator=(FetchOperation&&) = delete;
+  // A fetch still running (its task was destroyed) is cancelled.
+  ~FetchOperation();
+
+  bool await_ready() const noexcept { return false; }
+  template <typename Promise>
+  bool await_suspend(std::coroutine_handle<Promise> waiter) {
+    return start(waiter, squall::detail::stop_token_of(waiter));
+  }
+  FetchResponse await_resume();
+
+ private:
+  struct State;
+  struct OnStop {
+    FetchOperation* self;
+    void operator()() const noexcept;
+  };
+  bool start(std::coroutine_handle<> waiter, std::stop_token token);
+
+  Client* client_;                                     // Who fetches.
+  FetchRequest request_;                               // Moved into the fetch when it starts.
+  std::shared_ptr<State> state_;                       // Shared with the fetch's callback.
+  Client::FetchId id_ = 0;                             // The running fetch.
+  std::optional<std::stop_callback<OnStop>> on_stop_;  // Registered while suspended.
+};
+
+}  // namespace detail
 
 }  // namespace squall::http

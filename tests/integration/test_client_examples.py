@@ -26,6 +26,7 @@ EXAMPLES = Path(
 ).parent
 FETCH = str(EXAMPLES / "fetch_callback")
 FETCH_MANY = str(EXAMPLES / "fetch_many")
+FETCH_TASK = str(EXAMPLES / "fetch_task")
 FETCH_BENCH = str(EXAMPLES / "fetch_bench")
 
 pytestmark = pytest.mark.skipif(
@@ -298,6 +299,35 @@ def test_tls_with_another_ca_is_refused(tls_upstream, tmp_path):
                 tls_upstream.url("/hello", scheme="https"))
     assert got.returncode == 1
     assert got.stderr.startswith("error tls: "), got.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# fetch_task: the same fetch awaited by a Task
+
+
+def test_fetch_task_gets_squalld_plaintext(squalld):
+    server = squalld()
+    proc = subprocess.run([FETCH_TASK, server.url("/plaintext")], capture_output=True, timeout=20)
+    assert proc.returncode == 0, proc.stderr
+    head, _, body = proc.stdout.partition(b"\n\n")
+    assert head.splitlines()[0] == b"status 200"
+    assert b"header Server: squall" in head.splitlines()
+    assert body == b"Hello, World!"
+
+
+def test_fetch_task_error_is_thrown_with_its_kind(upstream):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/x"
+    proc = subprocess.run([FETCH_TASK, url], capture_output=True, timeout=20)
+    assert proc.returncode == 1
+    assert proc.stderr.decode().startswith("error connect_refused: "), proc.stderr
+    assert url in proc.stderr.decode()
+    timed = subprocess.run([FETCH_TASK, "--timeout", "300", upstream.url("/never")],
+                           capture_output=True, timeout=20)
+    assert timed.returncode == 1
+    assert timed.stderr.decode().startswith("error timeout: "), timed.stderr
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/awaitables.hpp"
 #include "http/router.hpp"
 #include "http/server.hpp"
 #include "test_support.hpp"
@@ -871,4 +872,117 @@ TEST_CASE("client: slow DNS, in a private network namespace (runs the skipped ca
     return;
   }
   CHECK_MESSAGE(WEXITSTATUS(status) == 0, testing::read_file(report));
+}
+
+// ---- the coroutine form ------------------------------------------------------------------------
+
+namespace {
+
+// Named coroutines (no capturing lambdas): what each test awaits.
+Task<void> fetch_three_at_once(http::Client& client, std::string base, std::vector<int>& statuses,
+                               bool& done) {
+  auto [a, b, c] = co_await when_all(client.fetch(get(base + "/slow/150")),
+                                     client.fetch(get(base + "/status/404")),
+                                     client.fetch(get(base + "/plain")));
+  statuses = {a.status, b.status, c.status};
+  CHECK(c.body == "hello");
+  done = true;
+}
+
+Task<void> fetch_refused(http::Client& client, std::string url, std::string& error, bool& done) {
+  try {
+    co_await client.fetch(get(url));
+  } catch (const http::FetchError& failure) {
+    CHECK(failure.kind() == Kind::connect_refused);
+    error = failure.what();
+  }
+  done = true;
+}
+
+Task<void> fetch_until_stopped(http::Client& client, std::string url, bool& cancelled, bool& done) {
+  try {
+    co_await client.fetch(get(url));
+  } catch (const CancelledError&) {
+    cancelled = true;
+  }
+  done = true;
+}
+
+}  // namespace
+
+TEST_CASE("client: co_await fetch gives the response; three at once take the slowest's time") {
+  Loop loop;
+  {
+    TestServer server(loop);
+    http::Client client(loop);
+    std::vector<int> statuses;
+    bool done = false;
+    const auto started = std::chrono::steady_clock::now();
+    spawn(loop, fetch_three_at_once(client, server.url(""), statuses, done));
+    run_until(loop, [&] { return done; });
+    const auto took = std::chrono::steady_clock::now() - started;
+    CHECK(statuses == std::vector<int>{200, 404, 200});
+    CHECK(took >= 150ms);
+    CHECK(client.stats().completed == 3);
+  }
+  CHECK(loop.close() == 0);
+}
+
+TEST_CASE("client: a failed co_await fetch throws FetchError naming the URL") {
+  Loop loop;
+  {
+    http::Client client(loop);
+    const std::string url = "http://127.0.0.1:" + std::to_string(closed_port()) + "/x";
+    std::string error;
+    bool done = false;
+    spawn(loop, fetch_refused(client, url, error, done));
+    run_until(loop, [&] { return done; });
+    CHECK(error.find(url) != std::string::npos);
+  }
+  CHECK(loop.close() == 0);
+}
+
+TEST_CASE("client: stopping the task cancels its fetch at once") {
+  Loop loop;
+  {
+    TestServer server(loop);
+    http::Client client(loop);
+    std::stop_source stop;
+    bool cancelled = false;
+    bool done = false;
+    spawn(loop, fetch_until_stopped(client, server.url("/slow/5000"), cancelled, done),
+          stop.get_token());
+    loop.call_later(50ms, [&] {
+      CHECK(client.in_flight() == 1);
+      stop.request_stop();
+      // Removed from curl at once, before the task resumes.
+      CHECK(client.in_flight() == 0);
+      CHECK_FALSE(done);
+    });
+    const auto started = std::chrono::steady_clock::now();
+    run_until(loop, [&] { return done; });
+    CHECK(cancelled);
+    CHECK(std::chrono::steady_clock::now() - started < 2s);
+    CHECK(client.stats().cancelled == 1);
+  }
+  CHECK(loop.close() == 0);
+}
+
+TEST_CASE("client: a task still awaiting a fetch when the loop closes is destroyed cleanly") {
+  Loop loop;
+  bool cancelled = false;
+  bool done = false;
+  {
+    TestServer server(loop);
+    http::Client client(loop);
+    spawn(loop, fetch_until_stopped(client, server.url("/slow/5000"), cancelled, done));
+    loop.call_later(50ms, [&] { loop.stop(); });
+    loop.run();
+    CHECK(client.in_flight() == 1);
+    client.close();  // The fetch ends as cancelled; the task would resume on a later turn.
+    CHECK(client.in_flight() == 0);
+  }
+  // The task never resumes: Loop::close destroys its frame without touching the gone client.
+  CHECK(loop.close() == 0);
+  CHECK_FALSE(done);
 }
