@@ -16,7 +16,7 @@ void Sleep::on_timer(uv_timer_t* timer) {
   // The waiter may destroy this Sleep (closing the timer) before resume() returns: nothing here
   // touches the node afterwards.
   const std::coroutine_handle<> waiter = static_cast<Node*>(timer->data)->waiter;
-  waiter.resume();
+  detail::resume(waiter);
 }
 
 bool Sleep::start(std::coroutine_handle<> waiter, std::stop_token token) {
@@ -74,7 +74,7 @@ void on_work_done(uv_work_t* request, int status) {
     delete node;
     return;
   }
-  if (node->waiter) node->waiter.resume();
+  if (node->waiter) resume(node->waiter);
 }
 
 }  // namespace
@@ -107,7 +107,7 @@ void BlockingOperation::OnStop::operator()() const noexcept {
   // callback, finding no waiter, only records the end.
   self->node_->waiter = nullptr;
   const std::coroutine_handle<> waiter = self->waiter_;
-  self->loop_->call_soon([waiter] { waiter.resume(); });
+  self->loop_->call_soon([waiter] { resume(waiter); });
 }
 
 void BlockingOperation::check_outcome() {

@@ -237,7 +237,7 @@ class Child {
       bool await_ready() const noexcept { return false; }
       std::coroutine_handle<> await_suspend(std::coroutine_handle<promise_type> frame) noexcept {
         Group* group = frame.promise().group;
-        if (--group->remaining == 0) return group->waiter;
+        if (--group->remaining == 0) return transfer_to(group->waiter);
         return std::noop_coroutine();
       }
       void await_resume() const noexcept {}
@@ -294,7 +294,7 @@ struct StartGroup {
     for (std::size_t i = 0; i < count; ++i) {
       children[i].frame().promise().group = group;
       children[i].frame().promise().stop_token = group->source.get_token();
-      children[i].frame().resume();
+      resume(children[i].frame());
     }
     return --group->remaining != 0;
   }

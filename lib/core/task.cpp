@@ -81,7 +81,7 @@ void spawn(Loop& loop, Task<void> task, std::stop_token token,
   root.frame.promise().loop = &loop;
   root.frame.promise().stop_token = std::move(token);
   loop.adopt_task(root.frame);
-  root.frame.resume();
+  detail::resume(root.frame);
 }
 
 }  // namespace squall

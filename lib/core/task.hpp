@@ -19,6 +19,7 @@
 #include <coroutine>
 #include <exception>
 #include <functional>
+#include <iterator>
 #include <stop_token>
 #include <type_traits>
 #include <utility>
@@ -34,13 +35,46 @@ class Task;
 
 namespace detail {
 
+// Symmetric transfer in constant stack whatever the compiler does. Returning a handle from
+// await_suspend only avoids a nested call if the compiler emits a tail call, which g++ does not
+// do at -O0 or under AddressSanitizer. So every resume that comes from outside a task (a libuv
+// callback, spawn, when_all starting its children) goes through resume(), a trampoline, and a
+// transfer made inside it pushes the next frame here and returns noop_coroutine(): control goes
+// back to the trampoline's loop, which resumes that frame. Outside any trampoline (a foreign
+// awaitable resuming a Task frame directly), the handle is returned for a plain symmetric
+// transfer. Loop thread only, like everything about tasks.
+struct Trampoline {
+  std::coroutine_handle<> ready[8];  // Frames to resume, a stack; rarely more than one.
+  int count = 0;                     // How many of `ready` are set.
+  int depth = 0;                     // Nested resume() calls running.
+};
+inline thread_local Trampoline trampoline;
+
+// Hands control to `next`: through the running trampoline when there is one.
+inline std::coroutine_handle<> transfer_to(std::coroutine_handle<> next) noexcept {
+  Trampoline& t = trampoline;
+  if (t.depth == 0 || t.count == static_cast<int>(std::size(t.ready))) return next;
+  t.ready[t.count++] = next;
+  return std::noop_coroutine();
+}
+
+// Resumes `frame` and every frame it transfers to, until all of them are suspended.
+inline void resume(std::coroutine_handle<> frame) {
+  Trampoline& t = trampoline;
+  const int base = t.count;
+  ++t.depth;
+  frame.resume();
+  while (t.count > base) t.ready[--t.count].resume();
+  --t.depth;
+}
+
 // Resumes whoever awaits the finished coroutine; nothing when no one does.
 struct FinalAwaiter {
   bool await_ready() const noexcept { return false; }
   template <typename Promise>
   std::coroutine_handle<> await_suspend(std::coroutine_handle<Promise> finished) noexcept {
     const std::coroutine_handle<> next = finished.promise().continuation;
-    return next ? next : std::noop_coroutine();
+    return next ? transfer_to(next) : std::noop_coroutine();
   }
   void await_resume() const noexcept {}
 };
@@ -116,7 +150,7 @@ class [[nodiscard]] Task {
     std::coroutine_handle<> await_suspend(std::coroutine_handle<Promise> awaiting) noexcept {
       task.promise().continuation = awaiting;
       task.promise().stop_token = detail::stop_token_of(awaiting);
-      return task;
+      return detail::transfer_to(task);
     }
     T await_resume() { return task.promise().take(); }
   };
