@@ -474,8 +474,12 @@ void SqliteJobStore::migrate(int from_version) {
   exec("BEGIN IMMEDIATE", "migrate the schema");
   try {
     // Another process may have migrated the file between the check and the lock.
-    int version = static_cast<int>(pragma_int("PRAGMA user_version", "migrate the schema"));
-    for (; version < sqlite_schema_version; ++version) (this->*migrations[version])();
+    const std::int64_t current = pragma_int("PRAGMA user_version", "migrate the schema");
+    for (std::size_t step = current < 0 ? 0 : static_cast<std::size_t>(current);
+         step < std::size(migrations); ++step) {
+      const auto migration = migrations[step];
+      (this->*migration)();
+    }
     exec(("PRAGMA user_version=" + std::to_string(sqlite_schema_version)).c_str(),
          "migrate the schema");
     exec("COMMIT", "migrate the schema");
