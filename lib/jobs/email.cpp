@@ -751,9 +751,11 @@ std::variant<Email, FieldError> parse_email_request(std::string_view json_body,
     bool known = false;
     for (const auto field : kRequestFields) known = known || item.key() == field;
     if (!known) {
-      return FieldError{item.key(),
-                        "is not a known field (known: to, cc, bcc, from, reply_to, subject, "
-                        "text, html)"};
+      // An empty name would make an error that names no field.
+      return FieldError{item.key().empty() ? "body" : item.key(),
+                        std::string(item.key().empty() ? "has a field with an empty name"
+                                                       : "is not a known field") +
+                            " (known: to, cc, bcc, from, reply_to, subject, text, html)"};
     }
   }
 
