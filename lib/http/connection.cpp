@@ -966,7 +966,9 @@ void Responder::on_drain(std::function<void()> callback) const {
   Connection* connection = live_connection();
   if (connection == nullptr || connection->pending_write_bytes_ <= connection->high_water()) {
     // Nothing to wait for (or nobody to wait on): run it on the next turn, as a wait would.
-    Loop* loop = connection_ != nullptr ? &connection_->server_.loop() : nullptr;
+    // (A connection cut loose by a destroyed server has no loop to run it on.)
+    Loop* loop =
+        connection_ != nullptr && !connection_->orphaned_ ? &connection_->server_.loop() : nullptr;
     if (loop != nullptr && callback) loop->call_soon(std::move(callback));
     return;
   }
@@ -1001,6 +1003,7 @@ void Drained::OnStop::operator()() const noexcept {
   // if it comes as well, finds the waiter taken.
   self->cancelled_ = true;
   std::shared_ptr<detail::DrainWaiter> node = self->node_;
+  if (self->responder_.connection_->orphaned_) return;  // The server and its loop are gone.
   try {
     self->responder_.connection_->server_.loop().call_soon([node] {
       const std::coroutine_handle<> waiter = std::exchange(node->waiter, nullptr);

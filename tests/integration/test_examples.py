@@ -1,7 +1,7 @@
 """The example programs of examples/, each started as a user would and checked: a coroutine
 handler, a periodic callback, two slow things at once with when_all, reply first and work later,
-a handler that blocks the loop, and a streamed response with back-pressure. Binaries come from $EXAMPLES_DIR, else from the examples/
-directory beside $SQUALLD, else build/examples."""
+a handler that blocks the loop, and a streamed response with back-pressure. Binaries come from
+$EXAMPLES_DIR, else from the examples/ directory beside $SQUALLD, else build/examples."""
 
 import http.client
 import os
