@@ -424,7 +424,9 @@ bool Connection::write_stream(std::string_view chunk) {
     out.append(chunk);
   }
   response_body_bytes_ += chunk.size();
-  if (!in_process_) server_.flush_cork();
+  // Inside process() output is corked; a handler streaming from its first slice must still see
+  // its bytes counted as unsent (writable()), so a large cork goes out at once.
+  if (!in_process_ || out.size() > high_water()) server_.flush_cork();
   return true;
 }
 
@@ -548,6 +550,9 @@ void Connection::on_write_done(std::size_t bytes, int status) noexcept {
   if (orphaned_) return;
   server_.unsent_budget_.give_back(bytes);
   settle_after_write(status);
+  // A streaming writer waiting for the client resumes at the low-water mark (close_now woke it
+  // already if the connection closed above).
+  if (!closed_ && pending_write_bytes_ <= high_water() / 2) wake_drain_waiters();
   // Last: other connections may run here, and this one may have been closed above.
   server_.resume_output_waiters();
 }
@@ -659,6 +664,8 @@ void Connection::close_now() noexcept {
   // A coroutine handler still working on the answer is cancelled. lib/core's awaitables only
   // stop their operations here and resume later, so nothing runs inside this close.
   if (client_gone_before_answer && handler_stop_.stop_possible()) handler_stop_.request_stop();
+  // Streaming writers waiting for output learn that the client is gone (on a later turn).
+  wake_drain_waiters();
 }
 
 void Connection::on_closed(uv_handle_t* handle) {
@@ -911,6 +918,115 @@ std::string describe(std::exception_ptr error) {
 }
 
 }  // namespace
+
+std::size_t Connection::high_water() const noexcept {
+  return server_.options_.limits.write_buffer_high_water;
+}
+
+// Resumes every drained() waiter and runs the on_drain callback from a later loop turn, never
+// from inside a write callback or close_now(), whose callers are in the middle of something.
+void Connection::wake_drain_waiters() noexcept {
+  if (drain_waiters_.empty() && !on_drain_) return;
+  auto waiters = std::move(drain_waiters_);
+  drain_waiters_.clear();
+  auto callback = std::move(on_drain_);
+  on_drain_ = nullptr;
+  const std::uint64_t id = id_;
+  try {
+    server_.loop().call_soon([waiters = std::move(waiters), callback = std::move(callback), id] {
+      for (const auto& node : waiters) {
+        const std::coroutine_handle<> waiter = std::exchange(node->waiter, nullptr);
+        if (waiter) waiter.resume();
+      }
+      if (!callback) return;
+      try {
+        callback();
+      } catch (const std::exception& error) {
+        spdlog::error("connection {}: on_drain callback threw: {}", id, error.what());
+      } catch (...) {
+        spdlog::error("connection {}: on_drain callback threw a non-standard exception", id);
+      }
+    });
+  } catch (const std::exception& error) {
+    // Out of memory: the waiters stay suspended until the task is destroyed.
+    spdlog::error("connection {}: cannot schedule the drain wake-up: {}", id_, error.what());
+  }
+}
+
+bool Responder::writable() const noexcept {
+  Connection* connection = live_connection();
+  return connection != nullptr && connection->pending_write_bytes_ <= connection->high_water();
+}
+
+std::size_t Responder::unsent_bytes() const noexcept {
+  return connection_ != nullptr ? connection_->pending_write_bytes_ : 0;
+}
+
+void Responder::on_drain(std::function<void()> callback) const {
+  Connection* connection = live_connection();
+  if (connection == nullptr || connection->pending_write_bytes_ <= connection->high_water()) {
+    // Nothing to wait for (or nobody to wait on): run it on the next turn, as a wait would.
+    // (A connection cut loose by a destroyed server has no loop to run it on.)
+    Loop* loop =
+        connection_ != nullptr && !connection_->orphaned_ ? &connection_->server_.loop() : nullptr;
+    if (loop != nullptr && callback) loop->call_soon(std::move(callback));
+    return;
+  }
+  connection->on_drain_ = std::move(callback);
+}
+
+Drained Responder::drained() const {
+  return Drained(*this);
+}
+
+bool Drained::await_ready() const noexcept {
+  Connection* connection = responder_.live_connection();
+  return connection == nullptr || connection->pending_write_bytes_ <= connection->high_water();
+}
+
+bool Drained::start(std::coroutine_handle<> waiter, std::stop_token token) {
+  if (token.stop_requested()) {
+    cancelled_ = true;
+    return false;
+  }
+  Connection* connection = responder_.live_connection();
+  if (connection == nullptr) return false;
+  node_ = std::make_shared<detail::DrainWaiter>();
+  node_->waiter = waiter;
+  connection->drain_waiters_.push_back(node_);
+  if (token.stop_possible()) on_stop_.emplace(std::move(token), OnStop{this});
+  return true;
+}
+
+void Drained::OnStop::operator()() const noexcept {
+  // Resume from the next loop turn, not from inside request_stop(). The connection's wake-up,
+  // if it comes as well, finds the waiter taken.
+  self->cancelled_ = true;
+  std::shared_ptr<detail::DrainWaiter> node = self->node_;
+  if (self->responder_.connection_->orphaned_) return;  // The server and its loop are gone.
+  try {
+    self->responder_.connection_->server_.loop().call_soon([node] {
+      const std::coroutine_handle<> waiter = std::exchange(node->waiter, nullptr);
+      if (waiter) waiter.resume();
+    });
+  } catch (...) {
+    // Out of memory: the connection's own wake-up (at close or drain) still resumes it.
+  }
+}
+
+void Drained::await_resume() {
+  on_stop_.reset();
+  node_.reset();
+  if (cancelled_) throw CancelledError("squall::http::Responder::drained: cancelled");
+  if (!responder_.connected()) {
+    throw CancelledError("squall::http::Responder::drained: the client went away");
+  }
+}
+
+Drained::~Drained() {
+  on_stop_.reset();
+  if (node_ != nullptr) node_->waiter = nullptr;
+}
 
 void Connection::handler_failed(std::uint64_t request_number, const std::string& route,
                                 std::exception_ptr error) noexcept {

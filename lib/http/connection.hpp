@@ -5,11 +5,13 @@
 
 #include <cstdint>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <stop_token>
 #include <string>
 #include <string_view>
 #include <thread>
+#include <vector>
 
 #include <uv.h>
 
@@ -53,6 +55,7 @@ class Connection {
  private:
   friend class Server;
   friend class Responder;
+  friend class Drained;
 
   enum class TimerPhase : std::uint8_t { none, first_byte, head, body, idle, write, lingering };
 
@@ -91,6 +94,9 @@ class Connection {
   void check_loop_thread(const char* what) const noexcept;
   void maybe_destroy() noexcept;
   bool idle() const noexcept;
+  // Streaming back-pressure: the high-water mark, and the wake-up of on_drain and drained().
+  std::size_t high_water() const noexcept;
+  void wake_drain_waiters() noexcept;
   void handler_failed(std::uint64_t request_number, const std::string& route,
                       std::exception_ptr error) noexcept;
 
@@ -140,6 +146,9 @@ class Connection {
   bool waiting_for_output_budget_ = false;  // Paused: the server's unsent bytes are over budget.
   // A coroutine handler's stop source: requested when the client goes away before its answer.
   std::stop_source handler_stop_{std::nostopstate};
+  // A streaming writer waiting for the unsent bytes to fall to the low-water mark.
+  std::vector<std::shared_ptr<detail::DrainWaiter>> drain_waiters_;  // drained() awaits.
+  std::function<void()> on_drain_;                                   // Responder::on_drain.
 };
 
 }  // namespace squall::http

@@ -1,7 +1,7 @@
 """The example programs of examples/, each started as a user would and checked: a coroutine
 handler, a periodic callback, two slow things at once with when_all, reply first and work later,
-and a handler that blocks the loop. Binaries come from $EXAMPLES_DIR, else from the examples/
-directory beside $SQUALLD, else build/examples."""
+a handler that blocks the loop, and a streamed response with back-pressure. Binaries come from
+$EXAMPLES_DIR, else from the examples/ directory beside $SQUALLD, else build/examples."""
 
 import http.client
 import os
@@ -216,4 +216,50 @@ def test_a_handler_that_blocks_the_loop_is_named_in_a_warning(run_example):
     thread.join(timeout=10)
     assert results["fixed"] == (200, "worked on the pool\n")
     assert "handler for GET /fixed blocked" not in ex.output()
+    assert ex.stop() == 0
+
+
+def _pattern_ok(body: bytes) -> bool:
+    unit = bytes(range(ord("a"), ord("a") + 26))
+    whole = unit * (len(body) // 26 + 1)
+    return body == whole[: len(body)]
+
+
+def test_stream_download_sends_every_byte_in_order(run_example):
+    ex = run_example("stream_download")
+    conn = http.client.HTTPConnection("127.0.0.1", ex.port, timeout=10)
+    conn.request("GET", "/stream?mib=8")
+    response = conn.getresponse()
+    body = response.read()
+    conn.close()
+    assert response.status == 200
+    assert len(body) == 8 * 1024 * 1024
+    assert _pattern_ok(body)
+    assert ex.get("/stream?mib=-1")[0] == 400
+    assert ex.stop() == 0
+
+
+def test_stream_download_waits_for_a_slow_client_with_bounded_memory(run_example):
+    import re
+    import socket
+
+    ex = run_example("stream_download")
+    with socket.create_connection(("127.0.0.1", ex.port), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        sock.sendall(b"GET /stream?mib=64 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        time.sleep(0.5)  # A client that does not read for a while (nothing to await).
+        received = 0
+        while True:
+            data = sock.recv(1 << 20)
+            if not data:
+                break
+            received += len(data)
+    assert received > 64 * 1024 * 1024
+    ex.wait_for_output("streamed 64 MiB")
+    match = re.search(r"streamed 64 MiB, waited (\d+) times, at most (\d+) bytes unsent",
+                      ex.output())
+    assert match, ex.output()
+    assert int(match.group(1)) > 0
+    # The high-water mark (256 KiB) plus one 64 KiB chunk, not the 64 MiB answer.
+    assert int(match.group(2)) <= 256 * 1024 + 2 * 64 * 1024
     assert ex.stop() == 0
