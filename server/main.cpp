@@ -93,6 +93,7 @@ void resolve_paths(Config& config, const fs::path& base) {
   }
   config.smtp.ca_file = absolute_from(base, config.smtp.ca_file);
   config.auth.tokens_file = absolute_from(base, config.auth.tokens_file);
+  config.webhooks.secret_file = absolute_from(base, config.webhooks.secret_file);
 }
 
 // The configuration as the command line asks for it: the --config file (or the defaults), with
