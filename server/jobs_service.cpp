@@ -135,7 +135,8 @@ void send_error(const http::Responder& responder, int status, std::string_view f
 // The first line of a secret file ([smtp] password_file, [webhooks] secret_file, named by
 // `key` in errors), which only its owner may read (as ssh insists for a private key): a
 // password others can read is no secret.
-std::string read_secret_file(const std::string& path, const std::string& key) {
+std::string read_secret_file(const std::string& path, const std::string& key,
+                             const std::string& what) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     throw std::runtime_error(key + " " + path + ": cannot read it: " + std::strerror(errno));
@@ -150,7 +151,8 @@ std::string read_secret_file(const std::string& path, const std::string& key) {
     char mode[8];
     std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(status.st_mode & 07777));
     throw std::runtime_error(key + " " + path + ": mode " + mode +
-                             " lets group or others read the secret; make it readable by "
+                             " lets group or others read the " + what +
+                             "; make it readable by "
                              "its owner only (chmod 600 " +
                              path + ")");
   }
@@ -263,7 +265,7 @@ std::optional<Refusal> check_policy(const jobs::Email& email, const Caller& call
 // The password comes from a file or the environment and never appears in a log line.
 std::string resolve_password(const SmtpConfig& smtp) {
   if (!smtp.password_file.empty())
-    return read_secret_file(smtp.password_file, "[smtp] password_file");
+    return read_secret_file(smtp.password_file, "[smtp] password_file", "password");
   if (!smtp.password_env.empty()) {
     const char* value = std::getenv(smtp.password_env.c_str());
     if (value == nullptr) {
@@ -387,7 +389,8 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
   if (!config.webhooks.url.empty()) {
     WebhookSettings webhook;
     webhook.url = config.webhooks.url;
-    webhook.secret = read_secret_file(config.webhooks.secret_file, "[webhooks] secret_file");
+    webhook.secret =
+        read_secret_file(config.webhooks.secret_file, "[webhooks] secret_file", "secret");
     if (webhook.secret.empty()) {
       throw std::runtime_error("[webhooks] secret_file " + config.webhooks.secret_file +
                                ": its first line (the signing key) is empty");

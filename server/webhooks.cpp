@@ -208,22 +208,21 @@ void WebhookDispatcher::deliver(const jobs::Job& job) {
 void WebhookDispatcher::record(const std::string& id, jobs::WebhookState state,
                                std::int64_t due_ms) {
   std::weak_ptr<bool> alive = alive_;
-  const bool queued =
-      store_.run([this, alive, id, state, due_ms, &loop = loop_](jobs::JobStore& store) {
-        std::string error;
-        try {
-          store.mark_webhook(id, state, due_ms, jobs::unix_now_ms());
-        } catch (const std::exception& failure) {
-          error = failure.what();
-        }
-        if (error.empty()) return;
-        loop.call_soon([alive, id, error] {
-          const auto still = alive.lock();
-          if (!still || !*still) return;
-          // The claim's lease ends anyway: the webhook is due again then.
-          spdlog::error("webhooks: recording the webhook of job {} failed: {}", id, error);
-        });
-      });
+  const bool queued = store_.run([alive, id, state, due_ms, &loop = loop_](jobs::JobStore& store) {
+    std::string error;
+    try {
+      store.mark_webhook(id, state, due_ms, jobs::unix_now_ms());
+    } catch (const std::exception& failure) {
+      error = failure.what();
+    }
+    if (error.empty()) return;
+    loop.call_soon([alive, id, error] {
+      const auto still = alive.lock();
+      if (!still || !*still) return;
+      // The claim's lease ends anyway: the webhook is due again then.
+      spdlog::error("webhooks: recording the webhook of job {} failed: {}", id, error);
+    });
+  });
   if (!queued) {
     spdlog::warn(
         "webhooks: the job store is closed: the webhook of job {} stays owed until "

@@ -8,7 +8,7 @@ import hashlib
 import hmac
 import http.server
 import json
-import os
+import signal
 import subprocess
 import threading
 import time
@@ -32,8 +32,9 @@ class Receiver:
     """Answers each POST with the next status of `statuses` (then 200), and keeps every
     request whose signature verified; a request with a bad signature fails the test."""
 
-    def __init__(self, statuses=(), port=0):
+    def __init__(self, statuses=(), port=0, hang=False):
         self.statuses = list(statuses)
+        self.release = threading.Event()  # hang=True: answers wait for it
         self.requests: list[dict] = []
         self.bad: list[str] = []
         self.cond = threading.Condition()
@@ -49,6 +50,8 @@ class Receiver:
                     receiver.requests.append({"path": self.path, "headers": dict(self.headers),
                                               "body": json.loads(body), "status": status})
                     receiver.cond.notify_all()
+                if hang:
+                    receiver.release.wait(30)
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -57,6 +60,8 @@ class Receiver:
                 pass
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server.daemon_threads = True
+        self.server.block_on_close = False
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -73,6 +78,7 @@ class Receiver:
             return list(self.requests)
 
     def close(self):
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -209,6 +215,34 @@ def test_a_webhook_owed_at_kill_9_is_delivered_after_the_restart(squalld, tmp_pa
         squalld(config=cfg)
         hooks = receiver.wait(1, timeout=30)
         assert hooks[0]["body"]["id"] == job_id and hooks[0]["body"]["type"] == "job.sent"
+    finally:
+        receiver.close()
+
+
+def test_sigterm_cancels_a_delivery_in_flight_and_it_stays_owed(squalld, tmp_path):
+    """The receiver takes the request and never answers: SIGTERM closes the client at once
+    (no wait for [webhooks] timeout), and the next start delivers the webhook."""
+    hanging = Receiver(hang=True)
+    port = hanging.port
+    cfg = config(tmp_path, f"http://127.0.0.1:{port}/hooks/squall")
+    cfg["webhooks"]["timeout"] = "30s"
+    try:
+        first = squalld(config=cfg)
+        job_id = send_one(first)
+        hanging.wait(1)
+        started = time.monotonic()
+        first.signal(signal.SIGTERM)
+        assert first.wait_exit(timeout=10) == 0
+        assert time.monotonic() - started < 5
+        assert first.wait_for_line("delivery(ies) in flight cancelled; they stay owed")
+    finally:
+        hanging.close()
+
+    receiver = Receiver(port=port)
+    try:
+        squalld(config=cfg)
+        hooks = receiver.wait(1)
+        assert hooks[0]["body"]["id"] == job_id
     finally:
         receiver.close()
 
