@@ -247,6 +247,23 @@ def test_sigterm_cancels_a_delivery_in_flight_and_it_stays_owed(squalld, tmp_pat
         receiver.close()
 
 
+def test_a_reload_that_changes_webhooks_says_it_takes_a_restart(squalld, tmp_path):
+    receiver = Receiver()
+    try:
+        cfg = config(tmp_path, receiver.url)
+        srv = squalld(config=cfg)
+        mark = srv.line_count()
+        cfg["webhooks"]["url"] = "https://hooks.example.com/other"
+        srv.write_config(cfg)
+        srv.signal(signal.SIGHUP)
+        srv.wait_for_line("[webhooks] url changed; the new value takes effect at the next restart",
+                          start=mark)
+        send_one(srv)
+        receiver.wait(1)  # still the URL it started with
+    finally:
+        receiver.close()
+
+
 def run_with(tmp_path: Path, text: str) -> subprocess.CompletedProcess:
     config_path = tmp_path / "squalld.toml"
     config_path.write_text('[server]\nlisten = ["127.0.0.1:0"]\n'
