@@ -183,8 +183,8 @@ void WebhookDispatcher::deliver(const jobs::Job& job) {
       }
       problem = "the receiver answered HTTP " + std::to_string(status);
     } else if (result.error().kind() == http::FetchError::Kind::cancelled) {
-      // Stopping: owed again at once (for the next start), the attempt not counted as a failure.
-      record(id, jobs::WebhookState::owed, jobs::unix_now_ms());
+      // Stopping: owed again at once (for the next start), the attempt not counted.
+      record(id, jobs::WebhookState::none, 0);
       return;
     } else {
       problem = result.error().what();
@@ -211,7 +211,12 @@ void WebhookDispatcher::record(const std::string& id, jobs::WebhookState state,
   const bool queued = store_.run([alive, id, state, due_ms, &loop = loop_](jobs::JobStore& store) {
     std::string error;
     try {
-      store.mark_webhook(id, state, due_ms, jobs::unix_now_ms());
+      // none: a cancelled delivery, released (see JobStore::release_webhook).
+      if (state == jobs::WebhookState::none) {
+        store.release_webhook(id, jobs::unix_now_ms());
+      } else {
+        store.mark_webhook(id, state, due_ms, jobs::unix_now_ms());
+      }
     } catch (const std::exception& failure) {
       error = failure.what();
     }

@@ -61,6 +61,8 @@ class WebhookDispatcher {
  private:
   void claim();
   void deliver(const jobs::Job& job);
+  // Stores a delivery's outcome: delivered, given_up, owed (a retry due at due_ms) or none (a
+  // cancelled delivery: released, due at once, its attempt not counted).
   void record(const std::string& id, jobs::WebhookState state, std::int64_t due_ms);
 
   Loop& loop_;

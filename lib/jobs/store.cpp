@@ -178,6 +178,9 @@ constexpr const char* claim_webhooks_sql =
     "ORDER BY webhook_due_ms LIMIT ?3) RETURNING " SQUALL_JOB_COLUMNS ", seq";
 constexpr const char* mark_webhook_sql =
     "UPDATE jobs SET webhook_state = ?2, webhook_due_ms = ?3 WHERE id = ?1 AND webhook_state = 1";
+constexpr const char* release_webhook_sql =
+    "UPDATE jobs SET webhook_due_ms = ?2, webhook_attempts = max(webhook_attempts - 1, 0) "
+    "WHERE id = ?1 AND webhook_state = 1";
 constexpr const char* count_webhooks_sql = "SELECT count(*) FROM jobs WHERE webhook_state = 1";
 constexpr const char* expire_leases_sql =
     "UPDATE jobs SET lease_until_ms = 0, updated_ms = ?1 WHERE state = 'sending'";
@@ -262,6 +265,7 @@ class SqliteJobStore final : public JobStore {
                                   std::int64_t lease_ms) override;
   bool mark_webhook(std::string_view id, WebhookState state, std::int64_t due_ms,
                     std::int64_t now_ms) override;
+  bool release_webhook(std::string_view id, std::int64_t now_ms) override;
   std::int64_t count_webhooks_owed() override;
 
  private:
@@ -338,6 +342,7 @@ class SqliteJobStore final : public JobStore {
   Statement claim_webhooks_;         // claim_webhooks_sql.
   Statement mark_webhook_;           // mark_webhook_sql.
   Statement count_webhooks_;         // count_webhooks_sql.
+  Statement release_webhook_;        // release_webhook_sql.
   bool webhooks_ = false;            // set_webhooks: finishing a job makes its webhook owed.
 };
 
@@ -440,6 +445,7 @@ SqliteJobStore::SqliteJobStore(const std::string& path, bool synchronous_full) :
     prepare(claim_webhooks_, claim_webhooks_sql);
     prepare(mark_webhook_, mark_webhook_sql);
     prepare(count_webhooks_, count_webhooks_sql);
+    prepare(release_webhook_, release_webhook_sql);
   } catch (...) {
     // The destructor does not run; the prepared members are finalized after this, and
     // sqlite3_close_v2 waits for them.
@@ -980,6 +986,13 @@ bool SqliteJobStore::mark_webhook(std::string_view id, WebhookState state, std::
   bind_int(use.get(), 2, static_cast<int>(state), "mark_webhook");
   bind_int(use.get(), 3, state == WebhookState::owed ? due_ms : 0, "mark_webhook");
   return run_update(mark_webhook_, "mark_webhook");
+}
+
+bool SqliteJobStore::release_webhook(std::string_view id, std::int64_t now_ms) {
+  StatementUse use(release_webhook_);
+  bind_text(use.get(), 1, id, "release_webhook");
+  bind_int(use.get(), 2, now_ms, "release_webhook");
+  return run_update(release_webhook_, "release_webhook");
 }
 
 std::int64_t SqliteJobStore::count_webhooks_owed() {

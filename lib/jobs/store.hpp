@@ -168,6 +168,9 @@ class JobStore {
   // owed, due at `due_ms` (a retry). False if unknown or no longer owed.
   virtual bool mark_webhook(std::string_view id, WebhookState state, std::int64_t due_ms,
                             std::int64_t now_ms) = 0;
+  // A claimed webhook whose delivery was cancelled (a stop) before it ended: due at `now_ms`
+  // again, webhook_attempts-1 (the attempt does not count). False if unknown or not owed.
+  virtual bool release_webhook(std::string_view id, std::int64_t now_ms) = 0;
   // Webhooks owed now (an index walk over the owed ones only).
   virtual std::int64_t count_webhooks_owed() = 0;
 };

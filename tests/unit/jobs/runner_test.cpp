@@ -111,6 +111,9 @@ class FlakyStore final : public jobs::JobStore {
                     std::int64_t now_ms) override {
     return inner_->mark_webhook(id, state, due_ms, now_ms);
   }
+  bool release_webhook(std::string_view id, std::int64_t now_ms) override {
+    return inner_->release_webhook(id, now_ms);
+  }
   std::int64_t count_webhooks_owed() override { return inner_->count_webhooks_owed(); }
   std::vector<jobs::OwnerUsage> pending_by_owner() override { return inner_->pending_by_owner(); }
 

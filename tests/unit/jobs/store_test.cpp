@@ -1143,6 +1143,22 @@ TEST_CASE("webhooks: owed when a job finishes while on, claimed with a lease, th
   CHECK(store->get(failed)->webhook == WebhookState::given_up);
   CHECK(store->count_webhooks_owed() == 0);
   CHECK(store->claim_webhooks(10, 1'000'000, 500).empty());
+  CHECK(!store->release_webhook(sent, 5'002));  // Delivered: nothing to release.
+}
+
+TEST_CASE("webhooks: a released claim is due at once and its attempt does not count") {
+  TempDir dir;
+  auto store = open_sqlite_store(dir.file("jobs.db"), true);
+  store->set_webhooks(true);
+  const std::string id = insert_one(*store, new_job("a", "k"), 1).job.id;
+  REQUIRE(store->claim(1, 2, 1000).size() == 1);
+  REQUIRE(store->mark_sent(id, 3));
+  REQUIRE(store->claim_webhooks(1, 4, 10'000).size() == 1);
+  CHECK(store->claim_webhooks(1, 5, 10'000).empty());  // Leased.
+  REQUIRE(store->release_webhook(id, 6));
+  const auto again = store->claim_webhooks(1, 6, 10'000);
+  REQUIRE(again.size() == 1);
+  CHECK(again[0].webhook_attempts == 1);
 }
 
 TEST_CASE("webhooks: the purge keeps a finished job whose webhook is still owed") {
