@@ -132,25 +132,27 @@ void send_error(const http::Responder& responder, int status, std::string_view f
   send_json(responder, status, body);
 }
 
-// The first line of the password file, which only its owner may read (as ssh insists for a
-// private key): a password others can read is no secret.
-std::string read_password_file(const std::string& path) {
+// The first line of a secret file ([smtp] password_file, [webhooks] secret_file, named by
+// `key` in errors), which only its owner may read (as ssh insists for a private key): a
+// password others can read is no secret.
+std::string read_secret_file(const std::string& path, const std::string& key,
+                             const std::string& what) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
-    throw std::runtime_error("[smtp] password_file " + path +
-                             ": cannot read it: " + std::strerror(errno));
+    throw std::runtime_error(key + " " + path + ": cannot read it: " + std::strerror(errno));
   }
   struct stat status {};
   if (::fstat(fd, &status) != 0 || !S_ISREG(status.st_mode)) {
     ::close(fd);
-    throw std::runtime_error("[smtp] password_file " + path + ": not a regular file");
+    throw std::runtime_error(key + " " + path + ": not a regular file");
   }
   if ((status.st_mode & (S_IRGRP | S_IROTH)) != 0) {
     ::close(fd);
     char mode[8];
     std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(status.st_mode & 07777));
-    throw std::runtime_error("[smtp] password_file " + path + ": mode " + mode +
-                             " lets group or others read the password; make it readable by "
+    throw std::runtime_error(key + " " + path + ": mode " + mode +
+                             " lets group or others read the " + what +
+                             "; make it readable by "
                              "its owner only (chmod 600 " +
                              path + ")");
   }
@@ -162,8 +164,7 @@ std::string read_password_file(const std::string& path) {
     if (got < 0) {
       const int error = errno;
       ::close(fd);
-      throw std::runtime_error("[smtp] password_file " + path +
-                               ": cannot read it: " + std::strerror(error));
+      throw std::runtime_error(key + " " + path + ": cannot read it: " + std::strerror(error));
     }
     if (got == 0) break;
     content.append(buffer, static_cast<std::size_t>(got));
@@ -263,7 +264,8 @@ std::optional<Refusal> check_policy(const jobs::Email& email, const Caller& call
 
 // The password comes from a file or the environment and never appears in a log line.
 std::string resolve_password(const SmtpConfig& smtp) {
-  if (!smtp.password_file.empty()) return read_password_file(smtp.password_file);
+  if (!smtp.password_file.empty())
+    return read_secret_file(smtp.password_file, "[smtp] password_file", "password");
   if (!smtp.password_env.empty()) {
     const char* value = std::getenv(smtp.password_env.c_str());
     if (value == nullptr) {
@@ -380,9 +382,35 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
              bool finished) {
         send_seconds_->observe(std::chrono::duration<double>(took).count());
         if (finished) release(job.owner, static_cast<std::int64_t>(job.payload.size()));
+        if (finished && webhooks_) webhooks_->poke();
       });
 
   // The counts survive restarts: the store knows what is still waiting, and whose it is.
+  if (!config.webhooks.url.empty()) {
+    WebhookSettings webhook;
+    webhook.url = config.webhooks.url;
+    webhook.secret =
+        read_secret_file(config.webhooks.secret_file, "[webhooks] secret_file", "secret");
+    if (webhook.secret.empty()) {
+      throw std::runtime_error("[webhooks] secret_file " + config.webhooks.secret_file +
+                               ": its first line (the signing key) is empty");
+    }
+    webhook.timeout = config.webhooks.timeout;
+    webhook.max_attempts = static_cast<int>(config.webhooks.max_attempts);
+    // Before any job can finish: from now on finishing a job makes its webhook owed.
+    store_->run([](jobs::JobStore& store) { store.set_webhooks(true); });
+    webhooks_ = std::make_unique<WebhookDispatcher>(
+        loop, *store_, std::move(webhook),
+        [](const jobs::Job& job, std::string_view event_id, std::string_view type) {
+          nlohmann::json body = job_json(job);
+          body["event_id"] = event_id;
+          body["type"] = type;
+          return body.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+        },
+        registry);
+    spdlog::info("jobs: webhooks go to {} ([webhooks] url)", config.webhooks.url);
+  }
+
   std::weak_ptr<bool> alive = alive_;
   if (store_lock_->acquired()) {
     // No other process of this node uses the store: whatever is `sending` was being sent by a
@@ -456,6 +484,7 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
 
 JobsService::~JobsService() {
   *alive_ = false;
+  webhooks_.reset();
   runner_.reset();
   if (store_) store_->stop();
   for (uv_timer_t* timer : {stats_timer_, housekeeping_timer_}) {
@@ -467,6 +496,7 @@ JobsService::~JobsService() {
 
 void JobsService::start() {
   runner_->start();
+  if (webhooks_) webhooks_->start();
   stats_timer_ = new uv_timer_t;
   uv_timer_init(loop_.uv(), stats_timer_);
   stats_timer_->data = this;
@@ -877,6 +907,7 @@ void JobsService::drain(std::function<void()> done) {
   accepting_ = false;
   if (stats_timer_ != nullptr) uv_timer_stop(stats_timer_);
   if (housekeeping_timer_ != nullptr) uv_timer_stop(housekeeping_timer_);
+  if (webhooks_) webhooks_->drain();
   runner_->drain(std::move(done));
 }
 

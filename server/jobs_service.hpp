@@ -21,6 +21,7 @@
 #include "jobs/store_worker.hpp"
 #include "metrics/metrics.hpp"
 #include "server/access.hpp"
+#include "server/webhooks.hpp"
 
 namespace squall::daemon {
 
@@ -95,22 +96,23 @@ class JobsService {
   metrics::Histogram* send_seconds_ = nullptr;        // Attempt durations.
   std::shared_ptr<bool> alive_;                       // For callbacks from the store thread.
   // Retention, store health and shutdown.
-  std::optional<jobs::StoreLock> store_lock_;  // Held for the process's life; see StoreLock.
-  std::size_t running_pool_size_ = 0;          // The pool's size (fixed at start).
-  bool store_failing_ = false;                 // The last write (insert or probe) failed.
-  bool probe_in_flight_ = false;               // A probe write is queued.
-  bool purge_in_flight_ = false;               // A purge round is running on the store thread.
-  unsigned housekeeping_ticks_ = 0;            // Seconds since start, for the slower tasks.
-  std::int64_t next_purge_ms_ = 0;             // When the next purge round is due.
-  uv_timer_t* housekeeping_timer_ = nullptr;   // Runs housekeeping(); freed on close.
-  std::uint64_t purged_total_ = 0;             // Jobs deleted by retention.
-  std::int64_t pending_bytes_ = 0;                    // Payload bytes of pending_ jobs.
-  std::unordered_map<std::string, Usage> usage_;      // By owner: the per-client queue share.
-  std::unique_ptr<KeyedRateLimiter> token_rate_;      // [quota] token_*: by token name.
-  std::unique_ptr<KeyedRateLimiter> address_rate_;    // [quota] address_*: by client address.
-  QuotaConfig rates_in_use_;                          // What the limiters were built with.
+  std::optional<jobs::StoreLock> store_lock_;       // Held for the process's life; see StoreLock.
+  std::size_t running_pool_size_ = 0;               // The pool's size (fixed at start).
+  bool store_failing_ = false;                      // The last write (insert or probe) failed.
+  bool probe_in_flight_ = false;                    // A probe write is queued.
+  bool purge_in_flight_ = false;                    // A purge round is running on the store thread.
+  unsigned housekeeping_ticks_ = 0;                 // Seconds since start, for the slower tasks.
+  std::int64_t next_purge_ms_ = 0;                  // When the next purge round is due.
+  uv_timer_t* housekeeping_timer_ = nullptr;        // Runs housekeeping(); freed on close.
+  std::uint64_t purged_total_ = 0;                  // Jobs deleted by retention.
+  std::int64_t pending_bytes_ = 0;                  // Payload bytes of pending_ jobs.
+  std::unordered_map<std::string, Usage> usage_;    // By owner: the per-client queue share.
+  std::unique_ptr<KeyedRateLimiter> token_rate_;    // [quota] token_*: by token name.
+  std::unique_ptr<KeyedRateLimiter> address_rate_;  // [quota] address_*: by client address.
+  QuotaConfig rates_in_use_;                        // What the limiters were built with.
   std::unordered_map<std::uint64_t, http::Responder> parked_;  // Answers waiting for the store.
   std::uint64_t next_ticket_ = 1;                              // Never reused.
+  std::unique_ptr<WebhookDispatcher> webhooks_;  // [webhooks] url set; destroyed first.
 };
 
 }  // namespace squall::daemon

@@ -93,6 +93,7 @@ void resolve_paths(Config& config, const fs::path& base) {
   }
   config.smtp.ca_file = absolute_from(base, config.smtp.ca_file);
   config.auth.tokens_file = absolute_from(base, config.auth.tokens_file);
+  config.webhooks.secret_file = absolute_from(base, config.webhooks.secret_file);
 }
 
 // The configuration as the command line asks for it: the --config file (or the defaults), with
@@ -449,6 +450,12 @@ class Squalld {
     if (next.loop.lag_interval != config_.loop.lag_interval) warn("[loop] lag_interval");
     if (next.jobs.store != config_.jobs.store) warn("[jobs] store");
     if (next.jobs.durability != config_.jobs.durability) warn("[jobs] durability");
+    if (next.webhooks.url != config_.webhooks.url) warn("[webhooks] url");
+    if (next.webhooks.secret_file != config_.webhooks.secret_file) warn("[webhooks] secret_file");
+    if (next.webhooks.timeout != config_.webhooks.timeout) warn("[webhooks] timeout");
+    if (next.webhooks.max_attempts != config_.webhooks.max_attempts) {
+      warn("[webhooks] max_attempts");
+    }
   }
 
   void shut_down(const char* signal_name) {

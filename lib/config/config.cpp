@@ -269,12 +269,13 @@ class Loader {
     if (name == "auth") fields = &auth_fields_;
     if (name == "policy") fields = &policy_fields_;
     if (name == "quota") fields = &quota_fields_;
+    if (name == "webhooks") fields = &webhooks_fields_;
     const Where where{{}, name, key.source()};
     if (fields == nullptr) {
       if (node.is_table()) {
         fail(where,
              "unknown table; expected one of [server], [limits], [timeouts], [log], [loop], "
-             "[routes], [smtp], [jobs], [auth], [policy], [quota]");
+             "[routes], [smtp], [jobs], [auth], [policy], [quota], [webhooks]");
       }
       fail(where, "unknown key outside any table; settings belong in a table such as [server]");
     }
@@ -460,6 +461,26 @@ class Loader {
     config_.smtp.url = std::string(value);
   }
 
+  // "" (webhooks off) or an http:// or https:// URL with a host, without spaces or controls.
+  void load_webhooks_url(const toml::node& node, const Where& where) {
+    constexpr std::string_view kExpected =
+        "\"\" (off) or a URL such as \"https://example.com/hooks/squall\"";
+    const std::string_view value = get_string(node, where, kExpected);
+    if (!value.empty()) {
+      const bool scheme_ok = value.starts_with("http://") || value.starts_with("https://");
+      bool clean = true;
+      for (const char c : value) {
+        const auto u = static_cast<unsigned char>(c);
+        if (u <= 0x20 || u == 0x7f) clean = false;
+      }
+      if (!scheme_ok || !clean || value.size() <= value.find("://") + 3) {
+        fail_type(where, node, kExpected);
+      }
+    }
+    config_.webhooks.url = std::string(value);
+    webhook_url_where_ = Seen{where.table, where.key, node.source()};
+  }
+
   // Where a key was set, kept for checks that involve more than one key.
   struct Seen {
     std::string_view table;
@@ -512,6 +533,10 @@ class Loader {
     }
     if (config_.jobs.retry_max < config_.jobs.retry_initial) {
       fail_seen(retry_where_, "jobs", "retry_max", "retry_max must not be below retry_initial");
+    }
+    if (!config_.webhooks.url.empty() && config_.webhooks.secret_file.empty()) {
+      fail_seen(webhook_url_where_, "webhooks", "url",
+                "webhooks need [webhooks] secret_file (the key they are signed with)");
     }
     const bool implicit_tls = config_.smtp.url.rfind("smtps://", 0) == 0;
     if (!config_.smtp.username.empty() && !implicit_tls &&
@@ -662,6 +687,7 @@ class Loader {
   std::optional<Seen> password_where_;     // Where [smtp] password_env was set.
   std::optional<Seen> retry_where_;        // Where [jobs] retry_max was set.
   std::optional<Seen> lease_where_;        // Where [jobs] lease was set.
+  std::optional<Seen> webhook_url_where_;  // Where [webhooks] url was set.
   std::optional<Seen> body_where_;         // Where [limits] max_body_bytes was set.
   std::optional<Seen> body_budget_where_;  // Where [limits] max_buffered_body_bytes was set.
   std::optional<Seen> username_where_;     // Where [smtp] username was set.
@@ -770,6 +796,12 @@ class Loader {
       count("address_per_minute", config_.quota.address_per_minute, 6'000'000),
       count("address_burst", config_.quota.address_burst, 1'000'000),
       count("max_queued_per_client", config_.quota.max_queued_per_client, kMaxCount),
+  };
+  const std::vector<Field> webhooks_fields_{
+      method("url", &Loader::load_webhooks_url),
+      text("secret_file", config_.webhooks.secret_file, true),
+      duration("timeout", config_.webhooks.timeout),
+      count("max_attempts", config_.webhooks.max_attempts, 1000),
   };
 };
 

@@ -165,6 +165,14 @@ struct QuotaConfig {
   bool operator==(const QuotaConfig&) const = default;
 };
 
+struct WebhooksConfig {
+  std::string url;           // [webhooks] url: http(s) URL job outcomes are POSTed to ("" = off)
+  std::string secret_file;   // [webhooks] secret_file: the HMAC key (owner-only file, first line)
+  Duration timeout{10'000};  // [webhooks] timeout: one delivery attempt, connect included
+  std::size_t max_attempts = 10;  // [webhooks] max_attempts: then the webhook is given up
+  bool operator==(const WebhooksConfig&) const = default;
+};
+
 struct Config {
   ServerConfig server;
   LimitsConfig limits;
@@ -177,6 +185,7 @@ struct Config {
   AuthConfig auth;
   PolicyConfig policy;
   QuotaConfig quota;
+  WebhooksConfig webhooks;
   // Field by field; the shipped config file is tested against a default-constructed Config.
   bool operator==(const Config&) const = default;
 };

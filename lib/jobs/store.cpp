@@ -109,10 +109,21 @@ CREATE UNIQUE INDEX jobs_owner_idempotency_key ON jobs (owner, idempotency_key)
   WHERE idempotency_key <> '';
 )sql";
 
+// Version 4 (migrate_to_4): a finished job's webhook (WebhookState as an integer, its
+// attempts and when it is due); jobs_webhooks_due holds the owed ones only, so claims and the
+// pending count never read finished jobs whose webhook is settled.
+constexpr const char* schema_v4_sql = R"sql(
+ALTER TABLE jobs ADD COLUMN webhook_state INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN webhook_attempts INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN webhook_due_ms INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX jobs_webhooks_due ON jobs (webhook_due_ms) WHERE webhook_state = 1;
+)sql";
+
 // The columns read_job expects, in its order.
 #define SQUALL_JOB_COLUMNS                                                                    \
   "id, kind, state, payload, idempotency_key, attempts, last_error, created_ms, updated_ms, " \
-  "run_after_ms, lease_until_ms, finished_ms, payload_digest, owner"
+  "run_after_ms, lease_until_ms, finished_ms, payload_digest, owner, webhook_state, "         \
+  "webhook_attempts, webhook_due_ms"
 
 constexpr const char* insert_sql =
     "INSERT INTO jobs (id, kind, state, payload, idempotency_key, created_ms, updated_ms, "
@@ -137,23 +148,40 @@ constexpr const char* claim_sql =
     "'sending' AND "
     "lease_until_ms < ?1 ORDER BY run_after_ms, created_ms, seq LIMIT ?3) "
     "ORDER BY run_after_ms, created_ms, seq LIMIT ?3)) RETURNING " SQUALL_JOB_COLUMNS ", seq";
-constexpr int claim_seq_column = 14;  // After the SQUALL_JOB_COLUMNS.
+constexpr int claim_seq_column = 17;  // After the SQUALL_JOB_COLUMNS.
 // The payload (addresses, Bcc, the text) is deleted once sent: only its digest stays.
+// ?3 (webhooks on) makes the job's webhook owed in the same statement.
+#define SQUALL_WEBHOOK_OWED                                                               \
+  "webhook_state = CASE WHEN ?3 THEN 1 ELSE webhook_state END, webhook_attempts = CASE "  \
+  "WHEN ?3 THEN 0 ELSE webhook_attempts END, webhook_due_ms = CASE WHEN ?3 THEN ?2 ELSE " \
+  "webhook_due_ms END"
 constexpr const char* mark_sent_sql =
     "UPDATE jobs SET state = 'sent', payload = X'', lease_until_ms = 0, updated_ms = ?2, "
-    "finished_ms = ?2 WHERE id = ?1 AND state <> 'sent'";
+    "finished_ms = ?2, " SQUALL_WEBHOOK_OWED " WHERE id = ?1 AND state <> 'sent'";
 constexpr const char* mark_retry_sql =
     "UPDATE jobs SET state = 'retrying', last_error = ?2, run_after_ms = ?3, lease_until_ms = 0, "
     "updated_ms = ?4 WHERE id = ?1 AND state = 'sending'";
 constexpr const char* mark_failed_sql =
-    "UPDATE jobs SET state = 'failed', last_error = ?2, lease_until_ms = 0, updated_ms = ?3, "
-    "finished_ms = ?3 WHERE id = ?1 AND state = 'sending'";
+    "UPDATE jobs SET state = 'failed', last_error = ?4, lease_until_ms = 0, updated_ms = ?2, "
+    "finished_ms = ?2, " SQUALL_WEBHOOK_OWED " WHERE id = ?1 AND state = 'sending'";
+#undef SQUALL_WEBHOOK_OWED
 constexpr const char* release_sql =
     "UPDATE jobs SET state = 'queued', attempts = max(attempts - 1, 0), lease_until_ms = 0, "
     "updated_ms = ?2 WHERE id = ?1 AND state = 'sending'";
+// A job whose webhook is still owed stays until it is delivered or given up.
 constexpr const char* purge_sql =
     "DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE finished_ms > 0 AND "
-    "finished_ms < ?1 ORDER BY finished_ms LIMIT ?2)";
+    "finished_ms < ?1 AND webhook_state <> 1 ORDER BY finished_ms LIMIT ?2)";
+constexpr const char* claim_webhooks_sql =
+    "UPDATE jobs SET webhook_attempts = webhook_attempts + 1, webhook_due_ms = ?2 "
+    "WHERE seq IN (SELECT seq FROM jobs WHERE webhook_state = 1 AND webhook_due_ms <= ?1 "
+    "ORDER BY webhook_due_ms LIMIT ?3) RETURNING " SQUALL_JOB_COLUMNS ", seq";
+constexpr const char* mark_webhook_sql =
+    "UPDATE jobs SET webhook_state = ?2, webhook_due_ms = ?3 WHERE id = ?1 AND webhook_state = 1";
+constexpr const char* release_webhook_sql =
+    "UPDATE jobs SET webhook_due_ms = ?2, webhook_attempts = max(webhook_attempts - 1, 0) "
+    "WHERE id = ?1 AND webhook_state = 1";
+constexpr const char* count_webhooks_sql = "SELECT count(*) FROM jobs WHERE webhook_state = 1";
 constexpr const char* expire_leases_sql =
     "UPDATE jobs SET lease_until_ms = 0, updated_ms = ?1 WHERE state = 'sending'";
 constexpr const char* probe_sql =
@@ -232,6 +260,13 @@ class SqliteJobStore final : public JobStore {
   std::int64_t compact(std::int64_t max_pages) override;
   std::size_t expire_all_leases(std::int64_t now_ms) override;
   void probe_write(std::int64_t now_ms) override;
+  void set_webhooks(bool on) override { webhooks_ = on; }
+  std::vector<Job> claim_webhooks(std::size_t max, std::int64_t now_ms,
+                                  std::int64_t lease_ms) override;
+  bool mark_webhook(std::string_view id, WebhookState state, std::int64_t due_ms,
+                    std::int64_t now_ms) override;
+  bool release_webhook(std::string_view id, std::int64_t now_ms) override;
+  std::int64_t count_webhooks_owed() override;
 
  private:
   // A write transaction that nests: only the outermost one begins and commits. Any scope
@@ -268,6 +303,7 @@ class SqliteJobStore final : public JobStore {
   void migrate_to_1();
   void migrate_to_2();
   void migrate_to_3();
+  void migrate_to_4();
 
   // The schema's history: migrations[i] upgrades user_version i to i + 1, inside the one
   // transaction that also sets user_version, so a failure leaves the file as it was. A new
@@ -276,6 +312,7 @@ class SqliteJobStore final : public JobStore {
       &SqliteJobStore::migrate_to_1,
       &SqliteJobStore::migrate_to_2,
       &SqliteJobStore::migrate_to_3,
+      &SqliteJobStore::migrate_to_4,
   };
   static_assert(std::size(migrations) == sqlite_schema_version);
 
@@ -302,6 +339,11 @@ class SqliteJobStore final : public JobStore {
   Statement purge_;                  // purge_sql.
   Statement expire_leases_;          // expire_leases_sql.
   Statement probe_;                  // probe_sql.
+  Statement claim_webhooks_;         // claim_webhooks_sql.
+  Statement mark_webhook_;           // mark_webhook_sql.
+  Statement count_webhooks_;         // count_webhooks_sql.
+  Statement release_webhook_;        // release_webhook_sql.
+  bool webhooks_ = false;            // set_webhooks: finishing a job makes its webhook owed.
 };
 
 // A store file that does not exist yet is created here, mode 0600 whatever the umask: SQLite
@@ -400,6 +442,10 @@ SqliteJobStore::SqliteJobStore(const std::string& path, bool synchronous_full) :
     prepare(purge_, purge_sql);
     prepare(expire_leases_, expire_leases_sql);
     prepare(probe_, probe_sql);
+    prepare(claim_webhooks_, claim_webhooks_sql);
+    prepare(mark_webhook_, mark_webhook_sql);
+    prepare(count_webhooks_, count_webhooks_sql);
+    prepare(release_webhook_, release_webhook_sql);
   } catch (...) {
     // The destructor does not run; the prepared members are finalized after this, and
     // sqlite3_close_v2 waits for them.
@@ -503,7 +549,13 @@ void SqliteJobStore::migrate_to_1() {
   exec(schema_v1_sql, "create schema version 1");
 }
 
-void SqliteJobStore::migrate_to_3() { exec(schema_v3_sql, "migrate to schema version 3"); }
+void SqliteJobStore::migrate_to_3() {
+  exec(schema_v3_sql, "migrate to schema version 3");
+}
+
+void SqliteJobStore::migrate_to_4() {
+  exec(schema_v4_sql, "migrate to schema version 4");
+}
 
 void SqliteJobStore::migrate_to_2() {
   exec(schema_v2_sql, "migrate to schema version 2");
@@ -603,6 +655,14 @@ Job SqliteJobStore::read_job(sqlite3_stmt* stmt, const char* operation) const {
   job.finished_ms = sqlite3_column_int64(stmt, 11);
   job.payload_digest = column_string(stmt, 12);
   job.owner = column_string(stmt, 13);
+  const int webhook = sqlite3_column_int(stmt, 14);
+  if (webhook < 0 || webhook > static_cast<int>(WebhookState::given_up)) {
+    throw std::runtime_error("job store " + path_ + ": " + operation + ": job " + job.id +
+                             " has an unknown webhook_state " + std::to_string(webhook));
+  }
+  job.webhook = static_cast<WebhookState>(webhook);
+  job.webhook_attempts = sqlite3_column_int(stmt, 15);
+  job.webhook_due_ms = sqlite3_column_int64(stmt, 16);
   return job;
 }
 
@@ -759,6 +819,7 @@ bool SqliteJobStore::mark_sent(std::string_view id, std::int64_t now_ms) {
   StatementUse use(mark_sent_);
   bind_text(use.get(), 1, id, "mark_sent");
   bind_int(use.get(), 2, now_ms, "mark_sent");
+  bind_int(use.get(), 3, webhooks_ ? 1 : 0, "mark_sent");
   return run_update(mark_sent_, "mark_sent");
 }
 
@@ -775,8 +836,9 @@ bool SqliteJobStore::mark_retry(std::string_view id, std::string_view error,
 bool SqliteJobStore::mark_failed(std::string_view id, std::string_view error, std::int64_t now_ms) {
   StatementUse use(mark_failed_);
   bind_text(use.get(), 1, id, "mark_failed");
-  bind_text(use.get(), 2, error, "mark_failed");
-  bind_int(use.get(), 3, now_ms, "mark_failed");
+  bind_int(use.get(), 2, now_ms, "mark_failed");
+  bind_int(use.get(), 3, webhooks_ ? 1 : 0, "mark_failed");
+  bind_text(use.get(), 4, error, "mark_failed");
   return run_update(mark_failed_, "mark_failed");
 }
 
@@ -887,6 +949,60 @@ void SqliteJobStore::probe_write(std::int64_t now_ms) {
     step(use.get(), "probe_write");
   }
   transaction.commit();
+}
+
+std::vector<Job> SqliteJobStore::claim_webhooks(std::size_t max, std::int64_t now_ms,
+                                                std::int64_t lease_ms) {
+  if (lease_ms <= 0) {
+    throw std::invalid_argument("job store claim_webhooks: lease_ms must be positive");
+  }
+  std::vector<Job> jobs;
+  if (max == 0) return jobs;
+  const auto limit = static_cast<std::int64_t>(std::min<std::size_t>(
+      max, static_cast<std::size_t>(std::numeric_limits<std::int64_t>::max())));
+  std::vector<std::pair<std::int64_t, Job>> claimed;  // (seq, job): RETURNING has no order.
+  Transaction transaction(*this, "claim_webhooks");
+  {
+    StatementUse use(claim_webhooks_);
+    bind_int(use.get(), 1, now_ms, "claim_webhooks");
+    bind_int(use.get(), 2, now_ms + lease_ms, "claim_webhooks");
+    bind_int(use.get(), 3, limit, "claim_webhooks");
+    while (step(use.get(), "claim_webhooks")) {
+      claimed.emplace_back(sqlite3_column_int64(use.get(), claim_seq_column),
+                           read_job(use.get(), "claim_webhooks"));
+    }
+  }
+  transaction.commit();
+  std::sort(claimed.begin(), claimed.end(),
+            [](const auto& a, const auto& b) { return a.first < b.first; });
+  jobs.reserve(claimed.size());
+  for (auto& entry : claimed) jobs.push_back(std::move(entry.second));
+  return jobs;
+}
+
+bool SqliteJobStore::mark_webhook(std::string_view id, WebhookState state, std::int64_t due_ms,
+                                  std::int64_t /*now_ms*/) {
+  if (state == WebhookState::none) {
+    throw std::invalid_argument("job store mark_webhook: the state must not be none");
+  }
+  StatementUse use(mark_webhook_);
+  bind_text(use.get(), 1, id, "mark_webhook");
+  bind_int(use.get(), 2, static_cast<int>(state), "mark_webhook");
+  bind_int(use.get(), 3, state == WebhookState::owed ? due_ms : 0, "mark_webhook");
+  return run_update(mark_webhook_, "mark_webhook");
+}
+
+bool SqliteJobStore::release_webhook(std::string_view id, std::int64_t now_ms) {
+  StatementUse use(release_webhook_);
+  bind_text(use.get(), 1, id, "release_webhook");
+  bind_int(use.get(), 2, now_ms, "release_webhook");
+  return run_update(release_webhook_, "release_webhook");
+}
+
+std::int64_t SqliteJobStore::count_webhooks_owed() {
+  StatementUse use(count_webhooks_);
+  if (!step(use.get(), "count_webhooks_owed")) return 0;
+  return sqlite3_column_int64(use.get(), 0);
 }
 
 }  // namespace

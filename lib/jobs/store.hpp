@@ -27,6 +27,10 @@ std::string_view to_string(JobState state) noexcept;
 // The state named by `text` (exactly as to_string spells it), or nullopt.
 std::optional<JobState> parse_job_state(std::string_view text) noexcept;
 
+// A finished job's webhook: none owed (webhooks off when it finished), owed (waiting for a
+// delivery), delivered (a 2xx answer) or given up (after the last attempt).
+enum class WebhookState { none = 0, owed = 1, delivered = 2, given_up = 3 };
+
 // Milliseconds since the Unix epoch by the wall clock: the time base of every Job field.
 std::int64_t unix_now_ms() noexcept;
 
@@ -47,7 +51,11 @@ struct Job {
   // SHA-256 of the payload as inserted (32 bytes; see payload_digest()): kept when the payload
   // itself is deleted (a sent job), so a repeated Idempotency-Key can still be compared.
   std::string payload_digest;
-  std::string owner;                  // Who created it (an API token's name); "" = anonymous.
+  std::string owner;  // Who created it (an API token's name); "" = anonymous.
+  // Webhooks (schema 4): set owed by mark_sent/mark_failed while webhooks are on.
+  WebhookState webhook = WebhookState::none;  // See WebhookState.
+  int webhook_attempts = 0;                   // Webhook claims so far.
+  std::int64_t webhook_due_ms = 0;            // Owed: not claimed before this time.
 };
 
 // What a producer hands in; everything else is set by the store.
@@ -146,6 +154,25 @@ class JobStore {
   // Commits a small write, to learn whether the store accepts writes again (after a full
   // disk, a lock held too long, an I/O error). Throws as every other write does.
   virtual void probe_write(std::int64_t now_ms) = 0;
+
+  // Webhooks. While `on`, mark_sent and mark_failed make the job's webhook owed (due at once,
+  // no attempts yet) in the same statement that finishes the job, so the webhook is as durable
+  // as the outcome. Off by default.
+  virtual void set_webhooks(bool on) = 0;
+  // In one transaction, takes up to `max` owed webhooks due at `now_ms` (webhook_due_ms <=
+  // now), oldest due first; each gets webhook_attempts+1 and webhook_due_ms = now + lease_ms (a
+  // lease: a dispatcher that dies leaves it due again after the lease).
+  virtual std::vector<Job> claim_webhooks(std::size_t max, std::int64_t now_ms,
+                                          std::int64_t lease_ms) = 0;
+  // Records a claimed webhook's outcome: `state` delivered or given_up ends it; owed keeps it
+  // owed, due at `due_ms` (a retry). False if unknown or no longer owed.
+  virtual bool mark_webhook(std::string_view id, WebhookState state, std::int64_t due_ms,
+                            std::int64_t now_ms) = 0;
+  // A claimed webhook whose delivery was cancelled (a stop) before it ended: due at `now_ms`
+  // again, webhook_attempts-1 (the attempt does not count). False if unknown or not owed.
+  virtual bool release_webhook(std::string_view id, std::int64_t now_ms) = 0;
+  // Webhooks owed now (an index walk over the owed ones only).
+  virtual std::int64_t count_webhooks_owed() = 0;
 };
 
 // Opens or creates the SQLite job store at `path` (its directory must exist) in WAL mode.
@@ -155,8 +182,8 @@ std::unique_ptr<JobStore> open_sqlite_store(const std::string& path, bool synchr
 
 // The schema version open_sqlite_store creates and upgrades to (PRAGMA user_version). Older
 // stores are migrated in place, one step per version (2: retention, 3: job owners and
-// Idempotency-Keys per owner); newer ones are refused untouched.
-inline constexpr int sqlite_schema_version = 3;
+// Idempotency-Keys per owner, 4: webhooks); newer ones are refused untouched.
+inline constexpr int sqlite_schema_version = 4;
 // PRAGMA application_id of a squall job store ("Sqal"): another program's SQLite file is
 // recognised, and refused, before anything is written to it.
 inline constexpr std::int32_t sqlite_application_id = 0x5371616c;

@@ -307,7 +307,7 @@ TEST_CASE("unknown tables and keys are errors naming them and their line") {
         "max_connections, name, user, group, thread_pool_size");
   CHECK(load_error("\n[limit]\nmax_body_bytes = \"1MiB\"\n") ==
         "test.toml:2: limit: unknown table; expected one of [server], [limits], [timeouts], "
-        "[log], [loop], [routes], [smtp], [jobs], [auth], [policy], [quota]");
+        "[log], [loop], [routes], [smtp], [jobs], [auth], [policy], [quota], [webhooks]");
   CHECK(load_error("debug = true\n") ==
         "test.toml:1: debug: unknown key outside any table; settings belong in a table such as "
         "[server]");
@@ -666,6 +666,28 @@ TEST_CASE("[auth], [policy] and [quota] load, and their mistakes name key and li
         "test.toml:2: [quota] token_burst: expected an integer from 1 to 1000000, got integer 0");
   CHECK(load_error("[auth]\nanonymous = \"yes\"\n") ==
         "test.toml:2: [auth] anonymous: expected true or false, got \"yes\"");
+}
+
+TEST_CASE("[webhooks]: url, secret_file, timeout, max_attempts") {
+  const squall::Config config = squall::load_config_string(
+      "[webhooks]\nurl = \"https://hooks.example.com/squall\"\nsecret_file = \"hook.key\"\n"
+      "timeout = \"3s\"\nmax_attempts = 4\n",
+      "test.toml");
+  CHECK(config.webhooks.url == "https://hooks.example.com/squall");
+  CHECK(config.webhooks.secret_file == "hook.key");
+  CHECK(config.webhooks.timeout == std::chrono::milliseconds(3000));
+  CHECK(config.webhooks.max_attempts == 4);
+  CHECK(squall::Config{}.webhooks.url.empty());  // Off by default.
+  CHECK(load_error("[webhooks]\nurl = \"http://127.0.0.1:9/x\"\n") ==
+        "test.toml:2: [webhooks] url: webhooks need [webhooks] secret_file (the key they are "
+        "signed with)");
+  CHECK(load_error("[webhooks]\n\nurl = \"ftp://example.com/x\"\nsecret_file = \"k\"\n")
+            .starts_with("test.toml:3: [webhooks] url: expected \"\" (off) or a URL such as"));
+  CHECK(load_error("[webhooks]\nurl = \"http:// spaced\"\nsecret_file = \"k\"\n")
+            .starts_with("test.toml:2: [webhooks] url: expected"));
+  CHECK(load_error("[webhooks]\nmax_attempts = 0\n")
+            .starts_with("test.toml:2: [webhooks] "
+                         "max_attempts:"));
 }
 
 }  // namespace squall

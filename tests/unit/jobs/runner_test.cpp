@@ -102,6 +102,19 @@ class FlakyStore final : public jobs::JobStore {
     return inner_->expire_all_leases(now_ms);
   }
   void probe_write(std::int64_t now_ms) override { inner_->probe_write(now_ms); }
+  void set_webhooks(bool on) override { inner_->set_webhooks(on); }
+  std::vector<jobs::Job> claim_webhooks(std::size_t max, std::int64_t now_ms,
+                                        std::int64_t lease_ms) override {
+    return inner_->claim_webhooks(max, now_ms, lease_ms);
+  }
+  bool mark_webhook(std::string_view id, jobs::WebhookState state, std::int64_t due_ms,
+                    std::int64_t now_ms) override {
+    return inner_->mark_webhook(id, state, due_ms, now_ms);
+  }
+  bool release_webhook(std::string_view id, std::int64_t now_ms) override {
+    return inner_->release_webhook(id, now_ms);
+  }
+  std::int64_t count_webhooks_owed() override { return inner_->count_webhooks_owed(); }
   std::vector<jobs::OwnerUsage> pending_by_owner() override { return inner_->pending_by_owner(); }
 
  private:

@@ -1068,3 +1068,115 @@ TEST_CASE("pending_by_owner counts waiting jobs and payload bytes per owner") {
   CHECK(usage[1].jobs == 2);
   CHECK(usage[1].bytes == 8);
 }
+
+TEST_CASE("schema 4: a version 3 store gains webhook columns, its jobs owe none") {
+  TempDir dir;
+  const std::string path = dir.file("jobs.db");
+  std::string id;
+  {
+    auto store = open_sqlite_store(path, true);
+    id = insert_one(*store, new_job("old", "k"), 1).job.id;
+    store->claim(1, 2, 1000);
+    REQUIRE(store->mark_sent(id, 3));
+  }
+  // Back to the version 3 layout, as squall wrote it before webhooks.
+  run_sql(path,
+          "DROP INDEX jobs_webhooks_due;"
+          "ALTER TABLE jobs DROP COLUMN webhook_state;"
+          "ALTER TABLE jobs DROP COLUMN webhook_attempts;"
+          "ALTER TABLE jobs DROP COLUMN webhook_due_ms;"
+          "PRAGMA user_version=3;");
+  {
+    auto store = open_sqlite_store(path, true);
+    const auto job = store->get(id);
+    REQUIRE(job.has_value());
+    CHECK(job->state == JobState::sent);
+    CHECK(job->webhook == squall::jobs::WebhookState::none);
+    CHECK(store->claim_webhooks(10, 100, 1000).empty());
+    CHECK(store->count_webhooks_owed() == 0);
+  }
+  CHECK(sql_int(path, "PRAGMA user_version") == 4);
+}
+
+TEST_CASE("webhooks: owed when a job finishes while on, claimed with a lease, then settled") {
+  using squall::jobs::WebhookState;
+  TempDir dir;
+  auto store = open_sqlite_store(dir.file("jobs.db"), true);
+  const std::string quiet = insert_one(*store, new_job("a", "k0"), 1).job.id;
+  store->claim(1, 2, 1000);
+  REQUIRE(store->mark_sent(quiet, 3));  // Webhooks off: nothing owed.
+  CHECK(store->get(quiet)->webhook == WebhookState::none);
+
+  store->set_webhooks(true);
+  const std::string sent = insert_one(*store, new_job("b", "k1"), 10).job.id;
+  const std::string failed = insert_one(*store, new_job("c", "k2"), 11).job.id;
+  REQUIRE(store->claim(2, 12, 1000).size() == 2);
+  REQUIRE(store->mark_sent(sent, 20));
+  REQUIRE(store->mark_failed(failed, "refused", 21));
+  CHECK(store->count_webhooks_owed() == 2);
+
+  // Claimed oldest due first; a claim leases them (not claimable again until it ends).
+  auto claimed = store->claim_webhooks(10, 30, 500);
+  REQUIRE(claimed.size() == 2);
+  CHECK(claimed[0].id == sent);
+  CHECK(claimed[0].state == JobState::sent);
+  CHECK(claimed[0].webhook == WebhookState::owed);
+  CHECK(claimed[0].webhook_attempts == 1);
+  CHECK(claimed[1].id == failed);
+  CHECK(claimed[1].state == JobState::failed);
+  CHECK(store->claim_webhooks(10, 529, 500).empty());
+  // max is honoured; after the lease the next claim counts another attempt.
+  claimed = store->claim_webhooks(1, 530, 500);
+  REQUIRE(claimed.size() == 1);
+  CHECK(claimed[0].webhook_attempts == 2);
+
+  // A retry is due later; delivered and given up are settled for good.
+  REQUIRE(store->mark_webhook(sent, WebhookState::owed, 5'000, 531));
+  REQUIRE(store->mark_webhook(failed, WebhookState::given_up, 0, 531));
+  CHECK(!store->mark_webhook(failed, WebhookState::delivered, 0, 532));  // No longer owed.
+  CHECK(store->claim_webhooks(10, 4'999, 500).empty());
+  claimed = store->claim_webhooks(10, 5'000, 500);
+  REQUIRE(claimed.size() == 1);
+  CHECK(claimed[0].id == sent);
+  REQUIRE(store->mark_webhook(sent, WebhookState::delivered, 0, 5'001));
+  CHECK(store->get(sent)->webhook == WebhookState::delivered);
+  CHECK(store->get(failed)->webhook == WebhookState::given_up);
+  CHECK(store->count_webhooks_owed() == 0);
+  CHECK(store->claim_webhooks(10, 1'000'000, 500).empty());
+  CHECK(!store->release_webhook(sent, 5'002));  // Delivered: nothing to release.
+}
+
+TEST_CASE("webhooks: a released claim is due at once and its attempt does not count") {
+  TempDir dir;
+  auto store = open_sqlite_store(dir.file("jobs.db"), true);
+  store->set_webhooks(true);
+  const std::string id = insert_one(*store, new_job("a", "k"), 1).job.id;
+  REQUIRE(store->claim(1, 2, 1000).size() == 1);
+  REQUIRE(store->mark_sent(id, 3));
+  REQUIRE(store->claim_webhooks(1, 4, 10'000).size() == 1);
+  CHECK(store->claim_webhooks(1, 5, 10'000).empty());  // Leased.
+  REQUIRE(store->release_webhook(id, 6));
+  const auto again = store->claim_webhooks(1, 6, 10'000);
+  REQUIRE(again.size() == 1);
+  CHECK(again[0].webhook_attempts == 1);
+}
+
+TEST_CASE("webhooks: the purge keeps a finished job whose webhook is still owed") {
+  using squall::jobs::WebhookState;
+  TempDir dir;
+  auto store = open_sqlite_store(dir.file("jobs.db"), true);
+  store->set_webhooks(true);
+  const std::string owed = insert_one(*store, new_job("a", "k1"), 1).job.id;
+  const std::string done = insert_one(*store, new_job("b", "k2"), 1).job.id;
+  REQUIRE(store->claim(2, 2, 1000).size() == 2);
+  REQUIRE(store->mark_sent(owed, 3));
+  REQUIRE(store->mark_sent(done, 3));
+  REQUIRE(store->claim_webhooks(10, 4, 1000).size() == 2);
+  REQUIRE(store->mark_webhook(done, WebhookState::delivered, 0, 5));
+  CHECK(store->purge_finished(1'000, 100) == 1);
+  CHECK(store->get(owed).has_value());
+  CHECK(!store->get(done).has_value());
+  REQUIRE(store->mark_webhook(owed, WebhookState::given_up, 0, 6));
+  CHECK(store->purge_finished(1'000, 100) == 1);
+  CHECK(!store->get(owed).has_value());
+}
