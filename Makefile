@@ -37,7 +37,7 @@ LLHTTP_DIR := /usr/share/llhttp
 LLHTTP_INCLUDE := /usr/share/include/llhttp
 PKGS := libuv spdlog fmt tomlplusplus libcurl sqlite3 libsystemd libcrypto
 
-CPPFLAGS += -Ilib -I. -Itests/unit -I$(LLHTTP_INCLUDE) -MMD -MP
+CPPFLAGS += -Iinclude -Ilib -I. -Itests/unit -I$(LLHTTP_INCLUDE) -MMD -MP
 CXXFLAGS ?= -O2 -g
 CXXFLAGS += -std=c++20 -Wall -Wextra -Werror -pthread $(SAN_FLAGS)
 CFLAGS_LLHTTP := -O2 -g $(SAN_FLAGS)
@@ -47,9 +47,30 @@ LDFLAGS += -pthread $(SAN_FLAGS)
 pkg_cflags = $(shell pkg-config --cflags $(PKGS))
 pkg_libs = $(shell pkg-config --libs $(PKGS))
 
+# The library is four, one per group of layers, so that a program links only what it uses:
+#   squall         core, net, http server, log, metrics (+ llhttp)   libuv, spdlog, fmt
+#   squall-client  the HTTP client (lib/http/client.cpp)             + libcurl
+#   squall-jobs    jobs: the durable queue, email, SMTP, Maildir     + sqlite3, libcurl, libcrypto
+#   squall-daemon  daemon, config, auth and any other layer          + libsystemd, tomlplusplus,
+#                                                                      libcrypto
 LIB_SRCS := $(shell find lib -name '*.cpp' | sort)
+CLIENT_SRCS := $(filter lib/http/client.cpp,$(LIB_SRCS))
+CORE_SRCS := $(filter-out $(CLIENT_SRCS),\
+  $(filter lib/core/% lib/net/% lib/http/% lib/log/% lib/metrics/%,$(LIB_SRCS)))
+JOBS_SRCS := $(filter lib/jobs/%,$(LIB_SRCS))
+DAEMON_SRCS := $(filter-out $(CORE_SRCS) $(CLIENT_SRCS) $(JOBS_SRCS),$(LIB_SRCS))
 LIB_OBJS := $(LIB_SRCS:%.cpp=$(BUILD)/%.o)
+CORE_OBJS := $(CORE_SRCS:%.cpp=$(BUILD)/%.o)
+CLIENT_OBJS := $(CLIENT_SRCS:%.cpp=$(BUILD)/%.o)
+JOBS_OBJS := $(JOBS_SRCS:%.cpp=$(BUILD)/%.o)
+DAEMON_OBJS := $(DAEMON_SRCS:%.cpp=$(BUILD)/%.o)
 LLHTTP_OBJS := $(BUILD)/llhttp/llhttp.o $(BUILD)/llhttp/api.o $(BUILD)/llhttp/http.o
+CORE_PKGS := libuv spdlog fmt
+CLIENT_PKGS := libcurl
+JOBS_PKGS := sqlite3 libcurl libcrypto
+DAEMON_PKGS := libsystemd tomlplusplus libcrypto
+VERSION := 0.1.0
+SOVERSION := 0
 SERVER_SRCS := $(shell find server -name '*.cpp' | sort)
 SERVER_OBJS := $(SERVER_SRCS:%.cpp=$(BUILD)/%.o)
 UNIT_SRCS := $(shell find tests/unit -name '*.cpp' | sort)
@@ -58,6 +79,12 @@ EXAMPLE_SRCS := $(shell find examples -name '*.cpp' | sort)
 EXAMPLE_BINS := $(EXAMPLE_SRCS:examples/%.cpp=$(BUILD)/examples/%)
 
 LIBSQUALL := $(BUILD)/libsquall.a
+LIBSQUALL_CLIENT := $(BUILD)/libsquall-client.a
+LIBSQUALL_JOBS := $(BUILD)/libsquall-jobs.a
+LIBSQUALL_DAEMON := $(BUILD)/libsquall-daemon.a
+STATIC_LIBS := $(LIBSQUALL_DAEMON) $(LIBSQUALL_JOBS) $(LIBSQUALL_CLIENT) $(LIBSQUALL)
+SHARED_LIBS := $(BUILD)/libsquall.so.$(VERSION) $(BUILD)/libsquall-client.so.$(VERSION) \
+	$(BUILD)/libsquall-jobs.so.$(VERSION) $(BUILD)/libsquall-daemon.so.$(VERSION)
 SQUALLD := $(BUILD)/squalld
 UNIT_TESTS := $(BUILD)/unit_tests
 PYTHON := /usr/bin/python3
@@ -72,9 +99,12 @@ FUZZ_OBJS_config := $(BUILD)/lib/config/config.o
 FUZZ_SECONDS ?= 10
 
 .PHONY: all deps run test unit integration examples format format-check clean bench install \
-	uninstall fuzz fuzz-targets fuzz-run
+	uninstall fuzz fuzz-targets fuzz-run install-squalld install-lib uninstall-squalld \
+	uninstall-lib libs
 
-all: $(SQUALLD) $(UNIT_TESTS) $(EXAMPLE_BINS)
+all: $(SQUALLD) $(UNIT_TESTS) $(EXAMPLE_BINS) libs
+
+libs: $(STATIC_LIBS) $(SHARED_LIBS)
 
 deps:
 	@sh scripts/install-deps.sh
@@ -113,8 +143,8 @@ fuzz-run: fuzz
 unit: $(UNIT_TESTS)
 	./$(UNIT_TESTS)
 
-integration: $(SQUALLD) $(EXAMPLE_BINS)
-	SQUALLD=$(CURDIR)/$(SQUALLD) SEND_EMAIL=$(CURDIR)/$(BUILD)/examples/send_email EXAMPLES_DIR=$(CURDIR)/$(BUILD)/examples $(PYTHON) -m pytest -q -p no:cacheprovider tests/integration
+integration: $(SQUALLD) $(EXAMPLE_BINS) libs
+	SQUALLD=$(CURDIR)/$(SQUALLD) SANITIZE=$(SANITIZE) SEND_EMAIL=$(CURDIR)/$(BUILD)/examples/send_email EXAMPLES_DIR=$(CURDIR)/$(BUILD)/examples $(PYTHON) -m pytest -q -p no:cacheprovider tests/integration
 
 examples: $(EXAMPLE_BINS)
 
@@ -130,24 +160,50 @@ $(BUILD)/%.o: %.cpp
 	@mkdir -p $(dir $@)
 	$(CXX) $(CPPFLAGS) $(pkg_cflags) $(CXXFLAGS) -c $< -o $@
 
-$(LIBSQUALL): $(LIB_OBJS) $(LLHTTP_OBJS)
+# Library objects go into the shared libraries too. Calls inside a library stay direct.
+$(BUILD)/lib/%.o: CXXFLAGS += -fPIC -fno-semantic-interposition
+$(BUILD)/llhttp/%.o: CFLAGS_LLHTTP += -fPIC
+
+$(LIBSQUALL): $(CORE_OBJS) $(LLHTTP_OBJS)
+$(LIBSQUALL_CLIENT): $(CLIENT_OBJS)
+$(LIBSQUALL_JOBS): $(JOBS_OBJS)
+$(LIBSQUALL_DAEMON): $(DAEMON_OBJS)
+$(STATIC_LIBS):
 	@rm -f $@
 	ar rcs $@ $^
 
-$(SQUALLD): $(SERVER_OBJS) $(LIBSQUALL)
+# libsquall.so.0 -> libsquall.so.0.1.0 (the soname), libsquall.so -> libsquall.so.0 (for -l).
+# Each library records the ones it needs (NEEDED), the others by their soname.
+define shared_library
+$(BUILD)/lib$(1).so.$(VERSION): $(2)
+	$$(CXX) -shared -Wl,-soname,lib$(1).so.$(SOVERSION) -Wl,--no-undefined $$(LDFLAGS) -o $$@ \
+	  $(2) $$(shell pkg-config --libs $(3))
+	ln -sf lib$(1).so.$(VERSION) $(BUILD)/lib$(1).so.$(SOVERSION)
+	ln -sf lib$(1).so.$(SOVERSION) $(BUILD)/lib$(1).so
+endef
+$(eval $(call shared_library,squall,$(CORE_OBJS) $(LLHTTP_OBJS),$(CORE_PKGS)))
+$(eval $(call shared_library,squall-client,$(CLIENT_OBJS) $(BUILD)/libsquall.so.$(VERSION),\
+  $(CORE_PKGS) $(CLIENT_PKGS)))
+$(eval $(call shared_library,squall-jobs,$(JOBS_OBJS) $(BUILD)/libsquall.so.$(VERSION),\
+  $(CORE_PKGS) $(JOBS_PKGS)))
+$(eval $(call shared_library,squall-daemon,$(DAEMON_OBJS) $(BUILD)/libsquall.so.$(VERSION),\
+  $(CORE_PKGS) $(DAEMON_PKGS)))
+
+$(SQUALLD): $(SERVER_OBJS) $(STATIC_LIBS)
 	$(CXX) $(LDFLAGS) -o $@ $^ $(pkg_libs)
 
-$(UNIT_TESTS): $(UNIT_OBJS) $(LIBSQUALL)
+$(UNIT_TESTS): $(UNIT_OBJS) $(STATIC_LIBS)
 	$(CXX) $(LDFLAGS) -o $@ $^ $(pkg_libs)
 
-$(BUILD)/examples/%: $(BUILD)/examples/%.o $(LIBSQUALL)
+$(BUILD)/examples/%: $(BUILD)/examples/%.o $(STATIC_LIBS)
 	$(CXX) $(LDFLAGS) -o $@ $^ $(pkg_libs)
 
 .SECONDEXPANSION:
 $(BUILD)/%_fuzz: $(BUILD)/fuzz/%_fuzz.o $$(FUZZ_OBJS_$$*)
 	$(CXX) $(LDFLAGS) -fsanitize=fuzzer -o $@ $^ $(pkg_libs)
 
-# `make install PREFIX=/usr/local DESTDIR=...`: the binary, the man page, the systemd units (with
+# `make install PREFIX=/usr/local DESTDIR=...`: squalld and the library. For squalld: the binary,
+# the man page, the systemd units (with
 # the binary's path in ExecStart), the logrotate snippet, and the config, which is installed only
 # when none is there (an edited one is never overwritten). `make uninstall` removes them; the
 # config only if it is still the shipped one.
@@ -157,7 +213,10 @@ SYSCONFDIR ?= /etc
 UNITDIR ?= $(PREFIX)/lib/systemd/system
 LOGROTATEDIR ?= $(SYSCONFDIR)/logrotate.d
 
-install: $(SQUALLD)
+install: install-squalld install-lib
+uninstall: uninstall-squalld uninstall-lib
+
+install-squalld: $(SQUALLD)
 	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(UNITDIR) \
 	  $(DESTDIR)$(LOGROTATEDIR) $(DESTDIR)$(SYSCONFDIR)/squall
 	install -m 0755 $(SQUALLD) $(DESTDIR)$(BINDIR)/squalld
@@ -176,7 +235,7 @@ install: $(SQUALLD)
 	fi
 	@echo "installed; with systemd: systemctl daemon-reload && systemctl enable --now squalld"
 
-uninstall:
+uninstall-squalld:
 	rm -f $(DESTDIR)$(BINDIR)/squalld $(DESTDIR)$(MANDIR)/man8/squalld.8 \
 	  $(DESTDIR)$(UNITDIR)/squalld.service $(DESTDIR)$(UNITDIR)/squalld.socket \
 	  $(DESTDIR)$(LOGROTATEDIR)/squalld
@@ -187,11 +246,67 @@ uninstall:
 	  echo "kept $(DESTDIR)$(SYSCONFDIR)/squall/squalld.toml (edited); remove it by hand"; \
 	fi
 
+# The library: headers under include/squall, the static and shared libraries (with their
+# soname links) and a pkg-config file per library, so that a program outside this tree builds
+# with `c++ -std=c++20 app.cpp $(pkg-config --cflags --libs squall)`.
+LIBDIR ?= $(PREFIX)/lib
+INCLUDEDIR ?= $(PREFIX)/include
+PKGCONFIGDIR ?= $(LIBDIR)/pkgconfig
+LIBRARY_NAMES := squall squall-client squall-jobs squall-daemon
+
+# $(1): name, $(2): description, $(3): the pkg-config packages it requires.
+define pkg_config_file
+prefix=$(PREFIX)
+libdir=$(LIBDIR)
+includedir=$(INCLUDEDIR)
+
+Name: $(1)
+Description: $(2)
+Version: $(VERSION)
+Requires: $(3)
+Libs: -L$${libdir} -l$(1) -pthread
+Cflags: -I$${includedir} -pthread
+endef
+export SQUALL_PC := $(call pkg_config_file,squall,Asynchronous TCP and HTTP/1.1 on one libuv \
+  loop: tasks$(comma) timers$(comma) the thread pool$(comma) an HTTP server,$(CORE_PKGS))
+export SQUALL_CLIENT_PC := $(call pkg_config_file,squall-client,squall's asynchronous HTTP \
+  client (libcurl on the loop),squall $(CLIENT_PKGS))
+export SQUALL_JOBS_PC := $(call pkg_config_file,squall-jobs,squall's durable job queue$(comma) \
+  email and SMTP,squall $(JOBS_PKGS))
+export SQUALL_DAEMON_PC := $(call pkg_config_file,squall-daemon,squall's systemd$(comma) \
+  daemon and configuration helpers,squall $(DAEMON_PKGS))
+
+install-lib: $(STATIC_LIBS) $(SHARED_LIBS)
+	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(PKGCONFIGDIR) $(DESTDIR)$(INCLUDEDIR)
+	cp -R include/squall $(DESTDIR)$(INCLUDEDIR)/
+	find $(DESTDIR)$(INCLUDEDIR)/squall -type d -exec chmod 0755 {} + && \
+	  find $(DESTDIR)$(INCLUDEDIR)/squall -type f -exec chmod 0644 {} +
+	install -m 0644 $(STATIC_LIBS) $(DESTDIR)$(LIBDIR)/
+	for name in $(LIBRARY_NAMES); do \
+	  install -m 0755 $(BUILD)/lib$$name.so.$(VERSION) $(DESTDIR)$(LIBDIR)/ && \
+	  ln -sf lib$$name.so.$(VERSION) $(DESTDIR)$(LIBDIR)/lib$$name.so.$(SOVERSION) && \
+	  ln -sf lib$$name.so.$(SOVERSION) $(DESTDIR)$(LIBDIR)/lib$$name.so || exit 1; \
+	done
+	printf '%s\n' "$$SQUALL_PC" > $(DESTDIR)$(PKGCONFIGDIR)/squall.pc
+	printf '%s\n' "$$SQUALL_CLIENT_PC" > $(DESTDIR)$(PKGCONFIGDIR)/squall-client.pc
+	printf '%s\n' "$$SQUALL_JOBS_PC" > $(DESTDIR)$(PKGCONFIGDIR)/squall-jobs.pc
+	printf '%s\n' "$$SQUALL_DAEMON_PC" > $(DESTDIR)$(PKGCONFIGDIR)/squall-daemon.pc
+	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" -eq 0 ]; then ldconfig; fi
+
+uninstall-lib:
+	rm -rf $(DESTDIR)$(INCLUDEDIR)/squall
+	for name in $(LIBRARY_NAMES); do \
+	  rm -f $(DESTDIR)$(LIBDIR)/lib$$name.a $(DESTDIR)$(LIBDIR)/lib$$name.so \
+	    $(DESTDIR)$(LIBDIR)/lib$$name.so.$(SOVERSION) $(DESTDIR)$(LIBDIR)/lib$$name.so.$(VERSION) \
+	    $(DESTDIR)$(PKGCONFIGDIR)/$$name.pc; \
+	done
+	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" -eq 0 ]; then ldconfig; fi
+
 format:
-	clang-format -i $(LIB_SRCS) $(SERVER_SRCS) $(UNIT_SRCS) $(EXAMPLE_SRCS) $(wildcard fuzz/*.cpp) $(shell find lib server tests/unit examples -name '*.hpp')
+	clang-format -i $(LIB_SRCS) $(SERVER_SRCS) $(UNIT_SRCS) $(EXAMPLE_SRCS) $(wildcard fuzz/*.cpp) $(shell find include lib server tests/unit examples -name '*.hpp')
 
 format-check:
-	clang-format --dry-run -Werror $(LIB_SRCS) $(SERVER_SRCS) $(UNIT_SRCS) $(EXAMPLE_SRCS) $(wildcard fuzz/*.cpp) $(shell find lib server tests/unit examples -name '*.hpp')
+	clang-format --dry-run -Werror $(LIB_SRCS) $(SERVER_SRCS) $(UNIT_SRCS) $(EXAMPLE_SRCS) $(wildcard fuzz/*.cpp) $(shell find include lib server tests/unit examples -name '*.hpp')
 
 clean:
 	rm -rf build
