@@ -34,7 +34,7 @@ log "building"
 make -C "$repo_dir" --no-print-directory "$BUILD/libsquall.a" >&2
 pkgs="libuv spdlog fmt tomlplusplus libcurl sqlite3 libsystemd"
 # shellcheck disable=SC2046
-c++ -O2 -std=c++20 -Wall -Werror -pthread -I"$repo_dir/lib" $(pkg-config --cflags $pkgs) \
+c++ -O2 -std=c++20 -Wall -Werror -pthread -I"$repo_dir/include" -I"$repo_dir/lib" $(pkg-config --cflags $pkgs) \
   -o "$bin_dir/plaintext_coroutine" "$bench_dir/plaintext_coroutine.cpp" \
   "$repo_dir/$BUILD/libsquall.a" $(pkg-config --libs $pkgs)
 

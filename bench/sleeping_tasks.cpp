@@ -8,9 +8,9 @@
 #include <cstdlib>
 #include <fstream>
 
-#include "core/awaitables.hpp"
-#include "core/loop.hpp"
-#include "core/task.hpp"
+#include "squall/core/awaitables.hpp"
+#include "squall/core/loop.hpp"
+#include "squall/core/task.hpp"
 
 namespace {
 

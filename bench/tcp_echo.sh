@@ -48,7 +48,7 @@ cc -O2 -Wall -Werror -o "$bin_dir/tcp_echo_uv" "$bench_dir/tcp_echo_uv.c" \
 cc -O2 -Wall -Werror -o "$bin_dir/tcp_echo_load" "$bench_dir/tcp_echo_load.c"
 for program in tcp_echo_squall sleeping_tasks; do
   # shellcheck disable=SC2046
-  c++ -O2 -std=c++20 -Wall -Werror -pthread -I"$repo_dir/lib" $(pkg-config --cflags $pkgs) \
+  c++ -O2 -std=c++20 -Wall -Werror -pthread -I"$repo_dir/include" -I"$repo_dir/lib" $(pkg-config --cflags $pkgs) \
     -o "$bin_dir/$program" "$bench_dir/$program.cpp" "$repo_dir/$BUILD/libsquall.a" \
     $(pkg-config --libs $pkgs)
 done

@@ -4,10 +4,10 @@
 #include <cstdlib>
 #include <string>
 
-#include "core/loop.hpp"
-#include "core/signals.hpp"
-#include "core/task.hpp"
-#include "net/tcp.hpp"
+#include "squall/core/loop.hpp"
+#include "squall/core/signals.hpp"
+#include "squall/core/task.hpp"
+#include "squall/net/tcp.hpp"
 
 using squall::Task;
 using squall::net::StreamClosedError;

@@ -13,9 +13,9 @@
 #include <string>
 #include <string_view>
 
-#include "core/loop.hpp"
-#include "core/signals.hpp"
-#include "http/client.hpp"
+#include <squall/core/loop.hpp>
+#include <squall/core/signals.hpp>
+#include <squall/http/client.hpp>
 
 using namespace squall;
 

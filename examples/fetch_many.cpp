@@ -15,12 +15,12 @@
 
 #include <nlohmann/json.hpp>
 
-#include "core/awaitables.hpp"
-#include "core/loop.hpp"
-#include "core/signals.hpp"
-#include "http/client.hpp"
-#include "http/router.hpp"
-#include "http/server.hpp"
+#include <squall/core/awaitables.hpp>
+#include <squall/core/loop.hpp>
+#include <squall/core/signals.hpp>
+#include <squall/http/client.hpp>
+#include <squall/http/router.hpp>
+#include <squall/http/server.hpp>
 
 using namespace squall;
 

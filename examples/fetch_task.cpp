@@ -14,10 +14,10 @@
 #include <string>
 #include <string_view>
 
-#include "core/awaitables.hpp"
-#include "core/loop.hpp"
-#include "core/signals.hpp"
-#include "http/client.hpp"
+#include <squall/core/awaitables.hpp>
+#include <squall/core/loop.hpp>
+#include <squall/core/signals.hpp>
+#include <squall/http/client.hpp>
 
 using namespace squall;
 

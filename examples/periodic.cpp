@@ -9,8 +9,8 @@
 #include <cstdlib>
 #include <string>
 
-#include "core/loop.hpp"
-#include "core/signals.hpp"
+#include <squall/core/loop.hpp>
+#include <squall/core/signals.hpp>
 
 using namespace squall;
 

@@ -19,8 +19,8 @@
 
 #include <nlohmann/json.hpp>
 
-#include "jobs/email.hpp"
-#include "jobs/smtp.hpp"
+#include <squall/jobs/email.hpp>
+#include <squall/jobs/smtp.hpp>
 
 using namespace squall::jobs;
 

@@ -11,10 +11,10 @@
 #include <string>
 #include <vector>
 
-#include "core/loop.hpp"
-#include "core/signals.hpp"
-#include "core/task.hpp"
-#include "net/tcp.hpp"
+#include <squall/core/loop.hpp>
+#include <squall/core/signals.hpp>
+#include <squall/core/task.hpp>
+#include <squall/net/tcp.hpp>
 
 using namespace std::chrono_literals;
 using squall::Task;

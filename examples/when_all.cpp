@@ -13,12 +13,12 @@
 #include <string>
 #include <thread>
 
-#include "core/awaitables.hpp"
-#include "core/loop.hpp"
-#include "core/signals.hpp"
-#include "core/task.hpp"
-#include "http/router.hpp"
-#include "http/server.hpp"
+#include <squall/core/awaitables.hpp>
+#include <squall/core/loop.hpp>
+#include <squall/core/signals.hpp>
+#include <squall/core/task.hpp>
+#include <squall/http/router.hpp>
+#include <squall/http/server.hpp>
 
 using namespace squall;
 

@@ -11,7 +11,7 @@
 #include <string>
 #include <string_view>
 
-#include "jobs/email.hpp"
+#include "squall/jobs/email.hpp"
 
 namespace {
 

@@ -10,10 +10,10 @@
 #include <string_view>
 #include <vector>
 
-#include "auth/tokens.hpp"
-#include "config/config.hpp"
-#include "http/request.hpp"
-#include "http/responder.hpp"
+#include "squall/auth/tokens.hpp"
+#include "squall/config/config.hpp"
+#include "squall/http/request.hpp"
+#include "squall/http/responder.hpp"
 
 namespace squall::daemon {
 

@@ -15,8 +15,8 @@
 #include <spdlog/spdlog.h>
 #include <nlohmann/json.hpp>
 
-#include "jobs/email.hpp"
-#include "jobs/maildir.hpp"
+#include "squall/jobs/email.hpp"
+#include "squall/jobs/maildir.hpp"
 
 namespace squall::daemon {
 

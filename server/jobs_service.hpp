@@ -12,16 +12,16 @@
 #include <string>
 #include <unordered_map>
 
-#include "config/config.hpp"
-#include "core/loop.hpp"
-#include "core/rate_limit.hpp"
-#include "http/router.hpp"
-#include "jobs/runner.hpp"
-#include "jobs/smtp.hpp"
-#include "jobs/store_worker.hpp"
-#include "metrics/metrics.hpp"
 #include "server/access.hpp"
 #include "server/webhooks.hpp"
+#include "squall/config/config.hpp"
+#include "squall/core/loop.hpp"
+#include "squall/core/rate_limit.hpp"
+#include "squall/http/router.hpp"
+#include "squall/jobs/runner.hpp"
+#include "squall/jobs/smtp.hpp"
+#include "squall/jobs/store_worker.hpp"
+#include "squall/metrics/metrics.hpp"
 
 namespace squall::daemon {
 

@@ -10,13 +10,13 @@
 #include <string_view>
 #include <vector>
 
-#include "config/config.hpp"
-#include "core/loop_lag.hpp"
-#include "http/router.hpp"
-#include "http/server.hpp"
-#include "log/log.hpp"
-#include "metrics/metrics.hpp"
 #include "server/access.hpp"
+#include "squall/config/config.hpp"
+#include "squall/core/loop_lag.hpp"
+#include "squall/http/router.hpp"
+#include "squall/http/server.hpp"
+#include "squall/log/log.hpp"
+#include "squall/metrics/metrics.hpp"
 
 namespace squall::daemon {
 

@@ -14,10 +14,10 @@
 #include <string_view>
 #include <unordered_set>
 
-#include "core/loop.hpp"
-#include "http/client.hpp"
-#include "jobs/store_worker.hpp"
-#include "metrics/metrics.hpp"
+#include "squall/core/loop.hpp"
+#include "squall/http/client.hpp"
+#include "squall/jobs/store_worker.hpp"
+#include "squall/metrics/metrics.hpp"
 
 namespace squall::daemon {
 

@@ -1,4 +1,4 @@
-#include "auth/tokens.hpp"
+#include "squall/auth/tokens.hpp"
 
 #include <arpa/inet.h>
 #include <sys/random.h>

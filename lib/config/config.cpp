@@ -1,6 +1,6 @@
 // The config loader: toml++ does the TOML syntax; everything after that is ours, so that every
 // mistake in the file is reported with its line, table and key instead of being ignored.
-#include "config/config.hpp"
+#include "squall/config/config.hpp"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>

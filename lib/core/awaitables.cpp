@@ -1,4 +1,4 @@
-#include "core/awaitables.hpp"
+#include "squall/core/awaitables.hpp"
 
 #include <string>
 #include <system_error>

@@ -1,4 +1,4 @@
-#include "core/clock.hpp"
+#include "squall/core/clock.hpp"
 
 namespace squall {
 

@@ -1,4 +1,4 @@
-#include "core/loop.hpp"
+#include "squall/core/loop.hpp"
 
 #include <cstdio>
 #include <cstdlib>

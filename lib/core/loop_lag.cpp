@@ -1,4 +1,4 @@
-#include "core/loop_lag.hpp"
+#include "squall/core/loop_lag.hpp"
 
 namespace squall {
 

@@ -1,4 +1,4 @@
-#include "core/signals.hpp"
+#include "squall/core/signals.hpp"
 
 #include <csignal>
 #include <system_error>

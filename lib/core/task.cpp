@@ -1,10 +1,10 @@
-#include "core/task.hpp"
+#include "squall/core/task.hpp"
 
 #include <stdexcept>
 
 #include <spdlog/spdlog.h>
 
-#include "core/loop.hpp"
+#include "squall/core/loop.hpp"
 
 namespace squall {
 

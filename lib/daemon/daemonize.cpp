@@ -1,4 +1,4 @@
-#include "daemon/daemonize.hpp"
+#include "squall/daemon/daemonize.hpp"
 
 #include <fcntl.h>
 #include <sys/file.h>

@@ -1,4 +1,4 @@
-#include "daemon/privileges.hpp"
+#include "squall/daemon/privileges.hpp"
 
 #include <grp.h>
 #include <pwd.h>

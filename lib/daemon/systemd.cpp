@@ -1,4 +1,4 @@
-#include "daemon/systemd.hpp"
+#include "squall/daemon/systemd.hpp"
 
 #include <sys/socket.h>
 #include <sys/stat.h>

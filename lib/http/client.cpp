@@ -2,7 +2,7 @@
 // which sockets to watch (CURLMOPT_SOCKETFUNCTION -> one uv_poll_t each) and when to wake it
 // (CURLMOPT_TIMERFUNCTION -> one uv_timer_t); we tell curl what happened through
 // curl_multi_socket_action, never from inside one of curl's own callbacks.
-#include "http/client.hpp"
+#include "squall/http/client.hpp"
 
 #include <coroutine>
 
@@ -14,7 +14,7 @@
 #include <curl/curl.h>
 #include <spdlog/spdlog.h>
 
-#include "http/request.hpp"
+#include "squall/http/request.hpp"
 
 namespace squall::http {
 

@@ -12,11 +12,11 @@
 
 #include <spdlog/spdlog.h>
 
-#include "core/task.hpp"
+#include "squall/core/task.hpp"
 
-#include "http/response.hpp"
-#include "http/server.hpp"
-#include "net/listener.hpp"
+#include "squall/http/response.hpp"
+#include "squall/http/server.hpp"
+#include "squall/net/listener.hpp"
 
 namespace squall::http {
 

@@ -16,9 +16,9 @@
 #include <uv.h>
 
 #include "http/parser.hpp"
-#include "http/request.hpp"
-#include "http/responder.hpp"
-#include "http/router.hpp"
+#include "squall/http/request.hpp"
+#include "squall/http/responder.hpp"
+#include "squall/http/router.hpp"
 
 namespace squall::http {
 

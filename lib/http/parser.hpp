@@ -9,8 +9,8 @@
 
 #include <llhttp.h>
 
-#include "http/limits.hpp"
-#include "http/request.hpp"
+#include "squall/http/limits.hpp"
+#include "squall/http/request.hpp"
 
 namespace squall::http {
 

@@ -1,4 +1,4 @@
-#include "http/request.hpp"
+#include "squall/http/request.hpp"
 
 #include <algorithm>
 

@@ -1,4 +1,4 @@
-#include "http/response.hpp"
+#include "squall/http/response.hpp"
 
 #include <algorithm>
 

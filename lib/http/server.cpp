@@ -1,4 +1,4 @@
-#include "http/server.hpp"
+#include "squall/http/server.hpp"
 
 #include <algorithm>
 

@@ -1,4 +1,4 @@
-#include "jobs/maildir.hpp"
+#include "squall/jobs/maildir.hpp"
 
 #include <dirent.h>
 #include <fcntl.h>

@@ -1,4 +1,4 @@
-#include "jobs/smtp.hpp"
+#include "squall/jobs/smtp.hpp"
 
 #include <curl/curl.h>
 #include <sys/socket.h>

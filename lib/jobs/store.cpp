@@ -1,4 +1,4 @@
-#include "jobs/store.hpp"
+#include "squall/jobs/store.hpp"
 
 #include <algorithm>
 #include <cerrno>

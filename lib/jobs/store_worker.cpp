@@ -1,4 +1,4 @@
-#include "jobs/store_worker.hpp"
+#include "squall/jobs/store_worker.hpp"
 
 #include <exception>
 #include <stdexcept>

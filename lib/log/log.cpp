@@ -1,9 +1,9 @@
-#include "log/log.hpp"
+#include "squall/log/log.hpp"
 
 #include <fcntl.h>
-#include <sys/stat.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>

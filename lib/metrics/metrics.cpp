@@ -1,4 +1,4 @@
-#include "metrics/metrics.hpp"
+#include "squall/metrics/metrics.hpp"
 
 #include <algorithm>
 #include <charconv>

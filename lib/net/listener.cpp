@@ -1,4 +1,4 @@
-#include "net/listener.hpp"
+#include "squall/net/listener.hpp"
 
 #include <arpa/inet.h>
 

@@ -1,4 +1,4 @@
-#include "net/tcp.hpp"
+#include "squall/net/tcp.hpp"
 
 #include <arpa/inet.h>
 #include <netdb.h>
@@ -11,8 +11,8 @@
 
 #include <spdlog/spdlog.h>
 
-#include "core/awaitables.hpp"
-#include "net/listener.hpp"
+#include "squall/core/awaitables.hpp"
+#include "squall/net/listener.hpp"
 
 namespace squall::net {
 

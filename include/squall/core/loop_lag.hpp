@@ -6,7 +6,7 @@
 
 #include <uv.h>
 
-#include "core/loop.hpp"
+#include "squall/core/loop.hpp"
 
 namespace squall {
 

@@ -11,7 +11,7 @@
 
 #include <uv.h>
 
-#include "core/loop.hpp"
+#include "squall/core/loop.hpp"
 
 namespace squall::daemon {
 

@@ -12,7 +12,7 @@
 #include <stop_token>
 #include <string_view>
 
-#include "core/cancel.hpp"
+#include "squall/core/cancel.hpp"
 
 namespace squall {
 template <typename T>

@@ -10,9 +10,9 @@
 #include <utility>
 #include <vector>
 
-#include "core/task.hpp"
-#include "http/request.hpp"
-#include "http/responder.hpp"
+#include "squall/core/task.hpp"
+#include "squall/http/request.hpp"
+#include "squall/http/responder.hpp"
 
 namespace squall::http {
 

@@ -11,12 +11,12 @@
 
 #include <uv.h>
 
-#include "core/clock.hpp"
-#include "core/loop.hpp"
-#include "http/limits.hpp"
-#include "http/request.hpp"
-#include "http/router.hpp"
-#include "net/listener.hpp"
+#include "squall/core/clock.hpp"
+#include "squall/core/loop.hpp"
+#include "squall/http/limits.hpp"
+#include "squall/http/request.hpp"
+#include "squall/http/router.hpp"
+#include "squall/net/listener.hpp"
 
 namespace squall::http {
 

@@ -7,7 +7,7 @@
 #include <string>
 #include <string_view>
 
-#include "jobs/smtp.hpp"
+#include "squall/jobs/smtp.hpp"
 
 namespace squall::jobs {
 

@@ -12,9 +12,9 @@
 #include <string>
 #include <unordered_set>
 
-#include "core/loop.hpp"
-#include "jobs/store.hpp"
-#include "jobs/store_worker.hpp"
+#include "squall/core/loop.hpp"
+#include "squall/jobs/store.hpp"
+#include "squall/jobs/store_worker.hpp"
 
 namespace squall::jobs {
 

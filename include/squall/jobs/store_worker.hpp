@@ -16,7 +16,7 @@
 #include <variant>
 #include <vector>
 
-#include "jobs/store.hpp"
+#include "squall/jobs/store.hpp"
 
 namespace squall::jobs {
 

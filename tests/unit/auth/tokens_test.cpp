@@ -1,4 +1,4 @@
-#include "auth/tokens.hpp"
+#include "squall/auth/tokens.hpp"
 #include "test_support.hpp"
 
 #include <doctest/doctest.h>

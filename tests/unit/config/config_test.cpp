@@ -1,6 +1,6 @@
 // Tests for the config layer: the value parsers, the TOML loader, its error messages, and the
 // shipped config/squalld.toml.
-#include "config/config.hpp"
+#include "squall/config/config.hpp"
 
 #include <doctest/doctest.h>
 

@@ -1,5 +1,5 @@
 // sleep, run_blocking, when_all, when_any, with_timeout and cancellation through stop tokens.
-#include "core/awaitables.hpp"
+#include "squall/core/awaitables.hpp"
 
 #include <doctest/doctest.h>
 
@@ -12,8 +12,8 @@
 #include <thread>
 #include <vector>
 
-#include "core/loop.hpp"
 #include "core_test_support.hpp"
+#include "squall/core/loop.hpp"
 
 using namespace squall;
 using namespace std::chrono_literals;

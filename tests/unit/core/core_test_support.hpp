@@ -14,8 +14,8 @@
 #include <spdlog/sinks/ostream_sink.h>
 #include <spdlog/spdlog.h>
 
-#include "core/loop.hpp"
-#include "core/task.hpp"
+#include "squall/core/loop.hpp"
+#include "squall/core/task.hpp"
 
 namespace squall::testing {
 

@@ -1,5 +1,5 @@
 // Loop: call_every, zero and negative delays, call_soon after close.
-#include "core/loop.hpp"
+#include "squall/core/loop.hpp"
 
 #include <doctest/doctest.h>
 

@@ -1,4 +1,4 @@
-#include "core/rate_limit.hpp"
+#include "squall/core/rate_limit.hpp"
 
 #include <doctest/doctest.h>
 

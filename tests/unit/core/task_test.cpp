@@ -1,14 +1,14 @@
 // Task<T>: values, exceptions, laziness, deep chains, spawn.
-#include "core/task.hpp"
+#include "squall/core/task.hpp"
 
 #include <doctest/doctest.h>
 
 #include <stdexcept>
 #include <string>
 
-#include "core/awaitables.hpp"
-#include "core/loop.hpp"
 #include "core_test_support.hpp"
+#include "squall/core/awaitables.hpp"
+#include "squall/core/loop.hpp"
 
 using namespace squall;
 using squall::testing::run_task;

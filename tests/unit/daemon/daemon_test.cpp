@@ -18,9 +18,9 @@
 #include <string>
 #include <vector>
 
-#include "core/loop.hpp"
-#include "daemon/daemonize.hpp"
-#include "daemon/systemd.hpp"
+#include "squall/core/loop.hpp"
+#include "squall/daemon/daemonize.hpp"
+#include "squall/daemon/systemd.hpp"
 #include "test_support.hpp"
 
 using namespace squall;

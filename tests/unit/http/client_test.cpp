@@ -1,6 +1,6 @@
 // In-process tests of http::Client: the client and local servers (squall's own Server, raw
 // libuv sockets that misbehave) share one loop; a watchdog bounds every run.
-#include "http/client.hpp"
+#include "squall/http/client.hpp"
 
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -27,9 +27,9 @@
 #include <thread>
 #include <vector>
 
-#include "core/awaitables.hpp"
-#include "http/router.hpp"
-#include "http/server.hpp"
+#include "squall/core/awaitables.hpp"
+#include "squall/http/router.hpp"
+#include "squall/http/server.hpp"
 #include "test_support.hpp"
 
 using namespace squall;

@@ -14,12 +14,12 @@
 #include <string>
 #include <thread>
 
-#include "core/awaitables.hpp"
 #include "core/core_test_support.hpp"
-#include "core/loop.hpp"
-#include "core/task.hpp"
-#include "http/router.hpp"
-#include "http/server.hpp"
+#include "squall/core/awaitables.hpp"
+#include "squall/core/loop.hpp"
+#include "squall/core/task.hpp"
+#include "squall/http/router.hpp"
+#include "squall/http/server.hpp"
 
 using namespace squall;
 using namespace std::chrono_literals;

@@ -1,4 +1,4 @@
-#include "http/router.hpp"
+#include "squall/http/router.hpp"
 
 #include <doctest/doctest.h>
 

@@ -1,5 +1,5 @@
 // In-process tests: a real Server on a real loop, a blocking client on a thread, a watchdog.
-#include "http/server.hpp"
+#include "squall/http/server.hpp"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>

@@ -16,10 +16,10 @@
 #include <string>
 #include <thread>
 
-#include "core/loop.hpp"
-#include "core/task.hpp"
-#include "http/router.hpp"
-#include "http/server.hpp"
+#include "squall/core/loop.hpp"
+#include "squall/core/task.hpp"
+#include "squall/http/router.hpp"
+#include "squall/http/server.hpp"
 
 using namespace squall;
 using namespace std::chrono_literals;

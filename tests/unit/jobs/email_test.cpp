@@ -1,4 +1,4 @@
-#include "jobs/email.hpp"
+#include "squall/jobs/email.hpp"
 
 #include <doctest/doctest.h>
 

@@ -1,6 +1,6 @@
 // The Maildir transport: one complete file per message in new/, the same name on every attempt,
 // failures reported as temporary; and the configuration that selects it.
-#include "jobs/maildir.hpp"
+#include "squall/jobs/maildir.hpp"
 
 #include <doctest/doctest.h>
 #include <sys/stat.h>
@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "config/config.hpp"
+#include "squall/config/config.hpp"
 #include "test_support.hpp"
 
 namespace squall::jobs {

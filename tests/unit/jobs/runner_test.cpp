@@ -1,4 +1,4 @@
-#include "jobs/runner.hpp"
+#include "squall/jobs/runner.hpp"
 #include "test_support.hpp"
 
 #include <doctest/doctest.h>

@@ -1,5 +1,5 @@
-#include "jobs/store.hpp"
-#include "jobs/store_worker.hpp"
+#include "squall/jobs/store.hpp"
+#include "squall/jobs/store_worker.hpp"
 #include "test_support.hpp"
 
 #include <doctest/doctest.h>

@@ -1,4 +1,4 @@
-#include "log/log.hpp"
+#include "squall/log/log.hpp"
 #include "test_support.hpp"
 
 #include <doctest/doctest.h>

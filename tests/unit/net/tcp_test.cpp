@@ -1,6 +1,6 @@
 // TcpServer, TcpStream and connect, in process on one loop (run_task's watchdog stops a hung
 // test after 10 s).
-#include "net/tcp.hpp"
+#include "squall/net/tcp.hpp"
 
 #include <doctest/doctest.h>
 
@@ -13,9 +13,9 @@
 #include <tuple>
 #include <vector>
 
-#include "core/awaitables.hpp"
 #include "core/core_test_support.hpp"
-#include "core/loop.hpp"
+#include "squall/core/awaitables.hpp"
+#include "squall/core/loop.hpp"
 
 using namespace squall;
 using namespace squall::net;

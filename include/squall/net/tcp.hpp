@@ -60,9 +60,9 @@
 
 #include <uv.h>
 
-#include "core/cancel.hpp"
-#include "core/loop.hpp"
-#include "core/task.hpp"
+#include "squall/core/cancel.hpp"
+#include "squall/core/loop.hpp"
+#include "squall/core/task.hpp"
 
 namespace squall::net {
 

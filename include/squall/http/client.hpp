@@ -31,9 +31,9 @@
 #include <variant>
 #include <vector>
 
-#include "core/cancel.hpp"
-#include "core/loop.hpp"
-#include "core/task.hpp"
+#include "squall/core/cancel.hpp"
+#include "squall/core/loop.hpp"
+#include "squall/core/task.hpp"
 
 namespace squall::http {
 

@@ -25,7 +25,7 @@
 #include <utility>
 #include <variant>
 
-#include "core/cancel.hpp"
+#include "squall/core/cancel.hpp"
 
 namespace squall {
 
