@@ -65,8 +65,11 @@ Connection::Connection(Server& server, std::uint64_t id)
 }
 
 Connection::~Connection() {
-  if (workspace_ != nullptr && !orphaned_) server_.release_workspace(workspace_);
-  if (workspace_ != nullptr && orphaned_) {
+  // A closed connection is no longer in the server's list, so the server's destructor cannot
+  // orphan it: a Responder that outlives the server may destroy it later. Its workspace (kept
+  // for that Responder) is freed here instead of returning to the server's pool.
+  if (workspace_ != nullptr && !orphaned_ && !closed_) server_.release_workspace(workspace_);
+  if (workspace_ != nullptr && (orphaned_ || closed_)) {
     delete[] workspace_->buffer;
     delete workspace_;
   }
