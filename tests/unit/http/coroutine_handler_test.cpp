@@ -15,6 +15,7 @@
 #include <thread>
 
 #include "core/core_test_support.hpp"
+#include "http/http_test_client.hpp"
 #include "squall/core/awaitables.hpp"
 #include "squall/core/loop.hpp"
 #include "squall/core/task.hpp"
@@ -26,49 +27,7 @@ using namespace std::chrono_literals;
 
 namespace {
 
-// A blocking client: sends bytes, reads until the peer closes or 5 s pass.
-class Client {
- public:
-  explicit Client(std::uint16_t port) {
-    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in address{};
-    address.sin_family = AF_INET;
-    address.sin_port = htons(port);
-    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    timeval timeout{5, 0};
-    ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
-    if (::connect(fd_, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0) {
-      throw std::runtime_error("connect failed");
-    }
-  }
-  ~Client() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  Client(const Client&) = delete;
-  Client& operator=(const Client&) = delete;
-  void send(const std::string& bytes) { ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL); }
-  // One whole response with Content-Length framing (the tests' responses are small).
-  std::string read_response() {
-    std::string received;
-    while (true) {
-      const auto head_end = received.find("\r\n\r\n");
-      if (head_end != std::string::npos) {
-        const auto length_at = received.find("Content-Length: ");
-        if (length_at != std::string::npos && length_at < head_end) {
-          const std::size_t length = std::stoul(received.substr(length_at + 16));
-          if (received.size() >= head_end + 4 + length) return received;
-        }
-      }
-      char chunk[4096];
-      const ssize_t n = ::recv(fd_, chunk, sizeof chunk, 0);
-      if (n <= 0) return received;
-      received.append(chunk, static_cast<std::size_t>(n));
-    }
-  }
-
- private:
-  int fd_ = -1;
-};
+using squall::testing::Client;
 
 // Serves `router` on the loop while `client` runs on a thread; a watchdog stops it after 10 s.
 void serve(Loop& loop, http::Router& router, const std::function<void(std::uint16_t)>& client,

@@ -16,56 +16,14 @@
 #include <system_error>
 #include <thread>
 
+#include "http/http_test_client.hpp"
+
 using namespace squall;
 using namespace std::chrono_literals;
 
 namespace {
 
-// A blocking client socket for the client thread.
-class Client {
- public:
-  explicit Client(std::uint16_t port) {
-    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in address{};
-    address.sin_family = AF_INET;
-    address.sin_port = htons(port);
-    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    timeval timeout{5, 0};
-    ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
-    if (::connect(fd_, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0) {
-      throw std::runtime_error("connect failed");
-    }
-  }
-  ~Client() { close(); }
-  void close() {
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = -1;
-  }
-  void send(const std::string& bytes) { ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL); }
-  // Reads until `marker` has been seen `count` times, the peer closes, or 5 s pass.
-  std::string read_until(const std::string& marker, int count = 1) {
-    while (occurrences(marker) < count) {
-      char chunk[4096];
-      const ssize_t n = ::recv(fd_, chunk, sizeof chunk, 0);
-      if (n <= 0) break;
-      received_.append(chunk, static_cast<std::size_t>(n));
-    }
-    return received_;
-  }
-  std::string read_all() { return read_until("\x01never\x02", 1); }
-
- private:
-  int occurrences(const std::string& marker) const {
-    int found = 0;
-    for (auto at = received_.find(marker); at != std::string::npos;
-         at = received_.find(marker, at + marker.size())) {
-      ++found;
-    }
-    return found;
-  }
-  int fd_ = -1;
-  std::string received_;
-};
+using squall::testing::Client;
 
 // Runs `client` on a thread against a server on `router`, with the loop on this thread; a
 // watchdog fails the test if the client does not finish in 10 s.
