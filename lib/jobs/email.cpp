@@ -717,8 +717,27 @@ std::variant<Address, std::string> parse_address(std::string_view text) {
   return spec;
 }
 
+namespace {
+std::variant<Email, FieldError> parse_email_fields(std::string_view json_body,
+                                                   const EmailLimits& limits);
+}  // namespace
+
+// Every refusal names a field: one that would name none (an empty JSON key, repeated or
+// unknown) names the body.
 std::variant<Email, FieldError> parse_email_request(std::string_view json_body,
                                                     const EmailLimits& limits) {
+  auto parsed = parse_email_fields(json_body, limits);
+  if (auto* error = std::get_if<FieldError>(&parsed); error != nullptr && error->field.empty()) {
+    error->field = "body";
+    error->message = "has a field with an empty name: " + error->message;
+  }
+  return parsed;
+}
+
+namespace {
+
+std::variant<Email, FieldError> parse_email_fields(std::string_view json_body,
+                                                   const EmailLimits& limits) {
   Json doc;
   try {
     std::set<std::string> seen;
@@ -751,11 +770,9 @@ std::variant<Email, FieldError> parse_email_request(std::string_view json_body,
     bool known = false;
     for (const auto field : kRequestFields) known = known || item.key() == field;
     if (!known) {
-      // An empty name would make an error that names no field.
-      return FieldError{item.key().empty() ? "body" : item.key(),
-                        std::string(item.key().empty() ? "has a field with an empty name"
-                                                       : "is not a known field") +
-                            " (known: to, cc, bcc, from, reply_to, subject, text, html)"};
+      return FieldError{item.key(),
+                        "is not a known field (known: to, cc, bcc, from, reply_to, subject, "
+                        "text, html)"};
     }
   }
 
@@ -805,6 +822,8 @@ std::variant<Email, FieldError> parse_email_request(std::string_view json_body,
   }
   return email;
 }
+
+}  // namespace
 
 std::string email_to_json(const Email& email) {
   // ordered_json keeps the fields in this order, which reads better in the job store.

@@ -292,6 +292,8 @@ TEST_CASE("rejected: unknown, duplicate and missing fields") {
   // An empty name (found by the email fuzz target): the error still names a field.
   check_rejected(R"({"": "x", "to": "a@example.com", "subject": "s", "text": "t"})", "body",
                  "has a field with an empty name");
+  check_rejected(R"({"": "x", "": "y", "to": "a@example.com", "subject": "s", "text": "t"})",
+                 "body", "has a field with an empty name");
   check_rejected(R"({"to": "a@example.com", "to": "b@example.com", "subject": "s", "text": "t"})",
                  "to", "appears more than once");
   check_rejected(R"({"subject": "s", "text": "t"})", "to", "is required");
