@@ -70,7 +70,7 @@ int main(int argc, char** argv) {
       continue;
     }
     if (option == "--no-verify") {
-      settings.verify_peer = false;
+      settings.tls_verify = false;
       continue;
     }
     if (option == "--help" || option == "-h") {

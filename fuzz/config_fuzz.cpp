@@ -14,7 +14,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     const squall::Config config = squall::load_config_string(text, "fuzz.toml");
     // What loads must stay within the bounds the rest of the server relies on.
     if (config.limits.max_body_bytes > config.limits.max_buffered_body_bytes) std::abort();
-    if (config.jobs.max_concurrent_sends >= config.server.thread_pool_size) std::abort();
+    if (config.jobs.max_concurrent >= config.server.thread_pool_size) std::abort();
   } catch (const squall::ConfigError& error) {
     if (std::string_view(error.what()).find("fuzz.toml") == std::string_view::npos) std::abort();
   }

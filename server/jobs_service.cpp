@@ -278,18 +278,8 @@ std::string resolve_password(const SmtpConfig& smtp) {
 }
 
 jobs::SmtpSettings smtp_settings(const SmtpConfig& smtp) {
-  jobs::SmtpSettings settings;
-  settings.url = smtp.url;
-  settings.starttls = smtp.starttls == StartTls::off ? jobs::SmtpSettings::StartTls::off
-                      : smtp.starttls == StartTls::required
-                          ? jobs::SmtpSettings::StartTls::required
-                          : jobs::SmtpSettings::StartTls::opportunistic;
-  settings.username = smtp.username;
+  jobs::SmtpSettings settings = smtp;  // The relay's settings, as configured.
   settings.password = resolve_password(smtp);
-  settings.connect_timeout = smtp.connect_timeout;
-  settings.timeout = smtp.timeout;
-  settings.verify_peer = smtp.tls_verify;
-  settings.ca_file = smtp.ca_file;
   if (!smtp.ca_file.empty()) {
     // Checked now rather than as a TLS failure on every send.
     std::ifstream ca(smtp.ca_file);
@@ -299,17 +289,6 @@ jobs::SmtpSettings smtp_settings(const SmtpConfig& smtp) {
     }
   }
   return settings;
-}
-
-jobs::RunnerOptions runner_options(const JobsConfig& jobs) {
-  jobs::RunnerOptions options;
-  options.max_concurrent = jobs.max_concurrent_sends;
-  options.max_attempts = jobs.max_attempts;
-  options.retry_initial = jobs.retry_initial;
-  options.retry_max = jobs.retry_max;
-  options.lease = jobs.lease;
-  options.poll_interval = jobs.poll_interval;
-  return options;
 }
 
 }  // namespace
@@ -349,7 +328,7 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
         lock_holder.empty() ? "unknown" : lock_holder, config.jobs.store);
   }
   runner_ = std::make_unique<jobs::JobRunner>(
-      loop, *store_, runner_options(config.jobs),
+      loop, *store_, static_cast<const jobs::RunnerOptions&>(config.jobs),
       [this](const jobs::Job& job) -> std::function<jobs::AttemptResult()> {
         // Runs on the loop: capture the settings current now; the work runs on the pool.
         const auto settings = settings_;
@@ -634,8 +613,7 @@ void JobsService::refresh_stats() {
 
 void JobsService::reconfigure(const Config& config) {
   auto settings = std::make_shared<Settings>();
-  settings->limits.max_recipients = config.jobs.max_recipients;
-  settings->limits.max_email_bytes = config.jobs.max_email_bytes;
+  settings->limits = static_cast<const jobs::EmailLimits&>(config.jobs);
   settings->max_queued = config.jobs.max_queued;
   settings->max_queued_bytes = config.jobs.max_queued_bytes;
   settings->max_queued_per_client = config.quota.max_queued_per_client;
@@ -663,9 +641,9 @@ void JobsService::reconfigure(const Config& config) {
     settings->mailer = std::make_shared<const jobs::SmtpMailer>(smtp_settings(config.smtp));
   }
   settings->retain = config.jobs.retain;
-  if (config.jobs.max_concurrent_sends >= running_pool_size_) {
+  if (config.jobs.max_concurrent >= running_pool_size_) {
     throw std::runtime_error(
-        "[jobs] max_concurrent_sends (" + std::to_string(config.jobs.max_concurrent_sends) +
+        "[jobs] max_concurrent_sends (" + std::to_string(config.jobs.max_concurrent) +
         ") must be below the running thread pool's size (" + std::to_string(running_pool_size_) +
         "): a new [server] thread_pool_size takes effect only at the next restart");
   }
@@ -677,7 +655,7 @@ void JobsService::reconfigure(const Config& config) {
         config.smtp.username.empty() ? "" : " and the SMTP password");
   }
   settings_ = std::move(settings);
-  if (runner_) runner_->reconfigure(runner_options(config.jobs));
+  if (runner_) runner_->reconfigure(static_cast<const jobs::RunnerOptions&>(config.jobs));
   // New limiters only when the rates change: a reload must not refill every bucket.
   if (!token_rate_ || config.quota.token_per_minute != rates_in_use_.token_per_minute ||
       config.quota.token_burst != rates_in_use_.token_burst) {

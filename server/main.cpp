@@ -149,19 +149,8 @@ void write_file_atomically(const std::string& path, const std::string& text) {
 
 http::ServerOptions server_options(const Config& config) {
   http::ServerOptions options;
-  options.limits.max_url_bytes = config.limits.max_url_bytes;
-  options.limits.max_header_bytes = config.limits.max_header_bytes;
-  options.limits.max_header_count = config.limits.max_header_count;
-  options.limits.max_body_bytes = config.limits.max_body_bytes;
-  options.limits.max_chunk_extension_bytes = config.limits.max_chunk_extension_bytes;
-  options.limits.write_buffer_high_water = config.limits.write_buffer_high_water;
-  options.limits.max_buffered_body_bytes = config.limits.max_buffered_body_bytes;
-  options.limits.max_unsent_bytes = config.limits.max_unsent_bytes;
-  options.timeouts.header = config.timeouts.header;
-  options.timeouts.body = config.timeouts.body;
-  options.timeouts.keepalive = config.timeouts.keepalive;
-  options.timeouts.write = config.timeouts.write;
-  options.timeouts.lingering = config.timeouts.lingering;
+  options.limits = config.limits;
+  options.timeouts = config.timeouts;  // The connection's timeouts; drain is squalld's own.
   options.server_name = config.server.name;
   options.max_connections = config.server.max_connections;
   options.backlog = config.server.backlog;

@@ -504,10 +504,10 @@ class Loader {
   }
 
   void check_across_keys() const {
-    if (config_.jobs.max_concurrent_sends >= config_.server.thread_pool_size) {
+    if (config_.jobs.max_concurrent >= config_.server.thread_pool_size) {
       // libuv's own file and DNS work shares the pool: sends must leave it a thread.
       fail_seen(sends_where_ ? sends_where_ : pool_where_, "jobs", "max_concurrent_sends",
-                "max_concurrent_sends (" + std::to_string(config_.jobs.max_concurrent_sends) +
+                "max_concurrent_sends (" + std::to_string(config_.jobs.max_concurrent) +
                     ") must be below [server] thread_pool_size (" +
                     std::to_string(config_.server.thread_pool_size) +
                     "): libuv's file and DNS work shares the pool");
@@ -540,7 +540,7 @@ class Loader {
     }
     const bool implicit_tls = config_.smtp.url.rfind("smtps://", 0) == 0;
     if (!config_.smtp.username.empty() && !implicit_tls &&
-        config_.smtp.starttls != StartTls::required) {
+        config_.smtp.starttls != jobs::SmtpSettings::StartTls::required) {
       // With "opportunistic", a relay (or anyone in between) that offers no STARTTLS gets
       // the password in clear text; with "off" everyone on the path does.
       fail_seen(username_where_, "smtp", "username",
@@ -745,9 +745,9 @@ class Loader {
   const std::vector<Field> smtp_fields_{
       method("url", &Loader::load_smtp_url),
       choice("starttls", config_.smtp.starttls,
-             {{"off", StartTls::off},
-              {"opportunistic", StartTls::opportunistic},
-              {"required", StartTls::required}}),
+             {{"off", jobs::SmtpSettings::StartTls::off},
+              {"opportunistic", jobs::SmtpSettings::StartTls::opportunistic},
+              {"required", jobs::SmtpSettings::StartTls::required}}),
       remembered(text("username", config_.smtp.username, true), username_where_),
       text("password_file", config_.smtp.password_file, true),
       remembered(text("password_env", config_.smtp.password_env, true), password_where_),
@@ -762,8 +762,7 @@ class Loader {
       choice("durability", config_.jobs.durability,
              {{"full", Durability::full}, {"normal", Durability::normal}}),
       count("max_queued", config_.jobs.max_queued, kMaxCount),
-      remembered(count("max_concurrent_sends", config_.jobs.max_concurrent_sends, 1024),
-                 sends_where_),
+      remembered(count("max_concurrent_sends", config_.jobs.max_concurrent, 1024), sends_where_),
       count("max_attempts", config_.jobs.max_attempts, 1000),
       duration("retry_initial", config_.jobs.retry_initial),
       remembered(duration("retry_max", config_.jobs.retry_max), retry_where_),

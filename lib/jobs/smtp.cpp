@@ -309,10 +309,10 @@ SendResult SmtpMailer::send(std::string_view envelope_from,
   curl_easy_setopt(h, CURLOPT_USE_SSL, use_ssl);
   // Every TLS connection verifies the certificate and host name (libcurl's default, spelled
   // out), against ca_file or the system's CA store: a relay that cannot prove who it is gets no
-  // message and no password. Skipping it takes an explicit setting (verify_peer = false),
+  // message and no password. Skipping it takes an explicit setting (tls_verify = false),
   // which squalld logs loudly.
-  curl_easy_setopt(h, CURLOPT_SSL_VERIFYPEER, settings_.verify_peer ? 1L : 0L);
-  curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, settings_.verify_peer ? 2L : 0L);
+  curl_easy_setopt(h, CURLOPT_SSL_VERIFYPEER, settings_.tls_verify ? 1L : 0L);
+  curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, settings_.tls_verify ? 2L : 0L);
   if (!settings_.ca_file.empty()) curl_easy_setopt(h, CURLOPT_CAINFO, settings_.ca_file.c_str());
   if (cancel) {
     curl_easy_setopt(h, CURLOPT_NOPROGRESS, 0L);

@@ -9,6 +9,11 @@
 #include <string_view>
 #include <vector>
 
+#include "squall/http/limits.hpp"
+#include "squall/jobs/email.hpp"
+#include "squall/jobs/runner.hpp"
+#include "squall/jobs/smtp.hpp"
+
 namespace squall {
 
 using Duration = std::chrono::milliseconds;
@@ -43,30 +48,13 @@ struct ServerConfig {
   bool operator==(const ServerConfig&) const = default;
 };
 
-struct LimitsConfig {
-  std::size_t max_url_bytes = 8 * 1024;              // [limits] max_url_bytes -> 414
-  std::size_t max_header_bytes = 16 * 1024;          // [limits] max_header_bytes -> 431
-  std::size_t max_header_count = 100;                // [limits] max_header_count -> 431
-  std::size_t max_body_bytes = 1024 * 1024;          // [limits] max_body_bytes -> 413 (<= 1GiB)
-  std::size_t max_chunk_extension_bytes = 4 * 1024;  // [limits] max_chunk_extension_bytes
-  std::size_t write_buffer_high_water = 256 * 1024;  // [limits] write_buffer_high_water
-  // [limits] max_buffered_body_bytes: request bodies held by all connections at once; a body
-  // that would go past it gets 503 + Retry-After and the connection closes.
-  std::size_t max_buffered_body_bytes = 64 * 1024 * 1024;
-  // [limits] max_unsent_bytes: response bytes of all connections the clients have not read;
-  // above it no connection takes a new request until it falls to half.
-  std::size_t max_unsent_bytes = 64 * 1024 * 1024;
-  bool operator==(const LimitsConfig&) const = default;
-};
+// [limits]: the library's own bounds (http::Limits); each key is the field of the same name.
+using LimitsConfig = http::Limits;
 
-struct TimeoutsConfig {
-  Duration header{10'000};     // [timeouts] header: first byte of a request (or the accept, for
-                               // a connection's first byte) to its last header
-  Duration body{30'000};       // [timeouts] body: end of a request's head to its body's last byte
-  Duration keepalive{75'000};  // [timeouts] keepalive: idle time between requests
-  Duration write{30'000};      // [timeouts] write: the longest a write may make no progress
-  Duration lingering{2'000};   // [timeouts] lingering: reading after an early error response
-  Duration drain{20'000};      // [timeouts] drain: how long SIGTERM waits for in-flight requests
+// [timeouts]: the connection's timeouts (http::Timeouts; each key is the field of the same name)
+// and the daemon's own drain.
+struct TimeoutsConfig : http::Timeouts {
+  Duration drain{20'000};  // [timeouts] drain: how long SIGTERM waits for in-flight requests
   bool operator==(const TimeoutsConfig&) const = default;
 };
 
@@ -96,37 +84,26 @@ struct RoutesConfig {
   bool operator==(const RoutesConfig&) const = default;
 };
 
-enum class StartTls { off, opportunistic, required };
-
-struct SmtpConfig {
-  std::string url = "smtp://127.0.0.1:25";      // [smtp] url: smtp://host:port or smtps://
-  StartTls starttls = StartTls::opportunistic;  // [smtp] starttls: off, opportunistic, required
-  std::string username;                         // [smtp] username ("" = no authentication)
-  std::string password_file;                    // [smtp] password_file: a file holding it
-  std::string password_env;                     // [smtp] password_env: or an environment variable
-  std::string from = "squall@localhost";        // [smtp] from: the default sender
-  Duration connect_timeout{10'000};             // [smtp] connect_timeout
-  Duration timeout{60'000};                     // [smtp] timeout: one whole SMTP exchange
-  std::string ca_file;     // [smtp] ca_file: PEM CA certificates for the relay ("" = system's)
-  bool tls_verify = true;  // [smtp] tls_verify: false skips certificate checks (logged loudly)
+// [smtp]: the relay (jobs::SmtpSettings: url, starttls, username, connect_timeout, timeout,
+// ca_file, tls_verify; each key is the field of the same name) and what only squalld has. The
+// password field is not a key: squalld fills it from password_file or password_env.
+struct SmtpConfig : jobs::SmtpSettings {
+  std::string password_file;              // [smtp] password_file: a file holding it
+  std::string password_env;               // [smtp] password_env: or an environment variable
+  std::string from = "squall@localhost";  // [smtp] from: the default sender
   bool operator==(const SmtpConfig&) const = default;
 };
 
 enum class Durability { full, normal };
 
-struct JobsConfig {
-  std::string store = "squall-jobs.db";       // [jobs] store: the SQLite database's path
-  Durability durability = Durability::full;   // [jobs] durability: full (fsync per commit), normal
-  std::size_t max_queued = 100000;            // [jobs] max_queued: beyond it POST /email is 503
-  std::size_t max_concurrent_sends = 2;       // [jobs] max_concurrent_sends: < thread_pool_size
-  std::size_t max_attempts = 8;               // [jobs] max_attempts: then the job has failed
-  Duration retry_initial{30'000};             // [jobs] retry_initial: the first backoff
-  Duration retry_max{3'600'000};              // [jobs] retry_max: the backoff's cap
-  Duration lease{300'000};                    // [jobs] lease: a send's claim on its job
-  Duration poll_interval{1'000};              // [jobs] poll_interval: how often due jobs are sought
-  std::size_t max_recipients = 50;            // [jobs] max_recipients: to + cc + bcc
-  std::size_t max_email_bytes = 1024 * 1024;  // [jobs] max_email_bytes: subject + text + html
-  Duration retain{7 * 24 * 3'600'000};        // [jobs] retain: sent/failed jobs kept this long
+// [jobs]: the runner's options (jobs::RunnerOptions: max_attempts, retry_initial, retry_max,
+// lease, poll_interval; max_concurrent is the key max_concurrent_sends), the POST /email bounds
+// (jobs::EmailLimits: max_recipients, max_email_bytes) and the queue's own settings.
+struct JobsConfig : jobs::RunnerOptions, jobs::EmailLimits {
+  std::string store = "squall-jobs.db";      // [jobs] store: the SQLite database's path
+  Durability durability = Durability::full;  // [jobs] durability: full (fsync per commit), normal
+  std::size_t max_queued = 100000;           // [jobs] max_queued: beyond it POST /email is 503
+  Duration retain{7 * 24 * 3'600'000};       // [jobs] retain: sent/failed jobs kept this long
   // [jobs] max_queued_bytes: stored payload bytes of waiting jobs beyond which POST /email is 503
   std::size_t max_queued_bytes = std::size_t{1024} * 1024 * 1024;
   bool operator==(const JobsConfig&) const = default;

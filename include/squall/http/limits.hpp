@@ -16,6 +16,7 @@ struct Limits {
   std::size_t write_buffer_high_water = 256 * 1024;        // Unsent bytes above this stop reading.
   std::size_t max_buffered_body_bytes = 64 * 1024 * 1024;  // All connections' bodies -> 503.
   std::size_t max_unsent_bytes = 64 * 1024 * 1024;         // All connections' unsent output: pause.
+  bool operator==(const Limits&) const = default;
 };
 
 struct Timeouts {
@@ -25,6 +26,7 @@ struct Timeouts {
   std::chrono::milliseconds keepalive{75'000};  // Idle time between requests.
   std::chrono::milliseconds write{30'000};      // Longest a pending write may make no progress.
   std::chrono::milliseconds lingering{2'000};   // Reading and discarding after an error reply.
+  bool operator==(const Timeouts&) const = default;
 };
 
 // A byte budget shared by every connection of a server (loop thread only): bodies being

@@ -28,6 +28,7 @@ struct Email {
 struct EmailLimits {
   std::size_t max_recipients = 50;        // to + cc + bcc, duplicates counted
   std::size_t max_email_bytes = 1 << 20;  // subject + text + html, in bytes
+  bool operator==(const EmailLimits&) const = default;
 };
 
 // A rejected request: the JSON field ("to[2]", "subject", or "body" for the document itself)

@@ -29,6 +29,7 @@ struct RunnerOptions {
   // written again after this wait, doubling up to record_retry_max, until it sticks.
   std::chrono::milliseconds record_retry_initial{100};
   std::chrono::milliseconds record_retry_max{5'000};
+  bool operator==(const RunnerOptions&) const = default;
 };
 
 // What one attempt came to.

@@ -15,11 +15,11 @@ namespace squall::jobs {
 struct SmtpSettings {
   // smtp://host:port (STARTTLS per starttls) or smtps://host:port (TLS from the start). A path
   // names the EHLO domain (smtp://relay:587/client.example.com); without one libcurl sends the
-  // machine's host name.
-  std::string url;
+  // machine's host name. In squalld's config also "maildir:PATH" (see maildir.hpp).
+  std::string url = "smtp://127.0.0.1:25";
   // For smtp:// URLs. off: never STARTTLS. opportunistic: STARTTLS when offered, in clear text
   // otherwise. required: STARTTLS or no send (a permanent failure). Whenever TLS is used (also
-  // smtps://) the certificate is verified unless verify_peer is false.
+  // smtps://) the certificate is verified unless tls_verify is false.
   enum class StartTls { off, opportunistic, required } starttls = StartTls::opportunistic;
   std::string username;  // "" = no AUTH
   std::string password;  // never logged nor put in a SendResult
@@ -27,9 +27,10 @@ struct SmtpSettings {
   std::chrono::milliseconds timeout{60000};  // the whole exchange, connect included
   // Whether TLS verifies the relay's certificate and host name: false leaves the connection
   // open to anyone on the path (and the password with it).
-  bool verify_peer = true;
+  bool tls_verify = true;
   // PEM file of the CA certificates that verify the relay ("" = the system's CA store).
   std::string ca_file;
+  bool operator==(const SmtpSettings&) const = default;
 };
 
 // aborted: the caller's cancel flag stopped the transfer (shutdown); nothing is known of the

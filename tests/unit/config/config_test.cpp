@@ -552,11 +552,11 @@ email = false
   CHECK(config.server.thread_pool_size == 8);
   CHECK(config.server.user == "squall");
   CHECK(config.smtp.url == "smtps://mail.example.test:465");
-  CHECK(config.smtp.starttls == squall::StartTls::required);
+  CHECK(config.smtp.starttls == squall::jobs::SmtpSettings::StartTls::required);
   CHECK(config.smtp.password_env == "SQUALL_SMTP_PASSWORD");
   CHECK(config.smtp.timeout == squall::Duration(30'000));
   CHECK(config.jobs.durability == squall::Durability::normal);
-  CHECK(config.jobs.max_concurrent_sends == 4);
+  CHECK(config.jobs.max_concurrent == 4);
   CHECK(config.jobs.max_email_bytes == 64 * 1024);
   CHECK_FALSE(config.routes.email);
   CHECK(config.routes.jobs);
