@@ -47,28 +47,32 @@ LDFLAGS += -pthread $(SAN_FLAGS)
 pkg_cflags = $(shell pkg-config --cflags $(PKGS))
 pkg_libs = $(shell pkg-config --libs $(PKGS))
 
-# The library is four, one per group of layers, so that a program links only what it uses:
+# The library is five, one per group of layers, so that a program links only what it uses:
 #   squall         core, net, http server, log, metrics (+ llhttp)   libuv, spdlog, fmt
 #   squall-client  the HTTP client (lib/http/client.cpp)             + libcurl
-#   squall-jobs    jobs: the durable queue, email, SMTP, Maildir     + sqlite3, libcurl, libcrypto
-#   squall-daemon  daemon, config, auth and any other layer          + libsystemd, tomlplusplus,
-#                                                                      libcrypto
+#   squall-jobs    the durable job queue: store, store worker, runner + sqlite3, libcrypto
+#   squall-mail    email validation and MIME, SMTP, Maildir          + libcurl
+#   squall-daemon  systemd, daemonizing, API tokens (lib/daemon, lib/auth) + libsystemd, libcrypto
+# squalld's own configuration (TOML) lives with squalld in server/.
 LIB_SRCS := $(shell find lib -name '*.cpp' | sort)
 CLIENT_SRCS := $(filter lib/http/client.cpp,$(LIB_SRCS))
 CORE_SRCS := $(filter-out $(CLIENT_SRCS),\
   $(filter lib/core/% lib/net/% lib/http/% lib/log/% lib/metrics/%,$(LIB_SRCS)))
 JOBS_SRCS := $(filter lib/jobs/%,$(LIB_SRCS))
-DAEMON_SRCS := $(filter-out $(CORE_SRCS) $(CLIENT_SRCS) $(JOBS_SRCS),$(LIB_SRCS))
+MAIL_SRCS := $(filter lib/mail/%,$(LIB_SRCS))
+DAEMON_SRCS := $(filter-out $(CORE_SRCS) $(CLIENT_SRCS) $(JOBS_SRCS) $(MAIL_SRCS),$(LIB_SRCS))
 LIB_OBJS := $(LIB_SRCS:%.cpp=$(BUILD)/%.o)
 CORE_OBJS := $(CORE_SRCS:%.cpp=$(BUILD)/%.o)
 CLIENT_OBJS := $(CLIENT_SRCS:%.cpp=$(BUILD)/%.o)
 JOBS_OBJS := $(JOBS_SRCS:%.cpp=$(BUILD)/%.o)
+MAIL_OBJS := $(MAIL_SRCS:%.cpp=$(BUILD)/%.o)
 DAEMON_OBJS := $(DAEMON_SRCS:%.cpp=$(BUILD)/%.o)
 LLHTTP_OBJS := $(BUILD)/llhttp/llhttp.o $(BUILD)/llhttp/api.o $(BUILD)/llhttp/http.o
 CORE_PKGS := libuv spdlog fmt
 CLIENT_PKGS := libcurl
-JOBS_PKGS := sqlite3 libcurl libcrypto
-DAEMON_PKGS := libsystemd tomlplusplus libcrypto
+JOBS_PKGS := sqlite3 libcrypto
+MAIL_PKGS := libcurl
+DAEMON_PKGS := libsystemd libcrypto
 VERSION := 0.1.0
 SOVERSION := 0
 SERVER_SRCS := $(shell find server -name '*.cpp' | sort)
@@ -81,10 +85,13 @@ EXAMPLE_BINS := $(EXAMPLE_SRCS:examples/%.cpp=$(BUILD)/examples/%)
 LIBSQUALL := $(BUILD)/libsquall.a
 LIBSQUALL_CLIENT := $(BUILD)/libsquall-client.a
 LIBSQUALL_JOBS := $(BUILD)/libsquall-jobs.a
+LIBSQUALL_MAIL := $(BUILD)/libsquall-mail.a
 LIBSQUALL_DAEMON := $(BUILD)/libsquall-daemon.a
-STATIC_LIBS := $(LIBSQUALL_DAEMON) $(LIBSQUALL_JOBS) $(LIBSQUALL_CLIENT) $(LIBSQUALL)
+STATIC_LIBS := $(LIBSQUALL_DAEMON) $(LIBSQUALL_MAIL) $(LIBSQUALL_JOBS) $(LIBSQUALL_CLIENT) \
+	$(LIBSQUALL)
 SHARED_LIBS := $(BUILD)/libsquall.so.$(VERSION) $(BUILD)/libsquall-client.so.$(VERSION) \
-	$(BUILD)/libsquall-jobs.so.$(VERSION) $(BUILD)/libsquall-daemon.so.$(VERSION)
+	$(BUILD)/libsquall-jobs.so.$(VERSION) $(BUILD)/libsquall-mail.so.$(VERSION) \
+	$(BUILD)/libsquall-daemon.so.$(VERSION)
 SQUALLD := $(BUILD)/squalld
 UNIT_TESTS := $(BUILD)/unit_tests
 PYTHON := /usr/bin/python3
@@ -93,8 +100,8 @@ PYTHON := /usr/bin/python3
 FUZZ_TARGETS := parser email config
 FUZZ_BINS := $(FUZZ_TARGETS:%=$(BUILD)/%_fuzz)
 FUZZ_OBJS_parser := $(BUILD)/lib/http/parser.o $(BUILD)/lib/http/request.o $(LLHTTP_OBJS)
-FUZZ_OBJS_email := $(BUILD)/lib/jobs/email.o
-FUZZ_OBJS_config := $(BUILD)/lib/config/config.o
+FUZZ_OBJS_email := $(BUILD)/lib/mail/email.o
+FUZZ_OBJS_config := $(BUILD)/server/config.o
 # Seconds each target runs in `make test`; `make fuzz-run FUZZ_SECONDS=600` runs longer.
 FUZZ_SECONDS ?= 10
 
@@ -167,6 +174,7 @@ $(BUILD)/llhttp/%.o: CFLAGS_LLHTTP += -fPIC
 $(LIBSQUALL): $(CORE_OBJS) $(LLHTTP_OBJS)
 $(LIBSQUALL_CLIENT): $(CLIENT_OBJS)
 $(LIBSQUALL_JOBS): $(JOBS_OBJS)
+$(LIBSQUALL_MAIL): $(MAIL_OBJS)
 $(LIBSQUALL_DAEMON): $(DAEMON_OBJS)
 $(STATIC_LIBS):
 	@rm -f $@
@@ -186,13 +194,16 @@ $(eval $(call shared_library,squall-client,$(CLIENT_OBJS) $(BUILD)/libsquall.so.
   $(CORE_PKGS) $(CLIENT_PKGS)))
 $(eval $(call shared_library,squall-jobs,$(JOBS_OBJS) $(BUILD)/libsquall.so.$(VERSION),\
   $(CORE_PKGS) $(JOBS_PKGS)))
+$(eval $(call shared_library,squall-mail,$(MAIL_OBJS) $(BUILD)/libsquall.so.$(VERSION),\
+  $(CORE_PKGS) $(MAIL_PKGS)))
 $(eval $(call shared_library,squall-daemon,$(DAEMON_OBJS) $(BUILD)/libsquall.so.$(VERSION),\
   $(CORE_PKGS) $(DAEMON_PKGS)))
 
 $(SQUALLD): $(SERVER_OBJS) $(STATIC_LIBS)
 	$(CXX) $(LDFLAGS) -o $@ $^ $(pkg_libs)
 
-$(UNIT_TESTS): $(UNIT_OBJS) $(STATIC_LIBS)
+# The unit tests also cover squalld's configuration loader.
+$(UNIT_TESTS): $(UNIT_OBJS) $(BUILD)/server/config.o $(STATIC_LIBS)
 	$(CXX) $(LDFLAGS) -o $@ $^ $(pkg_libs)
 
 $(BUILD)/examples/%: $(BUILD)/examples/%.o $(STATIC_LIBS)
@@ -252,7 +263,7 @@ uninstall-squalld:
 LIBDIR ?= $(PREFIX)/lib
 INCLUDEDIR ?= $(PREFIX)/include
 PKGCONFIGDIR ?= $(LIBDIR)/pkgconfig
-LIBRARY_NAMES := squall squall-client squall-jobs squall-daemon
+LIBRARY_NAMES := squall squall-client squall-jobs squall-mail squall-daemon
 
 # $(1): name, $(2): description, $(3): the pkg-config packages it requires.
 define pkg_config_file
@@ -271,10 +282,12 @@ export SQUALL_PC := $(call pkg_config_file,squall,Asynchronous TCP and HTTP/1.1 
   loop: tasks$(comma) timers$(comma) the thread pool$(comma) an HTTP server,$(CORE_PKGS))
 export SQUALL_CLIENT_PC := $(call pkg_config_file,squall-client,squall's asynchronous HTTP \
   client (libcurl on the loop),squall $(CLIENT_PKGS))
-export SQUALL_JOBS_PC := $(call pkg_config_file,squall-jobs,squall's durable job queue$(comma) \
-  email and SMTP,squall $(JOBS_PKGS))
+export SQUALL_JOBS_PC := $(call pkg_config_file,squall-jobs,squall's durable job queue: store$(comma) \
+  store worker$(comma) runner,squall $(JOBS_PKGS))
+export SQUALL_MAIL_PC := $(call pkg_config_file,squall-mail,squall's email: validation$(comma) \
+  MIME$(comma) SMTP and Maildir delivery,squall $(MAIL_PKGS))
 export SQUALL_DAEMON_PC := $(call pkg_config_file,squall-daemon,squall's systemd$(comma) \
-  daemon and configuration helpers,squall $(DAEMON_PKGS))
+  daemon and API token helpers,squall $(DAEMON_PKGS))
 
 install-lib: $(STATIC_LIBS) $(SHARED_LIBS)
 	install -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(PKGCONFIGDIR) $(DESTDIR)$(INCLUDEDIR)
@@ -290,6 +303,7 @@ install-lib: $(STATIC_LIBS) $(SHARED_LIBS)
 	printf '%s\n' "$$SQUALL_PC" > $(DESTDIR)$(PKGCONFIGDIR)/squall.pc
 	printf '%s\n' "$$SQUALL_CLIENT_PC" > $(DESTDIR)$(PKGCONFIGDIR)/squall-client.pc
 	printf '%s\n' "$$SQUALL_JOBS_PC" > $(DESTDIR)$(PKGCONFIGDIR)/squall-jobs.pc
+	printf '%s\n' "$$SQUALL_MAIL_PC" > $(DESTDIR)$(PKGCONFIGDIR)/squall-mail.pc
 	printf '%s\n' "$$SQUALL_DAEMON_PC" > $(DESTDIR)$(PKGCONFIGDIR)/squall-daemon.pc
 	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" -eq 0 ]; then ldconfig; fi
 

@@ -19,10 +19,10 @@
 
 #include <nlohmann/json.hpp>
 
-#include <squall/jobs/email.hpp>
-#include <squall/jobs/smtp.hpp>
+#include <squall/mail/email.hpp>
+#include <squall/mail/smtp.hpp>
 
-using namespace squall::jobs;
+using namespace squall::mail;
 
 namespace {
 

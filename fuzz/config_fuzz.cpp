@@ -6,16 +6,16 @@
 #include <cstdlib>
 #include <string_view>
 
-#include "squall/config/config.hpp"
+#include "server/config.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   const std::string_view text(reinterpret_cast<const char*>(data), size);
   try {
-    const squall::Config config = squall::load_config_string(text, "fuzz.toml");
+    const squall::squalld::Config config = squall::squalld::load_config_string(text, "fuzz.toml");
     // What loads must stay within the bounds the rest of the server relies on.
     if (config.limits.max_body_bytes > config.limits.max_buffered_body_bytes) std::abort();
     if (config.jobs.max_concurrent >= config.server.thread_pool_size) std::abort();
-  } catch (const squall::ConfigError& error) {
+  } catch (const squall::squalld::ConfigError& error) {
     if (std::string_view(error.what()).find("fuzz.toml") == std::string_view::npos) std::abort();
   }
   return 0;

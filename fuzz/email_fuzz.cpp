@@ -11,11 +11,11 @@
 #include <string>
 #include <string_view>
 
-#include "squall/jobs/email.hpp"
+#include "squall/mail/email.hpp"
 
 namespace {
 
-using namespace squall::jobs;
+using namespace squall::mail;
 
 void check(bool condition) {
   if (!condition) std::abort();

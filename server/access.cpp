@@ -4,7 +4,7 @@
 
 #include <nlohmann/json.hpp>
 
-namespace squall::daemon {
+namespace squall::squalld {
 
 namespace {
 
@@ -138,4 +138,4 @@ std::string new_token_text(std::string_view name) {
          made.line + "\n";
 }
 
-}  // namespace squall::daemon
+}  // namespace squall::squalld

@@ -10,12 +10,12 @@
 #include <string_view>
 #include <vector>
 
+#include "server/config.hpp"
 #include "squall/auth/tokens.hpp"
-#include "squall/config/config.hpp"
 #include "squall/http/request.hpp"
 #include "squall/http/responder.hpp"
 
-namespace squall::daemon {
+namespace squall::squalld {
 
 // Where squalld can be reached from other hosts: the [server] listen addresses that are not
 // loopback, or every socket systemd passed (their address is systemd's business).
@@ -68,4 +68,4 @@ std::string describe_access(const Config& config, const Exposure& exposure,
 // --new-token NAME: a fresh token and its tokens-file line, as printed on stdout.
 std::string new_token_text(std::string_view name);
 
-}  // namespace squall::daemon
+}  // namespace squall::squalld

@@ -15,10 +15,10 @@
 #include <spdlog/spdlog.h>
 #include <nlohmann/json.hpp>
 
-#include "squall/jobs/email.hpp"
-#include "squall/jobs/maildir.hpp"
+#include "squall/mail/email.hpp"
+#include "squall/mail/maildir.hpp"
 
-namespace squall::daemon {
+namespace squall::squalld {
 
 namespace {
 
@@ -203,12 +203,12 @@ struct Refusal {
 // The sender and recipient policy: a token may send from the default sender and from the
 // addresses and domains its tokens-file line lists (an anonymous caller from the default only);
 // recipients must pass [policy]. A refusal names the field.
-std::optional<Refusal> check_policy(const jobs::Email& email, const Caller& caller,
+std::optional<Refusal> check_policy(const mail::Email& email, const Caller& caller,
                                     const PolicyConfig& policy,
                                     std::string_view default_from_address) {
   if (!email.from.empty()) {
-    const auto parsed = jobs::parse_address(email.from);
-    const auto* address = std::get_if<jobs::Address>(&parsed);
+    const auto parsed = mail::parse_address(email.from);
+    const auto* address = std::get_if<mail::Address>(&parsed);
     if (address == nullptr) return Refusal{400, "from", "is not a valid address"};
     const std::string from = lower(address->addr_spec);
     const std::string domain = from.substr(from.rfind('@'));  // "@example.com"
@@ -230,8 +230,8 @@ std::optional<Refusal> check_policy(const jobs::Email& email, const Caller& call
       {"to", &email.to}, {"cc", &email.cc}, {"bcc", &email.bcc}};
   for (const auto& [field, list] : lists) {
     for (std::size_t i = 0; i < list->size(); ++i) {
-      const auto parsed = jobs::parse_address((*list)[i]);
-      const auto* address = std::get_if<jobs::Address>(&parsed);
+      const auto parsed = mail::parse_address((*list)[i]);
+      const auto* address = std::get_if<mail::Address>(&parsed);
       const std::string name = std::string(field) + "[" + std::to_string(i) + "]";
       if (address == nullptr) return Refusal{400, name, "is not a valid address"};
       const std::string recipient = lower(address->addr_spec);
@@ -277,8 +277,8 @@ std::string resolve_password(const SmtpConfig& smtp) {
   return {};
 }
 
-jobs::SmtpSettings smtp_settings(const SmtpConfig& smtp) {
-  jobs::SmtpSettings settings = smtp;  // The relay's settings, as configured.
+mail::SmtpSettings smtp_settings(const SmtpConfig& smtp) {
+  mail::SmtpSettings settings = smtp;  // The relay's settings, as configured.
   settings.password = resolve_password(smtp);
   if (!smtp.ca_file.empty()) {
     // Checked now rather than as a TLS failure on every send.
@@ -295,7 +295,7 @@ jobs::SmtpSettings smtp_settings(const SmtpConfig& smtp) {
 
 // Everything a reload may change, swapped whole so a send in progress keeps its own copy.
 struct JobsService::Settings {
-  jobs::EmailLimits limits;                        // For POST /email validation.
+  mail::EmailLimits limits;                        // For POST /email validation.
   std::size_t max_queued = 0;                      // Back-pressure threshold.
   std::size_t max_queued_bytes = 0;                // [jobs] max_queued_bytes.
   std::size_t max_queued_per_client = 0;           // [quota] max_queued_per_client.
@@ -303,8 +303,8 @@ struct JobsService::Settings {
   std::string default_from_address;                // [smtp] from's address, lower case.
   std::string default_from;                        // [smtp] from.
   std::string message_id_domain;                   // The domain of default_from.
-  std::shared_ptr<const jobs::SmtpMailer> mailer;  // Libcurl settings, for smtp:// and smtps://.
-  std::shared_ptr<const jobs::MaildirWriter> maildir;  // For maildir:PATH, instead of the relay.
+  std::shared_ptr<const mail::SmtpMailer> mailer;  // Libcurl settings, for smtp:// and smtps://.
+  std::shared_ptr<const mail::MaildirWriter> maildir;  // For maildir:PATH, instead of the relay.
   std::chrono::milliseconds retain{0};                 // [jobs] retain.
 };
 
@@ -333,25 +333,25 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
         // Runs on the loop: capture the settings current now; the work runs on the pool.
         const auto settings = settings_;
         return [settings, job, cancel = runner_->cancel_flag()] {
-          const jobs::Email email = jobs::email_from_json(job.payload);
+          const mail::Email email = mail::email_from_json(job.payload);
           const std::string mime =
-              jobs::build_mime(email, settings->default_from,
-                               jobs::make_message_id(job.id, settings->message_id_domain),
+              mail::build_mime(email, settings->default_from,
+                               mail::make_message_id(job.id, settings->message_id_domain),
                                std::chrono::system_clock::now());
-          const jobs::SendResult sent =
+          const mail::SendResult sent =
               settings->maildir
                   ? settings->maildir->deliver(job.id, job.created_ms, mime)
-                  : settings->mailer->send(jobs::envelope_sender(email, settings->default_from),
-                                           jobs::envelope_recipients(email), mime, cancel);
+                  : settings->mailer->send(mail::envelope_sender(email, settings->default_from),
+                                           mail::envelope_recipients(email), mime, cancel);
           using Outcome = jobs::AttemptResult::Outcome;
           switch (sent.outcome) {
-            case jobs::SendOutcome::aborted:
+            case mail::SendOutcome::aborted:
               return jobs::AttemptResult{Outcome::aborted, sent.detail};
-            case jobs::SendOutcome::sent:
+            case mail::SendOutcome::sent:
               return jobs::AttemptResult{Outcome::done, sent.detail};
-            case jobs::SendOutcome::permanent_failure:
+            case mail::SendOutcome::permanent_failure:
               return jobs::AttemptResult{Outcome::permanent_failure, sent.detail};
-            case jobs::SendOutcome::temporary_failure:
+            case mail::SendOutcome::temporary_failure:
               break;
           }
           return jobs::AttemptResult{Outcome::temporary_failure, sent.detail};
@@ -613,22 +613,22 @@ void JobsService::refresh_stats() {
 
 void JobsService::reconfigure(const Config& config) {
   auto settings = std::make_shared<Settings>();
-  settings->limits = static_cast<const jobs::EmailLimits&>(config.jobs);
+  settings->limits = static_cast<const mail::EmailLimits&>(config.jobs);
   settings->max_queued = config.jobs.max_queued;
   settings->max_queued_bytes = config.jobs.max_queued_bytes;
   settings->max_queued_per_client = config.quota.max_queued_per_client;
   settings->policy = config.policy;
   settings->default_from = config.smtp.from;
-  const auto sender = jobs::parse_address(config.smtp.from);
+  const auto sender = mail::parse_address(config.smtp.from);
   if (const auto* problem = std::get_if<std::string>(&sender)) {
     throw std::runtime_error("[smtp] from \"" + config.smtp.from + "\": " + *problem);
   }
-  const std::string& address = std::get<jobs::Address>(sender).addr_spec;
+  const std::string& address = std::get<mail::Address>(sender).addr_spec;
   settings->default_from_address = lower(address);
   settings->message_id_domain = address.substr(address.rfind('@') + 1);
-  if (config.smtp.url.starts_with(jobs::maildir_scheme)) {
-    auto maildir = std::make_shared<const jobs::MaildirWriter>(
-        config.smtp.url.substr(jobs::maildir_scheme.size()));
+  if (config.smtp.url.starts_with(mail::maildir_scheme)) {
+    auto maildir = std::make_shared<const mail::MaildirWriter>(
+        config.smtp.url.substr(mail::maildir_scheme.size()));
     maildir->create_directories();
     const bool changed = !settings_ || !settings_->maildir ||
                          settings_->maildir->directory() != maildir->directory();
@@ -638,7 +638,7 @@ void JobsService::reconfigure(const Config& config) {
     }
     settings->maildir = std::move(maildir);
   } else {
-    settings->mailer = std::make_shared<const jobs::SmtpMailer>(smtp_settings(config.smtp));
+    settings->mailer = std::make_shared<const mail::SmtpMailer>(smtp_settings(config.smtp));
   }
   settings->retain = config.jobs.retain;
   if (config.jobs.max_concurrent >= running_pool_size_) {
@@ -770,18 +770,18 @@ void JobsService::accept_email(http::Request& request, const http::Responder& re
     return;
   }
   const auto settings = settings_;
-  auto parsed = jobs::parse_email_request(request.body(), settings->limits);
-  if (const auto* error = std::get_if<jobs::FieldError>(&parsed)) {
+  auto parsed = mail::parse_email_request(request.body(), settings->limits);
+  if (const auto* error = std::get_if<mail::FieldError>(&parsed)) {
     send_error(responder, 400, error->field, error->message);
     return;
   }
-  const jobs::Email& email = std::get<jobs::Email>(parsed);
+  const mail::Email& email = std::get<mail::Email>(parsed);
   if (const auto refusal =
           check_policy(email, caller, settings->policy, settings->default_from_address)) {
     send_error(responder, refusal->status, refusal->field, refusal->message);
     return;
   }
-  std::string payload = jobs::email_to_json(email);
+  std::string payload = mail::email_to_json(email);
   const auto bytes = static_cast<std::int64_t>(payload.size());
   const std::string owner = caller.owner();
   if (pending_ >= static_cast<std::int64_t>(settings->max_queued)) {
@@ -899,4 +899,4 @@ void JobsService::abort_sends() {
   runner_->abort_attempts();
 }
 
-}  // namespace squall::daemon
+}  // namespace squall::squalld

@@ -13,17 +13,17 @@
 #include <unordered_map>
 
 #include "server/access.hpp"
+#include "server/config.hpp"
 #include "server/webhooks.hpp"
-#include "squall/config/config.hpp"
 #include "squall/core/loop.hpp"
 #include "squall/core/rate_limit.hpp"
 #include "squall/http/router.hpp"
 #include "squall/jobs/runner.hpp"
-#include "squall/jobs/smtp.hpp"
 #include "squall/jobs/store_worker.hpp"
+#include "squall/mail/smtp.hpp"
 #include "squall/metrics/metrics.hpp"
 
-namespace squall::daemon {
+namespace squall::squalld {
 
 class JobsService {
  public:
@@ -115,4 +115,4 @@ class JobsService {
   std::unique_ptr<WebhookDispatcher> webhooks_;  // [webhooks] url set; destroyed first.
 };
 
-}  // namespace squall::daemon
+}  // namespace squall::squalld

@@ -21,9 +21,9 @@
 #include <CLI/CLI.hpp>
 
 #include "server/access.hpp"
+#include "server/config.hpp"
 #include "server/jobs_service.hpp"
 #include "server/routes.hpp"
-#include "squall/config/config.hpp"
 #include "squall/core/loop.hpp"
 #include "squall/core/loop_lag.hpp"
 #include "squall/core/signals.hpp"
@@ -32,9 +32,9 @@
 #include "squall/daemon/systemd.hpp"
 #include "squall/http/router.hpp"
 #include "squall/http/server.hpp"
-#include "squall/jobs/maildir.hpp"
-#include "squall/jobs/smtp.hpp"
 #include "squall/log/log.hpp"
+#include "squall/mail/maildir.hpp"
+#include "squall/mail/smtp.hpp"
 #include "squall/metrics/metrics.hpp"
 
 #ifndef SQUALL_VERSION
@@ -44,6 +44,7 @@
 namespace {
 
 using namespace squall;
+using namespace squall::squalld;
 namespace fs = std::filesystem;
 
 // After the drain deadline, how long sends aborted then may take to end and release their jobs
@@ -87,9 +88,9 @@ void resolve_paths(Config& config, const fs::path& base) {
     config.jobs.store = absolute_from(base, config.jobs.store);
   }
   config.smtp.password_file = absolute_from(base, config.smtp.password_file);
-  if (config.smtp.url.starts_with(jobs::maildir_scheme)) {
-    config.smtp.url = std::string(jobs::maildir_scheme) +
-                      absolute_from(base, config.smtp.url.substr(jobs::maildir_scheme.size()));
+  if (config.smtp.url.starts_with(mail::maildir_scheme)) {
+    config.smtp.url = std::string(mail::maildir_scheme) +
+                      absolute_from(base, config.smtp.url.substr(mail::maildir_scheme.size()));
   }
   config.smtp.ca_file = absolute_from(base, config.smtp.ca_file);
   config.auth.tokens_file = absolute_from(base, config.auth.tokens_file);
@@ -202,7 +203,7 @@ class Squalld {
              [this](double seconds) {
                if (http_metrics_) http_metrics_->observe_loop_lag(seconds);
              }),
-        builtin_(std::make_shared<const daemon::BuiltinRoutes>(daemon::BuiltinRoutes{
+        builtin_(std::make_shared<const squalld::BuiltinRoutes>(squalld::BuiltinRoutes{
             &server_, &lag_, &registry_, started_,
             [this]() -> const char* { return jobs_ ? jobs_->store_status() : nullptr; }})) {
     http_metrics_.emplace(registry_, server_, &lag_, logs_);
@@ -226,8 +227,8 @@ class Squalld {
   void start() {
     // Before anything is bound: an open mail relay on a public address is refused here.
     try {
-      access_ = daemon::AccessControl::build(
-          config_, daemon::exposure_of(config_, !startup_.inherited.empty()));
+      access_ = squalld::AccessControl::build(
+          config_, squalld::exposure_of(config_, !startup_.inherited.empty()));
     } catch (const std::exception& error) {
       throw std::runtime_error(config_name() + ": " + error.what());
     }
@@ -243,7 +244,7 @@ class Squalld {
     // After the privilege drop, so files created here belong to the service user; before the
     // router, so build_router() can add routes that use these services.
     daemon::notify_status("Starting: opening the job store " + config_.jobs.store);
-    jobs_ = std::make_unique<daemon::JobsService>(loop_, config_, registry_);
+    jobs_ = std::make_unique<squalld::JobsService>(loop_, config_, registry_);
     jobs_->start();
     // ---- End of the things that must be ready before READY=1 ------------------------------
 
@@ -269,9 +270,9 @@ class Squalld {
 
   // The routes a configuration asks for: at start and on every reload.
   std::shared_ptr<const http::Router> build_router(
-      const Config& config, std::shared_ptr<const daemon::AccessControl> access) const {
+      const Config& config, std::shared_ptr<const squalld::AccessControl> access) const {
     auto router = std::make_shared<http::Router>();
-    daemon::add_builtin_routes(*router, config.routes, config.auth, builtin_, access);
+    squalld::add_builtin_routes(*router, config.routes, config.auth, builtin_, access);
     if (jobs_) jobs_->add_routes(*router, config, access);
     return router;
   }
@@ -351,8 +352,8 @@ class Squalld {
     // 1. Whatever can fail, before anything changes.
     log::parse_level(next.log.level);
     // The tokens file is read again, so a reload adds and revokes tokens.
-    std::shared_ptr<const daemon::AccessControl> access =
-        daemon::AccessControl::build(next, daemon::exposure_of(next, socket_activated_));
+    std::shared_ptr<const squalld::AccessControl> access =
+        squalld::AccessControl::build(next, squalld::exposure_of(next, socket_activated_));
     std::shared_ptr<const http::Router> router = build_router(next, access);
     http::ServerOptions options = server_options(next);
 
@@ -498,15 +499,15 @@ class Squalld {
   const std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
   http::Server server_;
   LoopLagMonitor lag_;
-  std::optional<daemon::HttpMetrics> http_metrics_;
+  std::optional<squalld::HttpMetrics> http_metrics_;
   // Declared after server_, so destroyed first: its pending answers go before connections do.
-  std::unique_ptr<daemon::JobsService> jobs_;
+  std::unique_ptr<squalld::JobsService> jobs_;
   Loop::TimerId drain_deadline_ = 0;  // Stops the loop if sends outlive timeouts.drain.
-  std::shared_ptr<const daemon::BuiltinRoutes> builtin_;  // What the built-in routes read.
-  std::shared_ptr<const daemon::AccessControl> access_;   // Tokens and rules in force.
-  std::vector<OpenListener> listeners_;                   // In the configured order.
-  bool socket_activated_ = false;                         // The listeners came from systemd.
-  bool stopping_ = false;                                 // SIGTERM or SIGINT arrived.
+  std::shared_ptr<const squalld::BuiltinRoutes> builtin_;  // What the built-in routes read.
+  std::shared_ptr<const squalld::AccessControl> access_;   // Tokens and rules in force.
+  std::vector<OpenListener> listeners_;                    // In the configured order.
+  bool socket_activated_ = false;                          // The listeners came from systemd.
+  bool stopping_ = false;                                  // SIGTERM or SIGINT arrived.
   int exit_code_ = 0;
   std::optional<daemon::Watchdog> watchdog_;
   std::optional<SignalWatcher> on_term_;
@@ -573,7 +574,7 @@ int main(int argc, char** argv) {
   }
   if (!command_line.new_token.empty()) {
     try {
-      std::cout << daemon::new_token_text(command_line.new_token);
+      std::cout << squalld::new_token_text(command_line.new_token);
     } catch (const std::exception& error) {
       std::cerr << "squalld: --new-token: " << error.what() << "\n";
       return 1;
@@ -581,7 +582,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   // libcurl's global state must be set up before any thread exists.
-  jobs::global_init();
+  mail::global_init();
 
   // Paths are relative to the starting directory, also after --daemon's chdir("/").
   std::error_code cwd_error;
@@ -603,11 +604,11 @@ int main(int argc, char** argv) {
         command_line.config_path.empty() ? "built-in defaults" : command_line.config_path;
     // Sockets passed by systemd count as public; a check run by hand sees none.
     const bool inherited = std::getenv("LISTEN_FDS") != nullptr;
-    const daemon::Exposure exposure = daemon::exposure_of(config, inherited);
+    const squalld::Exposure exposure = squalld::exposure_of(config, inherited);
     try {
-      const auto access = daemon::AccessControl::build(config, exposure);
+      const auto access = squalld::AccessControl::build(config, exposure);
       std::cout << "squalld: " << name << ": configuration is valid\n"
-                << "squalld: access: " << daemon::describe_access(config, exposure, *access)
+                << "squalld: access: " << squalld::describe_access(config, exposure, *access)
                 << "\n";
     } catch (const std::exception& error) {
       std::cerr << "squalld: " << name << ": " << error.what() << "\n";

@@ -4,7 +4,7 @@
 
 #include <nlohmann/json.hpp>
 
-namespace squall::daemon {
+namespace squall::squalld {
 
 namespace {
 constexpr std::string_view kStatusClasses[5] = {"1xx", "2xx", "3xx", "4xx", "5xx"};
@@ -163,4 +163,4 @@ void add_builtin_routes(http::Router& router, const RoutesConfig& enabled, const
   }
 }
 
-}  // namespace squall::daemon
+}  // namespace squall::squalld

@@ -11,14 +11,14 @@
 #include <vector>
 
 #include "server/access.hpp"
-#include "squall/config/config.hpp"
+#include "server/config.hpp"
 #include "squall/core/loop_lag.hpp"
 #include "squall/http/router.hpp"
 #include "squall/http/server.hpp"
 #include "squall/log/log.hpp"
 #include "squall/metrics/metrics.hpp"
 
-namespace squall::daemon {
+namespace squall::squalld {
 
 // Request and connection metrics fed by the server's per-request observer. The metric families
 // are registered once; the per-route counters follow the router (set_routes), so a reload that
@@ -64,4 +64,4 @@ void add_builtin_routes(http::Router& router, const RoutesConfig& enabled, const
                         std::shared_ptr<const BuiltinRoutes> routes,
                         std::shared_ptr<const AccessControl> access);
 
-}  // namespace squall::daemon
+}  // namespace squall::squalld

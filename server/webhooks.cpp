@@ -11,7 +11,7 @@
 #include <openssl/hmac.h>
 #include <spdlog/spdlog.h>
 
-namespace squall::daemon {
+namespace squall::squalld {
 
 namespace {
 
@@ -236,4 +236,4 @@ void WebhookDispatcher::record(const std::string& id, jobs::WebhookState state,
   }
 }
 
-}  // namespace squall::daemon
+}  // namespace squall::squalld

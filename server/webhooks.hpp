@@ -19,7 +19,7 @@
 #include "squall/jobs/store_worker.hpp"
 #include "squall/metrics/metrics.hpp"
 
-namespace squall::daemon {
+namespace squall::squalld {
 
 // The signature header's value for `body` sent at `unix_seconds`:
 // "t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>" (Stripe's scheme).
@@ -81,4 +81,4 @@ class WebhookDispatcher {
   metrics::Gauge* pending_ = nullptr;          // squall_webhooks_pending.
 };
 
-}  // namespace squall::daemon
+}  // namespace squall::squalld

@@ -73,7 +73,7 @@ def test_install_lays_out_headers_libraries_and_pkg_config_files(installed):
     # Internal headers stay out of the installed tree.
     assert not (root / "include/squall/http/connection.hpp").exists()
     assert not (root / "include/squall/http/parser.hpp").exists()
-    for name in ("squall", "squall-client", "squall-jobs", "squall-daemon"):
+    for name in ("squall", "squall-client", "squall-jobs", "squall-mail", "squall-daemon"):
         assert (root / f"lib/lib{name}.a").is_file()
         assert (root / f"lib/pkgconfig/{name}.pc").is_file()
         real = root / f"lib/lib{name}.so.0.1.0"

@@ -1,6 +1,6 @@
 // The config loader: toml++ does the TOML syntax; everything after that is ours, so that every
 // mistake in the file is reported with its line, table and key instead of being ignored.
-#include "squall/config/config.hpp"
+#include "server/config.hpp"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -20,7 +20,7 @@
 
 #include <toml++/toml.h>
 
-namespace squall {
+namespace squall::squalld {
 
 namespace {
 
@@ -540,7 +540,7 @@ class Loader {
     }
     const bool implicit_tls = config_.smtp.url.rfind("smtps://", 0) == 0;
     if (!config_.smtp.username.empty() && !implicit_tls &&
-        config_.smtp.starttls != jobs::SmtpSettings::StartTls::required) {
+        config_.smtp.starttls != mail::SmtpSettings::StartTls::required) {
       // With "opportunistic", a relay (or anyone in between) that offers no STARTTLS gets
       // the password in clear text; with "off" everyone on the path does.
       fail_seen(username_where_, "smtp", "username",
@@ -745,9 +745,9 @@ class Loader {
   const std::vector<Field> smtp_fields_{
       method("url", &Loader::load_smtp_url),
       choice("starttls", config_.smtp.starttls,
-             {{"off", jobs::SmtpSettings::StartTls::off},
-              {"opportunistic", jobs::SmtpSettings::StartTls::opportunistic},
-              {"required", jobs::SmtpSettings::StartTls::required}}),
+             {{"off", mail::SmtpSettings::StartTls::off},
+              {"opportunistic", mail::SmtpSettings::StartTls::opportunistic},
+              {"required", mail::SmtpSettings::StartTls::required}}),
       remembered(text("username", config_.smtp.username, true), username_where_),
       text("password_file", config_.smtp.password_file, true),
       remembered(text("password_env", config_.smtp.password_env, true), password_where_),
@@ -963,4 +963,4 @@ Config load_config_string(std::string_view toml_text, const std::string& source_
   return Loader(source_name).load(root);
 }
 
-}  // namespace squall
+}  // namespace squall::squalld

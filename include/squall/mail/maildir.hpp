@@ -7,9 +7,9 @@
 #include <string>
 #include <string_view>
 
-#include "squall/jobs/smtp.hpp"
+#include "squall/mail/smtp.hpp"
 
-namespace squall::jobs {
+namespace squall::mail {
 
 // The URL scheme of [smtp] url that selects this transport: "maildir:PATH".
 inline constexpr std::string_view maildir_scheme = "maildir:";
@@ -45,4 +45,4 @@ class MaildirWriter {
 // This machine's name for Maildir file names: gethostname with '/' as "\057" and ':' as "\072".
 std::string maildir_host_name();
 
-}  // namespace squall::jobs
+}  // namespace squall::mail

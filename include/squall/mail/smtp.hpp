@@ -10,7 +10,7 @@
 #include <string_view>
 #include <vector>
 
-namespace squall::jobs {
+namespace squall::mail {
 
 struct SmtpSettings {
   // smtp://host:port (STARTTLS per starttls) or smtps://host:port (TLS from the start). A path
@@ -74,4 +74,4 @@ class SmtpMailer {
   bool implicit_tls_;        // smtps://
 };
 
-}  // namespace squall::jobs
+}  // namespace squall::mail

@@ -10,7 +10,7 @@
 #include <variant>
 #include <vector>
 
-namespace squall::jobs {
+namespace squall::mail {
 
 // One email as requested. Addresses keep the spelling the client sent ("a@b.c" or
 // "Name <a@b.c>"); build_mime re-encodes display names. from and reply_to may be empty: the
@@ -90,4 +90,4 @@ std::vector<std::string> envelope_recipients(const Email& email);
 // go where the From header points. Throws std::invalid_argument on an unparsable address.
 std::string envelope_sender(const Email& email, std::string_view default_from);
 
-}  // namespace squall::jobs
+}  // namespace squall::mail

@@ -1,4 +1,4 @@
-#include "squall/jobs/maildir.hpp"
+#include "squall/mail/maildir.hpp"
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -11,7 +11,7 @@
 #include <stdexcept>
 #include <utility>
 
-namespace squall::jobs {
+namespace squall::mail {
 namespace {
 
 std::string system_reason(int error) {
@@ -152,4 +152,4 @@ SendResult MaildirWriter::deliver(std::string_view job_id, std::int64_t created_
   return SendResult{SendOutcome::sent, 0, "written to " + final_path};
 }
 
-}  // namespace squall::jobs
+}  // namespace squall::mail

@@ -1,4 +1,4 @@
-#include "squall/jobs/email.hpp"
+#include "squall/mail/email.hpp"
 
 #include <doctest/doctest.h>
 
@@ -10,7 +10,7 @@
 #include <string_view>
 #include <vector>
 
-using namespace squall::jobs;
+using namespace squall::mail;
 using namespace std::chrono;
 
 namespace {

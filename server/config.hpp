@@ -10,11 +10,11 @@
 #include <vector>
 
 #include "squall/http/limits.hpp"
-#include "squall/jobs/email.hpp"
 #include "squall/jobs/runner.hpp"
-#include "squall/jobs/smtp.hpp"
+#include "squall/mail/email.hpp"
+#include "squall/mail/smtp.hpp"
 
-namespace squall {
+namespace squall::squalld {
 
 using Duration = std::chrono::milliseconds;
 
@@ -84,10 +84,10 @@ struct RoutesConfig {
   bool operator==(const RoutesConfig&) const = default;
 };
 
-// [smtp]: the relay (jobs::SmtpSettings: url, starttls, username, connect_timeout, timeout,
+// [smtp]: the relay (mail::SmtpSettings: url, starttls, username, connect_timeout, timeout,
 // ca_file, tls_verify; each key is the field of the same name) and what only squalld has. The
 // password field is not a key: squalld fills it from password_file or password_env.
-struct SmtpConfig : jobs::SmtpSettings {
+struct SmtpConfig : mail::SmtpSettings {
   std::string password_file;              // [smtp] password_file: a file holding it
   std::string password_env;               // [smtp] password_env: or an environment variable
   std::string from = "squall@localhost";  // [smtp] from: the default sender
@@ -98,8 +98,8 @@ enum class Durability { full, normal };
 
 // [jobs]: the runner's options (jobs::RunnerOptions: max_attempts, retry_initial, retry_max,
 // lease, poll_interval; max_concurrent is the key max_concurrent_sends), the POST /email bounds
-// (jobs::EmailLimits: max_recipients, max_email_bytes) and the queue's own settings.
-struct JobsConfig : jobs::RunnerOptions, jobs::EmailLimits {
+// (mail::EmailLimits: max_recipients, max_email_bytes) and the queue's own settings.
+struct JobsConfig : jobs::RunnerOptions, mail::EmailLimits {
   std::string store = "squall-jobs.db";      // [jobs] store: the SQLite database's path
   Durability durability = Durability::full;  // [jobs] durability: full (fsync per commit), normal
   std::size_t max_queued = 100000;           // [jobs] max_queued: beyond it POST /email is 503
@@ -181,4 +181,4 @@ Config load_config_file(const std::string& path);
 // The same, from text already in memory; `source_name` is used in error messages.
 Config load_config_string(std::string_view toml_text, const std::string& source_name);
 
-}  // namespace squall
+}  // namespace squall::squalld

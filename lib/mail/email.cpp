@@ -1,4 +1,4 @@
-#include "squall/jobs/email.hpp"
+#include "squall/mail/email.hpp"
 
 #include <arpa/inet.h>
 
@@ -13,7 +13,7 @@
 
 #include <nlohmann/json.hpp>
 
-namespace squall::jobs {
+namespace squall::mail {
 namespace {
 
 using Json = nlohmann::json;
@@ -1001,4 +1001,4 @@ std::string envelope_sender(const Email& email, std::string_view default_from) {
   return parse_or_throw(from, "envelope_sender: the sender").addr_spec;
 }
 
-}  // namespace squall::jobs
+}  // namespace squall::mail

@@ -1,4 +1,4 @@
-#include "squall/jobs/smtp.hpp"
+#include "squall/mail/smtp.hpp"
 
 #include <curl/curl.h>
 #include <sys/socket.h>
@@ -11,7 +11,7 @@
 #include <stdexcept>
 #include <utility>
 
-namespace squall::jobs {
+namespace squall::mail {
 namespace {
 
 // What the debug callback saw of the SMTP dialogue: the last complete reply and the command it
@@ -376,4 +376,4 @@ SendResult SmtpMailer::send(std::string_view envelope_from,
   return result;
 }
 
-}  // namespace squall::jobs
+}  // namespace squall::mail

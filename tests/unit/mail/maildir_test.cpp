@@ -1,6 +1,6 @@
 // The Maildir transport: one complete file per message in new/, the same name on every attempt,
 // failures reported as temporary; and the configuration that selects it.
-#include "squall/jobs/maildir.hpp"
+#include "squall/mail/maildir.hpp"
 
 #include <doctest/doctest.h>
 #include <sys/stat.h>
@@ -10,10 +10,10 @@
 #include <string>
 #include <vector>
 
-#include "squall/config/config.hpp"
+#include "server/config.hpp"
 #include "test_support.hpp"
 
-namespace squall::jobs {
+namespace squall::mail {
 namespace {
 
 namespace fs = std::filesystem;
@@ -113,17 +113,18 @@ TEST_CASE("the host part of a file name escapes '/' and ':' as the Maildir spec 
 
 TEST_CASE(
     "[smtp] url takes maildir:PATH, and config/dev.toml differs from the defaults only there") {
-  const Config config = load_config_string("[smtp]\nurl = \"maildir:/var/mail/squall\"\n", "t");
+  const squalld::Config config =
+      squalld::load_config_string("[smtp]\nurl = \"maildir:/var/mail/squall\"\n", "t");
   CHECK(config.smtp.url == "maildir:/var/mail/squall");
-  CHECK_THROWS_WITH_AS(load_config_string("[smtp]\nurl = \"maildir:\"\n", "t.toml"),
+  CHECK_THROWS_WITH_AS(squalld::load_config_string("[smtp]\nurl = \"maildir:\"\n", "t.toml"),
                        "t.toml:2: [smtp] url: \"maildir:\" needs a directory, e.g. "
                        "\"maildir:squall-mail\"",
-                       ConfigError);
-  Config dev = load_config_file("config/dev.toml");
+                       squalld::ConfigError);
+  squalld::Config dev = squalld::load_config_file("config/dev.toml");
   CHECK(dev.smtp.url == "maildir:squall-mail");
-  dev.smtp.url = Config{}.smtp.url;
-  CHECK(dev == Config{});
+  dev.smtp.url = squalld::Config{}.smtp.url;
+  CHECK(dev == squalld::Config{});
 }
 
 }  // namespace
-}  // namespace squall::jobs
+}  // namespace squall::mail

@@ -1,6 +1,6 @@
 // Tests for the config layer: the value parsers, the TOML loader, its error messages, and the
 // shipped config/squalld.toml.
-#include "squall/config/config.hpp"
+#include "server/config.hpp"
 
 #include <doctest/doctest.h>
 
@@ -11,7 +11,7 @@
 #include <string>
 #include <string_view>
 
-namespace squall {
+namespace squall::squalld {
 namespace {
 
 using namespace std::chrono_literals;
@@ -524,10 +524,10 @@ TEST_CASE("the shipped config/squalld.toml loads and holds exactly the defaults"
   CHECK(config == Config{});
 }
 
-}  // namespace squall
+}  // namespace squall::squalld
 
 TEST_CASE("[smtp] and [jobs] keys load and are checked against each other") {
-  const squall::Config config = squall::load_config_string(R"(
+  const squall::squalld::Config config = squall::squalld::load_config_string(R"(
 [server]
 thread_pool_size = 8
 user = "squall"
@@ -548,14 +548,14 @@ max_email_bytes = "64KiB"
 [routes]
 email = false
 )",
-                                                           "t.toml");
+                                                                             "t.toml");
   CHECK(config.server.thread_pool_size == 8);
   CHECK(config.server.user == "squall");
   CHECK(config.smtp.url == "smtps://mail.example.test:465");
-  CHECK(config.smtp.starttls == squall::jobs::SmtpSettings::StartTls::required);
+  CHECK(config.smtp.starttls == squall::mail::SmtpSettings::StartTls::required);
   CHECK(config.smtp.password_env == "SQUALL_SMTP_PASSWORD");
-  CHECK(config.smtp.timeout == squall::Duration(30'000));
-  CHECK(config.jobs.durability == squall::Durability::normal);
+  CHECK(config.smtp.timeout == squall::squalld::Duration(30'000));
+  CHECK(config.jobs.durability == squall::squalld::Durability::normal);
   CHECK(config.jobs.max_concurrent == 4);
   CHECK(config.jobs.max_email_bytes == 64 * 1024);
   CHECK_FALSE(config.routes.email);
@@ -565,8 +565,8 @@ email = false
 TEST_CASE("sends must leave libuv's pool a thread; errors name the key and line") {
   const auto message = [](const char* text) {
     try {
-      squall::load_config_string(text, "t.toml");
-    } catch (const squall::ConfigError& error) {
+      squall::squalld::load_config_string(text, "t.toml");
+    } catch (const squall::squalld::ConfigError& error) {
       return std::string(error.what());
     }
     return std::string("no error");
@@ -589,15 +589,15 @@ TEST_CASE("sends must leave libuv's pool a thread; errors name the key and line"
 }
 
 TEST_CASE("[jobs] retain takes days, up to ten years") {
-  CHECK(squall::Config{}.jobs.retain == std::chrono::hours(24 * 7));
-  CHECK(squall::load_config_string("[jobs]\nretain = \"30d\"\n", "t.toml").jobs.retain ==
+  CHECK(squall::squalld::Config{}.jobs.retain == std::chrono::hours(24 * 7));
+  CHECK(squall::squalld::load_config_string("[jobs]\nretain = \"30d\"\n", "t.toml").jobs.retain ==
         std::chrono::hours(24 * 30));
-  CHECK(squall::load_config_string("[jobs]\nretain = \"90s\"\n", "t.toml").jobs.retain ==
+  CHECK(squall::squalld::load_config_string("[jobs]\nretain = \"90s\"\n", "t.toml").jobs.retain ==
         std::chrono::seconds(90));
   try {
-    squall::load_config_string("[jobs]\nretain = \"3651d\"\n", "t.toml");
+    squall::squalld::load_config_string("[jobs]\nretain = \"3651d\"\n", "t.toml");
     FAIL("no error");
-  } catch (const squall::ConfigError& error) {
+  } catch (const squall::squalld::ConfigError& error) {
     CHECK(std::string(error.what()) ==
           "t.toml:2: [jobs] retain: must be at most 87600h, got \"3651d\"");
   }
@@ -606,8 +606,8 @@ TEST_CASE("[jobs] retain takes days, up to ten years") {
 TEST_CASE("an SMTP username needs smtps:// or starttls = required; TLS keys load") {
   const auto message = [](const char* text) {
     try {
-      squall::load_config_string(text, "t.toml");
-    } catch (const squall::ConfigError& error) {
+      squall::squalld::load_config_string(text, "t.toml");
+    } catch (const squall::squalld::ConfigError& error) {
       return std::string(error.what());
     }
     return std::string("no error");
@@ -620,13 +620,13 @@ TEST_CASE("an SMTP username needs smtps:// or starttls = required; TLS keys load
   CHECK(message("[smtp]\nusername = \"robot\"\nstarttls = \"off\"\n") == "t.toml:2" + expected);
   CHECK(message("[smtp]\nusername = \"robot\"\nstarttls = \"required\"\n") == "no error");
   CHECK(message("[smtp]\nusername = \"robot\"\nurl = \"smtps://relay:465\"\n") == "no error");
-  const squall::Config config = squall::load_config_string(
+  const squall::squalld::Config config = squall::squalld::load_config_string(
       "[smtp]\nca_file = \"/etc/squall/relay-ca.pem\"\ntls_verify = false\n", "t.toml");
   CHECK(config.smtp.ca_file == "/etc/squall/relay-ca.pem");
   CHECK_FALSE(config.smtp.tls_verify);
-  CHECK(squall::Config{}.smtp.tls_verify);
+  CHECK(squall::squalld::Config{}.smtp.tls_verify);
 }
-namespace squall {
+namespace squall::squalld {
 
 TEST_CASE("[auth], [policy] and [quota] load, and their mistakes name key and line") {
   const Config config = load_config_string(
@@ -669,7 +669,7 @@ TEST_CASE("[auth], [policy] and [quota] load, and their mistakes name key and li
 }
 
 TEST_CASE("[webhooks]: url, secret_file, timeout, max_attempts") {
-  const squall::Config config = squall::load_config_string(
+  const squall::squalld::Config config = squall::squalld::load_config_string(
       "[webhooks]\nurl = \"https://hooks.example.com/squall\"\nsecret_file = \"hook.key\"\n"
       "timeout = \"3s\"\nmax_attempts = 4\n",
       "test.toml");
@@ -677,7 +677,7 @@ TEST_CASE("[webhooks]: url, secret_file, timeout, max_attempts") {
   CHECK(config.webhooks.secret_file == "hook.key");
   CHECK(config.webhooks.timeout == std::chrono::milliseconds(3000));
   CHECK(config.webhooks.max_attempts == 4);
-  CHECK(squall::Config{}.webhooks.url.empty());  // Off by default.
+  CHECK(squall::squalld::Config{}.webhooks.url.empty());  // Off by default.
   CHECK(load_error("[webhooks]\nurl = \"http://127.0.0.1:9/x\"\n") ==
         "test.toml:2: [webhooks] url: webhooks need [webhooks] secret_file (the key they are "
         "signed with)");
@@ -690,4 +690,4 @@ TEST_CASE("[webhooks]: url, secret_file, timeout, max_attempts") {
                          "max_attempts:"));
 }
 
-}  // namespace squall
+}  // namespace squall::squalld
