@@ -18,6 +18,7 @@
 #include "squall/core/loop.hpp"
 #include "squall/core/rate_limit.hpp"
 #include "squall/http/router.hpp"
+#include "squall/jobs/email.hpp"
 #include "squall/jobs/runner.hpp"
 #include "squall/jobs/smtp.hpp"
 #include "squall/jobs/store_worker.hpp"
@@ -112,6 +113,7 @@ class JobsService {
   QuotaConfig rates_in_use_;                        // What the limiters were built with.
   std::unordered_map<std::uint64_t, http::Responder> parked_;  // Answers waiting for the store.
   std::uint64_t next_ticket_ = 1;                              // Never reused.
+  jobs::EmailRequestParser email_parser_;        // POST /email bodies, on the loop thread.
   std::unique_ptr<WebhookDispatcher> webhooks_;  // [webhooks] url set; destroyed first.
 };
 
