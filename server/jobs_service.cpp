@@ -356,8 +356,19 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
   running_pool_size_ = config.server.thread_pool_size;
   reconfigure(config);
   const bool synchronous_full = config.jobs.durability == Durability::full;
+  auto store = jobs::open_sqlite_store(config.jobs.store, synchronous_full);
+  // The shares of the jobs already waiting, read before the loop runs and so before the first
+  // request: read later, on the store thread, a restart left a window in which a client could
+  // exceed its share.
+  for (const jobs::OwnerUsage& owner : store->pending_by_owner()) {
+    pending_ += owner.jobs;
+    pending_bytes_ += owner.bytes;
+    Usage& share = usage_[owner.owner];
+    share.jobs += owner.jobs;
+    share.bytes += owner.bytes;
+  }
   store_ = std::make_unique<jobs::StoreWorker>(
-      jobs::open_sqlite_store(config.jobs.store, synchronous_full),
+      std::move(store),
       [&loop](std::function<void()> callback) { loop.call_soon(std::move(callback)); });
   stats_reader_ = jobs::open_sqlite_store(config.jobs.store, synchronous_full);
   // After the store opened, so that a missing directory or a foreign file is reported as such.
@@ -432,7 +443,6 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
     spdlog::info("jobs: webhooks go to {} ([webhooks] url)", config.webhooks.url);
   }
 
-  std::weak_ptr<bool> alive = alive_;
   if (store_lock_->acquired()) {
     // No other process of this node uses the store: whatever is `sending` was being sent by a
     // process that is gone (kill -9, a crash). Due at once rather than after its lease.
@@ -446,20 +456,6 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
       }
     });
   }
-  store_->run([this, alive, &loop](jobs::JobStore& store) {
-    auto usage = store.pending_by_owner();
-    loop.call_soon([this, alive, usage = std::move(usage)] {
-      const auto still = alive.lock();
-      if (!still || !*still) return;
-      for (const jobs::OwnerUsage& owner : usage) {
-        pending_ += owner.jobs;
-        pending_bytes_ += owner.bytes;
-        Usage& share = usage_[owner.owner];
-        share.jobs += owner.jobs;
-        share.bytes += owner.bytes;
-      }
-    });
-  });
 
   auto& by_state = registry.gauge("squall_jobs",
                                   "Jobs in the store by state (refreshed every "
