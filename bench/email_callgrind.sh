@@ -166,7 +166,8 @@ EOF
   squalld_pid=""
   # The dump after zeroing: one file per thread, callgrind.out.<dump>-<thread>; thread 01 is
   # the main thread, which runs the loop.
-  loop_file=$(ls "$run_dir"/callgrind.out.*-01 | sort | tail -n 1)
+  loop_files=("$run_dir"/callgrind.out.*-01)  # Sorted: the numbered dump (.1-01) comes last.
+  loop_file=${loop_files[-1]}
   store_ir=0
   for file in "$run_dir"/callgrind.out.*-*; do
     [[ $file == "${loop_file%-01}"-* ]] || continue
@@ -186,6 +187,7 @@ done
 {
   printf '# POST /email: instructions per accept (callgrind)\n\n'
   printf -- '- date: %s\n' "$(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+  # shellcheck disable=SC2016 # The backquotes are Markdown.
   printf -- '- command: `REQUESTS=%s WARMUP=%s CONNECTIONS=%s DURABILITY=%s %s %s`\n\n' \
     "$REQUESTS" "$WARMUP" "$CONNECTIONS" "$DURABILITY" "$0" "${binaries[*]}"
   printf '| squalld | loop thread Ir per accept | busiest other thread Ir per accept |\n'
