@@ -10,6 +10,7 @@
 #include <fstream>
 #include <limits>
 #include <optional>
+#include <span>
 #include <stdexcept>
 
 #include <spdlog/spdlog.h>
@@ -125,6 +126,22 @@ void send_json(const http::Responder& responder, int status, const nlohmann::jso
                  body.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
 }
 
+// The answer to an accepted POST /email: Location and {"id": ..., "status": ...}, the bytes
+// send_json writes for that object, without building one (a job id is hex digits and a state
+// name a word: neither needs escaping).
+void send_accepted(const http::Responder& responder, int status, const jobs::Job& job) {
+  constexpr std::string_view kJobsPath = "/jobs/";
+  constexpr std::string_view kIdKey = R"({"id":")", kStatusKey = R"(","status":")";
+  const std::string_view state = jobs::to_string(job.state);
+  std::string text;
+  text.reserve(kIdKey.size() + kStatusKey.size() + job.id.size() + state.size() + 3);
+  text.append(kJobsPath).append(job.id);
+  responder.header("Location", text);
+  text.clear();
+  text.append(kIdKey).append(job.id).append(kStatusKey).append(state).append("\"}\n");
+  responder.send(status, kJsonType, text);
+}
+
 void send_error(const http::Responder& responder, int status, std::string_view field,
                 std::string_view message) {
   nlohmann::json body = {{"error", message}};
@@ -187,10 +204,11 @@ std::string lower(std::string_view text) {
   return out;
 }
 
-// Whether `domain` (lower case) is `parent` or one of its subdomains.
+// Whether `domain` is `parent` (lower case) or one of its subdomains, ASCII case ignored.
 bool in_domain(std::string_view domain, std::string_view parent) {
-  if (domain == parent) return true;
-  return domain.size() > parent.size() && domain.ends_with(parent) &&
+  if (http::iequals(domain, parent)) return true;
+  return domain.size() > parent.size() &&
+         http::iequals(domain.substr(domain.size() - parent.size()), parent) &&
          domain[domain.size() - parent.size() - 1] == '.';
 }
 
@@ -202,43 +220,45 @@ struct Refusal {
 
 // The sender and recipient policy: a token may send from the default sender and from the
 // addresses and domains its tokens-file line lists (an anonymous caller from the default only);
-// recipients must pass [policy]. A refusal names the field.
-std::optional<Refusal> check_policy(const mail::Email& email, const Caller& caller,
+// recipients must pass [policy]. A refusal names the field. The addresses were validated with
+// the request; the settings they are compared with are lower case (config and tokens file), so
+// comparisons ignore ASCII case instead of lowering a copy of each address.
+std::optional<Refusal> check_policy(const mail::EmailRequestView& email, const Caller& caller,
                                     const PolicyConfig& policy,
                                     std::string_view default_from_address) {
   if (!email.from.empty()) {
-    const auto parsed = mail::parse_address(email.from);
-    const auto* address = std::get_if<mail::Address>(&parsed);
-    if (address == nullptr) return Refusal{400, "from", "is not a valid address"};
-    const std::string from = lower(address->addr_spec);
-    const std::string domain = from.substr(from.rfind('@'));  // "@example.com"
-    bool allowed = from == default_from_address;
+    const std::string_view from = mail::bare_address(email.from);
+    const std::string_view domain = from.substr(from.rfind('@'));  // "@example.com"
+    bool allowed = http::iequals(from, default_from_address);
     if (caller.token != nullptr) {
       for (const std::string& sender : caller.token->senders) {
-        if (sender == from || sender == domain) allowed = true;
+        if (http::iequals(from, sender) || http::iequals(domain, sender)) allowed = true;
       }
     }
     if (!allowed) {
       return Refusal{403, "from",
                      caller.token != nullptr
-                         ? "token " + caller.token->name + " may not send from " + from +
+                         ? "token " + caller.token->name + " may not send from " + lower(from) +
                                " (its from= list in [auth] tokens_file)"
                          : "callers without a token may only send from [smtp] from"};
     }
   }
-  const std::pair<const char*, const std::vector<std::string>*> lists[] = {
-      {"to", &email.to}, {"cc", &email.cc}, {"bcc", &email.bcc}};
+  if (policy.ip_literal_recipients && policy.blocked_recipient_domains.empty() &&
+      policy.recipient_domains.empty()) {
+    return std::nullopt;  // Every valid recipient passes.
+  }
+  const std::pair<const char*, std::span<const std::string_view>> lists[] = {
+      {"to", email.to}, {"cc", email.cc}, {"bcc", email.bcc}};
   for (const auto& [field, list] : lists) {
-    for (std::size_t i = 0; i < list->size(); ++i) {
-      const auto parsed = mail::parse_address((*list)[i]);
-      const auto* address = std::get_if<mail::Address>(&parsed);
-      const std::string name = std::string(field) + "[" + std::to_string(i) + "]";
-      if (address == nullptr) return Refusal{400, name, "is not a valid address"};
-      const std::string recipient = lower(address->addr_spec);
-      const std::string domain = recipient.substr(recipient.rfind('@') + 1);
+    for (std::size_t i = 0; i < list.size(); ++i) {
+      const std::string_view recipient = mail::bare_address(list[i]);
+      const std::string_view domain = recipient.substr(recipient.rfind('@') + 1);
+      const auto name = [&, field = field] {
+        return std::string(field) + "[" + std::to_string(i) + "]";
+      };
       if (!domain.empty() && domain.front() == '[') {
         if (!policy.ip_literal_recipients) {
-          return Refusal{400, name,
+          return Refusal{400, name(),
                          "IP-literal recipients are not allowed ([policy] "
                          "ip_literal_recipients)"};
         }
@@ -246,16 +266,17 @@ std::optional<Refusal> check_policy(const mail::Email& email, const Caller& call
       }
       for (const std::string& blocked : policy.blocked_recipient_domains) {
         if (in_domain(domain, blocked)) {
-          return Refusal{
-              400, name,
-              "the domain " + domain + " is not allowed ([policy] blocked_recipient_domains)"};
+          return Refusal{400, name(),
+                         "the domain " + lower(domain) +
+                             " is not allowed ([policy] blocked_recipient_domains)"};
         }
       }
       if (!policy.recipient_domains.empty() &&
           std::none_of(policy.recipient_domains.begin(), policy.recipient_domains.end(),
                        [&](const std::string& allowed) { return in_domain(domain, allowed); })) {
-        return Refusal{400, name,
-                       "the domain " + domain + " is not allowed ([policy] recipient_domains)"};
+        return Refusal{
+            400, name(),
+            "the domain " + lower(domain) + " is not allowed ([policy] recipient_domains)"};
       }
     }
   }
@@ -314,8 +335,19 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
   running_pool_size_ = config.server.thread_pool_size;
   reconfigure(config);
   const bool synchronous_full = config.jobs.durability == Durability::full;
+  auto store = jobs::open_sqlite_store(config.jobs.store, synchronous_full);
+  // The shares of the jobs already waiting, read before the loop runs and so before the first
+  // request: read later, on the store thread, a restart left a window in which a client could
+  // exceed its share.
+  for (const jobs::OwnerUsage& owner : store->pending_by_owner()) {
+    pending_ += owner.jobs;
+    pending_bytes_ += owner.bytes;
+    Usage& share = usage_[owner.owner];
+    share.jobs += owner.jobs;
+    share.bytes += owner.bytes;
+  }
   store_ = std::make_unique<jobs::StoreWorker>(
-      jobs::open_sqlite_store(config.jobs.store, synchronous_full),
+      std::move(store),
       [&loop](std::function<void()> callback) { loop.call_soon(std::move(callback)); });
   stats_reader_ = jobs::open_sqlite_store(config.jobs.store, synchronous_full);
   // After the store opened, so that a missing directory or a foreign file is reported as such.
@@ -390,7 +422,6 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
     spdlog::info("jobs: webhooks go to {} ([webhooks] url)", config.webhooks.url);
   }
 
-  std::weak_ptr<bool> alive = alive_;
   if (store_lock_->acquired()) {
     // No other process of this node uses the store: whatever is `sending` was being sent by a
     // process that is gone (kill -9, a crash). Due at once rather than after its lease.
@@ -404,20 +435,6 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
       }
     });
   }
-  store_->run([this, alive, &loop](jobs::JobStore& store) {
-    auto usage = store.pending_by_owner();
-    loop.call_soon([this, alive, usage = std::move(usage)] {
-      const auto still = alive.lock();
-      if (!still || !*still) return;
-      for (const jobs::OwnerUsage& owner : usage) {
-        pending_ += owner.jobs;
-        pending_bytes_ += owner.bytes;
-        Usage& share = usage_[owner.owner];
-        share.jobs += owner.jobs;
-        share.bytes += owner.bytes;
-      }
-    });
-  });
 
   auto& by_state = registry.gauge("squall_jobs",
                                   "Jobs in the store by state (refreshed every "
@@ -770,18 +787,16 @@ void JobsService::accept_email(http::Request& request, const http::Responder& re
     return;
   }
   const auto settings = settings_;
-  auto parsed = mail::parse_email_request(request.body(), settings->limits);
-  if (const auto* error = std::get_if<mail::FieldError>(&parsed)) {
+  if (auto error = email_parser_.parse(request.body(), settings->limits)) {
     send_error(responder, 400, error->field, error->message);
     return;
   }
-  const mail::Email& email = std::get<mail::Email>(parsed);
-  if (const auto refusal =
-          check_policy(email, caller, settings->policy, settings->default_from_address)) {
+  if (const auto refusal = check_policy(email_parser_.request(), caller, settings->policy,
+                                        settings->default_from_address)) {
     send_error(responder, refusal->status, refusal->field, refusal->message);
     return;
   }
-  std::string payload = mail::email_to_json(email);
+  std::string& payload = email_parser_.payload();
   const auto bytes = static_cast<std::int64_t>(payload.size());
   const std::string owner = caller.owner();
   if (pending_ >= static_cast<std::int64_t>(settings->max_queued)) {
@@ -803,12 +818,17 @@ void JobsService::accept_email(http::Request& request, const http::Responder& re
     return;
   }
   reserve(owner, bytes);
-  jobs::NewJob job{"email", payload, std::string(key), owner};
+  // Only a request with an Idempotency-Key can meet an earlier job, whose payload it is then
+  // compared with: only then is a copy of the payload kept. The payload itself moves to the
+  // store thread.
+  std::string keyed_payload = key.empty() ? std::string() : payload;
+  jobs::NewJob job{"email", std::move(payload), std::string(key), owner};
   std::weak_ptr<bool> alive = alive_;
   const std::uint64_t ticket = park(responder);
   // The callback runs on the loop, but the worker thread holds (and moves) it until then: it
   // carries the ticket, never the Responder.
-  store_->insert(std::move(job), [this, alive, ticket, owner, bytes, payload = std::move(payload)](
+  store_->insert(std::move(job), [this, alive, ticket, owner, bytes,
+                                  payload = std::move(keyed_payload)](
                                      std::variant<jobs::Inserted, std::string> outcome) {
     const auto still = alive.lock();
     if (!still || !*still) return;
@@ -835,10 +855,7 @@ void JobsService::accept_email(http::Request& request, const http::Responder& re
         return;
       }
     }
-    responder.header("Location", "/jobs/" + inserted.job.id);
-    send_json(
-        responder, inserted.created ? 202 : 200,
-        {{"id", inserted.job.id}, {"status", std::string(jobs::to_string(inserted.job.state))}});
+    send_accepted(responder, inserted.created ? 202 : 200, inserted.job);
     if (inserted.created) runner_->poke();
   });
 }

@@ -20,6 +20,7 @@
 #include "squall/http/router.hpp"
 #include "squall/jobs/runner.hpp"
 #include "squall/jobs/store_worker.hpp"
+#include "squall/mail/email.hpp"
 #include "squall/mail/smtp.hpp"
 #include "squall/metrics/metrics.hpp"
 
@@ -112,6 +113,7 @@ class JobsService {
   QuotaConfig rates_in_use_;                        // What the limiters were built with.
   std::unordered_map<std::uint64_t, http::Responder> parked_;  // Answers waiting for the store.
   std::uint64_t next_ticket_ = 1;                              // Never reused.
+  mail::EmailRequestParser email_parser_;        // POST /email bodies, on the loop thread.
   std::unique_ptr<WebhookDispatcher> webhooks_;  // [webhooks] url set; destroyed first.
 };
 

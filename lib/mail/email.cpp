@@ -1,5 +1,7 @@
 #include "squall/mail/email.hpp"
 
+#include "mail/email_dom.hpp"
+
 #include <arpa/inet.h>
 
 #include <array>
@@ -48,7 +50,11 @@ bool is_atext(unsigned char c) {
 }
 
 bool has_cr_lf_nul(std::string_view s) {
-  return s.find_first_of(std::string_view("\r\n\0", 3)) != std::string_view::npos;
+  // A plain loop: find_first_of calls memchr on the three characters for every byte.
+  for (const char c : s) {
+    if (c == '\r' || c == '\n' || c == '\0') return true;
+  }
+  return false;
 }
 
 bool is_control(unsigned char c) {
@@ -168,8 +174,9 @@ std::optional<std::string> check_domain(std::string_view domain) {
   return std::nullopt;
 }
 
-// addr-spec = local-part "@" domain, with the local part a dot-atom or a quoted string.
-std::variant<Address, std::string> parse_addr_spec(std::string_view s) {
+// addr-spec = local-part "@" domain, with the local part a dot-atom or a quoted string. Returns
+// what is wrong, or nullopt.
+std::optional<std::string> check_addr_spec(std::string_view s) {
   if (s.empty()) return std::string("is empty");
   if (s.size() > kMaxAddrSpec) return std::string("is longer than 254 octets");
   std::size_t at = 0;
@@ -222,8 +229,7 @@ std::variant<Address, std::string> parse_addr_spec(std::string_view s) {
       }
     }
   }
-  if (auto error = check_domain(domain)) return std::move(*error);
-  return Address{"", std::string(s)};
+  return check_domain(domain);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -325,13 +331,37 @@ FieldError json_error(std::string_view body, const Json::parse_error& error) {
 }
 
 // An address bound for a header: CR, LF and NUL would let the client add headers of its own.
+std::optional<std::string> check_address_text(std::string_view text, std::string_view& addr_spec,
+                                              std::string* display_name);
+
+// Whether an address bound for a header is acceptable: what check_address refuses, without the
+// error text.
+bool address_ok(std::string_view value) {
+  std::string_view addr_spec;
+  return !has_cr_lf_nul(value) && !check_address_text(value, addr_spec, nullptr);
+}
+
 std::optional<FieldError> check_address(const std::string& field, std::string_view value) {
   if (has_cr_lf_nul(value)) {
     return FieldError{field, "contains CR, LF or NUL (header injection is not allowed)"};
   }
-  auto parsed = parse_address(value);
-  if (auto* reason = std::get_if<std::string>(&parsed)) {
+  std::string_view addr_spec;
+  if (auto reason = check_address_text(value, addr_spec, nullptr)) {
     return FieldError{field, "is not a valid address: " + *reason};
+  }
+  return std::nullopt;
+}
+
+// The subject goes into a header: no line breaks, no control characters but tab.
+std::optional<FieldError> check_subject(std::string_view subject) {
+  if (has_cr_lf_nul(subject)) {
+    return FieldError{"subject", "contains CR, LF or NUL (header injection is not allowed)"};
+  }
+  if (!valid_utf8(subject)) return FieldError{"subject", "is not valid UTF-8"};
+  for (const char c : subject) {
+    if (c != '\t' && is_control(static_cast<unsigned char>(c))) {
+      return FieldError{"subject", "contains a control character"};
+    }
   }
   return std::nullopt;
 }
@@ -661,7 +691,13 @@ void append_part_headers(std::string& out, std::string_view subtype) {
 
 // ---------------------------------------------------------------------------------------------
 
-std::variant<Address, std::string> parse_address(std::string_view text) {
+namespace {
+
+// parse_address without copies: on success returns nullopt, sets addr_spec to the bare address
+// inside text and, when display_name is not null, stores the unquoted display name there (only
+// then is anything allocated). On failure returns the reason.
+std::optional<std::string> check_address_text(std::string_view text, std::string_view& addr_spec,
+                                              std::string* display_name) {
   if (text.empty()) return std::string("is empty");
   if (has_cr_lf_nul(text)) return std::string("contains CR, LF or NUL");
   if (!valid_utf8(text)) return std::string("is not valid UTF-8");
@@ -675,10 +711,10 @@ std::variant<Address, std::string> parse_address(std::string_view text) {
     if (text.find(' ') != std::string_view::npos) {
       return std::string("contains whitespace (a display name takes the form Name <local@domain>)");
     }
-    return parse_addr_spec(text);
+    addr_spec = text;
+    return check_addr_spec(text);
   }
   if (text.front() == ' ') return std::string("starts with whitespace");
-  std::string name;
   std::size_t open = 0;
   if (text.front() == '"') {
     std::size_t i = 1;
@@ -686,7 +722,7 @@ std::variant<Address, std::string> parse_address(std::string_view text) {
       if (text[i] == '\\') {
         if (++i >= text.size()) break;
       }
-      name += text[i];
+      if (display_name != nullptr) *display_name += text[i];
     }
     if (i >= text.size()) return std::string("has a quoted display name that is not closed");
     open = i + 1;
@@ -703,7 +739,7 @@ std::variant<Address, std::string> parse_address(std::string_view text) {
       return std::string("has a \" in a display name that is not a quoted string");
     }
     if (raw.find('>') != std::string_view::npos) return std::string("has a > before the <");
-    name = raw;
+    if (display_name != nullptr) *display_name = raw;
   }
   const std::string_view inner = text.substr(open + 1, text.size() - open - 2);
   if (inner.find_first_of("<>") != std::string_view::npos) {
@@ -712,30 +748,36 @@ std::variant<Address, std::string> parse_address(std::string_view text) {
   if (inner.find(' ') != std::string_view::npos) {
     return std::string("contains whitespace inside <...>");
   }
-  auto spec = parse_addr_spec(inner);
-  if (auto* address = std::get_if<Address>(&spec)) address->display_name = std::move(name);
-  return spec;
+  addr_spec = inner;
+  return check_addr_spec(inner);
 }
 
-namespace {
-std::variant<Email, FieldError> parse_email_fields(std::string_view json_body,
-                                                   const EmailLimits& limits);
 }  // namespace
 
-// Every refusal names a field: one that would name none (an empty JSON key, repeated or
-// unknown) names the body.
-std::variant<Email, FieldError> parse_email_request(std::string_view json_body,
-                                                    const EmailLimits& limits) {
-  auto parsed = parse_email_fields(json_body, limits);
-  if (auto* error = std::get_if<FieldError>(&parsed); error != nullptr && error->field.empty()) {
-    error->field = "body";
-    error->message = "has a field with an empty name: " + error->message;
+std::variant<Address, std::string> parse_address(std::string_view text) {
+  Address address;
+  std::string_view addr_spec;
+  if (auto error = check_address_text(text, addr_spec, &address.display_name)) {
+    return std::move(*error);
   }
-  return parsed;
+  address.addr_spec = addr_spec;
+  return address;
+}
+
+std::string_view bare_address(std::string_view valid_address) noexcept {
+  if (valid_address.empty() || valid_address.back() != '>') return valid_address;
+  // The <...> of a valid address holds no < or >, while a quoted display name may: the last <
+  // opens it.
+  const std::size_t open = valid_address.rfind('<');
+  if (open == std::string_view::npos) return valid_address;
+  return valid_address.substr(open + 1, valid_address.size() - open - 2);
 }
 
 namespace {
 
+// The DOM path: the whole body as an nlohmann::json document, then each field. It defines what a
+// refusal says (and which one comes first when a body has several faults); EmailRequestParser
+// asks it to explain every body its one-pass scan refuses.
 std::variant<Email, FieldError> parse_email_fields(std::string_view json_body,
                                                    const EmailLimits& limits) {
   Json doc;
@@ -791,15 +833,7 @@ std::variant<Email, FieldError> parse_email_fields(std::string_view json_body,
     }
   }
   if (auto e = get_string(doc, "subject", true, email.subject)) return *e;
-  if (has_cr_lf_nul(email.subject)) {
-    return FieldError{"subject", "contains CR, LF or NUL (header injection is not allowed)"};
-  }
-  if (!valid_utf8(email.subject)) return FieldError{"subject", "is not valid UTF-8"};
-  for (const char c : email.subject) {
-    if (c != '\t' && is_control(static_cast<unsigned char>(c))) {
-      return FieldError{"subject", "contains a control character"};
-    }
-  }
+  if (auto e = check_subject(email.subject)) return *e;
   if (auto e = get_string(doc, "text", false, email.text)) return *e;
   if (auto e = get_string(doc, "html", false, email.html)) return *e;
   if (!valid_utf8(email.text)) return FieldError{"text", "is not valid UTF-8"};
@@ -825,23 +859,460 @@ std::variant<Email, FieldError> parse_email_fields(std::string_view json_body,
 
 }  // namespace
 
-std::string email_to_json(const Email& email) {
-  // ordered_json keeps the fields in this order, which reads better in the job store.
-  const nlohmann::ordered_json doc = {
-      {"from", email.from},
-      {"to", email.to},
-      {"cc", email.cc},
-      {"bcc", email.bcc},
-      {"reply_to", email.reply_to},
-      {"subject", email.subject},
-      {"text", email.text},
-      {"html", email.html},
-  };
-  try {
-    return doc.dump();
-  } catch (const Json::type_error& error) {  // a string that is not UTF-8
-    throw std::invalid_argument(std::string("email_to_json: ") + error.what());
+namespace {
+
+// parse_email_fields, with the refusals that would name no field (an empty JSON key, repeated or
+// unknown) naming the body: every refusal names a field.
+std::variant<Email, FieldError> parse_email_dom(std::string_view json_body,
+                                                const EmailLimits& limits) {
+  auto parsed = parse_email_fields(json_body, limits);
+  if (auto* error = std::get_if<FieldError>(&parsed); error != nullptr && error->field.empty()) {
+    error->field = "body";
+    error->message = "has a field with an empty name: " + error->message;
   }
+  return parsed;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The stored form, written as nlohmann::json's dump() writes it
+
+// A string as dump() writes it (ensure_ascii off): the quote, the backslash and the control
+// characters U+0000..U+001F escaped (\b \t \n \f \r by name, the others as \u00xx), every other
+// byte as it is. s must be valid UTF-8.
+void append_json_string(std::string& out, std::string_view s) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  out.push_back('"');
+  std::size_t run = 0;  // The start of the bytes not yet copied.
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    if (c >= 0x20 && c != '"' && c != '\\') continue;
+    out.append(s.data() + run, i - run);
+    run = i + 1;
+    switch (c) {
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\b':
+        out += "\\b";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\f':
+        out += "\\f";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      default: {
+        const char escape[] = {'\\', 'u', '0', '0', kHex[c >> 4], kHex[c & 0xf]};
+        out.append(escape, sizeof escape);
+      }
+    }
+  }
+  out.append(s.data() + run, s.size() - run);
+  out.push_back('"');
+}
+
+template <typename List>
+void append_json_list(std::string& out, const List& list) {
+  out.push_back('[');
+  bool first = true;
+  for (const auto& element : list) {
+    if (!first) out.push_back(',');
+    first = false;
+    append_json_string(out, element);
+  }
+  out.push_back(']');
+}
+
+// The stored form of an email with no field set: what every stored form adds to its strings.
+constexpr std::string_view kEmptyStoredForm =
+    R"({"from":"","to":[],"cc":[],"bcc":[],"reply_to":"","subject":"","text":"","html":""})";
+
+template <typename List>
+void append_stored_form(std::string& out, std::string_view from, const List& to, const List& cc,
+                        const List& bcc, std::string_view reply_to, std::string_view subject,
+                        std::string_view text, std::string_view html) {
+  out.append(std::string_view(R"({"from":)"));
+  append_json_string(out, from);
+  out.append(std::string_view(R"(,"to":)"));
+  append_json_list(out, to);
+  out.append(std::string_view(R"(,"cc":)"));
+  append_json_list(out, cc);
+  out.append(std::string_view(R"(,"bcc":)"));
+  append_json_list(out, bcc);
+  out.append(std::string_view(R"(,"reply_to":)"));
+  append_json_string(out, reply_to);
+  out.append(std::string_view(R"(,"subject":)"));
+  append_json_string(out, subject);
+  out.append(std::string_view(R"(,"text":)"));
+  append_json_string(out, text);
+  out.append(std::string_view(R"(,"html":)"));
+  append_json_string(out, html);
+  out.push_back('}');
+}
+
+// ---------------------------------------------------------------------------------------------
+// The one-pass scan of a request body
+
+// The request fields by their index in kRequestFields.
+enum RequestField : std::size_t { kTo, kCc, kBcc, kFrom, kReplyTo, kSubject, kText, kHtml };
+constexpr std::size_t kFieldCount = kRequestFields.size();
+static_assert(kRequestFields[kTo] == "to" && kRequestFields[kHtml] == "html");
+
+bool is_json_space(char c) {
+  return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+int hex_digit(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+void append_utf8(std::string& out, std::uint32_t cp) {
+  if (cp < 0x80) {
+    out.push_back(static_cast<char>(cp));
+  } else if (cp < 0x800) {
+    out.push_back(static_cast<char>(0xc0 | (cp >> 6)));
+    out.push_back(static_cast<char>(0x80 | (cp & 0x3f)));
+  } else if (cp < 0x10000) {
+    out.push_back(static_cast<char>(0xe0 | (cp >> 12)));
+    out.push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3f)));
+    out.push_back(static_cast<char>(0x80 | (cp & 0x3f)));
+  } else {
+    out.push_back(static_cast<char>(0xf0 | (cp >> 18)));
+    out.push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3f)));
+    out.push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3f)));
+    out.push_back(static_cast<char>(0x80 | (cp & 0x3f)));
+  }
+}
+
+// A cursor over the body. The scan takes the JSON a valid request is made of (one object whose
+// values are strings, null or arrays of strings) and refuses everything else, numbers and
+// nested objects included: those are faults in a request, which the DOM path then explains.
+class BodyScanner {
+ public:
+  BodyScanner(std::string_view body, std::string& decoded)
+      : body_(body), p_(body.data()), end_(body.data() + body.size()), decoded_(decoded) {
+    // nlohmann's lexer skips a UTF-8 byte order mark at the start.
+    if (body.starts_with("\xEF\xBB\xBF")) p_ += 3;
+  }
+
+  void skip_space() {
+    while (p_ < end_ && is_json_space(*p_)) ++p_;
+  }
+  bool take(char c) {
+    if (p_ == end_ || *p_ != c) return false;
+    ++p_;
+    return true;
+  }
+  bool take_null() {
+    if (end_ - p_ < 4 || std::string_view(p_, 4) != "null") return false;
+    p_ += 4;
+    return true;
+  }
+  bool at(char c) const { return p_ < end_ && *p_ == c; }
+  bool at_end() const { return p_ == end_; }
+  std::size_t decoded_mark() const { return decoded_.size(); }
+  void drop_decoded(std::size_t mark) { decoded_.resize(mark); }
+
+  // The JSON string at the cursor (at its opening quote): a view into the body when it has no
+  // escapes, else decoded at the end of decoded_. False on what nlohmann's lexer refuses: a
+  // control character, an unknown escape, a lone surrogate, bytes that are not UTF-8.
+  bool string(std::string_view& out) {
+    if (!take('"')) return false;
+    const char* const start = p_;
+    bool non_ascii = false;
+    while (p_ < end_ && *p_ != '"' && *p_ != '\\') {
+      const auto c = static_cast<unsigned char>(*p_);
+      if (c < 0x20) return false;
+      non_ascii |= c >= 0x80;
+      ++p_;
+    }
+    if (p_ == end_) return false;
+    if (*p_ == '"') {
+      out = std::string_view(start, static_cast<std::size_t>(p_ - start));
+      ++p_;
+      return !non_ascii || valid_utf8(out);
+    }
+    // Decoded strings are never longer than their JSON text, so with the body's size reserved
+    // decoded_ never moves and earlier views into it stay valid.
+    decoded_.reserve(body_.size());
+    const std::size_t begin = decoded_.size();
+    decoded_.append(start, p_);
+    while (true) {
+      if (p_ == end_) return false;
+      const auto c = static_cast<unsigned char>(*p_++);
+      if (c == '"') break;
+      if (c < 0x20) return false;
+      if (c != '\\') {
+        non_ascii |= c >= 0x80;
+        decoded_.push_back(static_cast<char>(c));
+        continue;
+      }
+      if (p_ == end_) return false;
+      switch (*p_++) {
+        case '"':
+          decoded_.push_back('"');
+          break;
+        case '\\':
+          decoded_.push_back('\\');
+          break;
+        case '/':
+          decoded_.push_back('/');
+          break;
+        case 'b':
+          decoded_.push_back('\b');
+          break;
+        case 'f':
+          decoded_.push_back('\f');
+          break;
+        case 'n':
+          decoded_.push_back('\n');
+          break;
+        case 'r':
+          decoded_.push_back('\r');
+          break;
+        case 't':
+          decoded_.push_back('\t');
+          break;
+        case 'u': {
+          std::uint32_t cp = 0;
+          if (!hex4(cp)) return false;
+          if (cp >= 0xdc00 && cp <= 0xdfff) return false;  // A low surrogate first.
+          if (cp >= 0xd800 && cp <= 0xdbff) {
+            std::uint32_t low = 0;
+            if (!take('\\') || !take('u') || !hex4(low) || low < 0xdc00 || low > 0xdfff) {
+              return false;
+            }
+            cp = 0x10000 + ((cp - 0xd800) << 10) + (low - 0xdc00);
+          }
+          append_utf8(decoded_, cp);
+          break;
+        }
+        default:
+          return false;
+      }
+    }
+    out = std::string_view(decoded_.data() + begin, decoded_.size() - begin);
+    // Escapes decode to whole UTF-8 sequences, so checking the result checks the raw bytes.
+    return !non_ascii || valid_utf8(out);
+  }
+
+ private:
+  bool hex4(std::uint32_t& value) {
+    if (end_ - p_ < 4) return false;
+    for (int i = 0; i < 4; ++i) {
+      const int digit = hex_digit(*p_++);
+      if (digit < 0) return false;
+      value = value * 16 + static_cast<std::uint32_t>(digit);
+    }
+    return true;
+  }
+
+  std::string_view body_;  // The whole body.
+  const char* p_;          // The next byte to read.
+  const char* end_;        // The end of the body.
+  std::string& decoded_;   // Where strings with escapes are decoded.
+};
+
+// What the scan saw of one request field.
+struct ScannedField {
+  bool present = false;              // The key appeared (with any value, null included).
+  bool is_null = false;              // Its value was null.
+  std::string_view text;             // A string value.
+  bool is_list = false;              // A recipient field whose value was an array.
+  std::size_t first = 0, count = 0;  // A recipient field: its addresses in recipients_.
+};
+
+// The field a key names, or kFieldCount.
+std::size_t field_of(std::string_view key) {
+  for (std::size_t i = 0; i < kFieldCount; ++i) {
+    if (kRequestFields[i] == key) return i;
+  }
+  return kFieldCount;
+}
+
+}  // namespace
+
+bool EmailRequestParser::scan(std::string_view json_body, const EmailLimits& limits) {
+  decoded_.clear();
+  recipients_.clear();
+  std::array<ScannedField, kFieldCount> fields{};
+  BodyScanner in(json_body, decoded_);
+  in.skip_space();
+  if (!in.take('{')) return false;
+  in.skip_space();
+  if (!in.take('}')) {
+    while (true) {
+      std::string_view key;
+      const std::size_t mark = in.decoded_mark();
+      if (!in.string(key)) return false;
+      const std::size_t index = field_of(key);
+      in.drop_decoded(mark);  // The key is not needed any more.
+      if (index == kFieldCount || fields[index].present) return false;  // Unknown, repeated.
+      ScannedField& field = fields[index];
+      field.present = true;
+      in.skip_space();
+      if (!in.take(':')) return false;
+      in.skip_space();
+      if (in.take_null()) {
+        field.is_null = true;
+      } else if (in.at('"')) {
+        if (!in.string(field.text)) return false;
+        if (index <= kBcc) {
+          field.first = recipients_.size();
+          field.count = 1;
+          recipients_.push_back(field.text);
+        }
+      } else if (index <= kBcc && in.take('[')) {
+        field.is_list = true;
+        field.first = recipients_.size();
+        in.skip_space();
+        if (!in.take(']')) {
+          while (true) {
+            std::string_view address;
+            if (!in.string(address)) return false;
+            recipients_.push_back(address);
+            in.skip_space();
+            if (in.take(']')) break;
+            if (!in.take(',')) return false;
+            in.skip_space();
+          }
+        }
+        field.count = recipients_.size() - field.first;
+      } else {
+        return false;
+      }
+      in.skip_space();
+      if (in.take('}')) break;
+      if (!in.take(',')) return false;
+      in.skip_space();
+    }
+  }
+  in.skip_space();
+  // nlohmann's lexer takes a NUL byte for the end of the input, so the DOM path ignores what
+  // follows one after the object; so does the scan, which must accept what the DOM path accepts.
+  if (!in.at_end() && !in.at('\0')) return false;
+
+  // The rules of parse_email_fields, as pass or fail.
+  const ScannedField& to = fields[kTo];
+  if (!to.present || to.is_null || (to.is_list && to.count == 0)) return false;
+  if (recipients_.size() > limits.max_recipients) return false;
+  for (const std::string_view address : recipients_) {
+    if (!address_ok(address)) return false;
+  }
+  for (const std::size_t sender : {kFrom, kReplyTo}) {
+    if (fields[sender].present && !fields[sender].is_null && !address_ok(fields[sender].text)) {
+      return false;
+    }
+  }
+  const ScannedField& subject = fields[kSubject];
+  if (!subject.present || subject.is_null || check_subject(subject.text)) return false;
+  const std::string_view text = fields[kText].text, html = fields[kHtml].text;
+  if (text.empty() && html.empty()) return false;
+  if (subject.text.size() + text.size() + html.size() > limits.max_email_bytes) return false;
+
+  const auto list = [this](const ScannedField& field) {
+    return std::span<const std::string_view>(recipients_.data() + field.first, field.count);
+  };
+  request_ =
+      EmailRequestView{fields[kFrom].text, fields[kReplyTo].text, subject.text,      text, html,
+                       list(to),           list(fields[kCc]),     list(fields[kBcc])};
+  return true;
+}
+
+std::optional<FieldError> EmailRequestParser::parse(std::string_view json_body,
+                                                    const EmailLimits& limits) {
+  // A scratch buffer grown by a huge body is not kept for the small ones that follow.
+  constexpr std::size_t kKeepScratchBytes = 64 * 1024;
+  if (decoded_.capacity() > kKeepScratchBytes && json_body.size() <= kKeepScratchBytes) {
+    std::string().swap(decoded_);
+  }
+  payload_.clear();
+  scanned_ = scan(json_body, limits);
+  if (!scanned_) {
+    request_ = {};
+    auto parsed = parse_email_dom(json_body, limits);
+    if (auto* error = std::get_if<FieldError>(&parsed)) return std::move(*error);
+    // Only a fault of the scan gets here (every valid request scans): the DOM's answer stands.
+    fallback_ = std::move(std::get<Email>(parsed));
+    recipients_.assign(fallback_.to.begin(), fallback_.to.end());
+    recipients_.insert(recipients_.end(), fallback_.cc.begin(), fallback_.cc.end());
+    recipients_.insert(recipients_.end(), fallback_.bcc.begin(), fallback_.bcc.end());
+    const std::string_view* list = recipients_.data();
+    request_ =
+        EmailRequestView{fallback_.from,
+                         fallback_.reply_to,
+                         fallback_.subject,
+                         fallback_.text,
+                         fallback_.html,
+                         {list, fallback_.to.size()},
+                         {list + fallback_.to.size(), fallback_.cc.size()},
+                         {list + fallback_.to.size() + fallback_.cc.size(), fallback_.bcc.size()}};
+  }
+  const EmailRequestView& r = request_;
+  // Each string is at most as long in the stored form as in the body, so this is enough.
+  payload_.reserve(json_body.size() + kEmptyStoredForm.size());
+  append_stored_form(payload_, r.from, r.to, r.cc, r.bcc, r.reply_to, r.subject, r.text, r.html);
+  return std::nullopt;
+}
+
+std::variant<Email, FieldError> parse_email_request(std::string_view json_body,
+                                                    const EmailLimits& limits) {
+  EmailRequestParser parser;
+  if (auto error = parser.parse(json_body, limits)) return std::move(*error);
+  const EmailRequestView& r = parser.request();
+  Email email;
+  email.from = r.from;
+  email.to.assign(r.to.begin(), r.to.end());
+  email.cc.assign(r.cc.begin(), r.cc.end());
+  email.bcc.assign(r.bcc.begin(), r.bcc.end());
+  email.reply_to = r.reply_to;
+  email.subject = r.subject;
+  email.text = r.text;
+  email.html = r.html;
+  return email;
+}
+
+namespace detail {
+
+std::variant<Email, FieldError> parse_email_request_dom(std::string_view json_body,
+                                                        const EmailLimits& limits) {
+  return parse_email_dom(json_body, limits);
+}
+
+}  // namespace detail
+
+std::string email_to_json(const Email& email) {
+  const auto check = [](std::string_view field, std::string_view value) {
+    if (!valid_utf8(value)) {
+      throw std::invalid_argument("email_to_json: " + std::string(field) + " is not valid UTF-8");
+    }
+  };
+  check("from", email.from);
+  for (const auto* list : {&email.to, &email.cc, &email.bcc}) {
+    for (const std::string& address : *list) check("an address", address);
+  }
+  check("reply_to", email.reply_to);
+  check("subject", email.subject);
+  check("text", email.text);
+  check("html", email.html);
+  std::string out;
+  out.reserve(kEmptyStoredForm.size() + email.from.size() + email.reply_to.size() +
+              email.subject.size() + email.text.size() + email.html.size() + 16);
+  append_stored_form(out, email.from, email.to, email.cc, email.bcc, email.reply_to, email.subject,
+                     email.text, email.html);
+  return out;
 }
 
 Email email_from_json(std::string_view json) {

@@ -250,9 +250,10 @@ def test_sender_policy_per_token(squalld, tmp_path, smtp):
         response = call(srv, "POST", "/email", token=alice, body=email("a", **{"from": sender}))
         assert response.status == 202, (sender, response)
     refused = call(srv, "POST", "/email", token=alice,
-                   body=email("a", **{"from": "ceo@example.org"}))
+                   body=email("a", **{"from": "CEO <CEO@Example.org>"}))
     assert refused.status == 403, refused
     assert refused.json()["field"] == "from"
+    assert "may not send from ceo@example.org " in refused.json()["error"], refused.json()
     # bob's line lists no senders: [smtp] from only.
     assert call(srv, "POST", "/email", token=bob,
                 body=email("b", **{"from": "news@example.org"})).status == 403
@@ -279,6 +280,7 @@ def test_recipient_policy(squalld, tmp_path, smtp):
     assert "recipient_domains" in outside.json()["error"]
     blocked = call(srv, "POST", "/email", body=email("x", cc="c@Blocked.Example.com"))
     assert blocked.status == 400 and blocked.json()["field"] == "cc[0]", blocked
+    assert "the domain blocked.example.com is not allowed" in blocked.json()["error"], blocked
     assert call(srv, "POST", "/email", body=email("x", to="d@sub.example.com")).status == 202
     server.wait_for(1)
     assert server.rcpt_attempts == ["d@sub.example.com"]

@@ -5,6 +5,8 @@
 
 #include <chrono>
 #include <cstddef>
+#include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <variant>
@@ -53,6 +55,10 @@ struct Address {
 // or hyphen").
 std::variant<Address, std::string> parse_address(std::string_view text);
 
+// The bare address (local@domain) of an address parse_address accepted, as a view into it:
+// "a@b.c" for "a@b.c" and for "Name <a@b.c>". Nothing is checked or copied.
+std::string_view bare_address(std::string_view valid_address) noexcept;
+
 // Parses and validates a POST /email body: {"to": "a@b.c" | ["a@b.c", ...], "cc": ..., "bcc": ...,
 // "from": "...", "reply_to": "...", "subject": "...", "text": "...", "html": "..."}. to and subject
 // are required (subject may be ""), and at least one of text and html must be non-empty; null
@@ -60,9 +66,52 @@ std::variant<Address, std::string> parse_address(std::string_view text);
 std::variant<Email, FieldError> parse_email_request(std::string_view json_body,
                                                     const EmailLimits& limits);
 
+// A valid POST /email request as views, so that nothing is copied: into the request body, or
+// into the EmailRequestParser that produced it (strings written with JSON escapes, decoded).
+// Valid while the body lives, until that parser's next parse(). Absent and null fields are "".
+struct EmailRequestView {
+  std::string_view from, reply_to, subject, text, html;
+  std::span<const std::string_view> to, cc, bcc;
+};
+
+// parse_email_request and email_to_json in one pass over the body, for a server that accepts
+// many: the body is scanned once, its strings are checked where they lie (a string is decoded
+// only if it has escapes), and the stored form is written from them. A body the scan refuses is
+// handed to parse_email_request's DOM path, which says what is wrong exactly as
+// parse_email_request does. Keep one per thread: its buffers keep their capacity, so a stream of
+// valid requests allocates nothing but each payload. Not thread-safe.
+class EmailRequestParser {
+ public:
+  // nullopt when json_body is a valid request: then request() and payload() hold it. Otherwise
+  // the refusal parse_email_request gives for the same body and limits.
+  std::optional<FieldError> parse(std::string_view json_body, const EmailLimits& limits);
+  // The request of the last successful parse().
+  const EmailRequestView& request() const noexcept { return request_; }
+  // Its stored form: email_to_json of the same request, byte for byte. Move it out to keep it.
+  std::string& payload() noexcept { return payload_; }
+  // Whether the last parse() was decided by the one-pass scan alone (every valid request is);
+  // false when the DOM path answered. For tests.
+  bool scanned() const noexcept { return scanned_; }
+
+ private:
+  bool scan(std::string_view json_body, const EmailLimits& limits);
+
+  std::string decoded_;                       // Strings that had escapes, decoded.
+  std::vector<std::string_view> recipients_;  // Every address of to, cc and bcc.
+  Email fallback_;                            // What request_ shows when the DOM path accepted.
+  EmailRequestView request_;                  // See request().
+  std::string payload_;                       // See payload().
+  bool scanned_ = false;                      // See scanned().
+};
+
 // The stored form: a JSON object with every field; email_from_json(email_to_json(e)) == e.
-// email_from_json throws std::invalid_argument on malformed input or unknown keys (missing keys
-// take their empty defaults).
+// The bytes are those nlohmann::ordered_json::dump() writes for the same object, as earlier
+// versions stored it (keys in the order from, to, cc, bcc, reply_to, subject, text, html; no
+// spaces; only the quote, the backslash and control characters escaped), so that stored jobs
+// read back alike and a repeated request digests alike whichever version stored it.
+// email_to_json throws std::invalid_argument when a string is not UTF-8. email_from_json throws
+// std::invalid_argument on malformed input or unknown keys (missing keys take their empty
+// defaults).
 std::string email_to_json(const Email& email);
 Email email_from_json(std::string_view json);
 

@@ -5,10 +5,15 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <string_view>
 #include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "mail/email_dom.hpp"
 
 using namespace squall::mail;
 using namespace std::chrono;
@@ -747,4 +752,265 @@ TEST_CASE("build_mime: a subject with runs of spaces never folds into a blank li
       CHECK((value == email.subject || decode_encoded_words(value) == email.subject));
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// EmailRequestParser: the one-pass scan held against the DOM path
+
+namespace {
+
+// The stored form as earlier versions wrote it: nlohmann::ordered_json's dump().
+std::string nlohmann_stored_form(const Email& email) {
+  const nlohmann::ordered_json doc = {
+      {"from", email.from},
+      {"to", email.to},
+      {"cc", email.cc},
+      {"bcc", email.bcc},
+      {"reply_to", email.reply_to},
+      {"subject", email.subject},
+      {"text", email.text},
+      {"html", email.html},
+  };
+  return doc.dump();
+}
+
+Email email_of(const EmailRequestView& r) {
+  Email email;
+  email.from = r.from;
+  email.to.assign(r.to.begin(), r.to.end());
+  email.cc.assign(r.cc.begin(), r.cc.end());
+  email.bcc.assign(r.bcc.begin(), r.bcc.end());
+  email.reply_to = r.reply_to;
+  email.subject = r.subject;
+  email.text = r.text;
+  email.html = r.html;
+  return email;
+}
+
+// One body through a reused parser and through the DOM path: the same answer, every valid body
+// decided by the scan alone, and the stored form the bytes earlier versions stored. Returns
+// whether the body was valid.
+bool check_same_as_dom(EmailRequestParser& parser, std::string_view body,
+                       const EmailLimits& limits = kLimits) {
+  CAPTURE(body);
+  const auto error = parser.parse(body, limits);
+  const auto dom = detail::parse_email_request_dom(body, limits);
+  if (const auto* refusal = std::get_if<FieldError>(&dom)) {
+    REQUIRE_MESSAGE(error.has_value(), "the scan accepted what the DOM path refuses: "
+                                           << refusal->field << " " << refusal->message);
+    CHECK(!parser.scanned());
+    CHECK(error->field == refusal->field);
+    CHECK(error->message == refusal->message);
+    return false;
+  }
+  const Email& expected = std::get<Email>(dom);
+  REQUIRE_MESSAGE(!error.has_value(), "refused: " << error->field << " " << error->message);
+  CHECK_MESSAGE(parser.scanned(), "a valid body left to the DOM path");
+  CHECK(email_of(parser.request()) == expected);
+  CHECK(parser.payload() == nlohmann_stored_form(expected));
+  CHECK(email_to_json(expected) == parser.payload());
+  return true;
+}
+
+const std::string_view kValidBodies[] = {
+    R"({"to": "a@example.com", "subject": "Hi", "text": "Hello"})",
+    R"({"to": "Bench Recipient <rcpt@example.com>", "subject": "squall bench", "text": "Hello from wrk.\n", "html": "<p>Hello from <b>wrk</b>.</p>\n"})",
+    R"( {"html":"<b>x</b>","subject":"","to":["a@example.com"],"text":null,"cc":[],"bcc":null,"from":null} )",
+    R"({"to": ["a@example.com", "Bob <b@example.com>"], "cc": "c@example.com",
+        "bcc": ["d@example.com", "e@example.com"], "from": "Sender <s@example.com>",
+        "reply_to": "r@example.com", "subject": "Grüße ✓", "text": "plain", "html": "<p>html</p>"})",
+    "\xEF\xBB\xBF{\"to\": \"a@b.c\", \"subject\": \"bom\", \"text\": \"t\"}",
+    "{\r\n\t\"to\" :\t[ \"a@b.c\" , \"\\\"q\\\\uote\\\" <x@y.z>\" ] "
+    ",\n\"subject\":\"s\",\"text\":\"t\"}",
+    R"({"\u0074o": "a@b.c", "sub\u006aect": "escaped keys", "text": "t"})",
+    R"({"to": "a@b.c", "subject": "\u00e9\u20ac\ud83d\ude00 \/", "text": "\b"})",
+    R"({"to": "a@b.c", "subject": "s", "text": "nul \u0000 bell \u0007 del \u007f \u001F \t\n\r\f\b\"\\\/"})",
+    R"({"to": "a@b.c", "subject": "tab\there", "html": "\ud800\udc00 raw ✓ é"})",
+    R"({"to": "\"Doe, John\" <j@example.com>", "subject": "s", "text": "t", "reply_to": "\"a..b\"@example.com"})",
+    R"({"to": "a@[192.0.2.1]", "cc": ["b@[IPv6:2001:db8::1]"], "subject": "s", "text": "t"})",
+    R"({"to": "J\u00f6rg <j@example.de>", "subject": "s", "text": "t"})",
+    // nlohmann takes a NUL byte for the end of the input: what follows one is ignored.
+    std::string_view("{\"to\": \"a@b.c\", \"subject\": \"s\", \"text\": \"t\"}\0{[", 47),
+};
+
+const std::string_view kInvalidBodies[] = {
+    "",
+    "{}",
+    "[]",
+    "null",
+    R"("a@b.c")",
+    R"({"to": "a@b.c", "subject": "s", "text": "t"} x)",
+    R"({"to": "a@b.c", "subject": "s", "text": "t",})",
+    R"({"to": "a@b.c", "subject": "s", "text": "t", "to": "b@b.c"})",
+    R"({"to": "a@b.c", "subject": "s", "text": "t", "": 1})",
+    R"({"to": "a@b.c", "subject": "s", "text": "t", "": "x", "": "y"})",
+    R"({"to": "a@b.c", "subject": "s", "text": "t", "x": 1e999})",
+    R"({"to": [1e999], "subject": "s", "text": "t"})",
+    R"({"to": "a@b.c", "subject": 1, "text": "t"})",
+    R"({"to": ["a@b.c", ["b@b.c"]], "subject": "s", "text": "t"})",
+    R"({"to": {"a": "b"}, "subject": "s", "text": "t"})",
+    R"({"to": null, "subject": "s", "text": "t"})",
+    R"({"to": [], "subject": "s", "text": "t"})",
+    R"({"to": "a@b.c", "subject": null, "text": "t"})",
+    R"({"to": "a@b.c", "subject": "s", "text": "", "html": null})",
+    R"({"to": "a@b.c", "from": "", "subject": "s", "text": "t"})",
+    R"({"to": "a@b.c", "subject": "s\r\n", "text": "t"})",
+    R"({"to": "a@b.c", "subject": "s", "text": "lone \ud800 surrogate"})",
+    R"({"to": "a@b.c", "subject": "s", "text": "lone \udc00 low"})",
+    R"({"to": "a@b.c", "subject": "s", "text": "bad \x escape"})",
+    R"({"to": "a@b.c", "subject": "s", "text": "short \u12"})",
+    "{\"to\": \"a@b.c\", \"subject\": \"s\", \"text\": \"raw\x01control\"}",
+    "{\"to\": \"a@b.c\", \"subject\": \"s\", \"text\": \"\xc3\x28\"}",
+    "{\"to\": \"a@b.c\", \"subject\": \"s\", \"text\": \"\xc3\\u00a9\"}",
+    "{\"to\": \"a@b.c\", \"subject\": \"s\", \"text\": \"\\u00e9\xa9\"}",
+    "\xEF\xBB{\"to\": \"a@b.c\", \"subject\": \"s\", \"text\": \"t\"}",
+    R"({"to": "a@b.c", "subject": "s", "text": "t"}{})",
+    R"({"to": "a@b.c", "subject": "s", "text": nul})",
+    R"({"to": "a@b.c", "subject": "s", "text": "t", "cc": [,]})",
+    R"({"to": "a@b.c" "subject": "s", "text": "t"})",
+};
+
+}  // namespace
+
+TEST_CASE("EmailRequestParser answers as the DOM path: hand-picked bodies") {
+  EmailRequestParser parser;  // Reused throughout, as the server reuses it.
+  for (const std::string_view body : kValidBodies) CHECK(check_same_as_dom(parser, body));
+  for (const std::string_view body : kInvalidBodies) CHECK(!check_same_as_dom(parser, body));
+  // Limits: the recipient count over to + cc + bcc, and subject + text + html in bytes.
+  CHECK(check_same_as_dom(parser, R"({"to": ["a@b.c", "b@b.c"], "bcc": "c@b.c", "subject": "s",
+                                      "text": "t"})",
+                          EmailLimits{3, 100}));
+  CHECK(!check_same_as_dom(parser, R"({"to": ["a@b.c", "b@b.c"], "cc": [], "bcc": ["c@b.c",
+                                       "d@b.c"], "subject": "s", "text": "t"})",
+                           EmailLimits{3, 100}));
+  CHECK(check_same_as_dom(parser, R"({"to": "a@b.c", "subject": "12345", "text": "1234\n"})",
+                          EmailLimits{3, 10}));
+  CHECK(!check_same_as_dom(parser, R"({"to": "a@b.c", "subject": "12345", "text": "12345\n"})",
+                           EmailLimits{3, 10}));
+}
+
+TEST_CASE("EmailRequestParser answers as the DOM path: every truncation and one-byte change") {
+  // Each valid body cut at every length, and with every byte deleted or replaced by one of the
+  // bytes that matter to JSON: some of these stay valid, most do not; all must agree.
+  constexpr std::string_view kReplacements[] = {"\"", "\\", "{", "}", "[", "]",    ",",    ":",
+                                                " ",  "n",  "u", "0", "e", "\x00", "\xff", "\xc3"};
+  EmailRequestParser parser;
+  std::size_t valid = 0, checked = 0;
+  for (const std::string_view body : kValidBodies) {
+    for (std::size_t i = 0; i < body.size(); ++i) {
+      valid += check_same_as_dom(parser, body.substr(0, i));
+      std::string mutated(body);
+      mutated.erase(i, 1);
+      valid += check_same_as_dom(parser, mutated);
+      for (const std::string_view replacement : kReplacements) {
+        mutated = body;
+        mutated.replace(i, 1, replacement.empty() ? std::string_view("\0", 1) : replacement);
+        valid += check_same_as_dom(parser, mutated);
+        checked += 3;
+      }
+    }
+  }
+  MESSAGE(checked << " bodies, " << valid << " of them valid");
+  CHECK(valid > 100);  // The mutations reach valid bodies too, not only refusals.
+}
+
+TEST_CASE("EmailRequestParser answers as the DOM path: random requests") {
+  // Requests built from random fields in a random order, with strings drawn from pieces that
+  // exercise escapes, non-ASCII text and invalid input.
+  std::mt19937 random(20261130);
+  const auto pick = [&random](auto& choices) -> const auto& {
+    return choices[std::uniform_int_distribution<std::size_t>(0, std::size(choices) - 1)(random)];
+  };
+  constexpr std::string_view kAddresses[] = {R"("a@example.com")",
+                                             R"("Bob <b@example.org>")",
+                                             R"("\"Q, R\" <q@example.net>")",
+                                             R"("x\u0040example.com")",
+                                             R"("bad")",
+                                             R"("")",
+                                             R"("c@[192.0.2.7]")",
+                                             "null",
+                                             "7",
+                                             R"("J\u00f6rg <j@example.de>")",
+                                             R"("d@example.com")",
+                                             R"("E <e@example.com>")"};
+  constexpr std::string_view kTexts[] = {R"("")",
+                                         R"("plain")",
+                                         R"("line\nbreak\r\n")",
+                                         R"("tab\tquote\"slash\/back\\")",
+                                         R"("\u00e9\u0000\u001f")",
+                                         "\"caf\xc3\xa9 \xe2\x9c\x93\"",
+                                         R"("\ud83d\ude00")",
+                                         "null",
+                                         R"("\ud83d")",
+                                         "\"\xff\"",
+                                         "true",
+                                         R"(["x"])",
+                                         R"("bell\u0007")",
+                                         R"("more")",
+                                         R"("text \u2713")"};
+  EmailRequestParser parser;
+  std::size_t valid = 0;
+  for (int round = 0; round < 3000; ++round) {
+    std::vector<std::string> members;
+    const auto list = [&](std::size_t max) {
+      const std::size_t n = std::uniform_int_distribution<std::size_t>(0, max)(random);
+      std::string out = "[";
+      for (std::size_t i = 0; i < n; ++i) out += (i ? ", " : "") + std::string(pick(kAddresses));
+      return out + "]";
+    };
+    const auto recipients = [&] {
+      return random() % 3 == 0 ? list(3) : std::string(pick(kAddresses));
+    };
+    if (random() % 20 != 0) members.push_back(R"("to": )" + recipients());
+    if (random() % 3 == 0) members.push_back(R"("cc": )" + recipients());
+    if (random() % 4 == 0) members.push_back(R"("bcc": )" + recipients());
+    if (random() % 4 == 0) members.push_back(R"("from": )" + std::string(pick(kAddresses)));
+    if (random() % 5 == 0) members.push_back(R"("reply_to": )" + std::string(pick(kAddresses)));
+    if (random() % 20 != 0) members.push_back(R"("subject": )" + std::string(pick(kTexts)));
+    if (random() % 3 != 0) members.push_back(R"("text": )" + std::string(pick(kTexts)));
+    if (random() % 2 == 0) members.push_back(R"("html": )" + std::string(pick(kTexts)));
+    if (random() % 20 == 0) members.push_back(R"("to": "again@example.com")");
+    if (random() % 20 == 0) members.push_back(R"("attachments": [])");
+    std::shuffle(members.begin(), members.end(), random);
+    std::string body = "{";
+    for (std::size_t i = 0; i < members.size(); ++i) body += (i ? ",\n " : "") + members[i];
+    body += "}";
+    valid += check_same_as_dom(parser, body, EmailLimits{4, 40});
+  }
+  MESSAGE(valid << " of 3000 random requests valid");
+  CHECK(valid > 200);
+}
+
+TEST_CASE("a job stored by an earlier version reads back, and stores again byte for byte") {
+  // A payload exactly as earlier versions wrote it (nlohmann::ordered_json), escapes included.
+  const std::string stored =
+      R"({"from":"\"Doe, John\" <j@example.com>","to":["a@example.com","Jörg <j@example.de>"],)"
+      R"("cc":[],"bcc":["h@example.com"],"reply_to":"","subject":"Grüße \"q\" \\ ✓",)"
+      R"("text":"line 1\r\nline 2\n\ttab \u0000 nul \u001f\u007f","html":"<p>\/</p>"})";
+  const Email email = email_from_json(stored);
+  CHECK(email.from == "\"Doe, John\" <j@example.com>");
+  CHECK(email.to == std::vector<std::string>{"a@example.com", "Jörg <j@example.de>"});
+  CHECK(email.bcc == std::vector<std::string>{"h@example.com"});
+  CHECK(email.subject == "Grüße \"q\" \\ ✓");
+  CHECK(email.text == std::string("line 1\r\nline 2\n\ttab \0 nul \x1f\x7f", 28));
+  CHECK(email.html == "<p>/</p>");
+  // Written again (DEL raw, "\/" as "/"), it is what nlohmann writes.
+  CHECK(email_to_json(email) == nlohmann_stored_form(email));
+  // And a request with the same content stores the same bytes, so its digest matches.
+  EmailRequestParser parser;
+  REQUIRE(!parser.parse(
+      R"({"from":"\"Doe, John\" <j@example.com>","to":["a@example.com","Jörg <j@example.de>"],)"
+      R"("bcc":"h@example.com","subject":"Grüße \"q\" \\ ✓",)"
+      R"("text":"line 1\r\nline 2\n\ttab \u0000 nul \u001f)"
+      "\x7f"
+      R"(","html":"<p>\/</p>"})",
+      kLimits));
+  CHECK(parser.payload() == email_to_json(email));
+}
+
+TEST_CASE("bare_address: the address inside the angle brackets") {
+  CHECK(bare_address("a@b.c") == "a@b.c");
+  CHECK(bare_address("Name <a@b.c>") == "a@b.c");
+  CHECK(bare_address("\"x <y> z\" <q@example.com>") == "q@example.com");
+  CHECK(bare_address("") == "");
 }
