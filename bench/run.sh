@@ -17,7 +17,9 @@
 #   CLOSE_CONNECTIONS  wrk connections for the connection-per-request scenario [50]
 #   PIPELINE_DEPTH     requests per write in the pipelined scenario [16]
 #   IDLE_CONNECTIONS   idle connections for the memory test; 0 skips it [10000]
-#   SERVERS            which servers, in this order ["squalld nginx node"]
+#   SERVERS            which servers, in this order ["squalld nginx node"]; also "bare": the
+#                      bare libuv loop of bench/bare_http_uv.c (built here with cc), the limit of
+#                      this design
 #   SCENARIOS          which scenarios ["keepalive pipelined close"]
 #   WARMUP             a keep-alive wrk run per server before the first round, unreported [2s]
 #   OUT_DIR            where latest.md and the raw wrk output go [bench/out]
@@ -87,7 +89,8 @@ for server in "${servers[@]}"; do
       ;;
     nginx) [[ -x $NGINX ]] || die "no nginx at $NGINX (apt-get install nginx, or set NGINX)" ;;
     node) [[ -x $NODE ]] || die "no node at $NODE (apt-get install nodejs, or set NODE)" ;;
-    *) die "unknown server '$server' in SERVERS (squalld, nginx, node)" ;;
+    bare) command -v cc >/dev/null || die "no cc to build bench/bare_http_uv.c" ;;
+    *) die "unknown server '$server' in SERVERS (squalld, nginx, node, bare)" ;;
   esac
 done
 for scenario in "${scenarios[@]}"; do
@@ -255,6 +258,23 @@ start_node() {
 }
 
 
+start_bare() {
+  local tries
+  cc -O2 -Wall -Werror -o "$work_dir/bare_http_uv" "$bench_dir/bare_http_uv.c" -luv ||
+    die "cannot build bench/bare_http_uv.c (libuv1-dev installed?)"
+  taskset -c "$SERVER_CPU" "$work_dir/bare_http_uv" \
+    >"$work_dir/bare.stdout.log" 2>"$work_dir/bare.stderr.log" &
+  server_pid[bare]=$!
+  for ((tries = 0; tries < 100; tries++)); do
+    server_port[bare]=$(port_from_file "$work_dir/bare.stdout.log") && break
+    kill -0 "${server_pid[bare]}" 2>/dev/null || break
+    sleep 0.1
+  done
+  [[ -n ${server_port[bare]} ]] || {
+    server_logs bare
+    die "bare_http_uv printed no port"
+  }
+}
 
 # Checks a server's affinity really is SERVER_CPU (taskset's mask is inherited by every thread).
 check_pinned() {
@@ -366,6 +386,7 @@ for server in "${servers[@]}"; do
     squalld) version=$(timeout 5 "$SQUALLD" --version 2>&1 | head -n 1) || version="squalld" ;;
     nginx) version=$("$NGINX" -v 2>&1 | sed 's/^nginx version: //') ;;
     node) version="node $("$NODE" --version)" ;;
+    bare) version="bare libuv loop (bench/bare_http_uv.c), libuv $(pkg-config --modversion libuv 2>/dev/null || echo '?')" ;;
   esac
   printf 'server\t%s\t%s\t%s\t%s\n' "$server" "${server_pid[$server]}" "$header_bytes" "$version" >>"$info"
   log "$server: pid ${server_pid[$server]}, 127.0.0.1:${server_port[$server]}, /plaintext OK ($header_bytes header bytes), $version"

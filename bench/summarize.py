@@ -125,6 +125,7 @@ SERVER_LOGS = {
     "squalld": ["squalld.stderr.log", "squalld.stdout.log"],
     "nginx": ["nginx/error.log", "nginx.stderr.log", "nginx.stdout.log"],
     "node": ["node.stderr.log"],
+    "bare": ["bare.stderr.log"],
 }
 
 

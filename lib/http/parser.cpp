@@ -243,6 +243,17 @@ void RequestParser::continue_after_expect() noexcept {
   llhttp_resume(&parser_);
 }
 
+void RequestParser::reset() noexcept {
+  release_body_budget();
+  llhttp_reset(&parser_);
+  request_ = nullptr;
+  phase_ = ParsePhase::idle;
+  message_start_ = views_end_ = value_end_ = scan_from_ = nullptr;
+  pending_cr_ = false;
+  error_status_ = 0;
+  error_reason_ = {};
+}
+
 void RequestParser::next_message() noexcept {
   if (request_ != nullptr && request_->body_.capacity() > kRetainedBodyCapacity) {
     release_body_budget();

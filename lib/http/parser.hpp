@@ -45,6 +45,10 @@ class RequestParser {
   // call's (the connection reads into one buffer); relocate() follows a move of that buffer.
   FeedResult feed(const char* data, std::size_t length) noexcept;
 
+  // Back to the state of a new parser (the connection borrowing it has not sent a byte yet);
+  // gives the body's bytes back to the budget first.
+  void reset() noexcept;
+
   // After expect_continue: parsing may go on into the body.
   void continue_after_expect() noexcept;
   // After message_complete and its response: ready for the next message. A body buffer above

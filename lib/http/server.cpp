@@ -5,13 +5,12 @@
 #include <spdlog/spdlog.h>
 
 #include "http/connection.hpp"
+#include "http/connection_context.hpp"
 
 namespace squall::http {
 
 namespace {
 
-constexpr std::size_t kMaxFreeWorkspaces = 32;               // Spare read buffers kept for reuse.
-constexpr std::size_t kMaxRetainedBodyCapacity = 64 * 1024;  // Larger bodies give memory back.
 constexpr std::string_view kTooManyConnectionsBody = "server.max_connections reached; retry\n";
 
 // A connection refused over max_connections lives only until its handle closes.
@@ -22,57 +21,67 @@ struct RefusedConnection {
 }  // namespace
 
 Server::Server(Loop& loop, std::shared_ptr<const Router> router, ServerOptions options)
-    : loop_(loop), router_(std::move(router)) {
-  reconfigure(std::move(options));
+    : loop_(loop), context_(std::make_unique<ConnectionContext>(loop, std::move(router))) {
+  context_->reconfigure(std::move(options));
+  context_->on_connection_closed = [this] { finish_drain_if_done(); };
 }
 
 void Server::reconfigure(ServerOptions options) {
-  // Parsers hold a pointer to options_.limits: assign in place so it stays valid.
-  options_ = std::move(options);
-  const auto& limits = options_.limits;
-  body_budget_.limit = limits.max_buffered_body_bytes;
-  unsent_budget_.limit = limits.max_unsent_bytes;
-  // The buffer holds the largest head the limits allow plus room for the next read.
-  const std::size_t head = limits.max_url_bytes + limits.max_header_bytes + 64;
-  workspace_capacity_ = std::max<std::size_t>(16 * 1024, (head + 4096 + 4095) / 4096 * 4096);
-  keep_alive_header_ =
-      "Keep-Alive: timeout=" + std::to_string(options_.timeouts.keepalive.count() / 1000) + "\r\n";
+  context_->reconfigure(std::move(options));
+}
+
+void Server::set_router(std::shared_ptr<const Router> router) {
+  context_->router = std::move(router);
+}
+
+void Server::on_request(std::function<void(const RequestRecord&)> observer) {
+  context_->request_observer = std::move(observer);
+}
+
+bool Server::draining() const noexcept {
+  return context_->draining;
+}
+
+const ServerStats& Server::stats() const noexcept {
+  return context_->stats;
+}
+
+const MemoryBudget& Server::body_budget() const noexcept {
+  return context_->body_budget;
+}
+
+const MemoryBudget& Server::unsent_budget() const noexcept {
+  return context_->unsent_budget;
+}
+
+const ServerOptions& Server::options() const noexcept {
+  return context_->options;
 }
 
 Server::~Server() {
   close_all();
-  // Connections still referenced by a Responder outlive the server: cut them loose.
-  for (Connection* connection = connections_; connection != nullptr;) {
-    Connection* next = connection->next_;
-    connection->orphaned_ = true;
-    connection = next;
-  }
-  while (free_workspaces_ != nullptr) {
-    Workspace* workspace = free_workspaces_;
-    free_workspaces_ = workspace->next_free;
-    delete[] workspace->buffer;
-    delete workspace;
-  }
   close_drain_timer();
+  // Closed connections still referenced by a Responder outlive the server: the context's
+  // destructor cuts them loose.
+  context_->on_connection_closed = nullptr;
 }
 
 void Server::close_drain_timer() noexcept {
-  if (drain_timer_ == nullptr) return;
-  uv_close(reinterpret_cast<uv_handle_t*>(drain_timer_),
-           [](uv_handle_t* handle) { delete reinterpret_cast<uv_timer_t*>(handle); });
-  drain_timer_ = nullptr;
+  if (drain_timer_ == 0) return;
+  loop_.cancel(drain_timer_);
+  drain_timer_ = 0;
 }
 
 std::string Server::listen(const std::string& host, std::uint16_t port) {
   listeners_.push_back(std::make_unique<net::Listener>(
-      loop_, host, port, options_.backlog,
+      loop_, host, port, context_->options.backlog,
       [this](uv_stream_t* listener, int status) { on_connection(listener, status); }));
   return listeners_.back()->bound_address();
 }
 
 std::string Server::adopt_listener(int fd) {
   listeners_.push_back(std::make_unique<net::Listener>(
-      loop_, fd, options_.backlog,
+      loop_, fd, context_->options.backlog,
       [this](uv_stream_t* listener, int status) { on_connection(listener, status); }));
   return listeners_.back()->bound_address();
 }
@@ -88,52 +97,41 @@ bool Server::close_listener(const std::string& bound_address) {
 }
 
 void Server::on_connection(uv_stream_t* listener, int status) {
+  ServerStats& stats = context_->stats;
   if (status < 0) {
     // libuv already shed one pending connection with its reserve descriptor on EMFILE.
-    ++stats_.connections_refused;
-    if (once_a_second(last_accept_error_log_ms_)) {
+    ++stats.connections_refused;
+    if (context_->once_a_second(last_accept_error_log_ms_)) {
       spdlog::error("accept failed: {} (raise LimitNOFILE or lower server.max_connections)",
                     uv_strerror(status));
     }
     return;
   }
-  if (stats_.connections_open >= options_.max_connections) {
+  if (stats.connections_open >= context_->options.max_connections) {
     refuse(listener);
     return;
   }
-  auto* connection = new Connection(*this, next_connection_id_++);
-  connection->next_ = connections_;
-  if (connections_ != nullptr) connections_->prev_ = connection;
-  connections_ = connection;
-  ++stats_.connections_open;
-  if (connection->start(listener) == 0) ++stats_.connections_accepted;
-}
-
-bool Server::once_a_second(std::uint64_t& last_ms) noexcept {
-  // A flood of failing accepts must not become a flood of log lines.
-  const std::uint64_t now = loop_.now_ms();
-  if (last_ms != 0 && now - last_ms < 1000) return false;
-  last_ms = now == 0 ? 1 : now;
-  return true;
+  auto* connection = new Connection(*context_, next_connection_id_++);
+  if (connection->start(listener) == 0) ++stats.connections_accepted;
 }
 
 void Server::refuse(uv_stream_t* listener) {
-  ++stats_.connections_refused;
-  if (once_a_second(last_refusal_log_ms_)) {
+  ++context_->stats.connections_refused;
+  if (context_->once_a_second(last_refusal_log_ms_)) {
     spdlog::warn("server.max_connections ({}) reached: refusing new connections",
-                 options_.max_connections);
+                 context_->options.max_connections);
   }
   auto* refused = new RefusedConnection{};
   uv_tcp_init(loop_.uv(), &refused->tcp);
   refused->tcp.data = refused;
   if (uv_accept(listener, reinterpret_cast<uv_stream_t*>(&refused->tcp)) == 0) {
     // Best effort, one non-blocking write: the client may already be sending its request.
-    std::string answer = "HTTP/1.1 503 Service Unavailable\r\nServer: " + options_.server_name +
-                         "\r\nDate: " + std::string(date_.now()) +
-                         "\r\nContent-Type: text/plain\r\nContent-Length: " +
-                         std::to_string(kTooManyConnectionsBody.size()) +
-                         "\r\nRetry-After: 1\r\nConnection: close\r\n\r\n" +
-                         std::string(kTooManyConnectionsBody);
+    std::string answer =
+        "HTTP/1.1 503 Service Unavailable\r\nServer: " + context_->options.server_name +
+        "\r\nDate: " + std::string(context_->date.now()) +
+        "\r\nContent-Type: text/plain\r\nContent-Length: " +
+        std::to_string(kTooManyConnectionsBody.size()) +
+        "\r\nRetry-After: 1\r\nConnection: close\r\n\r\n" + std::string(kTooManyConnectionsBody);
     uv_buf_t buf = uv_buf_init(answer.data(), static_cast<unsigned>(answer.size()));
     uv_try_write(reinterpret_cast<uv_stream_t*>(&refused->tcp), &buf, 1);
   }
@@ -141,93 +139,21 @@ void Server::refuse(uv_stream_t* listener) {
            [](uv_handle_t* handle) { delete static_cast<RefusedConnection*>(handle->data); });
 }
 
-std::string& Server::cork_for(Connection* owner) {
-  if (cork_owner_ != owner) {
-    flush_cork();
-    cork_owner_ = owner;
-  }
-  return cork_;
-}
-
-void Server::flush_cork() noexcept {
-  if (cork_owner_ == nullptr) return;
-  Connection* owner = cork_owner_;
-  cork_owner_ = nullptr;
-  owner->write_out(cork_);
-}
-
-void Server::forget_cork(Connection* owner) noexcept {
-  if (cork_owner_ != owner) return;
-  cork_.clear();
-  cork_owner_ = nullptr;
-}
-
-Workspace* Server::acquire_workspace() {
-  Workspace* workspace = free_workspaces_;
-  if (workspace != nullptr) {
-    free_workspaces_ = workspace->next_free;
-    --free_workspace_count_;
-  } else {
-    workspace = new Workspace{};
-    workspace->buffer = new char[workspace_capacity_];
-    workspace->capacity = workspace_capacity_;
-  }
-  workspace->next_free = nullptr;
-  workspace->begin = workspace->end = 0;
-  return workspace;
-}
-
-void Server::release_workspace(Workspace* workspace) noexcept {
-  workspace->request.clear();
-  workspace->request.connection_ = nullptr;
-  workspace->response_headers.clear();
-  if (free_workspace_count_ >= kMaxFreeWorkspaces || workspace->capacity != workspace_capacity_) {
-    delete[] workspace->buffer;
-    delete workspace;
-    return;
-  }
-  if (workspace->request.body_.capacity() > kMaxRetainedBodyCapacity) {
-    std::string().swap(workspace->request.body_);
-  }
-  workspace->next_free = free_workspaces_;
-  free_workspaces_ = workspace;
-  ++free_workspace_count_;
-}
-
-void Server::connection_closed(Connection* connection) noexcept {
-  if (connection->prev_ != nullptr) connection->prev_->next_ = connection->next_;
-  if (connection->next_ != nullptr) connection->next_->prev_ = connection->prev_;
-  if (connections_ == connection) connections_ = connection->next_;
-  connection->prev_ = connection->next_ = nullptr;
-  --stats_.connections_open;
-  finish_drain_if_done();
-}
-
 void Server::drain(std::chrono::milliseconds deadline, std::function<void()> on_drained) {
-  if (draining_) return;
-  draining_ = true;
+  if (context_->draining) return;
+  context_->draining = true;
   on_drained_ = std::move(on_drained);
   for (auto& listener : listeners_) listener->close();
   listeners_.clear();
-  for (Connection* connection = connections_; connection != nullptr;) {
-    Connection* next = connection->next_;
-    connection->drain();
-    connection = next;
-  }
-  if (connections_ != nullptr) {
-    drain_timer_ = new uv_timer_t;
-    uv_timer_init(loop_.uv(), drain_timer_);
-    drain_timer_->data = this;
-    uv_timer_start(
-        drain_timer_,
-        [](uv_timer_t* timer) {
-          auto* self = static_cast<Server*>(timer->data);
-          spdlog::warn("drain deadline ({} ms) passed with {} connections open; closing them",
-                       self->drain_deadline_ms_, self->stats_.connections_open);
-          self->close_all();
-        },
-        static_cast<std::uint64_t>(deadline.count()), 0);
+  for (Connection* connection : context_->open_connections()) connection->drain();
+  if (context_->has_open_connections()) {
     drain_deadline_ms_ = static_cast<std::uint64_t>(deadline.count());
+    drain_timer_ = loop_.call_later(deadline, [this] {
+      drain_timer_ = 0;
+      spdlog::warn("drain deadline ({} ms) passed with {} connections open; closing them",
+                   drain_deadline_ms_, context_->stats.connections_open);
+      close_all();
+    });
   }
   finish_drain_if_done();
 }
@@ -235,33 +161,19 @@ void Server::drain(std::chrono::milliseconds deadline, std::function<void()> on_
 void Server::close_all() noexcept {
   for (auto& listener : listeners_) listener->close();
   listeners_.clear();
-  for (Connection* connection = connections_; connection != nullptr;) {
-    Connection* next = connection->next_;
-    connection->close_now();
-    connection = next;
-  }
-}
-
-void Server::resume_output_waiters() noexcept {
-  if (!output_waiters_ || resuming_output_waiters_ ||
-      unsent_budget_.used > unsent_budget_.limit / 2) {
+  std::vector<Connection*> connections;
+  try {
+    connections = context_->open_connections();
+  } catch (const std::bad_alloc&) {
+    // Out of memory: close them one at a time from the lists themselves.
+    while (context_->has_open_connections()) context_->first_open_connection()->close_now();
     return;
   }
-  output_waiters_ = false;
-  resuming_output_waiters_ = true;
-  for (Connection* connection = connections_; connection != nullptr;) {
-    Connection* next = connection->next_;
-    if (connection->waiting_for_output_budget_) {
-      connection->waiting_for_output_budget_ = false;
-      connection->process();  // It may pause again, which sets output_waiters_ again.
-    }
-    connection = next;
-  }
-  resuming_output_waiters_ = false;
+  for (Connection* connection : connections) connection->close_now();
 }
 
 void Server::finish_drain_if_done() {
-  if (!draining_ || connections_ != nullptr || !on_drained_) return;
+  if (!context_->draining || context_->has_open_connections() || !on_drained_) return;
   close_drain_timer();
   auto done = std::move(on_drained_);
   on_drained_ = nullptr;

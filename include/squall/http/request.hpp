@@ -32,6 +32,7 @@ std::optional<std::string> percent_decode(std::string_view text, bool plus_is_sp
 bool percent_decode_into(std::string_view text, bool plus_is_space, std::string& out);
 
 class Connection;
+class ConnectionContext;
 
 class Request {
  public:
@@ -66,7 +67,7 @@ class Request {
 
  private:
   friend class RequestParser;
-  friend class Server;
+  friend class ConnectionContext;
   friend class Connection;
 
   void clear() noexcept;

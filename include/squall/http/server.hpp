@@ -1,5 +1,6 @@
 // The HTTP/1.1 server: listeners, the open connections, and what they share on the loop thread
-// (the cork buffer, the pool of read workspaces, the Date cache, counters).
+// (options, counters, the cork buffer, the pool of read workspaces, the Date cache, deadlines),
+// kept in a private per-loop context (lib/http/connection_context.hpp).
 #pragma once
 
 #include <chrono>
@@ -20,8 +21,7 @@
 
 namespace squall::http {
 
-class Connection;
-struct Workspace;
+class ConnectionContext;
 
 struct ServerOptions {
   Limits limits;                                      // Per-request bounds.
@@ -71,16 +71,14 @@ class Server {
     return listeners_;
   }
 
-  // Routes for requests that start from now on; requests already dispatched keep theirs.
-  void set_router(std::shared_ptr<const Router> router) { router_ = std::move(router); }
+  // Routes  // Routes for requests that start from now on; requests already dispatched keep theirs.
+  void set_router(std::shared_ptr<const Router> router);
   // New limits, timeouts and names for what happens from now on (SIGHUP reload). Connections
   // pick them up at their next check; the read buffer size applies to buffers taken later.
   void reconfigure(ServerOptions options);
 
   // Called for every answered request; set before serving.
-  void on_request(std::function<void(const RequestRecord&)> observer) {
-    request_observer_ = std::move(observer);
-  }
+  void on_request(std::function<void(const RequestRecord&)> observer);
 
   // Graceful stop: stop accepting, close idle connections now, let in-flight requests finish
   // (answering with Connection: close); after `deadline` close whatever is left. `on_drained`
@@ -88,61 +86,31 @@ class Server {
   void drain(std::chrono::milliseconds deadline, std::function<void()> on_drained);
   // Closes every listener and connection at once.
   void close_all() noexcept;
-  bool draining() const noexcept { return draining_; }
+  bool draining() const noexcept;
 
-  const ServerStats& stats() const noexcept { return stats_; }
+  const ServerStats& stats() const noexcept;
   // Body bytes buffered by all connections, and response bytes written but not yet taken by
   // the clients, with their limits (limits.max_buffered_body_bytes, limits.max_unsent_bytes).
-  const MemoryBudget& body_budget() const noexcept { return body_budget_; }
-  const MemoryBudget& unsent_budget() const noexcept { return unsent_budget_; }
-  const ServerOptions& options() const noexcept { return options_; }
+  const MemoryBudget& body_budget() const noexcept;
+  const MemoryBudget& unsent_budget() const noexcept;
+  const ServerOptions& options() const noexcept;
   Loop& loop() noexcept { return loop_; }
 
  private:
-  friend class Connection;
-
   void on_connection(uv_stream_t* listener, int status);
   void refuse(uv_stream_t* listener);
-  // Whether a rate-limited log line may be written now; updates `last_ms`.
-  bool once_a_second(std::uint64_t& last_ms) noexcept;
-  // The cork: responses produced while `owner` is being processed gather here, one write each.
-  std::string& cork_for(Connection* owner);
-  void flush_cork() noexcept;
-  void forget_cork(Connection* owner) noexcept;
-  Workspace* acquire_workspace();
-  void release_workspace(Workspace* workspace) noexcept;
-  void connection_closed(Connection* connection) noexcept;
   void finish_drain_if_done();
-  // Once unsent bytes fall to half the budget, connections paused for it read again.
-  void resume_output_waiters() noexcept;
   void close_drain_timer() noexcept;
 
-  Loop& loop_;                            // The loop every connection lives on.
-  std::shared_ptr<const Router> router_;  // Current routes; replaced on reload.
-  ServerOptions options_;                 // Copied at construction.
-  ServerStats stats_;                     // Counters for metrics.
-  HttpDateCache date_;                    // Shared Date header text.
-  std::string keep_alive_header_;         // "Keep-Alive: timeout=75\r\n", computed once.
+  Loop& loop_;                                             // The loop every connection lives on.
+  std::unique_ptr<ConnectionContext> context_;             // What the connections share.
   std::vector<std::unique_ptr<net::Listener>> listeners_;  // Accepting sockets.
-  Connection* connections_ = nullptr;                      // Intrusive list of open connections.
   std::uint64_t next_connection_id_ = 1;                   // Ids in log lines; never reused.
-  std::string cork_;                                       // Output gathered for cork_owner_.
-  Connection* cork_owner_ = nullptr;                       // Whose bytes cork_ holds.
-  Workspace* free_workspaces_ = nullptr;                   // Idle read buffers kept for reuse.
-  std::size_t free_workspace_count_ = 0;                   // Length of that list.
-  std::size_t workspace_capacity_ = 0;                     // Read buffer size, from the limits.
-  bool draining_ = false;                                  // drain() was called.
   std::function<void()> on_drained_;            // Runs once when the last connection closes.
-  uv_timer_t* drain_timer_ = nullptr;           // The drain deadline; freed in its close callback.
+  Loop::TimerId drain_timer_ = 0;               // The drain deadline, 0 when none.
   std::uint64_t drain_deadline_ms_ = 0;         // For the log line when it passes.
   std::uint64_t last_accept_error_log_ms_ = 0;  // Accept errors are logged once a second.
   std::uint64_t last_refusal_log_ms_ = 0;       // So are max_connections refusals.
-  std::function<void(const RequestRecord&)> request_observer_;  // Metrics and access log.
-  MemoryBudget body_budget_;              // Request bodies buffered by every connection.
-  MemoryBudget unsent_budget_;            // Response bytes queued and not yet written.
-  bool output_waiters_ = false;           // Some connection paused for unsent_budget_.
-  bool resuming_output_waiters_ = false;  // resume_output_waiters() is running.
-  std::uint64_t last_budget_log_ms_ = 0;  // 503s for a spent budget are logged once a second.
 };
 
 }  // namespace squall::http

@@ -131,21 +131,23 @@ class RawServer {
  public:
   enum class Mode { never_answer, reset, canned };
   RawServer(Loop& loop, Mode mode, std::string canned = {}) : mode_(mode), canned_(canned) {
-    uv_tcp_init(loop.uv(), &listener_);
-    listener_.data = this;
+    uv_tcp_init(loop.uv(), listener_);
+    listener_->data = this;
     sockaddr_in address{};
     uv_ip4_addr("127.0.0.1", 0, &address);
-    uv_tcp_bind(&listener_, reinterpret_cast<const sockaddr*>(&address), 0);
-    uv_listen(reinterpret_cast<uv_stream_t*>(&listener_), 64,
+    uv_tcp_bind(listener_, reinterpret_cast<const sockaddr*>(&address), 0);
+    uv_listen(reinterpret_cast<uv_stream_t*>(listener_), 64,
               [](uv_stream_t* server, int) { static_cast<RawServer*>(server->data)->accept(); });
     sockaddr_storage bound{};
     int length = sizeof bound;
-    uv_tcp_getsockname(&listener_, reinterpret_cast<sockaddr*>(&bound), &length);
+    uv_tcp_getsockname(listener_, reinterpret_cast<sockaddr*>(&bound), &length);
     port = ntohs(reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
   }
   ~RawServer() {
     for (Peer* peer : peers_) close_peer(peer);
-    uv_close(reinterpret_cast<uv_handle_t*>(&listener_), nullptr);
+    // The handle is freed by its close callback: this object may be gone before that runs.
+    uv_close(reinterpret_cast<uv_handle_t*>(listener_),
+             [](uv_handle_t* handle) { delete reinterpret_cast<uv_tcp_t*>(handle); });
   }
   std::string url(const std::string& path = "/") const {
     return "http://127.0.0.1:" + std::to_string(port) + path;
@@ -164,9 +166,9 @@ class RawServer {
   void accept() {
     auto* peer = new Peer{};
     peer->server = this;
-    uv_tcp_init(listener_.loop, &peer->tcp);
+    uv_tcp_init(listener_->loop, &peer->tcp);
     peer->tcp.data = peer;
-    if (uv_accept(reinterpret_cast<uv_stream_t*>(&listener_),
+    if (uv_accept(reinterpret_cast<uv_stream_t*>(listener_),
                   reinterpret_cast<uv_stream_t*>(&peer->tcp)) != 0) {
       uv_close(reinterpret_cast<uv_handle_t*>(&peer->tcp),
                [](uv_handle_t* handle) { delete static_cast<Peer*>(handle->data); });
@@ -220,7 +222,7 @@ class RawServer {
   }
   Mode mode_;
   std::string canned_;
-  uv_tcp_t listener_;
+  uv_tcp_t* listener_ = new uv_tcp_t;  // Freed by its close callback.
   std::vector<Peer*> peers_;
 };
 

@@ -1,0 +1,127 @@
+/* The limit of squalld's design, for bench/run.sh: a C program on libuv that answers every read
+ * with one fixed HTTP response per request it counts in the read (a request ends with an empty
+ * line, "\r\n\r\n"), without parsing anything else. It owns one uv_tcp_t per connection and
+ * nothing more; reads go into one buffer shared by every connection (the loop is single-threaded
+ * and each read is answered before the next one), and answers leave with uv_try_write, falling
+ * back to a uv_write of a copy only when the socket is full.
+ *
+ * Usage: bare_http_uv [PORT]   (0 or none: any free port). Prints "listening on HOST:PORT". */
+#include <stdio.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <uv.h>
+
+static const char response[] =
+    "HTTP/1.1 200 OK\r\nServer: bare\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\r\n"
+    "Hello, World!";
+#define RESPONSE_BYTES (sizeof response - 1)
+#define MAX_PIPELINE 64
+
+static char read_buffer[64 * 1024];
+static char answers[MAX_PIPELINE * RESPONSE_BYTES];
+
+typedef struct {
+  uv_write_t request;
+  char bytes[];
+} pending_write_t;
+
+static void on_alloc(uv_handle_t* handle, size_t suggested, uv_buf_t* buf) {
+  (void)handle;
+  (void)suggested;
+  *buf = uv_buf_init(read_buffer, sizeof read_buffer);
+}
+
+static void on_close(uv_handle_t* handle) { free(handle); }
+
+static void on_write(uv_write_t* request, int status) {
+  (void)status;
+  free(request);
+}
+
+/* Requests are counted by their ends; an end split across two reads is found by keeping the
+ * last three bytes' state in the handle's data field. */
+static size_t count_requests(uv_stream_t* client, const char* bytes, size_t length) {
+  uintptr_t matched = (uintptr_t)client->data;
+  size_t count = 0;
+  for (size_t i = 0; i < length; i++) {
+    const char c = bytes[i];
+    if (c == (matched % 2 == 0 ? '\r' : '\n')) {
+      if (++matched == 4) {
+        count++;
+        matched = 0;
+      }
+    } else {
+      matched = c == '\r' ? 1 : 0;
+    }
+  }
+  client->data = (void*)matched;
+  return count;
+}
+
+static void on_read(uv_stream_t* client, ssize_t nread, const uv_buf_t* buf) {
+  (void)buf;
+  if (nread < 0) {
+    uv_close((uv_handle_t*)client, on_close);
+    return;
+  }
+  size_t count = count_requests(client, read_buffer, (size_t)nread);
+  while (count > 0) {
+    const size_t batch = count < MAX_PIPELINE ? count : MAX_PIPELINE;
+    const size_t size = batch * RESPONSE_BYTES;
+    uv_buf_t out = uv_buf_init(answers, (unsigned int)size);
+    int written = uv_try_write(client, &out, 1);
+    if (written == UV_EAGAIN) written = 0;
+    if (written < 0) {
+      uv_close((uv_handle_t*)client, on_close);
+      return;
+    }
+    if ((size_t)written < size) {
+      const size_t rest = size - (size_t)written;
+      pending_write_t* pending = malloc(sizeof *pending + rest);
+      memcpy(pending->bytes, answers + written, rest);
+      uv_buf_t tail = uv_buf_init(pending->bytes, (unsigned int)rest);
+      if (uv_write(&pending->request, client, &tail, 1, on_write) != 0) {
+        free(pending);
+        uv_close((uv_handle_t*)client, on_close);
+        return;
+      }
+    }
+    count -= batch;
+  }
+}
+
+static void on_connection(uv_stream_t* server, int status) {
+  if (status < 0) return;
+  uv_tcp_t* client = malloc(sizeof *client);
+  uv_tcp_init(server->loop, client);
+  client->data = NULL;
+  if (uv_accept(server, (uv_stream_t*)client) == 0) {
+    uv_tcp_nodelay(client, 1);
+    uv_read_start((uv_stream_t*)client, on_alloc, on_read);
+  } else {
+    uv_close((uv_handle_t*)client, on_close);
+  }
+}
+
+int main(int argc, char** argv) {
+  uv_loop_t* loop = uv_default_loop();
+  uv_tcp_t server;
+  struct sockaddr_in address;
+  struct sockaddr_storage bound;
+  int length = sizeof bound;
+  char host[64];
+  for (size_t i = 0; i < MAX_PIPELINE; i++) memcpy(answers + i * RESPONSE_BYTES, response, RESPONSE_BYTES);
+  uv_ip4_addr("127.0.0.1", argc > 1 ? atoi(argv[1]) : 0, &address);
+  uv_tcp_init(loop, &server);
+  if (uv_tcp_bind(&server, (const struct sockaddr*)&address, 0) != 0 ||
+      uv_listen((uv_stream_t*)&server, 511, on_connection) != 0) {
+    fprintf(stderr, "bare_http_uv: cannot listen\n");
+    return 1;
+  }
+  uv_tcp_getsockname(&server, (struct sockaddr*)&bound, &length);
+  uv_ip4_name((struct sockaddr_in*)&bound, host, sizeof host);
+  printf("listening on %s:%d\n", host, ntohs(((struct sockaddr_in*)&bound)->sin_port));
+  fflush(stdout);
+  return uv_run(loop, UV_RUN_DEFAULT);
+}

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# bench/callgrind.sh: instructions per request of squalld and of the bare libuv loop
+# (bench/bare_http_uv.c), counted by valgrind's callgrind: unlike CPU time these counts repeat
+# from run to run on a shared, noisy machine.
+#
+# Each server runs under callgrind; after a warm-up its counters are zeroed (callgrind_control
+# -z), wrk sends GET /plaintext for DURATION, the counters are dumped (-d), and the instructions
+# (Ir, user space only: the kernel's work is not counted) are divided by the responses wrk
+# received. Prints one line per server and scenario, and the ratio of squalld to the bare loop.
+#
+# Usage:  bench/callgrind.sh
+# Environment (defaults in brackets):
+#   SQUALLD       squalld binary [../build/squalld relative to this script]
+#   SERVERS       ["squalld bare"]
+#   SCENARIOS     ["keepalive pipelined"]
+#   DURATION      each wrk run [5s]
+#   CONNECTIONS   wrk connections [10]
+#   PIPELINE_DEPTH  requests per write in the pipelined scenario [16]
+set -euo pipefail
+
+bench_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo_dir=$(dirname "$bench_dir")
+SQUALLD=${SQUALLD:-$repo_dir/build/squalld}
+SERVERS=${SERVERS:-squalld bare}
+SCENARIOS=${SCENARIOS:-keepalive pipelined}
+DURATION=${DURATION:-5s}
+CONNECTIONS=${CONNECTIONS:-10}
+PIPELINE_DEPTH=${PIPELINE_DEPTH:-16}
+WRK=${WRK:-wrk}
+
+log() { printf 'callgrind: %s\n' "$*" >&2; }
+# shellcheck source=bench/common.sh
+source "$bench_dir/common.sh"
+
+for program in valgrind callgrind_control "$WRK" curl cc; do
+  command -v "$program" >/dev/null || die "$program is missing (apt-get install valgrind wrk curl gcc)"
+done
+
+work_dir=$(mktemp -d "${TMPDIR:-/tmp}/squall-callgrind.XXXXXX")
+server_pid=""
+cleanup() {
+  if [[ -n $server_pid ]]; then
+    kill -TERM "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+  fi
+  rm -rf "$work_dir"
+}
+trap cleanup EXIT
+
+cc -O2 -g -Wall -Werror -o "$work_dir/bare_http_uv" "$bench_dir/bare_http_uv.c" -luv ||
+  die "cannot build bench/bare_http_uv.c"
+
+declare -A per_request=()
+for server in $SERVERS; do
+  port_file=$work_dir/$server.port
+  case "$server" in
+    squalld)
+      valgrind --tool=callgrind --callgrind-out-file="$work_dir/cg.$server.%p" \
+        "$SQUALLD" --config "$bench_dir/squalld-bench.toml" --listen 127.0.0.1:0 \
+        --port-file "$port_file" >"$work_dir/$server.log" 2>&1 &
+      ;;
+    bare)
+      valgrind --tool=callgrind --callgrind-out-file="$work_dir/cg.$server.%p" \
+        "$work_dir/bare_http_uv" >"$port_file" 2>"$work_dir/$server.log" &
+      ;;
+    *) die "unknown server '$server' (squalld, bare)" ;;
+  esac
+  server_pid=$!
+  port=""
+  for ((tries = 0; tries < 300; tries++)); do
+    port=$(port_from_file "$port_file") && break
+    kill -0 "$server_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  [[ -n $port ]] || die "$server wrote no port (see $work_dir/$server.log)"
+  url="http://127.0.0.1:$port/plaintext"
+  for ((tries = 0; tries < 100; tries++)); do
+    curl -s -o /dev/null --max-time 5 "$url" && break
+    sleep 0.1
+  done
+  "$WRK" -t1 -c"$CONNECTIONS" -d1s "$url" >/dev/null  # Warm-up: pools and caches filled.
+  for scenario in $SCENARIOS; do
+    case "$scenario" in
+      keepalive) arguments=(-s "$bench_dir/report.lua" "$url") ;;
+      pipelined) arguments=(-s "$bench_dir/pipeline.lua" "$url" -- "$PIPELINE_DEPTH") ;;
+      *) die "unknown scenario '$scenario' (keepalive, pipelined)" ;;
+    esac
+    callgrind_control -z "$server_pid" >/dev/null
+    output=$work_dir/wrk.$server.$scenario.txt
+    "$WRK" -t1 -c"$CONNECTIONS" -d"$DURATION" "${arguments[@]}" >"$output" 2>&1 ||
+      die "wrk failed against $server"
+    rm -f "$work_dir"/cg."$server".*.[0-9]*
+    callgrind_control -d "$server_pid" >/dev/null
+    dump=""
+    for ((tries = 0; tries < 100; tries++)); do
+      dump=$(ls "$work_dir"/cg."$server".*.[0-9]* 2>/dev/null | head -n 1) && [[ -n $dump ]] && break
+      sleep 0.1
+    done
+    [[ -n $dump ]] || die "no callgrind dump from $server"
+    sleep 0.5
+    instructions=$(awk '/^(summary|totals):/ { print $2; exit }' "$dump")
+    requests=$(awk '/requests in/ { print $1; exit }' "$output")
+    [[ -n $instructions && -n $requests && $requests -gt 0 ]] ||
+      die "could not read instructions or requests for $server $scenario"
+    per_request[$server.$scenario]=$((instructions / requests))
+    printf '%-8s %-10s %12s instructions / %8s requests = %6s per request\n' "$server" \
+      "$scenario" "$instructions" "$requests" "${per_request[$server.$scenario]}"
+    rm -f "$dump"
+  done
+  kill -TERM "$server_pid" 2>/dev/null || true
+  wait "$server_pid" 2>/dev/null || true
+  server_pid=""
+done
+
+for scenario in $SCENARIOS; do
+  if [[ -n ${per_request[squalld.$scenario]:-} && -n ${per_request[bare.$scenario]:-} ]]; then
+    awk -v a="${per_request[squalld.$scenario]}" -v b="${per_request[bare.$scenario]}" \
+      -v s="$scenario" 'BEGIN { printf "%s: squalld / bare = %.2fx instructions per request\n", s, a / b }'
+  fi
+done

@@ -1,0 +1,303 @@
+#include "http/connection_context.hpp"
+
+#include <algorithm>
+
+#include <spdlog/spdlog.h>
+
+namespace squall::http {
+
+namespace {
+
+constexpr std::size_t kMaxFreeWorkspaces = 32;               // Spare workspaces kept for reuse.
+constexpr std::size_t kMaxRetainedBodyCapacity = 64 * 1024;  // Larger bodies give memory back.
+
+std::size_t index(Connection::TimerPhase phase) noexcept {
+  return static_cast<std::size_t>(phase);
+}
+
+}  // namespace
+
+ConnectionContext::ConnectionContext(Loop& loop, std::shared_ptr<const Router> router)
+    : loop(loop), loop_thread(std::this_thread::get_id()), router(std::move(router)) {}
+
+ConnectionContext::~ConnectionContext() {
+  // Connections still referenced by a Responder outlive the server: cut them loose.
+  for (const List& list : lists_) {
+    for (Connection* connection = list.head; connection != nullptr;) {
+      Connection* next = connection->timer_next;
+      connection->timer_prev = connection->timer_next = nullptr;
+      connection->orphan();
+      connection = next;
+    }
+  }
+  while (free_workspaces_ != nullptr) {
+    Workspace* workspace = free_workspaces_;
+    free_workspaces_ = workspace->next_free;
+    delete workspace;
+  }
+  if (timer_ != 0) loop.cancel(timer_);
+}
+
+void ConnectionContext::reconfigure(ServerOptions new_options) {
+  // Parsers hold a pointer to options.limits: assign in place so it stays valid.
+  options = std::move(new_options);
+  const auto& limits = options.limits;
+  body_budget.limit = limits.max_buffered_body_bytes;
+  unsent_budget.limit = limits.max_unsent_bytes;
+  // The buffer holds the largest head the limits allow plus room for the next read.
+  const std::size_t head = limits.max_url_bytes + limits.max_header_bytes + 64;
+  workspace_capacity_ = std::max<std::size_t>(16 * 1024, (head + 4096 + 4095) / 4096 * 4096);
+  keep_alive_header =
+      "Keep-Alive: timeout=" + std::to_string(options.timeouts.keepalive.count() / 1000) + "\r\n";
+}
+
+bool ConnectionContext::once_a_second(std::uint64_t& last_ms) noexcept {
+  // A flood of failures must not become a flood of log lines.
+  const std::uint64_t now = loop.now_ms();
+  if (last_ms != 0 && now - last_ms < 1000) return false;
+  last_ms = now == 0 ? 1 : now;
+  return true;
+}
+
+// ---- The cork --------------------------------------------------------------------------------
+
+std::string& ConnectionContext::cork_for(Connection* owner) {
+  if (cork_owner_ != owner) {
+    flush_cork();
+    cork_owner_ = owner;
+  }
+  return cork_;
+}
+
+void ConnectionContext::flush_cork() noexcept {
+  if (cork_owner_ == nullptr) return;
+  Connection* owner = cork_owner_;
+  cork_owner_ = nullptr;
+  owner->write_out(cork_);
+}
+
+void ConnectionContext::forget_cork(Connection* owner) noexcept {
+  if (cork_owner_ != owner) return;
+  cork_.clear();
+  cork_owner_ = nullptr;
+}
+
+// ---- Workspaces ------------------------------------------------------------------------------
+
+Workspace* ConnectionContext::acquire_workspace() {
+  Workspace* workspace = free_workspaces_;
+  if (workspace != nullptr) {
+    free_workspaces_ = workspace->next_free;
+    --free_workspace_count_;
+  } else {
+    workspace = new Workspace(options.limits, &body_budget);
+    workspace->buffer = new char[workspace_capacity_];
+    workspace->capacity = workspace_capacity_;
+  }
+  workspace->next_free = nullptr;
+  workspace->begin = workspace->end = 0;
+  workspace->parser.reset();
+  return workspace;
+}
+
+void ConnectionContext::release_workspace(Workspace* workspace) noexcept {
+  workspace->parser.release_body_budget();
+  workspace->request.clear();
+  workspace->request.connection_ = nullptr;
+  workspace->response_headers.clear();
+  workspace->remote_address.clear();
+  workspace->route = nullptr;
+  workspace->routes_in_use.reset();
+  workspace->current_responders = 0;
+  workspace->handler_stop = std::stop_source(std::nostopstate);
+  workspace->drain_waiters.clear();
+  workspace->on_drain = nullptr;
+  if (free_workspace_count_ >= kMaxFreeWorkspaces || workspace->capacity != workspace_capacity_) {
+    delete workspace;
+    return;
+  }
+  if (workspace->request.body_.capacity() > kMaxRetainedBodyCapacity) {
+    std::string().swap(workspace->request.body_);
+  }
+  workspace->next_free = free_workspaces_;
+  free_workspaces_ = workspace;
+  ++free_workspace_count_;
+}
+
+// ---- Connections and their deadlines ---------------------------------------------------------
+
+std::uint64_t ConnectionContext::duration_ms(TimerPhase phase) const noexcept {
+  const auto& timeouts = options.timeouts;
+  switch (phase) {
+    case TimerPhase::first_byte:
+    case TimerPhase::head:
+      return static_cast<std::uint64_t>(timeouts.header.count());
+    case TimerPhase::body:
+      return static_cast<std::uint64_t>(timeouts.body.count());
+    case TimerPhase::idle:
+      return static_cast<std::uint64_t>(timeouts.keepalive.count());
+    case TimerPhase::write:
+      return static_cast<std::uint64_t>(timeouts.write.count());
+    case TimerPhase::lingering:
+      return static_cast<std::uint64_t>(timeouts.lingering.count());
+    case TimerPhase::none:
+    case TimerPhase::closed:
+      break;
+  }
+  return 0;
+}
+
+void ConnectionContext::add(Connection* connection) noexcept {
+  connection->set_timer_phase(TimerPhase::none);
+  List& list = lists_[index(TimerPhase::none)];
+  connection->timer_prev = list.tail;
+  connection->timer_next = nullptr;
+  if (list.tail != nullptr) list.tail->timer_next = connection;
+  list.tail = connection;
+  if (list.head == nullptr) list.head = connection;
+  ++stats.connections_open;
+}
+
+void ConnectionContext::unlink(Connection* connection) noexcept {
+  List& list = lists_[index(connection->timer_phase())];
+  if (connection->timer_prev != nullptr) {
+    connection->timer_prev->timer_next = connection->timer_next;
+  } else if (list.head == connection) {
+    list.head = connection->timer_next;
+  }
+  if (connection->timer_next != nullptr) {
+    connection->timer_next->timer_prev = connection->timer_prev;
+  } else if (list.tail == connection) {
+    list.tail = connection->timer_prev;
+  }
+  connection->timer_prev = connection->timer_next = nullptr;
+}
+
+void ConnectionContext::set_phase(Connection* connection, TimerPhase phase) noexcept {
+  const std::uint64_t deadline = loop.now_ms() + duration_ms(phase);
+  // Re-entering the same phase at the tail with the same deadline changes nothing.
+  List& list = lists_[index(phase)];
+  if (connection->timer_phase() == phase && list.tail == connection &&
+      connection->deadline_ms == deadline) {
+    return;
+  }
+  unlink(connection);
+  connection->set_timer_phase(phase);
+  connection->deadline_ms = deadline;
+  // From the tail back to the last entry due no later than this one: the first step ends the
+  // walk unless a reload shortened this phase's duration.
+  Connection* after = list.tail;
+  while (after != nullptr && after->deadline_ms > deadline) after = after->timer_prev;
+  connection->timer_prev = after;
+  connection->timer_next = after != nullptr ? after->timer_next : list.head;
+  if (connection->timer_next != nullptr) {
+    connection->timer_next->timer_prev = connection;
+  } else {
+    list.tail = connection;
+  }
+  if (after != nullptr) {
+    after->timer_next = connection;
+  } else {
+    list.head = connection;
+  }
+  if (phase == TimerPhase::none || phase == TimerPhase::closed) return;
+  // The loop timer moves only when this deadline comes before the one it waits for.
+  if (timer_ == 0 || deadline < timer_due_ms_) schedule();
+}
+
+void ConnectionContext::remove(Connection* connection) noexcept {
+  unlink(connection);
+  connection->set_timer_phase(TimerPhase::none);
+}
+
+void ConnectionContext::connection_closed(Connection* connection) noexcept {
+  set_phase(connection, TimerPhase::closed);
+  --stats.connections_open;
+  if (on_connection_closed) on_connection_closed();
+}
+
+std::vector<Connection*> ConnectionContext::open_connections() const {
+  std::vector<Connection*> connections;
+  connections.reserve(stats.connections_open);
+  for (std::size_t phase = 0; phase < lists_.size(); ++phase) {
+    if (phase == index(TimerPhase::closed)) continue;
+    for (Connection* connection = lists_[phase].head; connection != nullptr;
+         connection = connection->timer_next) {
+      connections.push_back(connection);
+    }
+  }
+  return connections;
+}
+
+Connection* ConnectionContext::first_open_connection() const noexcept {
+  for (std::size_t phase = 0; phase < lists_.size(); ++phase) {
+    if (phase != index(TimerPhase::closed) && lists_[phase].head != nullptr) {
+      return lists_[phase].head;
+    }
+  }
+  return nullptr;
+}
+
+void ConnectionContext::schedule() noexcept {
+  std::uint64_t earliest = 0;
+  bool any = false;
+  for (std::size_t phase = 0; phase < lists_.size(); ++phase) {
+    if (phase == index(TimerPhase::none) || phase == index(TimerPhase::closed)) continue;
+    const Connection* head = lists_[phase].head;
+    if (head != nullptr && (!any || head->deadline_ms < earliest)) {
+      earliest = head->deadline_ms;
+      any = true;
+    }
+  }
+  if (timer_ != 0 && (!any || earliest != timer_due_ms_)) {
+    loop.cancel(timer_);
+    timer_ = 0;
+  }
+  if (!any || timer_ != 0) return;
+  const std::uint64_t now = loop.now_ms();
+  try {
+    timer_ = loop.call_later(std::chrono::milliseconds(earliest > now ? earliest - now : 0),
+                             [this] { on_timer(); });
+    timer_due_ms_ = earliest;
+  } catch (const std::exception& error) {
+    // Out of memory: the next deadline set retries.
+    spdlog::error("cannot set the connections' timer: {}", error.what());
+    timer_ = 0;
+  }
+}
+
+void ConnectionContext::on_timer() noexcept {
+  timer_ = 0;
+  const std::uint64_t now = loop.now_ms();
+  for (std::size_t phase = 0; phase < lists_.size(); ++phase) {
+    if (phase == index(TimerPhase::none) || phase == index(TimerPhase::closed)) continue;
+    // Each expiry moves its connection off this list (to another phase, or closed).
+    while (lists_[phase].head != nullptr && lists_[phase].head->deadline_ms <= now) {
+      Connection* due = lists_[phase].head;
+      due->expire();
+      if (lists_[phase].head == due) set_phase(due, TimerPhase::none);  // Never loop on it.
+    }
+  }
+  schedule();
+}
+
+void ConnectionContext::resume_output_waiters() noexcept {
+  if (!output_waiters || resuming_output_waiters_ || unsent_budget.used > unsent_budget.limit / 2) {
+    return;
+  }
+  output_waiters = false;
+  resuming_output_waiters_ = true;
+  std::vector<Connection*> connections;
+  try {
+    connections = open_connections();
+  } catch (const std::bad_alloc&) {
+    output_waiters = true;  // Tried again at the next write completion.
+  }
+  for (Connection* connection : connections) {
+    // It may pause again, which sets output_waiters again.
+    if (connection->waiting_for_output_budget()) connection->resume_after_output_budget();
+  }
+  resuming_output_waiters_ = false;
+}
+
+}  // namespace squall::http

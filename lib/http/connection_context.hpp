@@ -1,0 +1,103 @@
+// What the connections of one Server share on their loop: options, counters and budgets, the
+// cork that gathers a pass's answers into one write, the pool of workspaces, the Date cache, and
+// the connections' deadlines. A connection uses this object, never the Server's privates.
+//
+// Deadlines: each timer phase has one list, in deadline order. A phase has one duration, so a
+// connection (re-)entering it goes to its list's tail (after a reload changes a duration it walks
+// back to its place, a few steps at most), and the context keeps one loop timer for the earliest
+// head of all lists (nginx keeps a red-black tree, h2o a timer wheel: a FIFO per duration is the
+// simplest of the three for fixed durations). An idle connection then costs two pointers and a
+// deadline instead of a uv_timer_t, and a busy one no timer operation per request.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "http/connection.hpp"
+#include "squall/core/clock.hpp"
+#include "squall/core/loop.hpp"
+#include "squall/http/server.hpp"
+
+namespace squall::http {
+
+class ConnectionContext {
+ public:
+  using TimerPhase = Connection::TimerPhase;
+
+  ConnectionContext(Loop& loop, std::shared_ptr<const Router> router);
+  // Cuts the connections still held by Responders loose and frees the spare workspaces.
+  ~ConnectionContext();
+  ConnectionContext(const ConnectionContext&) = delete;
+  ConnectionContext& operator=(const ConnectionContext&) = delete;
+
+  // New options (the constructor's and SIGHUP's): limits, timeouts, buffer size.
+  void reconfigure(ServerOptions new_options);
+
+  // The cork: responses produced while `owner` is being processed gather here, one write each.
+  std::string& cork_for(Connection* owner);
+  void flush_cork() noexcept;
+  void forget_cork(Connection* owner) noexcept;
+
+  // Read buffers, parsers and request state, lent to connections while they have bytes.
+  Workspace* acquire_workspace();
+  void release_workspace(Workspace* workspace) noexcept;
+
+  // Deadlines and the set of connections: every open connection is on exactly one phase list
+  // (TimerPhase::none: no deadline); a closed one still held by Responders on the closed list.
+  void add(Connection* connection) noexcept;  // A new connection, under no deadline yet.
+  void set_phase(Connection* connection, TimerPhase phase) noexcept;
+  void remove(Connection* connection) noexcept;  // Destroyed (or orphaned).
+  // The connection closed: it stays listed (closed) until destroyed; the server may finish its
+  // drain. Counted out of connections_open.
+  void connection_closed(Connection* connection) noexcept;
+  // Every open connection, for drain and close_all (a copy: the callers close them).
+  std::vector<Connection*> open_connections() const;
+  bool has_open_connections() const noexcept { return stats.connections_open > 0; }
+  Connection* first_open_connection() const noexcept;  // Any one of them, or nullptr.
+
+  // Once unsent bytes fall to half the budget, connections paused for it read again.
+  void resume_output_waiters() noexcept;
+  // Whether a rate-limited log line may be written now; updates `last_ms`.
+  bool once_a_second(std::uint64_t& last_ms) noexcept;
+
+  Loop& loop;                            // The loop every connection lives on.
+  const std::thread::id loop_thread;     // Responders must be copied and dropped here.
+  std::shared_ptr<const Router> router;  // Current routes; replaced on reload.
+  ServerOptions options;                 // Assigned in place: parsers point into it.
+  ServerStats stats;                     // Counters for metrics.
+  HttpDateCache date;                    // Shared Date header text.
+  std::string keep_alive_header;         // "Keep-Alive: timeout=75\r\n".
+  MemoryBudget body_budget;              // Request bodies buffered by every connection.
+  MemoryBudget unsent_budget;            // Response bytes queued and not yet written.
+  std::function<void(const RequestRecord&)> request_observer;  // Metrics and access log.
+  std::function<void()> on_connection_closed;                  // The server's drain check.
+  bool draining = false;                                       // Answers say Connection: close.
+  bool output_waiters = false;           // Some connection paused for unsent_budget.
+  std::uint64_t last_budget_log_ms = 0;  // 503s for a spent budget are logged once a second.
+
+ private:
+  struct List {
+    Connection* head = nullptr;  // Earliest deadline.
+    Connection* tail = nullptr;  // Latest deadline.
+  };
+  std::uint64_t duration_ms(TimerPhase phase) const noexcept;
+  void unlink(Connection* connection) noexcept;
+  void schedule() noexcept;
+  void on_timer() noexcept;
+
+  std::array<List, Connection::kTimerPhases> lists_;  // One per TimerPhase.
+  std::string cork_;                                  // Output gathered for cork_owner_.
+  Connection* cork_owner_ = nullptr;                  // Whose bytes cork_ holds.
+  Workspace* free_workspaces_ = nullptr;              // Idle workspaces kept for reuse.
+  std::size_t free_workspace_count_ = 0;              // Length of that list.
+  std::size_t workspace_capacity_ = 0;                // Read buffer size, from the limits.
+  Loop::TimerId timer_ = 0;                           // The loop timer, 0 when none.
+  std::uint64_t timer_due_ms_ = 0;                    // When it fires (uv_now clock).
+  bool resuming_output_waiters_ = false;              // resume_output_waiters() is running.
+};
+
+}  // namespace squall::http
