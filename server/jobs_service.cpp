@@ -290,6 +290,8 @@ jobs::SmtpSettings smtp_settings(const SmtpConfig& smtp) {
   settings.timeout = smtp.timeout;
   settings.verify_peer = smtp.tls_verify;
   settings.ca_file = smtp.ca_file;
+  settings.connections = smtp.connections;
+  settings.idle_timeout = smtp.idle_timeout;
   if (!smtp.ca_file.empty()) {
     // Checked now rather than as a TLS failure on every send.
     std::ifstream ca(smtp.ca_file);
@@ -660,7 +662,13 @@ void JobsService::reconfigure(const Config& config) {
     }
     settings->maildir = std::move(maildir);
   } else {
-    settings->mailer = std::make_shared<const jobs::SmtpMailer>(smtp_settings(config.smtp));
+    auto smtp = smtp_settings(config.smtp);
+    // Unchanged settings keep the mailer, and with it the connections it holds open.
+    if (settings_ && settings_->mailer && settings_->mailer->settings() == smtp) {
+      settings->mailer = settings_->mailer;
+    } else {
+      settings->mailer = std::make_shared<const jobs::SmtpMailer>(std::move(smtp));
+    }
   }
   settings->retain = config.jobs.retain;
   if (config.jobs.max_concurrent_sends >= running_pool_size_) {

@@ -109,6 +109,10 @@ struct SmtpConfig {
   Duration timeout{60'000};                     // [smtp] timeout: one whole SMTP exchange
   std::string ca_file;     // [smtp] ca_file: PEM CA certificates for the relay ("" = system's)
   bool tls_verify = true;  // [smtp] tls_verify: false skips certificate checks (logged loudly)
+  // [smtp] connections: SMTP connections kept open to the relay, at most, each reused
+  std::size_t connections = 2;
+  // [smtp] idle_timeout: a connection unused for this long is closed (QUIT)
+  Duration idle_timeout{30'000};
   bool operator==(const SmtpConfig&) const = default;
 };
 
