@@ -59,7 +59,7 @@ class Message:
         return email.message_from_bytes(self.content, policy=email.policy.default)
 
 
-@dataclass
+@dataclass(eq=False)  # each one is itself: two fresh sessions are not "equal"
 class Session:
     """One SMTP connection, as the server saw it."""
 
@@ -80,7 +80,7 @@ class _SessionSMTP(SMTP):
     def connection_made(self, transport):
         # aiosmtpd calls it again after STARTTLS: still the same session.
         with self._test_server._cond:
-            if self._test_session not in self._test_server.sessions:
+            if not any(s is self._test_session for s in self._test_server.sessions):
                 self._test_server.sessions.append(self._test_session)
                 self._test_server._cond.notify_all()
         super().connection_made(transport)
@@ -132,8 +132,8 @@ class _Handler:
             return server._failure_reply()
         if server.drop == "data":
             with server._cond:
-                server.dropped += 1
-                drop = server.dropped <= server.drop_count
+                server.data_ends += 1
+                drop = server.data_ends <= server.drop_count
             if drop:
                 smtp.transport.close()  # the reply below is never written
                 return "421 4.4.2 dropped for testing"
@@ -183,7 +183,7 @@ class SmtpServer:
         self.hostname = hostname
         self.drop = drop
         self.drop_count = drop_count
-        self.dropped = 0  # messages whose end of DATA came with drop="data"
+        self.data_ends = 0  # ends of DATA seen with drop="data", dropped or not
         self.sessions: list[Session] = []
         self.port: int | None = None
         self.messages: list[Message] = []

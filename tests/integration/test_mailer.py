@@ -407,5 +407,5 @@ def test_cut_at_end_of_data_is_a_temporary_failure_and_not_resent(smtp_server):
     assert status == 0, result
     assert result["sends"] == ["temporary_failure", "sent"]
     assert len(server.wait_for(1)) == 1
-    assert server.dropped == 2
+    assert server.data_ends == 2
     assert [session.messages for session in server.sessions] == [0, 1]
