@@ -311,9 +311,6 @@ jobs::RunnerOptions runner_options(const JobsConfig& jobs) {
   options.retry_max = jobs.retry_max;
   options.lease = jobs.lease;
   options.poll_interval = jobs.poll_interval;
-  // One claim (a commit) for many sends: at thousands of sends a second, a claim per free slot
-  // would cost a commit per send.
-  options.prefetch = 64;
   return options;
 }
 

@@ -280,9 +280,9 @@ void JobRunner::flush_records() {
       } else {
         // Nothing of the transaction stuck. Each write is tried again on its own, so that one
         // the store keeps refusing holds up no other.
-        spdlog::error("jobs: recording {} job outcome(s) failed: {}; trying again in {} ms",
-                      batch->size(), error, options_.record_retry_initial.count());
         for (PendingWrite& pending : *batch) {
+          spdlog::error("jobs: {} job {} failed: {}; trying again in {} ms", pending.what,
+                        pending.id, error, options_.record_retry_initial.count());
           loop_.call_later(options_.record_retry_initial,
                            [this, alive, id = pending.id, what = pending.what,
                             write = std::move(pending.write)]() mutable {
