@@ -319,11 +319,11 @@ class SmtpConnectionPool {
 
   // Ends a send: `reusable` keeps the handle and its connection for the next send; otherwise
   // the connection (which failed) is cut without waiting for anything more from the relay.
-  void give_back(CURL* handle, bool reusable) {
+  void give_back(CURL* handle, bool reusable, curl_socket_t socket = CURL_SOCKET_BAD) {
     if (handle != nullptr && reusable) {
       {
         std::lock_guard lock(mutex_);
-        idle_.push_back({handle, std::chrono::steady_clock::now()});
+        idle_.push_back({handle, socket, std::chrono::steady_clock::now()});
         if (!closer_.joinable()) closer_ = std::thread([this] { close_idle(); });
       }
       changed_.notify_all();
@@ -346,6 +346,7 @@ class SmtpConnectionPool {
  private:
   struct Idle {
     CURL* handle;
+    curl_socket_t socket;                         // its connection's, untouched while idle
     std::chrono::steady_clock::time_point since;  // when its last send ended
   };
 
@@ -357,21 +358,27 @@ class SmtpConnectionPool {
 
   // The closing thread: QUITs each connection idle for idle_timeout (the oldest are at the front),
   // and every idle one when the pool is destroyed. curl_easy_cleanup waits for the QUIT's reply,
-  // so it runs without the lock.
+  // so it runs without the lock. When the pool is destroyed (a reload, the end of the process)
+  // nobody waits for that reply: the read side is shut down first, so a relay that never answers
+  // QUIT holds up neither.
   void close_idle() {
     std::unique_lock lock(mutex_);
     for (;;) {
-      std::vector<CURL*> expired;
+      std::vector<Idle> expired;
       const auto now = std::chrono::steady_clock::now();
       while (!idle_.empty() && (stopping_ || now - idle_.front().since >= idle_timeout_)) {
-        expired.push_back(idle_.front().handle);
+        expired.push_back(idle_.front());
         idle_.erase(idle_.begin());
       }
       if (!expired.empty()) {
         open_ -= expired.size();
+        const bool stopping = stopping_;
         lock.unlock();
         changed_.notify_all();
-        for (CURL* handle : expired) curl_easy_cleanup(handle);
+        for (const Idle& idle : expired) {
+          if (stopping && idle.socket != CURL_SOCKET_BAD) ::shutdown(idle.socket, SHUT_RD);
+          curl_easy_cleanup(idle.handle);
+        }
         lock.lock();
         continue;
       }
@@ -418,7 +425,8 @@ struct Transfer {
   CURLcode rc = CURLE_OK;
   long code = 0;
   long os_errno = 0;
-  bool new_connection = false;  // libcurl connected anew rather than reusing
+  bool new_connection = false;             // libcurl connected anew rather than reusing
+  curl_socket_t socket = CURL_SOCKET_BAD;  // the connection's, after a success
   Transcript transcript;
   std::string error_text;  // CURLOPT_ERRORBUFFER's text
 };
@@ -492,7 +500,9 @@ Transfer perform(CURL* h, const SmtpSettings& settings, const std::string& from,
   curl_easy_getinfo(h, CURLINFO_NUM_CONNECTS, &connects);
   transfer.new_connection = connects > 0;
   transfer.error_text = error_buffer;
-  if (transfer.rc != CURLE_OK) {
+  if (transfer.rc == CURLE_OK) {
+    curl_easy_getinfo(h, CURLINFO_ACTIVESOCKET, &transfer.socket);
+  } else {
     // After a timeout libcurl keeps the connection and sends QUIT when it closes it, then waits
     // for a reply a stuck server never gives. Nothing more is owed to a server that failed us:
     // shutting the socket down makes that QUIT fail at once.
@@ -562,7 +572,7 @@ SendResult SmtpMailer::send(std::string_view envelope_from,
   }
   // Only a connection whose transaction succeeded is kept: after any failure libcurl has closed
   // it (and sent QUIT) or it is cut here, so no transaction is ever left half done on it.
-  pool_->give_back(h, transfer.rc == CURLE_OK);
+  pool_->give_back(h, transfer.rc == CURLE_OK, transfer.socket);
 
   const Transcript& transcript = transfer.transcript;
   const long code = transfer.code;

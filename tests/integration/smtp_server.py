@@ -18,7 +18,7 @@ relay: "after_message" closes each connection right after its 250 to a message (
 drops idle connections), "second_mail" cuts a connection without a reply when a second MAIL
 FROM arrives on it (a kept connection the relay closed just before it was reused), "data" cuts
 the connection instead of answering the end of DATA (a failure mid-DATA) for the first
-`drop_count` messages, which are then not taken.
+`drop_count` messages, which are then not taken. hang_on_quit=True never answers QUIT.
 
 In pytest, import the `smtp_server` fixture into a test module (it is not in conftest.py):
     from smtp_server import smtp_server  # noqa: F401
@@ -104,6 +104,9 @@ class _SessionSMTP(SMTP):
     async def smtp_QUIT(self, arg):
         with self._test_server._cond:
             self._test_session.quit = True
+            self._test_server._cond.notify_all()
+        if self._test_server.hang_on_quit:
+            await asyncio.sleep(3600)  # never answers; cancelled by stop()
         await super().smtp_QUIT(arg)
 
 
@@ -167,6 +170,7 @@ class SmtpServer:
         hostname: str = "smtp.test",
         drop: str | None = None,
         drop_count: int = 1,
+        hang_on_quit: bool = False,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
@@ -183,6 +187,7 @@ class SmtpServer:
         self.hostname = hostname
         self.drop = drop
         self.drop_count = drop_count
+        self.hang_on_quit = hang_on_quit
         self.data_ends = 0  # ends of DATA seen with drop="data", dropped or not
         self.sessions: list[Session] = []
         self.port: int | None = None

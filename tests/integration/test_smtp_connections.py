@@ -5,6 +5,8 @@ asserts what the relay sees (sessions, QUIT, each message once) and what GET /jo
 from __future__ import annotations
 
 import email
+import signal
+import time
 
 import pytest
 
@@ -114,3 +116,18 @@ def test_idle_connection_is_closed_with_quit(smtp, squalld, tmp_path):
     send_all(srv, server, 1, "idle-again")
     sessions = server.wait_sessions_closed(2, timeout=10)
     assert [(s.messages, s.quit) for s in sessions] == [(1, True), (1, True)]
+
+
+def test_kept_connection_does_not_hold_up_the_exit(smtp, squalld, tmp_path):
+    # The relay never answers QUIT: at the end squalld still sends QUIT to its kept connection,
+    # but does not wait [smtp] timeout (20 s) for the reply.
+    server = smtp(hang_on_quit=True)
+    srv = squalld(config=config(tmp_path / "jobs.db", server, connections=1))
+    send_all(srv, server, 2, "exit")
+    assert len(server.sessions) == 1 and not server.sessions[0].closed
+    started = time.monotonic()
+    srv.signal(signal.SIGTERM)
+    assert srv.wait_exit(timeout=10) == 0
+    assert time.monotonic() - started < 5
+    [session] = server.wait_sessions_closed(1)
+    assert session.quit
