@@ -352,76 +352,76 @@ runs=$work_dir/runs.tsv
 
 log "work dir $work_dir; squalld on CPU $SERVER_CPU, wrk on CPU $CLIENT_CPU, SMTP on CPU $SMTP_CPU"
 for relay in "${relays[@]}"; do
-start_smtp "$relay"
-log "SMTP server ($relay, accepting) on 127.0.0.1:$smtp_port"
+  start_smtp "$relay"
+  log "SMTP server ($relay, accepting) on 127.0.0.1:$smtp_port"
 
-for connections in "${connection_counts[@]}"; do
-  start_squalld "$connections"
-  sanity_check
-  url="http://127.0.0.1:$squalld_port/email"
-  log "-c $connections: squalld pid $squalld_pid on 127.0.0.1:$squalld_port, store $store"
-  if [[ $WARMUP != 0 && $WARMUP != 0[smh] ]]; then
-    run_client "$work_dir/wrk.warmup.$relay-c$connections.txt" "$work_dir/wrk.warmup.$relay-c$connections.txt" "$work_dir/wrk.warmup.$relay-c$connections.time" \
-      taskset -c "$CLIENT_CPU" "$WRK" -t1 -c "$connections" -d "$WARMUP" --latency \
-      -s "$bench_dir/email.lua" "$url" || die "the warm-up wrk run failed"
-  fi
+  for connections in "${connection_counts[@]}"; do
+    start_squalld "$connections"
+    sanity_check
+    url="http://127.0.0.1:$squalld_port/email"
+    log "-c $connections: squalld pid $squalld_pid on 127.0.0.1:$squalld_port, store $store"
+    if [[ $WARMUP != 0 && $WARMUP != 0[smh] ]]; then
+      run_client "$work_dir/wrk.warmup.$relay-c$connections.txt" "$work_dir/wrk.warmup.$relay-c$connections.txt" "$work_dir/wrk.warmup.$relay-c$connections.time" \
+        taskset -c "$CLIENT_CPU" "$WRK" -t1 -c "$connections" -d "$WARMUP" --latency \
+        -s "$bench_dir/email.lua" "$url" || die "the warm-up wrk run failed"
+    fi
 
-  read -r _ _ _ sent_before _ total_before <<<"$(store_counts "$store")"
-  delivered_before=$(smtp_count)
-  squalld_before=$(cpu_ticks "$squalld_pid")
-  smtp_before=$(cpu_ticks "$smtp_pid")
-  server_busy=$(cpu_busy_ticks "$SERVER_CPU")
-  client_busy=$(cpu_busy_ticks "$CLIENT_CPU")
-  started_ns=$(date +%s%N)
-  output=$work_dir/wrk.$relay-c$connections.txt
-  if ! run_client "$output" "$output" "$output.time" taskset -c "$CLIENT_CPU" "$WRK" -t1 \
-    -c "$connections" -d "$DURATION" --latency -s "$bench_dir/email.lua" "$url"; then
-    cat "$output" >&3
-    die "wrk failed (-c $connections)"
-  fi
-  wall=$(awk -v a="$started_ns" -v b="$(date +%s%N)" 'BEGIN { printf "%.3f", (b - a) / 1e9 }')
-  squalld_ticks=$(($(cpu_ticks "$squalld_pid") - squalld_before))
-  smtp_ticks=$(($(cpu_ticks "$smtp_pid") - smtp_before))
-  server_busy=$(($(cpu_busy_ticks "$SERVER_CPU") - server_busy))
-  client_busy=$(($(cpu_busy_ticks "$CLIENT_CPU") - client_busy))
-  wrk_cpu=$(awk '{ print $1 + $2 }' "$output.time")
-  kill -0 "$squalld_pid" 2>/dev/null || die "squalld died during the run (-c $connections)"
-  grep -q '^WRK_JSON ' "$output" || {
-    cat "$output" >&3
-    die "wrk printed no results (-c $connections)"
-  }
-  drain_started_ns=$(date +%s%N)
-  drain_ticks=$(cpu_ticks "$squalld_pid")
-  read -r _ _ _ sent_end _ total_end <<<"$(store_counts "$store")"
-  delivered_end=$(smtp_count)
-  log "-c $connections: run done; measuring the sends for up to ${SEND_WAIT}s"
-  # Samples until SEND_WAIT is over or nothing is left to send: the rate is taken over the time
-  # there was a backlog.
-  while :; do
-    sleep 0.5
-    read -r _ _ _ sent_later _ total_later <<<"$(store_counts "$store")"
-    drain_ns=$(($(date +%s%N) - drain_started_ns))
-    ((sent_later < total_later && drain_ns < SEND_WAIT * 1000000000)) || break
+    read -r _ _ _ sent_before _ total_before <<<"$(store_counts "$store")"
+    delivered_before=$(smtp_count)
+    squalld_before=$(cpu_ticks "$squalld_pid")
+    smtp_before=$(cpu_ticks "$smtp_pid")
+    server_busy=$(cpu_busy_ticks "$SERVER_CPU")
+    client_busy=$(cpu_busy_ticks "$CLIENT_CPU")
+    started_ns=$(date +%s%N)
+    output=$work_dir/wrk.$relay-c$connections.txt
+    if ! run_client "$output" "$output" "$output.time" taskset -c "$CLIENT_CPU" "$WRK" -t1 \
+      -c "$connections" -d "$DURATION" --latency -s "$bench_dir/email.lua" "$url"; then
+      cat "$output" >&3
+      die "wrk failed (-c $connections)"
+    fi
+    wall=$(awk -v a="$started_ns" -v b="$(date +%s%N)" 'BEGIN { printf "%.3f", (b - a) / 1e9 }')
+    squalld_ticks=$(($(cpu_ticks "$squalld_pid") - squalld_before))
+    smtp_ticks=$(($(cpu_ticks "$smtp_pid") - smtp_before))
+    server_busy=$(($(cpu_busy_ticks "$SERVER_CPU") - server_busy))
+    client_busy=$(($(cpu_busy_ticks "$CLIENT_CPU") - client_busy))
+    wrk_cpu=$(awk '{ print $1 + $2 }' "$output.time")
+    kill -0 "$squalld_pid" 2>/dev/null || die "squalld died during the run (-c $connections)"
+    grep -q '^WRK_JSON ' "$output" || {
+      cat "$output" >&3
+      die "wrk printed no results (-c $connections)"
+    }
+    drain_started_ns=$(date +%s%N)
+    drain_ticks=$(cpu_ticks "$squalld_pid")
+    read -r _ _ _ sent_end _ total_end <<<"$(store_counts "$store")"
+    delivered_end=$(smtp_count)
+    log "-c $connections: run done; measuring the sends for up to ${SEND_WAIT}s"
+    # Samples until SEND_WAIT is over or nothing is left to send: the rate is taken over the time
+    # there was a backlog.
+    while :; do
+      sleep 0.5
+      read -r _ _ _ sent_later _ total_later <<<"$(store_counts "$store")"
+      drain_ns=$(($(date +%s%N) - drain_started_ns))
+      ((sent_later < total_later && drain_ns < SEND_WAIT * 1000000000)) || break
+    done
+    drain_seconds=$(awk -v n="$drain_ns" 'BEGIN { printf "%.3f", n / 1e9 }')
+    drain_ticks=$(($(cpu_ticks "$squalld_pid") - drain_ticks))
+    curl -s --max-time 5 "http://127.0.0.1:$squalld_port/metrics" >"$work_dir/metrics.$relay-c$connections.txt" || true
+    stop_process "$squalld_pid" squalld
+    squalld_pid=""
+    # connections, wrk output, wall s, wrk CPU s, squalld ticks, SMTP ticks, server CPU busy ticks,
+    # client CPU busy ticks, jobs in the store before / at the end / after the measured sends,
+    # sent ditto, messages the SMTP server got before / at the end, relay, seconds the sends were
+    # measured over, squalld's CPU ticks meanwhile.
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$connections" \
+      "${output##*/}" "$wall" "$wrk_cpu" "$squalld_ticks" "$smtp_ticks" "$server_busy" \
+      "$client_busy" "$total_before" "$total_end" "$total_later" "$sent_before" "$sent_end" \
+      "$sent_later" "$delivered_before" "$delivered_end" "$relay" "$drain_seconds" "$drain_ticks" >>"$runs"
+    log "-c $connections: $(grep '^WRK_JSON ' "$output" | cut -c10-)"
+    log "-c $connections: $((sent_later - sent_end)) sent in ${drain_seconds}s after the run ($relay)"
   done
-  drain_seconds=$(awk -v n="$drain_ns" 'BEGIN { printf "%.3f", n / 1e9 }')
-  drain_ticks=$(($(cpu_ticks "$squalld_pid") - drain_ticks))
-  curl -s --max-time 5 "http://127.0.0.1:$squalld_port/metrics" >"$work_dir/metrics.$relay-c$connections.txt" || true
-  stop_process "$squalld_pid" squalld
-  squalld_pid=""
-  # connections, wrk output, wall s, wrk CPU s, squalld ticks, SMTP ticks, server CPU busy ticks,
-  # client CPU busy ticks, jobs in the store before / at the end / after the measured sends,
-  # sent ditto, messages the SMTP server got before / at the end, relay, seconds the sends were
-  # measured over, squalld's CPU ticks meanwhile.
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$connections" \
-    "${output##*/}" "$wall" "$wrk_cpu" "$squalld_ticks" "$smtp_ticks" "$server_busy" \
-    "$client_busy" "$total_before" "$total_end" "$total_later" "$sent_before" "$sent_end" \
-    "$sent_later" "$delivered_before" "$delivered_end" "$relay" "$drain_seconds" "$drain_ticks" >>"$runs"
-  log "-c $connections: $(grep '^WRK_JSON ' "$output" | cut -c10-)"
-  log "-c $connections: $((sent_later - sent_end)) sent in ${drain_seconds}s after the run ($relay)"
-done
 
-stop_process "$smtp_pid" "the SMTP server"
-smtp_pid=""
+  stop_process "$smtp_pid" "the SMTP server"
+  smtp_pid=""
 done
 mkdir -p "$OUT_DIR"
 rm -rf "$OUT_DIR/email-latest-raw"
