@@ -3,11 +3,16 @@
 #
 # squalld runs pinned to SERVER_CPU (default 0) with [jobs] durability = DURABILITY ("full": an
 # fsync per group commit before the 202s of that commit leave); wrk -t1 runs pinned to CLIENT_CPU
-# (default 1) with bench/email.lua. The SMTP relay is the aiosmtpd harness of the integration
-# tests (tests/integration/smtp_server.py, accepting everything) on 127.0.0.1, pinned to SMTP_CPU
-# (default: the client's CPU, so that it does not take the server's). The sends happen in the
-# background, at most [jobs] max_concurrent_sends (2) at once, and lag behind the accepts: they
-# are not what is measured. max_queued is raised so back-pressure (503) never starts.
+# (default 1) with bench/email.lua. The SMTP relay is, for each name in RELAYS, the aiosmtpd
+# harness of the integration tests (tests/integration/smtp_server.py, accepting everything;
+# Python) or Postfix's smtp-sink (C, accepts as fast as the machine allows; from the postfix
+# package, run without configuring Postfix), on 127.0.0.1, pinned to SMTP_CPU (default: the
+# client's CPU, so that it does not take the server's). The sends happen in the background, at
+# most [jobs] max_concurrent_sends (MAX_SENDS) at once over at most [smtp] connections
+# (SMTP_CONNECTIONS) kept connections, and lag behind the accepts. The send rate is measured
+# after the run, while the backlog drains (wrk has stopped): sent jobs per second over at most
+# SEND_WAIT seconds, until the backlog is empty. max_queued is raised so back-pressure (503)
+# never starts.
 #
 # For each connection count in CONNECTIONS a fresh squalld with a fresh store takes a warm-up wrk
 # run (WARMUP, unreported) and then the measured one (DURATION). Reported: requests/s, p50/p99
@@ -23,7 +28,13 @@
 #   WARMUP        wrk run before each measured one, unreported; 0 skips it [2s]
 #   CONNECTIONS   wrk connection counts, one measured run each ["64 256"]
 #   DURABILITY    [jobs] durability: full or normal [full]
-#   SEND_WAIT     seconds to wait after a run before counting deliveries again [5]
+#   SEND_WAIT     seconds the send rate is measured over after a run (less if the backlog
+#                 empties first) [5]
+#   RELAYS        SMTP relays, one pass each: aiosmtpd and/or smtp-sink [aiosmtpd]
+#   MAX_SENDS     [jobs] max_concurrent_sends; thread_pool_size is MAX_SENDS + 2 [2]
+#   SMTP_CONNECTIONS  [smtp] connections; "" leaves the key out (for a squalld from before it
+#                 existed) [""]
+#   SMTP_SINK     the smtp-sink program [/usr/sbin/smtp-sink]
 #   SERVER_CPU, CLIENT_CPU, SMTP_CPU   CPUs for squalld, wrk and the SMTP server [0, 1, CLIENT_CPU]
 #   OUT_DIR       where email-latest.md and email-latest-raw go [bench/out]
 #   WRK, PYTHON   the programs used [wrk, /usr/bin/python3 (with aiosmtpd)]
@@ -44,9 +55,14 @@ SMTP_CPU=${SMTP_CPU:-$CLIENT_CPU}
 OUT_DIR=${OUT_DIR:-$bench_dir/out}
 WRK=${WRK:-wrk}
 PYTHON=${PYTHON:-/usr/bin/python3}
+RELAYS=${RELAYS:-aiosmtpd}
+MAX_SENDS=${MAX_SENDS:-2}
+SMTP_CONNECTIONS=${SMTP_CONNECTIONS:-}
+SMTP_SINK=${SMTP_SINK:-/usr/sbin/smtp-sink}
 
 command_line="DURATION=$DURATION WARMUP=$WARMUP CONNECTIONS='$CONNECTIONS' DURABILITY=$DURABILITY"
-command_line+=" SEND_WAIT=$SEND_WAIT SERVER_CPU=$SERVER_CPU CLIENT_CPU=$CLIENT_CPU SMTP_CPU=$SMTP_CPU"
+command_line+=" SEND_WAIT=$SEND_WAIT RELAYS='$RELAYS' MAX_SENDS=$MAX_SENDS"
+command_line+=" SMTP_CONNECTIONS=$SMTP_CONNECTIONS SERVER_CPU=$SERVER_CPU CLIENT_CPU=$CLIENT_CPU SMTP_CPU=$SMTP_CPU"
 command_line+=" SQUALLD=$SQUALLD $0${*:+ $*}"
 
 # Messages go to the stderr the script started with (fd 3), also from a trap.
@@ -59,7 +75,7 @@ log() { printf 'bench-email: %s\n' "$*" >&3; }
 # ---------------------------------------------------------------------------------------------
 # Checks before anything starts.
 
-for number in SERVER_CPU CLIENT_CPU SMTP_CPU SEND_WAIT; do
+for number in SERVER_CPU CLIENT_CPU SMTP_CPU SEND_WAIT MAX_SENDS ${SMTP_CONNECTIONS:+SMTP_CONNECTIONS}; do
   [[ ${!number} =~ ^[0-9]+$ ]] || die "$number must be a whole number, got '${!number}'"
 done
 [[ $DURATION =~ ^[0-9]+[smh]?$ ]] || die "DURATION must look like 10s, 2m or 10, got '$DURATION'"
@@ -76,7 +92,20 @@ SQUALLD=$(cd "$(dirname "$SQUALLD")" && pwd)/$(basename "$SQUALLD")
 for program in taskset curl "$WRK" "$PYTHON" getconf; do
   command -v "$program" >/dev/null || die "$program is missing"
 done
-"$PYTHON" -c 'import aiosmtpd' 2>/dev/null || die "$PYTHON has no aiosmtpd (apt-get install python3-aiosmtpd)"
+read -ra relays <<<"$RELAYS"
+((${#relays[@]} > 0)) || die "RELAYS is empty"
+for relay in "${relays[@]}"; do
+  case $relay in
+    aiosmtpd)
+      "$PYTHON" -c 'import aiosmtpd' 2>/dev/null ||
+        die "$PYTHON has no aiosmtpd (apt-get install python3-aiosmtpd)"
+      ;;
+    smtp-sink)
+      [[ -x $SMTP_SINK ]] || die "no smtp-sink at $SMTP_SINK (apt-get install postfix)"
+      ;;
+    *) die "RELAYS: unknown relay '$relay' (aiosmtpd or smtp-sink)" ;;
+  esac
+done
 cpus=$(getconf _NPROCESSORS_ONLN)
 for cpu in "$SERVER_CPU" "$CLIENT_CPU" "$SMTP_CPU"; do
   ((cpu < cpus)) || die "CPU $cpu does not exist: this machine has $cpus"
@@ -137,6 +166,26 @@ trap 'log terminated; exit 143' TERM
 # port to $work_dir/smtp.port and, every 0.2 s, the number of messages received to
 # $work_dir/smtp.count (only the count is kept, not the messages).
 start_smtp() {
+  relay=$1
+  rm -f "$work_dir/smtp.port" "$work_dir/smtp.count"
+  if [[ $relay == smtp-sink ]]; then
+    # A free port from the kernel; smtp-sink takes no port 0. -c prints its running counters
+    # ("sess=N quit=N mesg=N", CR-separated) to stdout; -u is required when run as root.
+    smtp_port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    local user=()
+    ((EUID == 0)) && user=(-u nobody)
+    taskset -c "$SMTP_CPU" "$SMTP_SINK" "${user[@]}" -c "127.0.0.1:$smtp_port" 1000 \
+      >"$work_dir/smtp.log" 2>&1 &
+    smtp_pid=$!
+    local tries
+    for ((tries = 0; tries < 100; tries++)); do
+      (echo >"/dev/tcp/127.0.0.1/$smtp_port") 2>/dev/null && return 0
+      kill -0 "$smtp_pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    cat "$work_dir/smtp.log" >&3
+    die "smtp-sink did not start"
+  fi
   cat >"$work_dir/smtp_sink.py" <<'EOF'
 import os, signal, sys, threading
 sys.path.insert(0, sys.argv[1])
@@ -181,8 +230,12 @@ EOF
 }
 
 smtp_count() {
-  local count
-  IFS= read -r count <"$work_dir/smtp.count" || count=0
+  local count=0
+  if [[ $relay == smtp-sink ]]; then
+    count=$(tr '\r' '\n' <"$work_dir/smtp.log" | sed -n 's/.*mesg=\([0-9]*\).*/\1/p' | tail -n 1)
+  else
+    IFS= read -r count <"$work_dir/smtp.count" || count=0
+  fi
   printf '%s\n' "${count:-0}"
 }
 
@@ -201,13 +254,13 @@ EOF
 # squalld with a fresh store for connection count $1.
 start_squalld() {
   local connections=$1 tries
-  local config=$work_dir/squalld-c$connections.toml
-  store=$work_dir/jobs-c$connections.db
+  local config=$work_dir/squalld-$relay-c$connections.toml
+  store=$work_dir/jobs-$relay-c$connections.db
   cat >"$config" <<EOF
 # Written by bench/run_email.sh.
 [server]
 max_connections = 20000
-thread_pool_size = 4
+thread_pool_size = $((MAX_SENDS + 2))
 
 [timeouts]
 keepalive = "300s"
@@ -220,13 +273,14 @@ access_log = "off"
 url = "smtp://127.0.0.1:$smtp_port"
 starttls = "off"
 from = "Squall Bench <bench@example.com>"
+${SMTP_CONNECTIONS:+connections = $SMTP_CONNECTIONS}
 
 [jobs]
 store = "$store"
 durability = "$DURABILITY"
 max_queued = 100000000
 max_queued_bytes = "64GiB"
-max_concurrent_sends = 2
+max_concurrent_sends = $MAX_SENDS
 
 # One client from one address is the whole point here: no rate limit or queue share applies.
 [quota]
@@ -297,64 +351,78 @@ runs=$work_dir/runs.tsv
 : >"$runs"
 
 log "work dir $work_dir; squalld on CPU $SERVER_CPU, wrk on CPU $CLIENT_CPU, SMTP on CPU $SMTP_CPU"
-start_smtp
-log "SMTP server (aiosmtpd, accepting) on 127.0.0.1:$smtp_port"
+for relay in "${relays[@]}"; do
+  start_smtp "$relay"
+  log "SMTP server ($relay, accepting) on 127.0.0.1:$smtp_port"
 
-for connections in "${connection_counts[@]}"; do
-  start_squalld "$connections"
-  sanity_check
-  url="http://127.0.0.1:$squalld_port/email"
-  log "-c $connections: squalld pid $squalld_pid on 127.0.0.1:$squalld_port, store $store"
-  if [[ $WARMUP != 0 && $WARMUP != 0[smh] ]]; then
-    run_client "$work_dir/wrk.warmup.c$connections.txt" "$work_dir/wrk.warmup.c$connections.txt" "$work_dir/wrk.warmup.c$connections.time" \
-      taskset -c "$CLIENT_CPU" "$WRK" -t1 -c "$connections" -d "$WARMUP" --latency \
-      -s "$bench_dir/email.lua" "$url" || die "the warm-up wrk run failed"
-  fi
+  for connections in "${connection_counts[@]}"; do
+    start_squalld "$connections"
+    sanity_check
+    url="http://127.0.0.1:$squalld_port/email"
+    log "-c $connections: squalld pid $squalld_pid on 127.0.0.1:$squalld_port, store $store"
+    if [[ $WARMUP != 0 && $WARMUP != 0[smh] ]]; then
+      run_client "$work_dir/wrk.warmup.$relay-c$connections.txt" "$work_dir/wrk.warmup.$relay-c$connections.txt" "$work_dir/wrk.warmup.$relay-c$connections.time" \
+        taskset -c "$CLIENT_CPU" "$WRK" -t1 -c "$connections" -d "$WARMUP" --latency \
+        -s "$bench_dir/email.lua" "$url" || die "the warm-up wrk run failed"
+    fi
 
-  read -r _ _ _ sent_before _ total_before <<<"$(store_counts "$store")"
-  delivered_before=$(smtp_count)
-  squalld_before=$(cpu_ticks "$squalld_pid")
-  smtp_before=$(cpu_ticks "$smtp_pid")
-  server_busy=$(cpu_busy_ticks "$SERVER_CPU")
-  client_busy=$(cpu_busy_ticks "$CLIENT_CPU")
-  started_ns=$(date +%s%N)
-  output=$work_dir/wrk.c$connections.txt
-  if ! run_client "$output" "$output" "$output.time" taskset -c "$CLIENT_CPU" "$WRK" -t1 \
-    -c "$connections" -d "$DURATION" --latency -s "$bench_dir/email.lua" "$url"; then
-    cat "$output" >&3
-    die "wrk failed (-c $connections)"
-  fi
-  wall=$(awk -v a="$started_ns" -v b="$(date +%s%N)" 'BEGIN { printf "%.3f", (b - a) / 1e9 }')
-  squalld_ticks=$(($(cpu_ticks "$squalld_pid") - squalld_before))
-  smtp_ticks=$(($(cpu_ticks "$smtp_pid") - smtp_before))
-  server_busy=$(($(cpu_busy_ticks "$SERVER_CPU") - server_busy))
-  client_busy=$(($(cpu_busy_ticks "$CLIENT_CPU") - client_busy))
-  wrk_cpu=$(awk '{ print $1 + $2 }' "$output.time")
-  kill -0 "$squalld_pid" 2>/dev/null || die "squalld died during the run (-c $connections)"
-  grep -q '^WRK_JSON ' "$output" || {
-    cat "$output" >&3
-    die "wrk printed no results (-c $connections)"
-  }
-  read -r _ _ _ sent_end _ total_end <<<"$(store_counts "$store")"
-  delivered_end=$(smtp_count)
-  log "-c $connections: run done; waiting ${SEND_WAIT}s for the sends to catch up"
-  sleep "$SEND_WAIT"
-  read -r _ _ _ sent_later _ total_later <<<"$(store_counts "$store")"
-  curl -s --max-time 5 "http://127.0.0.1:$squalld_port/metrics" >"$work_dir/metrics.c$connections.txt" || true
-  stop_process "$squalld_pid" squalld
-  squalld_pid=""
-  # connections, wrk output, wall s, wrk CPU s, squalld ticks, SMTP ticks, server CPU busy ticks,
-  # client CPU busy ticks, jobs in the store before / at the end / SEND_WAIT later, sent ditto,
-  # messages the SMTP server got before / at the end.
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$connections" \
-    "${output##*/}" "$wall" "$wrk_cpu" "$squalld_ticks" "$smtp_ticks" "$server_busy" \
-    "$client_busy" "$total_before" "$total_end" "$total_later" "$sent_before" "$sent_end" \
-    "$sent_later" "$delivered_before" "$delivered_end" >>"$runs"
-  log "-c $connections: $(grep '^WRK_JSON ' "$output" | cut -c10-)"
+    read -r _ _ _ sent_before _ total_before <<<"$(store_counts "$store")"
+    delivered_before=$(smtp_count)
+    squalld_before=$(cpu_ticks "$squalld_pid")
+    smtp_before=$(cpu_ticks "$smtp_pid")
+    server_busy=$(cpu_busy_ticks "$SERVER_CPU")
+    client_busy=$(cpu_busy_ticks "$CLIENT_CPU")
+    started_ns=$(date +%s%N)
+    output=$work_dir/wrk.$relay-c$connections.txt
+    if ! run_client "$output" "$output" "$output.time" taskset -c "$CLIENT_CPU" "$WRK" -t1 \
+      -c "$connections" -d "$DURATION" --latency -s "$bench_dir/email.lua" "$url"; then
+      cat "$output" >&3
+      die "wrk failed (-c $connections)"
+    fi
+    wall=$(awk -v a="$started_ns" -v b="$(date +%s%N)" 'BEGIN { printf "%.3f", (b - a) / 1e9 }')
+    squalld_ticks=$(($(cpu_ticks "$squalld_pid") - squalld_before))
+    smtp_ticks=$(($(cpu_ticks "$smtp_pid") - smtp_before))
+    server_busy=$(($(cpu_busy_ticks "$SERVER_CPU") - server_busy))
+    client_busy=$(($(cpu_busy_ticks "$CLIENT_CPU") - client_busy))
+    wrk_cpu=$(awk '{ print $1 + $2 }' "$output.time")
+    kill -0 "$squalld_pid" 2>/dev/null || die "squalld died during the run (-c $connections)"
+    grep -q '^WRK_JSON ' "$output" || {
+      cat "$output" >&3
+      die "wrk printed no results (-c $connections)"
+    }
+    drain_started_ns=$(date +%s%N)
+    drain_ticks=$(cpu_ticks "$squalld_pid")
+    read -r _ _ _ sent_end _ total_end <<<"$(store_counts "$store")"
+    delivered_end=$(smtp_count)
+    log "-c $connections: run done; measuring the sends for up to ${SEND_WAIT}s"
+    # Samples until SEND_WAIT is over or nothing is left to send: the rate is taken over the time
+    # there was a backlog.
+    while :; do
+      sleep 0.5
+      read -r _ _ _ sent_later _ total_later <<<"$(store_counts "$store")"
+      drain_ns=$(($(date +%s%N) - drain_started_ns))
+      ((sent_later < total_later && drain_ns < SEND_WAIT * 1000000000)) || break
+    done
+    drain_seconds=$(awk -v n="$drain_ns" 'BEGIN { printf "%.3f", n / 1e9 }')
+    drain_ticks=$(($(cpu_ticks "$squalld_pid") - drain_ticks))
+    curl -s --max-time 5 "http://127.0.0.1:$squalld_port/metrics" >"$work_dir/metrics.$relay-c$connections.txt" || true
+    stop_process "$squalld_pid" squalld
+    squalld_pid=""
+    # connections, wrk output, wall s, wrk CPU s, squalld ticks, SMTP ticks, server CPU busy ticks,
+    # client CPU busy ticks, jobs in the store before / at the end / after the measured sends,
+    # sent ditto, messages the SMTP server got before / at the end, relay, seconds the sends were
+    # measured over, squalld's CPU ticks meanwhile.
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$connections" \
+      "${output##*/}" "$wall" "$wrk_cpu" "$squalld_ticks" "$smtp_ticks" "$server_busy" \
+      "$client_busy" "$total_before" "$total_end" "$total_later" "$sent_before" "$sent_end" \
+      "$sent_later" "$delivered_before" "$delivered_end" "$relay" "$drain_seconds" "$drain_ticks" >>"$runs"
+    log "-c $connections: $(grep '^WRK_JSON ' "$output" | cut -c10-)"
+    log "-c $connections: $((sent_later - sent_end)) sent in ${drain_seconds}s after the run ($relay)"
+  done
+
+  stop_process "$smtp_pid" "the SMTP server"
+  smtp_pid=""
 done
-
-stop_process "$smtp_pid" "the SMTP server"
-smtp_pid=""
 mkdir -p "$OUT_DIR"
 rm -rf "$OUT_DIR/email-latest-raw"
 cp -r "$work_dir" "$OUT_DIR/email-latest-raw"
@@ -381,7 +449,9 @@ for line in (work / "runs.tsv").read_text().splitlines():
     e = w["errors"]
     accepted = total_end - total_before
     delivered_before, delivered_end = int(f[14]), int(f[15])
+    relay, drain_seconds, drain_cpu = f[16], float(f[17]), int(f[18]) / ticks
     rows.append({
+        "relay": relay,
         "c": conns,
         "rps": w["requests"] / seconds,
         "p50": w["latency_us"]["p50"] / 1000,
@@ -393,7 +463,9 @@ for line in (work / "runs.tsv").read_text().splitlines():
         "accepted": accepted,
         "sent_run": sent_end - sent_before,
         "smtp_run": delivered_end - delivered_before,
-        "send_rate": (sent_later - sent_end) / send_wait if send_wait else 0,
+        "send_rate": (sent_later - sent_end) / drain_seconds if drain_seconds else 0,
+        "drain_seconds": drain_seconds,
+        "cpu_per_send_us": drain_cpu / (sent_later - sent_end) * 1e6 if sent_later > sent_end else 0,
         "backlog": total_later - sent_later,
         "squalld_cpu": squalld_s / wall,
         "smtp_cpu": smtp_s / wall,
@@ -410,25 +482,26 @@ lines = [
     f"- machine: {info['machine']}; store on {info['filesystem']}",
     f"- {info['squalld']}, revision {info['revision']}; {info['wrk']}",
     "",
-    "| wrk -c | requests/s | p50 ms | p99 ms | max ms | requests | non-2xx | socket errors "
-    "| accepted (store) | sent during run (store / SMTP) | sends/s after | not yet sent "
-    "+{}s |".format(send_wait),
-    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "| relay | wrk -c | requests/s | p50 ms | p99 ms | max ms | requests | non-2xx "
+    "| socket errors | accepted (store) | sent during run (store / SMTP) | sends/s after "
+    "| sends/s ÷ requests/s | squalld CPU µs per send | not yet sent after |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
 ]
 for r in rows:
     lines.append(
-        f"| {r['c']} | {r['rps']:,.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['max']:.1f} "
-        f"| {r['requests']:,} | {r['status']:,} | {r['socket']:,} | {r['accepted']:,} "
-        f"| {r['sent_run']:,} / {r['smtp_run']:,} | {r['send_rate']:,.0f} | {r['backlog']:,} |")
+        f"| {r['relay']} | {r['c']} | {r['rps']:,.0f} | {r['p50']:.2f} | {r['p99']:.2f} "
+        f"| {r['max']:.1f} | {r['requests']:,} | {r['status']:,} | {r['socket']:,} "
+        f"| {r['accepted']:,} | {r['sent_run']:,} / {r['smtp_run']:,} | {r['send_rate']:,.0f} "
+        f"| {r['send_rate'] / r['rps']:.3f} | {r['cpu_per_send_us']:,.0f} | {r['backlog']:,} |")
 lines += [
     "",
     "CPU during the measured run (share of one CPU, over the wall-clock time):",
     "",
-    "| wrk -c | squalld | wrk | SMTP server | server CPU busy | client CPU busy |",
-    "|---:|---:|---:|---:|---:|---:|",
+    "| relay | wrk -c | squalld | wrk | SMTP server | server CPU busy | client CPU busy |",
+    "|---|---:|---:|---:|---:|---:|---:|",
 ]
 for r in rows:
-    lines.append(f"| {r['c']} | {r['squalld_cpu']:.0%} | {r['wrk_cpu']:.0%} | {r['smtp_cpu']:.0%} "
+    lines.append(f"| {r['relay']} | {r['c']} | {r['squalld_cpu']:.0%} | {r['wrk_cpu']:.0%} | {r['smtp_cpu']:.0%} "
                  f"| {r['server_busy']:.0%} | {r['client_busy']:.0%} |")
 lines += [
     "",
@@ -437,9 +510,12 @@ lines += [
     "accepted = jobs the store gained during the measured run (a 202 each; it can exceed wrk's "
     "count by the requests in flight when wrk stopped). sent during run = jobs marked sent in "
     "the store / messages the SMTP server received, during the run (oldest first, so warm-up "
-    "jobs included); sends/s after = the send rate over the wait after the run; not yet sent = "
-    "every job in the store not sent, after the wait. The sends lag far behind the accepts: at "
-    "most [jobs] max_concurrent_sends (2) at once, a new SMTP connection each.",
+    "jobs included); sends/s after = jobs marked sent per second after the run (wrk stopped), "
+    "over at most SEND_WAIT s, until nothing was left to send; not yet sent after = every job "
+    "in the store not sent at the end of that; squalld CPU µs per send = its CPU time (all "
+    "threads) over that time, divided by the sends. Sends: at most [jobs] max_concurrent_sends at "
+    "once, over at most [smtp] connections kept connections (a squalld from before [smtp] "
+    "connections opens one per message).",
     "",
 ]
 text = "\n".join(lines)

@@ -6,8 +6,12 @@
 // Prints one JSON line: {"outcome": "sent" | "temporary_failure" | "permanent_failure",
 // "smtp_code": 250, "detail": "...", "message_id": "..."}, or {"error": {"field", "message"}} for
 // a rejected request. Exit status: 0 sent, 1 temporary failure, 2 permanent failure, 3 rejected
-// request, 64 usage. The password comes from the SMTP_PASSWORD environment variable, never from
-// the command line (which other users can read in ps).
+// request, 64 usage. --repeat N sends the message N times through one mailer (over its kept
+// connections, at most --connections of them) and adds "sends" (each outcome) and
+// "connections_opened" to the line; the other fields are the last send's. The password comes from
+// the SMTP_PASSWORD environment variable, never from the command line (which other users can read
+// in ps).
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -31,7 +35,7 @@ constexpr std::string_view kUsage =
     "off|opportunistic|required]\n"
     "                  [--username NAME] [--timeout MS] [--connect-timeout MS] [--job-id ID]\n"
     "                  [--max-recipients N] [--max-bytes N] [--ca-file PEM] [--no-verify]\n"
-    "                  [--print-mime] < email.json\n"
+    "                  [--repeat N] [--connections N] [--print-mime] < email.json\n"
     "The password is read from $SMTP_PASSWORD.\n";
 
 [[noreturn]] void usage(std::string_view problem) {
@@ -63,6 +67,7 @@ int main(int argc, char** argv) {
   std::string job_id;
   EmailLimits limits;
   bool print_mime = false;
+  long repeat = 0;  // 0: send once, without the extra fields
   for (int i = 1; i < argc; ++i) {
     const std::string_view option = argv[i];
     if (option == "--print-mime") {
@@ -101,6 +106,12 @@ int main(int argc, char** argv) {
       settings.connect_timeout = std::chrono::milliseconds(to_number(option, value));
     } else if (option == "--ca-file") {
       settings.ca_file = value;
+    } else if (option == "--repeat") {
+      repeat = to_number(option, value);
+      if (repeat < 1) usage("--repeat needs a number above 0");
+    } else if (option == "--connections") {
+      settings.connections = static_cast<std::size_t>(to_number(option, value));
+      if (settings.connections < 1) usage("--connections needs a number above 0");
     } else if (option == "--job-id") {
       job_id = value;
     } else if (option == "--max-recipients") {
@@ -137,14 +148,21 @@ int main(int argc, char** argv) {
   }
 
   const SmtpMailer mailer(settings);
-  const SendResult result =
-      mailer.send(envelope_sender(email, default_from), envelope_recipients(email), mime);
-  std::cout << nlohmann::json{{"outcome", to_string(result.outcome)},
-                              {"smtp_code", result.smtp_code},
-                              {"detail", result.detail},
-                              {"message_id", message_id}}
-                   .dump()
-            << "\n";
+  SendResult result;
+  nlohmann::json sends = nlohmann::json::array();
+  for (long i = 0; i < std::max(1L, repeat); ++i) {
+    result = mailer.send(envelope_sender(email, default_from), envelope_recipients(email), mime);
+    sends.push_back(to_string(result.outcome));
+  }
+  nlohmann::json line{{"outcome", to_string(result.outcome)},
+                      {"smtp_code", result.smtp_code},
+                      {"detail", result.detail},
+                      {"message_id", message_id}};
+  if (repeat > 0) {
+    line["sends"] = sends;
+    line["connections_opened"] = mailer.connections_opened();
+  }
+  std::cout << line.dump() << "\n";
   switch (result.outcome) {
     case SendOutcome::sent:
       return 0;

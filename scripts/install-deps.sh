@@ -9,7 +9,7 @@ libsystemd-dev libssl-dev curl python3 python3-pytest python3-aiosmtpd systemd l
 clang libclang-rt-14-dev openssl"
 
 case "${1:-}" in
-  --bench) packages="$packages wrk nginx nodejs util-linux procps nghttp2-client python3-tornado python3-pycurl" ;;
+  --bench) packages="$packages wrk nginx nodejs util-linux procps nghttp2-client python3-tornado python3-pycurl postfix" ;;
 esac
 
 missing=""

@@ -756,6 +756,8 @@ class Loader {
       duration("timeout", config_.smtp.timeout),
       text("ca_file", config_.smtp.ca_file, true),
       boolean("tls_verify", config_.smtp.tls_verify),
+      count("connections", config_.smtp.connections, 1024),
+      duration("idle_timeout", config_.smtp.idle_timeout),
   };
   const std::vector<Field> jobs_fields_{
       text("store", config_.jobs.store, false),

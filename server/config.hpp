@@ -85,8 +85,9 @@ struct RoutesConfig {
 };
 
 // [smtp]: the relay (mail::SmtpSettings: url, starttls, username, connect_timeout, timeout,
-// ca_file, tls_verify; each key is the field of the same name) and what only squalld has. The
-// password field is not a key: squalld fills it from password_file or password_env.
+// ca_file, tls_verify, connections, idle_timeout; each key is the field of the same name) and what
+// only squalld has. The password field is not a key: squalld fills it from password_file or
+// password_env.
 struct SmtpConfig : mail::SmtpSettings {
   std::string password_file;              // [smtp] password_file: a file holding it
   std::string password_env;               // [smtp] password_env: or an environment variable

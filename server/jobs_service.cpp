@@ -655,7 +655,13 @@ void JobsService::reconfigure(const Config& config) {
     }
     settings->maildir = std::move(maildir);
   } else {
-    settings->mailer = std::make_shared<const mail::SmtpMailer>(smtp_settings(config.smtp));
+    auto smtp = smtp_settings(config.smtp);
+    // Unchanged settings keep the mailer, and with it the connections it holds open.
+    if (settings_ && settings_->mailer && settings_->mailer->settings() == smtp) {
+      settings->mailer = settings_->mailer;
+    } else {
+      settings->mailer = std::make_shared<const mail::SmtpMailer>(std::move(smtp));
+    }
   }
   settings->retain = config.jobs.retain;
   if (config.jobs.max_concurrent >= running_pool_size_) {

@@ -60,33 +60,67 @@ std::chrono::milliseconds JobRunner::backoff(int attempts) {
 }
 
 void JobRunner::claim() {
+  start_ready();
   if (draining_ || claim_in_flight_) return;
   const std::size_t free_slots =
       options_.max_concurrent > stats_.running ? options_.max_concurrent - stats_.running : 0;
-  if (free_slots == 0) return;
+  const std::size_t wanted = free_slots + options_.prefetch;
+  if (ready_.size() >= wanted) return;
+  const std::size_t batch = wanted - ready_.size();
   claim_in_flight_ = true;
   claim_again_ = false;
   const std::int64_t lease_ms = options_.lease.count();
   std::weak_ptr<bool> alive = alive_;
-  store_.run([this, alive, free_slots, lease_ms, &loop = loop_](JobStore& store) {
+  store_.run([this, alive, batch, lease_ms, &loop = loop_](JobStore& store) {
     std::vector<Job> claimed;
     std::string error;
     try {
-      claimed = store.claim(free_slots, unix_now_ms(), lease_ms);
+      claimed = store.claim(batch, unix_now_ms(), lease_ms);
     } catch (const std::exception& failure) {
       error = failure.what();
     }
-    loop.call_soon([this, alive, free_slots, claimed = std::move(claimed), error]() mutable {
+    loop.call_soon([this, alive, batch, claimed = std::move(claimed), error]() mutable {
       const auto still_alive = alive.lock();
       if (!still_alive || !*still_alive) return;
       claim_in_flight_ = false;
       if (!error.empty()) spdlog::error("jobs: claiming due jobs failed: {}", error);
-      for (Job& job : claimed) perform(std::move(job));
+      for (Job& job : claimed) enqueue(std::move(job));
+      start_ready();
       // A full batch or a poke meanwhile means more may be waiting.
-      if (!draining_ && (claim_again_ || claimed.size() == free_slots)) claim();
+      if (!draining_ && (claim_again_ || claimed.size() == batch)) claim();
       maybe_drained();
     });
   });
+}
+
+void JobRunner::enqueue(Job job) {
+  if (running_ids_.count(job.id) != 0 || recording_ids_.count(job.id) != 0 ||
+      ready_ids_.count(job.id) != 0 || draining_) {
+    perform(std::move(job));  // Which says why it does not attempt it.
+    return;
+  }
+  ready_ids_.insert(job.id);
+  ready_.emplace_back(std::move(job), std::chrono::steady_clock::now());
+}
+
+void JobRunner::start_ready() {
+  while (!draining_ && stats_.running < options_.max_concurrent && !ready_.empty()) {
+    auto [job, claimed_at] = std::move(ready_.front());
+    ready_.pop_front();
+    ready_ids_.erase(job.id);
+    if (std::chrono::steady_clock::now() - claimed_at > options_.lease / 2) {
+      // Half its lease is gone: the rest may not cover a whole attempt. Back to the queue,
+      // uncounted, for a fresh claim.
+      spdlog::info(
+          "jobs: {} {} waited over half its lease ([jobs] lease) for a free slot; back "
+          "in the queue",
+          job.kind, job.id);
+      record(job.id, "releasing",
+             [id = job.id](JobStore& store, std::int64_t now) { store.release(id, now); });
+      continue;
+    }
+    perform(std::move(job));
+  }
 }
 
 void JobRunner::perform(Job job) {
@@ -95,6 +129,12 @@ void JobRunner::perform(Job job) {
     // still running will record the outcome.
     spdlog::warn("jobs: {} {} is still being attempted after its lease ([jobs] lease) ended",
                  job.kind, job.id);
+    return;
+  }
+  if (ready_ids_.count(job.id) != 0) {
+    // Claimed again (its lease ended) while it waits for a slot: it is attempted once, from
+    // where it waits.
+    spdlog::warn("jobs: {} {} was claimed again while it waits for a free slot", job.kind, job.id);
     return;
   }
   if (recording_ids_.count(job.id) != 0) {
@@ -208,7 +248,65 @@ void JobRunner::finish_attempt(const Job& job, const AttemptResult& result,
 void JobRunner::record(const std::string& id, const char* what, Write write) {
   ++marks_in_flight_;
   recording_ids_.insert(id);
-  record_attempt(id, what, std::move(write), 0);
+  unflushed_.push_back({id, what, std::move(write)});
+  flush_records();
+}
+
+void JobRunner::flush_records() {
+  if (flush_in_flight_ || unflushed_.empty()) return;
+  auto batch = std::make_shared<std::vector<PendingWrite>>(std::move(unflushed_));
+  unflushed_.clear();
+  flush_in_flight_ = true;
+  std::weak_ptr<bool> alive = alive_;
+  const bool queued = store_.run([this, alive, batch, &loop = loop_](JobStore& store) {
+    std::string error;
+    try {
+      const std::int64_t now = unix_now_ms();
+      store.transaction([&] {
+        for (PendingWrite& pending : *batch) pending.write(store, now);
+      });
+    } catch (const std::exception& failure) {
+      error = failure.what();
+    }
+    loop.call_soon([this, alive, batch, error] {
+      const auto still_alive = alive.lock();
+      if (!still_alive || !*still_alive) return;
+      flush_in_flight_ = false;
+      if (error.empty()) {
+        for (const PendingWrite& pending : *batch) {
+          recording_ids_.erase(pending.id);
+          --marks_in_flight_;
+        }
+      } else {
+        // Nothing of the transaction stuck. Each write is tried again on its own, so that one
+        // the store keeps refusing holds up no other.
+        for (PendingWrite& pending : *batch) {
+          spdlog::error("jobs: {} job {} failed: {}; trying again in {} ms", pending.what,
+                        pending.id, error, options_.record_retry_initial.count());
+          loop_.call_later(options_.record_retry_initial,
+                           [this, alive, id = pending.id, what = pending.what,
+                            write = std::move(pending.write)]() mutable {
+                             const auto again = alive.lock();
+                             if (!again || !*again) return;
+                             record_attempt(id, what, std::move(write), 1);
+                           });
+        }
+      }
+      flush_records();
+      maybe_drained();
+    });
+  });
+  if (!queued) {
+    // The store thread is shut down: nothing can be recorded any more.
+    flush_in_flight_ = false;
+    for (const PendingWrite& pending : *batch) {
+      spdlog::error("jobs: {} job {}: the job store is shut down; not recorded", pending.what,
+                    pending.id);
+      recording_ids_.erase(pending.id);
+      --marks_in_flight_;
+    }
+    maybe_drained();
+  }
 }
 
 void JobRunner::record_attempt(const std::string& id, const char* what, Write write, int failures) {
@@ -265,6 +363,14 @@ void JobRunner::drain(std::function<void()> done) {
   draining_ = true;
   on_drained_ = std::move(done);
   if (poll_timer_ != nullptr) uv_timer_stop(poll_timer_);
+  // Jobs waiting for a slot go back to the queue untouched, for the next start.
+  while (!ready_.empty()) {
+    Job job = std::move(ready_.front().first);
+    ready_.pop_front();
+    ready_ids_.erase(job.id);
+    record(job.id, "releasing",
+           [id = job.id](JobStore& store, std::int64_t now) { store.release(id, now); });
+  }
   maybe_drained();
 }
 

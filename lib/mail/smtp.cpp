@@ -5,10 +5,12 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <condition_variable>
 #include <cstring>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
+#include <thread>
 #include <utility>
 
 namespace squall::mail {
@@ -24,6 +26,7 @@ struct Transcript {
   std::string reply_text;
   std::string stage = "greeting";  // what the next reply answers
   bool quitting = false;
+  bool message_started = false;  // some of the message (after DATA's 354) went out
 
   void on_reply_line(std::string_view line) {
     if (quitting || line.size() < 3) return;
@@ -87,6 +90,7 @@ int on_debug(CURL*, curl_infotype type, char* data, std::size_t size, void* user
     transcript.on_command(bytes);
   } else if (type == CURLINFO_DATA_OUT) {
     transcript.stage = "end of DATA";  // the next reply is the verdict on the message
+    transcript.message_started = true;
   }
   return 0;
 }
@@ -141,9 +145,6 @@ bool has_cr_lf_nul(std::string_view s) {
   return s.find_first_of(std::string_view("\r\n\0", 3)) != std::string_view::npos;
 }
 
-struct CurlDeleter {
-  void operator()(CURL* curl) const { curl_easy_cleanup(curl); }
-};
 struct SlistDeleter {
   void operator()(curl_slist* list) const { curl_slist_free_all(list); }
 };
@@ -258,11 +259,283 @@ void global_init() {
   });
 }
 
+namespace detail {
+
+// The easy handles of one mailer, each keeping (at most) one connection to the relay in its
+// cache. A handle is either lent to one send or idle here; a background thread closes those idle
+// for longer than idle_timeout. Thread-safe.
+class SmtpConnectionPool {
+ public:
+  SmtpConnectionPool(std::size_t max_connections, std::chrono::milliseconds idle_timeout)
+      : max_connections_(std::max<std::size_t>(1, max_connections)), idle_timeout_(idle_timeout) {}
+
+  ~SmtpConnectionPool() {
+    {
+      std::lock_guard lock(mutex_);
+      stopping_ = true;
+    }
+    changed_.notify_all();
+    if (closer_.joinable()) {
+      closer_.join();
+    } else {
+      for (const Idle& idle : idle_) curl_easy_cleanup(idle.handle);
+    }
+  }
+  SmtpConnectionPool(const SmtpConnectionPool&) = delete;
+  SmtpConnectionPool& operator=(const SmtpConnectionPool&) = delete;
+
+  // An idle handle (the one used last: the others age out), a new one while fewer than
+  // max_connections exist, or else the next one given back. nullptr when `cancel` turned true
+  // first (*cancelled is then true) or libcurl is out of memory.
+  CURL* acquire(const std::atomic<bool>* cancel, bool* cancelled) {
+    *cancelled = false;
+    std::unique_lock lock(mutex_);
+    for (;;) {
+      if (!idle_.empty()) {
+        CURL* handle = idle_.back().handle;
+        idle_.pop_back();
+        return handle;
+      }
+      if (open_ < max_connections_) break;
+      if (cancel != nullptr && cancel->load(std::memory_order_relaxed)) {
+        *cancelled = true;
+        return nullptr;
+      }
+      // The cancel flag has no way to wake us: look at it every 100 ms.
+      changed_.wait_for(lock, std::chrono::milliseconds(100));
+    }
+    ++open_;
+    lock.unlock();
+    CURL* handle = curl_easy_init();
+    if (handle == nullptr) give_back(nullptr, false);
+    return handle;
+  }
+
+  // A handle whose connection is fresh: the old one is closed without QUIT (it failed).
+  CURL* replace(CURL* handle) {
+    close_failed(handle);
+    return curl_easy_init();
+  }
+
+  // Ends a send: `reusable` keeps the handle and its connection for the next send; otherwise
+  // the connection (which failed) is cut without waiting for anything more from the relay.
+  void give_back(CURL* handle, bool reusable, curl_socket_t socket = CURL_SOCKET_BAD) {
+    if (handle != nullptr && reusable) {
+      {
+        std::lock_guard lock(mutex_);
+        idle_.push_back({handle, socket, std::chrono::steady_clock::now()});
+        if (!closer_.joinable()) closer_ = std::thread([this] { close_idle(); });
+      }
+      changed_.notify_all();
+      return;
+    }
+    close_failed(handle);
+    {
+      std::lock_guard lock(mutex_);
+      --open_;
+    }
+    changed_.notify_all();
+  }
+
+  void count_connects(long connects) {
+    opened_.fetch_add(static_cast<std::uint64_t>(std::max(0L, connects)),
+                      std::memory_order_relaxed);
+  }
+  std::uint64_t opened() const noexcept { return opened_.load(std::memory_order_relaxed); }
+
+ private:
+  struct Idle {
+    CURL* handle;
+    curl_socket_t socket;                         // its connection's, untouched while idle
+    std::chrono::steady_clock::time_point since;  // when its last send ended
+  };
+
+  // perform() has shut the failed connection's socket down: the QUIT libcurl may still send
+  // fails at once.
+  static void close_failed(CURL* handle) {
+    if (handle != nullptr) curl_easy_cleanup(handle);
+  }
+
+  // The closing thread: QUITs each connection idle for idle_timeout (the oldest are at the front),
+  // and every idle one when the pool is destroyed. curl_easy_cleanup waits for the QUIT's reply,
+  // so it runs without the lock. When the pool is destroyed (a reload, the end of the process)
+  // nobody waits for that reply: the read side is shut down first, so a relay that never answers
+  // QUIT holds up neither.
+  void close_idle() {
+    std::unique_lock lock(mutex_);
+    for (;;) {
+      std::vector<Idle> expired;
+      const auto now = std::chrono::steady_clock::now();
+      while (!idle_.empty() && (stopping_ || now - idle_.front().since >= idle_timeout_)) {
+        expired.push_back(idle_.front());
+        idle_.erase(idle_.begin());
+      }
+      if (!expired.empty()) {
+        open_ -= expired.size();
+        const bool stopping = stopping_;
+        lock.unlock();
+        changed_.notify_all();
+        for (const Idle& idle : expired) {
+          if (stopping && idle.socket != CURL_SOCKET_BAD) ::shutdown(idle.socket, SHUT_RD);
+          curl_easy_cleanup(idle.handle);
+        }
+        lock.lock();
+        continue;
+      }
+      if (stopping_) return;
+      if (idle_.empty()) {
+        changed_.wait(lock);
+      } else {
+        changed_.wait_until(lock, idle_.front().since + idle_timeout_);
+      }
+    }
+  }
+
+  const std::size_t max_connections_;
+  const std::chrono::milliseconds idle_timeout_;
+  std::mutex mutex_;
+  std::condition_variable changed_;  // a handle came back, or the pool is stopping
+  std::vector<Idle> idle_;           // oldest first
+  std::size_t open_ = 0;             // handles lent out or idle
+  bool stopping_ = false;
+  std::thread closer_;  // started with the first idle connection
+  std::atomic<std::uint64_t> opened_{0};
+};
+
+}  // namespace detail
+
 SmtpMailer::SmtpMailer(SmtpSettings settings)
     : settings_(std::move(settings)),
       display_url_(strip_userinfo(settings_.url)),
       implicit_tls_(settings_.url.size() >= 8 &&
-                    curl_strnequal(settings_.url.c_str(), "smtps://", 8) != 0) {}
+                    curl_strnequal(settings_.url.c_str(), "smtps://", 8) != 0),
+      pool_(std::make_unique<detail::SmtpConnectionPool>(settings_.connections,
+                                                         settings_.idle_timeout)) {}
+
+SmtpMailer::~SmtpMailer() = default;
+
+std::uint64_t SmtpMailer::connections_opened() const noexcept {
+  return pool_->opened();
+}
+
+namespace {
+
+// One transaction over `h`, on its cached connection if it has one.
+struct Transfer {
+  CURLcode rc = CURLE_OK;
+  long code = 0;
+  long os_errno = 0;
+  bool new_connection = false;             // libcurl connected anew rather than reusing
+  curl_socket_t socket = CURL_SOCKET_BAD;  // the connection's, after a success
+  Transcript transcript;
+  std::string error_text;  // CURLOPT_ERRORBUFFER's text
+};
+
+Transfer perform(CURL* h, const SmtpSettings& settings, const std::string& from, curl_slist* rcpt,
+                 std::string_view mime, const std::atomic<bool>* cancel) {
+  Transfer transfer;
+  Upload upload{mime};
+  char error_buffer[CURL_ERROR_SIZE] = "";
+  const long use_ssl = settings.starttls == SmtpSettings::StartTls::off ? CURLUSESSL_NONE
+                       : settings.starttls == SmtpSettings::StartTls::opportunistic
+                           ? CURLUSESSL_TRY
+                           : CURLUSESSL_ALL;
+
+  curl_easy_setopt(h, CURLOPT_URL, settings.url.c_str());
+  // Only SMTP: a mistyped http:// URL must not make libcurl speak another protocol.
+  curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "smtp,smtps");
+  // Pool threads must not get SIGALRM from libcurl's timeouts (it uses the threaded resolver).
+  curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(h, CURLOPT_UPLOAD, 1L);
+  curl_easy_setopt(h, CURLOPT_READFUNCTION, on_read);
+  curl_easy_setopt(h, CURLOPT_READDATA, &upload);
+  curl_easy_setopt(h, CURLOPT_INFILESIZE_LARGE, static_cast<curl_off_t>(mime.size()));
+  curl_easy_setopt(h, CURLOPT_MAIL_FROM, from.c_str());
+  curl_easy_setopt(h, CURLOPT_MAIL_RCPT, rcpt);
+  // 0 (the default, spelled out): one refused recipient fails the send before DATA, so no
+  // recipient gets the mail twice when the job is retried.
+  curl_easy_setopt(h, CURLOPT_MAIL_RCPT_ALLLOWFAILS, 0L);
+  curl_easy_setopt(h, CURLOPT_USE_SSL, use_ssl);
+  // Every TLS connection verifies the certificate and host name (libcurl's default, spelled
+  // out), against ca_file or the system's CA store: a relay that cannot prove who it is gets no
+  // message and no password. Skipping it takes an explicit setting (tls_verify = false),
+  // which squalld logs loudly. A kept connection is reused only by a handle with the same TLS
+  // settings, user and password (libcurl compares them), and these never change in one mailer.
+  curl_easy_setopt(h, CURLOPT_SSL_VERIFYPEER, settings.tls_verify ? 1L : 0L);
+  curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, settings.tls_verify ? 2L : 0L);
+  if (!settings.ca_file.empty()) curl_easy_setopt(h, CURLOPT_CAINFO, settings.ca_file.c_str());
+  if (cancel != nullptr) {
+    curl_easy_setopt(h, CURLOPT_NOPROGRESS, 0L);
+    curl_easy_setopt(h, CURLOPT_XFERINFOFUNCTION, on_progress);
+    curl_easy_setopt(h, CURLOPT_XFERINFODATA, cancel);
+  }
+  curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS,
+                   static_cast<long>(settings.connect_timeout.count()));
+  curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, static_cast<long>(settings.timeout.count()));
+  // libcurl waits for the reply to QUIT (sent when the connection is closed) without the overall
+  // timeout, for the per-reply timeout instead (120 s by default): bound it by ours. It never
+  // cuts the dialogue itself short, which CURLOPT_TIMEOUT_MS already bounds.
+  const auto timeout_seconds = (settings.timeout.count() + 999) / 1000;
+  curl_easy_setopt(h, CURLOPT_SERVER_RESPONSE_TIMEOUT,
+                   static_cast<long>(std::max<long long>(1, timeout_seconds)));
+  // libcurl reuses no connection idle for longer than this (118 s by default, closing it without
+  // QUIT): the pool's own idle_timeout, which QUITs, must come first.
+  const auto idle_seconds = (settings.idle_timeout.count() + 999) / 1000;
+  curl_easy_setopt(h, CURLOPT_MAXAGE_CONN, static_cast<long>(idle_seconds + 1));
+  if (!settings.username.empty()) {
+    curl_easy_setopt(h, CURLOPT_USERNAME, settings.username.c_str());
+    curl_easy_setopt(h, CURLOPT_PASSWORD, settings.password.c_str());
+  }
+  curl_easy_setopt(h, CURLOPT_ERRORBUFFER, error_buffer);
+  // VERBOSE only routes the dialogue to on_debug (nothing is printed): it is how the reply text
+  // and the command it answered are learnt.
+  curl_easy_setopt(h, CURLOPT_VERBOSE, 1L);
+  curl_easy_setopt(h, CURLOPT_DEBUGFUNCTION, on_debug);
+  curl_easy_setopt(h, CURLOPT_DEBUGDATA, &transfer.transcript);
+
+  transfer.rc = curl_easy_perform(h);
+  curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &transfer.code);
+  curl_easy_getinfo(h, CURLINFO_OS_ERRNO, &transfer.os_errno);
+  long connects = 0;
+  curl_easy_getinfo(h, CURLINFO_NUM_CONNECTS, &connects);
+  transfer.new_connection = connects > 0;
+  transfer.error_text = error_buffer;
+  if (transfer.rc == CURLE_OK) {
+    curl_easy_getinfo(h, CURLINFO_ACTIVESOCKET, &transfer.socket);
+  } else {
+    // After a timeout libcurl keeps the connection and sends QUIT when it closes it, then waits
+    // for a reply a stuck server never gives. Nothing more is owed to a server that failed us:
+    // shutting the socket down makes that QUIT fail at once.
+    curl_socket_t socket = CURL_SOCKET_BAD;
+    if (curl_easy_getinfo(h, CURLINFO_ACTIVESOCKET, &socket) == CURLE_OK &&
+        socket != CURL_SOCKET_BAD) {
+      ::shutdown(socket, SHUT_RDWR);
+    }
+  }
+  // The options point at this frame's upload, transcript and error buffer, and at the caller's
+  // cancel flag: forget them all (the cached connection stays) before the handle is idle, as the
+  // closing thread's QUIT would run the debug callback.
+  curl_easy_reset(h);
+  return transfer;
+}
+
+// A kept connection that failed before any of the message went out, by a cut connection or a
+// 421 ("closing the channel"): the relay closed it while it sat idle. The message cannot have
+// been taken, so it goes out over a new connection at once.
+bool stale_connection(const Transfer& transfer) {
+  if (transfer.new_connection || transfer.transcript.message_started) return false;
+  switch (transfer.rc) {
+    case CURLE_SEND_ERROR:
+    case CURLE_RECV_ERROR:
+    case CURLE_GOT_NOTHING:
+    case CURLE_WEIRD_SERVER_REPLY:
+      return transfer.code == 0 || transfer.code == 421;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
 
 SendResult SmtpMailer::send(std::string_view envelope_from,
                             const std::vector<std::string>& recipients, std::string_view mime,
@@ -279,92 +552,40 @@ SendResult SmtpMailer::send(std::string_view envelope_from,
     rcpt.release();
     rcpt.reset(appended);
   }
-  std::unique_ptr<CURL, CurlDeleter> curl(curl_easy_init());
-  if (!curl) return temporary("curl_easy_init failed");
-  CURL* h = curl.get();
-
-  Transcript transcript;
-  Upload upload{mime};
-  char error_buffer[CURL_ERROR_SIZE] = "";
   const std::string from = "<" + std::string(envelope_from) + ">";
-  const long use_ssl = settings_.starttls == SmtpSettings::StartTls::off ? CURLUSESSL_NONE
-                       : settings_.starttls == SmtpSettings::StartTls::opportunistic
-                           ? CURLUSESSL_TRY
-                           : CURLUSESSL_ALL;
 
-  curl_easy_setopt(h, CURLOPT_URL, settings_.url.c_str());
-  // Only SMTP: a mistyped http:// URL must not make libcurl speak another protocol.
-  curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "smtp,smtps");
-  // Pool threads must not get SIGALRM from libcurl's timeouts (it uses the threaded resolver).
-  curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
-  curl_easy_setopt(h, CURLOPT_UPLOAD, 1L);
-  curl_easy_setopt(h, CURLOPT_READFUNCTION, on_read);
-  curl_easy_setopt(h, CURLOPT_READDATA, &upload);
-  curl_easy_setopt(h, CURLOPT_INFILESIZE_LARGE, static_cast<curl_off_t>(mime.size()));
-  curl_easy_setopt(h, CURLOPT_MAIL_FROM, from.c_str());
-  curl_easy_setopt(h, CURLOPT_MAIL_RCPT, rcpt.get());
-  // 0 (the default, spelled out): one refused recipient fails the send before DATA, so no
-  // recipient gets the mail twice when the job is retried.
-  curl_easy_setopt(h, CURLOPT_MAIL_RCPT_ALLLOWFAILS, 0L);
-  curl_easy_setopt(h, CURLOPT_USE_SSL, use_ssl);
-  // Every TLS connection verifies the certificate and host name (libcurl's default, spelled
-  // out), against ca_file or the system's CA store: a relay that cannot prove who it is gets no
-  // message and no password. Skipping it takes an explicit setting (tls_verify = false),
-  // which squalld logs loudly.
-  curl_easy_setopt(h, CURLOPT_SSL_VERIFYPEER, settings_.tls_verify ? 1L : 0L);
-  curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, settings_.tls_verify ? 2L : 0L);
-  if (!settings_.ca_file.empty()) curl_easy_setopt(h, CURLOPT_CAINFO, settings_.ca_file.c_str());
-  if (cancel) {
-    curl_easy_setopt(h, CURLOPT_NOPROGRESS, 0L);
-    curl_easy_setopt(h, CURLOPT_XFERINFOFUNCTION, on_progress);
-    curl_easy_setopt(h, CURLOPT_XFERINFODATA, cancel.get());
-  }
-  curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS,
-                   static_cast<long>(settings_.connect_timeout.count()));
-  curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, static_cast<long>(settings_.timeout.count()));
-  // libcurl waits for the reply to QUIT (sent at curl_easy_cleanup) without the overall timeout,
-  // for the per-reply timeout instead (120 s by default): bound it by ours. It never cuts the
-  // dialogue itself short, which CURLOPT_TIMEOUT_MS already bounds.
-  const auto timeout_seconds = (settings_.timeout.count() + 999) / 1000;
-  curl_easy_setopt(h, CURLOPT_SERVER_RESPONSE_TIMEOUT,
-                   static_cast<long>(std::max<long long>(1, timeout_seconds)));
-  if (!settings_.username.empty()) {
-    curl_easy_setopt(h, CURLOPT_USERNAME, settings_.username.c_str());
-    curl_easy_setopt(h, CURLOPT_PASSWORD, settings_.password.c_str());
-  }
-  curl_easy_setopt(h, CURLOPT_ERRORBUFFER, error_buffer);
-  // VERBOSE only routes the dialogue to on_debug (nothing is printed): it is how the reply text
-  // and the command it answered are learnt.
-  curl_easy_setopt(h, CURLOPT_VERBOSE, 1L);
-  curl_easy_setopt(h, CURLOPT_DEBUGFUNCTION, on_debug);
-  curl_easy_setopt(h, CURLOPT_DEBUGDATA, &transcript);
-
-  const CURLcode rc = curl_easy_perform(h);
-  long code = 0;
-  long os_errno = 0;
-  curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &code);
-  curl_easy_getinfo(h, CURLINFO_OS_ERRNO, &os_errno);
-
-  if (rc != CURLE_OK) {
-    // After a timeout libcurl keeps the connection and sends QUIT at cleanup, then waits for
-    // a reply a stuck server never gives. Nothing more is owed to a server that failed us:
-    // shutting the socket down makes that QUIT fail at once.
-    curl_socket_t socket = CURL_SOCKET_BAD;
-    if (curl_easy_getinfo(h, CURLINFO_ACTIVESOCKET, &socket) == CURLE_OK &&
-        socket != CURL_SOCKET_BAD) {
-      ::shutdown(socket, SHUT_RDWR);
+  bool cancelled = false;
+  CURL* h = pool_->acquire(cancel.get(), &cancelled);
+  if (cancelled)
+    return {SendOutcome::aborted, 0, "aborted (waiting for a connection): " + display_url_};
+  if (h == nullptr) return temporary("curl_easy_init failed");
+  Transfer transfer = perform(h, settings_, from, rcpt.get(), mime, cancel.get());
+  pool_->count_connects(transfer.new_connection ? 1 : 0);
+  if (transfer.rc != CURLE_OK && stale_connection(transfer)) {
+    h = pool_->replace(h);
+    if (h == nullptr) {
+      pool_->give_back(nullptr, false);
+      return temporary("curl_easy_init failed");
     }
+    transfer = perform(h, settings_, from, rcpt.get(), mime, cancel.get());
+    pool_->count_connects(transfer.new_connection ? 1 : 0);
   }
+  // Only a connection whose transaction succeeded is kept: after any failure libcurl has closed
+  // it (and sent QUIT) or it is cut here, so no transaction is ever left half done on it.
+  pool_->give_back(h, transfer.rc == CURLE_OK, transfer.socket);
 
+  const Transcript& transcript = transfer.transcript;
+  const long code = transfer.code;
   SendResult result;
-  if (rc == CURLE_ABORTED_BY_CALLBACK) {
+  if (transfer.rc == CURLE_ABORTED_BY_CALLBACK) {
     result = {SendOutcome::aborted, 0, "aborted (" + transcript.stage + "): " + display_url_};
-  } else if (rc == CURLE_OK) {
+  } else if (transfer.rc == CURLE_OK) {
     std::string text = transcript.reply_code == code ? printable(transcript.reply_text) : "";
     result = {SendOutcome::sent, code,
               "SMTP " + std::to_string(code) + (text.empty() ? "" : " " + text)};
   } else {
-    result = classify(rc, code, transcript, os_errno, error_buffer, display_url_);
+    result = classify(transfer.rc, code, transcript, transfer.os_errno, transfer.error_text.c_str(),
+                      display_url_);
   }
   // Belt and braces: no server or libcurl text may echo the password into a job's last_error.
   if (!settings_.password.empty()) {

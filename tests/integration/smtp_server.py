@@ -12,6 +12,14 @@ recipient or only those in fail_recipients) or to the message (fail_at="data").
 auth=("user", "password") requires AUTH (PLAIN or LOGIN, allowed without TLS).
 tls_context=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER) with a certificate loaded offers STARTTLS.
 
+Every connection is a Session in `server.sessions` (messages taken, QUIT seen, closed);
+wait_sessions_closed(n) awaits the n-th close. drop= makes it cut connections like a failing
+relay: "after_message" closes each connection right after its 250 to a message (a relay that
+drops idle connections), "second_mail" cuts a connection without a reply when a second MAIL
+FROM arrives on it (a kept connection the relay closed just before it was reused), "data" cuts
+the connection instead of answering the end of DATA (a failure mid-DATA) for the first
+`drop_count` messages, which are then not taken. hang_on_quit=True never answers QUIT.
+
 In pytest, import the `smtp_server` fixture into a test module (it is not in conftest.py):
     from smtp_server import smtp_server  # noqa: F401
     def test_x(smtp_server):
@@ -33,6 +41,7 @@ from dataclasses import dataclass
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 MODES = ("accept", "slow", "tempfail", "permfail")
+DROPS = (None, "after_message", "second_mail", "data")
 TEMPFAIL_REPLY = "451 4.3.0 try again later"
 PERMFAIL_REPLY = "550 5.7.1 rejected for testing"
 
@@ -48,6 +57,57 @@ class Message:
 
     def parsed(self) -> email.message.EmailMessage:
         return email.message_from_bytes(self.content, policy=email.policy.default)
+
+
+@dataclass(eq=False)  # each one is itself: two fresh sessions are not "equal"
+class Session:
+    """One SMTP connection, as the server saw it."""
+
+    messages: int = 0  # messages taken (250 to the end of DATA)
+    mails: int = 0  # MAIL FROM commands received
+    quit: bool = False  # the client sent QUIT
+    closed: bool = False  # the connection is gone
+
+
+class _SessionSMTP(SMTP):
+    """aiosmtpd's SMTP, telling the server about its connection's life (aiosmtpd 1.4)."""
+
+    def __init__(self, server: "SmtpServer", *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._test_server = server
+        self._test_session = Session()
+
+    def connection_made(self, transport):
+        # aiosmtpd calls it again after STARTTLS: still the same session.
+        with self._test_server._cond:
+            if not any(s is self._test_session for s in self._test_server.sessions):
+                self._test_server.sessions.append(self._test_session)
+                self._test_server._cond.notify_all()
+        super().connection_made(transport)
+
+    def connection_lost(self, error):
+        with self._test_server._cond:
+            self._test_session.closed = True
+            self._test_server._cond.notify_all()
+        super().connection_lost(error)
+
+    async def smtp_MAIL(self, arg):
+        server = self._test_server
+        with server._cond:
+            self._test_session.mails += 1
+            mails = self._test_session.mails
+        if server.drop == "second_mail" and mails >= 2:
+            self.transport.close()
+            return
+        await super().smtp_MAIL(arg)
+
+    async def smtp_QUIT(self, arg):
+        with self._test_server._cond:
+            self._test_session.quit = True
+            self._test_server._cond.notify_all()
+        if self._test_server.hang_on_quit:
+            await asyncio.sleep(3600)  # never answers; cancelled by stop()
+        await super().smtp_QUIT(arg)
 
 
 class _Handler:
@@ -73,6 +133,13 @@ class _Handler:
             await asyncio.sleep(server.delay)
         if server.mode in ("tempfail", "permfail") and server.fail_at == "data":
             return server._failure_reply()
+        if server.drop == "data":
+            with server._cond:
+                server.data_ends += 1
+                drop = server.data_ends <= server.drop_count
+            if drop:
+                smtp.transport.close()  # the reply below is never written
+                return "421 4.4.2 dropped for testing"
         message = Message(
             envelope.mail_from,
             list(envelope.rcpt_tos),
@@ -82,7 +149,11 @@ class _Handler:
         with server._cond:
             server.messages.append(message)
             number = len(server.messages)
+            smtp._test_session.messages += 1
             server._cond.notify_all()
+        if server.drop == "after_message":
+            # After the 250 below is written: aiosmtpd writes it before it next awaits.
+            asyncio.get_running_loop().call_soon(smtp.transport.close)
         return f"250 2.0.0 OK: queued as test-{number}"
 
 
@@ -97,9 +168,14 @@ class SmtpServer:
         auth: tuple | None = None,
         tls_context=None,
         hostname: str = "smtp.test",
+        drop: str | None = None,
+        drop_count: int = 1,
+        hang_on_quit: bool = False,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        if drop not in DROPS:
+            raise ValueError(f"drop must be one of {DROPS}, not {drop!r}")
         if fail_at not in ("rcpt", "data"):
             raise ValueError(f"fail_at must be 'rcpt' or 'data', not {fail_at!r}")
         self.mode = mode
@@ -109,6 +185,11 @@ class SmtpServer:
         self.auth = auth
         self.tls_context = tls_context
         self.hostname = hostname
+        self.drop = drop
+        self.drop_count = drop_count
+        self.hang_on_quit = hang_on_quit
+        self.data_ends = 0  # ends of DATA seen with drop="data", dropped or not
+        self.sessions: list[Session] = []
         self.port: int | None = None
         self.messages: list[Message] = []
         self.rcpt_attempts: list[str] = []  # every RCPT TO address, refused ones included
@@ -150,7 +231,9 @@ class SmtpServer:
         with warnings.catch_warnings():
             # "Requiring AUTH while not requiring TLS": deliberate, on 127.0.0.1.
             warnings.simplefilter("ignore", UserWarning)
-            protocol = SMTP(_Handler(self), hostname=self.hostname, loop=self._loop, **kwargs)
+            protocol = _SessionSMTP(
+                self, _Handler(self), hostname=self.hostname, loop=self._loop, **kwargs
+            )
         self._protocols.append(protocol)
         return protocol
 
@@ -177,6 +260,17 @@ class SmtpServer:
                     f"{len(self.messages)} of {count} messages arrived within {timeout} s"
                 )
             return list(self.messages[:count])
+
+    def wait_sessions_closed(self, count: int = 1, timeout: float = 10.0) -> list[Session]:
+        """The sessions once `count` of them are closed; AssertionError after `timeout`."""
+        with self._cond:
+            closed = lambda: sum(session.closed for session in self.sessions) >= count  # noqa
+            if not self._cond.wait_for(closed, timeout):
+                raise AssertionError(
+                    f"{sum(s.closed for s in self.sessions)} of {count} sessions closed within "
+                    f"{timeout} s"
+                )
+            return list(self.sessions)
 
     def stop(self) -> None:
         if self._loop is None:

@@ -318,3 +318,94 @@ def test_harness_wait_for_times_out():
         with pytest.raises(AssertionError, match="0 of 1 messages"):
             server.wait_for(1, timeout=0.2)
         assert time.monotonic() - started < 2
+
+
+# --------------------------------------------------------------------------------------------
+# Kept connections: one SmtpMailer sends one message after another over the same connection.
+
+
+def test_messages_share_one_connection(smtp_server):
+    server = smtp_server()
+    status, result, _ = send(SIMPLE, server.url, "--repeat", "5", "--connections", "1")
+    assert status == 0, result
+    assert result["sends"] == ["sent"] * 5
+    assert len(server.wait_for(5)) == 5
+    assert result["connections_opened"] == 1
+    assert len(server.sessions) == 1
+    assert server.sessions[0].messages == 5
+    # The mailer's end closes the kept connection politely.
+    [session] = server.wait_sessions_closed(1)
+    assert session.quit
+
+
+def test_kept_connection_keeps_starttls_and_login(smtp_server, self_signed_tls):
+    # The messages after the first go over the same encrypted, logged-in connection: TLS and
+    # AUTH happen once, and no message goes out in clear text.
+    server = smtp_server(tls_context=self_signed_tls, auth=("mailer", PASSWORD))
+    status, result, _ = send(SIMPLE, server.url, "--repeat", "3", "--starttls", "required",
+                             "--no-verify", "--username", "mailer", password=PASSWORD)
+    assert status == 0, result
+    assert result["sends"] == ["sent"] * 3
+    messages = server.wait_for(3)
+    assert all(message.tls for message in messages)
+    assert [attempt[1:] for attempt in server.auth_attempts] == [("mailer", True)]
+    assert result["connections_opened"] == 1
+    assert len(server.sessions) == 1
+
+
+def test_unverified_certificate_fails_on_every_send(smtp_server, self_signed_tls):
+    # A failed TLS setup is never kept: each send tries (and fails) anew.
+    server = smtp_server(tls_context=self_signed_tls)
+    status, result, _ = send(SIMPLE, server.url, "--repeat", "2", "--starttls", "required")
+    assert status == 2, result
+    assert result["sends"] == ["permanent_failure"] * 2
+    assert result["detail"].startswith("TLS setup failed (")
+    assert result["connections_opened"] == 2
+    assert server.messages == []
+
+
+def test_failed_transaction_closes_its_connection(smtp_server):
+    # A refused recipient ends the connection (QUIT): the next message gets a fresh one, so no
+    # transaction is ever continued on a connection where one failed.
+    server = smtp_server(mode="tempfail", fail_recipients={"rcpt@example.com"})
+    status, result, _ = send(SIMPLE, server.url, "--repeat", "2", "--connections", "1")
+    assert status == 1, result
+    assert result["sends"] == ["temporary_failure"] * 2
+    assert result["connections_opened"] == 2
+    sessions = server.wait_sessions_closed(2)
+    assert [session.quit for session in sessions] == [True, True]
+
+
+def test_relay_closing_between_messages_gets_a_new_connection(smtp_server):
+    server = smtp_server(drop="after_message")
+    status, result, _ = send(SIMPLE, server.url, "--repeat", "4", "--connections", "1")
+    assert status == 0, result
+    assert result["sends"] == ["sent"] * 4
+    assert len(server.wait_for(4)) == 4
+    assert result["connections_opened"] == 4
+    assert [session.messages for session in server.sessions] == [1, 1, 1, 1]
+
+
+def test_kept_connection_cut_at_mail_from_is_replaced_at_once(smtp_server):
+    # The relay cuts the kept connection when the next MAIL FROM arrives, as when it closed it
+    # just before: no byte of the message went out, so the send goes over a new connection in
+    # the same attempt, and every message arrives once.
+    server = smtp_server(drop="second_mail")
+    status, result, _ = send(SIMPLE, server.url, "--repeat", "3", "--connections", "1")
+    assert status == 0, result
+    assert result["sends"] == ["sent"] * 3
+    assert len(server.wait_for(3)) == 3
+    assert [session.messages for session in server.sessions] == [1, 1, 1]
+    assert [session.mails for session in server.sessions] == [2, 2, 1]
+
+
+def test_cut_at_end_of_data_is_a_temporary_failure_and_not_resent(smtp_server):
+    # The message went out; whether the relay took it is unknown: the send fails (the job is
+    # retried later, with the same Message-ID) instead of being repeated at once.
+    server = smtp_server(drop="data", drop_count=1)
+    status, result, _ = send(SIMPLE, server.url, "--repeat", "2", "--connections", "1")
+    assert status == 0, result
+    assert result["sends"] == ["temporary_failure", "sent"]
+    assert len(server.wait_for(1)) == 1
+    assert server.data_ends == 2
+    assert [session.messages for session in server.sessions] == [0, 1]

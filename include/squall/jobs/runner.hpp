@@ -6,11 +6,14 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <random>
 #include <string>
 #include <unordered_set>
+#include <utility>
+#include <vector>
 
 #include "squall/core/loop.hpp"
 #include "squall/jobs/store.hpp"
@@ -29,6 +32,10 @@ struct RunnerOptions {
   // written again after this wait, doubling up to record_retry_max, until it sticks.
   std::chrono::milliseconds record_retry_initial{100};
   std::chrono::milliseconds record_retry_max{5'000};
+  // Jobs claimed beyond the free slots, waiting in memory for one, so that a claim (a commit)
+  // serves many attempts. Their leases run while they wait: one that waited longer than half
+  // its lease goes back to the queue unattempted. 0: claim only for free slots.
+  std::size_t prefetch = 0;
   bool operator==(const RunnerOptions&) const = default;
 };
 
@@ -88,16 +95,29 @@ class JobRunner {
 
  private:
   void claim();
+  // Takes a claimed job into ready_, unless it is already being attempted or recorded.
+  void enqueue(Job job);
+  // Starts jobs from ready_ while slots are free.
+  void start_ready();
   void perform(Job job);
   void finish_attempt(const Job& job, const AttemptResult& result,
                       std::chrono::nanoseconds elapsed);
   void maybe_drained();
   using Write = std::function<void(JobStore&, std::int64_t now_ms)>;
-  // Writes to the store on its thread; drain waits until the write is committed. A write that
-  // fails is tried again (record_retry_initial, doubling) until it sticks: a job whose outcome
-  // is not recorded yet is not attempted again, even when its lease ends meanwhile.
+  // Writes to the store on its thread; drain waits until the write is committed. Writes that
+  // arrive while one is being committed wait and then share one transaction (one commit for
+  // many outcomes). A write that fails is tried again on its own (record_retry_initial,
+  // doubling) until it sticks: a job whose outcome is not recorded yet is not attempted again,
+  // even when its lease ends meanwhile.
   void record(const std::string& id, const char* what, Write write);
+  void flush_records();
   void record_attempt(const std::string& id, const char* what, Write write, int failures);
+
+  struct PendingWrite {
+    std::string id;    // The job's.
+    const char* what;  // For the log: "recording the outcome of", "releasing".
+    Write write;
+  };
 
   Loop& loop_;                                     // Whose pool and timers the runner uses.
   StoreWorker& store_;                             // All store access goes through its thread.
@@ -114,6 +134,12 @@ class JobRunner {
   std::function<void()> on_drained_;               // drain()'s callback.
   std::unordered_set<std::string> running_ids_;    // Jobs with an attempt on the pool now.
   std::unordered_set<std::string> recording_ids_;  // Jobs whose outcome is not stored yet.
+  // Claimed jobs waiting for a free slot (options_.prefetch), oldest first, with their claim's
+  // time, and their ids.
+  std::deque<std::pair<Job, std::chrono::steady_clock::time_point>> ready_;
+  std::unordered_set<std::string> ready_ids_;
+  std::vector<PendingWrite> unflushed_;  // Store writes waiting for the one in flight.
+  bool flush_in_flight_ = false;         // A transaction of writes is queued on the store.
   std::shared_ptr<std::atomic<bool>> cancel_ =
       std::make_shared<std::atomic<bool>>(false);  // See abort_attempts().
   std::shared_ptr<bool> alive_;  // Lets store callbacks notice the runner is gone.

@@ -1,10 +1,14 @@
-// The blocking SMTP send through libcurl, run on libuv's thread pool. One CURL easy handle (and
-// so one connection) per send; nothing is shared between calls, so SmtpMailer::send is safe to
-// call from several pool threads at once.
+// The blocking SMTP send through libcurl, run on libuv's thread pool. An SmtpMailer keeps up to
+// SmtpSettings::connections connections to its relay open and sends one message after another
+// over each (libcurl reuses the connection cached in an easy handle: the next transaction starts
+// with MAIL FROM, no new greeting, EHLO, STARTTLS or AUTH). SmtpMailer::send is safe to call from
+// several pool threads at once: each send has a connection to itself.
 #pragma once
 
 #include <atomic>
 #include <chrono>
+#include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -30,6 +34,10 @@ struct SmtpSettings {
   bool tls_verify = true;
   // PEM file of the CA certificates that verify the relay ("" = the system's CA store).
   std::string ca_file;
+  // Connections to the relay open at most at once; a send finds one free, or waits for one.
+  std::size_t connections = 2;
+  // A connection nobody has sent over for this long is closed (QUIT) by a background thread.
+  std::chrono::milliseconds idle_timeout{30000};
   bool operator==(const SmtpSettings&) const = default;
 };
 
@@ -54,24 +62,44 @@ struct SendResult {
 // init is not thread-safe); send() also calls it, harmlessly, for tools and tests.
 void global_init();
 
+namespace detail {
+class SmtpConnectionPool;
+}
+
 class SmtpMailer {
  public:
   explicit SmtpMailer(SmtpSettings settings);
+  // Closes the idle connections (QUIT, waiting for the reply up to settings.timeout). No send
+  // may be running.
+  ~SmtpMailer();
+  SmtpMailer(const SmtpMailer&) = delete;
+  SmtpMailer& operator=(const SmtpMailer&) = delete;
 
-  // Sends mime (CRLF lines, not dot-stuffed: libcurl does that) to every recipient. Blocks for
-  // up to settings.timeout. A recipient the server refuses fails the whole send before DATA, so
-  // a retry never duplicates the mail for the recipients that were accepted. Once `cancel` (if
-  // given) turns true, the transfer stops within about a second: SendOutcome::aborted.
+  // Sends mime (CRLF lines, not dot-stuffed: libcurl does that) to every recipient, over an
+  // open connection to the relay when one is free, else over a new one (up to
+  // settings.connections; beyond that it waits for a connection to come free). Blocks for up to
+  // settings.timeout once it has its connection. A recipient the server refuses fails the whole
+  // send before DATA, so a retry never duplicates the mail for the recipients that were
+  // accepted. A connection that fails is closed, never used again. A kept connection that turns
+  // out to be closed by the relay before any of the message went out (the relay's own idle
+  // timeout, a 421) is replaced by a new one and the message sent over that, once. Once
+  // `cancel` (if given) turns true, the transfer (or the wait for a connection) stops within
+  // about a second: SendOutcome::aborted.
   SendResult send(std::string_view envelope_from, const std::vector<std::string>& recipients,
                   std::string_view mime,
                   std::shared_ptr<const std::atomic<bool>> cancel = nullptr) const;
   // The relay's URL without any user:password@, for logs.
   const std::string& display_url() const noexcept { return display_url_; }
+  const SmtpSettings& settings() const noexcept { return settings_; }
+  // Connections opened so far (new ones, not reuses), for tests and metrics.
+  std::uint64_t connections_opened() const noexcept;
 
  private:
   SmtpSettings settings_;
   std::string display_url_;  // the URL without any user:password@
   bool implicit_tls_;        // smtps://
+  // The open connections (libcurl easy handles); its mutex makes send() thread-safe.
+  std::unique_ptr<detail::SmtpConnectionPool> pool_;
 };
 
 }  // namespace squall::mail

@@ -60,11 +60,23 @@ struct Fixture {
   std::unique_ptr<jobs::StoreWorker> store;
 };
 
-// A store whose mark_sent fails (as a store locked by a backup does) while `fail_marks` > 0.
+// What the runner asked of the store (written on the store's thread, read after the run).
+struct StoreCounts {
+  int claims = 0;        // claim() calls
+  int transactions = 0;  // transaction() calls
+  int most_marks_in_a_transaction = 0;
+  int marks_in_this_transaction = 0;  // while one runs
+  bool in_transaction = false;
+  std::chrono::milliseconds slow_first_transaction{0};  // a commit that takes this long
+};
+
+// A store whose mark_sent fails (as a store locked by a backup does) while `fail_marks` > 0,
+// and which counts calls into `counts` if given.
 class FlakyStore final : public jobs::JobStore {
  public:
-  FlakyStore(std::unique_ptr<jobs::JobStore> inner, std::atomic<int>& fail_marks)
-      : inner_(std::move(inner)), fail_marks_(fail_marks) {}
+  FlakyStore(std::unique_ptr<jobs::JobStore> inner, std::atomic<int>& fail_marks,
+             StoreCounts* counts = nullptr)
+      : inner_(std::move(inner)), fail_marks_(fail_marks), counts_(counts) {}
   std::vector<jobs::Inserted> insert_batch(const std::vector<jobs::NewJob>& jobs,
                                            std::int64_t now_ms) override {
     return inner_->insert_batch(jobs, now_ms);
@@ -72,9 +84,11 @@ class FlakyStore final : public jobs::JobStore {
   std::optional<jobs::Job> get(std::string_view id) override { return inner_->get(id); }
   std::vector<jobs::Job> claim(std::size_t max, std::int64_t now_ms,
                                std::int64_t lease_ms) override {
+    if (counts_ != nullptr) ++counts_->claims;
     return inner_->claim(max, now_ms, lease_ms);
   }
   bool mark_sent(std::string_view id, std::int64_t now_ms) override {
+    if (counts_ != nullptr && counts_->in_transaction) ++counts_->marks_in_this_transaction;
     if (fail_marks_.load() > 0) {
       --fail_marks_;
       throw std::runtime_error("job store test.db: mark_sent: database is locked");
@@ -93,7 +107,16 @@ class FlakyStore final : public jobs::JobStore {
   }
   std::int64_t count_pending() override { return inner_->count_pending(); }
   jobs::StoreStats stats(std::int64_t now_ms) override { return inner_->stats(now_ms); }
-  void transaction(const std::function<void()>& body) override { inner_->transaction(body); }
+  void transaction(const std::function<void()>& body) override {
+    if (counts_ == nullptr) return inner_->transaction(body);
+    if (counts_->transactions++ == 0) std::this_thread::sleep_for(counts_->slow_first_transaction);
+    counts_->in_transaction = true;
+    counts_->marks_in_this_transaction = 0;
+    inner_->transaction(body);
+    counts_->in_transaction = false;
+    counts_->most_marks_in_a_transaction =
+        std::max(counts_->most_marks_in_a_transaction, counts_->marks_in_this_transaction);
+  }
   std::size_t purge_finished(std::int64_t before_ms, std::size_t max_jobs) override {
     return inner_->purge_finished(before_ms, max_jobs);
   }
@@ -120,6 +143,7 @@ class FlakyStore final : public jobs::JobStore {
  private:
   std::unique_ptr<jobs::JobStore> inner_;
   std::atomic<int>& fail_marks_;
+  StoreCounts* counts_;
 };
 
 jobs::RunnerOptions fast_options() {
@@ -394,4 +418,99 @@ TEST_CASE("abort_attempts ends running attempts; their jobs go back to the queue
   CHECK(found[0].attempts == 0);
   CHECK(runner.stats().done == 0);
   CHECK(runner.stats().failed == 0);
+}
+
+// Runs `runner` until `finished` reaches `count` (or a 10 s watchdog), then drains it.
+void run_until(Fixture& fixture, jobs::JobRunner& runner, const int& finished, int count) {
+  runner.start();
+  const auto watchdog = fixture.loop.call_later(10s, [&] { fixture.loop.stop(); });
+  const auto poll = fixture.loop.call_every(1ms, [&] {
+    if (finished >= count) fixture.loop.stop();
+  });
+  fixture.loop.run();
+  fixture.loop.cancel(watchdog);
+  fixture.loop.cancel(poll);
+  runner.drain([&] { fixture.loop.stop(); });
+  fixture.loop.run();
+}
+
+TEST_CASE("prefetch: one claim serves many attempts; outcomes share a transaction") {
+  std::atomic<int> no_failures{0};
+  StoreCounts counts;
+  counts.slow_first_transaction = 50ms;  // the outcomes after the first pile up meanwhile
+  Fixture fixture([&](std::unique_ptr<jobs::JobStore> inner) {
+    return std::make_unique<FlakyStore>(std::move(inner), no_failures, &counts);
+  });
+  fixture.insert(20);
+  auto options = fast_options();
+  options.max_concurrent = 1;
+  options.prefetch = 32;
+  options.poll_interval = 10s;  // only the first claim and the runner's own
+  int finished = 0;
+  std::atomic<int> performed{0};
+  jobs::JobRunner runner(
+      fixture.loop, *fixture.store, options,
+      [&](const jobs::Job&) -> std::function<jobs::AttemptResult()> {
+        return [&] {
+          ++performed;
+          return jobs::AttemptResult{Outcome::done, "250 ok"};
+        };
+      },
+      [&](const jobs::Job&, const jobs::AttemptResult&, std::chrono::nanoseconds, bool) {
+        ++finished;
+      });
+  run_until(fixture, runner, finished, 20);
+  CHECK(finished == 20);
+  CHECK(performed.load() == 20);
+  CHECK(runner.stats().done == 20);
+  // One claim took all 20 (plus perhaps one that found none left); without prefetch each
+  // attempt needed its own.
+  CHECK(counts.claims <= 3);
+  // The outcomes that finished during the slow first commit were written in one transaction.
+  CHECK(counts.most_marks_in_a_transaction > 1);
+}
+
+TEST_CASE("prefetch: a job that waited over half its lease goes back instead of starting") {
+  Fixture fixture;
+  fixture.insert(3);
+  auto options = fast_options();
+  options.max_concurrent = 1;
+  options.prefetch = 8;
+  options.lease = 400ms;
+  options.poll_interval = 20ms;
+  int finished = 0;
+  std::mutex mutex;
+  std::map<std::string, int> attempts_by_id;
+  std::vector<std::int64_t> lease_left_ms;  // at each start
+  jobs::JobRunner runner(
+      fixture.loop, *fixture.store, options,
+      [&](const jobs::Job& job) -> std::function<jobs::AttemptResult()> {
+        lease_left_ms.push_back(job.lease_until_ms - jobs::unix_now_ms());
+        const bool first = attempts_by_id.empty();
+        return [&, first, id = job.id] {
+          {
+            std::lock_guard lock(mutex);
+            ++attempts_by_id[id];
+          }
+          // The first attempt outlasts half the lease of the jobs claimed with it.
+          if (first) std::this_thread::sleep_for(300ms);
+          return jobs::AttemptResult{Outcome::done, "250 ok"};
+        };
+      },
+      [&](const jobs::Job&, const jobs::AttemptResult&, std::chrono::nanoseconds, bool) {
+        ++finished;
+      });
+  run_until(fixture, runner, finished, 3);
+  CHECK(finished == 3);
+  CHECK(attempts_by_id.size() == 3);
+  for (const auto& [id, attempts] : attempts_by_id) CHECK(attempts == 1);
+  // Every attempt started with at least half its lease ahead (less a little for the clock).
+  REQUIRE(lease_left_ms.size() == 3);
+  for (const std::int64_t left : lease_left_ms) CHECK(left >= 180);
+  std::vector<std::string> ids;
+  for (const auto& entry : attempts_by_id) ids.push_back(entry.first);
+  for (const jobs::Job& job : fixture.all_jobs(ids)) {
+    CHECK(job.state == jobs::JobState::sent);
+    CHECK(job.attempts == 1);  // the releases handed the claims back uncounted
+  }
 }

@@ -691,3 +691,28 @@ TEST_CASE("[webhooks]: url, secret_file, timeout, max_attempts") {
 }
 
 }  // namespace squall::squalld
+
+TEST_CASE("[smtp] connections and idle_timeout load; errors name the key and line") {
+  CHECK(squall::squalld::Config{}.smtp.connections == 2);
+  CHECK(squall::squalld::Config{}.smtp.idle_timeout == std::chrono::seconds(30));
+  const auto config = squall::squalld::load_config_string(
+      "[smtp]\nconnections = 8\nidle_timeout = \"250ms\"\n", "t.toml");
+  CHECK(config.smtp.connections == 8);
+  CHECK(config.smtp.idle_timeout == std::chrono::milliseconds(250));
+  const auto message = [](const char* text) {
+    try {
+      squall::squalld::load_config_string(text, "t.toml");
+    } catch (const squall::squalld::ConfigError& error) {
+      return std::string(error.what());
+    }
+    return std::string("no error");
+  };
+  CHECK(message("[smtp]\n\nconnections = 0\n") ==
+        "t.toml:3: [smtp] connections: expected an integer from 1 to 1024, got integer 0");
+  CHECK(message("[smtp]\nconnections = 1025\n") ==
+        "t.toml:2: [smtp] connections: expected an integer from 1 to 1024, got integer 1025");
+  CHECK(message("[smtp]\nconnections = \"4\"\n") ==
+        "t.toml:2: [smtp] connections: expected an integer from 1 to 1024, got \"4\"");
+  CHECK(message("[smtp]\nidle_timeout = \"0s\"\n") ==
+        "t.toml:2: [smtp] idle_timeout: must be greater than zero, got \"0s\"");
+}
