@@ -18,6 +18,7 @@
 #include "squall/core/loop.hpp"
 #include "squall/core/rate_limit.hpp"
 #include "squall/http/router.hpp"
+#include "squall/jobs/pg_store.hpp"
 #include "squall/jobs/runner.hpp"
 #include "squall/jobs/smtp.hpp"
 #include "squall/jobs/store_worker.hpp"
@@ -113,6 +114,11 @@ class JobsService {
   std::unordered_map<std::uint64_t, http::Responder> parked_;  // Answers waiting for the store.
   std::uint64_t next_ticket_ = 1;                              // Never reused.
   std::unique_ptr<WebhookDispatcher> webhooks_;  // [webhooks] url set; destroyed first.
+  // A PostgreSQL store shared with other nodes ([jobs] store = "postgresql://...").
+  bool shared_store_ = false;                        // The store is PostgreSQL.
+  std::string store_url_;                            // [jobs] store, for the notifier.
+  std::unique_ptr<jobs::JobNotifier> notifier_;      // Wakes the runner on other nodes' inserts.
+  std::unordered_map<std::string, Usage> inflight_;  // Inserts not answered yet, by owner.
 };
 
 }  // namespace squall::daemon

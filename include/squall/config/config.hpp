@@ -115,7 +115,7 @@ struct SmtpConfig {
 enum class Durability { full, normal };
 
 struct JobsConfig {
-  std::string store = "squall-jobs.db";       // [jobs] store: the SQLite database's path
+  std::string store = "squall-jobs.db";       // [jobs] store: SQLite path or postgresql:// URL
   Durability durability = Durability::full;   // [jobs] durability: full (fsync per commit), normal
   std::size_t max_queued = 100000;            // [jobs] max_queued: beyond it POST /email is 503
   std::size_t max_concurrent_sends = 2;       // [jobs] max_concurrent_sends: < thread_pool_size
