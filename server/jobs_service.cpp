@@ -440,13 +440,7 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
     loop.call_soon([this, alive, usage = std::move(usage)] {
       const auto still = alive.lock();
       if (!still || !*still) return;
-      for (const jobs::OwnerUsage& owner : usage) {
-        pending_ += owner.jobs;
-        pending_bytes_ += owner.bytes;
-        Usage& share = usage_[owner.owner];
-        share.jobs += owner.jobs;
-        share.bytes += owner.bytes;
-      }
+      adopt_store_usage(usage);
     });
   });
 
@@ -657,21 +651,7 @@ void JobsService::refresh_stats() {
           by_state_gauges_[i]->set(static_cast<double>(stats->by_state[i]));
         }
         oldest_pending_ms_ = stats->oldest_queued_ms;
-        if (shared_store_) {
-          usage_ = inflight_;
-          pending_ = pending_bytes_ = 0;
-          for (const auto& [owner, share] : inflight_) {
-            pending_ += share.jobs;
-            pending_bytes_ += share.bytes;
-          }
-          for (const jobs::OwnerUsage& owner : *owners) {
-            pending_ += owner.jobs;
-            pending_bytes_ += owner.bytes;
-            Usage& share = usage_[owner.owner];
-            share.jobs += owner.jobs;
-            share.bytes += owner.bytes;
-          }
-        }
+        if (shared_store_) adopt_store_usage(*owners);
       });
 }
 
@@ -768,6 +748,25 @@ http::Responder JobsService::unpark(std::uint64_t ticket) {
   http::Responder responder = std::move(found->second);
   parked_.erase(found);
   return responder;
+}
+
+void JobsService::adopt_store_usage(const std::vector<jobs::OwnerUsage>& stored) {
+  // The store's counts plus the inserts not answered yet. Replaced, not added: an insert that
+  // was reserved here and committed before the store was read is in the counts already (the
+  // StoreWorker commits waiting inserts before the operations queued ahead of them).
+  usage_ = inflight_;
+  pending_ = pending_bytes_ = 0;
+  for (const auto& [owner, share] : inflight_) {
+    pending_ += share.jobs;
+    pending_bytes_ += share.bytes;
+  }
+  for (const jobs::OwnerUsage& owner : stored) {
+    pending_ += owner.jobs;
+    pending_bytes_ += owner.bytes;
+    Usage& share = usage_[owner.owner];
+    share.jobs += owner.jobs;
+    share.bytes += owner.bytes;
+  }
 }
 
 void JobsService::reserve(const std::string& owner, std::int64_t bytes) {

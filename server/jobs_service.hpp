@@ -73,6 +73,9 @@ class JobsService {
              std::int64_t free_pages_before);
   bool within_rate(const http::Request& request, const Caller& caller,
                    const http::Responder& responder);
+  // Sets the queue counts (pending_, usage_) to what the store holds plus this node's inserts
+  // in flight: at start, and every 2 s on a store shared with other nodes.
+  void adopt_store_usage(const std::vector<jobs::OwnerUsage>& stored);
   void reserve(const std::string& owner, std::int64_t bytes);
   void release(const std::string& owner, std::int64_t bytes);
   // Keeps a Responder on the loop while the store thread works: callbacks from other threads

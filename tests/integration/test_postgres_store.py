@@ -2,23 +2,17 @@
 together, one is killed with kill -9 in the middle of its sends and the other takes its jobs
 over at once (not after the lease); NOTIFY wakes a node that is not polling; a lost database
 answers 503 on POST /email while other routes serve, and comes back by itself; a password in
-the URL is refused. The server is private: the one `make integration` starts
-(SQUALL_TEST_PG_URL), or one this module starts in a temporary directory."""
+the URL is refused. The server is private (conftest.py's pg_server)."""
 
 from __future__ import annotations
 
-import os
-import secrets
-import shutil
 import signal
 import subprocess
 import time
 from collections import Counter
-from pathlib import Path
 
-import pytest
-
-from squall_helpers import REPO, squalld_path
+from pg_helpers import PrivateServer, psql
+from squall_helpers import squalld_path
 from test_email_jobs import (  # noqa: F401  (smtp is a fixture)
     JSON,
     accept,
@@ -31,69 +25,6 @@ from test_email_jobs import (  # noqa: F401  (smtp is a fixture)
     wait_job,
     wait_messages,
 )
-
-PG_SERVER = str(REPO / "scripts" / "pg-test-server")
-
-
-class PrivateServer:
-    """A PostgreSQL server of scripts/pg-test-server in a new directory under /tmp (pytest's own
-    directories are private to root; the server runs as the postgres user)."""
-
-    def __init__(self):
-        self.directory = Path(f"/tmp/squall-pg-{secrets.token_hex(6)}")
-        self.url = subprocess.run(["sh", PG_SERVER, "start", str(self.directory)], check=True,
-                                  capture_output=True, text=True).stdout.strip()
-
-    def stop(self):
-        subprocess.run(["sh", PG_SERVER, "stop", str(self.directory)], check=False,
-                       capture_output=True)
-
-    def start_again(self):
-        """Starts the stopped server again on the same port and socket directory."""
-        port = (self.directory / "port").read_text().strip()
-        bindir = sorted(Path("/usr/lib/postgresql").glob("*/bin"))[-1]
-        owner = ["runuser", "-u", "postgres", "--"] if os.getuid() == 0 else []
-        subprocess.run(owner + [str(bindir / "pg_ctl"), "-D", str(self.directory / "data"), "-l",
-                                str(self.directory / "server.log"), "-w", "-o",
-                                f"-c listen_addresses=127.0.0.1 -p {port} -k {self.directory}",
-                                "start"], check=True, capture_output=True)
-
-    def remove(self):
-        self.stop()
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def pg_server():
-    """The URL of a private PostgreSQL server for this session."""
-    url = os.environ.get("SQUALL_TEST_PG_URL")
-    if url:
-        yield url
-        return
-    server = PrivateServer()
-    yield server.url
-    server.remove()
-
-
-def psql(url: str, sql: str) -> str:
-    result = subprocess.run(["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", url, "-c",
-                             sql], capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
-def with_schema(url: str, schema: str) -> str:
-    return url + ("&" if "?" in url else "?") + f"options=-csearch_path%3D{schema}"
-
-
-@pytest.fixture
-def pg_store(pg_server):
-    """A fresh, empty job store: a schema of its own in the test server's database. Name it
-    before `squalld` in a test's parameters, so the nodes stop before the schema goes."""
-    schema = "squall_it_" + secrets.token_hex(6)
-    psql(pg_server, f"CREATE SCHEMA {schema}")
-    yield with_schema(pg_server, schema)
-    psql(pg_server, f"DROP SCHEMA {schema} CASCADE")
 
 
 def node_config(store_url, smtp_url, jobs=None, **tables):
@@ -130,7 +61,7 @@ def test_two_nodes_share_one_queue_and_kill_9_of_one_loses_no_job(pg_store, smtp
     in_data = {message_id_of(content) for content in list(server.data_started)}
     recorded_sent = set(psql(pg_store, "SELECT id FROM squall_jobs WHERE state = 'sent'").split())
 
-    found = wait_messages(server, ids, timeout=40)
+    wait_messages(server, ids, timeout=40)
     took = time.monotonic() - killed_at
     assert took < 40, took  # not the hour of the lease
     b.wait_for_line("is gone (its database session ended)", timeout=5)
