@@ -686,9 +686,17 @@ std::vector<Inserted> PostgresJobStore::insert_batch(const std::vector<NewJob>& 
   if (jobs.empty()) return results;
   results.reserve(jobs.size());
   Transaction transaction(*this, "insert");
-  bool created_any = false;
-  for (const NewJob& new_job : jobs) {
-    Job job;
+  // Every INSERT of the batch, then the NOTIFY, in one pipeline: one round trip to the server
+  // for the whole batch instead of one per job. DO NOTHING on a known key: no row means the
+  // key exists (a duplicate id is no target of the ON CONFLICT and raises an error).
+  std::vector<Job> jobs_made(jobs.size());
+  std::vector<bool> created(jobs.size(), false);
+  std::string error;
+  if (PQenterPipelineMode(conn_) != 1) fail("insert", trimmed(PQerrorMessage(conn_)));
+  std::size_t sent = 0;
+  for (std::size_t i = 0; i < jobs.size(); ++i) {
+    const NewJob& new_job = jobs[i];
+    Job& job = jobs_made[i];
     job.id = new_job_id(now_ms);
     job.payload_digest = payload_digest(new_job.payload);
     Params params;
@@ -699,11 +707,62 @@ std::vector<Inserted> PostgresJobStore::insert_batch(const std::vector<NewJob>& 
         .int8(now_ms)
         .bytes(job.payload_digest)
         .bytes(new_job.owner);
-    // DO NOTHING on a known key: no row means the key exists (a duplicate id is no target of
-    // the ON CONFLICT and raises an error).
-    const bool created = run(kInsert, params, "insert").changed() > 0;
-    if (created) {
-      created_any = true;
+    std::vector<const char*> values;
+    std::vector<int> lengths, formats;
+    params.arrays(values, lengths, formats);
+    if (PQsendQueryPrepared(conn_, kInsert.name, params.size(), values.data(), lengths.data(),
+                            formats.data(), 1) != 1) {
+      error = trimmed(PQerrorMessage(conn_));
+      break;
+    }
+    ++sent;
+  }
+  // Delivered to the listening nodes at the commit, and only if it commits.
+  bool notify_sent = false;
+  if (error.empty()) {
+    notify_sent = PQsendQueryPrepared(conn_, kNotify.name, 0, nullptr, nullptr, nullptr, 1) == 1;
+    if (!notify_sent) error = trimmed(PQerrorMessage(conn_));
+  }
+  if (PQpipelineSync(conn_) != 1 && error.empty()) error = trimmed(PQerrorMessage(conn_));
+  // Every result up to the sync is read, also after a failure (the rest are "aborted").
+  const std::size_t expected = sent + (notify_sent ? 1 : 0);
+  for (std::size_t i = 0; i < expected; ++i) {
+    Result result(PQgetResult(conn_));
+    const ExecStatusType status = PQresultStatus(result.get());
+    if (result.get() == nullptr) {
+      if (error.empty()) error = trimmed(PQerrorMessage(conn_));
+      break;
+    }
+    if (status == PGRES_COMMAND_OK || status == PGRES_TUPLES_OK) {
+      if (i < sent) created[i] = result.changed() > 0;
+    } else if (status != PGRES_PIPELINE_ABORTED && error.empty()) {
+      error = trimmed(PQresultErrorMessage(result.get()));
+    }
+    PQclear(PQgetResult(conn_));  // The null that ends each query's results.
+  }
+  for (;;) {  // Up to and including the sync.
+    PGresult* rest = PQgetResult(conn_);
+    if (rest == nullptr) {
+      if (PQstatus(conn_) != CONNECTION_OK) break;
+      continue;
+    }
+    const bool sync = PQresultStatus(rest) == PGRES_PIPELINE_SYNC;
+    PQclear(rest);
+    if (sync) break;
+  }
+  if (PQstatus(conn_) == CONNECTION_OK) PQexitPipelineMode(conn_);
+  if (!error.empty()) {
+    transaction_doomed_ = true;
+    if (PQstatus(conn_) != CONNECTION_OK && lost_.empty()) {
+      lost_ = error;
+      reconnect_at_ms_ = 0;
+    }
+    fail("insert", error);
+  }
+  for (std::size_t i = 0; i < jobs.size(); ++i) {
+    const NewJob& new_job = jobs[i];
+    Job& job = jobs_made[i];
+    if (created[i]) {
       job.kind = new_job.kind;
       job.state = JobState::queued;
       job.payload = new_job.payload;
@@ -711,21 +770,19 @@ std::vector<Inserted> PostgresJobStore::insert_batch(const std::vector<NewJob>& 
       job.owner = new_job.owner;
       job.created_ms = job.updated_ms = job.run_after_ms = now_ms;
       results.push_back(Inserted{std::move(job), true});
-    } else {
-      // Read committed: the key's row is visible, whether this batch or another node stored it
-      // (a concurrent insert of the same key waited for that node's commit).
-      Params key;
-      key.bytes(new_job.idempotency_key).bytes(new_job.owner);
-      std::optional<Job> existing = find_one(kGetByKey, key, "insert: read the existing job");
-      if (!existing) {
-        fail("insert",
-             "idempotency key '" + new_job.idempotency_key + "' conflicted but was not found");
-      }
-      results.push_back(Inserted{std::move(*existing), false});
+      continue;
     }
+    // Read committed: the key's row is visible, whether this batch or another node stored it
+    // (a concurrent insert of the same key waited for that node's commit).
+    Params key;
+    key.bytes(new_job.idempotency_key).bytes(new_job.owner);
+    std::optional<Job> existing = find_one(kGetByKey, key, "insert: read the existing job");
+    if (!existing) {
+      fail("insert",
+           "idempotency key '" + new_job.idempotency_key + "' conflicted but was not found");
+    }
+    results.push_back(Inserted{std::move(*existing), false});
   }
-  // Delivered to the listening nodes at the commit, and only if it commits.
-  if (created_any) run(kNotify, Params{}, "insert: notify");
   transaction.commit();
   return results;
 }
