@@ -35,7 +35,7 @@ SAN_FLAGS := -fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer
 endif
 LLHTTP_DIR := /usr/share/llhttp
 LLHTTP_INCLUDE := /usr/share/include/llhttp
-PKGS := libuv spdlog fmt tomlplusplus libcurl sqlite3 libsystemd libcrypto
+PKGS := libuv spdlog fmt tomlplusplus libcurl sqlite3 libpq libsystemd libcrypto
 
 CPPFLAGS += -Iinclude -Ilib -I. -Itests/unit -I$(LLHTTP_INCLUDE) -MMD -MP
 CXXFLAGS ?= -O2 -g
@@ -50,7 +50,8 @@ pkg_libs = $(shell pkg-config --libs $(PKGS))
 # The library is five, one per group of layers, so that a program links only what it uses:
 #   squall         core, net, http server, log, metrics (+ llhttp)   libuv, spdlog, fmt
 #   squall-client  the HTTP client (lib/http/client.cpp)             + libcurl
-#   squall-jobs    the durable job queue: store, store worker, runner + sqlite3, libcrypto
+#   squall-jobs    the durable job queue: store (SQLite, PostgreSQL), store worker, runner
+#                                                                    + sqlite3, libpq, libcrypto
 #   squall-mail    email validation and MIME, SMTP, Maildir          + libcurl
 #   squall-daemon  systemd, daemonizing, API tokens (lib/daemon, lib/auth) + libsystemd, libcrypto
 # squalld's own configuration (TOML) lives with squalld in server/.
@@ -70,7 +71,7 @@ DAEMON_OBJS := $(DAEMON_SRCS:%.cpp=$(BUILD)/%.o)
 LLHTTP_OBJS := $(BUILD)/llhttp/llhttp.o $(BUILD)/llhttp/api.o $(BUILD)/llhttp/http.o
 CORE_PKGS := libuv spdlog fmt
 CLIENT_PKGS := libcurl
-JOBS_PKGS := sqlite3 libcrypto
+JOBS_PKGS := sqlite3 libpq libcrypto
 MAIL_PKGS := libcurl
 DAEMON_PKGS := libsystemd libcrypto
 VERSION := 0.1.0
@@ -147,11 +148,13 @@ fuzz-run: fuzz
 	  grep -h -E '^stat::(number_of_executed_units|new_units_added)' build/fuzz/$$target.log; \
 	done
 
+# The unit and black-box tests of the PostgreSQL job store run against a private server that
+# scripts/pg-test-server starts in a temporary directory (SQUALL_TEST_PG_URL) and stops after.
 unit: $(UNIT_TESTS)
-	./$(UNIT_TESTS)
+	sh scripts/pg-test-server run ./$(UNIT_TESTS)
 
 integration: $(SQUALLD) $(EXAMPLE_BINS) libs
-	SQUALLD=$(CURDIR)/$(SQUALLD) SANITIZE=$(SANITIZE) SEND_EMAIL=$(CURDIR)/$(BUILD)/examples/send_email EXAMPLES_DIR=$(CURDIR)/$(BUILD)/examples $(PYTHON) -m pytest -q -p no:cacheprovider tests/integration
+	sh scripts/pg-test-server run env SQUALLD=$(CURDIR)/$(SQUALLD) SANITIZE=$(SANITIZE) SEND_EMAIL=$(CURDIR)/$(BUILD)/examples/send_email EXAMPLES_DIR=$(CURDIR)/$(BUILD)/examples $(PYTHON) -m pytest -q -p no:cacheprovider tests/integration
 
 examples: $(EXAMPLE_BINS)
 

@@ -4,7 +4,7 @@
 set -eu
 
 packages="build-essential pkg-config libuv1-dev node-llhttp libspdlog-dev libfmt-dev doctest-dev \
-libtomlplusplus-dev libcli11-dev nlohmann-json3-dev libcurl4-openssl-dev libsqlite3-dev \
+libtomlplusplus-dev libcli11-dev nlohmann-json3-dev libcurl4-openssl-dev libsqlite3-dev libpq-dev postgresql \
 libsystemd-dev libssl-dev curl python3 python3-pytest python3-aiosmtpd systemd logrotate \
 clang libclang-rt-14-dev openssl"
 

@@ -461,6 +461,37 @@ class Loader {
     config_.smtp.url = std::string(value);
   }
 
+  // A SQLite file's path, or a PostgreSQL URL ("postgresql://" or "postgres://"). The URL must
+  // not carry a password: the config file is often readable by others (installed 0644), and
+  // the URL appears in logs; libpq reads it from ~/.pgpass or a passfile= parameter instead.
+  void load_jobs_store(const toml::node& node, const Where& where) {
+    const std::string_view value =
+        get_string(node, where, "a SQLite file's path or a postgresql:// URL");
+    if (value.empty()) fail(at(where, node), "must not be empty");
+    if (value.find_first_of(std::string_view("\t\r\n\0", 4)) != std::string_view::npos) {
+      fail(at(where, node), "must not contain control characters");
+    }
+    if (value.starts_with("postgresql://") || value.starts_with("postgres://")) {
+      const std::size_t authority = value.find("://") + 3;
+      const std::string_view rest = value.substr(authority);
+      const std::string_view userinfo_and_host = rest.substr(0, rest.find_first_of("/?"));
+      const std::size_t at_sign = userinfo_and_host.rfind('@');
+      const bool password_in_userinfo =
+          at_sign != std::string_view::npos &&
+          userinfo_and_host.substr(0, at_sign).find(':') != std::string_view::npos;
+      const std::size_t query = rest.find('?');
+      const bool password_parameter =
+          query != std::string_view::npos &&
+          (rest.find("?password=") == query || rest.find("&password=") != std::string_view::npos);
+      if (password_in_userinfo || password_parameter) {
+        fail(at(where, node),
+             "the URL contains a password; put it in the server's ~/.pgpass or a file named by "
+             "passfile=PATH in the URL (mode 0600), not in the config file");
+      }
+    }
+    config_.jobs.store = std::string(value);
+  }
+
   // "" (webhooks off) or an http:// or https:// URL with a host, without spaces or controls.
   void load_webhooks_url(const toml::node& node, const Where& where) {
     constexpr std::string_view kExpected =
@@ -760,7 +791,7 @@ class Loader {
       duration("idle_timeout", config_.smtp.idle_timeout),
   };
   const std::vector<Field> jobs_fields_{
-      text("store", config_.jobs.store, false),
+      method("store", &Loader::load_jobs_store),
       choice("durability", config_.jobs.durability,
              {{"full", Durability::full}, {"normal", Durability::normal}}),
       count("max_queued", config_.jobs.max_queued, kMaxCount),

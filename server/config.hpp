@@ -101,7 +101,7 @@ enum class Durability { full, normal };
 // lease, poll_interval; max_concurrent is the key max_concurrent_sends), the POST /email bounds
 // (mail::EmailLimits: max_recipients, max_email_bytes) and the queue's own settings.
 struct JobsConfig : jobs::RunnerOptions, mail::EmailLimits {
-  std::string store = "squall-jobs.db";      // [jobs] store: the SQLite database's path
+  std::string store = "squall-jobs.db";      // [jobs] store: SQLite path or postgresql:// URL
   Durability durability = Durability::full;  // [jobs] durability: full (fsync per commit), normal
   std::size_t max_queued = 100000;           // [jobs] max_queued: beyond it POST /email is 503
   Duration retain{7 * 24 * 3'600'000};       // [jobs] retain: sent/failed jobs kept this long

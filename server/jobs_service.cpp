@@ -335,25 +335,29 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
   running_pool_size_ = config.server.thread_pool_size;
   reconfigure(config);
   const bool synchronous_full = config.jobs.durability == Durability::full;
-  auto store = jobs::open_sqlite_store(config.jobs.store, synchronous_full);
+  // A postgresql:// URL: one queue shared by every node on that database; otherwise a file.
+  shared_store_ = jobs::is_postgresql_url(config.jobs.store);
+  store_url_ = config.jobs.store;
+  const auto open_store = [&] {
+    return shared_store_ ? jobs::open_postgresql_store(config.jobs.store, synchronous_full)
+                         : jobs::open_sqlite_store(config.jobs.store, synchronous_full);
+  };
+  auto store = open_store();
   // The shares of the jobs already waiting, read before the loop runs and so before the first
   // request: read later, on the store thread, a restart left a window in which a client could
-  // exceed its share.
-  for (const jobs::OwnerUsage& owner : store->pending_by_owner()) {
-    pending_ += owner.jobs;
-    pending_bytes_ += owner.bytes;
-    Usage& share = usage_[owner.owner];
-    share.jobs += owner.jobs;
-    share.bytes += owner.bytes;
-  }
+  // exceed its share. (On PostgreSQL they are read again every few seconds: other nodes insert.)
+  adopt_store_usage(store->pending_by_owner());
   store_ = std::make_unique<jobs::StoreWorker>(
       std::move(store),
       [&loop](std::function<void()> callback) { loop.call_soon(std::move(callback)); });
-  stats_reader_ = jobs::open_sqlite_store(config.jobs.store, synchronous_full);
+  stats_reader_ = open_store();
   // After the store opened, so that a missing directory or a foreign file is reported as such.
+  // PostgreSQL needs no lock file: each node's advisory lock tells the others when it is gone.
   std::string lock_holder;
-  store_lock_.emplace(jobs::StoreLock::try_acquire(config.jobs.store, lock_holder));
-  if (!store_lock_->acquired()) {
+  if (!shared_store_) {
+    store_lock_.emplace(jobs::StoreLock::try_acquire(config.jobs.store, lock_holder));
+  }
+  if (store_lock_ && !store_lock_->acquired()) {
     spdlog::warn(
         "jobs: another process (pid {}) uses the job store {}: jobs it is sending are left to "
         "their lease",
@@ -422,7 +426,7 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
     spdlog::info("jobs: webhooks go to {} ([webhooks] url)", config.webhooks.url);
   }
 
-  if (store_lock_->acquired()) {
+  if (store_lock_ && store_lock_->acquired()) {
     // No other process of this node uses the store: whatever is `sending` was being sent by a
     // process that is gone (kill -9, a crash). Due at once rather than after its lease.
     store_->run([](jobs::JobStore& store) {
@@ -479,6 +483,7 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
 }
 
 JobsService::~JobsService() {
+  notifier_.reset();  // Its thread calls into the loop: stopped first.
   *alive_ = false;
   webhooks_.reset();
   runner_.reset();
@@ -492,6 +497,17 @@ JobsService::~JobsService() {
 
 void JobsService::start() {
   runner_->start();
+  if (shared_store_) {
+    // Other nodes' inserts (and releases) wake this node's runner at once; polling stays, for
+    // jobs whose retry comes due and for the time the notifier is not connected.
+    std::weak_ptr<bool> alive = alive_;
+    notifier_ = std::make_unique<jobs::JobNotifier>(store_url_, [this, alive, &loop = loop_] {
+      loop.call_soon([this, alive] {
+        const auto still = alive.lock();
+        if (still && *still && accepting_) runner_->poke();
+      });
+    });
+  }
   if (webhooks_) webhooks_->start();
   stats_timer_ = new uv_timer_t;
   uv_timer_init(loop_.uv(), stats_timer_);
@@ -606,10 +622,16 @@ void JobsService::refresh_stats() {
   // A second connection, read on the pool: WAL lets it read while the worker writes, so the
   // counts (a scan of the table) never hold up an insert.
   auto stats = std::make_shared<jobs::StoreStats>();
+  // Shared store: other nodes accept and finish jobs too, so the queue bounds are read back
+  // from the store (plus this node's inserts in flight) instead of counted here alone.
+  auto owners = std::make_shared<std::vector<jobs::OwnerUsage>>();
   std::weak_ptr<bool> alive = alive_;
   loop_.run_blocking(
-      [reader = stats_reader_, stats] { *stats = reader->stats(jobs::unix_now_ms()); },
-      [this, alive, stats](std::exception_ptr error) {
+      [reader = stats_reader_, stats, owners, shared = shared_store_] {
+        *stats = reader->stats(jobs::unix_now_ms());
+        if (shared) *owners = reader->pending_by_owner();
+      },
+      [this, alive, stats, owners](std::exception_ptr error) {
         const auto still = alive.lock();
         if (!still || !*still) return;
         stats_in_flight_ = false;
@@ -625,6 +647,7 @@ void JobsService::refresh_stats() {
           by_state_gauges_[i]->set(static_cast<double>(stats->by_state[i]));
         }
         oldest_pending_ms_ = stats->oldest_queued_ms;
+        if (shared_store_) adopt_store_usage(*owners);
       });
 }
 
@@ -728,6 +751,25 @@ http::Responder JobsService::unpark(std::uint64_t ticket) {
   return responder;
 }
 
+void JobsService::adopt_store_usage(const std::vector<jobs::OwnerUsage>& stored) {
+  // The store's counts plus the inserts not answered yet. Replaced, not added: an insert that
+  // was reserved here and committed before the store was read is in the counts already (the
+  // StoreWorker commits waiting inserts before the operations queued ahead of them).
+  usage_ = inflight_;
+  pending_ = pending_bytes_ = 0;
+  for (const auto& [owner, share] : inflight_) {
+    pending_ += share.jobs;
+    pending_bytes_ += share.bytes;
+  }
+  for (const jobs::OwnerUsage& owner : stored) {
+    pending_ += owner.jobs;
+    pending_bytes_ += owner.bytes;
+    Usage& share = usage_[owner.owner];
+    share.jobs += owner.jobs;
+    share.bytes += owner.bytes;
+  }
+}
+
 void JobsService::reserve(const std::string& owner, std::int64_t bytes) {
   ++pending_;
   pending_bytes_ += bytes;
@@ -824,6 +866,9 @@ void JobsService::accept_email(http::Request& request, const http::Responder& re
     return;
   }
   reserve(owner, bytes);
+  Usage& inflight = inflight_[owner];
+  ++inflight.jobs;
+  inflight.bytes += bytes;
   // Only a request with an Idempotency-Key can meet an earlier job, whose payload it is then
   // compared with: only then is a copy of the payload kept. The payload itself moves to the
   // store thread.
@@ -838,6 +883,11 @@ void JobsService::accept_email(http::Request& request, const http::Responder& re
                                      std::variant<jobs::Inserted, std::string> outcome) {
     const auto still = alive.lock();
     if (!still || !*still) return;
+    if (const auto found = inflight_.find(owner); found != inflight_.end()) {
+      --found->second.jobs;
+      found->second.bytes -= bytes;
+      if (found->second.jobs <= 0) inflight_.erase(found);
+    }
     const http::Responder responder = unpark(ticket);
     if (const auto* error = std::get_if<std::string>(&outcome)) {
       release(owner, bytes);

@@ -18,6 +18,7 @@
 #include "squall/core/loop.hpp"
 #include "squall/core/rate_limit.hpp"
 #include "squall/http/router.hpp"
+#include "squall/jobs/pg_store.hpp"
 #include "squall/jobs/runner.hpp"
 #include "squall/jobs/store_worker.hpp"
 #include "squall/mail/email.hpp"
@@ -73,6 +74,9 @@ class JobsService {
              std::int64_t free_pages_before);
   bool within_rate(const http::Request& request, const Caller& caller,
                    const http::Responder& responder);
+  // Sets the queue counts (pending_, usage_) to what the store holds plus this node's inserts
+  // in flight: at start, and every 2 s on a store shared with other nodes.
+  void adopt_store_usage(const std::vector<jobs::OwnerUsage>& stored);
   void reserve(const std::string& owner, std::int64_t bytes);
   void release(const std::string& owner, std::int64_t bytes);
   // Keeps a Responder on the loop while the store thread works: callbacks from other threads
@@ -115,6 +119,11 @@ class JobsService {
   std::uint64_t next_ticket_ = 1;                              // Never reused.
   mail::EmailRequestParser email_parser_;        // POST /email bodies, on the loop thread.
   std::unique_ptr<WebhookDispatcher> webhooks_;  // [webhooks] url set; destroyed first.
+  // A PostgreSQL store shared with other nodes ([jobs] store = "postgresql://...").
+  bool shared_store_ = false;                        // The store is PostgreSQL.
+  std::string store_url_;                            // [jobs] store, for the notifier.
+  std::unique_ptr<jobs::JobNotifier> notifier_;      // Wakes the runner on other nodes' inserts.
+  std::unordered_map<std::string, Usage> inflight_;  // Inserts not answered yet, by owner.
 };
 
 }  // namespace squall::squalld

@@ -32,6 +32,7 @@
 #include "squall/daemon/systemd.hpp"
 #include "squall/http/router.hpp"
 #include "squall/http/server.hpp"
+#include "squall/jobs/pg_store.hpp"
 #include "squall/log/log.hpp"
 #include "squall/mail/maildir.hpp"
 #include "squall/mail/smtp.hpp"
@@ -84,7 +85,8 @@ void resolve_paths(Config& config, const fs::path& base) {
   for (std::string* target : {&config.log.error_log, &config.log.access_log}) {
     if (*target != "stderr" && *target != "off") *target = absolute_from(base, *target);
   }
-  if (config.jobs.store != ":memory:" && !config.jobs.store.starts_with("file:")) {
+  if (config.jobs.store != ":memory:" && !config.jobs.store.starts_with("file:") &&
+      !jobs::is_postgresql_url(config.jobs.store)) {
     config.jobs.store = absolute_from(base, config.jobs.store);
   }
   config.smtp.password_file = absolute_from(base, config.smtp.password_file);

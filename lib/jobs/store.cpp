@@ -1026,9 +1026,13 @@ std::int64_t unix_now_ms() noexcept {
 }
 
 std::string new_job_id() {
+  return new_job_id(unix_now_ms());
+}
+
+std::string new_job_id(std::int64_t now_ms) {
   unsigned char random[kJobIdRandomBytes];
   fill_random(random, sizeof random);
-  return job_id(unix_now_ms(), random);
+  return job_id(now_ms, random);
 }
 
 std::unique_ptr<JobStore> open_sqlite_store(const std::string& path, bool synchronous_full) {

@@ -1,5 +1,6 @@
 """Fixtures for squalld's integration tests. See squall_helpers.py for the harness itself."""
 
+import os
 import resource
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from pg_helpers import PrivateServer, drop_schema, new_schema  # noqa: E402
 from squall_helpers import Squalld  # noqa: E402
 
 
@@ -67,6 +69,53 @@ def squalld(tmp_path):
     factory = ServerFactory(tmp_path)
     yield factory
     factory.stop_all()
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """The URL of a private PostgreSQL server: the one `make integration` started
+    (scripts/pg-test-server sets SQUALL_TEST_PG_URL), or one started here for the session."""
+    url = os.environ.get("SQUALL_TEST_PG_URL")
+    if url:
+        yield url
+        return
+    server = PrivateServer()
+    yield server.url
+    server.remove()
+
+
+@pytest.fixture
+def pg_store(pg_server):
+    """A fresh, empty PostgreSQL job store: a schema of its own in the test server's database.
+    Name it before `squalld` in a test's parameters, so the nodes stop before the schema goes."""
+    schema, url = new_schema(pg_server)
+    yield url
+    drop_schema(pg_server, schema)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def job_store(request, tmp_path):
+    """[jobs] store for tests that hold both stores to the same behaviour: a SQLite file in the
+    test's directory, or a fresh PostgreSQL schema. Name it before `squalld`."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "jobs.db")
+        return
+    server = request.getfixturevalue("pg_server")
+    schema, url = new_schema(server)
+    yield url
+    drop_schema(server, schema)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def module_job_store(request, tmp_path_factory):
+    """job_store for a module's shared servers."""
+    if request.param == "sqlite":
+        yield str(tmp_path_factory.mktemp("store") / "jobs.db")
+        return
+    server = request.getfixturevalue("pg_server")
+    schema, url = new_schema(server)
+    yield url
+    drop_schema(server, schema)
 
 
 @pytest.fixture(scope="module")

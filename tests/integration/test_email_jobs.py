@@ -187,11 +187,11 @@ def simple(n="x", **extra) -> dict:
 
 
 @pytest.fixture(scope="module")
-def mail(module_squalld, tmp_path_factory):
-    """(squalld, smtp) sharing one store; tests tell their messages apart by Message-ID."""
+def mail(module_job_store, module_squalld):
+    """(squalld, smtp) sharing one store (SQLite, then PostgreSQL); tests tell their messages
+    apart by Message-ID."""
     server = CapturingSmtpServer("accept").start()
-    store = tmp_path_factory.mktemp("store") / "jobs.db"
-    srv = module_squalld(config=jobs_config(store, server.url))
+    srv = module_squalld(config=jobs_config(module_job_store, server.url))
     yield srv, server
     srv.stop()
     server.stop()
@@ -516,9 +516,9 @@ def test_slow_smtp_server_does_not_delay_the_answer(smtp, squalld, tmp_path):
 # Failures: retries with backoff, then failed; permanent failures at once
 
 
-def test_temporary_failures_retry_then_fail(smtp, squalld, tmp_path):
+def test_temporary_failures_retry_then_fail(job_store, smtp, squalld):
     server = smtp("tempfail")
-    srv = squalld(config=jobs_config(tmp_path / "jobs.db", server.url,
+    srv = squalld(config=jobs_config(job_store, server.url,
                                      jobs={"max_attempts": 3}))
     job_id = accept(srv, simple("tempfail"))
     job, history = wait_job(srv, job_id, "failed", timeout=10, interval=0.01)
@@ -543,9 +543,9 @@ def test_temporary_failures_retry_then_fail(smtp, squalld, tmp_path):
     assert m.value("squall_jobs_sent_total") == 0
 
 
-def test_permanent_failure_fails_at_once(smtp, squalld, tmp_path):
+def test_permanent_failure_fails_at_once(job_store, smtp, squalld):
     server = smtp("permfail", fail_at="data")
-    srv = squalld(config=jobs_config(tmp_path / "jobs.db", server.url,
+    srv = squalld(config=jobs_config(job_store, server.url,
                                      jobs={"max_attempts": 5}))
     job_id = accept(srv, simple("permfail"))
     job, history = wait_job(srv, job_id, "failed", timeout=5, interval=0.01)
@@ -562,8 +562,8 @@ def test_permanent_failure_fails_at_once(smtp, squalld, tmp_path):
 # Durability: kill -9 during sends, SIGTERM drain
 
 
-def test_kill_9_during_sends_loses_no_accepted_job(smtp, squalld, tmp_path):
-    store = tmp_path / "jobs.db"
+def test_kill_9_during_sends_loses_no_accepted_job(job_store, smtp, squalld):
+    store = job_store
     slow = smtp("slow", delay=30.0)
     # A short lease, so the restart need not wait long for the killed sends; it must still
     # outlast a whole send ([smtp] connect_timeout + timeout), which squalld checks.
@@ -627,8 +627,8 @@ def test_kill_9_during_sends_loses_no_accepted_job(smtp, squalld, tmp_path):
     assert {message_id_of(m.content) for m in working.messages} <= known
 
 
-def test_sigterm_lets_the_running_send_finish_and_keeps_the_queue(smtp, squalld, tmp_path):
-    store = tmp_path / "jobs.db"
+def test_sigterm_lets_the_running_send_finish_and_keeps_the_queue(job_store, smtp, squalld):
+    store = job_store
     slow = smtp("slow", delay=2.0)
     # One send at a time, so the second job is still queued when SIGTERM comes.
     config = jobs_config(store, slow.url, jobs={"max_concurrent_sends": 1},
@@ -696,9 +696,9 @@ def test_a_lease_shorter_than_a_send_is_refused(tmp_path):
 # Back-pressure
 
 
-def test_queue_limit_gives_503_with_retry_after(smtp, squalld, tmp_path):
+def test_queue_limit_gives_503_with_retry_after(job_store, smtp, squalld):
     server = smtp("slow", delay=1.5)
-    srv = squalld(config=jobs_config(tmp_path / "jobs.db", server.url,
+    srv = squalld(config=jobs_config(job_store, server.url,
                                      jobs={"max_queued": 2}))
     first = accept(srv, simple("bp-1"))
     second = accept(srv, simple("bp-2"))

@@ -1,5 +1,6 @@
 // The durable job store: one row per background job, claimed by a sender with a lease. An
-// interface, so the SQLite implementation (open_sqlite_store) can be replaced by Postgres.
+// interface with two implementations: SQLite (open_sqlite_store, one node) and PostgreSQL
+// (open_postgresql_store in pg_store.hpp, several nodes sharing one queue).
 // Every call blocks on the disk: never call it on the loop thread (writes go through the
 // StoreWorker).
 #pragma once
@@ -219,5 +220,7 @@ class StoreLock {
 // A fresh job id, 32 lowercase hex digits: 48 bits of Unix milliseconds, then 80 random bits
 // from getrandom(2), so ids sort by creation and cannot be guessed.
 std::string new_job_id();
+// The same, with `now_ms` as its time (a store's insert_batch names its jobs with it).
+std::string new_job_id(std::int64_t now_ms);
 
 }  // namespace squall::jobs

@@ -171,6 +171,16 @@ TEST_CASE("missing keys keep their defaults") {
   CHECK(config == expected);
 }
 
+TEST_CASE("[jobs] store takes a SQLite path or a PostgreSQL URL without a password") {
+  CHECK(load_config_string("[jobs]\nstore = \"postgresql://squall@db.internal/squall\"\n", "t.toml")
+            .jobs.store == "postgresql://squall@db.internal/squall");
+  CHECK(load_config_string("[jobs]\nstore = \"postgres://db/j?passfile=/etc/squall/pgpass\"\n",
+                           "t.toml")
+            .jobs.store == "postgres://db/j?passfile=/etc/squall/pgpass");
+  CHECK(load_config_string("[jobs]\nstore = \"/var/lib/squall/jobs.db\"\n", "t.toml").jobs.store ==
+        "/var/lib/squall/jobs.db");
+}
+
 TEST_CASE("inline and dotted tables are the same tables") {
   const Config config = load_config_string(
       "server = { backlog = 7 }\nroutes.echo = false\n[limits]\nmax_header_count = 3\n", "x.toml");
@@ -582,6 +592,10 @@ TEST_CASE("sends must leave libuv's pool a thread; errors name the key and line"
   CHECK(message("[jobs]\nretry_initial = \"2m\"\nretry_max = \"1m\"\n") ==
         "t.toml:3: [jobs] retry_max: retry_max must not be below retry_initial");
   CHECK(message("[jobs]\nstore = \"\"\n") == "t.toml:2: [jobs] store: must not be empty");
+  CHECK(message("[jobs]\nstore = \"postgresql://ann:secret@db/jobs\"\n")
+            .rfind("t.toml:2: [jobs] store: the URL contains a password; put it in", 0) == 0);
+  CHECK(message("[jobs]\nstore = \"postgres://db/jobs?sslmode=require&password=x\"\n")
+            .rfind("t.toml:2: [jobs] store: the URL contains a password", 0) == 0);
   CHECK(message("[smtp]\ntimeout = \"30s\"\n[jobs]\nlease = \"30s\"\n") ==
         "t.toml:4: [jobs] lease: lease (30000 ms) must be longer than [smtp] connect_timeout + "
         "timeout (40000 ms), or a send still running would be claimed again");

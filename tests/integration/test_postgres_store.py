@@ -1,0 +1,136 @@
+"""Several squalld nodes on one PostgreSQL job store, black-box: two nodes accept and send
+together, one is killed with kill -9 in the middle of its sends and the other takes its jobs
+over at once (not after the lease); NOTIFY wakes a node that is not polling; a lost database
+answers 503 on POST /email while other routes serve, and comes back by itself; a password in
+the URL is refused. The server is private (conftest.py's pg_server)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections import Counter
+
+from pg_helpers import PrivateServer, psql
+from squall_helpers import squalld_path
+from test_email_jobs import (  # noqa: F401  (smtp is a fixture)
+    JSON,
+    accept,
+    jobs_config,
+    message_id,
+    message_id_of,
+    post_email,
+    simple,
+    smtp,
+    wait_job,
+    wait_messages,
+)
+
+
+def node_config(store_url, smtp_url, jobs=None, **tables):
+    return jobs_config(store_url, smtp_url, jobs=jobs, **tables)
+
+
+def test_two_nodes_share_one_queue_and_kill_9_of_one_loses_no_job(pg_store, smtp, squalld):
+    # Each send spends 0.3 s in DATA, so the killed node is in the middle of sends.
+    server = smtp("slow", delay=0.3)
+    # An hour's lease: the jobs of the killed node are taken over because its death is known
+    # (its database session ended), not because a lease ran out.
+    config = node_config(pg_store, server.url, jobs={"lease": "1h", "max_concurrent_sends": 2})
+    a = squalld(config=config, allow_errors=True)
+    b = squalld(config=config)
+    ids = []
+    for n in range(30):
+        ids.append(accept(a if n % 2 == 0 else b, simple(f"m{n}")))
+    # An Idempotency-Key is one job whichever node gets the repeat.
+    key = ("Idempotency-Key", "shared-key")
+    first = post_email(a, simple("keyed"), headers=(JSON, key))
+    again = post_email(b, simple("keyed"), headers=(JSON, key))
+    assert first.status == 202 and again.status == 200, (first, again)
+    assert again.json()["id"] == first.json()["id"]
+    ids.append(first.json()["id"])
+
+    # Kill node a while it has sends in DATA, with jobs still waiting.
+    deadline = time.monotonic() + 10
+    while a.metrics().value("squall_jobs_sends_running") < 1:
+        assert time.monotonic() < deadline, "node a never started a send"
+        time.sleep(0.02)
+    a.signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    assert a.wait_exit(timeout=5) == -signal.SIGKILL
+    in_data = {message_id_of(content) for content in list(server.data_started)}
+    recorded_sent = set(psql(pg_store, "SELECT id FROM squall_jobs WHERE state = 'sent'").split())
+
+    wait_messages(server, ids, timeout=40)
+    took = time.monotonic() - killed_at
+    assert took < 40, took  # not the hour of the lease
+    b.wait_for_line("is gone (its database session ended)", timeout=5)
+    for job_id in ids:
+        wait_job(b, job_id, "sent", timeout=10)
+    # Every accepted job arrived. A second copy is possible only for a job whose DATA had begun
+    # before the kill and whose "sent" was not recorded yet: the killed node may have been
+    # handed the relay's 250 (or the relay kept the message) just before it died.
+    copies = Counter(message_id_of(m.content) for m in server.messages)
+    twice = {mid for mid, count in copies.items() if count > 1}
+    may_repeat = {mid for mid in in_data} - {message_id(j) for j in recorded_sent}
+    assert twice <= may_repeat, (twice, may_repeat)
+    assert len(twice) <= 2  # node a's max_concurrent_sends
+    assert all(copies[message_id(j)] >= 1 for j in ids)
+
+
+def test_notify_wakes_a_node_that_is_not_polling(pg_store, smtp, squalld):
+    stalled = smtp("slow", delay=60.0)
+    working = smtp("accept")
+    # Node a takes one send at a time and its relay never answers: its second job waits...
+    a = squalld(config=node_config(pg_store, stalled.url, jobs={"max_concurrent_sends": 1},
+                                   timeouts={"drain": "1s"}))
+    first = accept(a, simple("stuck"))
+    stalled.wait_data_started(1)
+    # ...for node b, which polls once an hour (and at its start, which finds nothing due): only
+    # the NOTIFY of a's insert can wake it. Its start-up claim leaves no trace to wait for.
+    b = squalld(config=node_config(pg_store, working.url, jobs={"poll_interval": "1h"}))
+    time.sleep(0.5)
+    second = accept(a, simple("woken"))
+    started = time.monotonic()
+    wait_messages(working, [second], timeout=5)
+    assert time.monotonic() - started < 5
+    wait_job(b, second, "sent")
+    assert wait_job(a, first, "sending")[0]["status"] == "sending"
+
+
+def test_a_lost_database_is_503_for_post_email_only_and_comes_back(smtp, squalld):
+    database = PrivateServer()  # its own, since it is stopped and started again
+    try:
+        server = smtp("accept")
+        srv = squalld(config=node_config(database.url, server.url), allow_errors=True)
+        before = accept(srv, simple("before"))
+        wait_messages(server, [before])
+        database.stop()
+
+        refused = post_email(srv, simple("during"))
+        assert refused.status == 503, refused
+        assert refused.get("Retry-After") == "5", refused
+        assert srv.get("/plaintext").status == 200
+        health = srv.get("/healthz")
+        assert health.status == 503 and health.json()["store"] == "failing", health
+
+        database.start_again()
+        deadline = time.monotonic() + 15
+        while srv.get("/healthz").status != 200:
+            assert time.monotonic() < deadline, "the store did not come back"
+            time.sleep(0.1)
+        after = accept(srv, simple("after"))
+        wait_messages(server, [after])
+        srv.wait_for_line("the job store accepts writes again")
+    finally:
+        database.remove()
+
+
+def test_a_password_in_the_url_is_a_config_error(tmp_path):
+    config = tmp_path / "squalld.toml"
+    config.write_text('[jobs]\nstore = "postgresql://squall:hunter2@db/squall"\n')
+    result = subprocess.run([squalld_path(), "--check-config", "--config", str(config)],
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 1, result
+    assert f"{config}:2: [jobs] store: the URL contains a password" in result.stderr
+    assert "hunter2" not in result.stderr
