@@ -14,11 +14,6 @@ constexpr std::size_t kMaxFreeWorkspaces = 32;               // Spare read buffe
 constexpr std::size_t kMaxRetainedBodyCapacity = 64 * 1024;  // Larger bodies give memory back.
 constexpr std::string_view kTooManyConnectionsBody = "server.max_connections reached; retry\n";
 
-// A connection refused over max_connections lives only until its handle closes.
-struct RefusedConnection {
-  uv_tcp_t tcp;
-};
-
 }  // namespace
 
 Server::Server(Loop& loop, std::shared_ptr<const Router> router, ServerOptions options)
@@ -57,10 +52,7 @@ Server::~Server() {
 }
 
 void Server::close_drain_timer() noexcept {
-  if (drain_timer_ == nullptr) return;
-  uv_close(reinterpret_cast<uv_handle_t*>(drain_timer_),
-           [](uv_handle_t* handle) { delete reinterpret_cast<uv_timer_t*>(handle); });
-  drain_timer_ = nullptr;
+  drain_timer_.reset();
 }
 
 std::string Server::listen(const std::string& host, std::uint16_t port) {
@@ -123,10 +115,9 @@ void Server::refuse(uv_stream_t* listener) {
     spdlog::warn("server.max_connections ({}) reached: refusing new connections",
                  options_.max_connections);
   }
-  auto* refused = new RefusedConnection{};
-  uv_tcp_init(loop_.uv(), &refused->tcp);
-  refused->tcp.data = refused;
-  if (uv_accept(listener, reinterpret_cast<uv_stream_t*>(&refused->tcp)) == 0) {
+  // Lives only until its handle closes, at the end of this function.
+  const UvHandle<uv_tcp_t> refused(loop_, nullptr, uv_tcp_init, "refused connection");
+  if (uv_accept(listener, refused.stream()) == 0) {
     // Best effort, one non-blocking write: the client may already be sending its request.
     std::string answer = "HTTP/1.1 503 Service Unavailable\r\nServer: " + options_.server_name +
                          "\r\nDate: " + std::string(date_.now()) +
@@ -135,10 +126,8 @@ void Server::refuse(uv_stream_t* listener) {
                          "\r\nRetry-After: 1\r\nConnection: close\r\n\r\n" +
                          std::string(kTooManyConnectionsBody);
     uv_buf_t buf = uv_buf_init(answer.data(), static_cast<unsigned>(answer.size()));
-    uv_try_write(reinterpret_cast<uv_stream_t*>(&refused->tcp), &buf, 1);
+    uv_try_write(refused.stream(), &buf, 1);
   }
-  uv_close(reinterpret_cast<uv_handle_t*>(&refused->tcp),
-           [](uv_handle_t* handle) { delete static_cast<RefusedConnection*>(handle->data); });
 }
 
 std::string& Server::cork_for(Connection* owner) {
@@ -215,11 +204,9 @@ void Server::drain(std::chrono::milliseconds deadline, std::function<void()> on_
     connection = next;
   }
   if (connections_ != nullptr) {
-    drain_timer_ = new uv_timer_t;
-    uv_timer_init(loop_.uv(), drain_timer_);
-    drain_timer_->data = this;
+    drain_timer_ = UvHandle<uv_timer_t>(loop_, this, uv_timer_init, "drain timer");
     uv_timer_start(
-        drain_timer_,
+        drain_timer_.get(),
         [](uv_timer_t* timer) {
           auto* self = static_cast<Server*>(timer->data);
           spdlog::warn("drain deadline ({} ms) passed with {} connections open; closing them",

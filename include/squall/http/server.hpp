@@ -13,6 +13,7 @@
 
 #include "squall/core/clock.hpp"
 #include "squall/core/loop.hpp"
+#include "squall/core/uv_handle.hpp"
 #include "squall/http/limits.hpp"
 #include "squall/http/request.hpp"
 #include "squall/http/router.hpp"
@@ -133,7 +134,7 @@ class Server {
   std::size_t workspace_capacity_ = 0;                     // Read buffer size, from the limits.
   bool draining_ = false;                                  // drain() was called.
   std::function<void()> on_drained_;            // Runs once when the last connection closes.
-  uv_timer_t* drain_timer_ = nullptr;           // The drain deadline; freed in its close callback.
+  UvHandle<uv_timer_t> drain_timer_;            // The drain deadline; data -> this.
   std::uint64_t drain_deadline_ms_ = 0;         // For the log line when it passes.
   std::uint64_t last_accept_error_log_ms_ = 0;  // Accept errors are logged once a second.
   std::uint64_t last_refusal_log_ms_ = 0;       // So are max_connections refusals.
