@@ -273,6 +273,11 @@ Client::FetchId Client::fetch(FetchRequest request, Callback callback) {
   curl_url_get(transfer->url, CURLUPART_HOST, &host, 0);
   curl_url_get(transfer->url, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT);
   const std::string scheme_text = scheme != nullptr ? scheme : "";
+  // curl reads "http:///x" as the host "x": an empty authority is refused here instead.
+  const std::size_t authority = request.url.find("://");
+  const bool has_host = host != nullptr && host[0] != '\0' && authority != std::string::npos &&
+                        request.url.find_first_of("/?#", authority + 3) != authority + 3 &&
+                        authority + 3 < request.url.size();
   transfer->host_key =
       scheme_text + "://" + (host != nullptr ? host : "") + ":" + (port != nullptr ? port : "");
   curl_free(scheme);
@@ -281,6 +286,9 @@ Client::FetchId Client::fetch(FetchRequest request, Callback callback) {
   if (scheme_text != "http" && scheme_text != "https") {
     throw std::invalid_argument("http::Client::fetch: URL '" + request.url +
                                 "' is not http:// or https://");
+  }
+  if (!has_host) {
+    throw std::invalid_argument("http::Client::fetch: URL '" + request.url + "' has no host");
   }
 
   const FetchId id = next_id_++;

@@ -576,6 +576,13 @@ TEST_CASE("client: bad requests are refused at the API") {
     auto noop = [](http::FetchResult) {};
     CHECK_THROWS_AS(client.fetch(get("ftp://127.0.0.1/x"), noop), std::invalid_argument);
     CHECK_THROWS_AS(client.fetch(get("not a url"), noop), std::invalid_argument);
+    // curl alone would read "http:///x" as a fetch of http://x/.
+    CHECK_THROWS_WITH_AS(client.fetch(get("http:///x"), noop),
+                         "http::Client::fetch: URL 'http:///x' has no host", std::invalid_argument);
+    CHECK_THROWS_WITH_AS(client.fetch(get("https:///"), noop), doctest::Contains("'https:///'"),
+                         std::invalid_argument);
+    CHECK_THROWS_WITH_AS(client.fetch(get("http://:8080/x"), noop),
+                         doctest::Contains("'http://:8080/x'"), std::invalid_argument);
     http::FetchRequest injected = get("http://127.0.0.1/x");
     injected.headers = {{"X-A", "1\r\nX-Injected: 1"}};
     CHECK_THROWS_WITH_AS(client.fetch(injected, noop), doctest::Contains("header 'X-A'"),
