@@ -488,11 +488,8 @@ JobsService::~JobsService() {
   webhooks_.reset();
   runner_.reset();
   if (store_) store_->stop();
-  for (uv_timer_t* timer : {stats_timer_, housekeeping_timer_}) {
-    if (timer == nullptr) continue;
-    uv_close(reinterpret_cast<uv_handle_t*>(timer),
-             [](uv_handle_t* handle) { delete reinterpret_cast<uv_timer_t*>(handle); });
-  }
+  stats_timer_.reset();
+  housekeeping_timer_.reset();
 }
 
 void JobsService::start() {
@@ -509,23 +506,19 @@ void JobsService::start() {
     });
   }
   if (webhooks_) webhooks_->start();
-  stats_timer_ = new uv_timer_t;
-  uv_timer_init(loop_.uv(), stats_timer_);
-  stats_timer_->data = this;
+  stats_timer_ = UvHandle<uv_timer_t>(loop_, this, uv_timer_init, "job statistics timer");
   uv_timer_start(
-      stats_timer_,
+      stats_timer_.get(),
       [](uv_timer_t* timer) { static_cast<JobsService*>(timer->data)->refresh_stats(); }, 0, 2000);
   // Statistics alone must not keep the loop running.
-  uv_unref(reinterpret_cast<uv_handle_t*>(stats_timer_));
+  uv_unref(stats_timer_.handle());
 
-  housekeeping_timer_ = new uv_timer_t;
-  uv_timer_init(loop_.uv(), housekeeping_timer_);
-  housekeeping_timer_->data = this;
+  housekeeping_timer_ = UvHandle<uv_timer_t>(loop_, this, uv_timer_init, "job housekeeping timer");
   next_purge_ms_ = jobs::unix_now_ms();
   uv_timer_start(
-      housekeeping_timer_,
+      housekeeping_timer_.get(),
       [](uv_timer_t* timer) { static_cast<JobsService*>(timer->data)->housekeeping(); }, 0, 1000);
-  uv_unref(reinterpret_cast<uv_handle_t*>(housekeeping_timer_));
+  uv_unref(housekeeping_timer_.handle());
 }
 
 void JobsService::store_failed(const std::string& what, const std::string& error) {
@@ -956,8 +949,8 @@ void JobsService::report_job(http::Request& request, const http::Responder& resp
 
 void JobsService::drain(std::function<void()> done) {
   accepting_ = false;
-  if (stats_timer_ != nullptr) uv_timer_stop(stats_timer_);
-  if (housekeeping_timer_ != nullptr) uv_timer_stop(housekeeping_timer_);
+  if (stats_timer_.is_open()) uv_timer_stop(stats_timer_.get());
+  if (housekeeping_timer_.is_open()) uv_timer_stop(housekeeping_timer_.get());
   if (webhooks_) webhooks_->drain();
   runner_->drain(std::move(done));
 }

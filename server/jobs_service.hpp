@@ -17,6 +17,7 @@
 #include "server/webhooks.hpp"
 #include "squall/core/loop.hpp"
 #include "squall/core/rate_limit.hpp"
+#include "squall/core/uv_handle.hpp"
 #include "squall/http/router.hpp"
 #include "squall/jobs/pg_store.hpp"
 #include "squall/jobs/runner.hpp"
@@ -96,7 +97,7 @@ class JobsService {
   bool accepting_ = true;                         // False once draining.
   std::array<metrics::Gauge*, 5> by_state_gauges_{};  // squall_jobs{state=...}.
   std::int64_t oldest_pending_ms_ = 0;                // created_ms of the oldest waiting job.
-  uv_timer_t* stats_timer_ = nullptr;                 // Refreshes by_state_; freed on close.
+  UvHandle<uv_timer_t> stats_timer_;                  // Refreshes by_state_; data -> this.
   bool stats_in_flight_ = false;                      // A stats query is queued.
   metrics::Histogram* send_seconds_ = nullptr;        // Attempt durations.
   std::shared_ptr<bool> alive_;                       // For callbacks from the store thread.
@@ -108,7 +109,7 @@ class JobsService {
   bool purge_in_flight_ = false;                    // A purge round is running on the store thread.
   unsigned housekeeping_ticks_ = 0;                 // Seconds since start, for the slower tasks.
   std::int64_t next_purge_ms_ = 0;                  // When the next purge round is due.
-  uv_timer_t* housekeeping_timer_ = nullptr;        // Runs housekeeping(); freed on close.
+  UvHandle<uv_timer_t> housekeeping_timer_;         // Runs housekeeping(); data -> this.
   std::uint64_t purged_total_ = 0;                  // Jobs deleted by retention.
   std::int64_t pending_bytes_ = 0;                  // Payload bytes of pending_ jobs.
   std::unordered_map<std::string, Usage> usage_;    // By owner: the per-client queue share.

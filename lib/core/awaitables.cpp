@@ -7,15 +7,10 @@ namespace squall {
 
 // ---- sleep ------------------------------------------------------------------------------------
 
-struct Sleep::Node {
-  uv_timer_t timer;                // timer.data -> this; freed by the close callback.
-  std::coroutine_handle<> waiter;  // Resumed when the timer fires.
-};
-
 void Sleep::on_timer(uv_timer_t* timer) {
   // The waiter may destroy this Sleep (closing the timer) before resume() returns: nothing here
   // touches the node afterwards.
-  const std::coroutine_handle<> waiter = static_cast<Node*>(timer->data)->waiter;
+  const std::coroutine_handle<> waiter = static_cast<Sleep*>(timer->data)->waiter_;
   detail::resume(waiter);
 }
 
@@ -24,14 +19,11 @@ bool Sleep::start(std::coroutine_handle<> waiter, std::stop_token token) {
     cancelled_ = true;
     return false;
   }
-  if (node_ == nullptr) {  // A Sleep awaited again reuses its timer.
-    node_ = new Node{};
-    uv_timer_init(loop_->uv(), &node_->timer);
-    node_->timer.data = node_;
-  }
-  node_->waiter = waiter;
+  // A Sleep awaited again reuses its timer.
+  if (!timer_) timer_ = UvHandle<uv_timer_t>(*loop_, this, uv_timer_init, "sleep timer");
+  waiter_ = waiter;
   const auto delay_ms = delay_.count() > 0 ? static_cast<std::uint64_t>(delay_.count()) : 0;
-  uv_timer_start(&node_->timer, &Sleep::on_timer, delay_ms, 0);
+  uv_timer_start(timer_.get(), &Sleep::on_timer, delay_ms, 0);
   if (token.stop_possible()) on_stop_.emplace(std::move(token), OnStop{this});
   return true;
 }
@@ -40,8 +32,8 @@ void Sleep::OnStop::operator()() const noexcept {
   // Stop the timer first, then resume from a fresh timer run on the next loop iteration:
   // never from inside request_stop(), whose caller may be in the middle of something.
   self->cancelled_ = true;
-  uv_timer_stop(&self->node_->timer);
-  uv_timer_start(&self->node_->timer, &Sleep::on_timer, 0, 0);
+  uv_timer_stop(self->timer_.get());
+  uv_timer_start(self->timer_.get(), &Sleep::on_timer, 0, 0);
 }
 
 void Sleep::await_resume() {
@@ -50,10 +42,8 @@ void Sleep::await_resume() {
 }
 
 Sleep::~Sleep() {
+  // The stop callback goes first: it uses the timer. The timer closes by itself.
   on_stop_.reset();
-  if (node_ == nullptr) return;
-  uv_close(reinterpret_cast<uv_handle_t*>(&node_->timer),
-           [](uv_handle_t* handle) { delete static_cast<Node*>(handle->data); });
 }
 
 // ---- run_blocking -----------------------------------------------------------------------------

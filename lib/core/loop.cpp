@@ -1,5 +1,7 @@
 #include "squall/core/loop.hpp"
 
+#include "squall/core/uv_handle.hpp"
+
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
@@ -21,12 +23,12 @@ void check(int status, const char* what) {
 }  // namespace
 
 struct Loop::TimerNode {
-  uv_timer_t timer;         // Owned here; freed in the close callback.
-  Loop* loop;               // For removing this node from timers_.
-  TimerId id;               // The key in timers_.
-  std::uint64_t period_ms;  // call_every's period; 0 for a one-shot call_later.
-  std::uint64_t due_ms;     // When the current run is due (uv_now clock): call_every's grid.
-  Callback callback;        // What to run when the timer fires.
+  UvHandle<uv_timer_t> timer;  // timer.data -> this.
+  Loop* loop;                  // For removing this node from timers_.
+  TimerId id;                  // The key in timers_.
+  std::uint64_t period_ms;     // call_every's period; 0 for a one-shot call_later.
+  std::uint64_t due_ms;        // When the current run is due (uv_now clock): call_every's grid.
+  Callback callback;           // What to run when the timer fires.
 };
 
 Loop::Loop() : queue_(std::make_shared<detail::CallQueue>()) {
@@ -56,6 +58,12 @@ int Loop::close() {
   dropped.clear();
   // call_later timers are closed with their own callbacks, which free their nodes.
   while (!timers_.empty()) cancel(timers_.begin()->first);
+  // UvHandles still open are closed with their own close callback, which frees those whose
+  // owner is gone and tells the others' owners that the handle is closed.
+  for (detail::HandleLink* link = handles_.next; link != &handles_; link = link->next) {
+    if (!uv_is_closing(link->handle)) uv_close(link->handle, link->close_callback);
+  }
+  // Anything else (the wake-up handle, handles owned by hand) is closed without a callback.
   uv_walk(
       &loop_,
       [](uv_handle_t* handle, void*) {
@@ -137,21 +145,23 @@ Loop::TimerId Loop::start_timer(std::uint64_t delay_ms, std::uint64_t period_ms,
   node->period_ms = period_ms;
   node->due_ms = uv_now(&loop_) + delay_ms;
   node->callback = std::move(callback);
-  check(uv_timer_init(&loop_, &node->timer), "uv_timer_init");
-  node->timer.data = node.get();
-  uv_timer_start(&node->timer, &Loop::on_timer, delay_ms, 0);
+  node->timer = UvHandle<uv_timer_t>(*this, node.get(), uv_timer_init, "timer");
+  uv_timer_start(node->timer.get(), &Loop::on_timer, delay_ms, 0);
   const TimerId id = node->id;
-  timers_.emplace(id, node.release());
+  timers_.emplace(id, std::move(node));
   return id;
 }
 
 void Loop::on_timer(uv_timer_t* timer) {
   auto* fired = static_cast<TimerNode*>(timer->data);
+  Loop* loop = fired->loop;
+  const TimerId id = fired->id;
   if (fired->period_ms == 0) {
-    fired->loop->timers_.erase(fired->id);
-    Callback run = std::move(fired->callback);
-    uv_close(reinterpret_cast<uv_handle_t*>(&fired->timer),
-             [](uv_handle_t* handle) { delete static_cast<TimerNode*>(handle->data); });
+    // Destroying the node closes its timer; libuv frees it after this callback.
+    const auto it = loop->timers_.find(id);
+    const std::unique_ptr<TimerNode> node = std::move(it->second);
+    loop->timers_.erase(it);
+    Callback run = std::move(node->callback);
     try {
       run();
     } catch (const std::exception& error) {
@@ -164,23 +174,21 @@ void Loop::on_timer(uv_timer_t* timer) {
   std::uint64_t next = fired->due_ms + fired->period_ms;
   if (next <= now) next += (now - next) / fired->period_ms * fired->period_ms + fired->period_ms;
   fired->due_ms = next;
-  uv_timer_start(&fired->timer, &Loop::on_timer, next - now, 0);
-  // The node is freed only by its close callback, so the callback may cancel itself.
+  uv_timer_start(timer, &Loop::on_timer, next - now, 0);
+  // The callback runs from here, not from the node, so that it may cancel itself.
+  Callback run = std::move(fired->callback);
   try {
-    fired->callback();
+    run();
   } catch (const std::exception& error) {
     spdlog::error("call_every callback threw: {}", error.what());
   }
+  const auto still = loop->timers_.find(id);
+  if (still != loop->timers_.end()) still->second->callback = std::move(run);
 }
 
 bool Loop::cancel(TimerId id) noexcept {
-  const auto it = timers_.find(id);
-  if (it == timers_.end()) return false;
-  TimerNode* node = it->second;
-  timers_.erase(it);
-  uv_close(reinterpret_cast<uv_handle_t*>(&node->timer),
-           [](uv_handle_t* handle) { delete static_cast<TimerNode*>(handle->data); });
-  return true;
+  // Destroying the node closes its timer.
+  return timers_.erase(id) != 0;
 }
 
 namespace {

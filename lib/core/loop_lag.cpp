@@ -1,27 +1,27 @@
 #include "squall/core/loop_lag.hpp"
 
+#include "squall/core/uv_handle.hpp"
+
 namespace squall {
 
 struct LoopLagMonitor::State {
-  uv_timer_t timer;                       // Repeating; timer.data -> this.
+  UvHandle<uv_timer_t> timer;             // Repeating; timer.data -> this.
   std::uint64_t interval_ns = 0;          // The sampling period.
   std::uint64_t expected_ns = 0;          // When the next tick should run (uv_hrtime).
   double last_lag_seconds = 0;            // The latest sample.
   std::function<void(double)> on_sample;  // Where samples go.
-  bool stopped = false;
 };
 
 LoopLagMonitor::LoopLagMonitor(Loop& loop, std::chrono::milliseconds interval,
                                std::function<void(double)> on_sample)
-    : state_(new State{}) {
+    : state_(std::make_unique<State>()) {
   state_->interval_ns = static_cast<std::uint64_t>(interval.count()) * 1'000'000;
   state_->on_sample = std::move(on_sample);
-  uv_timer_init(loop.uv(), &state_->timer);
-  state_->timer.data = state_;
+  state_->timer = UvHandle<uv_timer_t>(loop, state_.get(), uv_timer_init, "loop lag timer");
   state_->expected_ns = uv_hrtime() + state_->interval_ns;
   const auto interval_ms = static_cast<std::uint64_t>(interval.count());
   uv_timer_start(
-      &state_->timer,
+      state_->timer.get(),
       [](uv_timer_t* timer) {
         auto* state = static_cast<State*>(timer->data);
         const std::uint64_t now = uv_hrtime();
@@ -33,7 +33,7 @@ LoopLagMonitor::LoopLagMonitor(Loop& loop, std::chrono::milliseconds interval,
       },
       interval_ms, interval_ms);
   // Sampling alone must not keep the loop alive.
-  uv_unref(reinterpret_cast<uv_handle_t*>(&state_->timer));
+  uv_unref(state_->timer.handle());
 }
 
 double LoopLagMonitor::last_lag_seconds() const noexcept {
@@ -41,18 +41,10 @@ double LoopLagMonitor::last_lag_seconds() const noexcept {
 }
 
 void LoopLagMonitor::stop() noexcept {
-  if (state_ == nullptr) return;
-  auto* handle = reinterpret_cast<uv_handle_t*>(&state_->timer);
-  if (uv_is_closing(handle)) {
-    delete state_;
-  } else {
-    uv_close(handle, [](uv_handle_t* closed) { delete static_cast<State*>(closed->data); });
-  }
-  state_ = nullptr;
+  // The timer closes (or, after Loop::close(), is freed) with its state.
+  state_.reset();
 }
 
-LoopLagMonitor::~LoopLagMonitor() {
-  stop();
-}
+LoopLagMonitor::~LoopLagMonitor() = default;
 
 }  // namespace squall

@@ -147,21 +147,15 @@ Watchdog::Watchdog(Loop& loop) {
   if (enabled == 0 || usec == 0) return;
   interval_ = std::chrono::microseconds(usec / 2);
   const std::uint64_t period_ms = std::max<std::uint64_t>(1, usec / 2 / 1000);
-  timer_ = new uv_timer_t;
-  uv_timer_init(loop.uv(), timer_);
-  uv_unref(reinterpret_cast<uv_handle_t*>(timer_));
+  timer_ = UvHandle<uv_timer_t>(loop, nullptr, uv_timer_init, "watchdog timer");
+  uv_unref(timer_.handle());
   uv_timer_start(
-      timer_, [](uv_timer_t*) { sd_notify(0, "WATCHDOG=1"); }, period_ms, period_ms);
+      timer_.get(), [](uv_timer_t*) { sd_notify(0, "WATCHDOG=1"); }, period_ms, period_ms);
   sd_notify(0, "WATCHDOG=1");
   spdlog::info("systemd watchdog: pinging every {} ms (WatchdogSec {} ms)", period_ms, usec / 1000);
 }
 
-Watchdog::~Watchdog() {
-  if (timer_ == nullptr) return;
-  uv_timer_stop(timer_);
-  uv_close(reinterpret_cast<uv_handle_t*>(timer_),
-           [](uv_handle_t* handle) { delete reinterpret_cast<uv_timer_t*>(handle); });
-  timer_ = nullptr;
-}
+// The timer closes (or, after Loop::close(), is freed) by itself.
+Watchdog::~Watchdog() = default;
 
 }  // namespace squall::daemon

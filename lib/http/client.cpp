@@ -8,12 +8,14 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <memory>
 #include <mutex>
 #include <unordered_set>
 
 #include <curl/curl.h>
 #include <spdlog/spdlog.h>
 
+#include "squall/core/uv_handle.hpp"
 #include "squall/http/request.hpp"
 
 namespace squall::http {
@@ -177,7 +179,7 @@ struct Client::Transfer {
 
 // One socket curl asked us to watch.
 struct Client::Socket {
-  uv_poll_t poll;  // data -> this; freed in its close callback.
+  UvHandle<uv_poll_t> poll;  // data -> this.
   Client* client = nullptr;
   curl_socket_t fd = CURL_SOCKET_BAD;
 };
@@ -185,19 +187,10 @@ struct Client::Socket {
 // What exists only while the client is open.
 struct Client::Curl {
   CURLM* multi = nullptr;
-  uv_timer_t* curl_timer = nullptr;     // CURLMOPT_TIMERFUNCTION's timer.
-  uv_timer_t* queue_timer = nullptr;    // Ends fetches that waited queue_timeout.
+  UvHandle<uv_timer_t> curl_timer;      // CURLMOPT_TIMERFUNCTION's timer; data -> the Client.
+  UvHandle<uv_timer_t> queue_timer;     // Ends fetches that waited queue_timeout; the same.
   std::unordered_set<Socket*> sockets;  // Every watched socket, to close what curl leaves.
 };
-
-namespace {
-
-void close_timer(uv_timer_t* timer) {
-  uv_close(reinterpret_cast<uv_handle_t*>(timer),
-           [](uv_handle_t* handle) { delete reinterpret_cast<uv_timer_t*>(handle); });
-}
-
-}  // namespace
 
 // ------------------------------------------------------------------------------------------
 // Client
@@ -228,12 +221,8 @@ Client::Client(Loop& loop, ClientOptions options)
                     static_cast<long>(options_.max_in_flight_per_host));
   curl_multi_setopt(curl->multi, CURLMOPT_MAXCONNECTS,
                     static_cast<long>(options_.max_idle_connections));
-  curl->curl_timer = new uv_timer_t;
-  uv_timer_init(loop_.uv(), curl->curl_timer);
-  curl->curl_timer->data = this;
-  curl->queue_timer = new uv_timer_t;
-  uv_timer_init(loop_.uv(), curl->queue_timer);
-  curl->queue_timer->data = this;
+  curl->curl_timer = UvHandle<uv_timer_t>(loop_, this, uv_timer_init, "http client timer");
+  curl->queue_timer = UvHandle<uv_timer_t>(loop_, this, uv_timer_init, "http client queue timer");
   curl_ = std::move(curl);
 }
 
@@ -284,6 +273,11 @@ Client::FetchId Client::fetch(FetchRequest request, Callback callback) {
   curl_url_get(transfer->url, CURLUPART_HOST, &host, 0);
   curl_url_get(transfer->url, CURLUPART_PORT, &port, CURLU_DEFAULT_PORT);
   const std::string scheme_text = scheme != nullptr ? scheme : "";
+  // curl reads "http:///x" as the host "x": an empty authority is refused here instead.
+  const std::size_t authority = request.url.find("://");
+  const bool has_host = host != nullptr && host[0] != '\0' && authority != std::string::npos &&
+                        request.url.find_first_of("/?#", authority + 3) != authority + 3 &&
+                        authority + 3 < request.url.size();
   transfer->host_key =
       scheme_text + "://" + (host != nullptr ? host : "") + ":" + (port != nullptr ? port : "");
   curl_free(scheme);
@@ -292,6 +286,9 @@ Client::FetchId Client::fetch(FetchRequest request, Callback callback) {
   if (scheme_text != "http" && scheme_text != "https") {
     throw std::invalid_argument("http::Client::fetch: URL '" + request.url +
                                 "' is not http:// or https://");
+  }
+  if (!has_host) {
+    throw std::invalid_argument("http::Client::fetch: URL '" + request.url + "' has no host");
   }
 
   const FetchId id = next_id_++;
@@ -434,27 +431,32 @@ int Client::on_socket(void* /*easy*/, int fd, int what, void* client_data, void*
       // Closed now, not later: curl may close the fd and get the same number for a new socket.
       curl_multi_assign(self->curl_->multi, fd, nullptr);
       self->curl_->sockets.erase(socket);
-      uv_close(reinterpret_cast<uv_handle_t*>(&socket->poll),
-               [](uv_handle_t* handle) { delete static_cast<Socket*>(handle->data); });
+      delete socket;
     }
     return 0;
   }
   if (socket == nullptr) {
-    socket = new Socket;
-    socket->client = self;
-    socket->fd = fd;
-    if (uv_poll_init_socket(self->loop_.uv(), &socket->poll, fd) != 0) {
-      delete socket;
+    auto watched = std::make_unique<Socket>();
+    watched->client = self;
+    watched->fd = fd;
+    try {
+      watched->poll = UvHandle<uv_poll_t>(
+          self->loop_, watched.get(),
+          [fd](uv_loop_t* loop, uv_poll_t* poll) { return uv_poll_init_socket(loop, poll, fd); },
+          "poll for an http client socket");
+    } catch (const std::exception& error) {
+      spdlog::error("http client: {}", error.what());
       return -1;
     }
-    socket->poll.data = socket;
+    socket = watched.release();
     self->curl_->sockets.insert(socket);
     curl_multi_assign(self->curl_->multi, fd, socket);
   }
   int events = 0;
   if ((what & CURL_POLL_IN) != 0) events |= UV_READABLE;
   if ((what & CURL_POLL_OUT) != 0) events |= UV_WRITABLE;
-  uv_poll_start(&socket->poll, events, [](uv_poll_t* poll, int status, int ready) {
+  if (!socket->poll.is_open()) return 0;  // Loop::close() closed it.
+  uv_poll_start(socket->poll.get(), events, [](uv_poll_t* poll, int status, int ready) {
     auto* watched = static_cast<Socket*>(poll->data);
     int flags = 0;
     if (status < 0) {
@@ -471,7 +473,8 @@ int Client::on_socket(void* /*easy*/, int fd, int what, void* client_data, void*
 
 int Client::on_timer(void* /*multi*/, long timeout_ms, void* client_data) {
   auto* self = static_cast<Client*>(client_data);
-  uv_timer_t* timer = self->curl_->curl_timer;
+  uv_timer_t* timer = self->curl_->curl_timer.get();
+  if (!self->curl_->curl_timer.is_open()) return 0;  // Loop::close() closed it.
   if (timeout_ms < 0) {
     uv_timer_stop(timer);
     return 0;
@@ -642,13 +645,13 @@ bool Client::cancel(FetchId id) {
 
 void Client::arm_queue_timer() {
   if (!curl_ || queue_.empty() || options_.queue_timeout.count() <= 0) return;
-  if (uv_is_active(reinterpret_cast<uv_handle_t*>(curl_->queue_timer)) != 0) return;
+  if (!curl_->queue_timer.is_open() || uv_is_active(curl_->queue_timer.handle()) != 0) return;
   const Transfer& oldest = *transfers_.at(queue_.front());
   const std::uint64_t deadline =
       oldest.queued_at_ms + static_cast<std::uint64_t>(options_.queue_timeout.count());
   const std::uint64_t now = loop_.now_ms();
   uv_timer_start(
-      curl_->queue_timer,
+      curl_->queue_timer.get(),
       [](uv_timer_t* timer) { static_cast<Client*>(timer->data)->expire_queue(); },
       deadline > now ? deadline - now : 0, 0);
 }
@@ -712,13 +715,9 @@ void Client::close() {
   // curl closes its cached connections here and may still report sockets to forget.
   curl_multi_cleanup(curl_->multi);
   curl_->multi = nullptr;
-  for (Socket* socket : curl_->sockets) {
-    uv_close(reinterpret_cast<uv_handle_t*>(&socket->poll),
-             [](uv_handle_t* handle) { delete static_cast<Socket*>(handle->data); });
-  }
+  // Each handle closes (or, after Loop::close(), is freed) with its owner.
+  for (Socket* socket : curl_->sockets) delete socket;
   curl_->sockets.clear();
-  close_timer(curl_->curl_timer);
-  close_timer(curl_->queue_timer);
   curl_.reset();
 }
 

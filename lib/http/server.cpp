@@ -13,11 +13,6 @@ namespace {
 
 constexpr std::string_view kTooManyConnectionsBody = "server.max_connections reached; retry\n";
 
-// A connection refused over max_connections lives only until its handle closes.
-struct RefusedConnection {
-  uv_tcp_t tcp;
-};
-
 }  // namespace
 
 Server::Server(Loop& loop, std::shared_ptr<const Router> router, ServerOptions options)
@@ -121,10 +116,9 @@ void Server::refuse(uv_stream_t* listener) {
     spdlog::warn("server.max_connections ({}) reached: refusing new connections",
                  context_->options.max_connections);
   }
-  auto* refused = new RefusedConnection{};
-  uv_tcp_init(loop_.uv(), &refused->tcp);
-  refused->tcp.data = refused;
-  if (uv_accept(listener, reinterpret_cast<uv_stream_t*>(&refused->tcp)) == 0) {
+  // Lives only until its handle closes, at the end of this function.
+  const UvHandle<uv_tcp_t> refused(loop_, nullptr, uv_tcp_init, "refused connection");
+  if (uv_accept(listener, refused.stream()) == 0) {
     // Best effort, one non-blocking write: the client may already be sending its request.
     std::string answer =
         "HTTP/1.1 503 Service Unavailable\r\nServer: " + context_->options.server_name +
@@ -133,10 +127,8 @@ void Server::refuse(uv_stream_t* listener) {
         std::to_string(kTooManyConnectionsBody.size()) +
         "\r\nRetry-After: 1\r\nConnection: close\r\n\r\n" + std::string(kTooManyConnectionsBody);
     uv_buf_t buf = uv_buf_init(answer.data(), static_cast<unsigned>(answer.size()));
-    uv_try_write(reinterpret_cast<uv_stream_t*>(&refused->tcp), &buf, 1);
+    uv_try_write(refused.stream(), &buf, 1);
   }
-  uv_close(reinterpret_cast<uv_handle_t*>(&refused->tcp),
-           [](uv_handle_t* handle) { delete static_cast<RefusedConnection*>(handle->data); });
 }
 
 void Server::drain(std::chrono::milliseconds deadline, std::function<void()> on_drained) {

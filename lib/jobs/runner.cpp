@@ -18,27 +18,22 @@ JobRunner::JobRunner(Loop& loop, StoreWorker& store, RunnerOptions options, Prep
 
 JobRunner::~JobRunner() {
   *alive_ = false;
-  if (poll_timer_ != nullptr) {
-    uv_close(reinterpret_cast<uv_handle_t*>(poll_timer_),
-             [](uv_handle_t* handle) { delete reinterpret_cast<uv_timer_t*>(handle); });
-  }
 }
 
 void JobRunner::start() {
-  if (poll_timer_ != nullptr) return;
-  poll_timer_ = new uv_timer_t;
-  uv_timer_init(loop_.uv(), poll_timer_);
-  poll_timer_->data = this;
+  if (poll_timer_) return;
+  poll_timer_ = UvHandle<uv_timer_t>(loop_, this, uv_timer_init, "job poll timer");
   const auto interval = static_cast<std::uint64_t>(options_.poll_interval.count());
   uv_timer_start(
-      poll_timer_, [](uv_timer_t* timer) { static_cast<JobRunner*>(timer->data)->claim(); }, 0,
-      interval);
+      poll_timer_.get(), [](uv_timer_t* timer) { static_cast<JobRunner*>(timer->data)->claim(); },
+      0, interval);
 }
 
 void JobRunner::reconfigure(const RunnerOptions& options) {
   options_ = options;
-  if (poll_timer_ != nullptr) {
-    uv_timer_set_repeat(poll_timer_, static_cast<std::uint64_t>(options_.poll_interval.count()));
+  if (poll_timer_.is_open()) {
+    uv_timer_set_repeat(poll_timer_.get(),
+                        static_cast<std::uint64_t>(options_.poll_interval.count()));
   }
 }
 
@@ -362,7 +357,7 @@ void JobRunner::abort_attempts() {
 void JobRunner::drain(std::function<void()> done) {
   draining_ = true;
   on_drained_ = std::move(done);
-  if (poll_timer_ != nullptr) uv_timer_stop(poll_timer_);
+  if (poll_timer_.is_open()) uv_timer_stop(poll_timer_.get());
   // Jobs waiting for a slot go back to the queue untouched, for the next start.
   while (!ready_.empty()) {
     Job job = std::move(ready_.front().first);

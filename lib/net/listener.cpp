@@ -4,12 +4,13 @@
 
 #include <system_error>
 
+#include "squall/core/uv_handle.hpp"
+
 namespace squall::net {
 
 struct Listener::State {
-  uv_tcp_t handle;             // handle.data points here.
+  UvHandle<uv_tcp_t> handle;   // handle.data points here.
   OnConnection on_connection;  // The owner's accept logic.
-  bool closed = false;
 };
 
 std::string format_address(const sockaddr_storage& address, bool with_port) {
@@ -30,10 +31,9 @@ std::string format_address(const sockaddr_storage& address, bool with_port) {
 
 Listener::Listener(Loop& loop, const std::string& host, std::uint16_t port, int backlog,
                    OnConnection on_connection)
-    : state_(new State{}) {
+    : state_(std::make_unique<State>()) {
   state_->on_connection = std::move(on_connection);
-  uv_tcp_init(loop.uv(), &state_->handle);
-  state_->handle.data = state_;
+  state_->handle = UvHandle<uv_tcp_t>(loop, state_.get(), uv_tcp_init, "listening socket");
   const bool v6 = host.find(':') != std::string::npos;
   const std::string display =
       v6 ? "[" + host + "]:" + std::to_string(port) : host + ":" + std::to_string(port);
@@ -47,17 +47,16 @@ Listener::Listener(Loop& loop, const std::string& host, std::uint16_t port, int 
                   : uv_ip4_addr(host.c_str(), port, reinterpret_cast<sockaddr_in*>(&address));
   if (status < 0) fail(status, "cannot parse listen address");
   // IPV6ONLY keeps "[::]:80" from also claiming IPv4, so both may be listed side by side.
-  status = uv_tcp_bind(&state_->handle, reinterpret_cast<const sockaddr*>(&address),
+  status = uv_tcp_bind(state_->handle.get(), reinterpret_cast<const sockaddr*>(&address),
                        v6 ? UV_TCP_IPV6ONLY : 0);
   if (status < 0) fail(status, "cannot bind");
   start_listening(backlog, display);
 }
 
 Listener::Listener(Loop& loop, int fd, int backlog, OnConnection on_connection)
-    : state_(new State{}) {
+    : state_(std::make_unique<State>()) {
   state_->on_connection = std::move(on_connection);
-  uv_tcp_init(loop.uv(), &state_->handle);
-  state_->handle.data = state_;
+  state_->handle = UvHandle<uv_tcp_t>(loop, state_.get(), uv_tcp_init, "listening socket");
   const std::string display = "inherited descriptor " + std::to_string(fd);
   int accepting = 0;
   socklen_t length = sizeof accepting;
@@ -66,7 +65,7 @@ Listener::Listener(Loop& loop, int fd, int backlog, OnConnection on_connection)
     throw std::system_error(ENOTSOCK, std::generic_category(),
                             display + " is not a listening socket");
   }
-  const int status = uv_tcp_open(&state_->handle, fd);
+  const int status = uv_tcp_open(state_->handle.get(), fd);
   if (status < 0) {
     close();
     throw std::system_error(-status, std::generic_category(),
@@ -77,11 +76,11 @@ Listener::Listener(Loop& loop, int fd, int backlog, OnConnection on_connection)
 }
 
 void Listener::start_listening(int backlog, const std::string& display) {
-  const int status = uv_listen(reinterpret_cast<uv_stream_t*>(&state_->handle), backlog,
-                               [](uv_stream_t* server, int accept_status) {
-                                 auto* listening = static_cast<State*>(server->data);
-                                 listening->on_connection(server, accept_status);
-                               });
+  const int status =
+      uv_listen(state_->handle.stream(), backlog, [](uv_stream_t* server, int accept_status) {
+        auto* listening = static_cast<State*>(server->data);
+        listening->on_connection(server, accept_status);
+      });
   if (status < 0) {
     close();
     throw std::system_error(-status, std::generic_category(),
@@ -89,23 +88,19 @@ void Listener::start_listening(int backlog, const std::string& display) {
   }
   sockaddr_storage bound{};
   int length = sizeof bound;
-  uv_tcp_getsockname(&state_->handle, reinterpret_cast<sockaddr*>(&bound), &length);
+  uv_tcp_getsockname(state_->handle.get(), reinterpret_cast<sockaddr*>(&bound), &length);
   bound_address_ = format_address(bound, true);
   bound_port_ = ntohs(bound.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6&>(bound).sin6_port
                                                   : reinterpret_cast<sockaddr_in&>(bound).sin_port);
 }
 
 void Listener::close() noexcept {
-  if (state_ == nullptr || state_->closed) return;
-  state_->closed = true;
-  auto* handle = reinterpret_cast<uv_handle_t*>(&state_->handle);
-  if (uv_is_closing(handle)) return;
-  uv_close(handle, [](uv_handle_t* closed) { delete static_cast<State*>(closed->data); });
-  state_ = nullptr;
+  // The state (and the accept callback) stays until the Listener is destroyed, so a callback
+  // may close its own listener.
+  state_->handle.close();
 }
 
-Listener::~Listener() {
-  if (state_ != nullptr && !state_->closed) close();
-}
+// The socket closes (or, after Loop::close(), is freed) with the state.
+Listener::~Listener() = default;
 
 }  // namespace squall::net

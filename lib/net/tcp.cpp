@@ -12,6 +12,7 @@
 #include <spdlog/spdlog.h>
 
 #include "squall/core/awaitables.hpp"
+#include "squall/core/uv_handle.hpp"
 #include "squall/net/listener.hpp"
 
 namespace squall::net {
@@ -73,23 +74,23 @@ namespace detail {
 // ---- OpTimer ----------------------------------------------------------------------------------
 
 struct OpTimer::Node {
-  uv_timer_t timer;  // timer.data -> this; freed by the close callback.
-  Fire fire;         // What to run.
-  void* owner;       // Its argument.
+  UvHandle<uv_timer_t> timer;  // timer.data -> this.
+  Fire fire;                   // What to run.
+  void* owner;                 // Its argument.
 };
 
-void OpTimer::arm(uv_loop_t* loop, std::uint64_t delay_ms, Fire fire, void* owner) {
+void OpTimer::arm(Loop& loop, std::uint64_t delay_ms, Fire fire, void* owner) {
   if (node_ == nullptr) {
-    node_ = new Node{};
-    uv_timer_init(loop, &node_->timer);
-    node_->timer.data = node_;
+    auto node = std::make_unique<Node>();
+    node->timer = UvHandle<uv_timer_t>(loop, node.get(), uv_timer_init, "operation timer");
+    node_ = node.release();
   }
   node_->fire = fire;
   node_->owner = owner;
   uv_timer_start(
-      &node_->timer,
+      node_->timer.get(),
       [](uv_timer_t* timer) {
-        // fire() may disarm (close) this timer: read the node first.
+        // fire() may disarm (destroy) this timer: nothing of the node is used afterwards.
         const auto* node = static_cast<Node*>(timer->data);
         node->fire(node->owner);
       },
@@ -97,15 +98,8 @@ void OpTimer::arm(uv_loop_t* loop, std::uint64_t delay_ms, Fire fire, void* owne
 }
 
 void OpTimer::disarm() noexcept {
-  if (node_ == nullptr) return;
-  auto* handle = reinterpret_cast<uv_handle_t*>(&node_->timer);
-  if (uv_is_closing(handle)) {
-    // Only Loop::close() closes it for us (without a callback), and it is done with it.
-    delete node_;
-  } else {
-    uv_close(handle, [](uv_handle_t* closed) { delete static_cast<Node*>(closed->data); });
-  }
-  node_ = nullptr;
+  // The timer closes (or, after Loop::close(), is freed) with the node.
+  delete std::exchange(node_, nullptr);
 }
 
 // ---- Operation --------------------------------------------------------------------------------
@@ -115,12 +109,12 @@ Operation::~Operation() {
   timer_.disarm();
 }
 
-void Operation::wait(uv_loop_t* loop, std::coroutine_handle<> waiter, std::stop_token token) {
-  loop_ = loop;
+void Operation::wait(Loop& loop, std::coroutine_handle<> waiter, std::stop_token token) {
+  loop_ = &loop;
   waiter_ = waiter;
   suspended_ = true;
   if (timeout_.count() > 0) {
-    timer_.arm(loop, static_cast<std::uint64_t>(timeout_.count()), &Operation::on_timer, this);
+    timer_.arm(*loop_, static_cast<std::uint64_t>(timeout_.count()), &Operation::on_timer, this);
   }
   if (token.stop_possible()) on_stop_.emplace(std::move(token), OnStop{this});
 }
@@ -130,7 +124,7 @@ void Operation::OnStop::operator()() const noexcept {
   // request_stop().
   self->stopping_ = true;
   self->detach();
-  self->timer_.arm(self->loop_, 0, &Operation::on_timer, self);
+  self->timer_.arm(*self->loop_, 0, &Operation::on_timer, self);
 }
 
 void Operation::on_timer(void* owner) {
@@ -160,7 +154,7 @@ void Operation::finish_soon(std::exception_ptr error) noexcept {
   ready_ = true;
   detach();
   on_stop_.reset();
-  timer_.arm(loop_, 0, &Operation::on_timer, this);
+  timer_.arm(*loop_, 0, &Operation::on_timer, this);
 }
 
 void Operation::rethrow() const {
@@ -225,42 +219,41 @@ struct ShutdownRequest {
 };
 
 struct StreamState {
-  StreamState(Loop& loop, const StreamOptions& options) : loop(&loop), options(options) {
-    uv_tcp_init(loop.uv(), &tcp);
-    tcp.data = this;
+  StreamState(Loop& loop, const StreamOptions& options)
+      : tcp(loop, this, uv_tcp_init, "TCP stream"), loop(&loop), options(options) {
+    tcp.on_closed(&StreamState::on_closed);
   }
 
-  uv_tcp_t tcp;                   // The socket; tcp.data -> this.
-  Loop* loop;                     // Whose thread.
-  StreamOptions options;          // Marks and sizes.
-  std::size_t refs = 0;           // StreamRefs: the TcpStream and pending operations.
-  bool closing = false;           // close() began.
-  bool tcp_closed = false;        // The socket's close callback ran (or Loop::close() closed it).
-  bool owner_gone = false;        // The TcpStream was destroyed: pending callbacks are dropped.
-  bool read_wanted = false;       // Connected: read ahead from now on.
-  bool reading = false;           // uv_read_start is in effect.
-  bool eof = false;               // The peer's end of stream arrived.
-  bool shut_down = false;         // shutdown() began: no more writes.
-  int read_error = 0;             // A failed read (UV_ECONNRESET...).
-  int write_error = 0;            // A failed write (UV_EPIPE...).
-  ReadBuffer buffer;              // Read ahead of the reader.
-  std::size_t scanned = 0;        // read_until: buffered bytes known to hold no delimiter start.
-  ReadOperation* read = nullptr;  // The pending read.
+  UvHandle<uv_tcp_t> tcp;    // The socket; tcp.data -> this.
+  Loop* loop;                // Whose thread.
+  StreamOptions options;     // Marks and sizes.
+  std::size_t refs = 0;      // StreamRefs: the TcpStream and pending operations.
+  bool closing = false;      // close() began.
+  bool tcp_closed = false;   // The socket's close callback ran (after close() or Loop::close()).
+  bool owner_gone = false;   // The TcpStream was destroyed: pending callbacks are dropped.
+  bool read_wanted = false;  // Connected: read ahead from now on.
+  bool reading = false;      // uv_read_start is in effect.
+  bool eof = false;          // The peer's end of stream arrived.
+  bool shut_down = false;    // shutdown() began: no more writes.
+  int read_error = 0;        // A failed read (UV_ECONNRESET...).
+  int write_error = 0;       // A failed write (UV_EPIPE...).
+  ReadBuffer buffer;         // Read ahead of the reader.
+  std::size_t scanned = 0;   // read_until: buffered bytes known to hold no delimiter start.
+  ReadOperation* read = nullptr;           // The pending read.
   WriteOperation* writers_head = nullptr;  // Writers waiting for the drain, oldest first.
   WriteOperation* writers_tail = nullptr;
   ShutdownOperation* shutdown_wait = nullptr;  // The pending shutdown.
   std::string peer;                            // "1.2.3.4:80"
   std::string local;                           // The same for this side.
 
-  uv_stream_t* stream() noexcept { return reinterpret_cast<uv_stream_t*>(&tcp); }
-  uv_handle_t* handle() noexcept { return reinterpret_cast<uv_handle_t*>(&tcp); }
+  uv_stream_t* stream() noexcept { return tcp.stream(); }
   // Closed, by close() or by Loop::close().
-  bool unusable() noexcept { return closing || tcp_closed || uv_is_closing(handle()); }
+  bool unusable() noexcept { return closing || tcp_closed || !tcp.is_open(); }
 
   // Once connected: note the addresses and start reading ahead.
   void opened() {
-    peer = address_of(&tcp, true);
-    local = address_of(&tcp, false);
+    peer = address_of(tcp.get(), true);
+    local = address_of(tcp.get(), false);
     read_wanted = true;
     update_reading();
   }
@@ -269,11 +262,8 @@ struct StreamState {
     if (closing) return;
     closing = true;
     reading = false;
-    if (uv_is_closing(handle())) {
-      tcp_closed = true;  // Loop::close() closed it; no callback will come.
-      return;
-    }
-    uv_close(handle(), &StreamState::on_closed);
+    // Closing already means Loop::close() closed it: on_closed runs (or ran) all the same.
+    tcp.close();
   }
 
   void release() noexcept {
@@ -282,12 +272,11 @@ struct StreamState {
       delete this;
     } else if (!closing) {
       close();
-      if (tcp_closed) delete this;
     }
-    // Otherwise the close callback frees it.
+    // Otherwise on_closed frees it.
   }
 
-  static void on_closed(uv_handle_t* handle) {
+  static void on_closed(uv_tcp_t* handle) {
     auto* self = static_cast<StreamState*>(handle->data);
     self->tcp_closed = true;
     // During Loop::close() no task is resumed (suspended ones were destroyed already).
@@ -465,7 +454,7 @@ struct StreamState {
     }
     // Wake the waiting writers in order while the queue stays at or below the low mark.
     while (self->writers_head != nullptr && !self->closing &&
-           self->tcp.write_queue_size <= self->options.write_low_water) {
+           self->tcp->write_queue_size <= self->options.write_low_water) {
       self->writers_head->finish(nullptr);
     }
   }
@@ -557,7 +546,7 @@ bool ReadOperation::start(std::coroutine_handle<> waiter, std::stop_token token)
     state.read = nullptr;
     return false;
   }
-  wait(state.tcp.loop, waiter, std::move(token));
+  wait(*state.loop, waiter, std::move(token));
   return true;
 }
 
@@ -608,7 +597,7 @@ bool WriteOperation::start(std::coroutine_handle<> waiter, std::stop_token token
     return false;
   }
   std::size_t sent = 0;
-  if (state.tcp.write_queue_size == 0 && !bytes.empty()) {
+  if (state.tcp->write_queue_size == 0 && !bytes.empty()) {
     // Nothing queued: hand the bytes to the socket without copying them.
     uv_buf_t buf =
         uv_buf_init(const_cast<char*>(bytes.data()), static_cast<unsigned int>(bytes.size()));
@@ -637,9 +626,9 @@ bool WriteOperation::start(std::coroutine_handle<> waiter, std::stop_token token
     }
     request.release();  // on_write frees it.
   }
-  if (state.tcp.write_queue_size <= state.options.write_high_water) return false;
+  if (state.tcp->write_queue_size <= state.options.write_high_water) return false;
   state.link(this);
-  wait(state.tcp.loop, waiter, std::move(token));
+  wait(*state.loop, waiter, std::move(token));
   return true;
 }
 
@@ -686,7 +675,7 @@ bool ShutdownOperation::start(std::coroutine_handle<> waiter, std::stop_token to
   request.release();  // on_shutdown frees it.
   state.shut_down = true;
   state.shutdown_wait = this;
-  wait(state.tcp.loop, waiter, std::move(token));
+  wait(*state.loop, waiter, std::move(token));
   return true;
 }
 
@@ -841,7 +830,7 @@ const std::string& TcpStream::local_address() const {
 }
 
 std::size_t TcpStream::write_buffer_size() const noexcept {
-  return state_ ? state_->tcp.write_queue_size : 0;
+  return state_ ? state_->tcp->write_queue_size : 0;
 }
 
 std::size_t TcpStream::read_buffer_size() const noexcept {
@@ -851,7 +840,7 @@ std::size_t TcpStream::read_buffer_size() const noexcept {
 void TcpStream::set_nodelay(bool enabled) {
   detail::StreamState* state = checked("set_nodelay");
   if (state->unusable()) return;
-  const int status = uv_tcp_nodelay(&state->tcp, enabled ? 1 : 0);
+  const int status = uv_tcp_nodelay(state->tcp.get(), enabled ? 1 : 0);
   if (status < 0) {
     throw std::system_error(-status, std::generic_category(),
                             "TCP_NODELAY on " + state->peer + ": " + uv_strerror(status));
@@ -867,17 +856,17 @@ const StreamOptions& TcpStream::options() const {
 namespace detail {
 
 struct ListenSocket {
-  uv_tcp_t tcp;         // tcp.data -> this; freed by the close callback.
-  ServerState* server;  // Null once the server let go of it.
-  std::string address;  // The bound address, for messages.
+  UvHandle<uv_tcp_t> tcp;  // tcp.data -> this.
+  ServerState* server;     // Null once the server let go of it.
+  std::string address;     // The bound address, for messages.
 };
 
 struct ServerState {
-  Loop* loop;                          // Whose thread.
-  TcpServerOptions options;            // Backlog and stream options.
-  std::vector<ListenSocket*> sockets;  // Listening.
-  std::deque<ListenSocket*> ready;     // A connection accepted by libuv, not yet taken.
-  AcceptOperation* accept = nullptr;   // The pending accept().
+  Loop* loop;                                          // Whose thread.
+  TcpServerOptions options;                            // Backlog and stream options.
+  std::vector<std::unique_ptr<ListenSocket>> sockets;  // Listening (or closed).
+  std::deque<ListenSocket*> ready;    // A connection accepted by libuv, not yet taken.
+  AcceptOperation* accept = nullptr;  // The pending accept().
   std::function<void(Loop&, TcpStream)> on_stream;  // serve()'s handler.
   bool closed = false;                              // close() ran.
   int busy = 0;                                     // Dispatches running (they may close us).
@@ -909,7 +898,7 @@ struct ServerState {
   TcpStream take(ListenSocket* socket) {
     auto* state = new StreamState(*loop, options.stream);
     TcpStream stream{StreamRef(state)};
-    const int status = uv_accept(reinterpret_cast<uv_stream_t*>(&socket->tcp), state->stream());
+    const int status = uv_accept(socket->tcp.stream(), state->stream());
     if (status < 0) {
       spdlog::warn("accept on {}: {}", socket->address, uv_strerror(status));
       return TcpStream();  // Closes the new handle.
@@ -946,16 +935,10 @@ struct ServerState {
     if (closed) return;
     closed = true;
     ready.clear();
-    for (ListenSocket* socket : sockets) {
+    // The sockets themselves stay until the state goes: a dispatch may still name one.
+    for (const auto& socket : sockets) {
       socket->server = nullptr;
-      auto* handle = reinterpret_cast<uv_handle_t*>(&socket->tcp);
-      if (uv_is_closing(handle)) {
-        delete socket;  // Loop::close() closed it (without a callback) and is done with it.
-      } else {
-        uv_close(handle, [](uv_handle_t* closed_handle) {
-          delete static_cast<ListenSocket*>(closed_handle->data);
-        });
-      }
+      socket->tcp.close();
     }
     if (accept != nullptr) {
       AcceptOperation* op = accept;
@@ -1002,7 +985,7 @@ bool AcceptOperation::start(std::coroutine_handle<> waiter, std::stop_token toke
     if (stream_.is_open()) return false;
   }
   server_->accept = this;
-  wait(server_->loop->uv(), waiter, std::move(token));
+  wait(*server_->loop, waiter, std::move(token));
   return true;
 }
 
@@ -1044,32 +1027,31 @@ std::string TcpServer::listen(const std::string& host, std::uint16_t port) {
     throw std::system_error(-status, std::generic_category(),
                             "cannot listen on " + display + ": not a numeric IPv4 or IPv6 address");
   }
-  auto* socket = new detail::ListenSocket{};
-  uv_tcp_init(state_->loop->uv(), &socket->tcp);
-  socket->tcp.data = socket;
+  auto socket = std::make_unique<detail::ListenSocket>();
+  socket->tcp = UvHandle<uv_tcp_t>(*state_->loop, socket.get(), uv_tcp_init, "listening socket");
   socket->server = state_;
+  // A failure closes the socket with `socket`.
   auto fail = [&](int failure, const char* what) {
-    uv_close(reinterpret_cast<uv_handle_t*>(&socket->tcp),
-             [](uv_handle_t* closed) { delete static_cast<detail::ListenSocket*>(closed->data); });
     throw std::system_error(-failure, std::generic_category(),
                             std::string(what) + " " + display + ": " + uv_strerror(failure));
   };
-  status = uv_tcp_bind(&socket->tcp, reinterpret_cast<const sockaddr*>(&address),
+  status = uv_tcp_bind(socket->tcp.get(), reinterpret_cast<const sockaddr*>(&address),
                        v6 ? UV_TCP_IPV6ONLY : 0);
   if (status < 0) fail(status, "cannot bind");
-  status = uv_listen(reinterpret_cast<uv_stream_t*>(&socket->tcp), state_->options.backlog,
-                     &detail::ServerState::on_connection);
+  status =
+      uv_listen(socket->tcp.stream(), state_->options.backlog, &detail::ServerState::on_connection);
   if (status < 0) fail(status, "cannot listen on");
-  socket->address = address_of(&socket->tcp, false);
-  state_->sockets.push_back(socket);
-  return socket->address;
+  socket->address = address_of(socket->tcp.get(), false);
+  state_->sockets.push_back(std::move(socket));
+  return state_->sockets.back()->address;
 }
 
 std::uint16_t TcpServer::port() const {
   if (state_->sockets.empty()) throw std::logic_error("TcpServer::port: not listening");
   sockaddr_storage bound{};
   int length = sizeof bound;
-  uv_tcp_getsockname(&state_->sockets.front()->tcp, reinterpret_cast<sockaddr*>(&bound), &length);
+  uv_tcp_getsockname(state_->sockets.front()->tcp.get(), reinterpret_cast<sockaddr*>(&bound),
+                     &length);
   return ntohs(bound.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6&>(bound).sin6_port
                                            : reinterpret_cast<sockaddr_in&>(bound).sin_port);
 }
@@ -1138,7 +1120,7 @@ class ResolveOperation final : public detail::Operation {
       return false;
     }
     request_ = request.release();
-    wait(loop_->uv(), waiter, std::move(token));
+    wait(*loop_, waiter, std::move(token));
     return true;
   }
 
@@ -1222,7 +1204,7 @@ class ConnectAttempt final : public detail::Operation {
     request->op = this;
     request->request.data = request.get();
     const int status =
-        uv_tcp_connect(&request->request, &state_->tcp,
+        uv_tcp_connect(&request->request, state_->tcp.get(),
                        reinterpret_cast<const sockaddr*>(&address_), &ConnectAttempt::on_connected);
     if (status < 0) {
       error_ = failure(status);
@@ -1230,7 +1212,7 @@ class ConnectAttempt final : public detail::Operation {
       return false;
     }
     request_ = request.release();
-    wait(loop_->uv(), waiter, std::move(token));
+    wait(*loop_, waiter, std::move(token));
     return true;
   }
 

@@ -24,6 +24,7 @@
 #include "squall/core/cancel.hpp"
 #include "squall/core/loop.hpp"
 #include "squall/core/task.hpp"
+#include "squall/core/uv_handle.hpp"
 
 namespace squall {
 
@@ -47,7 +48,6 @@ class [[nodiscard]] Sleep {
   void await_resume();
 
  private:
-  struct Node;
   struct OnStop {
     Sleep* self;
     void operator()() const noexcept;
@@ -57,7 +57,8 @@ class [[nodiscard]] Sleep {
 
   Loop* loop_;                                         // Whose timer.
   std::chrono::milliseconds delay_;                    // How long.
-  Node* node_ = nullptr;                               // The timer; freed by its close callback.
+  UvHandle<uv_timer_t> timer_;                         // Made when first awaited; data -> this.
+  std::coroutine_handle<> waiter_;                     // Resumed when the timer fires.
   bool cancelled_ = false;                             // Stop was requested before the timer fired.
   std::optional<std::stop_callback<OnStop>> on_stop_;  // Registered while suspended.
 };

@@ -27,6 +27,26 @@ struct CallQueue {
   uv_async_t* wakeup = nullptr;              // The loop's wake-up handle; null once closed.
 };
 
+// A UvHandle's record in its Loop's list of handles (see squall/core/uv_handle.hpp): what
+// Loop::close() needs to close it with the UvHandle's own close callback.
+struct HandleLink {
+  HandleLink* prev = this;               // The list is circular, with the Loop's as its head.
+  HandleLink* next = this;               //
+  uv_handle_t* handle = nullptr;         // The handle.
+  uv_close_cb close_callback = nullptr;  // Frees it, or marks it closed for its owner.
+  bool owner_alive = true;               // The UvHandle still holds it.
+  bool closed = false;                   // The close callback ran; out of the list.
+
+  HandleLink() = default;
+  HandleLink(const HandleLink&) = delete;
+  HandleLink& operator=(const HandleLink&) = delete;
+  void unlink() noexcept {
+    prev->next = next;
+    next->prev = prev;
+    prev = next = this;
+  }
+};
+
 }  // namespace detail
 
 // A handle on a Loop for other threads: call_soon stays safe after the Loop closed or was
@@ -99,20 +119,29 @@ class Loop {
   void adopt_task(std::coroutine_handle<> frame) { tasks_.insert(frame.address()); }
   void release_task(std::coroutine_handle<> frame) noexcept { tasks_.erase(frame.address()); }
 
+  // For UvHandle: a handle that close() closes with its own close callback if still open.
+  void adopt_handle(detail::HandleLink& link) noexcept {
+    link.next = &handles_;
+    link.prev = handles_.prev;
+    handles_.prev->next = &link;
+    handles_.prev = &link;
+  }
+
  private:
   struct TimerNode;
   static void on_async(uv_async_t* handle);
   static void on_timer(uv_timer_t* timer);
   TimerId start_timer(std::uint64_t delay_ms, std::uint64_t period_ms, Callback callback);
 
-  uv_loop_t loop_;                                  // The libuv loop itself.
-  uv_async_t wakeup_;                               // Signalled by call_soon from any thread.
-  std::shared_ptr<detail::CallQueue> queue_;        // call_soon's queue; wakeup -> wakeup_.
-  std::vector<Callback> running_;                   // Swapped with the queue to run unlocked.
-  TimerId next_timer_id_ = 1;                       // Ids are never reused.
-  std::unordered_map<TimerId, TimerNode*> timers_;  // Pending call_later / call_every timers.
-  std::unordered_set<void*> tasks_;                 // Frames of spawned tasks not yet finished.
-  bool closed_ = false;                             // close() ran.
+  uv_loop_t loop_;                            // The libuv loop itself.
+  uv_async_t wakeup_;                         // Signalled by call_soon from any thread.
+  std::shared_ptr<detail::CallQueue> queue_;  // call_soon's queue; wakeup -> wakeup_.
+  std::vector<Callback> running_;             // Swapped with the queue to run unlocked.
+  TimerId next_timer_id_ = 1;                 // Ids are never reused.
+  std::unordered_map<TimerId, std::unique_ptr<TimerNode>> timers_;  // call_later, call_every.
+  std::unordered_set<void*> tasks_;  // Frames of spawned tasks not yet finished.
+  bool closed_ = false;              // close() ran.
+  detail::HandleLink handles_;       // Head of the UvHandles not yet closed.
 };
 
 }  // namespace squall

@@ -3,6 +3,7 @@
 
 #include <chrono>
 #include <functional>
+#include <memory>
 
 #include <uv.h>
 
@@ -25,7 +26,7 @@ class LoopLagMonitor {
 
  private:
   struct State;
-  State* state_;  // Freed by the timer's close callback.
+  std::unique_ptr<State> state_;  // Null once stopped.
 };
 
 }  // namespace squall

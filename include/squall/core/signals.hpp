@@ -2,6 +2,7 @@
 #pragma once
 
 #include <functional>
+#include <memory>
 
 #include <uv.h>
 
@@ -19,7 +20,7 @@ class SignalWatcher {
 
  private:
   struct State;
-  State* state_;  // Freed by the handle's close callback, which may run after this object dies.
+  std::unique_ptr<State> state_;  // The handle and the callback.
 };
 
 // SIGPIPE would kill the process on a write to a reset peer: libuv reports EPIPE instead.

@@ -12,6 +12,7 @@
 #include <uv.h>
 
 #include "squall/core/loop.hpp"
+#include "squall/core/uv_handle.hpp"
 
 namespace squall::daemon {
 
@@ -59,7 +60,7 @@ std::vector<ListenFd> listen_fds();
 // Pings WATCHDOG=1 from a timer on the loop thread every half of WATCHDOG_USEC, so a stuck loop
 // stops the pings and systemd restarts the service. Disabled (no timer) unless WATCHDOG_USEC is
 // set and WATCHDOG_PID, if set, is this process; both variables are removed from the
-// environment. Create it once the daemon is ready; destroy it before the loop.
+// environment. Create it once the daemon is ready; it may outlive the loop.
 class Watchdog {
  public:
   explicit Watchdog(Loop& loop);
@@ -67,12 +68,12 @@ class Watchdog {
   Watchdog(const Watchdog&) = delete;
   Watchdog& operator=(const Watchdog&) = delete;
 
-  bool enabled() const noexcept { return timer_ != nullptr; }
+  bool enabled() const noexcept { return static_cast<bool>(timer_); }
   // The ping period: half of WATCHDOG_USEC (zero when disabled).
   std::chrono::microseconds interval() const noexcept { return interval_; }
 
  private:
-  uv_timer_t* timer_ = nullptr;  // Freed in its close callback.
+  UvHandle<uv_timer_t> timer_;  // The ping timer; empty when disabled.
   std::chrono::microseconds interval_{0};
 };
 

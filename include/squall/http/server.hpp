@@ -14,6 +14,7 @@
 
 #include "squall/core/clock.hpp"
 #include "squall/core/loop.hpp"
+#include "squall/core/uv_handle.hpp"
 #include "squall/http/limits.hpp"
 #include "squall/http/request.hpp"
 #include "squall/http/router.hpp"

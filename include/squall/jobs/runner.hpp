@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "squall/core/loop.hpp"
+#include "squall/core/uv_handle.hpp"
 #include "squall/jobs/store.hpp"
 #include "squall/jobs/store_worker.hpp"
 
@@ -126,7 +127,7 @@ class JobRunner {
   OnAttempt on_attempt_;                           // Metrics and logs hook.
   RunnerStats stats_;                              // Counters.
   std::mt19937_64 random_;                         // For jitter.
-  uv_timer_t* poll_timer_ = nullptr;               // Repeating poll; freed in its close callback.
+  UvHandle<uv_timer_t> poll_timer_;                // Repeating poll; data -> this.
   bool claim_in_flight_ = false;                   // A claim is queued on the store thread.
   bool claim_again_ = false;                       // poke() arrived while a claim was in flight.
   bool draining_ = false;                          // No more claims.

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 
 #include <uv.h>
@@ -34,7 +35,7 @@ class Listener {
 
  private:
   struct State;
-  State* state_;  // Freed by the handle's close callback.
+  std::unique_ptr<State> state_;  // The socket and the accept callback.
   void start_listening(int backlog, const std::string& display);
 
   std::string bound_address_;  // Filled from getsockname after bind.

@@ -130,12 +130,12 @@ class OpTimer {
   OpTimer& operator=(const OpTimer&) = delete;
   ~OpTimer() { disarm(); }
   // (Re)starts the timer: fire(owner) runs after `delay_ms`.
-  void arm(uv_loop_t* loop, std::uint64_t delay_ms, Fire fire, void* owner);
+  void arm(Loop& loop, std::uint64_t delay_ms, Fire fire, void* owner);
   void disarm() noexcept;
 
  private:
   struct Node;
-  Node* node_ = nullptr;  // Open timer; freed by its close callback.
+  Node* node_ = nullptr;  // The timer; owned.
 };
 
 // What every pending operation shares: the coroutine it resumes, its outcome, its deadline and
@@ -159,7 +159,7 @@ class Operation {
   virtual std::string describe() const = 0;
 
   // Suspends `waiter` until finish(): arms the deadline and watches `token`.
-  void wait(uv_loop_t* loop, std::coroutine_handle<> waiter, std::stop_token token);
+  void wait(Loop& loop, std::coroutine_handle<> waiter, std::stop_token token);
   // Ends the operation with `error` (null: success) and resumes the waiter. The waiter may
   // destroy this operation: nothing may touch it after the call.
   void finish(std::exception_ptr error) noexcept;
@@ -179,7 +179,7 @@ class Operation {
   };
   static void on_timer(void* self);
 
-  uv_loop_t* loop_ = nullptr;                          // Where the timer runs.
+  Loop* loop_ = nullptr;                               // Where the timer runs.
   std::coroutine_handle<> waiter_;                     // Resumed by finish().
   bool stopping_ = false;                              // Stop was requested while waiting.
   bool ready_ = false;                                 // finish_soon(): error_ is the outcome.

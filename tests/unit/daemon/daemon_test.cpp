@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "core/handle_lifetime.hpp"
 #include "squall/core/loop.hpp"
 #include "squall/daemon/daemonize.hpp"
 #include "squall/daemon/systemd.hpp"
@@ -358,6 +359,21 @@ TEST_CASE("the watchdog stays off for another process's WATCHDOG_PID or without 
     CHECK_FALSE(watchdog.enabled());
   }
   CHECK(loop.close() == 0);
+}
+
+TEST_CASE("the watchdog's timer is closed once, whether the watchdog or its loop ends first") {
+  // Destroying the watchdog after Loop::close() closed its timer a second time before.
+  const std::string address = abstract_name("watchdog-orders");
+  NotifyReceiver receiver(address);
+  ScopedEnv notify("NOTIFY_SOCKET", address);
+  testing::check_every_end_order([](Loop& loop) {
+    // Watchdog unsets both variables: set them for each one.
+    ScopedEnv usec("WATCHDOG_USEC", "100000");
+    ScopedEnv pid("WATCHDOG_PID", std::to_string(getpid()));
+    auto watchdog = std::make_unique<daemon::Watchdog>(loop);
+    CHECK(watchdog->enabled());
+    return watchdog;
+  });
 }
 
 TEST_CASE("stderr_is_journal compares JOURNAL_STREAM with stderr's device and inode") {

@@ -27,6 +27,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/handle_lifetime.hpp"
 #include "squall/core/awaitables.hpp"
 #include "squall/http/router.hpp"
 #include "squall/http/server.hpp"
@@ -577,6 +578,13 @@ TEST_CASE("client: bad requests are refused at the API") {
     auto noop = [](http::FetchResult) {};
     CHECK_THROWS_AS(client.fetch(get("ftp://127.0.0.1/x"), noop), std::invalid_argument);
     CHECK_THROWS_AS(client.fetch(get("not a url"), noop), std::invalid_argument);
+    // curl alone would read "http:///x" as a fetch of http://x/.
+    CHECK_THROWS_WITH_AS(client.fetch(get("http:///x"), noop),
+                         "http::Client::fetch: URL 'http:///x' has no host", std::invalid_argument);
+    CHECK_THROWS_WITH_AS(client.fetch(get("https:///"), noop), doctest::Contains("'https:///'"),
+                         std::invalid_argument);
+    CHECK_THROWS_WITH_AS(client.fetch(get("http://:8080/x"), noop),
+                         doctest::Contains("'http://:8080/x'"), std::invalid_argument);
     http::FetchRequest injected = get("http://127.0.0.1/x");
     injected.headers = {{"X-A", "1\r\nX-Injected: 1"}};
     CHECK_THROWS_WITH_AS(client.fetch(injected, noop), doctest::Contains("header 'X-A'"),
@@ -987,4 +995,39 @@ TEST_CASE("client: a task still awaiting a fetch when the loop closes is destroy
   // The task never resumes: Loop::close destroys its frame without touching the gone client.
   CHECK(loop.close() == 0);
   CHECK_FALSE(done);
+}
+
+TEST_CASE("client: its timers and sockets are closed once, whether it or its loop ends first") {
+  // A port whose kernel accepts connections that nobody ever reads.
+  const int silent = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(::bind(silent, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0);
+  REQUIRE(::listen(silent, 16) == 0);
+  socklen_t length = sizeof address;
+  ::getsockname(silent, reinterpret_cast<sockaddr*>(&address), &length);
+  const std::string url = "http://127.0.0.1:" + std::to_string(ntohs(address.sin_port)) + "/";
+  int cancelled = 0;
+  testing::check_every_end_order([&](Loop& loop) {
+    auto client = std::make_unique<http::Client>(loop);
+    client->fetch(get(url), [&](http::FetchResult result) {
+      CHECK_FALSE(result.ok());
+      ++cancelled;
+    });
+    // Until curl watches its socket: a uv_poll_t is open beside the two timers.
+    run_until(loop, [&] {
+      int polls = 0;
+      uv_walk(
+          loop.uv(),
+          [](uv_handle_t* handle, void* count) {
+            if (handle->type == UV_POLL) ++*static_cast<int*>(count);
+          },
+          &polls);
+      return polls > 0;
+    });
+    return client;
+  });
+  CHECK(cancelled == 3);  // Each pending fetch ends, whatever the order.
+  ::close(silent);
 }

@@ -15,7 +15,9 @@
 #include <string>
 #include <system_error>
 #include <thread>
+#include <vector>
 
+#include "core/handle_lifetime.hpp"
 #include "http/http_test_client.hpp"
 
 using namespace squall;
@@ -420,4 +422,63 @@ TEST_CASE("Responders copied and dropped on the loop thread raise no violation")
   http::set_thread_violation_handler(previous);
   CHECK(reply.find("from the pool") != std::string::npos);
   CHECK(thread_violations == 0);
+}
+
+TEST_CASE(
+    "a server's listeners and drain timer are closed once, whether it or its loop ends first") {
+  auto router = std::make_shared<http::Router>();
+  testing::check_every_end_order([&](Loop& loop) {
+    auto server = std::make_unique<http::Server>(loop, router, http::ServerOptions{});
+    server->listen("127.0.0.1", 0);
+    server->listen("127.0.0.1", 0);
+    return server;
+  });
+  testing::check_every_end_order([&](Loop& loop) {
+    auto server = std::make_unique<http::Server>(loop, router, http::ServerOptions{});
+    server->listen("127.0.0.1", 0);
+    server->drain(std::chrono::hours(1), [] {});  // Drained at once: no connection is open.
+    return server;
+  });
+}
+
+TEST_CASE("a server draining a busy connection closes its drain timer when destroyed") {
+  // A request whose handler has not answered keeps the drain (and its timer) waiting. Only the
+  // order "server first, then Loop::close()": the connection (lib/http/connection.cpp) still
+  // closes its own handles and cannot yet outlive Loop::close() with a Responder held.
+  struct Draining {
+    std::shared_ptr<std::vector<http::Responder>> held =
+        std::make_shared<std::vector<http::Responder>>();
+    std::unique_ptr<http::Server> server;
+    int client = -1;
+    ~Draining() {
+      held->clear();
+      server.reset();
+      ::close(client);
+    }
+  };
+  {
+    Loop loop;
+    auto owner = std::make_unique<Draining>();
+    auto router = std::make_shared<http::Router>();
+    router->add("GET", "/hold", [held = owner->held](http::Request&, http::Responder responder) {
+      held->push_back(std::move(responder));
+    });
+    owner->server = std::make_unique<http::Server>(loop, router, http::ServerOptions{});
+    const std::string bound = owner->server->listen("127.0.0.1", 0);
+    const auto port = static_cast<std::uint16_t>(std::stoi(bound.substr(bound.rfind(':') + 1)));
+    owner->client = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_port = htons(port);
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(::connect(owner->client, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0);
+    const std::string request = "GET /hold HTTP/1.1\r\nHost: x\r\n\r\n";
+    REQUIRE(::write(owner->client, request.data(), request.size()) ==
+            static_cast<ssize_t>(request.size()));
+    while (owner->held->empty()) uv_run(loop.uv(), UV_RUN_ONCE);
+    owner->server->drain(std::chrono::hours(1), [] {});
+    CHECK(owner->server->stats().connections_open == 1);  // Still draining, on its timer.
+    owner.reset();
+    CHECK(loop.close() == 0);
+  }
 }

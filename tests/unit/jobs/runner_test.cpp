@@ -1,4 +1,5 @@
 #include "squall/jobs/runner.hpp"
+#include "core/handle_lifetime.hpp"
 #include "test_support.hpp"
 
 #include <doctest/doctest.h>
@@ -513,4 +514,33 @@ TEST_CASE("prefetch: a job that waited over half its lease goes back instead of 
     CHECK(job.state == jobs::JobState::sent);
     CHECK(job.attempts == 1);  // the releases handed the claims back uncounted
   }
+}
+
+TEST_CASE("the runner's poll timer is closed once, whether the runner or its loop ends first") {
+  // Destroying a started runner after Loop::close() closed its timer a second time before.
+  testing::TempDir directory;
+  struct Started {
+    std::unique_ptr<jobs::StoreWorker> store;
+    std::unique_ptr<jobs::JobRunner> runner;
+    ~Started() {
+      runner.reset();
+      store->stop();
+    }
+  };
+  testing::check_every_end_order([&](Loop& loop) {
+    auto started = std::make_unique<Started>();
+    started->store = std::make_unique<jobs::StoreWorker>(
+        jobs::open_sqlite_store(directory.file("jobs.db"), false),
+        [remote = loop.remote()](std::function<void()> callback) {
+          remote.call_soon(std::move(callback));
+        });
+    started->runner = std::make_unique<jobs::JobRunner>(
+        loop, *started->store, fast_options(),
+        [](const jobs::Job&) -> std::function<jobs::AttemptResult()> {
+          return [] { return jobs::AttemptResult{Outcome::done, "ok"}; };
+        },
+        [](const jobs::Job&, const jobs::AttemptResult&, std::chrono::nanoseconds, bool) {});
+    started->runner->start();
+    return started;
+  });
 }

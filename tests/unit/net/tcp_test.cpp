@@ -5,6 +5,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <stop_token>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "core/core_test_support.hpp"
+#include "core/handle_lifetime.hpp"
 #include "squall/core/awaitables.hpp"
 #include "squall/core/loop.hpp"
 
@@ -452,6 +454,26 @@ TEST_CASE("streams and servers outliving Loop::close() and the Loop are inert") 
   CHECK_FALSE(pair.server_side.is_open());
   pair = Pair{};
   server.reset();
+}
+
+TEST_CASE("servers, streams and operation timers close once, whatever ends first") {
+  struct Connected {
+    std::unique_ptr<TcpServer> server;
+    Pair pair;
+  };
+  testing::check_every_end_order([](Loop& loop) {
+    auto owner = std::make_unique<Connected>();
+    owner->server = std::make_unique<TcpServer>(loop);
+    owner->server->listen("127.0.0.1", 0);
+    owner->server->listen("127.0.0.1", 0);  // Two listening sockets.
+    owner->pair = run_task(loop, connect_pair(loop, *owner->server));
+    // A read with a deadline leaves its operation timer open while it waits.
+    spawn(loop, [](TcpStream& stream) -> Task<void> {
+      co_await stream.read_some(10, std::chrono::hours(1));
+    }(owner->pair.client_side));
+    uv_run(loop.uv(), UV_RUN_NOWAIT);
+    return owner;
+  });
 }
 
 TEST_CASE("TcpServer::accept in coroutine style; close() fails a pending accept") {

@@ -1,0 +1,41 @@
+#include "squall/net/listener.hpp"
+
+#include <memory>
+#include <system_error>
+
+#include <doctest/doctest.h>
+
+#include "core/handle_lifetime.hpp"
+
+using namespace squall;
+
+TEST_CASE("a Listener binds port 0 and reports the port it got") {
+  Loop loop;
+  net::Listener listener(loop, "127.0.0.1", 0, 16, [](uv_stream_t*, int) {});
+  CHECK(listener.bound_port() != 0);
+  CHECK(listener.bound_address() == "127.0.0.1:" + std::to_string(listener.bound_port()));
+  listener.close();
+  listener.close();  // Harmless.
+  CHECK(loop.close() == 0);
+}
+
+TEST_CASE("a Listener is freed, never closed twice, whether it or its loop ends first") {
+  // Loop::close() then ~Listener leaked the listener's state before (LeakSanitizer).
+  testing::check_every_end_order([](Loop& loop) {
+    return std::make_unique<net::Listener>(loop, "127.0.0.1", 0, 16, [](uv_stream_t*, int) {});
+  });
+  testing::check_every_end_order([](Loop& loop) {
+    auto listener =
+        std::make_unique<net::Listener>(loop, "127.0.0.1", 0, 16, [](uv_stream_t*, int) {});
+    listener->close();  // Closed by its owner, destroyed later.
+    return listener;
+  });
+}
+
+TEST_CASE("a Listener that cannot bind throws naming the address and frees its socket") {
+  Loop loop;
+  CHECK_THROWS_WITH_AS(net::Listener(loop, "not-an-address", 80, 16, [](uv_stream_t*, int) {}),
+                       doctest::Contains("cannot parse listen address not-an-address:80"),
+                       std::system_error);
+  CHECK(loop.close() == 0);
+}
