@@ -22,7 +22,15 @@ struct RefusedConnection {
 }  // namespace
 
 Server::Server(Loop& loop, std::shared_ptr<const Router> router, ServerOptions options)
-    : loop_(loop), router_(std::move(router)) {
+    : Server(loop, std::move(router), std::move(options), std::make_shared<SharedLimits>()) {}
+
+Server::Server(Loop& loop, std::shared_ptr<const Router> router, ServerOptions options,
+               std::shared_ptr<SharedLimits> shared)
+    : loop_(loop),
+      router_(std::move(router)),
+      shared_(std::move(shared)),
+      body_budget_(shared_->bodies),
+      unsent_budget_(shared_->unsent) {
   reconfigure(std::move(options));
 }
 
@@ -97,7 +105,10 @@ void Server::on_connection(uv_stream_t* listener, int status) {
     }
     return;
   }
-  if (stats_.connections_open >= options_.max_connections) {
+  // max_connections counts the connections of every server sharing these limits.
+  if (shared_->connections_open.fetch_add(1, std::memory_order_relaxed) >=
+      options_.max_connections) {
+    shared_->connections_open.fetch_sub(1, std::memory_order_relaxed);
     refuse(listener);
     return;
   }
@@ -200,12 +211,13 @@ void Server::connection_closed(Connection* connection) noexcept {
   if (connections_ == connection) connections_ = connection->next_;
   connection->prev_ = connection->next_ = nullptr;
   --stats_.connections_open;
+  shared_->connections_open.fetch_sub(1, std::memory_order_relaxed);
   finish_drain_if_done();
 }
 
 void Server::drain(std::chrono::milliseconds deadline, std::function<void()> on_drained) {
   if (draining_) return;
-  draining_ = true;
+  draining_.store(true, std::memory_order_relaxed);
   on_drained_ = std::move(on_drained);
   for (auto& listener : listeners_) listener->close();
   listeners_.clear();
@@ -223,7 +235,7 @@ void Server::drain(std::chrono::milliseconds deadline, std::function<void()> on_
         [](uv_timer_t* timer) {
           auto* self = static_cast<Server*>(timer->data);
           spdlog::warn("drain deadline ({} ms) passed with {} connections open; closing them",
-                       self->drain_deadline_ms_, self->stats_.connections_open);
+                       self->drain_deadline_ms_, self->stats_.connections_open.load());
           self->close_all();
         },
         static_cast<std::uint64_t>(deadline.count()), 0);

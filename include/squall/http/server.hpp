@@ -2,6 +2,7 @@
 // (the cork buffer, the pool of read workspaces, the Date cache, counters).
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -42,19 +43,52 @@ struct RequestRecord {
   std::uint64_t connection_id;        // Also in the server's log lines.
 };
 
-// Loop-thread counters, read by the metrics endpoint.
+// A count that only its loop thread changes and any thread may read (metrics summed over
+// several loops): relaxed atomic loads and stores, no read-modify-write, so an increment costs
+// what it costs on a plain integer.
+class LoopCounter {
+ public:
+  LoopCounter& operator+=(std::uint64_t n) noexcept {
+    value_.store(value_.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+    return *this;
+  }
+  LoopCounter& operator++() noexcept { return *this += 1; }
+  LoopCounter& operator--() noexcept {
+    value_.store(value_.load(std::memory_order_relaxed) - 1, std::memory_order_relaxed);
+    return *this;
+  }
+  std::uint64_t load() const noexcept { return value_.load(std::memory_order_relaxed); }
+  operator std::uint64_t() const noexcept { return load(); }
+
+ private:
+  std::atomic<std::uint64_t> value_{0};
+};
+
+// Counters written on the loop thread, read by the metrics endpoint from any thread.
 struct ServerStats {
-  std::uint64_t connections_accepted = 0;  // Accepted and served.
-  std::uint64_t connections_refused = 0;   // Closed at once: over max_connections or accept error.
-  std::uint64_t connections_open = 0;      // Open now.
-  std::uint64_t bytes_received = 0;        // From all clients.
-  std::uint64_t bytes_sent = 0;            // To all clients.
-  std::uint64_t requests = 0;              // Requests answered (including error responses).
+  LoopCounter connections_accepted;  // Accepted and served.
+  LoopCounter connections_refused;   // Closed at once: over max_connections or accept error.
+  LoopCounter connections_open;      // Open now.
+  LoopCounter bytes_received;        // From all clients.
+  LoopCounter bytes_sent;            // To all clients.
+  LoopCounter requests;              // Requests answered (including error responses).
+};
+
+// What the servers of one process share when each runs on its own loop (workers), so that
+// their limits hold for all of them together: the two memory budgets and the count of open
+// connections that max_connections bounds. A lone server has its own.
+struct SharedLimits {
+  MemoryBudget bodies;                            // limits.max_buffered_body_bytes.
+  MemoryBudget unsent;                            // limits.max_unsent_bytes.
+  std::atomic<std::uint64_t> connections_open{0};  // Against max_connections.
 };
 
 class Server {
  public:
   Server(Loop& loop, std::shared_ptr<const Router> router, ServerOptions options);
+  // A server that shares its budgets and connection count with others (one per worker loop).
+  Server(Loop& loop, std::shared_ptr<const Router> router, ServerOptions options,
+         std::shared_ptr<SharedLimits> shared);
   ~Server();
   Server(const Server&) = delete;
   Server& operator=(const Server&) = delete;
@@ -88,14 +122,18 @@ class Server {
   void drain(std::chrono::milliseconds deadline, std::function<void()> on_drained);
   // Closes every listener and connection at once.
   void close_all() noexcept;
-  bool draining() const noexcept { return draining_; }
+  // Any thread (for /healthz on another worker's loop).
+  bool draining() const noexcept { return draining_.load(std::memory_order_relaxed); }
 
   const ServerStats& stats() const noexcept { return stats_; }
   // Body bytes buffered by all connections, and response bytes written but not yet taken by
   // the clients, with their limits (limits.max_buffered_body_bytes, limits.max_unsent_bytes).
-  const MemoryBudget& body_budget() const noexcept { return body_budget_; }
-  const MemoryBudget& unsent_budget() const noexcept { return unsent_budget_; }
+  // Shared with the other servers of the same SharedLimits.
+  const MemoryBudget& body_budget() const noexcept { return shared_->bodies; }
+  const MemoryBudget& unsent_budget() const noexcept { return shared_->unsent; }
   const ServerOptions& options() const noexcept { return options_; }
+  // For another server that is to share them (constructed on its own loop).
+  const std::shared_ptr<SharedLimits>& shared_limits() const noexcept { return shared_; }
   Loop& loop() noexcept { return loop_; }
 
  private:
@@ -131,15 +169,18 @@ class Server {
   Workspace* free_workspaces_ = nullptr;                   // Idle read buffers kept for reuse.
   std::size_t free_workspace_count_ = 0;                   // Length of that list.
   std::size_t workspace_capacity_ = 0;                     // Read buffer size, from the limits.
-  bool draining_ = false;                                  // drain() was called.
+  std::atomic<bool> draining_{false};                      // drain() was called.
   std::function<void()> on_drained_;            // Runs once when the last connection closes.
   uv_timer_t* drain_timer_ = nullptr;           // The drain deadline; freed in its close callback.
   std::uint64_t drain_deadline_ms_ = 0;         // For the log line when it passes.
   std::uint64_t last_accept_error_log_ms_ = 0;  // Accept errors are logged once a second.
   std::uint64_t last_refusal_log_ms_ = 0;       // So are max_connections refusals.
   std::function<void(const RequestRecord&)> request_observer_;  // Metrics and access log.
-  MemoryBudget body_budget_;              // Request bodies buffered by every connection.
-  MemoryBudget unsent_budget_;            // Response bytes queued and not yet written.
+  // Request bodies buffered by every connection, response bytes queued and not yet written,
+  // and the connections open, of this server and of those it shares them with.
+  std::shared_ptr<SharedLimits> shared_;
+  MemoryBudget& body_budget_;    // shared_->bodies.
+  MemoryBudget& unsent_budget_;  // shared_->unsent.
   bool output_waiters_ = false;           // Some connection paused for unsent_budget_.
   bool resuming_output_waiters_ = false;  // resume_output_waiters() is running.
   std::uint64_t last_budget_log_ms_ = 0;  // 503s for a spent budget are logged once a second.
