@@ -5,11 +5,11 @@
 namespace squall {
 
 struct LoopLagMonitor::State {
-  uv_timer_t timer;                       // Repeating; timer.data -> this.
-  std::uint64_t interval_ns = 0;          // The sampling period.
-  std::uint64_t expected_ns = 0;          // When the next tick should run (uv_hrtime).
+  uv_timer_t timer;                         // Repeating; timer.data -> this.
+  std::uint64_t interval_ns = 0;            // The sampling period.
+  std::uint64_t expected_ns = 0;            // When the next tick should run (uv_hrtime).
   std::atomic<double> last_lag_seconds{0};  // The latest sample (read from any thread).
-  std::function<void(double)> on_sample;  // Where samples go.
+  std::function<void(double)> on_sample;    // Where samples go.
   bool stopped = false;
 };
 

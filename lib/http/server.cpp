@@ -112,7 +112,8 @@ void Server::on_connection(uv_stream_t* listener, int status) {
     refuse(listener);
     return;
   }
-  auto* connection = new Connection(*this, next_connection_id_++);
+  auto* connection = new Connection(*this, next_connection_id_);
+  next_connection_id_ += connection_id_step_;
   connection->next_ = connections_;
   if (connections_ != nullptr) connections_->prev_ = connection;
   connections_ = connection;

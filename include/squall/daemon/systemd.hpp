@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -63,6 +64,9 @@ std::vector<ListenFd> listen_fds();
 class Watchdog {
  public:
   explicit Watchdog(Loop& loop);
+  // Pings only while `alive()` says the other loops also run (each proves it with a heartbeat
+  // of its own): one stuck loop among several stops the pings as well. Loop thread.
+  Watchdog(Loop& loop, std::function<bool()> alive);
   ~Watchdog();
   Watchdog(const Watchdog&) = delete;
   Watchdog& operator=(const Watchdog&) = delete;
@@ -72,7 +76,8 @@ class Watchdog {
   std::chrono::microseconds interval() const noexcept { return interval_; }
 
  private:
-  uv_timer_t* timer_ = nullptr;  // Freed in its close callback.
+  uv_timer_t* timer_ = nullptr;  // Freed in its close callback; data -> alive_.
+  std::function<bool()> alive_;  // Checked before each ping; empty = always.
   std::chrono::microseconds interval_{0};
 };
 

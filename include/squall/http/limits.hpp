@@ -33,7 +33,7 @@ struct Timeouts {
 // Relaxed atomics: any thread may take and give back; the total is what matters, not order.
 struct MemoryBudget {
   std::atomic<std::size_t> limit{std::numeric_limits<std::size_t>::max()};  // Most held at once.
-  std::atomic<std::size_t> used{0};                                          // Bytes held now.
+  std::atomic<std::size_t> used{0};                                         // Bytes held now.
 
   // Takes `bytes` if they fit under the limit; returns whether they did.
   bool try_take(std::size_t bytes) noexcept {

@@ -78,8 +78,8 @@ struct ServerStats {
 // their limits hold for all of them together: the two memory budgets and the count of open
 // connections that max_connections bounds. A lone server has its own.
 struct SharedLimits {
-  MemoryBudget bodies;                            // limits.max_buffered_body_bytes.
-  MemoryBudget unsent;                            // limits.max_unsent_bytes.
+  MemoryBudget bodies;                             // limits.max_buffered_body_bytes.
+  MemoryBudget unsent;                             // limits.max_unsent_bytes.
   std::atomic<std::uint64_t> connections_open{0};  // Against max_connections.
 };
 
@@ -110,6 +110,14 @@ class Server {
   // New limits, timeouts and names for what happens from now on (SIGHUP reload). Connections
   // pick them up at their next check; the read buffer size applies to buffers taken later.
   void reconfigure(ServerOptions options);
+
+  // Connection ids (in log lines) start at `first` and grow by `step`, so that the servers of
+  // several loops (workers i of n: i + 1, n) never give two connections the same id. Before
+  // serving.
+  void number_connections(std::uint64_t first, std::uint64_t step) noexcept {
+    next_connection_id_ = first;
+    connection_id_step_ = step;
+  }
 
   // Called for every answered request; set before serving.
   void on_request(std::function<void(const RequestRecord&)> observer) {
@@ -164,6 +172,7 @@ class Server {
   std::vector<std::unique_ptr<net::Listener>> listeners_;  // Accepting sockets.
   Connection* connections_ = nullptr;                      // Intrusive list of open connections.
   std::uint64_t next_connection_id_ = 1;                   // Ids in log lines; never reused.
+  std::uint64_t connection_id_step_ = 1;                   // Added to it per connection.
   std::string cork_;                                       // Output gathered for cork_owner_.
   Connection* cork_owner_ = nullptr;                       // Whose bytes cork_ holds.
   Workspace* free_workspaces_ = nullptr;                   // Idle read buffers kept for reuse.
@@ -179,8 +188,8 @@ class Server {
   // Request bodies buffered by every connection, response bytes queued and not yet written,
   // and the connections open, of this server and of those it shares them with.
   std::shared_ptr<SharedLimits> shared_;
-  MemoryBudget& body_budget_;    // shared_->bodies.
-  MemoryBudget& unsent_budget_;  // shared_->unsent.
+  MemoryBudget& body_budget_;             // shared_->bodies.
+  MemoryBudget& unsent_budget_;           // shared_->unsent.
   bool output_waiters_ = false;           // Some connection paused for unsent_budget_.
   bool resuming_output_waiters_ = false;  // resume_output_waiters() is running.
   std::uint64_t last_budget_log_ms_ = 0;  // 503s for a spent budget are logged once a second.
