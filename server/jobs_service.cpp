@@ -428,7 +428,13 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
     });
   }
   store_->run([this, alive, &loop](jobs::JobStore& store) {
-    auto usage = store.pending_by_owner();
+    std::vector<jobs::OwnerUsage> usage;
+    try {
+      usage = store.pending_by_owner();
+    } catch (const std::exception& error) {
+      // POST /email must not wait forever: the shares start from zero.
+      spdlog::error("jobs: reading the queue's shares from the store failed: {}", error.what());
+    }
     loop.call_soon([this, alive, usage = std::move(usage)] {
       const auto still = alive.lock();
       if (!still || !*still) return;
@@ -439,6 +445,9 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
         share.jobs += owner.jobs;
         share.bytes += owner.bytes;
       }
+      usage_loaded_ = true;
+      auto waiting = std::move(waiting_for_usage_);
+      for (auto& call : waiting) call();
     });
   });
 
@@ -767,6 +776,12 @@ bool JobsService::within_rate(const JobCall& call, const Reply& reply) {
 }
 
 void JobsService::accept_email(const JobCall& call, const Reply& reply) {
+  if (!usage_loaded_ && accepting_) {
+    // The queue bounds need what the store holds: a request that arrives (on another worker's
+    // loop, say) before the counts are loaded waits for them.
+    waiting_for_usage_.push_back([this, call, reply] { accept_email(call, reply); });
+    return;
+  }
   if (!accepting_) {
     send_error(reply, 503, "", "shutting down: not accepting jobs", {{"Retry-After", "5"}});
     return;

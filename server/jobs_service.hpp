@@ -11,6 +11,7 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "server/access.hpp"
 #include "server/answers.hpp"
@@ -121,6 +122,8 @@ class JobsService {
   std::unique_ptr<KeyedRateLimiter> address_rate_;  // [quota] address_*: by client address.
   QuotaConfig rates_in_use_;                        // What the limiters were built with.
   std::unique_ptr<WebhookDispatcher> webhooks_;     // [webhooks] url set; destroyed first.
+  bool usage_loaded_ = false;  // pending_by_owner() came back: the queue shares are known.
+  std::vector<std::function<void()>> waiting_for_usage_;  // POST /email calls until then.
 };
 
 }  // namespace squall::daemon

@@ -418,8 +418,6 @@ class Squalld {
 
   void open_listeners() {
     std::vector<std::string> notes;  // Logged once the port file exists, which tests rely on.
-    const std::string spread =
-        worker_count_ > 1 ? fmt::format(" ({} workers)", worker_count_) : std::string();
     http::Server& first = *workers_.front()->server;
     if (!startup_.inherited.empty()) {
       // Socket activation: systemd owns the addresses; [server] listen is not used. Every
@@ -437,15 +435,23 @@ class Squalld {
           handovers_.push_back({index, copy});
         }
         listeners_.push_back({ListenAddress{}, bound});
-        notes.push_back(fmt::format("listening on {} (socket \"{}\" from systemd, descriptor {}){}",
-                                    bound, passed.name, passed.fd, spread));
+        notes.push_back(fmt::format("listening on {} (socket \"{}\" from systemd, descriptor {})",
+                                    bound, passed.name, passed.fd));
       }
       notes.push_back("[server] listen is ignored: the listening sockets come from systemd");
+      if (worker_count_ > 1) {
+        notes.push_back(
+            fmt::format("{} workers accept from each socket from systemd", worker_count_));
+      }
     } else {
       for (const ListenAddress& address : config_.server.listen) {
         const std::string bound = listen_everywhere(address, handovers_);
         listeners_.push_back({address, bound});
-        notes.push_back("listening on " + bound + spread);
+        notes.push_back("listening on " + bound);
+      }
+      if (worker_count_ > 1) {
+        notes.push_back(fmt::format(
+            "{} workers accept on each address, a socket each (SO_REUSEPORT)", worker_count_));
       }
     }
     write_port_file();
@@ -568,9 +574,7 @@ class Squalld {
         spdlog::warn("reload: --port-file: {}", error.what());
       }
     }
-    const std::string spread =
-        worker_count_ > 1 ? fmt::format(" ({} workers)", worker_count_) : std::string();
-    for (const OpenListener& open : opened) spdlog::info("listening on {}{}", open.bound, spread);
+    for (const OpenListener& open : opened) spdlog::info("listening on {}", open.bound);
 
     if (next.server.max_connections > config_.server.max_connections) {
       raise_descriptor_limit(next.server.max_connections);

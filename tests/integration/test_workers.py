@@ -69,7 +69,8 @@ def wait_access_lines(access_log, route, count, timeout=5.0):
 
 def test_connections_spread_over_both_workers_and_metrics_sum(squalld, tmp_path):
     srv = squalld(config=workers_config(tmp_path))
-    srv.wait_for_line(f"listening on 127.0.0.1:{srv.port} (2 workers)")
+    srv.wait_for_line(f"listening on 127.0.0.1:{srv.port}")
+    srv.wait_for_line("2 workers accept on each address, a socket each (SO_REUSEPORT)")
     srv.wait_for_line("1 listener(s), 2 worker(s)")
     for _ in range(40):
         assert fresh_request(srv.port, "GET", "/plaintext").body == b"Hello, World!"
@@ -217,7 +218,7 @@ def test_sighup_opens_added_addresses_on_both_workers(squalld, tmp_path):
     srv.write_config({**config, "server": {**config["server"],
                                            "listen": ["127.0.0.1:0", f"127.0.0.1:{port}"]}})
     srv.signal(signal.SIGHUP)
-    srv.wait_for_line(f"listening on 127.0.0.1:{port} (2 workers)", start=mark)
+    srv.wait_for_line(f"listening on 127.0.0.1:{port}", start=mark)
     srv.wait_for_line("configuration reloaded", start=mark)
     for _ in range(30):
         assert fresh_request(port, "GET", "/plaintext").status == 200
@@ -258,7 +259,8 @@ def test_socket_activation_shares_the_passed_socket_among_workers(daemons, tmp_p
         srv.start(notify=notify, command=["sh", "-c", script] + srv.command(), pass_fds=(3,),
                   preexec_fn=at_fd_3)
         srv.wait_for_line(f'listening on 127.0.0.1:{port} (socket "web" from systemd, '
-                          'descriptor 3) (2 workers)')
+                          'descriptor 3)')
+        srv.wait_for_line("2 workers accept from each socket from systemd")
         for _ in range(40):
             assert fresh_request(port, "GET", "/plaintext").status == 200
         m = metrics(port)

@@ -690,8 +690,6 @@ TEST_CASE("[webhooks]: url, secret_file, timeout, max_attempts") {
                          "max_attempts:"));
 }
 
-}  // namespace squall
-
 TEST_CASE("[server] workers: a count from 1 to 256, or \"auto\" (0)") {
   CHECK(Config{}.server.workers == 1);
   CHECK(load_config_string("[server]\nworkers = 2\n", "x.toml").server.workers == 2);
@@ -711,3 +709,5 @@ TEST_CASE("[server] workers: a count from 1 to 256, or \"auto\" (0)") {
   CHECK(load_error("[server]\nworkers = \"Auto\"\n") ==
         "test.toml:2: [server] workers: " + expected + "\"Auto\"");
 }
+
+}  // namespace squall
