@@ -6,7 +6,6 @@
 #include <unistd.h>
 
 #include <cerrno>
-#include <cstring>
 #include <system_error>
 
 namespace squall::net {
@@ -64,8 +63,8 @@ int open_reuseport_socket(const std::string& host, std::uint16_t port, int backl
   const std::string display =
       v6 ? "[" + host + "]:" + std::to_string(port) : host + ":" + std::to_string(port);
   auto fail = [&](int error, const char* what) {
-    throw std::system_error(error, std::generic_category(),
-                            std::string(what) + " " + display + ": " + std::strerror(error));
+    // what() appends ": " and the reason (strerror) to the message.
+    throw std::system_error(error, std::generic_category(), std::string(what) + " " + display);
   };
   sockaddr_storage address{};
   const int parsed = v6 ? uv_ip6_addr(host.c_str(), port, reinterpret_cast<sockaddr_in6*>(&address))
