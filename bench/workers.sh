@@ -31,6 +31,7 @@ source "$bench_dir/common.sh"
 
 work_dir=$(mktemp -d)
 server_pid=""
+server_port=""
 client_pid=""
 cleanup() {
   [[ -n $client_pid ]] && kill "$client_pid" 2>/dev/null || true
@@ -53,6 +54,7 @@ wait_port() {
   die "nothing listens on port $port"
 }
 
+# Starts server $1; sets server_pid and server_port (not in a subshell: the pid must stay known).
 start_server() {
   local name=$1 port
   port=$(free_port)
@@ -78,7 +80,7 @@ start_server() {
   esac
   wait_port "$port"
   sleep 0.3  # nginx's workers, squalld's worker threads
-  printf '%s\n' "$port"
+  server_port=$port
 }
 
 stop_server() {
@@ -91,7 +93,8 @@ declare -A results
 for round in $(seq 1 "$ROUNDS"); do
   order=("${SERVERS[@]:$(( (round - 1) % 3 ))}" "${SERVERS[@]:0:$(( (round - 1) % 3 ))}")
   for name in "${order[@]}"; do
-    port=$(start_server "$name")
+    start_server "$name"
+    port=$server_port
     "$WRK" -t"$THREADS" -c"$CONNECTIONS" -d1s "http://127.0.0.1:$port/plaintext" >/dev/null
     before=$(cpu_ticks "$server_pid")
     run_client "$work_dir/wrk.out" "$work_dir/wrk.out" "$work_dir/wrk.time" \
