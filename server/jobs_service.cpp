@@ -882,7 +882,7 @@ void JobsService::report_job(const JobCall& call, const Reply& reply) {
   std::weak_ptr<bool> alive = alive_;
   // Only data crosses to the store thread and back; the Responder stays parked on its loop.
   const bool queued = store_->run(
-      [this, alive, id, reply, owner = call.caller.owner(), &loop = loop_](jobs::JobStore& store) {
+      [alive, id, reply, owner = call.caller.owner(), &loop = loop_](jobs::JobStore& store) {
         std::optional<jobs::Job> job;
         std::string error;
         try {
@@ -890,7 +890,7 @@ void JobsService::report_job(const JobCall& call, const Reply& reply) {
         } catch (const std::exception& failure) {
           error = failure.what();
         }
-        loop.call_soon([this, alive, id, reply, owner, job = std::move(job), error] {
+        loop.call_soon([alive, id, reply, owner, job = std::move(job), error] {
           const auto still = alive.lock();
           if (!still || !*still) return;
           if (!error.empty()) {
