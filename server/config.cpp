@@ -422,6 +422,22 @@ class Loader {
     config_.server.name = std::string(text);
   }
 
+  // [server] workers: a count of event loops, or "auto" (stored as 0: one per usable core).
+  void load_workers(const toml::node& node, const Where& where) {
+    const std::string expected =
+        "an integer from 1 to " + std::to_string(kMaxWorkers) + " or \"auto\"";
+    if (const auto* text = node.as_string()) {
+      if (text->get() != "auto") fail_type(where, node, expected);
+      config_.server.workers = 0;
+      return;
+    }
+    const auto* value = node.as_integer();
+    if (value == nullptr || value->get() < 1 || value->get() > kMaxWorkers) {
+      fail_type(where, node, expected);
+    }
+    config_.server.workers = static_cast<std::size_t>(value->get());
+  }
+
   // Plain text; `allow_empty` for keys whose empty value means "not set".
   Field text(std::string_view name, std::string& member, bool allow_empty) {
     return field(name, member,
@@ -708,6 +724,7 @@ class Loader {
   static constexpr std::string_view kBufferCap =
       "the parser's read buffer holds the URL and headers";
   static constexpr std::int64_t kMaxCount = std::numeric_limits<std::int64_t>::max();
+  static constexpr std::int64_t kMaxWorkers = 256;  // [server] workers: far above any core count.
   // Ten years: long enough for any retention policy, far from the clock's overflow.
   static constexpr Duration kMaxRetain = std::chrono::hours(24 * 3650);
 
@@ -731,6 +748,7 @@ class Loader {
       text("user", config_.server.user, true),
       text("group", config_.server.group, true),
       remembered(count("thread_pool_size", config_.server.thread_pool_size, 1024), pool_where_),
+      method("workers", &Loader::load_workers),
   };
   const std::vector<Field> limits_fields_{
       size("max_url_bytes", config_.limits.max_url_bytes, 1, kMaxUrlOrHeaderBytes, kBufferCap),

@@ -45,6 +45,9 @@ struct ServerConfig {
   std::string user;                  // [server] user: drop to it after binding ("" keeps root)
   std::string group;                 // [server] group: with user ("" = the user's group)
   std::size_t thread_pool_size = 4;  // [server] thread_pool_size: libuv's worker threads
+  // [server] workers: event loops, each on its own thread with its own SO_REUSEPORT listening
+  // socket; 0 stands for "auto" (the number of usable cores, sched_getaffinity).
+  std::size_t workers = 1;
   bool operator==(const ServerConfig&) const = default;
 };
 

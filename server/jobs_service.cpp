@@ -121,32 +121,30 @@ nlohmann::json job_json(const jobs::Job& job) {
   return body;
 }
 
-void send_json(const http::Responder& responder, int status, const nlohmann::json& body) {
-  responder.send(status, kJsonType,
-                 body.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
+using Headers = std::vector<std::pair<std::string, std::string>>;
+
+void send_json(const Reply& reply, int status, const nlohmann::json& body, Headers headers = {}) {
+  reply(Answer{status, std::string(kJsonType), std::move(headers),
+               body.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n"});
 }
 
 // The answer to an accepted POST /email: Location and {"id": ..., "status": ...}, the bytes
 // send_json writes for that object, without building one (a job id is hex digits and a state
 // name a word: neither needs escaping).
-void send_accepted(const http::Responder& responder, int status, const jobs::Job& job) {
-  constexpr std::string_view kJobsPath = "/jobs/";
+void send_accepted(const Reply& reply, int status, const jobs::Job& job) {
   constexpr std::string_view kIdKey = R"({"id":")", kStatusKey = R"(","status":")";
   const std::string_view state = jobs::to_string(job.state);
-  std::string text;
-  text.reserve(kIdKey.size() + kStatusKey.size() + job.id.size() + state.size() + 3);
-  text.append(kJobsPath).append(job.id);
-  responder.header("Location", text);
-  text.clear();
-  text.append(kIdKey).append(job.id).append(kStatusKey).append(state).append("\"}\n");
-  responder.send(status, kJsonType, text);
+  std::string body;
+  body.reserve(kIdKey.size() + kStatusKey.size() + job.id.size() + state.size() + 3);
+  body.append(kIdKey).append(job.id).append(kStatusKey).append(state).append("\"}\n");
+  reply(Answer{status, std::string(kJsonType), {{"Location", "/jobs/" + job.id}}, std::move(body)});
 }
 
-void send_error(const http::Responder& responder, int status, std::string_view field,
-                std::string_view message) {
+void send_error(const Reply& reply, int status, std::string_view field, std::string_view message,
+                Headers headers = {}) {
   nlohmann::json body = {{"error", message}};
   if (!field.empty()) body["field"] = field;
-  send_json(responder, status, body);
+  send_json(reply, status, body, std::move(headers));
 }
 
 // The first line of a secret file ([smtp] password_file, [webhooks] secret_file, named by
@@ -712,36 +710,37 @@ void JobsService::reconfigure(const Config& config) {
 }
 
 void JobsService::add_routes(http::Router& router, const Config& config,
-                             std::shared_ptr<const AccessControl> access) {
+                             std::shared_ptr<const AccessControl> access, AnswerDesk& desk) {
+  // The token is checked on the loop that received the request; what the job routes need of
+  // it is copied into a JobCall and handled on this service's loop, through `desk`.
   if (config.routes.email) {
-    router.add("POST", "/email", [this, access](http::Request& request, http::Responder responder) {
-      if (const auto caller = access->authenticate(request, responder)) {
-        accept_email(request, responder, *caller);
-      }
-    });
+    router.add("POST", "/email",
+               [this, access, &desk](http::Request& request, http::Responder responder) {
+                 const auto caller = access->authenticate(request, responder);
+                 if (!caller) return;
+                 JobCall call{access,
+                              *caller,
+                              std::string(request.header("content-type").value_or("")),
+                              std::string(request.header("idempotency-key").value_or("")),
+                              std::string(request.remote_address()),
+                              std::string(request.body()),
+                              {}};
+                 desk.on_primary(responder, [this, call = std::move(call)](const Reply& reply) {
+                   accept_email(call, reply);
+                 });
+               });
   }
   if (config.routes.jobs) {
     router.add("GET", "/jobs/{id}",
-               [this, access](http::Request& request, http::Responder responder) {
-                 if (const auto caller = access->authenticate(request, responder)) {
-                   report_job(request, responder, *caller);
-                 }
+               [this, access, &desk](http::Request& request, http::Responder responder) {
+                 const auto caller = access->authenticate(request, responder);
+                 if (!caller) return;
+                 JobCall call{access, *caller, {}, {}, {}, {}, std::string(request.param("id"))};
+                 desk.on_primary(responder, [this, call = std::move(call)](const Reply& reply) {
+                   report_job(call, reply);
+                 });
                });
   }
-}
-
-std::uint64_t JobsService::park(const http::Responder& responder) {
-  const std::uint64_t ticket = next_ticket_++;
-  parked_.emplace(ticket, responder);
-  return ticket;
-}
-
-http::Responder JobsService::unpark(std::uint64_t ticket) {
-  const auto found = parked_.find(ticket);
-  if (found == parked_.end()) return {};
-  http::Responder responder = std::move(found->second);
-  parked_.erase(found);
-  return responder;
 }
 
 void JobsService::adopt_store_usage(const std::vector<jobs::OwnerUsage>& stored) {
@@ -781,81 +780,77 @@ void JobsService::release(const std::string& owner, std::int64_t bytes) {
   if (found->second.jobs <= 0) usage_.erase(found);
 }
 
-bool JobsService::within_rate(const http::Request& request, const Caller& caller,
-                              const http::Responder& responder) {
+bool JobsService::within_rate(const JobCall& call, const Reply& reply) {
   const auto now = KeyedRateLimiter::Clock::now();
   std::chrono::milliseconds wait{0};
   std::string_view limit;
-  if (!address_rate_->try_take(client_rate_key(request.remote_address()), now, wait)) {
+  if (!address_rate_->try_take(client_rate_key(call.remote_address), now, wait)) {
     limit = "[quota] address_per_minute";
-  } else if (caller.token != nullptr && !token_rate_->try_take(caller.token->name, now, wait)) {
+  } else if (call.caller.token != nullptr &&
+             !token_rate_->try_take(call.caller.token->name, now, wait)) {
     limit = "[quota] token_per_minute";
   } else {
     return true;
   }
   const auto seconds = std::max<std::int64_t>(1, (wait.count() + 999) / 1000);
-  responder.header("Retry-After", std::to_string(seconds));
-  send_error(responder, 429, "", "too many requests (" + std::string(limit) + ")");
+  send_error(reply, 429, "", "too many requests (" + std::string(limit) + ")",
+             {{"Retry-After", std::to_string(seconds)}});
   return false;
 }
 
-void JobsService::accept_email(http::Request& request, const http::Responder& responder,
-                               const Caller& caller) {
+void JobsService::accept_email(const JobCall& call, const Reply& reply) {
   if (!accepting_) {
-    responder.header("Retry-After", "5");
-    send_error(responder, 503, "", "shutting down: not accepting jobs");
+    send_error(reply, 503, "", "shutting down: not accepting jobs", {{"Retry-After", "5"}});
     return;
   }
   // application/json only: a form or text/plain body is what a web page can send cross-site
   // without a CORS preflight, so anything else (no Content-Type included) is refused. The
   // media type is case-insensitive and may carry parameters (charset=utf-8).
-  std::string_view media_type = request.header("content-type").value_or("");
+  std::string_view media_type = call.content_type;
   media_type = media_type.substr(0, media_type.find(';'));
   while (!media_type.empty() && (media_type.back() == ' ' || media_type.back() == '\t')) {
     media_type.remove_suffix(1);
   }
   if (!http::iequals(media_type, kJsonType)) {
     send_error(
-        responder, 415, "Content-Type",
+        reply, 415, "Content-Type",
         media_type.empty() ? "missing; expected application/json" : "expected application/json");
     return;
   }
-  if (!within_rate(request, caller, responder)) return;
-  const auto key = request.header("idempotency-key").value_or("");
+  if (!within_rate(call, reply)) return;
+  const std::string& key = call.idempotency_key;
   if (key.size() > kMaxIdempotencyKeyBytes) {
-    send_error(responder, 400, "Idempotency-Key",
+    send_error(reply, 400, "Idempotency-Key",
                "longer than " + std::to_string(kMaxIdempotencyKeyBytes) + " bytes");
     return;
   }
   const auto settings = settings_;
-  if (auto error = email_parser_.parse(request.body(), settings->limits)) {
-    send_error(responder, 400, error->field, error->message);
+  if (auto error = email_parser_.parse(call.body, settings->limits)) {
+    send_error(reply, 400, error->field, error->message);
     return;
   }
-  if (const auto refusal = check_policy(email_parser_.request(), caller, settings->policy,
+  if (const auto refusal = check_policy(email_parser_.request(), call.caller, settings->policy,
                                         settings->default_from_address)) {
-    send_error(responder, refusal->status, refusal->field, refusal->message);
+    send_error(reply, refusal->status, refusal->field, refusal->message);
     return;
   }
   std::string& payload = email_parser_.payload();
   const auto bytes = static_cast<std::int64_t>(payload.size());
-  const std::string owner = caller.owner();
+  const std::string owner = call.caller.owner();
   if (pending_ >= static_cast<std::int64_t>(settings->max_queued)) {
-    responder.header("Retry-After", "5");
-    send_error(responder, 503, "", "the job queue is full ([jobs] max_queued)");
+    send_error(reply, 503, "", "the job queue is full ([jobs] max_queued)", {{"Retry-After", "5"}});
     return;
   }
   if (pending_bytes_ + bytes > static_cast<std::int64_t>(settings->max_queued_bytes)) {
-    responder.header("Retry-After", "5");
-    send_error(responder, 503, "", "the job queue is full ([jobs] max_queued_bytes)");
+    send_error(reply, 503, "", "the job queue is full ([jobs] max_queued_bytes)",
+               {{"Retry-After", "5"}});
     return;
   }
   if (const auto found = usage_.find(owner);
       found != usage_.end() &&
       found->second.jobs >= static_cast<std::int64_t>(settings->max_queued_per_client)) {
-    responder.header("Retry-After", "30");
-    send_error(responder, 429, "",
-               "too many of your jobs are waiting ([quota] max_queued_per_client)");
+    send_error(reply, 429, "", "too many of your jobs are waiting ([quota] max_queued_per_client)",
+               {{"Retry-After", "30"}});
     return;
   }
   reserve(owner, bytes);
@@ -868,55 +863,51 @@ void JobsService::accept_email(http::Request& request, const http::Responder& re
   std::string keyed_payload = key.empty() ? std::string() : payload;
   jobs::NewJob job{"email", std::move(payload), std::string(key), owner};
   std::weak_ptr<bool> alive = alive_;
-  const std::uint64_t ticket = park(responder);
   // The callback runs on the loop, but the worker thread holds (and moves) it until then: it
-  // carries the ticket, never the Responder.
-  store_->insert(std::move(job), [this, alive, ticket, owner, bytes,
-                                  payload = std::move(keyed_payload)](
-                                     std::variant<jobs::Inserted, std::string> outcome) {
-    const auto still = alive.lock();
-    if (!still || !*still) return;
-    if (const auto found = inflight_.find(owner); found != inflight_.end()) {
-      --found->second.jobs;
-      found->second.bytes -= bytes;
-      if (found->second.jobs <= 0) inflight_.erase(found);
-    }
-    const http::Responder responder = unpark(ticket);
-    if (const auto* error = std::get_if<std::string>(&outcome)) {
-      release(owner, bytes);
-      spdlog::error("jobs: storing an email job failed: {}", *error);
-      store_failed("storing a job", *error);
-      // The store's trouble (a full disk, a lock, an I/O error) is usually passing: the
-      // client may try again, and nothing was stored.
-      responder.header("Retry-After", kStoreRetryAfter);
-      send_error(responder, 503, "", "the job store cannot take the job now; nothing was stored");
-      return;
-    }
-    store_worked();
-    const auto& inserted = std::get<jobs::Inserted>(outcome);
-    if (!inserted.created) {
-      release(owner, bytes);  // A repeat of an earlier request: nothing new.
-      // Digests: a sent job's payload itself is deleted.
-      if (inserted.job.payload_digest != jobs::payload_digest(payload)) {
-        // The key was used for a different email: answering with that job would mislead.
-        send_error(responder, 422, "Idempotency-Key",
-                   "already used for a different request (job " + inserted.job.id + ")");
-        return;
-      }
-    }
-    send_accepted(responder, inserted.created ? 202 : 200, inserted.job);
-    if (inserted.created) runner_->poke();
-  });
+  // carries the Reply (a ticket on the receiving loop), never a Responder.
+  store_->insert(
+      std::move(job), [this, alive, reply, owner, bytes, payload = std::move(keyed_payload)](
+                          std::variant<jobs::Inserted, std::string> outcome) {
+        const auto still = alive.lock();
+        if (!still || !*still) return;
+        if (const auto found = inflight_.find(owner); found != inflight_.end()) {
+          --found->second.jobs;
+          found->second.bytes -= bytes;
+          if (found->second.jobs <= 0) inflight_.erase(found);
+        }
+        if (const auto* error = std::get_if<std::string>(&outcome)) {
+          release(owner, bytes);
+          spdlog::error("jobs: storing an email job failed: {}", *error);
+          store_failed("storing a job", *error);
+          // The store's trouble (a full disk, a lock, an I/O error) is usually passing: the
+          // client may try again, and nothing was stored.
+          send_error(reply, 503, "", "the job store cannot take the job now; nothing was stored",
+                     {{"Retry-After", std::string(kStoreRetryAfter)}});
+          return;
+        }
+        store_worked();
+        const auto& inserted = std::get<jobs::Inserted>(outcome);
+        if (!inserted.created) {
+          release(owner, bytes);  // A repeat of an earlier request: nothing new.
+          // Digests: a sent job's payload itself is deleted.
+          if (inserted.job.payload_digest != jobs::payload_digest(payload)) {
+            // The key was used for a different email: answering with that job would mislead.
+            send_error(reply, 422, "Idempotency-Key",
+                       "already used for a different request (job " + inserted.job.id + ")");
+            return;
+          }
+        }
+        send_accepted(reply, inserted.created ? 202 : 200, inserted.job);
+        if (inserted.created) runner_->poke();
+      });
 }
 
-void JobsService::report_job(http::Request& request, const http::Responder& responder,
-                             const Caller& caller) {
-  const std::string id(request.param("id"));
+void JobsService::report_job(const JobCall& call, const Reply& reply) {
+  const std::string& id = call.id;
   std::weak_ptr<bool> alive = alive_;
-  const std::uint64_t ticket = park(responder);
-  // Only data crosses to the store thread and back; the Responder stays in parked_.
+  // Only data crosses to the store thread and back; the Responder stays parked on its loop.
   const bool queued = store_->run(
-      [this, alive, id, ticket, owner = caller.owner(), &loop = loop_](jobs::JobStore& store) {
+      [alive, id, reply, owner = call.caller.owner(), &loop = loop_](jobs::JobStore& store) {
         std::optional<jobs::Job> job;
         std::string error;
         try {
@@ -924,26 +915,23 @@ void JobsService::report_job(http::Request& request, const http::Responder& resp
         } catch (const std::exception& failure) {
           error = failure.what();
         }
-        loop.call_soon([this, alive, id, ticket, owner, job = std::move(job), error] {
+        loop.call_soon([alive, id, reply, owner, job = std::move(job), error] {
           const auto still = alive.lock();
           if (!still || !*still) return;
-          const http::Responder responder = unpark(ticket);
           if (!error.empty()) {
             spdlog::error("jobs: reading job {} failed: {}", id, error);
-            responder.header("Retry-After", kStoreRetryAfter);
-            send_error(responder, 503, "", "the job store cannot be read now");
+            send_error(reply, 503, "", "the job store cannot be read now",
+                       {{"Retry-After", std::string(kStoreRetryAfter)}});
           } else if (!job || job->owner != owner) {
             // Another owner's job is answered exactly like a missing one.
-            send_error(responder, 404, "id", "no such job");
+            send_error(reply, 404, "id", "no such job");
           } else {
-            send_json(responder, 200, job_json(*job));
+            send_json(reply, 200, job_json(*job));
           }
         });
       });
   if (!queued) {
-    parked_.erase(ticket);
-    responder.header("Retry-After", "5");
-    send_error(responder, 503, "", "shutting down: the job store is closed");
+    send_error(reply, 503, "", "shutting down: the job store is closed", {{"Retry-After", "5"}});
   }
 }
 

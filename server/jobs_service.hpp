@@ -11,8 +11,10 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "server/access.hpp"
+#include "server/answers.hpp"
 #include "server/config.hpp"
 #include "server/webhooks.hpp"
 #include "squall/core/loop.hpp"
@@ -28,6 +30,20 @@
 
 namespace squall::squalld {
 
+// What the job routes read of a request, copied so that the service's loop may work on it
+// whatever loop received the request.
+struct JobCall {
+  std::shared_ptr<const AccessControl> access;  // Keeps caller.token alive.
+  Caller caller;                                // The authenticated caller.
+  std::string content_type;                     // POST /email: Content-Type.
+  std::string idempotency_key;                  // POST /email: Idempotency-Key.
+  std::string remote_address;                   // POST /email: for [quota] address_*.
+  std::string body;                             // POST /email: the JSON.
+  std::string id;                               // GET /jobs/{id}.
+};
+
+// One service for the whole process, on the primary loop: the store, the runner, the queue
+// bounds and the rates are global; the routes of every worker loop hand their calls to it.
 class JobsService {
  public:
   // Opens the job store (throws std::runtime_error naming the path) and registers metrics.
@@ -39,9 +55,10 @@ class JobsService {
 
   // Starts the runner: jobs left by an earlier run (queued, retrying, expired leases) go first.
   void start();
-  // Adds POST /email and GET /jobs/{id} as [routes] enables them, behind `access`.
+  // Adds POST /email and GET /jobs/{id} as [routes] enables them, behind `access`, for a
+  // router of the worker loop whose desk is `desk` (it must outlive the router).
   void add_routes(http::Router& router, const Config& config,
-                  std::shared_ptr<const AccessControl> access);
+                  std::shared_ptr<const AccessControl> access, AnswerDesk& desk);
   // New SMTP settings and job limits for attempts that start from now on.
   void reconfigure(const Config& config);
   // Stops accepting jobs and claiming; `done` runs when running sends finished. Jobs not sent
@@ -61,8 +78,8 @@ class JobsService {
     std::int64_t bytes = 0;  // Their payloads' bytes.
   };
 
-  void accept_email(http::Request& request, const http::Responder& responder, const Caller& caller);
-  void report_job(http::Request& request, const http::Responder& responder, const Caller& caller);
+  void accept_email(const JobCall& call, const Reply& reply);
+  void report_job(const JobCall& call, const Reply& reply);
   void refresh_stats();
   // Once a second: the write probe (every second while the store fails, every
   // kProbeEvery seconds otherwise) and, when due, the retention purge.
@@ -73,18 +90,12 @@ class JobsService {
   // or free pages to give back and the last round gave some back (free_pages_before).
   void purge(std::int64_t finished_before_ms, bool vacuum_only_if_purged,
              std::int64_t free_pages_before);
-  bool within_rate(const http::Request& request, const Caller& caller,
-                   const http::Responder& responder);
+  bool within_rate(const JobCall& call, const Reply& reply);
   // Sets the queue counts (pending_, usage_) to what the store holds plus this node's inserts
   // in flight: at start, and every 2 s on a store shared with other nodes.
   void adopt_store_usage(const std::vector<jobs::OwnerUsage>& stored);
   void reserve(const std::string& owner, std::int64_t bytes);
   void release(const std::string& owner, std::int64_t bytes);
-  // Keeps a Responder on the loop while the store thread works: callbacks from other threads
-  // carry the ticket, never the Responder (whose copies change loop-owned reference counts).
-  std::uint64_t park(const http::Responder& responder);
-  // The parked Responder, removed from the table; an empty one if the ticket is unknown.
-  http::Responder unpark(std::uint64_t ticket);
 
   struct Settings;
   Loop& loop_;                                    // The loop the routes and runner live on.
@@ -116,10 +127,8 @@ class JobsService {
   std::unique_ptr<KeyedRateLimiter> token_rate_;    // [quota] token_*: by token name.
   std::unique_ptr<KeyedRateLimiter> address_rate_;  // [quota] address_*: by client address.
   QuotaConfig rates_in_use_;                        // What the limiters were built with.
-  std::unordered_map<std::uint64_t, http::Responder> parked_;  // Answers waiting for the store.
-  std::uint64_t next_ticket_ = 1;                              // Never reused.
-  mail::EmailRequestParser email_parser_;        // POST /email bodies, on the loop thread.
-  std::unique_ptr<WebhookDispatcher> webhooks_;  // [webhooks] url set; destroyed first.
+  mail::EmailRequestParser email_parser_;           // POST /email bodies, on the loop thread.
+  std::unique_ptr<WebhookDispatcher> webhooks_;     // [webhooks] url set; destroyed first.
   // A PostgreSQL store shared with other nodes ([jobs] store = "postgresql://...").
   bool shared_store_ = false;                        // The store is PostgreSQL.
   std::string store_url_;                            // [jobs] store, for the notifier.

@@ -1,5 +1,6 @@
 // squalld: command line -> config -> (daemonize) -> logging -> loop -> listeners -> privileges
 // -> services -> READY -> run; SIGHUP reloads the configuration, SIGTERM drains.
+#include <fcntl.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -14,6 +15,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <system_error>
 #include <vector>
 
 #include <fmt/format.h>
@@ -24,6 +26,7 @@
 #include "server/config.hpp"
 #include "server/jobs_service.hpp"
 #include "server/routes.hpp"
+#include "server/workers.hpp"
 #include "squall/core/loop.hpp"
 #include "squall/core/loop_lag.hpp"
 #include "squall/core/signals.hpp"
@@ -37,6 +40,7 @@
 #include "squall/mail/maildir.hpp"
 #include "squall/mail/smtp.hpp"
 #include "squall/metrics/metrics.hpp"
+#include "squall/net/listener.hpp"
 
 #ifndef SQUALL_VERSION
 #define SQUALL_VERSION "0.1.0"
@@ -192,7 +196,7 @@ void log_access(log::Logs& logs, const http::RequestRecord& record) {
   logs.access(access);
 }
 
-// The running daemon: the server, its routes and metrics, listeners, signals, reloads.
+// The running daemon: its workers (servers, routes and metrics), listeners, signals, reloads.
 class Squalld {
  public:
   Squalld(const Startup& startup, Config config, log::Logs& logs, Loop& loop)
@@ -200,19 +204,28 @@ class Squalld {
         config_(std::move(config)),
         logs_(logs),
         loop_(loop),
-        server_(loop, std::make_shared<const http::Router>(), server_options(config_)),
-        lag_(loop, config_.loop.lag_interval,
-             [this](double seconds) {
-               if (http_metrics_) http_metrics_->observe_loop_lag(seconds);
-             }),
-        builtin_(std::make_shared<const squalld::BuiltinRoutes>(squalld::BuiltinRoutes{
-            &server_, &lag_, &registry_, started_,
-            [this]() -> const char* { return jobs_ ? jobs_->store_status() : nullptr; }})) {
-    http_metrics_.emplace(registry_, server_, &lag_, logs_);
-    server_.on_request([this](const http::RequestRecord& record) {
-      http_metrics_->observe(record);
-      if (logs_.access_enabled()) log_access(logs_, record);
-    });
+        worker_count_(config_.server.workers == 0 ? squalld::usable_cores()
+                                                  : config_.server.workers),
+        http_metrics_(registry_, logs_) {
+    builtin_ = std::make_shared<const squalld::BuiltinRoutes>(squalld::BuiltinRoutes{
+        &registry_, &http_metrics_, started_,
+        [this]() -> const char* { return jobs_ ? jobs_->store_status() : nullptr; },
+        [this] { return stopping_; },
+        [this] {
+          std::uint64_t open = 0;
+          for (const auto& worker : workers_) open += worker->server->stats().connections_open;
+          return open;
+        },
+        [this] {
+          double largest = 0;
+          for (const auto& worker : workers_) {
+            largest = std::max(largest, worker->lag->last_lag_seconds());
+          }
+          return largest;
+        }});
+    // Worker 0 lives on this loop; the others start once the listeners are open.
+    workers_.push_back(std::make_unique<squalld::Worker>(0, loop_));
+    set_up_worker(*workers_.front());
     // Signals are watched before the first listener exists: from the "listening on" line on,
     // SIGTERM is a graceful stop and SIGHUP a reload (they run once the loop runs).
     on_term_.emplace(loop_, SIGTERM, [this] { shut_down("SIGTERM"); });
@@ -223,6 +236,16 @@ class Squalld {
       logs_.reopen();
       spdlog::info("SIGUSR1: log files reopened");
     });
+  }
+
+  // The other workers first (each tears down its own loop on its thread), then worker 0's
+  // objects, then the job service: no answer is left to come back to a worker.
+  ~Squalld() {
+    watchdog_.reset();
+    for (auto& worker : workers_) worker->stop();
+    for (auto& worker : workers_) worker->join();
+    workers_.front()->tear_down();
+    jobs_.reset();
   }
 
   // Everything between the configuration and READY=1. Throws on failure (the caller exits 1).
@@ -250,10 +273,11 @@ class Squalld {
     jobs_->start();
     // ---- End of the things that must be ready before READY=1 ------------------------------
 
-    install_router(config_);
-    watchdog_.emplace(loop_);
-    spdlog::info("squalld {} ready: {} listener(s), pid {}", SQUALL_VERSION, listeners_.size(),
-                 getpid());
+    install_router(*workers_.front(), build_router(config_, access_, *workers_.front()));
+    start_other_workers();
+    start_watchdog();
+    spdlog::info("squalld {} ready: {} listener(s), {} worker(s), pid {}", SQUALL_VERSION,
+                 listeners_.size(), workers_.size(), getpid());
     if (startup_.daemonizer != nullptr) {
       logs_.flush();  // Start-up lines reach the terminal before stderr goes to /dev/null.
       startup_.daemonizer->report_ready();
@@ -269,39 +293,158 @@ class Squalld {
     ListenAddress configured;
     std::string bound;
   };
+  // A listening socket waiting to be adopted by worker `worker` (index >= 1).
+  struct Handover {
+    std::size_t worker;
+    int fd;
+  };
 
-  // The routes a configuration asks for: at start and on every reload.
+  // A worker's loop-owned objects, made on its loop thread (the primary's in the constructor).
+  void set_up_worker(squalld::Worker& worker) {
+    worker.desk = std::make_unique<squalld::AnswerDesk>(worker.loop(), loop_);
+    worker.observer = std::make_unique<squalld::HttpMetrics::Observer>(http_metrics_);
+    squalld::HttpMetrics::Observer* observer = worker.observer.get();
+    worker.lag = std::make_unique<LoopLagMonitor>(
+        worker.loop(), config_.loop.lag_interval,
+        [observer](double seconds) { observer->observe_loop_lag(seconds); });
+    worker.server = std::make_unique<http::Server>(
+        worker.loop(), std::make_shared<const http::Router>(), server_options(config_),
+        worker.primary() ? std::make_shared<http::SharedLimits>()
+                         : workers_.front()->server->shared_limits());
+    worker.server->number_connections(worker.index() + 1, worker_count_);
+    worker.server->on_request([observer, &logs = logs_](const http::RequestRecord& record) {
+      observer->observe(record);
+      if (logs.access_enabled()) log_access(logs, record);
+    });
+  }
+
+  // Workers 1..N-1: each on its own thread, adopting its sockets, with the routes in force.
+  void start_other_workers() {
+    http_metrics_.add_worker(*workers_.front()->server, *workers_.front()->lag);
+    for (std::size_t index = 1; index < worker_count_; ++index) {
+      auto worker = std::make_unique<squalld::Worker>(index, loop_);
+      std::vector<int> fds;
+      for (const Handover& handover : handovers_) {
+        if (handover.worker == index) fds.push_back(handover.fd);
+      }
+      // The main thread waits while the setup runs: config_ and access_ are not changing.
+      worker->start_thread([this, &fds](squalld::Worker& self) {
+        set_up_worker(self);
+        for (int fd : fds) self.server->adopt_listener(fd);
+        install_router(self, build_router(config_, access_, self));
+      });
+      http_metrics_.add_worker(*worker->server, *worker->lag);
+      workers_.push_back(std::move(worker));
+    }
+    handovers_.clear();
+  }
+
+  // The watchdog pings from this loop while every worker's loop proves it runs: each beats
+  // every quarter of the ping period, and a beat older than the period stops the pings.
+  void start_watchdog() {
+    watchdog_.emplace(loop_, [this] {
+      const auto period = static_cast<std::uint64_t>(
+          std::chrono::duration_cast<std::chrono::milliseconds>(watchdog_->interval()).count());
+      return std::all_of(workers_.begin(), workers_.end(),
+                         [period](const auto& worker) { return worker->beating_within(period); });
+    });
+    if (!watchdog_->enabled() || workers_.size() == 1) return;
+    const auto period = std::max<std::uint64_t>(
+        1,
+        static_cast<std::uint64_t>(
+            std::chrono::duration_cast<std::chrono::milliseconds>(watchdog_->interval()).count()) /
+            4);
+    for (auto& worker : workers_) {
+      squalld::Worker* target = worker.get();
+      target->remote().call_soon([target, period] { target->start_heartbeat(period); });
+    }
+  }
+
+  // The routes a configuration asks for, for one worker's loop: at start and on every reload.
   std::shared_ptr<const http::Router> build_router(
-      const Config& config, std::shared_ptr<const squalld::AccessControl> access) const {
+      const Config& config, std::shared_ptr<const squalld::AccessControl> access,
+      squalld::Worker& worker) const {
     auto router = std::make_shared<http::Router>();
-    squalld::add_builtin_routes(*router, config.routes, config.auth, builtin_, access);
-    if (jobs_) jobs_->add_routes(*router, config, access);
+    squalld::add_builtin_routes(*router, config.routes, config.auth, builtin_, access,
+                                *worker.desk);
+    if (jobs_) jobs_->add_routes(*router, config, access, *worker.desk);
     return router;
   }
 
-  void install_router(const Config& config) {
-    std::shared_ptr<const http::Router> router = build_router(config, access_);
-    http_metrics_->set_routes(*router);
-    server_.set_router(std::move(router));
+  // On the worker's loop thread.
+  static void install_router(squalld::Worker& worker, std::shared_ptr<const http::Router> router) {
+    worker.observer->set_routes(*router);
+    worker.server->set_router(std::move(router));
+  }
+
+  // The sockets of one address for every worker: worker 0's adopted now, the others' kept in
+  // `handovers` for their workers. With one worker, a plain listener as ever (no SO_REUSEPORT,
+  // so a second squalld on the same port fails to bind). Returns the bound address; throws
+  // std::system_error naming the address, having closed what it opened.
+  std::string listen_everywhere(const ListenAddress& address, std::vector<Handover>& handovers) {
+    http::Server& first = *workers_.front()->server;
+    if (worker_count_ == 1) return first.listen(address.host, address.port);
+    std::vector<int> fds;
+    try {
+      fds.push_back(
+          net::open_reuseport_socket(address.host, address.port, config_.server.backlog, true));
+      const std::uint16_t port = net::bound_port(fds.front());
+      for (std::size_t index = 1; index < worker_count_; ++index) {
+        fds.push_back(
+            net::open_reuseport_socket(address.host, port, config_.server.backlog, false));
+      }
+    } catch (...) {
+      for (int fd : fds) ::close(fd);
+      throw;
+    }
+    std::string bound;
+    try {
+      bound = first.adopt_listener(fds.front());  // The listener owns it from now on.
+    } catch (...) {
+      for (std::size_t i = 1; i < fds.size(); ++i) ::close(fds[i]);
+      throw;
+    }
+    for (std::size_t index = 1; index < fds.size(); ++index)
+      handovers.push_back({index, fds[index]});
+    return bound;
   }
 
   void open_listeners() {
     std::vector<std::string> notes;  // Logged once the port file exists, which tests rely on.
+    http::Server& first = *workers_.front()->server;
     if (!startup_.inherited.empty()) {
-      // Socket activation: systemd owns the addresses; [server] listen is not used.
+      // Socket activation: systemd owns the addresses; [server] listen is not used. Every
+      // worker accepts from the same socket (a duplicate descriptor each).
       socket_activated_ = true;
       for (const daemon::ListenFd& passed : startup_.inherited) {
-        const std::string bound = server_.adopt_listener(passed.fd);
+        const std::string bound = first.adopt_listener(passed.fd);
+        for (std::size_t index = 1; index < worker_count_; ++index) {
+          const int copy = ::fcntl(passed.fd, F_DUPFD_CLOEXEC, 3);
+          if (copy < 0) {
+            throw std::system_error(errno, std::generic_category(),
+                                    "cannot duplicate the socket from systemd (descriptor " +
+                                        std::to_string(passed.fd) + ") for a worker");
+          }
+          handovers_.push_back({index, copy});
+        }
         listeners_.push_back({ListenAddress{}, bound});
         notes.push_back(fmt::format("listening on {} (socket \"{}\" from systemd, descriptor {})",
                                     bound, passed.name, passed.fd));
       }
       notes.push_back("[server] listen is ignored: the listening sockets come from systemd");
+      if (worker_count_ > 1) {
+        notes.push_back(
+            fmt::format("{} workers accept from each socket from systemd", worker_count_));
+      }
     } else {
       for (const ListenAddress& address : config_.server.listen) {
-        const std::string bound = server_.listen(address.host, address.port);
+        const std::string bound = listen_everywhere(address, handovers_);
         listeners_.push_back({address, bound});
         notes.push_back("listening on " + bound);
+      }
+      if (worker_count_ > 1) {
+        notes.push_back(fmt::format(
+            "{} workers accept on each address, a socket each (SO_REUSEPORT)", worker_count_));
       }
     }
     write_port_file();
@@ -331,6 +474,7 @@ class Squalld {
 
   // SIGHUP: the same --config file again (with the same --listen overrides), validated as a
   // whole before any of it applies; an invalid one is refused and the old one stays in force.
+  // Every worker then applies it on its own loop; READY=1 follows once all of them have.
   void reload() {
     if (stopping_) {
       spdlog::info("SIGHUP while draining: not reloading");
@@ -346,7 +490,6 @@ class Squalld {
                            "; running the previous configuration. " + serving_status());
       return;
     }
-    daemon::notify_ready(serving_status() + " (configuration reloaded)");
   }
 
   // Applies `next`, or throws having changed nothing.
@@ -356,11 +499,18 @@ class Squalld {
     // The tokens file is read again, so a reload adds and revokes tokens.
     std::shared_ptr<const squalld::AccessControl> access =
         squalld::AccessControl::build(next, squalld::exposure_of(next, socket_activated_));
-    std::shared_ptr<const http::Router> router = build_router(next, access);
+    std::vector<std::shared_ptr<const http::Router>> routers;  // One per worker.
+    for (auto& worker : workers_) routers.push_back(build_router(next, access, *worker));
     http::ServerOptions options = server_options(next);
 
     std::vector<OpenListener> listeners;  // The new list, in the new config's order.
     std::vector<OpenListener> opened;     // Opened by this reload.
+    std::vector<Handover> handovers;      // Their sockets for the other workers.
+    http::Server& first = *workers_.front()->server;
+    auto undo = [&] {
+      for (const OpenListener& open : opened) first.close_listener(open.bound);
+      for (const Handover& handover : handovers) ::close(handover.fd);
+    };
     if (socket_activated_) {
       listeners = listeners_;
       if (next.server.listen != config_.server.listen) {
@@ -376,11 +526,11 @@ class Squalld {
           continue;
         }
         try {
-          const std::string bound = server_.listen(address.host, address.port);
+          const std::string bound = listen_everywhere(address, handovers);
           opened.push_back({address, bound});
           listeners.push_back({address, bound});
         } catch (const std::exception& error) {
-          for (const OpenListener& undo : opened) server_.close_listener(undo.bound);
+          undo();
           throw std::runtime_error(std::string("[server] listen: ") + error.what());
         }
       }
@@ -390,22 +540,23 @@ class Squalld {
     try {
       if (jobs_) jobs_->reconfigure(next);
     } catch (const std::exception&) {
-      for (const OpenListener& undo : opened) server_.close_listener(undo.bound);
+      undo();
       throw;
     }
 
-    // 2. Apply; nothing below throws.
-    server_.reconfigure(std::move(options));
-    http_metrics_->set_routes(*router);
-    server_.set_router(std::move(router));
-    access_ = std::move(access);
-    logs_.set_level(next.log.level);
+    // 2. Apply; nothing below throws. Worker 0 now, the others on their loops.
+    std::vector<std::string> closed;  // Bound addresses no longer configured.
     for (const OpenListener& old : listeners_) {
       const bool kept = std::any_of(listeners.begin(), listeners.end(),
                                     [&](const auto& open) { return open.bound == old.bound; });
-      if (!kept && server_.close_listener(old.bound)) {
-        spdlog::info("stopped listening on {}", old.bound);
-      }
+      if (!kept) closed.push_back(old.bound);
+    }
+    first.reconfigure(options);
+    install_router(*workers_.front(), routers.front());
+    access_ = std::move(access);
+    logs_.set_level(next.log.level);
+    for (const std::string& bound : closed) {
+      if (first.close_listener(bound)) spdlog::info("stopped listening on {}", bound);
     }
     const bool listeners_changed = !opened.empty() || listeners.size() != listeners_.size();
     listeners_ = std::move(listeners);
@@ -421,52 +572,98 @@ class Squalld {
     if (next.server.max_connections > config_.server.max_connections) {
       raise_descriptor_limit(next.server.max_connections);
     }
-    spdlog::info("configuration reloaded from {}", config_name());
-    // Logged after the line above, so that a level raised to warn still shows these.
-    warn_restart_needed(next);
+    std::vector<std::string> restart_keys = restart_needed(next);
     config_ = std::move(next);
+
+    // Each other worker applies the same on its own loop, and says so on this one.
+    auto waiting = std::make_shared<std::size_t>(workers_.size());
+    auto finished = [this, waiting, restart_keys = std::move(restart_keys)] {
+      if (--*waiting > 0) return;
+      spdlog::info("configuration reloaded from {}", config_name());
+      // Logged after the line above, so that a level raised to warn still shows these.
+      for (const std::string& key : restart_keys) {
+        spdlog::warn("reload: {} changed; the new value takes effect at the next restart", key);
+      }
+      daemon::notify_ready(serving_status() + " (configuration reloaded)");
+    };
+    for (std::size_t index = 1; index < workers_.size(); ++index) {
+      squalld::Worker* worker = workers_[index].get();
+      std::vector<int> fds;
+      for (const Handover& handover : handovers) {
+        if (handover.worker == index) fds.push_back(handover.fd);
+      }
+      auto work = [worker, options, router = routers[index], fds, closed, finished,
+                   primary = loop_.remote()] {
+        worker->server->reconfigure(options);
+        install_router(*worker, router);
+        for (int fd : fds) {
+          try {
+            worker->server->adopt_listener(fd);
+          } catch (const std::exception& error) {
+            spdlog::error("worker {}: {}", worker->index(), error.what());
+          }
+        }
+        for (const std::string& bound : closed) worker->server->close_listener(bound);
+        primary.call_soon(finished);
+      };
+      if (!worker->remote().call_soon(std::move(work))) {
+        for (int fd : fds) ::close(fd);
+        finished();
+      }
+    }
+    finished();
   }
 
-  void warn_restart_needed(const Config& next) const {
-    auto warn = [](const char* key) {
-      spdlog::warn("reload: {} changed; the new value takes effect at the next restart", key);
+  // The keys of `next` that differ from the running configuration and need a restart.
+  std::vector<std::string> restart_needed(const Config& next) const {
+    std::vector<std::string> keys;
+    auto changed = [&keys](bool differs, const char* key) {
+      if (differs) keys.emplace_back(key);
     };
-    if (next.log.error_log != config_.log.error_log) warn("[log] error_log");
-    if (next.log.access_log != config_.log.access_log) warn("[log] access_log");
-    if (next.log.access_format != config_.log.access_format) warn("[log] access_format");
-    if (next.server.thread_pool_size != config_.server.thread_pool_size) {
-      warn("[server] thread_pool_size");
-    }
-    if (next.server.user != config_.server.user) warn("[server] user");
-    if (next.server.group != config_.server.group) warn("[server] group");
-    if (next.loop.lag_interval != config_.loop.lag_interval) warn("[loop] lag_interval");
-    if (next.jobs.store != config_.jobs.store) warn("[jobs] store");
-    if (next.jobs.durability != config_.jobs.durability) warn("[jobs] durability");
-    if (next.webhooks.url != config_.webhooks.url) warn("[webhooks] url");
-    if (next.webhooks.secret_file != config_.webhooks.secret_file) warn("[webhooks] secret_file");
-    if (next.webhooks.timeout != config_.webhooks.timeout) warn("[webhooks] timeout");
-    if (next.webhooks.max_attempts != config_.webhooks.max_attempts) {
-      warn("[webhooks] max_attempts");
-    }
+    changed(next.log.error_log != config_.log.error_log, "[log] error_log");
+    changed(next.log.access_log != config_.log.access_log, "[log] access_log");
+    changed(next.log.access_format != config_.log.access_format, "[log] access_format");
+    changed(next.server.thread_pool_size != config_.server.thread_pool_size,
+            "[server] thread_pool_size");
+    changed(next.server.user != config_.server.user, "[server] user");
+    changed(next.server.group != config_.server.group, "[server] group");
+    changed(next.server.workers != config_.server.workers, "[server] workers");
+    changed(next.loop.lag_interval != config_.loop.lag_interval, "[loop] lag_interval");
+    changed(next.jobs.store != config_.jobs.store, "[jobs] store");
+    changed(next.jobs.durability != config_.jobs.durability, "[jobs] durability");
+    changed(next.webhooks.url != config_.webhooks.url, "[webhooks] url");
+    changed(next.webhooks.secret_file != config_.webhooks.secret_file, "[webhooks] secret_file");
+    changed(next.webhooks.timeout != config_.webhooks.timeout, "[webhooks] timeout");
+    changed(next.webhooks.max_attempts != config_.webhooks.max_attempts, "[webhooks] max_attempts");
+    return keys;
   }
 
   void shut_down(const char* signal_name) {
     if (stopping_) {
       spdlog::warn("{} again while draining: exiting now", signal_name);
       exit_code_ = 1;
-      server_.close_all();
+      for (auto& worker : workers_) {
+        squalld::Worker* target = worker.get();
+        if (target->primary()) {
+          target->server->close_all();
+        } else {
+          target->remote().call_soon([target] { target->server->close_all(); });
+        }
+      }
       loop_.stop();
       return;
     }
     stopping_ = true;
-    const auto connections = server_.stats().connections_open;
+    std::uint64_t connections = 0;
+    for (const auto& worker : workers_) connections += worker->server->stats().connections_open;
     // systemd waits for the drain deadline plus a margin, even if TimeoutStopSec= is shorter.
     daemon::notify_stopping("Draining " + std::to_string(connections) + " connection(s)",
                             config_.timeouts.drain + std::chrono::seconds(5));
     spdlog::info("{}: draining {} connections (timeouts.drain {} ms)", signal_name, connections,
                  config_.timeouts.drain.count());
-    // Connections and running sends drain side by side; the last one to finish stops the loop.
-    auto remaining = std::make_shared<int>(jobs_ ? 2 : 1);
+    // Every worker's connections and the running sends drain side by side; the last one to
+    // finish stops the loop (this loop; the destructor stops the others).
+    auto remaining = std::make_shared<std::size_t>(workers_.size() + (jobs_ ? 1 : 0));
     auto one_done = [this, remaining] {
       if (--*remaining > 0) return;
       spdlog::info("drained: exiting");
@@ -478,7 +675,19 @@ class Squalld {
         one_done();
       });
     }
-    server_.drain(config_.timeouts.drain, one_done);
+    const auto deadline = config_.timeouts.drain;
+    for (auto& worker : workers_) {
+      squalld::Worker* target = worker.get();
+      if (target->primary()) {
+        target->server->drain(deadline, one_done);
+        continue;
+      }
+      const bool posted =
+          target->remote().call_soon([target, deadline, one_done, primary = loop_.remote()] {
+            target->server->drain(deadline, [one_done, primary] { primary.call_soon(one_done); });
+          });
+      if (!posted) one_done();
+    }
     // At the deadline, sends still running are aborted (libcurl notices within a second) and
     // their jobs released for the next start; the loop stops once that is recorded, or a
     // short grace later whatever happens, so the exit stays bounded by the drain deadline.
@@ -496,13 +705,14 @@ class Squalld {
   const Startup& startup_;
   Config config_;  // The configuration in force.
   log::Logs& logs_;
-  Loop& loop_;
+  Loop& loop_;                      // The primary loop: signals, jobs, metrics, worker 0.
+  const std::size_t worker_count_;  // [server] workers, "auto" resolved.
   metrics::Registry registry_;
   const std::chrono::steady_clock::time_point started_ = std::chrono::steady_clock::now();
-  http::Server server_;
-  LoopLagMonitor lag_;
-  std::optional<squalld::HttpMetrics> http_metrics_;
-  // Declared after server_, so destroyed first: its pending answers go before connections do.
+  squalld::HttpMetrics http_metrics_;  // Fed by every worker's Observer.
+  // Worker 0 first. Torn down explicitly by the destructor, before jobs_.
+  std::vector<std::unique_ptr<squalld::Worker>> workers_;
+  std::vector<Handover> handovers_;  // Sockets for workers not started yet.
   std::unique_ptr<squalld::JobsService> jobs_;
   Loop::TimerId drain_deadline_ = 0;  // Stops the loop if sends outlive timeouts.drain.
   std::shared_ptr<const squalld::BuiltinRoutes> builtin_;  // What the built-in routes read.

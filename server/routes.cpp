@@ -10,8 +10,7 @@ namespace {
 constexpr std::string_view kStatusClasses[5] = {"1xx", "2xx", "3xx", "4xx", "5xx"};
 }  // namespace
 
-HttpMetrics::HttpMetrics(metrics::Registry& registry, const http::Server& server,
-                         const LoopLagMonitor* lag, const log::Logs& logs)
+HttpMetrics::HttpMetrics(metrics::Registry& registry, const log::Logs& logs)
     : requests_(registry.counter("squall_http_requests_total",
                                  "Requests answered, by route and status class.",
                                  {"route", "code"})),
@@ -25,50 +24,95 @@ HttpMetrics::HttpMetrics(metrics::Registry& registry, const http::Server& server
                     .histogram("squall_loop_lag_seconds",
                                "How late the event loop ran a timer: time it was blocked.",
                                {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5})
-                    .get()) {
-  none_ = counters_for("none", nullptr);
-
-  const http::ServerStats* stats = &server.stats();
-  registry.gauge_callback("squall_connections_open", "Client connections open now.",
-                          [stats] { return static_cast<double>(stats->connections_open); });
-  registry.counter_callback("squall_connections_accepted_total", "Client connections accepted.",
-                            [stats] { return stats->connections_accepted; });
-  registry.counter_callback("squall_connections_refused_total",
-                            "Connections closed at once: over server.max_connections or an "
-                            "accept error.",
-                            [stats] { return stats->connections_refused; });
-  registry.counter_callback("squall_http_received_bytes_total", "Bytes read from clients.",
-                            [stats] { return stats->bytes_received; });
-  registry.counter_callback("squall_http_sent_bytes_total", "Bytes written to clients.",
-                            [stats] { return stats->bytes_sent; });
-  // The server-wide budgets of [limits] max_buffered_body_bytes and max_unsent_bytes.
-  const http::MemoryBudget* bodies = &server.body_budget();
-  registry.gauge_callback("squall_http_buffered_body_bytes",
-                          "Request body bytes held by all connections now.",
-                          [bodies] { return static_cast<double>(bodies->used); });
-  const http::MemoryBudget* unsent = &server.unsent_budget();
-  registry.gauge_callback("squall_http_unsent_bytes",
-                          "Response bytes written but not yet read by the clients.",
-                          [unsent] { return static_cast<double>(unsent->used); });
+                    .get()),
+      worker_accepted_(registry.counter("squall_worker_connections_accepted_total",
+                                        "Client connections accepted, by worker loop.",
+                                        {"worker"})),
+      worker_requests_(registry.counter("squall_worker_requests_total",
+                                        "Requests answered, by worker loop.", {"worker"})) {
+  registry.gauge_callback("squall_connections_open", "Client connections open now.", [this] {
+    return static_cast<double>(
+        sum([](const http::ServerStats& s) { return s.connections_open.load(); }));
+  });
+  registry.counter_callback(
+      "squall_connections_accepted_total", "Client connections accepted.", [this] {
+        return sum([](const http::ServerStats& s) { return s.connections_accepted.load(); });
+      });
+  registry.counter_callback(
+      "squall_connections_refused_total",
+      "Connections closed at once: over server.max_connections or an accept error.", [this] {
+        return sum([](const http::ServerStats& s) { return s.connections_refused.load(); });
+      });
+  registry.counter_callback("squall_http_received_bytes_total", "Bytes read from clients.", [this] {
+    return sum([](const http::ServerStats& s) { return s.bytes_received.load(); });
+  });
+  registry.counter_callback("squall_http_sent_bytes_total", "Bytes written to clients.", [this] {
+    return sum([](const http::ServerStats& s) { return s.bytes_sent.load(); });
+  });
+  // The server-wide budgets of [limits] max_buffered_body_bytes and max_unsent_bytes, shared
+  // by every worker's server.
+  registry.gauge_callback(
+      "squall_http_buffered_body_bytes", "Request body bytes held by all connections now.", [this] {
+        return workers_.empty() ? 0.0
+                                : static_cast<double>(workers_.front().server->body_budget().used);
+      });
+  registry.gauge_callback(
+      "squall_http_unsent_bytes", "Response bytes written but not yet read by the clients.",
+      [this] {
+        return workers_.empty()
+                   ? 0.0
+                   : static_cast<double>(workers_.front().server->unsent_budget().used);
+      });
   const log::Logs* log_ptr = &logs;
   registry.counter_callback("squall_log_dropped_messages_total",
                             "Log messages dropped because the log queue was full.",
                             [log_ptr] { return log_ptr->dropped_messages(); });
-  if (lag != nullptr) {
-    registry.gauge_callback("squall_loop_lag_last_seconds", "The latest loop lag sample.",
-                            [lag] { return lag->last_lag_seconds(); });
+  registry.gauge_callback("squall_loop_lag_last_seconds",
+                          "The latest loop lag sample (the largest over the workers).", [this] {
+                            double largest = 0;
+                            for (const Worker& worker : workers_) {
+                              largest = std::max(largest, worker.lag->last_lag_seconds());
+                            }
+                            return largest;
+                          });
+}
+
+void HttpMetrics::add_worker(const http::Server& server, const LoopLagMonitor& lag) {
+  const std::string index = std::to_string(workers_.size());
+  workers_.push_back(
+      {&server, &lag, &worker_accepted_.with({index}), &worker_requests_.with({index})});
+}
+
+void HttpMetrics::refresh() {
+  for (Worker& worker : workers_) {
+    // The server's own counts only grow; the counters follow them.
+    const http::ServerStats& stats = worker.server->stats();
+    const std::uint64_t accepted = stats.connections_accepted;
+    const std::uint64_t requests = stats.requests;
+    if (accepted > worker.accepted->value())
+      worker.accepted->inc(accepted - worker.accepted->value());
+    if (requests > worker.requests->value())
+      worker.requests->inc(requests - worker.requests->value());
   }
 }
 
-HttpMetrics::RouteCounters HttpMetrics::counters_for(std::string_view label, const char* identity) {
+template <class Read>
+std::uint64_t HttpMetrics::sum(Read read) const {
+  std::uint64_t total = 0;
+  for (const Worker& worker : workers_) total += read(worker.server->stats());
+  return total;
+}
+
+HttpMetrics::Observer::RouteCounters HttpMetrics::Observer::counters_for(std::string_view label,
+                                                                         const char* identity) {
   RouteCounters counters{std::string(label), identity, {}};
   for (std::size_t i = 0; i < 5; ++i) {
-    counters.by_status_class[i] = &requests_.with({label, kStatusClasses[i]});
+    counters.by_status_class[i] = &metrics_.requests_.with({label, kStatusClasses[i]});
   }
   return counters;
 }
 
-void HttpMetrics::set_routes(const http::Router& router) {
+void HttpMetrics::Observer::set_routes(const http::Router& router) {
   std::vector<RouteCounters> routes;
   routes.reserve(router.routes().size());
   for (const http::Route& route : router.routes()) {
@@ -78,7 +122,7 @@ void HttpMetrics::set_routes(const http::Router& router) {
   routes_ = std::move(routes);
 }
 
-void HttpMetrics::observe(const http::RequestRecord& record) {
+void HttpMetrics::Observer::observe(const http::RequestRecord& record) {
   const auto status_class = static_cast<std::size_t>(std::clamp(record.status / 100, 1, 5) - 1);
   RouteCounters* found = nullptr;
   if (record.route.empty()) {
@@ -105,14 +149,14 @@ void HttpMetrics::observe(const http::RequestRecord& record) {
     found->by_status_class[status_class]->inc();
   } else {
     // A route removed by a reload answering late: rare, so the locked lookup is fine.
-    requests_.with({record.route, kStatusClasses[status_class]}).inc();
+    metrics_.requests_.with({record.route, kStatusClasses[status_class]}).inc();
   }
-  request_duration_.observe(std::chrono::duration<double>(record.duration).count());
+  metrics_.request_duration_.observe(std::chrono::duration<double>(record.duration).count());
 }
 
 void add_builtin_routes(http::Router& router, const RoutesConfig& enabled, const AuthConfig& rules,
                         std::shared_ptr<const BuiltinRoutes> routes,
-                        std::shared_ptr<const AccessControl> access) {
+                        std::shared_ptr<const AccessControl> access, AnswerDesk& desk) {
   if (enabled.plaintext) {
     router.add("GET", "/plaintext", [](http::Request&, http::Responder responder) {
       responder.send(200, "text/plain", "Hello, World!");
@@ -121,35 +165,43 @@ void add_builtin_routes(http::Router& router, const RoutesConfig& enabled, const
   if (enabled.healthz) {
     router.add(
         "GET", "/healthz",
-        [routes, access, rule = rules.healthz](http::Request& request, http::Responder responder) {
+        [routes, access, rule = rules.healthz, &desk](http::Request& request,
+                                                      http::Responder responder) {
           if (!access->allow(rule, request, responder)) return;
-          const bool draining = routes->server->draining();
-          const char* store = routes->store_status ? routes->store_status() : nullptr;
-          const bool store_failing = store != nullptr && std::string_view(store) != "ok";
-          const auto uptime = std::chrono::steady_clock::now() - routes->started;
-          nlohmann::json body = {
-              {"status", draining        ? "draining"
-                         : store_failing ? "failing"
-                                         : "ok"},
-              {"uptime_seconds", std::chrono::duration<double>(uptime).count()},
-              {"connections", routes->server->stats().connections_open},
-              {"loop_lag_ms",
-               routes->lag != nullptr ? routes->lag->last_lag_seconds() * 1000 : 0.0},
-          };
-          if (store != nullptr) body["store"] = store;
-          // A draining server, or one whose job store refuses writes, answers 503 so a load
-          // balancer sends its traffic elsewhere.
-          responder.send(draining || store_failing ? 503 : 200, "application/json",
-                         body.dump() + "\n");
+          // The job store's state and the workers' figures live on the primary loop.
+          desk.on_primary(responder, [routes](const Reply& reply) {
+            const bool draining = routes->draining();
+            const char* store = routes->store_status ? routes->store_status() : nullptr;
+            const bool store_failing = store != nullptr && std::string_view(store) != "ok";
+            const auto uptime = std::chrono::steady_clock::now() - routes->started;
+            nlohmann::json body = {
+                {"status", draining        ? "draining"
+                           : store_failing ? "failing"
+                                           : "ok"},
+                {"uptime_seconds", std::chrono::duration<double>(uptime).count()},
+                {"connections", routes->connections()},
+                {"loop_lag_ms", routes->loop_lag_seconds() * 1000},
+            };
+            if (store != nullptr) body["store"] = store;
+            // A draining server, or one whose job store refuses writes, answers 503 so
+            // a load balancer sends its traffic elsewhere.
+            reply(Answer{
+                draining || store_failing ? 503 : 200, "application/json", {}, body.dump() + "\n"});
+          });
         });
   }
   if (enabled.metrics) {
     router.add(
         "GET", "/metrics",
-        [routes, access, rule = rules.metrics](http::Request& request, http::Responder responder) {
+        [routes, access, rule = rules.metrics, &desk](http::Request& request,
+                                                      http::Responder responder) {
           if (!access->allow(rule, request, responder)) return;
-          responder.send(200, "text/plain; version=0.0.4; charset=utf-8",
-                         routes->registry->render());
+          // Rendered on the primary loop, where the loop-owned figures it reads live.
+          desk.on_primary(responder, [routes](const Reply& reply) {
+            if (routes->http_metrics != nullptr) routes->http_metrics->refresh();
+            reply(Answer{
+                200, "text/plain; version=0.0.4; charset=utf-8", {}, routes->registry->render()});
+          });
         });
   }
   if (enabled.echo) {

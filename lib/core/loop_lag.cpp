@@ -1,15 +1,17 @@
 #include "squall/core/loop_lag.hpp"
 
+#include <atomic>
+
 #include "squall/core/uv_handle.hpp"
 
 namespace squall {
 
 struct LoopLagMonitor::State {
-  UvHandle<uv_timer_t> timer;             // Repeating; timer.data -> this.
-  std::uint64_t interval_ns = 0;          // The sampling period.
-  std::uint64_t expected_ns = 0;          // When the next tick should run (uv_hrtime).
-  double last_lag_seconds = 0;            // The latest sample.
-  std::function<void(double)> on_sample;  // Where samples go.
+  UvHandle<uv_timer_t> timer;               // Repeating; timer.data -> this.
+  std::uint64_t interval_ns = 0;            // The sampling period.
+  std::uint64_t expected_ns = 0;            // When the next tick should run (uv_hrtime).
+  std::atomic<double> last_lag_seconds{0};  // The latest sample (read from any thread).
+  std::function<void(double)> on_sample;    // Where samples go.
 };
 
 LoopLagMonitor::LoopLagMonitor(Loop& loop, std::chrono::milliseconds interval,
@@ -28,8 +30,9 @@ LoopLagMonitor::LoopLagMonitor(Loop& loop, std::chrono::milliseconds interval,
         // libuv's timer granularity is a millisecond: lag below that is noise.
         const std::uint64_t lag_ns = now > state->expected_ns ? now - state->expected_ns : 0;
         state->expected_ns = now + state->interval_ns;
-        state->last_lag_seconds = static_cast<double>(lag_ns) / 1e9;
-        if (state->on_sample) state->on_sample(state->last_lag_seconds);
+        const double lag = static_cast<double>(lag_ns) / 1e9;
+        state->last_lag_seconds.store(lag, std::memory_order_relaxed);
+        if (state->on_sample) state->on_sample(lag);
       },
       interval_ms, interval_ms);
   // Sampling alone must not keep the loop alive.
@@ -37,7 +40,7 @@ LoopLagMonitor::LoopLagMonitor(Loop& loop, std::chrono::milliseconds interval,
 }
 
 double LoopLagMonitor::last_lag_seconds() const noexcept {
-  return state_ != nullptr ? state_->last_lag_seconds : 0;
+  return state_ != nullptr ? state_->last_lag_seconds.load(std::memory_order_relaxed) : 0;
 }
 
 void LoopLagMonitor::stop() noexcept {

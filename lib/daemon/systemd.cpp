@@ -135,7 +135,9 @@ std::vector<ListenFd> listen_fds() {
   return fds;
 }
 
-Watchdog::Watchdog(Loop& loop) {
+Watchdog::Watchdog(Loop& loop) : Watchdog(loop, nullptr) {}
+
+Watchdog::Watchdog(Loop& loop, std::function<bool()> alive) : alive_(std::move(alive)) {
   std::uint64_t usec = 0;
   // Unsets WATCHDOG_USEC and WATCHDOG_PID; returns 0 when WATCHDOG_PID names another process.
   const int enabled = sd_watchdog_enabled(1, &usec);
@@ -147,10 +149,15 @@ Watchdog::Watchdog(Loop& loop) {
   if (enabled == 0 || usec == 0) return;
   interval_ = std::chrono::microseconds(usec / 2);
   const std::uint64_t period_ms = std::max<std::uint64_t>(1, usec / 2 / 1000);
-  timer_ = UvHandle<uv_timer_t>(loop, nullptr, uv_timer_init, "watchdog timer");
+  timer_ = UvHandle<uv_timer_t>(loop, &alive_, uv_timer_init, "watchdog timer");
   uv_unref(timer_.handle());
   uv_timer_start(
-      timer_.get(), [](uv_timer_t*) { sd_notify(0, "WATCHDOG=1"); }, period_ms, period_ms);
+      timer_.get(),
+      [](uv_timer_t* timer) {
+        const auto* alive = static_cast<const std::function<bool()>*>(timer->data);
+        if (!*alive || (*alive)()) sd_notify(0, "WATCHDOG=1");
+      },
+      period_ms, period_ms);
   sd_notify(0, "WATCHDOG=1");
   spdlog::info("systemd watchdog: pinging every {} ms (WatchdogSec {} ms)", period_ms, usec / 1000);
 }

@@ -17,8 +17,14 @@ std::size_t index(Connection::TimerPhase phase) noexcept {
 
 }  // namespace
 
-ConnectionContext::ConnectionContext(Loop& loop, std::shared_ptr<const Router> router)
-    : loop(loop), loop_thread(std::this_thread::get_id()), router(std::move(router)) {}
+ConnectionContext::ConnectionContext(Loop& loop, std::shared_ptr<const Router> router,
+                                     std::shared_ptr<SharedLimits> shared_limits)
+    : loop(loop),
+      loop_thread(std::this_thread::get_id()),
+      router(std::move(router)),
+      shared(std::move(shared_limits)),
+      body_budget(shared->bodies),
+      unsent_budget(shared->unsent) {}
 
 ConnectionContext::~ConnectionContext() {
   // Connections still referenced by a Responder outlive the server: cut them loose.
@@ -213,6 +219,7 @@ void ConnectionContext::remove(Connection* connection) noexcept {
 void ConnectionContext::connection_closed(Connection* connection) noexcept {
   set_phase(connection, TimerPhase::closed);
   --stats.connections_open;
+  shared->connections_open.fetch_sub(1, std::memory_order_relaxed);  // Taken by the Server.
   if (on_connection_closed) on_connection_closed();
 }
 

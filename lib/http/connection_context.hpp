@@ -11,6 +11,7 @@
 #pragma once
 
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -28,7 +29,10 @@ class ConnectionContext {
  public:
   using TimerPhase = Connection::TimerPhase;
 
-  ConnectionContext(Loop& loop, std::shared_ptr<const Router> router);
+  // `shared`: the budgets and connection count this server shares with the servers of other
+  // loops (workers), or its own.
+  ConnectionContext(Loop& loop, std::shared_ptr<const Router> router,
+                    std::shared_ptr<SharedLimits> shared);
   // Cuts the connections still held by Responders loose and frees the spare workspaces.
   ~ConnectionContext();
   ConnectionContext(const ConnectionContext&) = delete;
@@ -71,11 +75,15 @@ class ConnectionContext {
   ServerStats stats;                     // Counters for metrics.
   HttpDateCache date;                    // Shared Date header text.
   std::string keep_alive_header;         // "Keep-Alive: timeout=75\r\n".
-  MemoryBudget body_budget;              // Request bodies buffered by every connection.
-  MemoryBudget unsent_budget;            // Response bytes queued and not yet written.
+  // Request bodies buffered by every connection, response bytes queued and not yet written,
+  // and the connections open (against max_connections), of this server and of those it shares
+  // them with.
+  std::shared_ptr<SharedLimits> shared;
+  MemoryBudget& body_budget;                                   // shared->bodies.
+  MemoryBudget& unsent_budget;                                 // shared->unsent.
   std::function<void(const RequestRecord&)> request_observer;  // Metrics and access log.
   std::function<void()> on_connection_closed;                  // The server's drain check.
-  bool draining = false;                                       // Answers say Connection: close.
+  std::atomic<bool> draining{false};     // Answers say Connection: close; read from any thread.
   bool output_waiters = false;           // Some connection paused for unsent_budget.
   std::uint64_t last_budget_log_ms = 0;  // 503s for a spent budget are logged once a second.
 

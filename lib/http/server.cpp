@@ -16,7 +16,12 @@ constexpr std::string_view kTooManyConnectionsBody = "server.max_connections rea
 }  // namespace
 
 Server::Server(Loop& loop, std::shared_ptr<const Router> router, ServerOptions options)
-    : loop_(loop), context_(std::make_unique<ConnectionContext>(loop, std::move(router))) {
+    : Server(loop, std::move(router), std::move(options), std::make_shared<SharedLimits>()) {}
+
+Server::Server(Loop& loop, std::shared_ptr<const Router> router, ServerOptions options,
+               std::shared_ptr<SharedLimits> shared)
+    : loop_(loop),
+      context_(std::make_unique<ConnectionContext>(loop, std::move(router), std::move(shared))) {
   context_->reconfigure(std::move(options));
   context_->on_connection_closed = [this] { finish_drain_if_done(); };
 }
@@ -47,6 +52,10 @@ const MemoryBudget& Server::body_budget() const noexcept {
 
 const MemoryBudget& Server::unsent_budget() const noexcept {
   return context_->unsent_budget;
+}
+
+const std::shared_ptr<SharedLimits>& Server::shared_limits() const noexcept {
+  return context_->shared;
 }
 
 const ServerOptions& Server::options() const noexcept {
@@ -102,11 +111,16 @@ void Server::on_connection(uv_stream_t* listener, int status) {
     }
     return;
   }
-  if (stats.connections_open >= context_->options.max_connections) {
+  // max_connections counts the connections of every server sharing these limits; a connection
+  // gives its place back when it closes (ConnectionContext::connection_closed).
+  std::atomic<std::uint64_t>& open = context_->shared->connections_open;
+  if (open.fetch_add(1, std::memory_order_relaxed) >= context_->options.max_connections) {
+    open.fetch_sub(1, std::memory_order_relaxed);
     refuse(listener);
     return;
   }
-  auto* connection = new Connection(*context_, next_connection_id_++);
+  auto* connection = new Connection(*context_, next_connection_id_);
+  next_connection_id_ += connection_id_step_;
   if (connection->start(listener) == 0) ++stats.connections_accepted;
 }
 

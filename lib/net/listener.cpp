@@ -1,7 +1,11 @@
 #include "squall/net/listener.hpp"
 
 #include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <system_error>
 
 #include "squall/core/uv_handle.hpp"
@@ -27,6 +31,69 @@ std::string format_address(const sockaddr_storage& address, bool with_port) {
     if (with_port) return "[" + std::string(host) + "]:" + std::to_string(port);
   }
   return with_port ? std::string(host) + ":" + std::to_string(port) : std::string(host);
+}
+
+namespace {
+
+// A TCP socket of the address's family with SO_REUSEADDR (as libuv sets it), IPV6_V6ONLY for v6
+// (as Listener binds) and, if `reuse_port`, SO_REUSEPORT; bound. -errno on failure.
+int bind_socket(const sockaddr_storage& address, bool reuse_port) {
+  const int fd = ::socket(address.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -errno;
+  const int on = 1;
+  bool ok = ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on) == 0;
+  if (ok && reuse_port) ok = ::setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &on, sizeof on) == 0;
+  if (ok && address.ss_family == AF_INET6) {
+    ok = ::setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &on, sizeof on) == 0;
+  }
+  const socklen_t length =
+      address.ss_family == AF_INET6 ? sizeof(sockaddr_in6) : sizeof(sockaddr_in);
+  if (ok) ok = ::bind(fd, reinterpret_cast<const sockaddr*>(&address), length) == 0;
+  if (!ok) {
+    const int error = errno;
+    ::close(fd);
+    return -error;
+  }
+  return fd;
+}
+
+}  // namespace
+
+int open_reuseport_socket(const std::string& host, std::uint16_t port, int backlog, bool first) {
+  const bool v6 = host.find(':') != std::string::npos;
+  const std::string display =
+      v6 ? "[" + host + "]:" + std::to_string(port) : host + ":" + std::to_string(port);
+  auto fail = [&](int error, const char* what) {
+    // what() appends ": " and the reason (strerror) to the message.
+    throw std::system_error(error, std::generic_category(), std::string(what) + " " + display);
+  };
+  sockaddr_storage address{};
+  const int parsed = v6 ? uv_ip6_addr(host.c_str(), port, reinterpret_cast<sockaddr_in6*>(&address))
+                        : uv_ip4_addr(host.c_str(), port, reinterpret_cast<sockaddr_in*>(&address));
+  if (parsed < 0) fail(-parsed, "cannot parse listen address");
+  if (first && port != 0) {
+    // Sockets with SO_REUSEPORT share an address with any other such socket of the same user:
+    // a second squalld would quietly take half the connections. A plain bind fails instead.
+    const int probe = bind_socket(address, false);
+    if (probe < 0) fail(-probe, "cannot bind");
+    ::close(probe);
+  }
+  const int fd = bind_socket(address, true);
+  if (fd < 0) fail(-fd, "cannot bind");
+  if (::listen(fd, backlog) != 0) {
+    const int error = errno;
+    ::close(fd);
+    fail(error, "cannot listen on");
+  }
+  return fd;
+}
+
+std::uint16_t bound_port(int fd) noexcept {
+  sockaddr_storage bound{};
+  socklen_t length = sizeof bound;
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&bound), &length) != 0) return 0;
+  return ntohs(bound.ss_family == AF_INET6 ? reinterpret_cast<sockaddr_in6&>(bound).sin6_port
+                                           : reinterpret_cast<sockaddr_in&>(bound).sin_port);
 }
 
 Listener::Listener(Loop& loop, const std::string& host, std::uint16_t port, int backlog,

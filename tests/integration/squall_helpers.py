@@ -102,9 +102,14 @@ class Squalld:
         self.returncode: int | None = None
 
     def base_config(self) -> dict:
-        """The tables every config starts from; a test's own tables are merged over them."""
+        """The tables every config starts from; a test's own tables are merged over them.
+        SQUALL_TEST_WORKERS=N runs every daemon with [server] workers = N (the whole suite
+        against several event loops)."""
+        server = {"listen": ["127.0.0.1:0"]}
+        if os.environ.get("SQUALL_TEST_WORKERS"):
+            server["workers"] = int(os.environ["SQUALL_TEST_WORKERS"])
         return {
-            "server": {"listen": ["127.0.0.1:0"]},
+            "server": server,
             "log": {"level": "info", "error_log": "stderr", "access_log": str(self.access_log)},
             # Shorter than the stop timeout, so a connection left stuck by a failed test does
             # not turn every later teardown into an error too.

@@ -20,7 +20,7 @@ class LoopLagMonitor {
   LoopLagMonitor(const LoopLagMonitor&) = delete;
   LoopLagMonitor& operator=(const LoopLagMonitor&) = delete;
 
-  // The most recent lag, in seconds.
+  // The most recent lag, in seconds. Any thread.
   double last_lag_seconds() const noexcept;
   void stop() noexcept;
 

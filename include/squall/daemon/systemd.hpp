@@ -5,6 +5,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -64,6 +65,9 @@ std::vector<ListenFd> listen_fds();
 class Watchdog {
  public:
   explicit Watchdog(Loop& loop);
+  // Pings only while `alive()` says the other loops also run (each proves it with a heartbeat
+  // of its own): one stuck loop among several stops the pings as well. Loop thread.
+  Watchdog(Loop& loop, std::function<bool()> alive);
   ~Watchdog();
   Watchdog(const Watchdog&) = delete;
   Watchdog& operator=(const Watchdog&) = delete;
@@ -73,7 +77,8 @@ class Watchdog {
   std::chrono::microseconds interval() const noexcept { return interval_; }
 
  private:
-  UvHandle<uv_timer_t> timer_;  // The ping timer; empty when disabled.
+  std::function<bool()> alive_;  // Checked before each ping; empty = always.
+  UvHandle<uv_timer_t> timer_;   // The ping timer (data -> alive_); empty when disabled.
   std::chrono::microseconds interval_{0};
 };
 

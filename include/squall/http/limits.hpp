@@ -1,6 +1,7 @@
 // The bounds a connection enforces while it reads a request and writes a response.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <limits>
@@ -29,21 +30,32 @@ struct Timeouts {
   bool operator==(const Timeouts&) const = default;
 };
 
-// A byte budget shared by every connection of a server (loop thread only): bodies being
-// received, or response bytes the clients have not read yet.
+// A byte budget shared by every connection of a server, or of several servers on several
+// loops (workers): bodies being received, or response bytes the clients have not read yet.
+// Relaxed atomics: any thread may take and give back; the total is what matters, not order.
 struct MemoryBudget {
-  std::size_t limit = std::numeric_limits<std::size_t>::max();  // Most bytes held at once.
-  std::size_t used = 0;                                         // Bytes held now.
+  std::atomic<std::size_t> limit{std::numeric_limits<std::size_t>::max()};  // Most held at once.
+  std::atomic<std::size_t> used{0};                                         // Bytes held now.
 
   // Takes `bytes` if they fit under the limit; returns whether they did.
   bool try_take(std::size_t bytes) noexcept {
-    if (used > limit || bytes > limit - used) return false;
-    used += bytes;
+    const std::size_t most = limit.load(std::memory_order_relaxed);
+    std::size_t now = used.load(std::memory_order_relaxed);
+    do {
+      if (now > most || bytes > most - now) return false;
+    } while (!used.compare_exchange_weak(now, now + bytes, std::memory_order_relaxed));
     return true;
   }
-  void take(std::size_t bytes) noexcept { used += bytes; }
-  void give_back(std::size_t bytes) noexcept { used -= bytes < used ? bytes : used; }
-  bool exhausted() const noexcept { return used >= limit; }
+  void take(std::size_t bytes) noexcept { used.fetch_add(bytes, std::memory_order_relaxed); }
+  void give_back(std::size_t bytes) noexcept {
+    std::size_t now = used.load(std::memory_order_relaxed);
+    while (!used.compare_exchange_weak(now, bytes < now ? now - bytes : 0,
+                                       std::memory_order_relaxed)) {
+    }
+  }
+  bool exhausted() const noexcept {
+    return used.load(std::memory_order_relaxed) >= limit.load(std::memory_order_relaxed);
+  }
 };
 
 }  // namespace squall::http

@@ -3,6 +3,7 @@
 // kept in a private per-loop context (lib/http/connection_context.hpp).
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -43,19 +44,52 @@ struct RequestRecord {
   std::uint64_t connection_id;        // Also in the server's log lines.
 };
 
-// Loop-thread counters, read by the metrics endpoint.
+// A count that only its loop thread changes and any thread may read (metrics summed over
+// several loops): relaxed atomic loads and stores, no read-modify-write, so an increment costs
+// what it costs on a plain integer.
+class LoopCounter {
+ public:
+  LoopCounter& operator+=(std::uint64_t n) noexcept {
+    value_.store(value_.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+    return *this;
+  }
+  LoopCounter& operator++() noexcept { return *this += 1; }
+  LoopCounter& operator--() noexcept {
+    value_.store(value_.load(std::memory_order_relaxed) - 1, std::memory_order_relaxed);
+    return *this;
+  }
+  std::uint64_t load() const noexcept { return value_.load(std::memory_order_relaxed); }
+  operator std::uint64_t() const noexcept { return load(); }
+
+ private:
+  std::atomic<std::uint64_t> value_{0};
+};
+
+// Counters written on the loop thread, read by the metrics endpoint from any thread.
 struct ServerStats {
-  std::uint64_t connections_accepted = 0;  // Accepted and served.
-  std::uint64_t connections_refused = 0;   // Closed at once: over max_connections or accept error.
-  std::uint64_t connections_open = 0;      // Open now.
-  std::uint64_t bytes_received = 0;        // From all clients.
-  std::uint64_t bytes_sent = 0;            // To all clients.
-  std::uint64_t requests = 0;              // Requests answered (including error responses).
+  LoopCounter connections_accepted;  // Accepted and served.
+  LoopCounter connections_refused;   // Closed at once: over max_connections or accept error.
+  LoopCounter connections_open;      // Open now.
+  LoopCounter bytes_received;        // From all clients.
+  LoopCounter bytes_sent;            // To all clients.
+  LoopCounter requests;              // Requests answered (including error responses).
+};
+
+// What the servers of one process share when each runs on its own loop (workers), so that
+// their limits hold for all of them together: the two memory budgets and the count of open
+// connections that max_connections bounds. A lone server has its own.
+struct SharedLimits {
+  MemoryBudget bodies;                             // limits.max_buffered_body_bytes.
+  MemoryBudget unsent;                             // limits.max_unsent_bytes.
+  std::atomic<std::uint64_t> connections_open{0};  // Against max_connections.
 };
 
 class Server {
  public:
   Server(Loop& loop, std::shared_ptr<const Router> router, ServerOptions options);
+  // A server that shares its budgets and connection count with others (one per worker loop).
+  Server(Loop& loop, std::shared_ptr<const Router> router, ServerOptions options,
+         std::shared_ptr<SharedLimits> shared);
   ~Server();
   Server(const Server&) = delete;
   Server& operator=(const Server&) = delete;
@@ -78,6 +112,14 @@ class Server {
   // pick them up at their next check; the read buffer size applies to buffers taken later.
   void reconfigure(ServerOptions options);
 
+  // Connection ids (in log lines) start at `first` and grow by `step`, so that the servers of
+  // several loops (workers i of n: i + 1, n) never give two connections the same id. Before
+  // serving.
+  void number_connections(std::uint64_t first, std::uint64_t step) noexcept {
+    next_connection_id_ = first;
+    connection_id_step_ = step;
+  }
+
   // Called for every answered request; set before serving.
   void on_request(std::function<void(const RequestRecord&)> observer);
 
@@ -95,6 +137,8 @@ class Server {
   const MemoryBudget& body_budget() const noexcept;
   const MemoryBudget& unsent_budget() const noexcept;
   const ServerOptions& options() const noexcept;
+  // For another server that is to share them (constructed on its own loop).
+  const std::shared_ptr<SharedLimits>& shared_limits() const noexcept;
   Loop& loop() noexcept { return loop_; }
 
  private:
@@ -107,6 +151,7 @@ class Server {
   std::unique_ptr<ConnectionContext> context_;             // What the connections share.
   std::vector<std::unique_ptr<net::Listener>> listeners_;  // Accepting sockets.
   std::uint64_t next_connection_id_ = 1;                   // Ids in log lines; never reused.
+  std::uint64_t connection_id_step_ = 1;                   // Added to it per connection.
   std::function<void()> on_drained_;            // Runs once when the last connection closes.
   Loop::TimerId drain_timer_ = 0;               // The drain deadline, 0 when none.
   std::uint64_t drain_deadline_ms_ = 0;         // For the log line when it passes.

@@ -42,6 +42,18 @@ class Listener {
   std::uint16_t bound_port_ = 0;
 };
 
+// Opens a TCP socket for `host:port` with SO_REUSEPORT set before bind (libuv 1.44 has no flag
+// for it), bound and listening, for several loops to share one address: each adopts its own
+// socket (Listener's descriptor constructor) and the kernel spreads new connections over them.
+// Port 0 picks a free port: open the first socket with it, the others with the port it got
+// (bound_port). With `first` and a fixed port, the address is first bound once without the
+// option, so that another process already listening there is an error ("address already in
+// use") rather than a silent share of its traffic. Returns the descriptor (non-blocking,
+// close-on-exec); throws std::system_error naming the address and the reason.
+int open_reuseport_socket(const std::string& host, std::uint16_t port, int backlog, bool first);
+// The port a bound socket has (0 if getsockname fails).
+std::uint16_t bound_port(int fd) noexcept;
+
 // Formats a socket address as "1.2.3.4:80" / "[::1]:80" (with_port) or the bare host.
 std::string format_address(const sockaddr_storage& address, bool with_port);
 

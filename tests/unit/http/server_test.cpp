@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <functional>
+#include <future>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -481,4 +482,113 @@ TEST_CASE("a server draining a busy connection closes its drain timer when destr
     owner.reset();
     CHECK(loop.close() == 0);
   }
+}
+
+namespace {
+
+// A server on its own loop and thread (as one of squalld's workers), sharing `shared` if given.
+class ServerThread {
+ public:
+  ServerThread(std::shared_ptr<http::SharedLimits> shared, const http::ServerOptions& options) {
+    std::promise<void> ready;
+    auto listening = ready.get_future();
+    thread_ = std::thread([this, shared, options, &ready] {
+      Loop loop;
+      http::Router router;
+      router.add("GET", "/x", [](http::Request&, http::Responder responder) {
+        responder.send(200, "text/plain", "ok");
+      });
+      auto routes = std::make_shared<const http::Router>(router);
+      {
+        auto server = shared ? std::make_unique<http::Server>(loop, routes, options, shared)
+                             : std::make_unique<http::Server>(loop, routes, options);
+        server->listen("127.0.0.1", 0);
+        port_ = server->listeners().front()->bound_port();
+        shared_ = server->shared_limits();
+        loop_ = &loop;
+        remote_ = loop.remote();
+        ready.set_value();
+        loop.run();
+      }
+      close_status_ = loop.close();
+    });
+    listening.wait();
+  }
+  ~ServerThread() { stop(); }
+  void stop() {
+    if (!thread_.joinable()) return;
+    remote_.call_soon([loop = loop_] { loop->stop(); });
+    thread_.join();
+  }
+  std::uint16_t port() const { return port_; }
+  const std::shared_ptr<http::SharedLimits>& shared() const { return shared_; }
+  int close_status() const { return close_status_; }
+
+ private:
+  std::thread thread_;
+  std::uint16_t port_ = 0;
+  std::shared_ptr<http::SharedLimits> shared_;
+  Loop* loop_ = nullptr;
+  RemoteLoop remote_;
+  int close_status_ = -1;
+};
+
+}  // namespace
+
+TEST_CASE("servers on two loops sharing their limits count max_connections together") {
+  http::ServerOptions options;
+  options.max_connections = 1;
+  ServerThread first(nullptr, options);
+  ServerThread second(first.shared(), options);
+  REQUIRE(second.shared() == first.shared());
+  {
+    squall::testing::Client held(first.port());
+    held.send(kGet);
+    CHECK(held.read_response().find("200 OK") != std::string::npos);
+    // The other loop's server refuses: the pair has its one connection open.
+    squall::testing::Client refused(second.port());
+    refused.send(kGet);
+    const std::string answer = refused.read_all();
+    CHECK(answer.find("503") != std::string::npos);
+    CHECK(answer.find("max_connections") != std::string::npos);
+    CHECK(first.shared()->connections_open.load() == 1);
+  }
+  // Once the first loop closed its connection, the second loop accepts one.
+  std::string answer;
+  for (int attempt = 0; attempt < 200 && answer.find("200 OK") == std::string::npos; ++attempt) {
+    squall::testing::Client again(second.port());
+    again.send(kGet);
+    answer = again.read_response();
+    if (answer.find("200 OK") == std::string::npos) std::this_thread::sleep_for(10ms);
+  }
+  CHECK(answer.find("200 OK") != std::string::npos);
+  first.stop();
+  second.stop();
+  CHECK(first.close_status() == 0);
+  CHECK(second.close_status() == 0);
+}
+
+TEST_CASE("a shared memory budget is taken and given back from several threads") {
+  http::MemoryBudget budget;
+  budget.limit = 1000;
+  std::vector<std::thread> threads;
+  std::atomic<int> refused{0};
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 10000; ++i) {
+        if (budget.try_take(300)) {
+          budget.give_back(300);
+        } else {
+          ++refused;
+        }
+        CHECK_LE(budget.used.load(), 1000u);
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  CHECK(budget.used.load() == 0);
+  CHECK(budget.try_take(1000));
+  CHECK_FALSE(budget.try_take(1));
+  budget.give_back(5000);  // More than was taken: clamps at zero.
+  CHECK(budget.used.load() == 0);
 }

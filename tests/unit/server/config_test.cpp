@@ -314,7 +314,7 @@ TEST_CASE("the message format names source, line, table, key and value") {
 TEST_CASE("unknown tables and keys are errors naming them and their line") {
   CHECK(load_error("[server]\nlisten = [\"127.0.0.1:1\"]\nlisten_address = \"x\"\n") ==
         "test.toml:3: [server] listen_address: unknown key; expected one of listen, backlog, "
-        "max_connections, name, user, group, thread_pool_size");
+        "max_connections, name, user, group, thread_pool_size, workers");
   CHECK(load_error("\n[limit]\nmax_body_bytes = \"1MiB\"\n") ==
         "test.toml:2: limit: unknown table; expected one of [server], [limits], [timeouts], "
         "[log], [loop], [routes], [smtp], [jobs], [auth], [policy], [quota], [webhooks]");
@@ -702,6 +702,26 @@ TEST_CASE("[webhooks]: url, secret_file, timeout, max_attempts") {
   CHECK(load_error("[webhooks]\nmax_attempts = 0\n")
             .starts_with("test.toml:2: [webhooks] "
                          "max_attempts:"));
+}
+
+TEST_CASE("[server] workers: a count from 1 to 256, or \"auto\" (0)") {
+  CHECK(Config{}.server.workers == 1);
+  CHECK(load_config_string("[server]\nworkers = 2\n", "x.toml").server.workers == 2);
+  CHECK(load_config_string("[server]\nworkers = 256\n", "x.toml").server.workers == 256);
+  CHECK(load_config_string("[server]\nworkers = \"auto\"\n", "x.toml").server.workers == 0);
+  const std::string expected = "expected an integer from 1 to 256 or \"auto\", got ";
+  CHECK(load_error("[server]\n\nworkers = 0\n") ==
+        "test.toml:3: [server] workers: " + expected + "integer 0");
+  CHECK(load_error("[server]\nworkers = -2\n") ==
+        "test.toml:2: [server] workers: " + expected + "integer -2");
+  CHECK(load_error("[server]\nworkers = 257\n") ==
+        "test.toml:2: [server] workers: " + expected + "integer 257");
+  CHECK(load_error("[server]\nworkers = 1.5\n") ==
+        "test.toml:2: [server] workers: " + expected + "float 1.5");
+  CHECK(load_error("[server]\nworkers = \"2\"\n") ==
+        "test.toml:2: [server] workers: " + expected + "\"2\"");
+  CHECK(load_error("[server]\nworkers = \"Auto\"\n") ==
+        "test.toml:2: [server] workers: " + expected + "\"Auto\"");
 }
 
 }  // namespace squall::squalld
