@@ -66,7 +66,7 @@ void JobRunner::claim() {
   claim_again_ = false;
   const std::int64_t lease_ms = options_.lease.count();
   std::weak_ptr<bool> alive = alive_;
-  store_.run([this, alive, batch, lease_ms, &loop = loop_](JobStore& store) {
+  store_.run([this, alive, batch, lease_ms, loop = loop_.remote()](JobStore& store) {
     std::vector<Job> claimed;
     std::string error;
     try {
@@ -253,7 +253,7 @@ void JobRunner::flush_records() {
   unflushed_.clear();
   flush_in_flight_ = true;
   std::weak_ptr<bool> alive = alive_;
-  const bool queued = store_.run([this, alive, batch, &loop = loop_](JobStore& store) {
+  const bool queued = store_.run([this, alive, batch, loop = loop_.remote()](JobStore& store) {
     std::string error;
     try {
       const std::int64_t now = unix_now_ms();
@@ -307,8 +307,8 @@ void JobRunner::flush_records() {
 void JobRunner::record_attempt(const std::string& id, const char* what, Write write, int failures) {
   std::weak_ptr<bool> alive = alive_;
   auto shared_write = std::make_shared<Write>(std::move(write));
-  const bool queued =
-      store_.run([this, alive, id, what, shared_write, failures, &loop = loop_](JobStore& store) {
+  const bool queued = store_.run(
+      [this, alive, id, what, shared_write, failures, loop = loop_.remote()](JobStore& store) {
         std::string error;
         try {
           (*shared_write)(store, unix_now_ms());
