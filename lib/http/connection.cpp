@@ -455,15 +455,7 @@ void Connection::close_now() noexcept {
     context_->forget_cork(this);
     context_->connection_closed(this);
   }
-  auto* handle = reinterpret_cast<uv_handle_t*>(&tcp_);
-  // Loop::close() closes every handle still open, without a callback: a connection closed after
-  // it (its Server destroyed later, say) must not close its socket a second time.
-  const bool closed_by_loop = uv_is_closing(handle) != 0;
-  if (closed_by_loop) {
-    handle_open_ = false;
-  } else {
-    uv_close(handle, &Connection::on_closed);
-  }
+  uv_close(reinterpret_cast<uv_handle_t*>(&tcp_), &Connection::on_closed);
   if (workspace_ != nullptr) {
     // A coroutine handler still working on the answer is cancelled. lib/core's awaitables only
     // stop their operations here and resume later, so nothing runs inside this close.
@@ -473,7 +465,6 @@ void Connection::close_now() noexcept {
     // Streaming writers waiting for output learn that the client is gone (on a later turn).
     wake_drain_waiters();
   }
-  if (closed_by_loop) maybe_destroy();  // No close callback will come to do it.
 }
 
 void Connection::on_closed(uv_handle_t* handle) {
