@@ -232,20 +232,8 @@ class Params {
     values_.emplace_back(value);
     return *this;
   }
-  Params& int8(std::int64_t value) {
-    std::string out(8, '\0');
-    const auto bits = static_cast<std::uint64_t>(value);
-    for (int i = 0; i < 8; ++i) out[i] = static_cast<char>(bits >> (8 * (7 - i)));
-    values_.push_back(std::move(out));
-    return *this;
-  }
-  Params& int4(std::int32_t value) {
-    std::string out(4, '\0');
-    const auto bits = static_cast<std::uint32_t>(value);
-    for (int i = 0; i < 4; ++i) out[i] = static_cast<char>(bits >> (8 * (3 - i)));
-    values_.push_back(std::move(out));
-    return *this;
-  }
+  Params& int8(std::int64_t value) { return big_endian(static_cast<std::uint64_t>(value), 8); }
+  Params& int4(std::int32_t value) { return big_endian(static_cast<std::uint32_t>(value), 4); }
   Params& boolean(bool value) {
     values_.emplace_back(1, value ? '\1' : '\0');
     return *this;
@@ -263,6 +251,13 @@ class Params {
   }
 
  private:
+  // The low `size` bytes of `bits`, most significant first (network order).
+  Params& big_endian(std::uint64_t bits, int size) {
+    std::string out(static_cast<std::size_t>(size), '\0');
+    for (int i = 0; i < size; ++i) out[i] = static_cast<char>(bits >> (8 * (size - 1 - i)));
+    values_.push_back(std::move(out));
+    return *this;
+  }
   std::deque<std::string> values_;  // One per parameter.
 };
 
