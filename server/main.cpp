@@ -22,6 +22,7 @@
 #include <spdlog/spdlog.h>
 #include <CLI/CLI.hpp>
 
+#include "core/tsan_suppressions.hpp"
 #include "server/access.hpp"
 #include "server/config.hpp"
 #include "server/jobs_service.hpp"
