@@ -78,10 +78,16 @@ class RequestParser {
 
   const llhttp_t& llhttp() const noexcept { return parser_; }
 
+  // Whether a whole head of the simplest form is read in one pass without llhttp (fast_head.hpp);
+  // on by default. Off only to compare the two paths (tests, fuzzing).
+  void set_fast_head(bool enabled) noexcept { fast_head_ = enabled; }
+
  private:
   friend struct ParserCallbacks;
 
   int fail(int status, std::string_view reason) noexcept;
+  void begin_message() noexcept;
+  bool take_simple_head(const char* data, std::size_t length) noexcept;
   int on_message_begin() noexcept;
   int on_method(const char* at, std::size_t length) noexcept;
   int on_url(const char* at, std::size_t length) noexcept;
@@ -123,6 +129,8 @@ class RequestParser {
   bool expect_unsupported_ = false;          // An Expect value other than 100-continue.
   bool upgrade_requested_ = false;           // Upgrade asked for; served as HTTP, then closed.
   bool keep_alive_ = false;                  // llhttp_should_keep_alive at completion.
+  bool fast_head_ = true;                    // Try take_simple_head() before llhttp.
+  bool after_last_message_ = false;          // A message without keep-alive was answered.
   int error_status_ = 0;                     // Set by fail() or from llhttp's error.
   std::string_view error_reason_;            // A static string naming the problem.
 };

@@ -1,0 +1,183 @@
+#include "http/fast_head.hpp"
+
+#include <llhttp.h>
+
+#include <array>
+#include <cstring>
+#include <new>
+
+namespace squall::http::detail {
+
+namespace {
+
+enum : unsigned char {
+  kTokenByte = 1,    // tchar of RFC 9110 5.6.2.
+  kTargetByte = 2,   // %x21-7E except "#" and "%".
+  kVisibleByte = 4,  // %x21-7E.
+  kValueByte = 8,    // %x20-7E.
+};
+
+constexpr std::array<unsigned char, 256> make_classes() noexcept {
+  std::array<unsigned char, 256> classes{};
+  for (int c = 0x20; c <= 0x7e; ++c) {
+    unsigned char bits = kValueByte;
+    if (c != ' ') bits |= kVisibleByte;
+    if (c != ' ' && c != '#' && c != '%') bits |= kTargetByte;
+    const bool alnum = (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+    for (const char* s = "!#$%&'*+-.^_`|~"; *s != '\0'; ++s) {
+      if (*s == c) bits |= kTokenByte;
+    }
+    if (alnum) bits |= kTokenByte;
+    classes[static_cast<std::size_t>(c)] = bits;
+  }
+  return classes;
+}
+
+constexpr std::array<unsigned char, 256> kClasses = make_classes();
+
+bool is(char c, unsigned char bits) noexcept {
+  return (kClasses[static_cast<unsigned char>(c)] & bits) != 0;
+}
+
+// Matches `word` (which ends with its SP) at p; advances p past it.
+bool take(const char*& p, const char* end, std::string_view word) noexcept {
+  if (static_cast<std::size_t>(end - p) < word.size()) return false;
+  if (std::memcmp(p, word.data(), word.size()) != 0) return false;
+  p += word.size();
+  return true;
+}
+
+bool take_method(const char*& p, const char* end, int& method) noexcept {
+  if (p == end) return false;
+  switch (*p) {
+    case 'G':
+      method = HTTP_GET;
+      return take(p, end, "GET ");
+    case 'H':
+      method = HTTP_HEAD;
+      return take(p, end, "HEAD ");
+    case 'D':
+      method = HTTP_DELETE;
+      return take(p, end, "DELETE ");
+    case 'O':
+      method = HTTP_OPTIONS;
+      return take(p, end, "OPTIONS ");
+    case 'P':
+      if (take(p, end, "POST ")) {
+        method = HTTP_POST;
+        return true;
+      }
+      if (take(p, end, "PUT ")) {
+        method = HTTP_PUT;
+        return true;
+      }
+      method = HTTP_PATCH;
+      return take(p, end, "PATCH ");
+    default:
+      return false;
+  }
+}
+
+// What a header's name means for the subset: most names mean nothing here.
+enum class NameKind { plain, host, connection, content_length, refused };
+
+NameKind kind_of(std::string_view name) noexcept {
+  switch (name.size()) {
+    case 4:
+      return iequals(name, "host") ? NameKind::host : NameKind::plain;
+    case 6:
+      return iequals(name, "expect") ? NameKind::refused : NameKind::plain;
+    case 7:
+      return iequals(name, "upgrade") ? NameKind::refused : NameKind::plain;
+    case 10:
+      return iequals(name, "connection") ? NameKind::connection : NameKind::plain;
+    case 14:
+      return iequals(name, "content-length") ? NameKind::content_length : NameKind::plain;
+    case 16:
+      return iequals(name, "proxy-connection") ? NameKind::refused : NameKind::plain;
+    case 17:
+      return iequals(name, "transfer-encoding") ? NameKind::refused : NameKind::plain;
+    default:
+      return NameKind::plain;
+  }
+}
+
+}  // namespace
+
+bool scan_simple_head(const char* data, std::size_t length, SimpleHead& head,
+                      std::vector<Header>& headers) noexcept {
+  const char* p = data;
+  const char* const end = data + length;
+
+  if (!take_method(p, end, head.method)) return false;
+  const char* const target = p;
+  if (p == end || *p != '/') return false;
+  while (p < end && is(*p, kTargetByte)) ++p;
+  head.target = std::string_view(target, static_cast<std::size_t>(p - target));
+  if (end - p < 11 || std::memcmp(p, " HTTP/1.", 8) != 0 || (p[8] != '0' && p[8] != '1') ||
+      p[9] != '\r' || p[10] != '\n') {
+    return false;
+  }
+  head.http_minor = p[8] - '0';
+  head.views_end = p;
+  p += 11;
+
+  headers.clear();
+  head.header_bytes = 0;
+  head.host_count = 0;
+  head.host = {};
+  bool keep_alive_asked = false;
+  bool content_length_seen = false;
+  for (;;) {
+    if (end - p < 2) return false;
+    if (*p == '\r') {
+      if (p[1] != '\n') return false;
+      p += 2;
+      break;
+    }
+    const char* const name = p;
+    while (p < end && is(*p, kTokenByte)) ++p;
+    if (p == name || p == end || *p != ':') return false;
+    const std::string_view name_view(name, static_cast<std::size_t>(p - name));
+    ++p;
+    while (p < end && *p == ' ') ++p;
+    if (p == end || !is(*p, kVisibleByte)) return false;
+    const char* const value = p;
+    while (p < end && is(*p, kValueByte)) ++p;
+    if (end - p < 2 || p[0] != '\r' || p[1] != '\n' || p[-1] == ' ') return false;
+    const std::string_view value_view(value, static_cast<std::size_t>(p - value));
+    head.views_end = p;
+    p += 2;
+
+    switch (kind_of(name_view)) {
+      case NameKind::plain:
+        break;
+      case NameKind::host:
+        ++head.host_count;
+        head.host = value_view;
+        break;
+      case NameKind::connection:
+        if (!iequals(value_view, "keep-alive")) return false;
+        keep_alive_asked = true;
+        break;
+      case NameKind::content_length:
+        if (content_length_seen || value_view != "0") return false;
+        content_length_seen = true;
+        break;
+      case NameKind::refused:
+        return false;
+    }
+    head.header_bytes += name_view.size() + value_view.size();
+    try {
+      headers.push_back(Header{name_view, value_view});
+    } catch (const std::bad_alloc&) {
+      return false;
+    }
+  }
+  // An HTTP/1.0 request keeps the connection only when it asks to.
+  if (head.http_minor == 0 && !keep_alive_asked) return false;
+  head.length = static_cast<std::size_t>(p - data);
+  return true;
+}
+
+}  // namespace squall::http::detail
