@@ -15,6 +15,7 @@ enum : unsigned char {
   kTargetByte = 2,   // %x21-7E except "#" and "%".
   kVisibleByte = 4,  // %x21-7E.
   kValueByte = 8,    // %x20-7E.
+  kHostByte = 16,    // unreserved and sub-delims of RFC 3986 except ",".
 };
 
 constexpr std::array<unsigned char, 256> make_classes() noexcept {
@@ -27,7 +28,10 @@ constexpr std::array<unsigned char, 256> make_classes() noexcept {
     for (const char* s = "!#$%&'*+-.^_`|~"; *s != '\0'; ++s) {
       if (*s == c) bits |= kTokenByte;
     }
-    if (alnum) bits |= kTokenByte;
+    if (alnum) bits |= kTokenByte | kHostByte;
+    for (const char* s = "-._~!$&'()*+;="; *s != '\0'; ++s) {
+      if (*s == c) bits |= kHostByte;
+    }
     classes[static_cast<std::size_t>(c)] = bits;
   }
   return classes;
@@ -177,6 +181,17 @@ bool scan_simple_head(const char* data, std::size_t length, SimpleHead& head,
   // An HTTP/1.0 request keeps the connection only when it asks to.
   if (head.http_minor == 0 && !keep_alive_asked) return false;
   head.length = static_cast<std::size_t>(p - data);
+  return true;
+}
+
+bool is_simple_host(std::string_view host) noexcept {
+  std::size_t i = 0;
+  while (i < host.size() && is(host[i], kHostByte)) ++i;
+  if (i == host.size()) return true;
+  if (host[i] != ':') return false;
+  for (++i; i < host.size(); ++i) {
+    if (host[i] < '0' || host[i] > '9') return false;
+  }
   return true;
 }
 

@@ -42,4 +42,10 @@ struct SimpleHead {
 bool scan_simple_head(const char* data, std::size_t length, SimpleHead& head,
                       std::vector<Header>& headers) noexcept;
 
+// Whether `host` is a reg-name of unreserved and sub-delim bytes other than ',' (no escapes),
+// then optionally ':' and digits: a Host value the parser's full check (no ", \t", then
+// host[:port] syntax) accepts, decided with one table lookup per byte. false means "ask the full
+// check", not "invalid".
+bool is_simple_host(std::string_view host) noexcept;
+
 }  // namespace squall::http::detail

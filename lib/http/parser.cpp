@@ -302,7 +302,7 @@ bool RequestParser::take_simple_head(const char* data, std::size_t length) noexc
       head.header_bytes > limits_->max_header_bytes ||
       request.headers_.size() > limits_->max_header_count || head.host_count > 1 ||
       (head.http_minor == 1 && head.host_count == 0) ||
-      (head.host_count == 1 &&
+      (head.host_count == 1 && !detail::is_simple_host(head.host) &&
        (head.host.find_first_of(", \t") != std::string_view::npos || !is_valid_host(head.host)))) {
     request.headers_.clear();
     return false;

@@ -102,6 +102,15 @@ const std::vector<std::string> kHeaderSets = {
     "Host: [v1.x]\r\n",
     "Host: [zz]\r\n",
     "Host: a, b\r\n",
+    "Host: a,b\r\n",
+    "Host: a_b~c!$&'()*+;=.-:8080\r\n",
+    "Host: a:\r\n",
+    "Host: :80\r\n",
+    "Host: a:8x\r\n",
+    "Host: a:80:80\r\n",
+    "Host: 127.0.0.1:65535\r\n",
+    "Host: a/b\r\n",
+    "Host: a@b\r\n",
     "Host: a b\r\n",
     "Host: a:b\r\n",
     "Host: %41\r\n",
@@ -170,6 +179,20 @@ TEST_CASE("the fast head path reads the commonest heads") {
   CHECK_FALSE(fast_path_reads("POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx"));
   CHECK_FALSE(fast_path_reads("GET / HTTP/1.0\r\n\r\n"));
   CHECK_FALSE(fast_path_reads("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"));
+}
+
+TEST_CASE("a simple Host value is decided by one table lookup per byte") {
+  using squall::http::detail::is_simple_host;
+  CHECK(is_simple_host("example.test"));
+  CHECK(is_simple_host("127.0.0.1:8080"));
+  CHECK(is_simple_host(""));
+  CHECK(is_simple_host("a:"));
+  // Not simple (the full check decides): escapes, IP-literals, lists, stray bytes.
+  CHECK_FALSE(is_simple_host("%41"));
+  CHECK_FALSE(is_simple_host("[::1]:80"));
+  CHECK_FALSE(is_simple_host("a,b"));
+  CHECK_FALSE(is_simple_host("a:8x"));
+  CHECK_FALSE(is_simple_host("a b"));
 }
 
 TEST_CASE("the fast head path and llhttp see the same generated heads, split at every point") {
