@@ -82,41 +82,54 @@ bool take_method(const char*& p, const char* end, int& method) noexcept {
   }
 }
 
+// Whether `text` (tokens or visible ASCII) equals `lower` (lowercase letters and '-') ignoring
+// case: among those bytes only 'A'-'Z' and 'a'-'z' map to a letter under | 0x20, and only '-'
+// to '-'.
+bool equals_lower(std::string_view text, std::string_view lower) noexcept {
+  if (text.size() != lower.size()) return false;
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    if ((text[i] | 0x20) != lower[i]) return false;
+  }
+  return true;
+}
+
 // What a header's name means for the subset: most names mean nothing here.
 enum class NameKind { plain, host, connection, content_length, refused };
 
 NameKind kind_of(std::string_view name) noexcept {
   switch (name.size()) {
     case 4:
-      return iequals(name, "host") ? NameKind::host : NameKind::plain;
+      return equals_lower(name, "host") ? NameKind::host : NameKind::plain;
     case 6:
-      return iequals(name, "expect") ? NameKind::refused : NameKind::plain;
+      return equals_lower(name, "expect") ? NameKind::refused : NameKind::plain;
     case 7:
-      return iequals(name, "upgrade") ? NameKind::refused : NameKind::plain;
+      return equals_lower(name, "upgrade") ? NameKind::refused : NameKind::plain;
     case 10:
-      return iequals(name, "connection") ? NameKind::connection : NameKind::plain;
+      return equals_lower(name, "connection") ? NameKind::connection : NameKind::plain;
     case 14:
-      return iequals(name, "content-length") ? NameKind::content_length : NameKind::plain;
+      return equals_lower(name, "content-length") ? NameKind::content_length : NameKind::plain;
     case 16:
-      return iequals(name, "proxy-connection") ? NameKind::refused : NameKind::plain;
+      return equals_lower(name, "proxy-connection") ? NameKind::refused : NameKind::plain;
     case 17:
-      return iequals(name, "transfer-encoding") ? NameKind::refused : NameKind::plain;
+      return equals_lower(name, "transfer-encoding") ? NameKind::refused : NameKind::plain;
     default:
       return NameKind::plain;
   }
 }
 
-}  // namespace
-
-bool scan_simple_head(const char* data, std::size_t length, SimpleHead& head,
-                      std::vector<Header>& headers) noexcept {
+// kBounded false: the input ends with CRLF CRLF. No byte class holds CR, so every scan stops at
+// a CR before the end, a header line cannot end with the final CRLF (its value would end with
+// LF), and the bounds checks inside the byte loops can go.
+template <bool kBounded>
+bool scan(const char* data, std::size_t length, SimpleHead& head,
+          std::vector<Header>& headers) noexcept {
   const char* p = data;
   const char* const end = data + length;
 
   if (!take_method(p, end, head.method)) return false;
   const char* const target = p;
   if (p == end || *p != '/') return false;
-  while (p < end && is(*p, kTargetByte)) ++p;
+  while ((!kBounded || p < end) && is(*p, kTargetByte)) ++p;
   head.target = std::string_view(target, static_cast<std::size_t>(p - target));
   if (end - p < 11 || std::memcmp(p, " HTTP/1.", 8) != 0 || (p[8] != '0' && p[8] != '1') ||
       p[9] != '\r' || p[10] != '\n') {
@@ -140,14 +153,14 @@ bool scan_simple_head(const char* data, std::size_t length, SimpleHead& head,
       break;
     }
     const char* const name = p;
-    while (p < end && is(*p, kTokenByte)) ++p;
-    if (p == name || p == end || *p != ':') return false;
+    while ((!kBounded || p < end) && is(*p, kTokenByte)) ++p;
+    if (p == name || (kBounded && p == end) || *p != ':') return false;
     const std::string_view name_view(name, static_cast<std::size_t>(p - name));
     ++p;
-    while (p < end && *p == ' ') ++p;
-    if (p == end || !is(*p, kVisibleByte)) return false;
+    while ((!kBounded || p < end) && *p == ' ') ++p;
+    if ((kBounded && p == end) || !is(*p, kVisibleByte)) return false;
     const char* const value = p;
-    while (p < end && is(*p, kValueByte)) ++p;
+    while ((!kBounded || p < end) && is(*p, kValueByte)) ++p;
     if (end - p < 2 || p[0] != '\r' || p[1] != '\n' || p[-1] == ' ') return false;
     const std::string_view value_view(value, static_cast<std::size_t>(p - value));
     head.views_end = p;
@@ -161,7 +174,7 @@ bool scan_simple_head(const char* data, std::size_t length, SimpleHead& head,
         head.host = value_view;
         break;
       case NameKind::connection:
-        if (!iequals(value_view, "keep-alive")) return false;
+        if (!equals_lower(value_view, "keep-alive")) return false;
         keep_alive_asked = true;
         break;
       case NameKind::content_length:
@@ -182,6 +195,16 @@ bool scan_simple_head(const char* data, std::size_t length, SimpleHead& head,
   if (head.http_minor == 0 && !keep_alive_asked) return false;
   head.length = static_cast<std::size_t>(p - data);
   return true;
+}
+
+}  // namespace
+
+bool scan_simple_head(const char* data, std::size_t length, SimpleHead& head,
+                      std::vector<Header>& headers) noexcept {
+  if (length >= 4 && std::memcmp(data + length - 4, "\r\n\r\n", 4) == 0) {
+    return scan<false>(data, length, head, headers);
+  }
+  return scan<true>(data, length, head, headers);
 }
 
 bool is_simple_host(std::string_view host) noexcept {

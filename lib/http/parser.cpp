@@ -189,6 +189,7 @@ FeedResult RequestParser::feed(const char* data, std::size_t length) noexcept {
     return {ParseEvent::message_complete, static_cast<std::size_t>(scan_from_ - data)};
   }
   scan_from_ = data;
+  llhttp_used_ = true;
   const llhttp_errno_t err = llhttp_execute(&parser_, data, length);
   const char* end = err == HPE_OK ? data + length : llhttp_get_error_pos(&parser_);
   const auto consumed = static_cast<std::size_t>(end - data);
@@ -255,7 +256,9 @@ void RequestParser::continue_after_expect() noexcept {
 
 void RequestParser::reset() noexcept {
   release_body_budget();
-  llhttp_reset(&parser_);
+  // A parser that only took fast-path heads has llhttp's state of a new parser already.
+  if (llhttp_used_) llhttp_reset(&parser_);
+  llhttp_used_ = false;
   request_ = nullptr;
   phase_ = ParsePhase::idle;
   message_start_ = views_end_ = value_end_ = scan_from_ = nullptr;

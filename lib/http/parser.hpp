@@ -131,6 +131,7 @@ class RequestParser {
   bool keep_alive_ = false;                  // llhttp_should_keep_alive at completion.
   bool fast_head_ = true;                    // Try take_simple_head() before llhttp.
   bool after_last_message_ = false;          // A message without keep-alive was answered.
+  bool llhttp_used_ = false;                 // llhttp_execute() ran since the last reset.
   int error_status_ = 0;                     // Set by fail() or from llhttp's error.
   std::string_view error_reason_;            // A static string naming the problem.
 };
