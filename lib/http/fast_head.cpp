@@ -6,6 +6,10 @@
 #include <cstring>
 #include <new>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace squall::http::detail {
 
 namespace {
@@ -41,6 +45,33 @@ constexpr std::array<unsigned char, 256> kClasses = make_classes();
 
 bool is(char c, unsigned char bits) noexcept {
   return (kClasses[static_cast<unsigned char>(c)] & bits) != 0;
+}
+
+// The first byte at or after p (before end) outside %x21-7E, or outside %x20-7E when
+// `with_space`; also stops at "#" and "%" when `target`. Sixteen bytes at a time where SSE2 is
+// there (signed compares: bytes from 0x80 are negative, below the range).
+template <bool with_space, bool target>
+const char* skip_visible(const char* p, const char* end) noexcept {
+#if defined(__SSE2__)
+  const __m128i low = _mm_set1_epi8(with_space ? 0x1f : 0x20);
+  const __m128i high = _mm_set1_epi8(0x7f);
+  const __m128i hash = _mm_set1_epi8('#');
+  const __m128i percent = _mm_set1_epi8('%');
+  while (end - p >= 16) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    __m128i inside = _mm_and_si128(_mm_cmpgt_epi8(bytes, low), _mm_cmplt_epi8(bytes, high));
+    if (target) {
+      inside = _mm_andnot_si128(
+          _mm_or_si128(_mm_cmpeq_epi8(bytes, hash), _mm_cmpeq_epi8(bytes, percent)), inside);
+    }
+    const unsigned outside = ~static_cast<unsigned>(_mm_movemask_epi8(inside)) & 0xffffu;
+    if (outside != 0) return p + __builtin_ctz(outside);
+    p += 16;
+  }
+#endif
+  const unsigned char bits = target ? kTargetByte : with_space ? kValueByte : kVisibleByte;
+  while (p < end && is(*p, bits)) ++p;
+  return p;
 }
 
 // Matches `word` (which ends with its SP) at p; advances p past it.
@@ -129,7 +160,7 @@ bool scan(const char* data, std::size_t length, SimpleHead& head,
   if (!take_method(p, end, head.method)) return false;
   const char* const target = p;
   if (p == end || *p != '/') return false;
-  while ((!kBounded || p < end) && is(*p, kTargetByte)) ++p;
+  p = skip_visible<false, true>(p, end);
   head.target = std::string_view(target, static_cast<std::size_t>(p - target));
   if (end - p < 11 || std::memcmp(p, " HTTP/1.", 8) != 0 || (p[8] != '0' && p[8] != '1') ||
       p[9] != '\r' || p[10] != '\n') {
@@ -160,7 +191,7 @@ bool scan(const char* data, std::size_t length, SimpleHead& head,
     while ((!kBounded || p < end) && *p == ' ') ++p;
     if ((kBounded && p == end) || !is(*p, kVisibleByte)) return false;
     const char* const value = p;
-    while ((!kBounded || p < end) && is(*p, kValueByte)) ++p;
+    p = skip_visible<true, false>(p, end);
     if (end - p < 2 || p[0] != '\r' || p[1] != '\n' || p[-1] == ' ') return false;
     const std::string_view value_view(value, static_cast<std::size_t>(p - value));
     head.views_end = p;
