@@ -3,6 +3,7 @@
 #include <llhttp.h>
 
 #include <array>
+#include <cstdint>
 #include <cstring>
 #include <new>
 
@@ -129,8 +130,14 @@ enum class NameKind { plain, host, connection, content_length, refused };
 
 NameKind kind_of(std::string_view name) noexcept {
   switch (name.size()) {
-    case 4:
-      return equals_lower(name, "host") ? NameKind::host : NameKind::plain;
+    case 4: {
+      // The commonest name, tested as one word (the same fold as equals_lower's).
+      std::uint32_t word;
+      std::uint32_t host;
+      std::memcpy(&word, name.data(), 4);
+      std::memcpy(&host, "host", 4);
+      return (word | 0x20202020u) == host ? NameKind::host : NameKind::plain;
+    }
     case 6:
       return equals_lower(name, "expect") ? NameKind::refused : NameKind::plain;
     case 7:

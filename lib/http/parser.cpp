@@ -305,8 +305,7 @@ bool RequestParser::take_simple_head(const char* data, std::size_t length) noexc
       head.header_bytes > limits_->max_header_bytes ||
       request.headers_.size() > limits_->max_header_count || head.host_count > 1 ||
       (head.http_minor == 1 && head.host_count == 0) ||
-      (head.host_count == 1 && !detail::is_simple_host(head.host) &&
-       (head.host.find_first_of(", \t") != std::string_view::npos || !is_valid_host(head.host)))) {
+      (head.host_count == 1 && !known_valid_host(head.host))) {
     request.headers_.clear();
     return false;
   }
@@ -324,6 +323,24 @@ bool RequestParser::take_simple_head(const char* data, std::size_t length) noexc
   views_end_ = head.views_end;
   scan_from_ = data + head.length;
   keep_alive_ = true;
+  return true;
+}
+
+// The Host checks of on_header_value_complete(), remembering the last host that passed: the
+// requests of one connection (and of most clients) name the same host.
+bool RequestParser::known_valid_host(std::string_view host) noexcept {
+  if (host.size() == last_valid_host_size_ &&
+      std::memcmp(host.data(), last_valid_host_.data(), host.size()) == 0) {
+    return true;
+  }
+  if (!detail::is_simple_host(host) &&
+      (host.find_first_of(", \t") != std::string_view::npos || !is_valid_host(host))) {
+    return false;
+  }
+  if (host.size() <= last_valid_host_.size()) {
+    std::memcpy(last_valid_host_.data(), host.data(), host.size());
+    last_valid_host_size_ = host.size();
+  }
   return true;
 }
 

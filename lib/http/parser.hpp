@@ -3,6 +3,7 @@
 // the model: one static table of trampolines, views into the caller's buffer, pause per message.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <string_view>
@@ -88,6 +89,7 @@ class RequestParser {
   int fail(int status, std::string_view reason) noexcept;
   void begin_message() noexcept;
   bool take_simple_head(const char* data, std::size_t length) noexcept;
+  bool known_valid_host(std::string_view host) noexcept;
   int on_message_begin() noexcept;
   int on_method(const char* at, std::size_t length) noexcept;
   int on_url(const char* at, std::size_t length) noexcept;
@@ -132,8 +134,10 @@ class RequestParser {
   bool fast_head_ = true;                    // Try take_simple_head() before llhttp.
   bool after_last_message_ = false;          // A message without keep-alive was answered.
   bool llhttp_used_ = false;                 // llhttp_execute() ran since the last reset.
-  int error_status_ = 0;                     // Set by fail() or from llhttp's error.
-  std::string_view error_reason_;            // A static string naming the problem.
+  std::array<char, 64> last_valid_host_{};   // A Host value that passed the checks,
+  std::size_t last_valid_host_size_ = ~std::size_t{0};  // of this length (none: ~0).
+  int error_status_ = 0;                                // Set by fail() or from llhttp's error.
+  std::string_view error_reason_;                       // A static string naming the problem.
 };
 
 }  // namespace squall::http
