@@ -75,40 +75,29 @@ const char* skip_visible(const char* p, const char* end) noexcept {
   return p;
 }
 
-// Matches `word` (which ends with its SP) at p; advances p past it.
-bool take(const char*& p, const char* end, std::string_view word) noexcept {
-  if (static_cast<std::size_t>(end - p) < word.size()) return false;
-  if (std::memcmp(p, word.data(), word.size()) != 0) return false;
-  p += word.size();
-  return true;
-}
-
-bool take_method(const char*& p, const char* end, int& method) noexcept {
+bool take_method(const char*& p, const char* end, SimpleHead& head) noexcept {
   if (p == end) return false;
+  const auto match = [&](int method, std::string_view name) noexcept {
+    if (static_cast<std::size_t>(end - p) <= name.size() ||
+        std::memcmp(p, name.data(), name.size()) != 0 || p[name.size()] != ' ') {
+      return false;
+    }
+    head.method = method;
+    head.method_name = name;
+    p += name.size() + 1;
+    return true;
+  };
   switch (*p) {
     case 'G':
-      method = HTTP_GET;
-      return take(p, end, "GET ");
+      return match(HTTP_GET, "GET");
     case 'H':
-      method = HTTP_HEAD;
-      return take(p, end, "HEAD ");
+      return match(HTTP_HEAD, "HEAD");
     case 'D':
-      method = HTTP_DELETE;
-      return take(p, end, "DELETE ");
+      return match(HTTP_DELETE, "DELETE");
     case 'O':
-      method = HTTP_OPTIONS;
-      return take(p, end, "OPTIONS ");
+      return match(HTTP_OPTIONS, "OPTIONS");
     case 'P':
-      if (take(p, end, "POST ")) {
-        method = HTTP_POST;
-        return true;
-      }
-      if (take(p, end, "PUT ")) {
-        method = HTTP_PUT;
-        return true;
-      }
-      method = HTTP_PATCH;
-      return take(p, end, "PATCH ");
+      return match(HTTP_POST, "POST") || match(HTTP_PUT, "PUT") || match(HTTP_PATCH, "PATCH");
     default:
       return false;
   }
@@ -164,7 +153,7 @@ bool scan(const char* data, std::size_t length, SimpleHead& head,
   const char* p = data;
   const char* const end = data + length;
 
-  if (!take_method(p, end, head.method)) return false;
+  if (!take_method(p, end, head)) return false;
   const char* const target = p;
   if (p == end || *p != '/') return false;
   p = skip_visible<false, true>(p, end);

@@ -27,6 +27,7 @@ namespace squall::http::detail {
 
 struct SimpleHead {
   int method = 0;                   // An llhttp_method_t.
+  std::string_view method_name;     // Its name, as llhttp_method_name() spells it.
   std::string_view target;          // Into the input.
   int http_minor = 1;               // 0 or 1.
   std::size_t length = 0;           // Bytes through the blank line that ends the head.

@@ -309,7 +309,7 @@ bool RequestParser::take_simple_head(const char* data, std::size_t length) noexc
     request.headers_.clear();
     return false;
   }
-  request.method_ = llhttp_method_name(static_cast<llhttp_method_t>(head.method));
+  request.method_ = head.method_name;
   request.http_major_ = 1;
   request.http_minor_ = head.http_minor;
   request.target_ = head.target;

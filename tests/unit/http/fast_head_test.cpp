@@ -181,6 +181,18 @@ TEST_CASE("the fast head path reads the commonest heads") {
   CHECK_FALSE(fast_path_reads("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"));
 }
 
+TEST_CASE("the fast head path spells each method as llhttp does") {
+  for (const char* method : {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"}) {
+    CAPTURE(method);
+    const std::string input = std::string(method) + " / HTTP/1.1\r\nHost: a\r\n\r\n";
+    squall::http::detail::SimpleHead head;
+    std::vector<Header> headers;
+    REQUIRE(squall::http::detail::scan_simple_head(input.data(), input.size(), head, headers));
+    CHECK(head.method_name == method);
+    CHECK(head.method_name == llhttp_method_name(static_cast<llhttp_method_t>(head.method)));
+  }
+}
+
 TEST_CASE("a simple Host value is decided by one table lookup per byte") {
   using squall::http::detail::is_simple_host;
   CHECK(is_simple_host("example.test"));
