@@ -74,9 +74,9 @@ std::string_view ConnectionContext::head_prefix(int status, std::string_view con
   }
   if (found != nullptr && now.size() == kDateLength) {
     // The same second in most calls; a new one is patched in place.
-    char* date_text = found->text.data() + found->date_offset;
-    if (std::memcmp(date_text, now.data(), kDateLength) != 0) {
-      std::memcpy(date_text, now.data(), kDateLength);
+    if (found->date_second != date.second()) {
+      std::memcpy(found->text.data() + found->date_offset, now.data(), kDateLength);
+      found->date_second = date.second();
     }
     return found->text;
   }
@@ -93,6 +93,7 @@ std::string_view ConnectionContext::head_prefix(int status, std::string_view con
   text.append(std::to_string(status)).append(" ").append(reason_phrase(status));
   text.append("\r\nServer: ").append(options.server_name).append("\r\nDate: ");
   prefix.date_offset = text.size();
+  prefix.date_second = date.second();
   text.append(now).append("\r\n");
   if (!content_type.empty()) text.append("Content-Type: ").append(content_type).append("\r\n");
   if (content_length) text.append("Content-Length: ");

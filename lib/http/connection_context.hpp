@@ -108,11 +108,12 @@ class ConnectionContext {
 
   // One cached response-head prefix (head_prefix()).
   struct HeadPrefix {
-    int status = 0;               // 0: unused.
-    bool content_length = false;  // Ends with "Content-Length: ".
-    std::string content_type;     // As asked for.
-    std::size_t date_offset = 0;  // Where the Date value starts in text.
-    std::string text;             // The prefix.
+    int status = 0;                // 0: unused.
+    bool content_length = false;   // Ends with "Content-Length: ".
+    std::string content_type;      // As asked for.
+    std::size_t date_offset = 0;   // Where the Date value starts in text.
+    std::time_t date_second = -1;  // The second the Date in text is for.
+    std::string text;              // The prefix.
   };
   // The Date value's length: an IMF-fixdate is always 29 bytes.
   static constexpr std::size_t kDateLength = 29;

@@ -23,7 +23,8 @@ struct PendingWrite {
 void append_decimal(std::string& out, std::uint64_t value) {
   char digits[24];
   const auto result = std::to_chars(digits, digits + sizeof digits, value);
-  out.append(digits, result.ptr);
+  // The (pointer, length) overload: the iterator pair would go through replace().
+  out.append(digits, static_cast<std::size_t>(result.ptr - digits));
 }
 
 }  // namespace
