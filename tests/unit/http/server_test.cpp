@@ -623,11 +623,13 @@ TEST_CASE("cached response heads keep each status and content type apart") {
   run_with_client(loop, router, [&](std::uint16_t port) {
     Client client(port);
     std::string requests;
-    for (const auto& [path, _] : expected) {
-      requests += "GET " + path + " HTTP/1.1\r\nHost: t\r\n\r\n";
+    for (const auto& entry : expected) {
+      requests += "GET " + entry.first + " HTTP/1.1\r\nHost: t\r\n\r\n";
     }
     client.send(requests);
-    for (const auto& [path, head] : expected) {
+    for (const auto& entry : expected) {
+      const std::string& path = entry.first;
+      const std::string& head = entry.second;
       const std::string answer = client.read_response();
       CAPTURE(path);
       CAPTURE(answer);
