@@ -98,9 +98,10 @@ UNIT_TESTS := $(BUILD)/unit_tests
 PYTHON := /usr/bin/python3
 
 # libFuzzer targets (`make fuzz`, clang only): each links just the objects it exercises.
-FUZZ_TARGETS := parser email config
+FUZZ_TARGETS := parser fast_head email config
 FUZZ_BINS := $(FUZZ_TARGETS:%=$(BUILD)/%_fuzz)
-FUZZ_OBJS_parser := $(BUILD)/lib/http/parser.o $(BUILD)/lib/http/request.o $(LLHTTP_OBJS)
+FUZZ_OBJS_parser := $(BUILD)/lib/http/parser.o $(BUILD)/lib/http/fast_head.o $(BUILD)/lib/http/request.o $(LLHTTP_OBJS)
+FUZZ_OBJS_fast_head := $(FUZZ_OBJS_parser)
 FUZZ_OBJS_email := $(BUILD)/lib/mail/email.o
 FUZZ_OBJS_config := $(BUILD)/server/config.o
 # Seconds each target runs in `make test`; `make fuzz-run FUZZ_SECONDS=600` runs longer.

@@ -155,7 +155,12 @@ void Connection::process() noexcept {
     in_process_ = true;
     Workspace& workspace = *workspace_;
     RequestParser& parser = workspace.parser;
+    bool clock_read = false;  // One clock read per pass serves the requests it starts.
     while (state_ == State::reading && !output_blocked_ && workspace.begin < workspace.end) {
+      if (!clock_read) {
+        context_->clock_ns = uv_hrtime();
+        clock_read = true;
+      }
       if (parser.phase() == ParsePhase::idle) {
         if (unsent() > 0 && context_->unsent_budget.exhausted()) {
           // Clients that do not read hold more unsent bytes than the server allows: one that
@@ -168,7 +173,7 @@ void Connection::process() noexcept {
         first_byte_seen_ = true;
         workspace.request.connection_ = this;
         parser.attach(&workspace.request);
-        workspace.request_start_ns = uv_hrtime();
+        workspace.request_start_ns = context_->clock_ns;
       }
       const FeedResult result =
           parser.feed(workspace.buffer + workspace.begin, workspace.end - workspace.begin);
@@ -304,7 +309,8 @@ void Connection::dispatch() noexcept {
     return;
   }
   const Route& route = *match.route;
-  const std::uint64_t started = uv_hrtime();
+  // This pass's clock, or the end of the handler before (dispatch() runs inside process()).
+  const std::uint64_t started = context_->clock_ns;
   const char* failure = nullptr;
   std::string what;
   handler_running_ = true;
@@ -318,7 +324,8 @@ void Connection::dispatch() noexcept {
     what = "an exception that is not a std::exception";
   }
   handler_running_ = false;
-  const std::uint64_t elapsed_ns = uv_hrtime() - started;
+  context_->clock_ns = uv_hrtime();
+  const std::uint64_t elapsed_ns = context_->clock_ns - started;
   const auto threshold_ns =
       static_cast<std::uint64_t>(context_->options.blocking_threshold.count()) * 1'000'000;
   if (elapsed_ns > threshold_ns) {

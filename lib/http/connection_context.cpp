@@ -1,6 +1,7 @@
 #include "http/connection_context.hpp"
 
 #include <algorithm>
+#include <cstring>
 
 #include <spdlog/spdlog.h>
 
@@ -55,6 +56,50 @@ void ConnectionContext::reconfigure(ServerOptions new_options) {
   workspace_capacity_ = std::max<std::size_t>(16 * 1024, (head + 4096 + 4095) / 4096 * 4096);
   keep_alive_header =
       "Keep-Alive: timeout=" + std::to_string(options.timeouts.keepalive.count() / 1000) + "\r\n";
+  keep_alive_tail = "\r\n" + keep_alive_header + "\r\n";
+  // The server name may have changed.
+  for (HeadPrefix& prefix : head_prefixes_) prefix.status = 0;
+}
+
+std::string_view ConnectionContext::head_prefix(int status, std::string_view content_type,
+                                                bool content_length) {
+  const std::string_view now = date.now();
+  HeadPrefix* found = nullptr;
+  for (HeadPrefix& prefix : head_prefixes_) {
+    if (prefix.status == status && prefix.content_length == content_length &&
+        prefix.content_type == content_type) {
+      found = &prefix;
+      break;
+    }
+  }
+  if (found != nullptr && now.size() == kDateLength) {
+    // The same second in most calls; a new one is patched in place.
+    if (found->date_second != date.second()) {
+      std::memcpy(found->text.data() + found->date_offset, now.data(), kDateLength);
+      found->date_second = date.second();
+    }
+    return found->text;
+  }
+  if (found == nullptr) {
+    found = &head_prefixes_[next_head_prefix_];
+    next_head_prefix_ = (next_head_prefix_ + 1) % head_prefixes_.size();
+  }
+  HeadPrefix& prefix = *found;
+  prefix.status = status;
+  prefix.content_length = content_length;
+  prefix.content_type.assign(content_type);
+  std::string& text = prefix.text;
+  text.assign("HTTP/1.1 ");
+  text.append(std::to_string(status)).append(" ").append(reason_phrase(status));
+  text.append("\r\nServer: ").append(options.server_name).append("\r\nDate: ");
+  prefix.date_offset = text.size();
+  prefix.date_second = date.second();
+  text.append(now).append("\r\n");
+  if (!content_type.empty()) text.append("Content-Type: ").append(content_type).append("\r\n");
+  if (content_length) text.append("Content-Length: ");
+  // A Date of another length (never, for an IMF-fixdate) is rebuilt each time.
+  if (now.size() != kDateLength) prefix.status = 0;
+  return text;
 }
 
 bool ConnectionContext::once_a_second(std::uint64_t& last_ms) noexcept {

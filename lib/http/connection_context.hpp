@@ -21,6 +21,7 @@
 #include "http/connection.hpp"
 #include "squall/core/clock.hpp"
 #include "squall/core/loop.hpp"
+#include "squall/http/response.hpp"
 #include "squall/http/server.hpp"
 
 namespace squall::http {
@@ -65,6 +66,12 @@ class ConnectionContext {
 
   // Once unsent bytes fall to half the budget, connections paused for it read again.
   void resume_output_waiters() noexcept;
+  // The start of a response head, "HTTP/1.1 <status> <reason>\r\nServer: ..\r\nDate: ..\r\n"
+  // then "Content-Type: <content_type>\r\n" unless it is empty, then "Content-Length: " when
+  // `content_length` (the caller appends the digits): built once per status, content type and
+  // second (the Date), so a response head is one copy of it. The view lives until the next call.
+  std::string_view head_prefix(int status, std::string_view content_type, bool content_length);
+
   // Whether a rate-limited log line may be written now; updates `last_ms`.
   bool once_a_second(std::uint64_t& last_ms) noexcept;
 
@@ -75,6 +82,7 @@ class ConnectionContext {
   ServerStats stats;                     // Counters for metrics.
   HttpDateCache date;                    // Shared Date header text.
   std::string keep_alive_header;         // "Keep-Alive: timeout=75\r\n".
+  std::string keep_alive_tail;           // "\r\n" + keep_alive_header + "\r\n".
   // Request bodies buffered by every connection, response bytes queued and not yet written,
   // and the connections open (against max_connections), of this server and of those it shares
   // them with.
@@ -85,6 +93,7 @@ class ConnectionContext {
   std::function<void()> on_connection_closed;                  // The server's drain check.
   std::atomic<bool> draining{false};     // Answers say Connection: close; read from any thread.
   bool output_waiters = false;           // Some connection paused for unsent_budget.
+  std::uint64_t clock_ns = 0;            // uv_hrtime at this pass's start or last handler's end.
   std::uint64_t last_budget_log_ms = 0;  // 503s for a spent budget are logged once a second.
 
  private:
@@ -97,6 +106,20 @@ class ConnectionContext {
   void schedule() noexcept;
   void on_timer() noexcept;
 
+  // One cached response-head prefix (head_prefix()).
+  struct HeadPrefix {
+    int status = 0;                // 0: unused.
+    bool content_length = false;   // Ends with "Content-Length: ".
+    std::string content_type;      // As asked for.
+    std::size_t date_offset = 0;   // Where the Date value starts in text.
+    std::time_t date_second = -1;  // The second the Date in text is for.
+    std::string text;              // The prefix.
+  };
+  // The Date value's length: an IMF-fixdate is always 29 bytes.
+  static constexpr std::size_t kDateLength = 29;
+
+  std::array<HeadPrefix, 8> head_prefixes_;           // The pairs in use, reused in turn.
+  std::size_t next_head_prefix_ = 0;                  // The entry a new pair replaces.
   std::array<List, Connection::kTimerPhases> lists_;  // One per TimerPhase.
   std::string cork_;                                  // Output gathered for cork_owner_.
   Connection* cork_owner_ = nullptr;                  // Whose bytes cork_ holds.

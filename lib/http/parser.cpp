@@ -7,6 +7,8 @@
 #include <cstring>
 #include <new>
 
+#include "http/fast_head.hpp"
+
 namespace squall::http {
 
 namespace {
@@ -178,7 +180,16 @@ int RequestParser::fail(int status, std::string_view reason) noexcept {
 
 FeedResult RequestParser::feed(const char* data, std::size_t length) noexcept {
   if (error_status_ != 0) return {ParseEvent::error, 0};
+  // A whole head of the simplest form at the start of a message skips llhttp. llhttp skips empty
+  // lines between messages without starting one (and may have taken a CR whose LF is owed): those
+  // bytes go to llhttp; any other first byte starts a message there as here. After a message
+  // without keep-alive llhttp reads no further message, and neither does this path.
+  if (fast_head_ && phase_ == ParsePhase::idle && !pending_cr_ && !after_last_message_ &&
+      length > 0 && *data != '\r' && *data != '\n' && take_simple_head(data, length)) {
+    return {ParseEvent::message_complete, static_cast<std::size_t>(scan_from_ - data)};
+  }
   scan_from_ = data;
+  llhttp_used_ = true;
   const llhttp_errno_t err = llhttp_execute(&parser_, data, length);
   const char* end = err == HPE_OK ? data + length : llhttp_get_error_pos(&parser_);
   const auto consumed = static_cast<std::size_t>(end - data);
@@ -245,11 +256,14 @@ void RequestParser::continue_after_expect() noexcept {
 
 void RequestParser::reset() noexcept {
   release_body_budget();
-  llhttp_reset(&parser_);
+  // A parser that only took fast-path heads has llhttp's state of a new parser already.
+  if (llhttp_used_) llhttp_reset(&parser_);
+  llhttp_used_ = false;
   request_ = nullptr;
   phase_ = ParsePhase::idle;
   message_start_ = views_end_ = value_end_ = scan_from_ = nullptr;
   pending_cr_ = false;
+  after_last_message_ = false;
   error_status_ = 0;
   error_reason_ = {};
 }
@@ -259,6 +273,7 @@ void RequestParser::next_message() noexcept {
     release_body_budget();
     std::string().swap(request_->body_);
   }
+  if (phase_ == ParsePhase::complete && !keep_alive_) after_last_message_ = true;
   phase_ = ParsePhase::idle;
   message_start_ = nullptr;
   views_end_ = nullptr;
@@ -278,8 +293,64 @@ void RequestParser::relocate(const char* old_begin, const char* old_end,
   if (request_ != nullptr) request_->relocate(old_begin, old_end, delta);
 }
 
+// A head that fast_head.hpp accepts is one llhttp accepts, with the same views; what remains is
+// what on_message_begin(), the header callbacks and on_headers_complete() would check and set.
+// Any check that would fail leaves the head to llhttp, which refuses it with its own status.
+bool RequestParser::take_simple_head(const char* data, std::size_t length) noexcept {
+  begin_message();
+  detail::SimpleHead head;
+  Request& request = *request_;
+  if (!detail::scan_simple_head(data, length, head, request.headers_) ||
+      head.target.size() > limits_->max_url_bytes ||
+      head.header_bytes > limits_->max_header_bytes ||
+      request.headers_.size() > limits_->max_header_count || head.host_count > 1 ||
+      (head.http_minor == 1 && head.host_count == 0) ||
+      (head.host_count == 1 && !known_valid_host(head.host))) {
+    request.headers_.clear();
+    return false;
+  }
+  request.method_ = head.method_name;
+  request.http_major_ = 1;
+  request.http_minor_ = head.http_minor;
+  request.target_ = head.target;
+  // Origin-form without escapes: the path is the target up to '?', as split_target() finds it.
+  const auto query_start = head.target.find('?');
+  request.path_ = head.target.substr(0, query_start);
+  if (query_start != std::string_view::npos)
+    request.raw_query_ = head.target.substr(query_start + 1);
+  phase_ = ParsePhase::complete;
+  message_start_ = data;
+  views_end_ = head.views_end;
+  scan_from_ = data + head.length;
+  keep_alive_ = true;
+  return true;
+}
+
+// The Host checks of on_header_value_complete(), remembering the last host that passed: the
+// requests of one connection (and of most clients) name the same host.
+bool RequestParser::known_valid_host(std::string_view host) noexcept {
+  if (host.size() == last_valid_host_size_ &&
+      std::memcmp(host.data(), last_valid_host_.data(), host.size()) == 0) {
+    return true;
+  }
+  if (!detail::is_simple_host(host) &&
+      (host.find_first_of(", \t") != std::string_view::npos || !is_valid_host(host))) {
+    return false;
+  }
+  if (host.size() <= last_valid_host_.size()) {
+    std::memcpy(last_valid_host_.data(), host.data(), host.size());
+    last_valid_host_size_ = host.size();
+  }
+  return true;
+}
+
 int RequestParser::on_message_begin() noexcept {
+  begin_message();
   phase_ = ParsePhase::head;
+  return HPE_OK;
+}
+
+void RequestParser::begin_message() noexcept {
   message_start_ = nullptr;
   views_end_ = nullptr;
   url_bytes_ = header_bytes_ = header_count_ = chunk_extension_bytes_ = 0;
@@ -288,7 +359,6 @@ int RequestParser::on_message_begin() noexcept {
   in_header_field_ = in_trailers_ = expect_continue_ = expect_unsupported_ = false;
   upgrade_requested_ = keep_alive_ = false;
   request_->clear();
-  return HPE_OK;
 }
 
 int RequestParser::on_method(const char* at, std::size_t) noexcept {

@@ -3,6 +3,7 @@
 // the model: one static table of trampolines, views into the caller's buffer, pause per message.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <string_view>
@@ -78,10 +79,17 @@ class RequestParser {
 
   const llhttp_t& llhttp() const noexcept { return parser_; }
 
+  // Whether a whole head of the simplest form is read in one pass without llhttp (fast_head.hpp);
+  // on by default. Off only to compare the two paths (tests, fuzzing).
+  void set_fast_head(bool enabled) noexcept { fast_head_ = enabled; }
+
  private:
   friend struct ParserCallbacks;
 
   int fail(int status, std::string_view reason) noexcept;
+  void begin_message() noexcept;
+  bool take_simple_head(const char* data, std::size_t length) noexcept;
+  bool known_valid_host(std::string_view host) noexcept;
   int on_message_begin() noexcept;
   int on_method(const char* at, std::size_t length) noexcept;
   int on_url(const char* at, std::size_t length) noexcept;
@@ -123,8 +131,13 @@ class RequestParser {
   bool expect_unsupported_ = false;          // An Expect value other than 100-continue.
   bool upgrade_requested_ = false;           // Upgrade asked for; served as HTTP, then closed.
   bool keep_alive_ = false;                  // llhttp_should_keep_alive at completion.
-  int error_status_ = 0;                     // Set by fail() or from llhttp's error.
-  std::string_view error_reason_;            // A static string naming the problem.
+  bool fast_head_ = true;                    // Try take_simple_head() before llhttp.
+  bool after_last_message_ = false;          // A message without keep-alive was answered.
+  bool llhttp_used_ = false;                 // llhttp_execute() ran since the last reset.
+  std::array<char, 64> last_valid_host_{};   // A Host value that passed the checks,
+  std::size_t last_valid_host_size_ = ~std::size_t{0};  // of this length (none: ~0).
+  int error_status_ = 0;                                // Set by fail() or from llhttp's error.
+  std::string_view error_reason_;                       // A static string naming the problem.
 };
 
 }  // namespace squall::http

@@ -23,7 +23,8 @@ struct PendingWrite {
 void append_decimal(std::string& out, std::uint64_t value) {
   char digits[24];
   const auto result = std::to_chars(digits, digits + sizeof digits, value);
-  out.append(digits, result.ptr);
+  // The (pointer, length) overload: the iterator pair would go through replace().
+  out.append(digits, static_cast<std::size_t>(result.ptr - digits));
 }
 
 }  // namespace
@@ -37,19 +38,19 @@ void Connection::write_head(int status, std::string_view content_type, std::size
   Workspace& workspace = *workspace_;
   workspace.response_status = status;
   std::string& out = context_->cork_for(this);
-  out.append("HTTP/1.1 ");
-  append_decimal(out, static_cast<std::uint64_t>(status));
-  out.push_back(' ');
-  out.append(reason_phrase(status));
-  out.append("\r\nServer: ").append(context_->options.server_name);
-  out.append("\r\nDate: ").append(context_->date.now());
-  out.append("\r\n");
-  if (!content_type.empty()) out.append("Content-Type: ").append(content_type).append("\r\n");
+  // Status line, Server, Date, Content-Type and "Content-Length: " come cached, one copy.
+  const bool has_length =
+      !chunked && !workspace.response_close_delimited && status != 204 && status != 304;
+  out.append(context_->head_prefix(status, content_type, has_length));
   if (chunked) {
     out.append("Transfer-Encoding: chunked\r\n");
-  } else if (!workspace.response_close_delimited && status != 204 && status != 304) {
-    out.append("Content-Length: ");
+  } else if (has_length) {
     append_decimal(out, content_length);
+    if (workspace.response_headers.empty() && workspace.keep_alive &&
+        workspace.request.http_minor() != 0) {
+      out.append(context_->keep_alive_tail);  // The common ending in one copy.
+      return;
+    }
     out.append("\r\n");
   }
   out.append(workspace.response_headers);

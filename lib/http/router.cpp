@@ -24,6 +24,8 @@ bool is_parameter(std::string_view segment) noexcept {
 
 // Matches `path` against a route's segments, appending parameters on success.
 bool match(const Route& route, std::string_view path, std::vector<RouteParam>& params) {
+  // Segments without parameters match exactly the paths that join to the pattern.
+  if (!route.has_parameters) return path == route.pattern;
   const std::size_t params_before = params.size();
   std::size_t index = 0;
   bool matched = true;
@@ -72,6 +74,7 @@ void Router::add(std::string_view method, std::string_view pattern, Handler hand
       throw std::invalid_argument("route pattern \"" + std::string(pattern) +
                                   "\": a parameter must be a whole segment such as {id}");
     }
+    if (is_parameter(segment)) route.has_parameters = true;
     route.segments.emplace_back(segment);
   });
   for (const Route& existing : routes_) {

@@ -45,6 +45,7 @@ struct Route {
   std::string pattern;                // As registered; also the metrics' route label.
   std::vector<std::string> segments;  // The pattern split at '/'; "{name}" is a parameter.
   Handler handler;                    // What answers.
+  bool has_parameters = false;        // Some segment is "{name}"; otherwise only `pattern` matches.
 };
 
 struct RouteMatch {

@@ -592,3 +592,51 @@ TEST_CASE("a shared memory budget is taken and given back from several threads")
   budget.give_back(5000);  // More than was taken: clamps at zero.
   CHECK(budget.used.load() == 0);
 }
+
+TEST_CASE("cached response heads keep each status and content type apart") {
+  // More pairs than the cache holds, and content types built per request in a buffer of one
+  // length, so neither eviction nor a reused address can hand one answer another's head.
+  Loop loop;
+  http::Router router;
+  router.add("GET", "/type/{name}", [](http::Request& request, http::Responder responder) {
+    const std::string content_type = "text/" + std::string(request.param("name"));
+    responder.send(200, content_type, "typed");
+  });
+  router.add("GET", "/status/{code}", [](http::Request& request, http::Responder responder) {
+    responder.send(std::stoi(std::string(request.param("code"))), "text/plain", "status");
+  });
+  const std::vector<std::pair<std::string, std::string>> expected = {
+      {"/type/aaaa", "HTTP/1.1 200 OK\r\nServer: squall\r\nDate: "},
+      {"/type/bbbb", "Content-Type: text/bbbb\r\nContent-Length: 5\r\n"},
+      {"/status/201", "HTTP/1.1 201 Created\r\n"},
+      {"/status/202", "HTTP/1.1 202 Accepted\r\n"},
+      {"/status/400", "HTTP/1.1 400 Bad Request\r\n"},
+      {"/status/404", "HTTP/1.1 404 Not Found\r\n"},
+      {"/type/cccc", "Content-Type: text/cccc\r\n"},
+      {"/type/dddd", "Content-Type: text/dddd\r\n"},
+      {"/status/500", "HTTP/1.1 500 Internal Server Error\r\n"},
+      {"/status/503", "HTTP/1.1 503 Service Unavailable\r\n"},
+      {"/type/aaaa", "Content-Type: text/aaaa\r\n"},
+      {"/status/201", "HTTP/1.1 201 Created\r\n"},
+      {"/type/bbbb", "Content-Type: text/bbbb\r\n"},
+  };
+  run_with_client(loop, router, [&](std::uint16_t port) {
+    Client client(port);
+    std::string requests;
+    for (const auto& entry : expected) {
+      requests += "GET " + entry.first + " HTTP/1.1\r\nHost: t\r\n\r\n";
+    }
+    client.send(requests);
+    for (const auto& entry : expected) {
+      const std::string& path = entry.first;
+      const std::string& head = entry.second;
+      const std::string answer = client.read_response();
+      CAPTURE(path);
+      CAPTURE(answer);
+      CHECK(answer.find(head) != std::string::npos);
+      const bool typed = path.rfind("/type/", 0) == 0;
+      const std::string type = typed ? "text/" + path.substr(6) : "text/plain";
+      CHECK(answer.find("\r\nContent-Type: " + type + "\r\n") != std::string::npos);
+    }
+  });
+}

@@ -1,0 +1,260 @@
+#include "http/fast_head.hpp"
+
+#include <doctest/doctest.h>
+
+#include <string>
+#include <vector>
+
+#include "http/parser_trace.hpp"
+
+using squall::http::Header;
+using squall::http::Limits;
+using squall::http::testing::ParserTrace;
+using squall::http::testing::trace_parser;
+
+namespace {
+
+bool fast_path_reads(const std::string& input) {
+  squall::http::detail::SimpleHead head;
+  std::vector<Header> headers;
+  return squall::http::detail::scan_simple_head(input.data(), input.size(), head, headers);
+}
+
+Limits small_limits() {
+  Limits limits;
+  limits.max_url_bytes = 12;
+  limits.max_header_bytes = 40;
+  limits.max_header_count = 3;
+  limits.max_body_bytes = 16;
+  return limits;
+}
+
+// Runs `input` through both paths, whole and split at each offset in `splits` (one split per
+// run), under the default and under small limits; every run must see the same thing.
+// Returns how many of the runs completed at least one message.
+int compare_paths(const std::string& input, const std::vector<std::size_t>& splits) {
+  int completed = 0;
+  for (const Limits& limits : {Limits{}, small_limits()}) {
+    std::vector<std::vector<std::size_t>> runs{{}};
+    for (const std::size_t split : splits) runs.push_back({split});
+    for (const auto& run : runs) {
+      const ParserTrace fast = trace_parser(input, run, limits, true);
+      const ParserTrace llhttp = trace_parser(input, run, limits, false);
+      if (fast.text != llhttp.text) {
+        CAPTURE(input);
+        CAPTURE(run.empty() ? 0 : run[0]);
+        CHECK(fast.text == llhttp.text);
+        return completed;
+      }
+      if (fast.messages > 0) ++completed;
+    }
+  }
+  return completed;
+}
+
+std::vector<std::size_t> every_split(const std::string& input) {
+  std::vector<std::size_t> splits;
+  for (std::size_t i = 1; i < input.size(); ++i) splits.push_back(i);
+  return splits;
+}
+
+const std::vector<std::string> kRequestLines = {
+    "GET / HTTP/1.1",
+    "GET /plaintext HTTP/1.1",
+    "HEAD /a?b=c&d HTTP/1.1",
+    "POST /email HTTP/1.1",
+    "PUT /x/y HTTP/1.0",
+    "DELETE /jobs/12 HTTP/1.1",
+    "OPTIONS /o HTTP/1.1",
+    "PATCH /p?q HTTP/1.1",
+    "GET /a%20b HTTP/1.1",
+    "GET /a#frag HTTP/1.1",
+    "GET /?x=%zz HTTP/1.1",
+    "GET * HTTP/1.1",
+    "OPTIONS * HTTP/1.1",
+    "GET http://h/a HTTP/1.1",
+    "GET /averyveryverylongtarget HTTP/1.1",
+    "GET /a HTTP/1.2",
+    "GET /a HTTP/2.0",
+    "GET /a HTTP/0.9",
+    "GET /a http/1.1",
+    "GET /a",
+    "GET /a HTTP/1.1 ",
+    "GET  /a HTTP/1.1",
+    "GET /a  HTTP/1.1",
+    "get /a HTTP/1.1",
+    "GETS /a HTTP/1.1",
+    "PUTT /a HTTP/1.1",
+    "PAT /a HTTP/1.1",
+    "CONNECT h:80 HTTP/1.1",
+    "TRACE / HTTP/1.1",
+    "PRI * HTTP/2.0",
+    "GET /\x7f HTTP/1.1",
+    "GET /\x80 HTTP/1.1",
+    "GET /a\tb HTTP/1.1",
+    "GET /a\"<>\\^`{|} HTTP/1.1",
+};
+
+const std::vector<std::string> kHeaderSets = {
+    "Host: a\r\n",
+    "Host: example.test:8080\r\nUser-Agent: wrk\r\nAccept: */*\r\n",
+    "Host: [::1]:80\r\n",
+    "Host: [v1.x]\r\n",
+    "Host: [zz]\r\n",
+    "Host: a, b\r\n",
+    "Host: a,b\r\n",
+    "Host: a_b~c!$&'()*+;=.-:8080\r\n",
+    "Host: a:\r\n",
+    "Host: :80\r\n",
+    "Host: a:8x\r\n",
+    "Host: a:80:80\r\n",
+    "Host: 127.0.0.1:65535\r\n",
+    "Host: a/b\r\n",
+    "Host: a@b\r\n",
+    "Host: a b\r\n",
+    "Host: a:b\r\n",
+    "Host: %41\r\n",
+    "Host: %4\r\n",
+    "Host:\r\n",
+    "Host: \r\n",
+    "Host:a\r\n",
+    "Host:    a\r\n",
+    "Host:\ta\r\n",
+    "Host: a \r\n",
+    "Host: a\t\r\n",
+    "Host: a\r\nHost: a\r\n",
+    "HOST: a\r\n",
+    "",
+    "X-A: 1\r\n",
+    "Host: a\r\nConnection: keep-alive\r\n",
+    "Host: a\r\nConnection: Keep-Alive\r\n",
+    "Host: a\r\nConnection: close\r\n",
+    "Host: a\r\nConnection: upgrade\r\nUpgrade: ws\r\n",
+    "Host: a\r\nConnection: keep-alive, x\r\n",
+    "Host: a\r\nProxy-Connection: close\r\n",
+    "Connection: keep-alive\r\n",
+    "Host: a\r\nContent-Length: 0\r\n",
+    "Host: a\r\nContent-Length: 00\r\n",
+    "Host: a\r\nContent-Length: 0 \r\n",
+    "Host: a\r\nContent-Length: 3\r\n",
+    "Host: a\r\nContent-Length: 0\r\nContent-Length: 0\r\n",
+    "Host: a\r\nContent-Length: +0\r\n",
+    "Host: a\r\nTransfer-Encoding: chunked\r\n",
+    "Host: a\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n",
+    "Host: a\r\nExpect: 100-continue\r\n",
+    "Host: a\r\nExpect: 100-continue\r\nContent-Length: 0\r\n",
+    "Host: a\r\nExpect: other\r\n",
+    "Host: a\r\nUpgrade: h2c\r\n",
+    "Host: a\r\nX-Custom : 1\r\n",
+    "Host: a\r\n X-Fold: 1\r\n",
+    "Host: a\r\nX-Fold: 1\r\n 2\r\n",
+    "Host: a\r\nX-Fold: 1\r\n\t2\r\n",
+    " Host: a\r\n",
+    "Host: a\r\nX-Bare: a\rb\r\n",
+    std::string("Host: a\r\nX-Nul: a\0b\r\n", 21),
+    "Host: a\r\nX-Del: a\x7f\r\n",
+    "Host: a\r\nX-High: caf\xc3\xa9\r\n",
+    "Host: a\r\nX-Tab: a\tb\r\n",
+    "Host: a\r\nX-Space: a b  c\r\n",
+    "Host: a\r\n: novalue\r\n",
+    "Host: a\r\nX_Under.score~!#$%&'*+^`|: v\r\n",
+    "Host: a\r\nX(paren): v\r\n",
+    "Host: a\r\nX-Empty:\r\n",
+    "Host: a\r\nX-Empty: \r\n",
+    "Host: a\r\nX-Long: 012345678901234567890123456789\r\n",
+    "Host: a\r\nB: 1\r\nC: 2\r\nD: 3\r\n",
+    "Host: a\r\nX-Colon: a:b::c\r\n",
+    "Host: a\nX-Lf: 1\r\n",
+    "Host: a\r\nX-Lf: 1\n",
+};
+
+}  // namespace
+
+TEST_CASE("the fast head path reads the commonest heads") {
+  CHECK(fast_path_reads("GET /plaintext HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"));
+  CHECK(fast_path_reads("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"));
+  CHECK(fast_path_reads("POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\nrest"));
+  // An incomplete head, a body to come, or a connection to close: left to llhttp.
+  CHECK_FALSE(fast_path_reads("GET / HTTP/1.1\r\nHost: a\r\n"));
+  CHECK_FALSE(fast_path_reads("POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx"));
+  CHECK_FALSE(fast_path_reads("GET / HTTP/1.0\r\n\r\n"));
+  CHECK_FALSE(fast_path_reads("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"));
+}
+
+TEST_CASE("the fast head path spells each method as llhttp does") {
+  for (const char* method : {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"}) {
+    CAPTURE(method);
+    const std::string input = std::string(method) + " / HTTP/1.1\r\nHost: a\r\n\r\n";
+    squall::http::detail::SimpleHead head;
+    std::vector<Header> headers;
+    REQUIRE(squall::http::detail::scan_simple_head(input.data(), input.size(), head, headers));
+    CHECK(head.method_name == method);
+    CHECK(head.method_name == llhttp_method_name(static_cast<llhttp_method_t>(head.method)));
+  }
+}
+
+TEST_CASE("a simple Host value is decided by one table lookup per byte") {
+  using squall::http::detail::is_simple_host;
+  CHECK(is_simple_host("example.test"));
+  CHECK(is_simple_host("127.0.0.1:8080"));
+  CHECK(is_simple_host(""));
+  CHECK(is_simple_host("a:"));
+  // Not simple (the full check decides): escapes, IP-literals, lists, stray bytes.
+  CHECK_FALSE(is_simple_host("%41"));
+  CHECK_FALSE(is_simple_host("[::1]:80"));
+  CHECK_FALSE(is_simple_host("a,b"));
+  CHECK_FALSE(is_simple_host("a:8x"));
+  CHECK_FALSE(is_simple_host("a b"));
+}
+
+TEST_CASE("the fast head path and llhttp see the same generated heads, split at every point") {
+  int completed = 0;
+  int fast = 0;
+  for (const std::string& line : kRequestLines) {
+    for (const std::string& headers : kHeaderSets) {
+      const std::string head = line + "\r\n" + headers + "\r\n";
+      if (fast_path_reads(head)) ++fast;
+      // Alone, twice (the second Host is the remembered one), followed by another request, and
+      // followed by a request that llhttp reads.
+      for (const std::string& after :
+           {std::string(), head, std::string("GET /next HTTP/1.1\r\nHost: b\r\n\r\n"),
+            std::string("\r\nPOST /b HTTP/1.1\r\nHost: b\r\nContent-Length: 2\r\n\r\nhi")}) {
+        const std::string input = head + after;
+        completed += compare_paths(
+            input, after.empty() ? every_split(input) : std::vector<std::size_t>{head.size()});
+      }
+    }
+  }
+  // The grid reaches both sides of the subset's edge.
+  CHECK(fast > 100);
+  CHECK(completed > 1000);
+}
+
+TEST_CASE("the fast head path and llhttp agree on every near-miss byte of a simple head") {
+  const std::string base =
+      "GET /p/q?r=s HTTP/1.1\r\nHost: h.test:80\r\nX-Tok!en: v a l\r\nContent-Length: 0\r\n\r\n";
+  REQUIRE(fast_path_reads(base));
+  static constexpr char kNearMisses[] =
+      "\0\t\n\r :;,#%/?\\\"()<>@[]{}\x7f\x80\xff"
+      "0Aa~-";
+  const std::string near_misses(kNearMisses, sizeof kNearMisses - 1);
+  for (std::size_t i = 0; i < base.size(); ++i) {
+    for (const char byte : near_misses) {
+      std::string replaced = base;
+      replaced[i] = byte;
+      std::string inserted = base;
+      inserted.insert(i, 1, byte);
+      for (const std::string& input : {replaced, inserted}) {
+        compare_paths(input, {input.size() / 2, i == 0 ? 1 : i});
+      }
+    }
+    std::string removed = base;
+    removed.erase(i, 1);
+    compare_paths(removed, {i == 0 ? 1 : i});
+  }
+}
+
+TEST_CASE("the fast head path takes a head after empty lines only once llhttp has skipped them") {
+  const std::string input = "\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n";
+  CHECK(compare_paths(input, every_split(input)) > 0);
+}
