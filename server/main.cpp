@@ -725,15 +725,17 @@ class Squalld {
     // Each server accepts what its listeners still queue, then closes them. Worker 0's
     // sockets receive every new connection from now on and close last, once the other
     // workers' have closed: no connection is queued on a socket after its last accept.
+    // Worker 0 drains at once meanwhile (what it answers says Connection: close).
     const auto deadline = config_.timeouts.drain;
     std::vector<std::string> bound;
     for (const OpenListener& open : listeners_) bound.push_back(open.bound);
     steer_to_first_worker(bound);
+    workers_.front()->server->drain(deadline, one_done, true);
     after_other_workers(
         [deadline, one_done](squalld::Worker& worker, const RemoteLoop& primary) {
           worker.server->drain(deadline, [one_done, primary] { primary.call_soon(one_done); });
         },
-        [this, deadline, one_done] { workers_.front()->server->drain(deadline, one_done); });
+        [this] { workers_.front()->server->stop_listening(); });
     // At the deadline, sends still running are aborted (libcurl notices within a second) and
     // their jobs released for the next start; the loop stops once that is recorded, or a
     // short grace later whatever happens, so the exit stays bounded by the drain deadline.

@@ -188,23 +188,33 @@ void Server::refuse(uv_tcp_t* refused) {
   uv_try_write(reinterpret_cast<uv_stream_t*>(refused), &buf, 1);
 }
 
-void Server::drain(std::chrono::milliseconds deadline, std::function<void()> on_drained) {
+void Server::drain(std::chrono::milliseconds deadline, std::function<void()> on_drained,
+                   bool keep_listening) {
   if (context_->draining) return;
   context_->draining = true;
   on_drained_ = std::move(on_drained);
   // Idle connections close before the waiting ones are accepted, which are all new.
   for (Connection* connection : context_->open_connections()) connection->drain();
-  for (auto& listener : listeners_) close_after_accepting(*listener);
-  listeners_.clear();
-  if (context_->has_open_connections()) {
+  if (!keep_listening) {
+    for (auto& listener : listeners_) close_after_accepting(*listener);
+    listeners_.clear();
+  }
+  if (context_->has_open_connections() || !listeners_.empty()) {
     drain_deadline_ms_ = static_cast<std::uint64_t>(deadline.count());
     drain_timer_ = loop_.call_later(deadline, [this] {
       drain_timer_ = 0;
       spdlog::warn("drain deadline ({} ms) passed with {} connections open; closing them",
                    drain_deadline_ms_, context_->stats.connections_open);
       close_all();
+      finish_drain_if_done();  // When only listeners were left.
     });
   }
+  finish_drain_if_done();
+}
+
+void Server::stop_listening() noexcept {
+  for (auto& listener : listeners_) close_after_accepting(*listener);
+  listeners_.clear();
   finish_drain_if_done();
 }
 
@@ -223,7 +233,10 @@ void Server::close_all() noexcept {
 }
 
 void Server::finish_drain_if_done() {
-  if (!context_->draining || context_->has_open_connections() || !on_drained_) return;
+  if (!context_->draining || context_->has_open_connections() || !listeners_.empty() ||
+      !on_drained_) {
+    return;
+  }
   close_drain_timer();
   auto done = std::move(on_drained_);
   on_drained_ = nullptr;

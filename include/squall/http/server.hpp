@@ -129,7 +129,13 @@ class Server {
   // accepted first, then the listeners close), close connections idle between requests now,
   // let the others send and finish their current request (answered with Connection: close);
   // after `deadline` close whatever is left. `on_drained` runs once no connection is left.
-  void drain(std::chrono::milliseconds deadline, std::function<void()> on_drained);
+  // With `keep_listening`, the listeners stay open until stop_listening() (what they accept
+  // meanwhile is answered with Connection: close), and `on_drained` waits for that too.
+  void drain(std::chrono::milliseconds deadline, std::function<void()> on_drained,
+             bool keep_listening = false);
+  // Accepts what the listeners still queue and closes them (the second step of a drain that
+  // kept listening).
+  void stop_listening() noexcept;
   // Closes every listener and connection at once.
   void close_all() noexcept;
   bool draining() const noexcept;

@@ -292,6 +292,46 @@ TEST_CASE("drain answers the connections waiting in the listen queue, with Conne
   CHECK(loop.close() == 0);
 }
 
+TEST_CASE("a drain that keeps listening answers with Connection: close until stop_listening") {
+  http::Router router;
+  router.add("GET", "/x", [](http::Request&, http::Responder responder) {
+    responder.send(200, "text/plain", "answered");
+  });
+  Loop loop;
+  {
+    http::Server server(loop, std::make_shared<const http::Router>(router), {});
+    server.listen("127.0.0.1", 0);
+    const std::uint16_t port = server.listeners().front()->bound_port();
+    bool drained = false;
+    auto on_drained = [&] {
+      drained = true;
+      loop.stop();
+    };
+    server.drain(5s, on_drained, true);
+    CHECK(server.listeners().size() == 1);
+    CHECK_FALSE(drained);  // No connection, but still listening.
+    std::string reply;
+    std::thread thread([&] {
+      {
+        Client client(port);
+        client.send(kGet);
+        reply = client.read_all();
+      }
+      loop.call_soon([&] {
+        CHECK_FALSE(drained);  // Whatever the connection does, the listener is open.
+        server.stop_listening();
+        CHECK(server.listeners().empty());
+      });
+    });
+    loop.run();
+    thread.join();
+    CHECK(reply.find("HTTP/1.1 200 OK") == 0);
+    CHECK(reply.find("Connection: close\r\n") != std::string::npos);
+    CHECK(drained);
+  }
+  CHECK(loop.close() == 0);
+}
+
 TEST_CASE("drain closes idle connections at once and lets in-flight ones finish") {
   http::Router router;
   Loop loop;
