@@ -709,23 +709,53 @@ void JobsService::reconfigure(const Config& config) {
   rates_in_use_ = config.quota;
 }
 
+JobCall JobCall::owned() const {
+  auto bytes = std::make_shared<std::string>();
+  bytes->reserve(content_type.size() + idempotency_key.size() + remote_address.size() +
+                 body.size() + id.size());
+  JobCall copy{access, caller, {}, {}, {}, {}, {}, nullptr};
+  // Appended first, viewed once no append can move the bytes any more.
+  std::size_t offsets[5];
+  const std::string_view* fields[5] = {&content_type, &idempotency_key, &remote_address, &body,
+                                       &id};
+  for (std::size_t i = 0; i < 5; ++i) {
+    offsets[i] = bytes->size();
+    bytes->append(*fields[i]);
+  }
+  std::string_view* views[5] = {&copy.content_type, &copy.idempotency_key, &copy.remote_address,
+                                &copy.body, &copy.id};
+  for (std::size_t i = 0; i < 5; ++i) {
+    *views[i] = std::string_view(*bytes).substr(offsets[i], fields[i]->size());
+  }
+  copy.storage = std::move(bytes);
+  return copy;
+}
+
 void JobsService::add_routes(http::Router& router, const Config& config,
                              std::shared_ptr<const AccessControl> access, AnswerDesk& desk) {
   // The token is checked on the loop that received the request; what the job routes need of
-  // it is copied into a JobCall and handled on this service's loop, through `desk`.
+  // it is viewed in a JobCall and handled on this service's loop, through `desk`: at once when
+  // that is the receiving loop, or copied (JobCall::owned) and posted there otherwise.
   if (config.routes.email) {
     router.add("POST", "/email",
                [this, access, &desk](http::Request& request, http::Responder responder) {
                  const auto caller = access->authenticate(request, responder);
                  if (!caller) return;
-                 JobCall call{access,
-                              *caller,
-                              std::string(request.header("content-type").value_or("")),
-                              std::string(request.header("idempotency-key").value_or("")),
-                              std::string(request.remote_address()),
-                              std::string(request.body()),
-                              {}};
-                 desk.on_primary(responder, [this, call = std::move(call)](const Reply& reply) {
+                 const JobCall call{access,
+                                    *caller,
+                                    request.header("content-type").value_or(""),
+                                    request.header("idempotency-key").value_or(""),
+                                    request.remote_address(),
+                                    request.body(),
+                                    {},
+                                    nullptr};
+                 if (desk.primary()) {
+                   // Run at once, on this loop, while the request lives: nothing is copied.
+                   desk.on_primary(
+                       responder, [this, &call](const Reply& reply) { accept_email(call, reply); });
+                   return;
+                 }
+                 desk.on_primary(responder, [this, call = call.owned()](const Reply& reply) {
                    accept_email(call, reply);
                  });
                });
@@ -735,8 +765,13 @@ void JobsService::add_routes(http::Router& router, const Config& config,
                [this, access, &desk](http::Request& request, http::Responder responder) {
                  const auto caller = access->authenticate(request, responder);
                  if (!caller) return;
-                 JobCall call{access, *caller, {}, {}, {}, {}, std::string(request.param("id"))};
-                 desk.on_primary(responder, [this, call = std::move(call)](const Reply& reply) {
+                 const JobCall call{access, *caller, {}, {}, {}, {}, request.param("id"), nullptr};
+                 if (desk.primary()) {
+                   desk.on_primary(responder,
+                                   [this, &call](const Reply& reply) { report_job(call, reply); });
+                   return;
+                 }
+                 desk.on_primary(responder, [this, call = call.owned()](const Reply& reply) {
                    report_job(call, reply);
                  });
                });
@@ -818,7 +853,7 @@ void JobsService::accept_email(const JobCall& call, const Reply& reply) {
     return;
   }
   if (!within_rate(call, reply)) return;
-  const std::string& key = call.idempotency_key;
+  const std::string_view key = call.idempotency_key;
   if (key.size() > kMaxIdempotencyKeyBytes) {
     send_error(reply, 400, "Idempotency-Key",
                "longer than " + std::to_string(kMaxIdempotencyKeyBytes) + " bytes");
@@ -903,7 +938,7 @@ void JobsService::accept_email(const JobCall& call, const Reply& reply) {
 }
 
 void JobsService::report_job(const JobCall& call, const Reply& reply) {
-  const std::string& id = call.id;
+  std::string id(call.id);
   std::weak_ptr<bool> alive = alive_;
   // Only data crosses to the store thread and back; the Responder stays parked on its loop.
   const bool queued = store_->run(

@@ -10,6 +10,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <vector>
 
@@ -30,16 +31,21 @@
 
 namespace squall::squalld {
 
-// What the job routes read of a request, copied so that the service's loop may work on it
-// whatever loop received the request.
+// What the job routes read of a request. On the service's own loop (one worker, or worker 0)
+// the views point into the request itself, which lives while the route runs the call there and
+// then; for another loop, owned() copies them into one string the call keeps.
 struct JobCall {
   std::shared_ptr<const AccessControl> access;  // Keeps caller.token alive.
   Caller caller;                                // The authenticated caller.
-  std::string content_type;                     // POST /email: Content-Type.
-  std::string idempotency_key;                  // POST /email: Idempotency-Key.
-  std::string remote_address;                   // POST /email: for [quota] address_*.
-  std::string body;                             // POST /email: the JSON.
-  std::string id;                               // GET /jobs/{id}.
+  std::string_view content_type;                // POST /email: Content-Type.
+  std::string_view idempotency_key;             // POST /email: Idempotency-Key.
+  std::string_view remote_address;              // POST /email: for [quota] address_*.
+  std::string_view body;                        // POST /email: the JSON.
+  std::string_view id;                          // GET /jobs/{id}.
+  std::shared_ptr<const std::string> storage;   // The bytes of an owned() call's views.
+
+  // A copy that owns its bytes (one allocation), for another loop.
+  JobCall owned() const;
 };
 
 // One service for the whole process, on the primary loop: the store, the runner, the queue

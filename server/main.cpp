@@ -556,9 +556,6 @@ class Squalld {
     install_router(*workers_.front(), routers.front());
     access_ = std::move(access);
     logs_.set_level(next.log.level);
-    for (const std::string& bound : closed) {
-      if (first.close_listener(bound)) spdlog::info("stopped listening on {}", bound);
-    }
     const bool listeners_changed = !opened.empty() || listeners.size() != listeners_.size();
     listeners_ = std::move(listeners);
     if (listeners_changed) {
@@ -576,43 +573,46 @@ class Squalld {
     std::vector<std::string> restart_keys = restart_needed(next);
     config_ = std::move(next);
 
-    // Each other worker applies the same on its own loop, and says so on this one.
-    auto waiting = std::make_shared<std::size_t>(workers_.size());
-    auto finished = [this, waiting, restart_keys = std::move(restart_keys)] {
-      if (--*waiting > 0) return;
-      spdlog::info("configuration reloaded from {}", config_name());
-      // Logged after the line above, so that a level raised to warn still shows these.
-      for (const std::string& key : restart_keys) {
-        spdlog::warn("reload: {} changed; the new value takes effect at the next restart", key);
-      }
-      daemon::notify_ready(serving_status() + " (configuration reloaded)");
-    };
-    for (std::size_t index = 1; index < workers_.size(); ++index) {
-      squalld::Worker* worker = workers_[index].get();
-      std::vector<int> fds;
+    // Each other worker applies the same on its own loop, accepting what its sockets of the
+    // addresses no longer configured still queue before closing them; worker 0's sockets,
+    // which receive every new connection for those addresses meanwhile, close last (as in a
+    // drain: steer_to_first_worker).
+    steer_to_first_worker(closed);
+    auto adopt = [handovers](squalld::Worker& worker) {
       for (const Handover& handover : handovers) {
-        if (handover.worker == index) fds.push_back(handover.fd);
-      }
-      auto work = [worker, options, router = routers[index], fds, closed, finished,
-                   primary = loop_.remote()] {
-        worker->server->reconfigure(options);
-        install_router(*worker, router);
-        for (int fd : fds) {
-          try {
-            worker->server->adopt_listener(fd);
-          } catch (const std::exception& error) {
-            spdlog::error("worker {}: {}", worker->index(), error.what());
-          }
+        if (handover.worker != worker.index()) continue;
+        try {
+          worker.server->adopt_listener(handover.fd);
+        } catch (const std::exception& error) {
+          spdlog::error("worker {}: {}", worker.index(), error.what());
         }
-        for (const std::string& bound : closed) worker->server->close_listener(bound);
-        primary.call_soon(finished);
-      };
-      if (!worker->remote().call_soon(std::move(work))) {
-        for (int fd : fds) ::close(fd);
-        finished();
       }
-    }
-    finished();
+    };
+    after_other_workers(
+        [options, routers, adopt, closed](squalld::Worker& worker, const RemoteLoop&) {
+          worker.server->reconfigure(options);
+          install_router(worker, routers[worker.index()]);
+          adopt(worker);
+          for (const std::string& bound : closed) worker.server->close_listener(bound);
+        },
+        [this, closed, restart_keys = std::move(restart_keys)] {
+          for (const std::string& bound : closed) {
+            if (workers_.front()->server->close_listener(bound)) {
+              spdlog::info("stopped listening on {}", bound);
+            }
+          }
+          spdlog::info("configuration reloaded from {}", config_name());
+          // Logged after the line above, so that a level raised to warn still shows these.
+          for (const std::string& key : restart_keys) {
+            spdlog::warn("reload: {} changed; the new value takes effect at the next restart", key);
+          }
+          daemon::notify_ready(serving_status() + " (configuration reloaded)");
+        },
+        [handovers](squalld::Worker& worker) {
+          for (const Handover& handover : handovers) {
+            if (handover.worker == worker.index()) ::close(handover.fd);
+          }
+        });
   }
 
   // The keys of `next` that differ from the running configuration and need a restart.
@@ -637,6 +637,53 @@ class Squalld {
     changed(next.webhooks.timeout != config_.webhooks.timeout, "[webhooks] timeout");
     changed(next.webhooks.max_attempts != config_.webhooks.max_attempts, "[webhooks] max_attempts");
     return keys;
+  }
+
+  // With SO_REUSEPORT sockets, makes the kernel give every new connection for these addresses
+  // to worker 0's socket, the first of each group, so that the other workers' sockets can
+  // accept what they queue and close without the kernel queueing (then resetting) one more in
+  // between. Linux's net.ipv4.tcp_migrate_req = 1 would instead move a closing socket's queue
+  // to another socket of its group; it is off by default and squalld does not need it.
+  void steer_to_first_worker(const std::vector<std::string>& addresses) const {
+    if (worker_count_ == 1 || socket_activated_) return;
+    for (const auto& listener : workers_.front()->server->listeners()) {
+      if (std::find(addresses.begin(), addresses.end(), listener->bound_address()) ==
+          addresses.end()) {
+        continue;
+      }
+      const int status = net::steer_reuseport_group_to_first(listener->descriptor());
+      if (status < 0) {
+        spdlog::warn(
+            "cannot steer new connections on {} to one worker ({}): a connection arriving while "
+            "a worker closes its socket may be reset",
+            listener->bound_address(), uv_strerror(status));
+      }
+    }
+  }
+
+  // Runs `each` on every worker but 0, on its own loop, then `last` on this loop once all of
+  // them have (at once with one worker). `gone` runs here instead of `each` for a worker whose
+  // loop no longer runs.
+  void after_other_workers(std::function<void(squalld::Worker&, const RemoteLoop&)> each,
+                           std::function<void()> last,
+                           std::function<void(squalld::Worker&)> gone = nullptr) {
+    auto waiting = std::make_shared<std::size_t>(workers_.size());
+    auto one_done = [waiting, last = std::move(last)] {
+      if (--*waiting == 0) last();
+    };
+    for (std::size_t index = 1; index < workers_.size(); ++index) {
+      squalld::Worker* worker = workers_[index].get();
+      const bool posted =
+          worker->remote().call_soon([worker, each, one_done, primary = loop_.remote()] {
+            each(*worker, primary);
+            primary.call_soon(one_done);
+          });
+      if (!posted) {
+        if (gone) gone(*worker);
+        one_done();
+      }
+    }
+    one_done();
   }
 
   void shut_down(const char* signal_name) {
@@ -676,19 +723,20 @@ class Squalld {
         one_done();
       });
     }
+    // Each server accepts what its listeners still queue, then closes them. Worker 0's
+    // sockets receive every new connection from now on and close last, once the other
+    // workers' have closed: no connection is queued on a socket after its last accept.
+    // Worker 0 drains at once meanwhile (what it answers says Connection: close).
     const auto deadline = config_.timeouts.drain;
-    for (auto& worker : workers_) {
-      squalld::Worker* target = worker.get();
-      if (target->primary()) {
-        target->server->drain(deadline, one_done);
-        continue;
-      }
-      const bool posted =
-          target->remote().call_soon([target, deadline, one_done, primary = loop_.remote()] {
-            target->server->drain(deadline, [one_done, primary] { primary.call_soon(one_done); });
-          });
-      if (!posted) one_done();
-    }
+    std::vector<std::string> bound;
+    for (const OpenListener& open : listeners_) bound.push_back(open.bound);
+    steer_to_first_worker(bound);
+    workers_.front()->server->drain(deadline, one_done, true);
+    after_other_workers(
+        [deadline, one_done](squalld::Worker& worker, const RemoteLoop& primary) {
+          worker.server->drain(deadline, [one_done, primary] { primary.call_soon(one_done); });
+        },
+        [this] { workers_.front()->server->stop_listening(); });
     // At the deadline, sends still running are aborted (libcurl notices within a second) and
     // their jobs released for the next start; the loop stops once that is recorded, or a
     // short grace later whatever happens, so the exit stays bounded by the drain deadline.

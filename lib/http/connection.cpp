@@ -1,6 +1,8 @@
 #include "http/connection.hpp"
 
+#include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <cstring>
 
@@ -54,6 +56,20 @@ int Connection::start(uv_stream_t* listener) {
     close_now();
     return status;
   }
+  return begin_reading();
+}
+
+int Connection::start(int fd) {
+  const int status = uv_tcp_open(&tcp_, fd);
+  if (status < 0) {
+    ::close(fd);
+    close_now();
+    return status;
+  }
+  return begin_reading();
+}
+
+int Connection::begin_reading() {
   // Responses leave whole, so Nagle's algorithm would only delay the last segment of each.
   uv_tcp_nodelay(&tcp_, 1);
   // A client that never sends a byte is closed after timeouts.header; the head of each request
@@ -436,6 +452,17 @@ void Connection::on_shutdown(uv_shutdown_t* request, int status) {
 void Connection::drain() noexcept {
   if (closed()) return;
   if (idle() && unsent() == 0 && !closing()) {
+    // Accepted, but its first request has not arrived yet: the client is about to send it.
+    // Like nginx, only connections idle between requests are closed at once; this one is
+    // answered with Connection: close, or closed by timeouts.header or the drain deadline.
+    if (timer_phase_ == TimerPhase::first_byte) return;
+    // The next request is in the socket but not read yet: closing now would reset it.
+    int waiting = 0;
+    uv_os_fd_t fd = -1;
+    if (uv_fileno(reinterpret_cast<const uv_handle_t*>(&tcp_), &fd) == 0 &&
+        ::ioctl(fd, FIONREAD, &waiting) == 0 && waiting > 0) {
+      return;
+    }
     close_now();
     return;
   }

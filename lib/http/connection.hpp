@@ -101,9 +101,14 @@ class Connection {
   // Accepts from `listener` and starts reading. Returns a libuv error code on failure (the
   // connection then closes itself).
   int start(uv_stream_t* listener);
+  // The same with a connection already accepted (Listener::accept_waiting); owns `fd` from now
+  // on, also on failure.
+  int start(int fd);
   // Closes at once, dropping anything unsent. Safe to call twice.
   void close_now() noexcept;
-  // Draining: close now if idle, otherwise after the current request.
+  // Draining: close now if idle between requests, otherwise after the current request. A
+  // connection that has not sent its first request yet, or whose next request is already
+  // waiting in the socket, gets that request answered (with Connection: close) first.
   void drain() noexcept;
   // The deadline of the current phase passed (called by the context's timer).
   void expire() noexcept;
@@ -148,6 +153,7 @@ class Connection {
   bool idle() const noexcept;
 
   // Reading and requests (connection.cpp).
+  int begin_reading();
   void process() noexcept;
   void dispatch() noexcept;
   void answer_internal_error() noexcept;

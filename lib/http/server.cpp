@@ -1,6 +1,10 @@
 #include "squall/http/server.hpp"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <type_traits>
 
 #include <spdlog/spdlog.h>
 
@@ -95,72 +99,122 @@ bool Server::close_listener(const std::string& bound_address) {
     return listener->bound_address() == bound_address;
   });
   if (it == listeners_.end()) return false;
-  (*it)->close();
+  close_after_accepting(**it);
   listeners_.erase(it);
   return true;
 }
 
+void Server::close_after_accepting(net::Listener& listener) noexcept {
+  // The kernel resets the connections a listener still queues when it closes, although their
+  // clients saw the handshake complete: accept them all first (the loop may not have polled the
+  // listener since they arrived). They are served like any other, with Connection: close when
+  // draining.
+  for (;;) {
+    const int fd = listener.accept_waiting();
+    if (fd == -EAGAIN || fd == -EBADF) break;
+    if (fd == -ECONNABORTED) continue;  // Reset by its client while queued: the next one.
+    if (fd < 0) {
+      ++context_->stats.connections_refused;
+      log_accept_error(fd);
+      break;
+    }
+    admit([fd](auto* target) {
+      if constexpr (std::is_same_v<decltype(target), Connection*>) {
+        return target->start(fd);  // Closes fd on failure.
+      } else {
+        const int status = uv_tcp_open(target, fd);
+        if (status < 0) ::close(fd);
+        return status;
+      }
+    });
+  }
+  listener.close();
+}
+
+void Server::log_accept_error(int status) {
+  if (context_->once_a_second(last_accept_error_log_ms_)) {
+    spdlog::error("accept failed: {} (raise LimitNOFILE or lower server.max_connections)",
+                  uv_strerror(status));
+  }
+}
+
 void Server::on_connection(uv_stream_t* listener, int status) {
-  ServerStats& stats = context_->stats;
   if (status < 0) {
     // libuv already shed one pending connection with its reserve descriptor on EMFILE.
-    ++stats.connections_refused;
-    if (context_->once_a_second(last_accept_error_log_ms_)) {
-      spdlog::error("accept failed: {} (raise LimitNOFILE or lower server.max_connections)",
-                    uv_strerror(status));
-    }
+    ++context_->stats.connections_refused;
+    log_accept_error(status);
     return;
   }
+  admit([listener](auto* target) {
+    if constexpr (std::is_same_v<decltype(target), Connection*>) {
+      return target->start(listener);
+    } else {
+      return uv_accept(listener, reinterpret_cast<uv_stream_t*>(target));
+    }
+  });
+}
+
+template <typename Accept>
+void Server::admit(Accept accept) {
   // max_connections counts the connections of every server sharing these limits; a connection
   // gives its place back when it closes (ConnectionContext::connection_closed).
   std::atomic<std::uint64_t>& open = context_->shared->connections_open;
   if (open.fetch_add(1, std::memory_order_relaxed) >= context_->options.max_connections) {
     open.fetch_sub(1, std::memory_order_relaxed);
-    refuse(listener);
+    // Lives only until its handle closes, at the end of this block.
+    ++context_->stats.connections_refused;
+    if (context_->once_a_second(last_refusal_log_ms_)) {
+      spdlog::warn("server.max_connections ({}) reached: refusing new connections",
+                   context_->options.max_connections);
+    }
+    const UvHandle<uv_tcp_t> refused(loop_, nullptr, uv_tcp_init, "refused connection");
+    if (accept(refused.get()) == 0) refuse(refused.get());
     return;
   }
   auto* connection = new Connection(*context_, next_connection_id_);
   next_connection_id_ += connection_id_step_;
-  if (connection->start(listener) == 0) ++stats.connections_accepted;
+  if (accept(connection) == 0) ++context_->stats.connections_accepted;
 }
 
-void Server::refuse(uv_stream_t* listener) {
-  ++context_->stats.connections_refused;
-  if (context_->once_a_second(last_refusal_log_ms_)) {
-    spdlog::warn("server.max_connections ({}) reached: refusing new connections",
-                 context_->options.max_connections);
-  }
-  // Lives only until its handle closes, at the end of this function.
-  const UvHandle<uv_tcp_t> refused(loop_, nullptr, uv_tcp_init, "refused connection");
-  if (uv_accept(listener, refused.stream()) == 0) {
-    // Best effort, one non-blocking write: the client may already be sending its request.
-    std::string answer =
-        "HTTP/1.1 503 Service Unavailable\r\nServer: " + context_->options.server_name +
-        "\r\nDate: " + std::string(context_->date.now()) +
-        "\r\nContent-Type: text/plain\r\nContent-Length: " +
-        std::to_string(kTooManyConnectionsBody.size()) +
-        "\r\nRetry-After: 1\r\nConnection: close\r\n\r\n" + std::string(kTooManyConnectionsBody);
-    uv_buf_t buf = uv_buf_init(answer.data(), static_cast<unsigned>(answer.size()));
-    uv_try_write(refused.stream(), &buf, 1);
-  }
+void Server::refuse(uv_tcp_t* refused) {
+  // Best effort, one non-blocking write: the client may already be sending its request.
+  std::string answer =
+      "HTTP/1.1 503 Service Unavailable\r\nServer: " + context_->options.server_name +
+      "\r\nDate: " + std::string(context_->date.now()) +
+      "\r\nContent-Type: text/plain\r\nContent-Length: " +
+      std::to_string(kTooManyConnectionsBody.size()) +
+      "\r\nRetry-After: 1\r\nConnection: close\r\n\r\n" + std::string(kTooManyConnectionsBody);
+  uv_buf_t buf = uv_buf_init(answer.data(), static_cast<unsigned>(answer.size()));
+  uv_try_write(reinterpret_cast<uv_stream_t*>(refused), &buf, 1);
 }
 
-void Server::drain(std::chrono::milliseconds deadline, std::function<void()> on_drained) {
+void Server::drain(std::chrono::milliseconds deadline, std::function<void()> on_drained,
+                   bool keep_listening) {
   if (context_->draining) return;
   context_->draining = true;
   on_drained_ = std::move(on_drained);
-  for (auto& listener : listeners_) listener->close();
-  listeners_.clear();
+  // Idle connections close before the waiting ones are accepted, which are all new.
   for (Connection* connection : context_->open_connections()) connection->drain();
-  if (context_->has_open_connections()) {
+  if (!keep_listening) {
+    for (auto& listener : listeners_) close_after_accepting(*listener);
+    listeners_.clear();
+  }
+  if (context_->has_open_connections() || !listeners_.empty()) {
     drain_deadline_ms_ = static_cast<std::uint64_t>(deadline.count());
     drain_timer_ = loop_.call_later(deadline, [this] {
       drain_timer_ = 0;
       spdlog::warn("drain deadline ({} ms) passed with {} connections open; closing them",
                    drain_deadline_ms_, context_->stats.connections_open);
       close_all();
+      finish_drain_if_done();  // When only listeners were left.
     });
   }
+  finish_drain_if_done();
+}
+
+void Server::stop_listening() noexcept {
+  for (auto& listener : listeners_) close_after_accepting(*listener);
+  listeners_.clear();
   finish_drain_if_done();
 }
 
@@ -179,7 +233,10 @@ void Server::close_all() noexcept {
 }
 
 void Server::finish_drain_if_done() {
-  if (!context_->draining || context_->has_open_connections() || !on_drained_) return;
+  if (!context_->draining || context_->has_open_connections() || !listeners_.empty() ||
+      !on_drained_) {
+    return;
+  }
   close_drain_timer();
   auto done = std::move(on_drained_);
   on_drained_ = nullptr;

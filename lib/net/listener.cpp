@@ -1,11 +1,13 @@
 #include "squall/net/listener.hpp"
 
 #include <arpa/inet.h>
+#include <linux/filter.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <iterator>
 #include <system_error>
 
 #include "squall/core/uv_handle.hpp"
@@ -88,6 +90,16 @@ int open_reuseport_socket(const std::string& host, std::uint16_t port, int backl
   return fd;
 }
 
+int steer_reuseport_group_to_first(int fd) noexcept {
+  // "ret #0": the index, in the group, of the socket to receive the connection.
+  sock_filter code[] = {{BPF_RET | BPF_K, 0, 0, 0}};
+  const sock_fprog program{static_cast<unsigned short>(std::size(code)), code};
+  if (::setsockopt(fd, SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &program, sizeof program) != 0) {
+    return -errno;
+  }
+  return 0;
+}
+
 std::uint16_t bound_port(int fd) noexcept {
   sockaddr_storage bound{};
   socklen_t length = sizeof bound;
@@ -165,6 +177,24 @@ void Listener::close() noexcept {
   // The state (and the accept callback) stays until the Listener is destroyed, so a callback
   // may close its own listener.
   state_->handle.close();
+}
+
+int Listener::accept_waiting() noexcept {
+  const int fd = descriptor();
+  if (fd < 0) return -EBADF;
+  for (;;) {
+    const int accepted = ::accept4(fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (accepted >= 0) return accepted;
+    // EWOULDBLOCK is EAGAIN on Linux.
+    if (errno != EINTR) return -errno;
+  }
+}
+
+int Listener::descriptor() const noexcept {
+  if (!state_->handle.is_open()) return -1;
+  uv_os_fd_t fd = -1;
+  if (uv_fileno(state_->handle.handle(), &fd) != 0) return -1;
+  return fd;
 }
 
 // The socket closes (or, after Loop::close(), is freed) with the state.

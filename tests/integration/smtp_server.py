@@ -1,13 +1,16 @@
 """An SMTP server for tests: aiosmtpd on 127.0.0.1 and a free port, in a background thread.
 
-    server = SmtpServer(mode="accept")       # or "slow", "tempfail", "permfail"
+    server = SmtpServer(mode="accept")       # or "slow", "hold_data", "tempfail", "permfail"
     server.start()
     ... send to smtp://127.0.0.1:{server.port} ...
     [message] = server.wait_for(1)           # Message(mail_from, rcpt_tos, content)
     server.stop()
 
 Modes: "accept" takes everything; "slow" waits `delay` seconds before its reply to the message
-(the end of DATA); "tempfail" answers 451 and "permfail" 550, to RCPT (fail_at="rcpt", for every
+(after the final dot: a client that dies meanwhile cannot stop the relay from keeping the
+message, RFC 1047); "hold_data" holds every DATA command before its 354 reply until
+release_data() (the message is not complete while held, so a client that dies meanwhile leaves
+nothing behind; wait_data_held(n) awaits the n-th held DATA); "tempfail" answers 451 and "permfail" 550, to RCPT (fail_at="rcpt", for every
 recipient or only those in fail_recipients) or to the message (fail_at="data").
 auth=("user", "password") requires AUTH (PLAIN or LOGIN, allowed without TLS).
 tls_context=ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER) with a certificate loaded offers STARTTLS.
@@ -35,12 +38,13 @@ import email
 import email.policy
 import socket
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
-MODES = ("accept", "slow", "tempfail", "permfail")
+MODES = ("accept", "slow", "hold_data", "tempfail", "permfail")
 DROPS = (None, "after_message", "second_mail", "data")
 TEMPFAIL_REPLY = "451 4.3.0 try again later"
 PERMFAIL_REPLY = "550 5.7.1 rejected for testing"
@@ -54,6 +58,7 @@ class Message:
     rcpt_tos: list
     content: bytes  # as received, dot-unstuffed, CRLF line ends
     tls: bool = False  # it came after STARTTLS
+    taken_at: float = 0.0  # time.time() as the server took it, right before its 250 reply
 
     def parsed(self) -> email.message.EmailMessage:
         return email.message_from_bytes(self.content, policy=email.policy.default)
@@ -101,6 +106,17 @@ class _SessionSMTP(SMTP):
             return
         await super().smtp_MAIL(arg)
 
+    async def smtp_DATA(self, arg):
+        server = self._test_server
+        if server.mode == "hold_data":
+            with server._cond:
+                server.data_held += 1
+                server._cond.notify_all()
+            # Cancelled with the whole command if the client goes away meanwhile (aiosmtpd
+            # cancels its handler on EOF or a lost connection): no message is taken then.
+            await server._released.wait()
+        await super().smtp_DATA(arg)
+
     async def smtp_QUIT(self, arg):
         with self._test_server._cond:
             self._test_session.quit = True
@@ -145,6 +161,7 @@ class _Handler:
             list(envelope.rcpt_tos),
             bytes(envelope.content),
             tls=smtp._tls_protocol is not None,
+            taken_at=time.time(),
         )
         with server._cond:
             server.messages.append(message)
@@ -189,6 +206,8 @@ class SmtpServer:
         self.drop_count = drop_count
         self.hang_on_quit = hang_on_quit
         self.data_ends = 0  # ends of DATA seen with drop="data", dropped or not
+        self.data_held = 0  # DATA commands held before their 354 (mode "hold_data")
+        self._released: asyncio.Event | None = None  # opened by release_data()
         self.sessions: list[Session] = []
         self.port: int | None = None
         self.messages: list[Message] = []
@@ -245,12 +264,25 @@ class SmtpServer:
             target=self._loop.run_forever, name=f"smtp-{self.mode}", daemon=True
         )
         self._thread.start()
+        self._released = asyncio.Event()  # bound to the loop that first waits on it
         future = asyncio.run_coroutine_threadsafe(
             self._loop.create_server(self._protocol, "127.0.0.1", 0), self._loop
         )
         self._server = future.result(timeout=10)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
+
+    def release_data(self) -> None:
+        """Mode "hold_data": lets every held DATA command, and every later one, go on."""
+        self._loop.call_soon_threadsafe(self._released.set)
+
+    def wait_data_held(self, count: int = 1, timeout: float = 10.0) -> int:
+        """Mode "hold_data": waits until `count` DATA commands have been held in all."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.data_held >= count, timeout):
+                raise AssertionError(f"{self.data_held} of {count} DATA commands held within "
+                                     f"{timeout} s")
+            return self.data_held
 
     def wait_for(self, count: int = 1, timeout: float = 10.0) -> list[Message]:
         """The first `count` messages, once they arrived; AssertionError after `timeout`."""

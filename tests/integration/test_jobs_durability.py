@@ -13,6 +13,7 @@ import ssl
 import stat
 import subprocess
 import time
+from collections import Counter
 
 import pytest
 
@@ -231,6 +232,31 @@ def test_after_kill_9_a_send_in_progress_is_reclaimed_at_once_not_after_its_leas
     assert message_id_of(stalled.data_started[0]) == message_id(job_id)
     job, _ = wait_job(second, job_id, "sent")
     assert job["attempts"] == 2, job
+
+
+def test_kill_9_before_the_end_of_data_then_a_restart_sends_each_job_once(smtp, squalld,
+                                                                            tmp_path):
+    """Exactly once across a kill -9 and a restart on one SQLite file, when the kill lands
+    before the end of the message: the relay holds every DATA command before its 354, so the
+    killed process's sends left nothing at the relay, and the next start sends each job once."""
+    store = tmp_path / "jobs.db"
+    relay = smtp("hold_data")
+    config = jobs_config(store, relay.url, jobs={"lease": "5m", "max_concurrent_sends": 2})
+    first = squalld(config=config, allow_errors=True)
+    ids = [accept(first, simple(f"m{n}")) for n in range(10)]
+    relay.wait_data_held(2)
+    first.signal(signal.SIGKILL)
+    assert first.wait_exit(timeout=5) == -signal.SIGKILL
+    assert not relay.messages
+    relay.release_data()
+
+    second = squalld(config=config)
+    second.wait_for_line("2 job(s) were being sent when the previous process stopped")
+    wait_messages(relay, ids, timeout=20)
+    for job_id in ids:
+        wait_job(second, job_id, "sent")
+    copies = Counter(message_id_of(m.content) for m in relay.messages)
+    assert copies == Counter({message_id(j): 1 for j in ids}), copies
 
 
 # --------------------------------------------------------------------------------------------

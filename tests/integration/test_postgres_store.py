@@ -1,6 +1,8 @@
 """Several squalld nodes on one PostgreSQL job store, black-box: two nodes accept and send
 together, one is killed with kill -9 in the middle of its sends and the other takes its jobs
-over at once (not after the lease); NOTIFY wakes a node that is not polling; a lost database
+over at once (not after the lease): exactly once when the kill lands before the end of the
+messages' data, at most one extra copy (same Message-ID) per send in the window between the
+relay's acceptance and the "sent" record when it lands there, which is measured; NOTIFY wakes a node that is not polling; a lost database
 answers 503 on POST /email while other routes serve, and comes back by itself; a password in
 the URL is refused. The server is private (conftest.py's pg_server)."""
 
@@ -31,17 +33,17 @@ def node_config(store_url, smtp_url, jobs=None, **tables):
     return jobs_config(store_url, smtp_url, jobs=jobs, **tables)
 
 
-def test_two_nodes_share_one_queue_and_kill_9_of_one_loses_no_job(pg_store, smtp, squalld):
-    # Each send spends 0.3 s in DATA, so the killed node is in the middle of sends.
-    server = smtp("slow", delay=0.3)
-    # An hour's lease: the jobs of the killed node are taken over because its death is known
-    # (its database session ended), not because a lease ran out.
+def test_two_nodes_share_one_queue_and_kill_9_before_the_end_of_data_sends_each_job_once(
+        pg_store, smtp, squalld):
+    """Exactly once: node a is killed while its sends are in the SMTP dialogue before the end
+    of the message (the relay holds every DATA command before its 354), so the relay took
+    nothing of them; node b takes a's jobs over at once (a's database session ended, not the
+    hour of the lease) and every accepted job arrives exactly once."""
+    server = smtp("hold_data")
     config = node_config(pg_store, server.url, jobs={"lease": "1h", "max_concurrent_sends": 2})
     a = squalld(config=config, allow_errors=True)
     b = squalld(config=config)
-    ids = []
-    for n in range(30):
-        ids.append(accept(a if n % 2 == 0 else b, simple(f"m{n}")))
+    ids = [accept(a if n % 2 == 0 else b, simple(f"m{n}")) for n in range(30)]
     # An Idempotency-Key is one job whichever node gets the repeat.
     key = ("Idempotency-Key", "shared-key")
     first = post_email(a, simple("keyed"), headers=(JSON, key))
@@ -50,32 +52,75 @@ def test_two_nodes_share_one_queue_and_kill_9_of_one_loses_no_job(pg_store, smtp
     assert again.json()["id"] == first.json()["id"]
     ids.append(first.json()["id"])
 
-    # Kill node a while it has sends in DATA, with jobs still waiting.
+    # Node a has sends in DATA, and no message is complete anywhere.
+    deadline = time.monotonic() + 10
+    while a.metrics().value("squall_jobs_sends_running") < 1:
+        assert time.monotonic() < deadline, "node a never started a send"
+        time.sleep(0.02)
+    server.wait_data_held(2)
+    a.signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    assert a.wait_exit(timeout=5) == -signal.SIGKILL
+    assert not server.messages
+    server.release_data()
+
+    wait_messages(server, ids, timeout=40)
+    assert time.monotonic() - killed_at < 40  # not the hour of the lease
+    b.wait_for_line("is gone (its database session ended)", timeout=5)
+    for job_id in ids:
+        wait_job(b, job_id, "sent", timeout=10)
+    copies = Counter(message_id_of(m.content) for m in server.messages)
+    assert copies == Counter({message_id(j): 1 for j in ids}), copies
+
+
+def test_two_nodes_kill_9_after_the_final_dot_repeats_at_most_the_sends_in_that_window(
+        pg_store, smtp, squalld):
+    """The window no SMTP client can close (RFC 1047): once the relay has the final dot, it
+    keeps the message whether or not its client lives to read the 250 and record "sent". Here
+    the relay waits 0.3 s after the dot, so node a is killed inside that window: a job whose
+    message had ended and whose "sent" was not recorded may arrive twice (at most once more per
+    send in the window, node a's max_concurrent_sends in all), with the same Message-ID, so
+    that the receiving side can drop the copy; every other job arrives exactly once. And the
+    window itself is only the time from the 250 to the "sent" record, measured here."""
+    server = smtp("slow", delay=0.3)
+    config = node_config(pg_store, server.url, jobs={"lease": "1h", "max_concurrent_sends": 2})
+    a = squalld(config=config, allow_errors=True)
+    b = squalld(config=config)
+    ids = [accept(a if n % 2 == 0 else b, simple(f"m{n}")) for n in range(30)]
+
     deadline = time.monotonic() + 10
     while a.metrics().value("squall_jobs_sends_running") < 1:
         assert time.monotonic() < deadline, "node a never started a send"
         time.sleep(0.02)
     a.signal(signal.SIGKILL)
-    killed_at = time.monotonic()
     assert a.wait_exit(timeout=5) == -signal.SIGKILL
-    in_data = {message_id_of(content) for content in list(server.data_started)}
+    ended = {message_id_of(content) for content in list(server.data_started)}
     recorded_sent = set(psql(pg_store, "SELECT id FROM squall_jobs WHERE state = 'sent'").split())
 
     wait_messages(server, ids, timeout=40)
-    took = time.monotonic() - killed_at
-    assert took < 40, took  # not the hour of the lease
     b.wait_for_line("is gone (its database session ended)", timeout=5)
     for job_id in ids:
         wait_job(b, job_id, "sent", timeout=10)
-    # Every accepted job arrived. A second copy is possible only for a job whose DATA had begun
-    # before the kill and whose "sent" was not recorded yet: the killed node may have been
-    # handed the relay's 250 (or the relay kept the message) just before it died.
-    copies = Counter(message_id_of(m.content) for m in server.messages)
+    messages = list(server.messages)
+    copies = Counter(message_id_of(m.content) for m in messages)
+    assert set(copies) == {message_id(j) for j in ids}, copies
     twice = {mid for mid, count in copies.items() if count > 1}
-    may_repeat = {mid for mid in in_data} - {message_id(j) for j in recorded_sent}
-    assert twice <= may_repeat, (twice, may_repeat)
+    # Only a send whose message had ended before the kill and was not recorded "sent".
+    assert twice <= ended - {message_id(j) for j in recorded_sent}, (twice, ended)
+    assert all(count <= 2 for count in copies.values()), copies
     assert len(twice) <= 2  # node a's max_concurrent_sends
-    assert all(copies[message_id(j)] >= 1 for j in ids)
+
+    # The window: from the relay's 250 to the "sent" record's timestamp (taken as the batch
+    # of outcomes is written; its commit follows), for the last copy of each message. It
+    # holds no retry, poll or lease: the record follows the reply at once.
+    finished = dict(line.split("|") for line in psql(
+        pg_store, "SELECT id, finished_ms FROM squall_jobs WHERE state = 'sent'").splitlines())
+    taken = {message_id_of(m.content): m.taken_at for m in messages}
+    windows = sorted(int(finished[j]) - taken[message_id(j)] * 1000 for j in ids)  # ms
+    median, largest = windows[len(windows) // 2], windows[-1]
+    print(f"relay's 250 -> 'sent' stamped: median {median:.2f} ms, max {largest:.2f} ms "
+          f"({len(windows)} jobs)")
+    assert median < 250 and largest < 1000, windows
 
 
 def test_notify_wakes_a_node_that_is_not_polling(pg_store, smtp, squalld):

@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from squall_helpers import Conn, Metrics, open_many, request, squalld_path
+from squall_helpers import (Conn, Metrics, open_many, parse_responses, request, squalld_path,
+                            wait_refused)
 from systemd_helpers import daemons, free_port, http_get  # noqa: F401
 
 JSON = ("Content-Type", "application/json")
@@ -180,6 +181,104 @@ def test_sigterm_drains_in_flight_requests_on_both_workers(squalld, tmp_path):
         conn.close()
     assert srv.wait_exit() == 0
     assert workers_of(srv.access_log, "/echo") == {0, 1}
+
+
+def read_to_close(sock, timeout=10.0) -> tuple[bytes, bool]:
+    """Everything the server sends until it closes, and whether it reset the connection."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        return data, True
+    return data, False
+
+
+def connect_many(port, count, send_now):
+    """`count` connections to `port` (the kernel completes them whether or not a worker
+    accepts); every other one has sent its request already when `send_now`."""
+    socks = open_many("127.0.0.1", port, count)
+    for sock in socks:
+        sock.setblocking(True)
+    if send_now:
+        for sock in socks[::2]:
+            sock.sendall(request("GET", "/plaintext", headers=[("Connection", "close")]))
+    return socks
+
+
+def expect_one_answer_each(socks, sent_already):
+    """Sends the request on the connections not in `sent_already`, then reads each to its close:
+    one whole 200 each, which says Connection: close, and no reset."""
+    for sock in socks:
+        if sock not in sent_already:
+            sock.sendall(request("GET", "/plaintext", headers=[("Connection", "close")]))
+    for i, sock in enumerate(socks):
+        data, reset = read_to_close(sock)
+        assert not reset, f"connection {i} of {len(socks)} reset after {data!r}"
+        responses, rest = parse_responses(data)
+        assert len(responses) == 1 and not rest, (i, data)
+        assert responses[0].status == 200 and responses[0].body == b"Hello, World!"
+        assert "close" in responses[0].connection_tokens(), responses[0]
+
+
+def test_sigterm_answers_every_connection_the_kernel_completed(squalld, tmp_path):
+    """A worker closing its SO_REUSEPORT socket makes the kernel reset the connections still
+    in its accept queue, although their clients saw the handshake complete. Each worker accepts
+    its queue empty first, worker 0 (which gets every new connection from the SIGTERM on)
+    closes last, and a connection whose first request has not arrived yet gets it answered with
+    Connection: close. Worker 1 is held stopped meanwhile (as a busy loop would be), so that
+    connections wait in its queue: some from before the SIGTERM, some from after it."""
+    srv = squalld(config=workers_config(tmp_path, timeouts={"drain": "10s"}))
+    srv.wait_for_line("worker(s), pid")  # every worker runs
+    (tid,) = thread_ids(srv.proc.pid, "squall-worker1")
+    socks = []
+    try:
+        with Frozen(tid):
+            before = connect_many(srv.port, 32, send_now=True)
+            socks += before
+            mark = srv.line_count()
+            srv.signal(signal.SIGTERM)
+            srv.wait_for_line("SIGTERM: draining", start=mark)
+            socks += connect_many(srv.port, 32, send_now=False)
+        expect_one_answer_each(socks, sent_already=before[::2])
+    finally:
+        for sock in socks:
+            sock.close()
+    assert wait_refused("127.0.0.1", srv.port), "still accepting after the drain"
+    assert srv.wait_exit() == 0, srv.stderr_text()
+    assert workers_of(srv.access_log, "/plaintext") == {0, 1}
+
+
+def test_sighup_removing_an_address_answers_every_connection_queued_on_it(squalld, tmp_path):
+    """The same when a reload removes an address: what its sockets queue is served, then
+    connecting there is refused. Worker 1 is held stopped while the reload runs, and
+    connections arrive once worker 0 has applied it (the port file no longer lists the
+    address)."""
+    port = free_port()
+    config = workers_config(tmp_path, server={"listen": ["127.0.0.1:0", f"127.0.0.1:{port}"]})
+    srv = squalld(config=config, listeners=2)
+    srv.write_config({**config, "server": {**config["server"], "listen": ["127.0.0.1:0"]}})
+    srv.wait_for_line("worker(s), pid")  # every worker runs
+    (tid,) = thread_ids(srv.proc.pid, "squall-worker1")
+    socks = []
+    mark = srv.line_count()
+    try:
+        with Frozen(tid):
+            srv.signal(signal.SIGHUP)
+            deadline = time.monotonic() + 5
+            while f":{port}" in srv.port_file.read_text():
+                assert time.monotonic() < deadline, "the reload did not rewrite the port file"
+                time.sleep(0.01)
+            socks += connect_many(port, 32, send_now=True)
+        expect_one_answer_each(socks, sent_already=socks[::2])
+    finally:
+        for sock in socks:
+            sock.close()
+    srv.wait_for_line(f"stopped listening on 127.0.0.1:{port}", start=mark)
+    srv.wait_for_line("configuration reloaded", start=mark)
+    assert wait_refused("127.0.0.1", port), f"127.0.0.1:{port} still accepting"
+    assert fresh_request(srv.port, "GET", "/plaintext").status == 200
 
 
 def test_sighup_reload_reaches_both_workers_and_drops_no_keepalive_connection(squalld,

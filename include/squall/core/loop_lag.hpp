@@ -1,6 +1,7 @@
 // Measures how late the loop runs a timer: the time a blocked loop made everyone wait.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <functional>
 #include <memory>
@@ -20,13 +21,16 @@ class LoopLagMonitor {
   LoopLagMonitor(const LoopLagMonitor&) = delete;
   LoopLagMonitor& operator=(const LoopLagMonitor&) = delete;
 
-  // The most recent lag, in seconds. Any thread.
+  // The most recent lag, in seconds; 0 once stopped. Any thread, also while the loop thread
+  // stops the monitor: it reads only an atomic of this object, never the timer's state.
   double last_lag_seconds() const noexcept;
+  // Stops sampling (loop thread).
   void stop() noexcept;
 
  private:
   struct State;
-  std::unique_ptr<State> state_;  // Null once stopped.
+  std::atomic<double> last_lag_seconds_{0};  // Written by the timer, read from any thread.
+  std::unique_ptr<State> state_;             // Null once stopped (loop thread only).
 };
 
 }  // namespace squall

@@ -100,7 +100,9 @@ class Server {
   // Starts accepting on an inherited, already listening socket (systemd socket activation).
   // Throws std::system_error if it is not a listening TCP socket.
   std::string adopt_listener(int fd);
-  // Stops accepting on the listener bound to `bound_address`; returns whether one was found.
+  // Stops accepting on the listener bound to `bound_address`, having first accepted the
+  // connections already waiting in its queue (which the kernel would otherwise reset); returns
+  // whether one was found.
   bool close_listener(const std::string& bound_address);
   const std::vector<std::unique_ptr<net::Listener>>& listeners() const noexcept {
     return listeners_;
@@ -123,10 +125,17 @@ class Server {
   // Called for every answered request; set before serving.
   void on_request(std::function<void(const RequestRecord&)> observer);
 
-  // Graceful stop: stop accepting, close idle connections now, let in-flight requests finish
-  // (answering with Connection: close); after `deadline` close whatever is left. `on_drained`
-  // runs once no connection is left.
-  void drain(std::chrono::milliseconds deadline, std::function<void()> on_drained);
+  // Graceful stop: stop accepting (the connections already queued on the listeners are
+  // accepted first, then the listeners close), close connections idle between requests now,
+  // let the others send and finish their current request (answered with Connection: close);
+  // after `deadline` close whatever is left. `on_drained` runs once no connection is left.
+  // With `keep_listening`, the listeners stay open until stop_listening() (what they accept
+  // meanwhile is answered with Connection: close), and `on_drained` waits for that too.
+  void drain(std::chrono::milliseconds deadline, std::function<void()> on_drained,
+             bool keep_listening = false);
+  // Accepts what the listeners still queue and closes them (the second step of a drain that
+  // kept listening).
+  void stop_listening() noexcept;
   // Closes every listener and connection at once.
   void close_all() noexcept;
   bool draining() const noexcept;
@@ -143,7 +152,14 @@ class Server {
 
  private:
   void on_connection(uv_stream_t* listener, int status);
-  void refuse(uv_stream_t* listener);
+  // Starts a connection on what `accept` (the libuv listener's or a waiting descriptor) gives.
+  template <typename Accept>
+  void admit(Accept accept);
+  // Accepts what waits in `listener`'s queue, then closes it.
+  void close_after_accepting(net::Listener& listener) noexcept;
+  // Answers 503 on a connection over max_connections, which then closes.
+  void refuse(uv_tcp_t* refused);
+  void log_accept_error(int status);
   void finish_drain_if_done();
   void close_drain_timer() noexcept;
 

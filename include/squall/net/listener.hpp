@@ -30,8 +30,16 @@ class Listener {
   // The address actually bound: "127.0.0.1:41234", "[::1]:8080".
   const std::string& bound_address() const noexcept { return bound_address_; }
   std::uint16_t bound_port() const noexcept { return bound_port_; }
-  // Stops accepting and closes the socket; the destructor does the same.
+  // Stops accepting and closes the socket; the destructor does the same. Connections still
+  // waiting in the socket's accept queue are reset by the kernel: accept_waiting() first.
   void close() noexcept;
+  // Takes one connection from the socket's accept queue now, bypassing libuv (which accepts only
+  // when the loop polls): a drain or reload empties the queue with it before close(). Returns
+  // the connection's descriptor (non-blocking, close-on-exec) or -errno: -EAGAIN once the queue
+  // is empty, -EBADF once closed. Loop thread.
+  int accept_waiting() noexcept;
+  // The socket's descriptor, -1 once closed.
+  int descriptor() const noexcept;
 
  private:
   struct State;
@@ -51,6 +59,13 @@ class Listener {
 // use") rather than a silent share of its traffic. Returns the descriptor (non-blocking,
 // close-on-exec); throws std::system_error naming the address and the reason.
 int open_reuseport_socket(const std::string& host, std::uint16_t port, int backlog, bool first);
+// Makes the kernel hand every new connection of `fd`'s SO_REUSEPORT group to the group's first
+// socket (the first one that started listening: open_reuseport_socket's `first`), with a
+// classic BPF program attached to the group (SO_ATTACH_REUSEPORT_CBPF, Linux 4.5; no privilege
+// needed). Before the other sockets of the group close, so that no connection is queued on them
+// between their last accept and their close (the kernel resets what a closing listener still
+// queues, unless net.ipv4.tcp_migrate_req is set). Returns 0 or -errno.
+int steer_reuseport_group_to_first(int fd) noexcept;
 // The port a bound socket has (0 if getsockname fails).
 std::uint16_t bound_port(int fd) noexcept;
 

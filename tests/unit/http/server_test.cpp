@@ -250,6 +250,88 @@ TEST_CASE("call_soon is safe from other threads") {
   CHECK(loop.close() == 0);
 }
 
+TEST_CASE("drain answers the connections waiting in the listen queue, with Connection: close") {
+  // Connected before the loop ever ran: they wait in the kernel's accept queue, which the kernel
+  // resets when the listener closes, unless drain accepts them first. One has sent its request,
+  // the other sends it only after the drain began; both get it answered.
+  http::Router router;
+  router.add("GET", "/x", [](http::Request&, http::Responder responder) {
+    responder.send(200, "text/plain", "answered");
+  });
+  Loop loop;
+  {
+    http::Server server(loop, std::make_shared<const http::Router>(router), {});
+    server.listen("127.0.0.1", 0);
+    const std::uint16_t port = server.listeners().front()->bound_port();
+    Client early(port);
+    Client late(port);
+    early.send(kGet);
+    bool drained = false;
+    server.drain(5s, [&] {
+      drained = true;
+      loop.stop();
+    });
+    CHECK(server.listeners().empty());
+    CHECK(server.stats().connections_open == 2);
+    std::string early_reply;
+    std::string late_reply;
+    std::thread thread([&] {
+      late.send(kGet);
+      early_reply = early.read_all();
+      late_reply = late.read_all();
+    });
+    loop.run();
+    thread.join();
+    CHECK(drained);
+    for (const std::string& reply : {early_reply, late_reply}) {
+      CHECK(reply.find("HTTP/1.1 200 OK") == 0);
+      CHECK(reply.find("Connection: close\r\n") != std::string::npos);
+      CHECK(reply.find("answered") != std::string::npos);
+    }
+  }
+  CHECK(loop.close() == 0);
+}
+
+TEST_CASE("a drain that keeps listening answers with Connection: close until stop_listening") {
+  http::Router router;
+  router.add("GET", "/x", [](http::Request&, http::Responder responder) {
+    responder.send(200, "text/plain", "answered");
+  });
+  Loop loop;
+  {
+    http::Server server(loop, std::make_shared<const http::Router>(router), {});
+    server.listen("127.0.0.1", 0);
+    const std::uint16_t port = server.listeners().front()->bound_port();
+    bool drained = false;
+    auto on_drained = [&] {
+      drained = true;
+      loop.stop();
+    };
+    server.drain(5s, on_drained, true);
+    CHECK(server.listeners().size() == 1);
+    CHECK_FALSE(drained);  // No connection, but still listening.
+    std::string reply;
+    std::thread thread([&] {
+      {
+        Client client(port);
+        client.send(kGet);
+        reply = client.read_all();
+      }
+      loop.call_soon([&] {
+        CHECK_FALSE(drained);  // Whatever the connection does, the listener is open.
+        server.stop_listening();
+        CHECK(server.listeners().empty());
+      });
+    });
+    loop.run();
+    thread.join();
+    CHECK(reply.find("HTTP/1.1 200 OK") == 0);
+    CHECK(reply.find("Connection: close\r\n") != std::string::npos);
+    CHECK(drained);
+  }
+  CHECK(loop.close() == 0);
+}
+
 TEST_CASE("drain closes idle connections at once and lets in-flight ones finish") {
   http::Router router;
   Loop loop;

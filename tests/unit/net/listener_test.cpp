@@ -1,10 +1,16 @@
 #include "squall/net/listener.hpp"
 
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <unistd.h>
+
+#include <cerrno>
 
 #include <memory>
 #include <string>
 #include <system_error>
+#include <vector>
 
 #include <doctest/doctest.h>
 
@@ -69,4 +75,77 @@ TEST_CASE("SO_REUSEPORT sockets share one port; a plain bind there is refused") 
   const int v6 = net::open_reuseport_socket("::1", 0, 16, true);
   CHECK(net::bound_port(v6) != 0);
   ::close(v6);
+}
+
+namespace {
+
+// A blocking connect to 127.0.0.1:port; the kernel completes it whether anyone accepts or not.
+int connect_to(std::uint16_t port) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  REQUIRE(fd >= 0);
+  sockaddr_in address{};
+  uv_ip4_addr("127.0.0.1", port, &address);
+  REQUIRE(::connect(fd, reinterpret_cast<const sockaddr*>(&address), sizeof address) == 0);
+  return fd;
+}
+
+// How many connections wait in a listening socket's queue (accepts them all, then closes them).
+int accept_all(int listening) {
+  int count = 0;
+  for (;;) {
+    const int fd = ::accept4(listening, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) {
+      CHECK(errno == EAGAIN);
+      return count;
+    }
+    ::close(fd);
+    ++count;
+  }
+}
+
+}  // namespace
+
+TEST_CASE("Listener::accept_waiting takes the queued connections without the loop, then EAGAIN") {
+  Loop loop;
+  net::Listener listener(loop, "127.0.0.1", 0, 16, [](uv_stream_t*, int) {});
+  REQUIRE(listener.descriptor() >= 0);
+  std::vector<int> clients;
+  for (int i = 0; i < 3; ++i) clients.push_back(connect_to(listener.bound_port()));
+  for (int i = 0; i < 3; ++i) {
+    const int fd = listener.accept_waiting();
+    REQUIRE(fd >= 0);
+    CHECK((::fcntl(fd, F_GETFL) & O_NONBLOCK) != 0);
+    ::close(fd);
+  }
+  CHECK(listener.accept_waiting() == -EAGAIN);
+  listener.close();
+  CHECK(listener.descriptor() == -1);
+  CHECK(listener.accept_waiting() == -EBADF);
+  for (int fd : clients) ::close(fd);
+  CHECK(loop.close() == 0);
+}
+
+TEST_CASE("a steered SO_REUSEPORT group queues every new connection on its first socket") {
+  const int first = net::open_reuseport_socket("127.0.0.1", 0, 64, true);
+  const std::uint16_t port = net::bound_port(first);
+  const int second = net::open_reuseport_socket("127.0.0.1", port, 64, false);
+  // Unsteered, the kernel spreads connections by hash: 32 all on one socket would be a 2^-31
+  // chance.
+  std::vector<int> clients;
+  for (int i = 0; i < 32; ++i) clients.push_back(connect_to(port));
+  const int on_first = accept_all(first);
+  CHECK(on_first > 0);
+  CHECK(accept_all(second) == 32 - on_first);
+  // Steered through any socket of the group: all on the first.
+  REQUIRE(net::steer_reuseport_group_to_first(second) == 0);
+  for (int i = 0; i < 32; ++i) clients.push_back(connect_to(port));
+  CHECK(accept_all(second) == 0);
+  CHECK(accept_all(first) == 32);
+  for (int fd : clients) ::close(fd);
+  ::close(second);
+  ::close(first);
+  // Not a SO_REUSEPORT socket: an error, nothing else.
+  const int plain = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  CHECK(net::steer_reuseport_group_to_first(plain) < 0);
+  ::close(plain);
 }
