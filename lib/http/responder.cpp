@@ -136,6 +136,11 @@ bool Responder::send(int status, std::string_view content_type, std::string_view
   return connection != nullptr && connection->respond(status, content_type, body);
 }
 
+bool Responder::send(const Response& response) const {
+  for (const auto& [name, value] : response.headers) header(name, value);
+  return send(response.status, response.content_type, response.body);
+}
+
 bool Responder::start(int status, std::string_view content_type) const {
   Connection* connection = live_connection();
   return connection != nullptr && connection->start_stream(status, content_type);
