@@ -134,6 +134,7 @@ class Connection {
 
  private:
   friend class Responder;
+  friend struct Responder::HandlerRoot;
   friend class Drained;
 
   ~Connection();
@@ -191,7 +192,7 @@ class Connection {
   void drop_responder(std::uint64_t request_number) noexcept;
   void check_loop_thread(const char* what) const noexcept;
   void wake_drain_waiters() noexcept;
-  void handler_failed(std::uint64_t request_number, const std::string& route,
+  void handler_failed(std::uint64_t request_number, const Route* route,
                       std::exception_ptr error) noexcept;
 
   // Small fields last, so the object is the socket's pointer and 64 bytes (connection_test).

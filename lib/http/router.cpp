@@ -58,15 +58,6 @@ void append_allow(std::string& allow, std::string_view method) {
 
 }  // namespace
 
-namespace detail {
-
-Task<void> send_response(Task<Response> task, Responder responder) {
-  const Response response = co_await std::move(task);
-  responder.send(response);
-}
-
-}  // namespace detail
-
 void Router::add(std::string_view method, std::string_view pattern, Handler handler) {
   if (pattern.empty() || pattern.front() != '/') {
     throw std::invalid_argument("route pattern must start with '/': \"" + std::string(pattern) +

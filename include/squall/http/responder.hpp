@@ -76,15 +76,18 @@ class Responder {
   std::size_t unsent_bytes() const noexcept;
 
   // Runs a coroutine handler's task on the connection's loop (Router::add does this for handlers
-  // returning Task<void>, and for Task<Response> ones wrapped in detail::send_response). Its stop
-  // token fires when the client goes away before the answer is finished. An exception escaping
-  // the task is answered with a 500 and logged exactly as one escaping a callback handler; one
-  // thrown before the task first suspends is rethrown here.
+  // returning Task<void>). Its stop token fires when the client goes away before the answer is
+  // finished. An exception escaping the task is answered with a 500 and logged exactly as one
+  // escaping a callback handler; one thrown before the task first suspends is rethrown here.
   void run_handler(Task<void> task) const;
+  // The same for a task that returns the whole answer (Router::add does this for handlers
+  // returning Task<Response>): the Response is sent through this Responder when it returns.
+  void run_handler(Task<Response> task) const;
 
  private:
   friend class Connection;
   friend class Drained;
+  struct HandlerRoot;  // The root frame of run_handler's task (responder.cpp).
   Responder(Connection* connection, std::uint64_t request_number) noexcept;
   Connection* live_connection() const noexcept;
 

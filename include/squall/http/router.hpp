@@ -59,11 +59,6 @@ concept CoroutineHandler =
 template <typename Fn>
 concept ResponseHandler = std::is_same_v<std::invoke_result_t<Fn&, const Request&>, Task<Response>>;
 
-namespace detail {
-// Awaits `task` and sends the Response it returns through `responder`.
-Task<void> send_response(Task<Response> task, Responder responder);
-}  // namespace detail
-
 struct Route {
   std::string method;                 // "GET", "POST", ...
   std::string pattern;                // As registered; also the metrics' route label.
@@ -96,9 +91,7 @@ class Router {
   void add(std::string_view method, std::string_view pattern, Fn handler) {
     add(method, pattern,
         Handler([handler = std::move(handler)](Request& request, Responder responder) mutable {
-          const Responder runner = responder;
-          runner.run_handler(
-              detail::send_response(handler(std::as_const(request)), std::move(responder)));
+          responder.run_handler(handler(std::as_const(request)));
         }));
   }
 
