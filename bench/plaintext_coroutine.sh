@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# bench/plaintext_coroutine.sh: server CPU per request of a coroutine handler against the same
-# answer from a callback handler, same server process, same run (bench/plaintext_coroutine.cpp).
+# bench/plaintext_coroutine.sh: server CPU per request of the coroutine handler forms against the
+# same answer from a callback handler, same server process, same run
+# (bench/plaintext_coroutine.cpp: /callback, /coroutine a Task<void>, /response a Task<Response>).
 #
-# The server runs pinned to SERVER_CPU, wrk to CLIENT_CPU. Each round runs wrk against
-# /callback and /coroutine (the order alternates between rounds) and reads the server's CPU
-# ticks around each run; the report gives medians over ROUNDS of requests/s and server CPU
-# microseconds per request, and the coroutine/callback ratio of the latter.
+# The server runs pinned to SERVER_CPU, wrk to CLIENT_CPU. Each round runs wrk against every
+# route of ROUTES (the order rotates between rounds) and reads the server's CPU ticks around each
+# run; the report gives medians over ROUNDS of requests/s and server CPU microseconds per request,
+# and each coroutine form's ratio to the callback of the latter.
 #
 # The server is built here (c++ against build/libsquall.a), not by `make all`.
 #
 # Usage:  bench/plaintext_coroutine.sh
 # Environment (defaults in brackets): DURATION [10] seconds per run, ROUNDS [3],
-#   CONNECTIONS [100], SERVER_CPU [0], CLIENT_CPU [1], BUILD [build], OUT_DIR [bench/out]
+#   CONNECTIONS [100], SERVER_CPU [0], CLIENT_CPU [1], BUILD [build], OUT_DIR [bench/out],
+#   ROUTES ["callback coroutine response"]
 set -euo pipefail
 
 bench_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -23,6 +25,7 @@ SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
 BUILD=${BUILD:-build}
 OUT_DIR=${OUT_DIR:-$bench_dir/out}
+read -r -a routes <<<"${ROUTES:-callback coroutine response}"
 
 log() { printf 'plaintext_coroutine: %s\n' "$*" >&2; }
 # shellcheck source=bench/common.sh
@@ -53,7 +56,8 @@ port=$(port_from_file "$port_file") || die "the server did not print its address
 results=$OUT_DIR/plaintext_coroutine_results.txt
 : >"$results"
 for ((round = 1; round <= ROUNDS; round++)); do
-  if ((round % 2 == 1)); then order=(callback coroutine); else order=(coroutine callback); fi
+  shift_by=$(((round - 1) % ${#routes[@]}))
+  order=("${routes[@]:shift_by}" "${routes[@]:0:shift_by}")
   for route in "${order[@]}"; do
     ticks_before=$(cpu_ticks "$server_pid")
     output=$(taskset -c "$CLIENT_CPU" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" \
@@ -79,14 +83,15 @@ for line in open(path):
 print(f"| handler | requests/s (median of {rounds}) | server CPU us/request (median) | rounds us/request |")
 print("|---|--:|--:|---|")
 cpu = {}
-for route in ("callback", "coroutine"):
+for route in [r for r in ("callback", "coroutine", "response") if r in rows]:
     values = rows[route]
     rate = statistics.median(r / float(duration) for r, _ in values)
     per = [c * 1e6 / r for r, c in values]
     cpu[route] = statistics.median(per)
     each = ", ".join(f"{p:.2f}" for p in per)
     print(f"| {route} | {rate:,.0f} | {cpu[route]:.2f} | {each} |")
-print(f"\ncoroutine / callback server CPU per request: {cpu['coroutine'] / cpu['callback']:.3f}")
+for route in [r for r in cpu if r != "callback"]:
+    print(f"\n{route} / callback server CPU per request: {cpu[route] / cpu['callback']:.3f}")
 print(f"\nwrk -t1 -c{connections} -d{duration}s, {rounds} rounds, one server process for both.")
 PY
 cat "$report"

@@ -31,9 +31,26 @@ std::string_view Request::remote_address() const {
   return connection_ != nullptr ? connection_->remote_address() : std::string_view();
 }
 
-Connection::Connection(ConnectionContext& context, std::uint64_t id) : context_(&context), id_(id) {
-  uv_tcp_init(context.loop.uv(), &tcp_);
-  tcp_.data = this;
+// A frame of the connection on the stack: the connection is not deleted before it returns.
+class Connection::Frame {
+ public:
+  explicit Frame(Connection* connection) noexcept : connection_(connection) {
+    ++connection_->depth_;
+  }
+  Frame(const Frame&) = delete;
+  Frame& operator=(const Frame&) = delete;
+  // The outermost frame does the delete that maybe_destroy() left for it.
+  ~Frame() {
+    if (--connection_->depth_ == 0) connection_->maybe_destroy();
+  }
+
+ private:
+  Connection* connection_;
+};
+
+Connection::Connection(ConnectionContext& context, std::uint64_t id)
+    : tcp_(context.loop, this, uv_tcp_init, "connection socket"), context_(&context), id_(id) {
+  tcp_.on_closed(&Connection::on_socket_closed);
   context.add(this);
 }
 
@@ -51,7 +68,7 @@ Connection* Connection::from(uv_handle_t* handle) noexcept {
 }
 
 int Connection::start(uv_stream_t* listener) {
-  const int status = uv_accept(listener, reinterpret_cast<uv_stream_t*>(&tcp_));
+  const int status = uv_accept(listener, tcp_.stream());
   if (status < 0) {
     close_now();
     return status;
@@ -71,7 +88,7 @@ int Connection::start(int fd) {
 
 int Connection::begin_reading() {
   // Responses leave whole, so Nagle's algorithm would only delay the last segment of each.
-  uv_tcp_nodelay(&tcp_, 1);
+  uv_tcp_nodelay(tcp_.get(), 1);
   // A client that never sends a byte is closed after timeouts.header; the head of each request
   // then has timeouts.header from its own first byte.
   arm(TimerPhase::first_byte);
@@ -86,7 +103,7 @@ std::string_view Connection::remote_address() {
   if (address.empty() && !closed()) {
     sockaddr_storage peer{};
     int length = sizeof peer;
-    if (uv_tcp_getpeername(&tcp_, reinterpret_cast<sockaddr*>(&peer), &length) == 0) {
+    if (uv_tcp_getpeername(tcp_.get(), reinterpret_cast<sockaddr*>(&peer), &length) == 0) {
       address = net::format_address(peer, false);
     }
   }
@@ -167,6 +184,7 @@ void Connection::on_read(uv_stream_t* stream, ssize_t nread, const uv_buf_t*) {
 // reading, buffers and deadline. Every path that changes what the connection waits for ends here.
 void Connection::process() noexcept {
   if (closed()) return;
+  const Frame frame(this);
   if (workspace_ != nullptr && !closing()) {
     in_process_ = true;
     Workspace& workspace = *workspace_;
@@ -284,7 +302,7 @@ void Connection::update_reading() noexcept {
   const bool want =
       closing() ? state_ == State::lingering && !peer_eof_
                 : !output_blocked_ && !waiting_for_output_budget_ && !peer_eof_ && !buffer_full;
-  auto* stream = reinterpret_cast<uv_stream_t*>(&tcp_);
+  uv_stream_t* stream = tcp_.stream();
   if (want && !reading_) {
     reading_ = uv_read_start(stream, on_alloc, on_read) == 0;
   } else if (!want && reading_) {
@@ -424,10 +442,9 @@ void Connection::begin_close() noexcept {
     return;
   }
   auto* request = new (std::nothrow) uv_shutdown_t;
-  const int status =
-      request == nullptr
-          ? UV_ENOMEM
-          : uv_shutdown(request, reinterpret_cast<uv_stream_t*>(&tcp_), &Connection::on_shutdown);
+  const int status = request == nullptr
+                         ? UV_ENOMEM
+                         : uv_shutdown(request, tcp_.stream(), &Connection::on_shutdown);
   if (status < 0) {
     delete request;
     close_now();
@@ -489,7 +506,8 @@ void Connection::close_now() noexcept {
     context_->forget_cork(this);
     context_->connection_closed(this);
   }
-  uv_close(reinterpret_cast<uv_handle_t*>(&tcp_), &Connection::on_closed);
+  // A socket Loop::close() closed already is not closed again (its close callback ends here).
+  tcp_.close();
   if (workspace_ != nullptr) {
     // A coroutine handler still working on the answer is cancelled. lib/core's awaitables only
     // stop their operations here and resume later, so nothing runs inside this close.
@@ -501,14 +519,18 @@ void Connection::close_now() noexcept {
   }
 }
 
-void Connection::on_closed(uv_handle_t* handle) {
-  Connection* self = from(handle);
+// The socket's close callback: after close_now(), or from Loop::close(), which closes every
+// handle still open. The connection is closed now in either case; it is deleted here unless a
+// Responder still refers to it (the last one's destruction deletes it then).
+void Connection::on_socket_closed(uv_tcp_t* handle) noexcept {
+  Connection* self = from(reinterpret_cast<uv_handle_t*>(handle));
+  const Frame frame(self);  // close_now() may drop Responders (stop callbacks): delete after it.
   self->handle_open_ = false;
-  self->maybe_destroy();
+  self->close_now();
 }
 
 void Connection::maybe_destroy() noexcept {
-  if (closed() && !handle_open_ && responders_ == 0) delete this;
+  if (closed() && !handle_open_ && responders_ == 0 && depth_ == 0) delete this;
 }
 
 // ---- Timeouts --------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-// One client connection, as a state machine: it owns its uv_tcp_t and little else while idle;
-// the read buffer, the parser and everything about the request in flight live in a Workspace
+// One client connection, as a state machine: it owns its socket (a UvHandle<uv_tcp_t>, so it is
+// closed exactly once whether the connection or Loop::close() comes first) and little else while
+// idle; the read buffer, the parser and everything about the request in flight live in a Workspace
 // borrowed from the loop's ConnectionContext only while bytes or an answer are in flight. Its
 // timeouts are deadlines kept by the context (one timer per loop, not one per connection).
 //
@@ -10,6 +11,11 @@
 //                          finish (close), error, drain, EOF: closing
 //   closing --begin_close--> flushing (unsent output, then close) or lingering (read and drop
 //   input until EOF or timeouts.lingering) --> closed (close_now, from any state)
+//
+// The object is deleted once it is closed, its socket's close callback has run (after its own
+// close_now(), or after Loop::close() closed the socket: that callback closes the connection
+// too) and no Responder refers to it, and never while one of its own frames is on the stack
+// (depth_): maybe_destroy() called there leaves the delete to the outermost frame.
 //
 // The files: connection.cpp (states, reading, timeouts, closing), response_writer.cpp (the
 // response on the wire), responder.cpp (the handler's handle on a pending answer).
@@ -27,6 +33,7 @@
 #include <uv.h>
 
 #include "http/parser.hpp"
+#include "squall/core/uv_handle.hpp"
 #include "squall/http/request.hpp"
 #include "squall/http/responder.hpp"
 #include "squall/http/router.hpp"
@@ -132,13 +139,14 @@ class Connection {
 
  private:
   friend class Responder;
+  friend struct Responder::HandlerRoot;
   friend class Drained;
 
   ~Connection();
   static Connection* from(uv_handle_t* handle) noexcept;
   static void on_alloc(uv_handle_t* handle, std::size_t suggested, uv_buf_t* buf);
   static void on_read(uv_stream_t* stream, ssize_t nread, const uv_buf_t* buf);
-  static void on_closed(uv_handle_t* handle);
+  static void on_socket_closed(uv_tcp_t* handle) noexcept;
   static void on_shutdown(uv_shutdown_t* request, int status);
 
   // States.
@@ -163,7 +171,7 @@ class Connection {
   void release_workspace_if_idle() noexcept;
   void release_workspace() noexcept;
   void update_reading() noexcept;
-  std::size_t unsent() const noexcept { return tcp_.write_queue_size; }
+  std::size_t unsent() const noexcept { return tcp_->write_queue_size; }
 
   // The response on the wire (response_writer.cpp).
   void write_head(int status, std::string_view content_type, std::size_t content_length,
@@ -183,23 +191,25 @@ class Connection {
   void update_timer() noexcept;
   void arm(TimerPhase phase) noexcept;
   void maybe_destroy() noexcept;
+  class Frame;  // Counts a frame of this connection on the stack (depth_); connection.cpp.
 
   // Responders (responder.cpp).
   void add_responder(std::uint64_t request_number) noexcept;
   void drop_responder(std::uint64_t request_number) noexcept;
   void check_loop_thread(const char* what) const noexcept;
   void wake_drain_waiters() noexcept;
-  void handler_failed(std::uint64_t request_number, const std::string& route,
+  void handler_failed(std::uint64_t request_number, const Route* route,
                       std::exception_ptr error) noexcept;
 
-  // Small fields last, so the object is the socket and 64 bytes (connection_test checks it).
-  uv_tcp_t tcp_;                      // The socket; data -> this.
+  // Small fields last, so the object is the socket's pointer and 64 bytes (connection_test).
+  UvHandle<uv_tcp_t> tcp_;            // The socket; data -> this. Never null.
   ConnectionContext* context_;        // The loop's shared state; not touched once orphaned.
   Workspace* workspace_ = nullptr;    // Borrowed while a request is in flight.
   const std::uint64_t id_;            // In log lines and RequestRecord.
   std::uint32_t request_number_ = 0;  // Counts dispatched requests; Responders check it.
   std::uint32_t responders_ = 0;      // Live Responder copies; keep this object alive.
   State state_ = State::reading;      // Where the connection is in its life.
+  std::uint8_t depth_ = 0;            // Frames of this connection on the stack (Frame).
   TimerPhase timer_phase_ = TimerPhase::none;  // Which list of the context it is on.
   // Conditions orthogonal to the state.
   bool reading_ : 1 = false;                    // uv_read_start is in effect.

@@ -25,7 +25,8 @@ ConnectionContext::ConnectionContext(Loop& loop, std::shared_ptr<const Router> r
       router(std::move(router)),
       shared(std::move(shared_limits)),
       body_budget(shared->bodies),
-      unsent_budget(shared->unsent) {}
+      unsent_budget(shared->unsent),
+      timer_(loop, this, uv_timer_init, "connections' deadline timer") {}
 
 ConnectionContext::~ConnectionContext() {
   // Connections still referenced by a Responder outlive the server: cut them loose.
@@ -42,7 +43,7 @@ ConnectionContext::~ConnectionContext() {
     free_workspaces_ = workspace->next_free;
     delete workspace;
   }
-  if (timer_ != 0) loop.cancel(timer_);
+  // timer_ (a UvHandle) closes itself, or only frees its memory after Loop::close().
 }
 
 void ConnectionContext::reconfigure(ServerOptions new_options) {
@@ -253,7 +254,7 @@ void ConnectionContext::set_phase(Connection* connection, TimerPhase phase) noex
   }
   if (phase == TimerPhase::none || phase == TimerPhase::closed) return;
   // The loop timer moves only when this deadline comes before the one it waits for.
-  if (timer_ == 0 || deadline < timer_due_ms_) schedule();
+  if (!timer_armed_ || deadline < timer_due_ms_) schedule();
 }
 
 void ConnectionContext::remove(Connection* connection) noexcept {
@@ -301,25 +302,23 @@ void ConnectionContext::schedule() noexcept {
       any = true;
     }
   }
-  if (timer_ != 0 && (!any || earliest != timer_due_ms_)) {
-    loop.cancel(timer_);
-    timer_ = 0;
+  if (timer_armed_ && (!any || earliest != timer_due_ms_)) {
+    uv_timer_stop(timer_.get());
+    timer_armed_ = false;
   }
-  if (!any || timer_ != 0) return;
+  // After Loop::close() the timer is closed: nothing is due any more.
+  if (!any || timer_armed_ || !timer_.is_open()) return;
   const std::uint64_t now = loop.now_ms();
-  try {
-    timer_ = loop.call_later(std::chrono::milliseconds(earliest > now ? earliest - now : 0),
-                             [this] { on_timer(); });
-    timer_due_ms_ = earliest;
-  } catch (const std::exception& error) {
-    // Out of memory: the next deadline set retries.
-    spdlog::error("cannot set the connections' timer: {}", error.what());
-    timer_ = 0;
-  }
+  uv_timer_start(
+      timer_.get(),
+      [](uv_timer_t* timer) { static_cast<ConnectionContext*>(timer->data)->on_timer(); },
+      earliest > now ? earliest - now : 0, 0);
+  timer_armed_ = true;
+  timer_due_ms_ = earliest;
 }
 
 void ConnectionContext::on_timer() noexcept {
-  timer_ = 0;
+  timer_armed_ = false;
   const std::uint64_t now = loop.now_ms();
   for (std::size_t phase = 0; phase < lists_.size(); ++phase) {
     if (phase == index(TimerPhase::none) || phase == index(TimerPhase::closed)) continue;

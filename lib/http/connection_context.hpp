@@ -21,6 +21,7 @@
 #include "http/connection.hpp"
 #include "squall/core/clock.hpp"
 #include "squall/core/loop.hpp"
+#include "squall/core/uv_handle.hpp"
 #include "squall/http/response.hpp"
 #include "squall/http/server.hpp"
 
@@ -126,7 +127,8 @@ class ConnectionContext {
   Workspace* free_workspaces_ = nullptr;              // Idle workspaces kept for reuse.
   std::size_t free_workspace_count_ = 0;              // Length of that list.
   std::size_t workspace_capacity_ = 0;                // Read buffer size, from the limits.
-  Loop::TimerId timer_ = 0;                           // The loop timer, 0 when none.
+  UvHandle<uv_timer_t> timer_;                        // Fires at the earliest deadline.
+  bool timer_armed_ = false;                          // timer_ is started.
   std::uint64_t timer_due_ms_ = 0;                    // When it fires (uv_now clock).
   bool resuming_output_waiters_ = false;              // resume_output_waiters() is running.
 };

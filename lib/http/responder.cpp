@@ -136,6 +136,11 @@ bool Responder::send(int status, std::string_view content_type, std::string_view
   return connection != nullptr && connection->respond(status, content_type, body);
 }
 
+bool Responder::send(const Response& response) const {
+  for (const auto& [name, value] : response.headers) header(name, value);
+  return send(response.status, response.content_type, response.body);
+}
+
 bool Responder::start(int status, std::string_view content_type) const {
   Connection* connection = live_connection();
   return connection != nullptr && connection->start_stream(status, content_type);
@@ -271,7 +276,7 @@ Drained::~Drained() {
   if (node_ != nullptr) node_->waiter = nullptr;
 }
 
-void Connection::handler_failed(std::uint64_t request_number, const std::string& route,
+void Connection::handler_failed(std::uint64_t request_number, const Route* route,
                                 std::exception_ptr error) noexcept {
   const bool live = answer_pending() && request_number == request_number_;
   bool cancelled = false;
@@ -281,41 +286,165 @@ void Connection::handler_failed(std::uint64_t request_number, const std::string&
     cancelled = true;
   } catch (...) {
   }
+  const std::string_view method = route != nullptr ? std::string_view(route->method) : "";
+  const std::string_view pattern = route != nullptr ? std::string_view(route->pattern) : "";
   if (cancelled && !live) {
-    spdlog::debug("connection {}: handler for {} cancelled: the client went away", id_, route);
+    spdlog::debug("connection {}: handler for {} {} cancelled: the client went away", id_, method,
+                  pattern);
     return;
   }
-  spdlog::error("connection {}: handler for {} threw: {}", id_, route, describe(error));
+  try {
+    spdlog::error("connection {}: handler for {} {} threw: {}", id_, method, pattern,
+                  describe(error));
+  } catch (...) {
+    // Out of memory for the log line: the client still gets its 500.
+  }
   if (live) answer_internal_error();
 }
+
+namespace {
+
+// Freed root frames kept for the next request: one is made per request and they are all small,
+// so each is a block of kFrameBlock bytes taken from and given back to this thread's cache
+// (frames live on their loop's thread) instead of malloc.
+constexpr std::size_t kFrameBlock = 512;
+struct FrameCache {
+  static constexpr int kMax = 64;
+  void* blocks[kMax];
+  int count = 0;
+  FrameCache() = default;
+  FrameCache(const FrameCache&) = delete;
+  FrameCache& operator=(const FrameCache&) = delete;
+  ~FrameCache() {
+    while (count > 0) ::operator delete(blocks[--count]);
+  }
+};
+thread_local FrameCache frame_cache;
+
+}  // namespace
+
+// The root frame of a coroutine handler's task (spawn's, specialised: no completion callback,
+// and the Task<Response> form's send in the same frame). Registered with its Loop while it
+// lives, so Loop::close() destroys it if it is still suspended then. What the task throws goes
+// to the connection (a 500 and the log line), or, while run_handler() is still starting it, back
+// to run_handler(), which rethrows it to dispatch() as a callback's exception.
+struct Responder::HandlerRoot {
+  struct promise_type : squall::detail::PromiseBase {
+    Loop* loop = nullptr;                  // Where the frame is registered.
+    Responder responder;                   // The answer the task owes.
+    std::shared_ptr<const Router> routes;  // Keeps `route` valid for the log line.
+    const Route* route = nullptr;          // The matched route.
+    std::exception_ptr error;              // What the task threw.
+    bool starting = true;                  // run_handler() has not returned yet.
+    bool finished = false;                 // The body ended while starting.
+
+    static void* operator new(std::size_t size) {
+      if (size > kFrameBlock) return ::operator new(size);
+      FrameCache& cache = frame_cache;
+      return cache.count > 0 ? cache.blocks[--cache.count] : ::operator new(kFrameBlock);
+    }
+    static void operator delete(void* frame, std::size_t size) noexcept {
+      FrameCache& cache = frame_cache;
+      if (size > kFrameBlock || cache.count == FrameCache::kMax) {
+        ::operator delete(frame);
+        return;
+      }
+      cache.blocks[cache.count++] = frame;
+    }
+
+    HandlerRoot get_return_object() noexcept {
+      return HandlerRoot{std::coroutine_handle<promise_type>::from_promise(*this)};
+    }
+    std::suspend_always initial_suspend() const noexcept { return {}; }
+    struct Release {
+      bool await_ready() const noexcept { return false; }
+      void await_suspend(std::coroutine_handle<promise_type> frame) const noexcept {
+        promise_type& promise = frame.promise();
+        if (promise.starting) {
+          promise.finished = true;  // run_handler() takes the outcome and destroys the frame.
+          return;
+        }
+        if (promise.error && promise.responder.connection_ != nullptr) {
+          promise.responder.connection_->handler_failed(promise.responder.request_number_,
+                                                        promise.route, promise.error);
+        }
+        promise.loop->release_task(frame);
+        frame.destroy();
+      }
+      void await_resume() const noexcept {}
+    };
+    Release final_suspend() const noexcept { return {}; }
+    void return_void() const noexcept {}
+    void unhandled_exception() noexcept { error = std::current_exception(); }
+  };
+  // `co_await OwnPromise{}` gives the body its own promise, without suspending.
+  struct OwnPromise {
+    promise_type* promise = nullptr;
+    bool await_ready() const noexcept { return false; }
+    bool await_suspend(std::coroutine_handle<promise_type> frame) noexcept {
+      promise = &frame.promise();
+      return false;
+    }
+    promise_type& await_resume() const noexcept { return *promise; }
+  };
+
+  std::coroutine_handle<promise_type> frame;  // Owned by itself once started.
+
+  static HandlerRoot run(Task<void> task) { co_await std::move(task); }
+  static HandlerRoot run(Task<Response> task) {
+    const promise_type& self = co_await OwnPromise{};
+    const Response response = co_await std::move(task);
+    self.responder.send(response);
+  }
+
+  // Registers and starts `root` for the request `responder` answers.
+  static void start(const Responder& responder, Connection& connection, HandlerRoot root) {
+    Loop& loop = connection.context_->loop;
+    Workspace& workspace = *connection.workspace_;
+    promise_type& promise = root.frame.promise();
+    promise.loop = &loop;
+    promise.responder = responder;
+    promise.routes = connection.context_->router;
+    promise.route = workspace.route;
+    workspace.handler_stop = std::stop_source();
+    promise.stop_token = workspace.handler_stop.get_token();
+    try {
+      loop.adopt_task(root.frame);
+    } catch (...) {
+      root.frame.destroy();
+      throw;
+    }
+    // The body runs until its first suspension (or its end) now, inside dispatch().
+    squall::detail::resume(root.frame);
+    if (!promise.finished) {
+      promise.starting = false;  // From now on the frame reports and frees itself.
+      return;
+    }
+    // It ended before returning here: an exception goes to dispatch(), which answers and logs
+    // as for a callback.
+    const std::exception_ptr error = std::move(promise.error);
+    loop.release_task(root.frame);
+    root.frame.destroy();
+    if (error) std::rethrow_exception(error);
+  }
+};
 
 void Responder::run_handler(Task<void> task) const {
   Connection* connection = live_connection();
   if (connection == nullptr) return;
-  connection->workspace_->handler_stop = std::stop_source();
-  // Whether the task ended with an exception before run_handler returned: it is then rethrown
-  // to dispatch(), which answers and logs as for a callback.
-  struct Start {
-    bool returned = false;
-    std::exception_ptr early_error;
-  };
-  auto start = std::make_shared<Start>();
-  const Route* matched = connection->workspace_->route;
-  std::string route = matched != nullptr ? matched->method + " " + matched->pattern : std::string();
-  spawn(connection->context_->loop, std::move(task),
-        connection->workspace_->handler_stop.get_token(),
-        [responder = *this, start, route = std::move(route)](std::exception_ptr error) {
-          if (!error) return;
-          if (!start->returned) {
-            start->early_error = error;
-            return;
-          }
-          if (responder.connection_ != nullptr) {
-            responder.connection_->handler_failed(responder.request_number_, route, error);
-          }
-        });
-  start->returned = true;
-  if (start->early_error) std::rethrow_exception(start->early_error);
+  if (connection->context_->loop.closed()) {
+    throw std::logic_error("squall::http::Responder::run_handler: the loop is closed");
+  }
+  HandlerRoot::start(*this, *connection, HandlerRoot::run(std::move(task)));
+}
+
+void Responder::run_handler(Task<Response> task) const {
+  Connection* connection = live_connection();
+  if (connection == nullptr) return;
+  if (connection->context_->loop.closed()) {
+    throw std::logic_error("squall::http::Responder::run_handler: the loop is closed");
+  }
+  HandlerRoot::start(*this, *connection, HandlerRoot::run(std::move(task)));
 }
 
 }  // namespace squall::http

@@ -171,7 +171,18 @@ void Server::admit(Accept accept) {
     if (accept(refused.get()) == 0) refuse(refused.get());
     return;
   }
-  auto* connection = new Connection(*context_, next_connection_id_);
+  Connection* connection = nullptr;
+  try {
+    connection = new Connection(*context_, next_connection_id_);
+  } catch (const std::exception& error) {
+    // Out of memory, or no socket handle: the client waits in the backlog for a later try.
+    open.fetch_sub(1, std::memory_order_relaxed);
+    ++stats.connections_refused;
+    if (context_->once_a_second(last_accept_error_log_ms_)) {
+      spdlog::error("cannot accept a connection: {}", error.what());
+    }
+    return;
+  }
   next_connection_id_ += connection_id_step_;
   if (accept(connection) == 0) ++context_->stats.connections_accepted;
 }
@@ -233,11 +244,10 @@ void Server::close_all() noexcept {
 }
 
 void Server::finish_drain_if_done() {
-  if (!context_->draining || context_->has_open_connections() || !listeners_.empty() ||
-      !on_drained_) {
-    return;
-  }
+  if (!context_->draining || context_->has_open_connections() || !listeners_.empty()) return;
+  // Also when the last connection is closed by Loop::close(): the timer must not outlive it.
   close_drain_timer();
+  if (!on_drained_) return;
   auto done = std::move(on_drained_);
   on_drained_ = nullptr;
   done();

@@ -112,6 +112,31 @@ def test_coroutine_handler_awaits_pool_work_and_a_sleep(run_example):
     assert ex.stop(signal.SIGINT) == 0
 
 
+def test_coroutine_handler_returning_a_response(run_example):
+    # /digest.json is the same work as a Task<Response> handler: the whole answer as a value.
+    ex = run_example("coroutine_handler")
+    _, plain = ex.get("/digest?text=abc&delay_ms=0")
+    conn = http.client.HTTPConnection("127.0.0.1", ex.port, timeout=10)
+    try:
+        began = time.monotonic()
+        conn.request("GET", "/digest.json?text=abc&delay_ms=200")
+        response = conn.getresponse()
+        body = response.read().decode()
+        took = time.monotonic() - began
+        assert response.status == 200
+        assert response.getheader("Content-Type") == "application/json"
+        assert response.getheader("Cache-Control") == "max-age=60"
+        assert body == '{"digest":"%s"}\n' % plain.strip()
+        assert took >= 0.2
+        conn.request("GET", "/digest.json?delay_ms=20000")
+        response = conn.getresponse()
+        assert response.status == 400
+        assert "delay_ms must be between 0 and 10000" in response.read().decode()
+    finally:
+        conn.close()
+    assert ex.stop() == 0
+
+
 def test_coroutine_handler_serves_others_while_it_sleeps(run_example):
     ex = run_example("coroutine_handler")
     results = {}

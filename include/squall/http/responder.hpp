@@ -23,6 +23,7 @@ namespace squall::http {
 
 class Connection;
 class Drained;
+struct Response;
 
 // Runs when a Responder is copied or destroyed on a thread other than its connection's loop
 // thread: a bug in the caller, which races with the loop on the connection's reference counts
@@ -49,6 +50,8 @@ class Responder {
 
   // Sends a whole response with Content-Length framing.
   bool send(int status, std::string_view content_type, std::string_view body) const;
+  // The same for a Response value, its headers first (header() checks them and may throw).
+  bool send(const Response& response) const;
 
   // Streams a response: chunked for HTTP/1.1, close-delimited for HTTP/1.0.
   bool start(int status, std::string_view content_type) const;
@@ -77,10 +80,14 @@ class Responder {
   // finished. An exception escaping the task is answered with a 500 and logged exactly as one
   // escaping a callback handler; one thrown before the task first suspends is rethrown here.
   void run_handler(Task<void> task) const;
+  // The same for a task that returns the whole answer (Router::add does this for handlers
+  // returning Task<Response>): the Response is sent through this Responder when it returns.
+  void run_handler(Task<Response> task) const;
 
  private:
   friend class Connection;
   friend class Drained;
+  struct HandlerRoot;  // The root frame of run_handler's task (responder.cpp).
   Responder(Connection* connection, std::uint64_t request_number) noexcept;
   Connection* live_connection() const noexcept;
 

@@ -13,6 +13,7 @@
 #include "squall/core/task.hpp"
 #include "squall/http/request.hpp"
 #include "squall/http/responder.hpp"
+#include "squall/http/response.hpp"
 
 namespace squall::http {
 
@@ -40,6 +41,24 @@ template <typename Fn>
 concept CoroutineHandler =
     std::is_same_v<std::invoke_result_t<Fn&, Request&, Responder>, Task<void>>;
 
+// A coroutine handler that returns the whole response: any callable taking (const Request&) and
+// returning Task<Response>, as Tornado's handler that computes its answer and returns it:
+//
+//   Task<http::Response> greet(Loop& loop, const http::Request& request) {
+//     std::string name(request.query("name").value_or("world"));  // Copy before suspending.
+//     co_await sleep(loop, 100ms);
+//     co_return http::Response(200, "text/plain", "hello " + name + "\n");
+//   }
+//   router.add("GET", "/greet", [&loop](const http::Request& request) {
+//     return greet(loop, request);
+//   });
+//
+// The Request stays valid until the task returns (its answer is sent then). Everything else is
+// as for a Task<void> handler: the task is cancelled (its awaits throw CancelledError) when the
+// client goes away first, and an escaping exception is a 500 and a log line.
+template <typename Fn>
+concept ResponseHandler = std::is_same_v<std::invoke_result_t<Fn&, const Request&>, Task<Response>>;
+
 struct Route {
   std::string method;                 // "GET", "POST", ...
   std::string pattern;                // As registered; also the metrics' route label.
@@ -65,6 +84,15 @@ class Router {
         Handler([handler = std::move(handler)](Request& request, Responder responder) mutable {
           const Responder runner = responder;
           runner.run_handler(handler(request, std::move(responder)));
+        }));
+  }
+
+  // The same for a handler returning the whole response (see ResponseHandler).
+  template <ResponseHandler Fn>
+  void add(std::string_view method, std::string_view pattern, Fn handler) {
+    add(method, pattern,
+        Handler([handler = std::move(handler)](Request& request, Responder responder) mutable {
+          responder.run_handler(handler(std::as_const(request)));
         }));
   }
 

@@ -20,6 +20,8 @@
 
 #include "core/handle_lifetime.hpp"
 #include "http/http_test_client.hpp"
+#include "squall/core/awaitables.hpp"
+#include "squall/core/task.hpp"
 
 using namespace squall;
 using namespace std::chrono_literals;
@@ -524,46 +526,166 @@ TEST_CASE(
   });
 }
 
-TEST_CASE("a server draining a busy connection closes its drain timer when destroyed") {
-  // A request whose handler has not answered keeps the drain (and its timer) waiting. Only the
-  // order "server first, then Loop::close()": the connection (lib/http/connection.cpp) still
-  // closes its own handles and cannot yet outlive Loop::close() with a Responder held.
-  struct Draining {
-    std::shared_ptr<std::vector<http::Responder>> held =
-        std::make_shared<std::vector<http::Responder>>();
-    std::unique_ptr<http::Server> server;
-    int client = -1;
-    ~Draining() {
-      held->clear();
-      server.reset();
-      ::close(client);
-    }
+namespace {
+
+// A server with one connection, for the end-order tests: its handlers hold their Responders in
+// `held`, the client is a blocking socket. The destructor drops the Responders and the server in
+// either order (`server_first`).
+struct OneConnection {
+  enum class Kind {
+    idle,       // Its request was answered; waiting for the next (keep-alive).
+    partial,    // Half a request head arrived.
+    held,       // The handler keeps its Responder without answering.
+    coroutine,  // A coroutine handler sleeps: Loop::close() destroys its frame, whose dropped
+                // Responder answers 500 while the loop closes the socket.
   };
-  {
-    Loop loop;
-    auto owner = std::make_unique<Draining>();
-    auto router = std::make_shared<http::Router>();
-    router->add("GET", "/hold", [held = owner->held](http::Request&, http::Responder responder) {
-      held->push_back(std::move(responder));
-    });
-    owner->server = std::make_unique<http::Server>(loop, router, http::ServerOptions{});
-    const std::string bound = owner->server->listen("127.0.0.1", 0);
-    const auto port = static_cast<std::uint16_t>(std::stoi(bound.substr(bound.rfind(':') + 1)));
-    owner->client = ::socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in address{};
-    address.sin_family = AF_INET;
-    address.sin_port = htons(port);
-    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    REQUIRE(::connect(owner->client, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0);
-    const std::string request = "GET /hold HTTP/1.1\r\nHost: x\r\n\r\n";
-    REQUIRE(::write(owner->client, request.data(), request.size()) ==
-            static_cast<ssize_t>(request.size()));
-    while (owner->held->empty()) uv_run(loop.uv(), UV_RUN_ONCE);
-    owner->server->drain(std::chrono::hours(1), [] {});
-    CHECK(owner->server->stats().connections_open == 1);  // Still draining, on its timer.
-    owner.reset();
-    CHECK(loop.close() == 0);
+  std::shared_ptr<std::vector<http::Responder>> held =
+      std::make_shared<std::vector<http::Responder>>();
+  std::shared_ptr<int> handled = std::make_shared<int>(0);
+  std::unique_ptr<http::Server> server;
+  int client = -1;
+  bool server_first = false;
+
+  OneConnection() = default;
+  OneConnection(const OneConnection&) = delete;
+  OneConnection& operator=(const OneConnection&) = delete;
+  ~OneConnection() {
+    if (server_first) server.reset();
+    held->clear();
+    server.reset();
+    if (client >= 0) ::close(client);
   }
+};
+
+Task<void> sleep_then_answer(Loop& loop, http::Responder responder, std::shared_ptr<int> handled) {
+  ++*handled;
+  co_await sleep(loop, 1h);
+  responder.send(200, "text/plain", "late\n");
+}
+
+// A connected server on `loop` whose one connection is in the state `kind` names.
+std::unique_ptr<OneConnection> one_connection(Loop& loop, OneConnection::Kind kind,
+                                              bool server_first) {
+  using Kind = OneConnection::Kind;
+  auto owner = std::make_unique<OneConnection>();
+  owner->server_first = server_first;
+  auto router = std::make_shared<http::Router>();
+  router->add(
+      "GET", "/hold",
+      [held = owner->held, handled = owner->handled](http::Request&, http::Responder responder) {
+        held->push_back(std::move(responder));
+        ++*handled;
+      });
+  router->add("GET", "/now", [handled = owner->handled](http::Request&, http::Responder responder) {
+    responder.send(200, "text/plain", "now\n");
+    ++*handled;
+  });
+  router->add("GET", "/sleep",
+              [&loop, handled = owner->handled](http::Request&, http::Responder responder) {
+                return sleep_then_answer(loop, std::move(responder), handled);
+              });
+  owner->server = std::make_unique<http::Server>(loop, router, http::ServerOptions{});
+  owner->server->listen("127.0.0.1", 0);
+  const std::uint16_t bound = owner->server->listeners().front()->bound_port();
+  owner->client = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(bound);
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(::connect(owner->client, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0);
+  const std::string request = kind == Kind::idle      ? "GET /now HTTP/1.1\r\nHost: x\r\n\r\n"
+                              : kind == Kind::partial ? "GET /now HTTP/1.1\r\nHo"
+                              : kind == Kind::held    ? "GET /hold HTTP/1.1\r\nHost: x\r\n\r\n"
+                                                      : "GET /sleep HTTP/1.1\r\nHost: x\r\n\r\n";
+  REQUIRE(::write(owner->client, request.data(), request.size()) ==
+          static_cast<ssize_t>(request.size()));
+  if (kind == Kind::partial) {
+    while (owner->server->stats().bytes_received < request.size()) {
+      uv_run(loop.uv(), UV_RUN_ONCE);
+    }
+  } else {
+    while (*owner->handled == 0) uv_run(loop.uv(), UV_RUN_ONCE);
+  }
+  REQUIRE(owner->server->stats().connections_open == 1);
+  return owner;
+}
+
+}  // namespace
+
+TEST_CASE("a connection is closed once and freed in every order of its server and loop ending") {
+  // The connection owns its socket through a UvHandle: whether the Server (and the Responders
+  // held by the application, before or after it) ends before Loop::close(), after it, or after
+  // the Loop is gone, the socket is closed once (libuv aborts on a second close), the connection
+  // is freed (LeakSanitizer), and nothing touches it or the Loop afterwards (AddressSanitizer).
+  using Kind = OneConnection::Kind;
+  for (const Kind kind : {Kind::idle, Kind::partial, Kind::held, Kind::coroutine}) {
+    for (const bool server_first : {false, true}) {
+      INFO("connection state " << static_cast<int>(kind) << ", server destroyed before the "
+                               << "Responders: " << server_first);
+      testing::check_every_end_order(
+          [&](Loop& loop) { return one_connection(loop, kind, server_first); });
+    }
+  }
+}
+
+TEST_CASE("a Responder dropped after Loop::close() frees its connection without answering") {
+  // Loop::close() closed the socket and with it the connection: the Responder dropped later
+  // finds it closed (no 500 is written on a closed socket) and deletes it, outside any frame
+  // of the connection.
+  Loop loop;
+  auto owner = one_connection(loop, OneConnection::Kind::held, false);
+  REQUIRE(owner->held->size() == 1);
+  const http::Responder& responder = owner->held->front();
+  CHECK(responder.connected());
+  CHECK(loop.close() == 0);
+  CHECK_FALSE(responder.connected());
+  CHECK_FALSE(responder.send(200, "text/plain", "too late\n"));
+  CHECK(owner->server->stats().connections_open == 0);
+  owner->held->clear();
+  CHECK(owner->server->stats().connections_open == 0);
+  owner.reset();
+}
+
+TEST_CASE("a coroutine handler's Responder dropped by Loop::close() answers 500 safely") {
+  // Loop::close() destroys the suspended handler first: its Responder, dropped unanswered,
+  // writes a 500 on the still open socket, which the loop then closes. The client reads the 500
+  // or an end of stream, never a hang, and the connection is freed exactly once.
+  Loop loop;
+  auto owner = one_connection(loop, OneConnection::Kind::coroutine, false);
+  CHECK(loop.close() == 0);
+  CHECK(owner->server->stats().connections_open == 0);
+  std::string received;
+  char buffer[512];
+  ssize_t n = 0;
+  while ((n = ::read(owner->client, buffer, sizeof buffer)) > 0) {
+    received.append(buffer, static_cast<std::size_t>(n));
+  }
+  CHECK((received.empty() || received.find("HTTP/1.1 500") == 0));
+  owner.reset();
+}
+
+TEST_CASE("a draining server with a busy connection ends before or after Loop::close()") {
+  // A request whose handler has not answered keeps the drain (and its timer) waiting. The server
+  // is destroyed before Loop::close(), after it, or after the Loop is gone: its drain timer and
+  // its connection's socket are closed once, and the connection is freed.
+  for (const bool server_first : {false, true}) {
+    INFO("server destroyed before the Responders: " << server_first);
+    testing::check_every_end_order([&](Loop& loop) {
+      auto owner = one_connection(loop, OneConnection::Kind::held, server_first);
+      owner->server->drain(std::chrono::hours(1), [] {});
+      CHECK(owner->server->stats().connections_open == 1);  // Still draining, on its timer.
+      return owner;
+    });
+  }
+  // Loop::close() closes the last connection: the drain is complete, its callback runs.
+  Loop loop;
+  auto owner = one_connection(loop, OneConnection::Kind::held, false);
+  bool drained = false;
+  owner->server->drain(std::chrono::hours(1), [&drained] { drained = true; });
+  CHECK_FALSE(drained);
+  CHECK(loop.close() == 0);
+  CHECK(drained);
+  owner.reset();
 }
 
 namespace {
