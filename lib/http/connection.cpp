@@ -77,7 +77,7 @@ int Connection::start(uv_stream_t* listener) {
 }
 
 int Connection::start(int fd) {
-  const int status = uv_tcp_open(&tcp_, fd);
+  const int status = uv_tcp_open(tcp_.get(), fd);
   if (status < 0) {
     ::close(fd);
     close_now();
@@ -476,7 +476,7 @@ void Connection::drain() noexcept {
     // The next request is in the socket but not read yet: closing now would reset it.
     int waiting = 0;
     uv_os_fd_t fd = -1;
-    if (uv_fileno(reinterpret_cast<const uv_handle_t*>(&tcp_), &fd) == 0 &&
+    if (uv_fileno(tcp_.handle(), &fd) == 0 &&
         ::ioctl(fd, FIONREAD, &waiting) == 0 && waiting > 0) {
       return;
     }
