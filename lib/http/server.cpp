@@ -177,7 +177,7 @@ void Server::admit(Accept accept) {
   } catch (const std::exception& error) {
     // Out of memory, or no socket handle: the client waits in the backlog for a later try.
     open.fetch_sub(1, std::memory_order_relaxed);
-    ++stats.connections_refused;
+    ++context_->stats.connections_refused;
     if (context_->once_a_second(last_accept_error_log_ms_)) {
       spdlog::error("cannot accept a connection: {}", error.what());
     }
