@@ -18,9 +18,9 @@
 #include <memory>
 #include <string>
 
+#include <squall/core/awaitables.hpp>
 #include <squall/core/loop.hpp>
 #include <squall/core/signals.hpp>
-#include <squall/core/awaitables.hpp>
 #include <squall/core/task.hpp>
 #include <squall/http/body_reader.hpp>
 #include <squall/http/router.hpp>

@@ -40,22 +40,22 @@ struct BodyWait {
 };
 
 struct BodyStream {
-  Connection* connection = nullptr;  // Feeding this body; null once detached.
-  Loop* loop = nullptr;              // Where wake-ups run; null once the server is gone.
-  MemoryBudget* budget = nullptr;    // The server's body budget, charged for `queue`.
-  std::uint64_t connection_id = 0;   // For log lines.
-  std::string queue;                 // Received, not yet handed to the handler.
-  std::size_t charged = 0;           // Bytes of `queue` charged to `budget`.
-  std::uint64_t received = 0;        // Body bytes received in all.
-  std::int64_t content_length = -1;  // Declared, or -1 (chunked).
-  std::size_t body_area = 0;         // Where body bytes start in the read buffer.
-  std::uint64_t discard_from = 0;    // `received` when the answer went out unread.
-  bool complete = false;             // The whole body arrived.
-  bool client_gone = false;          // The connection closed before the body ended.
-  bool discarding = false;           // Answered first: the rest is read and dropped.
-  bool continue_pending = false;     // "Expect: 100-continue" not answered yet.
-  bool wake_scheduled = false;       // A delivery is queued on the loop.
-  std::optional<BodyError> error;    // Why the body cannot be received.
+  Connection* connection = nullptr;   // Feeding this body; null once detached.
+  Loop* loop = nullptr;               // Where wake-ups run; null once the server is gone.
+  MemoryBudget* budget = nullptr;     // The server's body budget, charged for `queue`.
+  std::uint64_t connection_id = 0;    // For log lines.
+  std::string queue;                  // Received, not yet handed to the handler.
+  std::size_t charged = 0;            // Bytes of `queue` charged to `budget`.
+  std::uint64_t received = 0;         // Body bytes received in all.
+  std::int64_t content_length = -1;   // Declared, or -1 (chunked).
+  std::size_t body_area = 0;          // Where body bytes start in the read buffer.
+  std::uint64_t discard_from = 0;     // `received` when the answer went out unread.
+  bool complete = false;              // The whole body arrived.
+  bool client_gone = false;           // The connection closed before the body ended.
+  bool discarding = false;            // Answered first: the rest is read and dropped.
+  bool continue_pending = false;      // "Expect: 100-continue" not answered yet.
+  bool wake_scheduled = false;        // A delivery is queued on the loop.
+  std::optional<BodyError> error;     // Why the body cannot be received.
   std::shared_ptr<BodyWait> waiting;  // The suspended read_some, if any.
   // The callback form; cleared once the end or an error is reported (they may hold the reader).
   std::function<void(std::string_view)> on_data;
@@ -105,8 +105,9 @@ struct BodyStream {
     give_back_budget();
     if (!chunk.empty() && connection != nullptr) connection->body_consumed();
     if (chunk.empty() && !complete) {
-      throw BodyError(0, "squall::http::BodyReader: the answer was sent before the request "
-                         "body was read; its rest is dropped");
+      throw BodyError(0,
+                      "squall::http::BodyReader: the answer was sent before the request "
+                      "body was read; its rest is dropped");
     }
     return chunk;
   }
@@ -161,8 +162,9 @@ struct BodyStream {
         self->clear_callbacks();
         if (on_end) on_end();
       } else if (self->discarding) {
-        report_error(self, BodyError(0, "squall::http::BodyReader: the answer was sent before "
-                                        "the request body was read; its rest is dropped"));
+        report_error(self, BodyError(0,
+                                     "squall::http::BodyReader: the answer was sent before "
+                                     "the request body was read; its rest is dropped"));
       }
     } catch (const std::exception& error) {
       callback_failed(self, error.what());
@@ -362,7 +364,8 @@ bool Connection::start_streamed_body() noexcept {
     const auto length = static_cast<std::size_t>(workspace.buffer + workspace.end - head);
     parser.relocate(head, workspace.buffer + workspace.end, delta);
     std::memmove(workspace.buffer, head, length);
-    workspace.begin = static_cast<std::size_t>(static_cast<std::ptrdiff_t>(workspace.begin) + delta);
+    workspace.begin =
+        static_cast<std::size_t>(static_cast<std::ptrdiff_t>(workspace.begin) + delta);
     workspace.end = length;
   }
   stream->connection = this;

@@ -264,10 +264,9 @@ void Connection::release_workspace() noexcept {
 void Connection::update_reading() noexcept {
   if (closed()) return;
   const bool buffer_full = workspace_ != nullptr && workspace_->end == workspace_->capacity;
-  const bool want =
-      closing() ? state_ == State::lingering && !peer_eof_
-                : !output_blocked_ && !waiting_for_output_budget_ && !peer_eof_ && !buffer_full &&
-                      !body_held_back();
+  const bool want = closing() ? state_ == State::lingering && !peer_eof_
+                              : !output_blocked_ && !waiting_for_output_budget_ && !peer_eof_ &&
+                                    !buffer_full && !body_held_back();
   auto* stream = reinterpret_cast<uv_stream_t*>(&tcp_);
   if (want && !reading_) {
     reading_ = uv_read_start(stream, on_alloc, on_read) == 0;

@@ -69,7 +69,7 @@ struct Workspace {
   // A streamed request body still arriving (BodyMode::stream): what the parser feeds, or, once
   // the answer is out, the marker that the rest of the body is read and dropped.
   std::shared_ptr<detail::BodyStream> body_stream;
-  Workspace* next_free = nullptr;                                   // Link in the free list.
+  Workspace* next_free = nullptr;  // Link in the free list.
 };
 
 class Connection {
@@ -177,15 +177,15 @@ class Connection {
   std::size_t high_water() const noexcept;
 
   // Streamed request bodies (body_reader.cpp): hooks called from reading, answering, closing.
-  bool start_streamed_body() noexcept;  // At a head with a body: dispatch if the route streams.
-  void pump_streamed_body() noexcept;   // Feeds buffered body bytes to the reader (or drops them).
+  bool start_streamed_body() noexcept;   // At a head with a body: dispatch if the route streams.
+  void pump_streamed_body() noexcept;    // Feeds buffered body bytes to the reader (or drops them).
   bool body_held_back() const noexcept;  // The reader has BodyReader::kHighWater waiting.
   TimerPhase streamed_body_timer_phase() const noexcept;  // body while waiting for the client.
   void settle_body_before_answer() noexcept;  // Keep-alive only if the unread rest is small.
   bool keep_discarding_body() noexcept;       // After the answer: drop the rest of the body?
   bool fail_streamed_body(int status, std::string_view reason) noexcept;  // 4xx/5xx, or close.
-  void abandon_streamed_body() noexcept;  // The connection closes: the reader learns it.
-  void body_consumed() noexcept;          // The reader took bytes: read on.
+  void abandon_streamed_body() noexcept;   // The connection closes: the reader learns it.
+  void body_consumed() noexcept;           // The reader took bytes: read on.
   void send_continue_for_body() noexcept;  // The reader starts: "100 Continue" if asked for.
 
   // Closing and timeouts (connection.cpp).

@@ -467,7 +467,8 @@ int RequestParser::on_headers_complete() noexcept {
   phase_ = ParsePhase::body;
   const bool has_body = (parser_.flags & F_CHUNKED) || parser_.content_length > 0;
   expect_continue_ = expect_continue_ && http11 && has_body;
-  if (!(parser_.flags & F_CHUNKED)) declared_length_ = static_cast<std::int64_t>(parser_.content_length);
+  if (!(parser_.flags & F_CHUNKED))
+    declared_length_ = static_cast<std::int64_t>(parser_.content_length);
   // Known now already: a handler that runs before the body has arrived answers with it.
   keep_alive_ = llhttp_should_keep_alive(&parser_) != 0 && !upgrade_requested_;
   return expect_continue_ || (pause_before_body_ && has_body) ? HPE_PAUSED : HPE_OK;

@@ -142,15 +142,15 @@ class RequestParser {
   bool expect_unsupported_ = false;          // An Expect value other than 100-continue.
   bool upgrade_requested_ = false;           // Upgrade asked for; served as HTTP, then closed.
   bool keep_alive_ = false;                  // llhttp_should_keep_alive at completion.
-  // Streamed bodies (set by the connection; see pause_before_body).
-  enum class BodySink : std::uint8_t { buffer, queue, discard };
-  bool pause_before_body_ = false;           // Stop after a head with a body.
-  BodySink body_sink_ = BodySink::buffer;    // Where on_body puts the bytes.
-  std::string* body_queue_ = nullptr;        // For BodySink::queue.
-  std::uint64_t body_received_ = 0;          // Body bytes of this message so far.
-  std::int64_t declared_length_ = -1;        // Content-Length, or -1 (chunked or none yet).
   int error_status_ = 0;                     // Set by fail() or from llhttp's error.
   std::string_view error_reason_;            // A static string naming the problem.
+  // Streamed bodies (set by the connection; see pause_before_body).
+  enum class BodySink : std::uint8_t { buffer, queue, discard };
+  bool pause_before_body_ = false;         // Stop after a head with a body.
+  BodySink body_sink_ = BodySink::buffer;  // Where on_body puts the bytes.
+  std::string* body_queue_ = nullptr;      // For BodySink::queue.
+  std::uint64_t body_received_ = 0;        // Body bytes of this message so far.
+  std::int64_t declared_length_ = -1;      // Content-Length, or -1 (chunked or none yet).
 };
 
 }  // namespace squall::http

@@ -89,10 +89,11 @@ class Request {
   std::vector<Header> headers_;       // Into the read buffer; capacity is reused.
   std::vector<RouteParam> params_;    // Into path_; set by the router.
   std::string body_;                  // Copied out of the read buffer; capacity is reused.
-  mutable std::shared_ptr<detail::BodyStream> body_stream_;  // The body_reader()'s, if any.
   int http_major_ = 1;                // From the request line.
   int http_minor_ = 1;                // From the request line.
   Connection* connection_ = nullptr;  // The carrying connection.
+  // The state of body_reader(), once asked for or when the body streams.
+  mutable std::shared_ptr<detail::BodyStream> body_stream_;
 };
 
 }  // namespace squall::http

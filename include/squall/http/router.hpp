@@ -46,7 +46,8 @@ struct Route {
   std::string pattern;                // As registered; also the metrics' route label.
   std::vector<std::string> segments;  // The pattern split at '/'; "{name}" is a parameter.
   Handler handler;                    // What answers.
-  BodyMode body_mode = BodyMode::buffered;  // Whole body first, or as it arrives.
+  // The whole body before the handler runs, or the body as it arrives.
+  BodyMode body_mode = BodyMode::buffered;
 };
 
 struct RouteMatch {
@@ -66,8 +67,7 @@ class Router {
   template <CoroutineHandler Fn>
   void add(std::string_view method, std::string_view pattern, Fn handler,
            BodyMode body_mode = BodyMode::buffered) {
-    add(
-        method, pattern,
+    add(method, pattern,
         Handler([handler = std::move(handler)](Request& request, Responder responder) mutable {
           const Responder runner = responder;
           runner.run_handler(handler(request, std::move(responder)));
@@ -85,8 +85,9 @@ class Router {
   bool streams_bodies() const noexcept { return streams_bodies_; }
 
  private:
-  std::vector<Route> routes_;    // In registration order; few enough that a scan is fastest.
-  bool streams_bodies_ = false;  // Some route has BodyMode::stream.
+  std::vector<Route> routes_;  // In registration order; few enough that a scan is fastest.
+  // Whether some route has BodyMode::stream.
+  bool streams_bodies_ = false;
 };
 
 }  // namespace squall::http

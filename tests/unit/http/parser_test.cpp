@@ -502,10 +502,10 @@ TEST_CASE("request bodies are charged to the server-wide budget and given back")
 namespace {
 
 struct Streamed {
-  std::string queue;        // Body bytes handed to the stream's queue.
-  std::string buffered;     // Request::body() at completion (must stay empty).
-  int body_begins = 0;      // Pauses before the body.
-  int completes = 0;        // Messages completed.
+  std::string queue;     // Body bytes handed to the stream's queue.
+  std::string buffered;  // Request::body() at completion (must stay empty).
+  int body_begins = 0;   // Pauses before the body.
+  int completes = 0;     // Messages completed.
   std::uint64_t received = 0;
   int error_status = 0;
   std::string reason;
@@ -533,8 +533,7 @@ Streamed parse_streamed(const std::string& input, const std::vector<std::size_t>
         outcome.reason = std::string(parser.error_reason());
         return outcome;
       }
-      if (result.event == ParseEvent::body_begins ||
-          result.event == ParseEvent::expect_continue) {
+      if (result.event == ParseEvent::body_begins || result.event == ParseEvent::expect_continue) {
         ++outcome.body_begins;
         parser.stream_body_into(&outcome.queue);
         parser.continue_after_expect();
@@ -598,9 +597,9 @@ TEST_CASE("a streamed chunked body above max_body_bytes is refused with 413 at e
 }
 
 TEST_CASE("a discarded body is dropped and the next message follows") {
-  const std::string input =
-      "POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello" + kGet;
-  RequestParser parser(Limits{});
+  const std::string input = "POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello" + kGet;
+  const Limits limits;
+  RequestParser parser(limits);
   Request request;
   parser.attach(&request);
   parser.pause_before_body(true);
