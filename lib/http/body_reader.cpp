@@ -40,9 +40,10 @@ struct BodyWait {
 };
 
 struct BodyStream {
-  Connection* connection = nullptr;   // Feeding this body; null once detached.
+  Connection* connection = nullptr;  // Feeding this body; null once detached.
+  // The server's body budget, charged for `queue`; kept alive here, as the server may go first.
+  std::shared_ptr<MemoryBudget> budget;
   Loop* loop = nullptr;               // Where wake-ups run; null once the server is gone.
-  MemoryBudget* budget = nullptr;     // The server's body budget, charged for `queue`.
   std::uint64_t connection_id = 0;    // For log lines.
   std::string queue;                  // Received, not yet handed to the handler.
   std::size_t charged = 0;            // Bytes of `queue` charged to `budget`.
@@ -198,12 +199,7 @@ struct BodyStream {
   // The connection lets go of this body: what the reader learns comes from the flags set first.
   static void detach(const std::shared_ptr<BodyStream>& self, bool server_gone) noexcept {
     self->connection = nullptr;
-    if (server_gone) {
-      // Its budget and loop went with it.
-      self->charged = 0;
-      self->budget = nullptr;
-      self->loop = nullptr;
-    }
+    if (server_gone) self->loop = nullptr;  // Its loop is closing: nothing runs there any more.
     schedule(self);
   }
 };
@@ -370,7 +366,7 @@ bool Connection::start_streamed_body() noexcept {
   }
   stream->connection = this;
   stream->loop = &context_->loop;
-  stream->budget = &context_->body_budget;
+  stream->budget = std::shared_ptr<MemoryBudget>(context_->shared, &context_->shared->bodies);
   stream->connection_id = id_;
   stream->content_length = parser.declared_content_length();
   stream->body_area = workspace.begin;

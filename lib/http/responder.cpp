@@ -275,14 +275,22 @@ void Connection::handler_failed(std::uint64_t request_number, const std::string&
                                 std::exception_ptr error) noexcept {
   const bool live = answer_pending() && request_number == request_number_;
   bool cancelled = false;
+  const char* body_failure = nullptr;
   try {
     std::rethrow_exception(error);
   } catch (const CancelledError&) {
     cancelled = true;
+  } catch (const BodyError& failure) {
+    body_failure = failure.what();
   } catch (...) {
   }
   if (cancelled && !live) {
     spdlog::debug("connection {}: handler for {} cancelled: the client went away", id_, route);
+    return;
+  }
+  if (body_failure != nullptr && !live) {
+    // The connection answered the client already (413, 408, ...): not the handler's fault.
+    spdlog::debug("connection {}: handler for {} stopped: {}", id_, route, body_failure);
     return;
   }
   spdlog::error("connection {}: handler for {} threw: {}", id_, route, describe(error));

@@ -461,3 +461,27 @@ TEST_CASE("a buffered route's reader gives the whole body as one chunk") {
   CHECK(state.copy_chunks() == std::vector<std::string>{"hello world"});
   seen = nullptr;
 }
+
+TEST_CASE("the server-wide body budget holds for streamed bodies: 503 and the reader learns why") {
+  Seen state;
+  seen = &state;
+  http::Router router = streaming_router();
+  http::ServerOptions options;
+  options.limits.max_buffered_body_bytes = 8 * 1024;  // Less than one read of the body.
+  std::string response;
+  serve(
+      router,
+      [&](std::uint16_t port) {
+        Client client(port);
+        client.send("POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 65536\r\n\r\n" +
+                    std::string(65536, 'b'));
+        response = client.read_all();
+        REQUIRE(wait_until([] { return seen->error_status != -1; }));
+      },
+      options);
+  CHECK(response.starts_with("HTTP/1.1 503"));
+  CHECK(response.find("max_buffered_body_bytes") != std::string::npos);
+  CHECK(state.error_status == 503);
+  CHECK(state.bytes < 65536);
+  seen = nullptr;
+}
