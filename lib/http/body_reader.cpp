@@ -199,7 +199,12 @@ struct BodyStream {
   // The connection lets go of this body: what the reader learns comes from the flags set first.
   static void detach(const std::shared_ptr<BodyStream>& self, bool server_gone) noexcept {
     self->connection = nullptr;
-    if (server_gone) self->loop = nullptr;  // Its loop is closing: nothing runs there any more.
+    if (server_gone) {
+      // Its loop is closing: nothing runs there any more, so the callbacks (which may hold
+      // the reader) are dropped now.
+      self->loop = nullptr;
+      self->clear_callbacks();
+    }
     schedule(self);
   }
 };
