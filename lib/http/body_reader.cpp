@@ -486,6 +486,7 @@ bool Connection::keep_discarding_body() noexcept {
     // Closing: the client may still be sending; read and drop it for a while so it sees the
     // answer instead of a reset.
     workspace.body_stream.reset();
+    workspace.parser.discard_body();
     linger_after_answer_ = true;
     return true;
   }
@@ -498,6 +499,7 @@ bool Connection::fail_streamed_body(int status, std::string_view reason) noexcep
   if (workspace_ == nullptr || workspace_->body_stream == nullptr) return false;
   const std::shared_ptr<BodyStream> stream = std::move(workspace_->body_stream);
   workspace_->body_stream = nullptr;
+  workspace_->parser.discard_body();  // Nothing reaches the queue any more.
   const bool answered = stream->discarding;
   if (!answered) {
     stream->give_back_budget();
@@ -523,6 +525,7 @@ bool Connection::fail_streamed_body(int status, std::string_view reason) noexcep
 void Connection::abandon_streamed_body() noexcept {
   const std::shared_ptr<BodyStream> stream = std::move(workspace_->body_stream);
   workspace_->body_stream = nullptr;
+  workspace_->parser.discard_body();
   if (stream->discarding) return;
   stream->give_back_budget();
   stream->queue.clear();
