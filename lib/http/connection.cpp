@@ -190,6 +190,7 @@ void Connection::process() noexcept {
     Workspace& workspace = *workspace_;
     RequestParser& parser = workspace.parser;
     bool clock_read = false;  // One clock read per pass serves the requests it starts.
+    if (workspace.body_stream != nullptr) pump_streamed_body();
     while (state_ == State::reading && !output_blocked_ && workspace.begin < workspace.end) {
       if (!clock_read) {
         context_->clock_ns = uv_hrtime();
@@ -207,14 +208,17 @@ void Connection::process() noexcept {
         first_byte_seen_ = true;
         workspace.request.connection_ = this;
         parser.attach(&workspace.request);
+        parser.pause_before_body(context_->router->streams_bodies());
         workspace.request_start_ns = context_->clock_ns;
       }
       const FeedResult result =
           parser.feed(workspace.buffer + workspace.begin, workspace.end - workspace.begin);
       workspace.begin += result.consumed;
       if (result.event == ParseEvent::need_more) break;
-      if (result.event == ParseEvent::expect_continue) {
-        output(kContinue);
+      if (result.event == ParseEvent::expect_continue || result.event == ParseEvent::body_begins) {
+        // A route that streams its body is dispatched now (body_reader.cpp).
+        if (start_streamed_body()) continue;
+        if (result.event == ParseEvent::expect_continue) output(kContinue);
         parser.continue_after_expect();
         continue;
       }
@@ -299,9 +303,9 @@ void Connection::release_workspace() noexcept {
 void Connection::update_reading() noexcept {
   if (closed()) return;
   const bool buffer_full = workspace_ != nullptr && workspace_->end == workspace_->capacity;
-  const bool want =
-      closing() ? state_ == State::lingering && !peer_eof_
-                : !output_blocked_ && !waiting_for_output_budget_ && !peer_eof_ && !buffer_full;
+  const bool want = closing() ? state_ == State::lingering && !peer_eof_
+                              : !output_blocked_ && !waiting_for_output_budget_ && !peer_eof_ &&
+                                    !buffer_full && !body_held_back();
   uv_stream_t* stream = tcp_.stream();
   if (want && !reading_) {
     reading_ = uv_read_start(stream, on_alloc, on_read) == 0;
@@ -476,8 +480,7 @@ void Connection::drain() noexcept {
     // The next request is in the socket but not read yet: closing now would reset it.
     int waiting = 0;
     uv_os_fd_t fd = -1;
-    if (uv_fileno(tcp_.handle(), &fd) == 0 &&
-        ::ioctl(fd, FIONREAD, &waiting) == 0 && waiting > 0) {
+    if (uv_fileno(tcp_.handle(), &fd) == 0 && ::ioctl(fd, FIONREAD, &waiting) == 0 && waiting > 0) {
       return;
     }
     close_now();
@@ -495,6 +498,7 @@ void Connection::drain() noexcept {
 void Connection::close_now() noexcept {
   if (closed()) return;
   const bool client_gone_before_answer = answer_pending();
+  if (workspace_ != nullptr && workspace_->body_stream != nullptr) abandon_streamed_body();
   state_ = State::closed;
   waiting_for_output_budget_ = false;
   // A handler still holding this request's Responder may read the Request until it answers.
@@ -540,7 +544,9 @@ void Connection::maybe_destroy() noexcept {
 void Connection::update_timer() noexcept {
   if (closing() || unsent() > 0) return;
   if (answer_pending()) {
-    arm(TimerPhase::none);  // The application's own time is not bounded here.
+    // The application's own time is not bounded here; a streamed body's wait for its client is.
+    const TimerPhase phase = streamed_body_timer_phase();
+    if (phase != timer_phase_) arm(phase);
     return;
   }
   switch (parse_phase()) {
@@ -585,7 +591,9 @@ void Connection::expire() noexcept {
       }
       break;
     case TimerPhase::body:
-      send_error(408, "request body not received within timeouts.body");
+      if (!fail_streamed_body(408, "request body not received within timeouts.body")) {
+        send_error(408, "request body not received within timeouts.body");
+      }
       break;
     case TimerPhase::write:
       spdlog::info("connection {}: closed: client read nothing for timeouts.write ({} ms)", id_,

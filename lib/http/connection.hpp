@@ -73,7 +73,10 @@ struct Workspace {
   // A streaming writer waiting for the unsent bytes to fall to the low-water mark.
   std::vector<std::shared_ptr<detail::DrainWaiter>> drain_waiters;  // drained() awaits.
   std::function<void()> on_drain;                                   // Responder::on_drain.
-  Workspace* next_free = nullptr;                                   // Link in the free list.
+  // A streamed request body still arriving (BodyMode::stream): what the parser feeds, or, once
+  // the answer is out, the marker that the rest of the body is read and dropped.
+  std::shared_ptr<detail::BodyStream> body_stream;
+  Workspace* next_free = nullptr;  // Link in the free list.
 };
 
 class Connection {
@@ -141,6 +144,7 @@ class Connection {
   friend class Responder;
   friend struct Responder::HandlerRoot;
   friend class Drained;
+  friend struct detail::BodyStream;
 
   ~Connection();
   static Connection* from(uv_handle_t* handle) noexcept;
@@ -185,6 +189,18 @@ class Connection {
   void on_write_done(std::size_t bytes, int status) noexcept;
   void settle_after_write(int status) noexcept;
   std::size_t high_water() const noexcept;
+
+  // Streamed request bodies (body_reader.cpp): hooks called from reading, answering, closing.
+  bool start_streamed_body() noexcept;   // At a head with a body: dispatch if the route streams.
+  void pump_streamed_body() noexcept;    // Feeds buffered body bytes to the reader (or drops them).
+  bool body_held_back() const noexcept;  // The reader has BodyReader::kHighWater waiting.
+  TimerPhase streamed_body_timer_phase() const noexcept;  // body while waiting for the client.
+  void settle_body_before_answer() noexcept;  // Keep-alive only if the unread rest is small.
+  bool keep_discarding_body() noexcept;       // After the answer: drop the rest of the body?
+  bool fail_streamed_body(int status, std::string_view reason) noexcept;  // 4xx/5xx, or close.
+  void abandon_streamed_body() noexcept;   // The connection closes: the reader learns it.
+  void body_consumed() noexcept;           // The reader took bytes: read on.
+  void send_continue_for_body() noexcept;  // The reader starts: "100 Continue" if asked for.
 
   // Closing and timeouts (connection.cpp).
   void begin_close() noexcept;

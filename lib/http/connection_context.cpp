@@ -164,6 +164,7 @@ void ConnectionContext::release_workspace(Workspace* workspace) noexcept {
   workspace->handler_stop = std::stop_source(std::nostopstate);
   workspace->drain_waiters.clear();
   workspace->on_drain = nullptr;
+  workspace->body_stream.reset();
   if (free_workspace_count_ >= kMaxFreeWorkspaces || workspace->capacity != workspace_capacity_) {
     delete workspace;
     return;

@@ -201,9 +201,8 @@ FeedResult RequestParser::feed(const char* data, std::size_t length) noexcept {
   }
   if (!scan_for_bare_cr(end)) return {ParseEvent::error, consumed};
   if (err == HPE_PAUSED) {
-    return {
-        phase_ == ParsePhase::complete ? ParseEvent::message_complete : ParseEvent::expect_continue,
-        consumed};
+    if (phase_ == ParsePhase::complete) return {ParseEvent::message_complete, consumed};
+    return {expect_continue_ ? ParseEvent::expect_continue : ParseEvent::body_begins, consumed};
   }
   // A head that is still incomplete is measured in raw bytes too, so whitespace that no
   // callback reports cannot grow it without bound.
@@ -252,6 +251,21 @@ bool RequestParser::scan_for_bare_cr(const char* end) noexcept {
 void RequestParser::continue_after_expect() noexcept {
   expect_continue_ = false;
   llhttp_resume(&parser_);
+}
+
+void RequestParser::stream_body_into(std::string* queue) noexcept {
+  body_sink_ = BodySink::queue;
+  body_queue_ = queue;
+}
+
+void RequestParser::discard_body() noexcept {
+  body_sink_ = BodySink::discard;
+  body_queue_ = nullptr;
+}
+
+std::int64_t RequestParser::body_bytes_left() const noexcept {
+  if (declared_length_ < 0) return -1;
+  return declared_length_ - static_cast<std::int64_t>(body_received_);
 }
 
 void RequestParser::reset() noexcept {
@@ -358,6 +372,10 @@ void RequestParser::begin_message() noexcept {
   host_count_ = transfer_encoding_count_ = 0;
   in_header_field_ = in_trailers_ = expect_continue_ = expect_unsupported_ = false;
   upgrade_requested_ = keep_alive_ = false;
+  body_sink_ = BodySink::buffer;
+  body_queue_ = nullptr;
+  body_received_ = 0;
+  declared_length_ = -1;
   request_->clear();
 }
 
@@ -519,7 +537,11 @@ int RequestParser::on_headers_complete() noexcept {
   phase_ = ParsePhase::body;
   const bool has_body = (parser_.flags & F_CHUNKED) || parser_.content_length > 0;
   expect_continue_ = expect_continue_ && http11 && has_body;
-  return expect_continue_ ? HPE_PAUSED : HPE_OK;
+  if (!(parser_.flags & F_CHUNKED))
+    declared_length_ = static_cast<std::int64_t>(parser_.content_length);
+  // Known now already: a handler that runs before the body has arrived answers with it.
+  keep_alive_ = llhttp_should_keep_alive(&parser_) != 0 && !upgrade_requested_;
+  return expect_continue_ || (pause_before_body_ && has_body) ? HPE_PAUSED : HPE_OK;
 }
 
 int RequestParser::split_target() {
@@ -564,8 +586,18 @@ int RequestParser::on_body(const char* at, std::size_t length) noexcept {
   scan_from_ = at + length;
   // parser_.content_length is what remains of the chunk: at 0, CRLF must come next.
   if ((parser_.flags & F_CHUNKED) && parser_.content_length == 0) chunk_crlf_expected_ = 2;
-  if (request_->body_.size() + length > limits_->max_body_bytes) {
+  if (body_received_ + length > limits_->max_body_bytes) {
     return fail(413, "request body larger than max_body_bytes");
+  }
+  body_received_ += length;
+  if (body_sink_ == BodySink::discard) return HPE_OK;
+  if (body_sink_ == BodySink::queue) {
+    try {
+      body_queue_->append(at, length);
+    } catch (const std::bad_alloc&) {
+      return fail(503, "out of memory for the streamed request body");
+    }
+    return HPE_OK;
   }
   if (const int status = grow_body(length); status != HPE_OK) return status;
   request_->body_.append(at, length);  // Fits the capacity grow_body made: no allocation.
@@ -599,7 +631,7 @@ int RequestParser::grow_body(std::size_t length) noexcept {
 
 int RequestParser::on_chunk_header() noexcept {
   // parser_.content_length is the announced chunk size: refuse before reading the chunk.
-  if (parser_.content_length > limits_->max_body_bytes - request_->body_.size()) {
+  if (parser_.content_length > limits_->max_body_bytes - body_received_) {
     return fail(413, "chunked request body larger than max_body_bytes");
   }
   if (parser_.content_length == 0) in_trailers_ = true;

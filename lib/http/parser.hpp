@@ -6,6 +6,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <string_view>
 
 #include <llhttp.h>
@@ -18,6 +19,7 @@ namespace squall::http {
 enum class ParseEvent {
   need_more,         // Everything was consumed; the message (if any) is not complete yet.
   expect_continue,   // Headers asked for "100 Continue" and the limits allow the body.
+  body_begins,       // The head is complete and a body follows (only after pause_before_body).
   message_complete,  // request() holds a whole message; call next_message() after answering.
   error,             // A final error: answer error_status() and close.
 };
@@ -50,8 +52,25 @@ class RequestParser {
   // gives the body's bytes back to the budget first.
   void reset() noexcept;
 
-  // After expect_continue: parsing may go on into the body.
+  // After expect_continue or body_begins: parsing may go on into the body.
   void continue_after_expect() noexcept;
+
+  // Streamed request bodies. pause_before_body(true): feed() stops after a head that a body
+  // follows (body_begins or expect_continue), so the connection can pick the route's body mode
+  // before any body byte is taken; it holds for the messages parsed after the call.
+  void pause_before_body(bool pause) noexcept { pause_before_body_ = pause; }
+  // After body_begins or expect_continue: the current message's body bytes are appended to
+  // `queue` instead of Request::body() (the caller charges and drains it), or dropped.
+  void stream_body_into(std::string* queue) noexcept;
+  void discard_body() noexcept;
+  // Whether the head asked for "100 Continue" (valid at expect_continue).
+  bool expect_continue() const noexcept { return expect_continue_; }
+  // Body bytes of the current message received so far, in any mode.
+  std::uint64_t body_bytes_received() const noexcept { return body_received_; }
+  // The declared Content-Length of the current message, or -1 for a chunked body.
+  std::int64_t declared_content_length() const noexcept { return declared_length_; }
+  // Body bytes still to come under a Content-Length, or -1 for a chunked body.
+  std::int64_t body_bytes_left() const noexcept;
   // After message_complete and its response: ready for the next message. A body buffer above
   // 64 KiB is freed and its bytes go back to the budget.
   void next_message() noexcept;
@@ -138,6 +157,13 @@ class RequestParser {
   std::size_t last_valid_host_size_ = ~std::size_t{0};  // of this length (none: ~0).
   int error_status_ = 0;                                // Set by fail() or from llhttp's error.
   std::string_view error_reason_;                       // A static string naming the problem.
+  // Streamed bodies (set by the connection; see pause_before_body).
+  enum class BodySink : std::uint8_t { buffer, queue, discard };
+  bool pause_before_body_ = false;         // Stop after a head with a body.
+  BodySink body_sink_ = BodySink::buffer;  // Where on_body puts the bytes.
+  std::string* body_queue_ = nullptr;      // For BodySink::queue.
+  std::uint64_t body_received_ = 0;        // Body bytes of this message so far.
+  std::int64_t declared_length_ = -1;      // Content-Length, or -1 (chunked or none yet).
 };
 
 }  // namespace squall::http

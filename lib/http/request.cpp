@@ -107,6 +107,7 @@ void Request::clear() noexcept {
   headers_.clear();
   params_.clear();
   body_.clear();
+  body_stream_.reset();
   http_major_ = 1;
   http_minor_ = 1;
 }

@@ -280,10 +280,13 @@ void Connection::handler_failed(std::uint64_t request_number, const Route* route
                                 std::exception_ptr error) noexcept {
   const bool live = answer_pending() && request_number == request_number_;
   bool cancelled = false;
+  const char* body_failure = nullptr;
   try {
     std::rethrow_exception(error);
   } catch (const CancelledError&) {
     cancelled = true;
+  } catch (const BodyError& failure) {
+    body_failure = failure.what();
   } catch (...) {
   }
   const std::string_view method = route != nullptr ? std::string_view(route->method) : "";
@@ -291,6 +294,12 @@ void Connection::handler_failed(std::uint64_t request_number, const Route* route
   if (cancelled && !live) {
     spdlog::debug("connection {}: handler for {} {} cancelled: the client went away", id_, method,
                   pattern);
+    return;
+  }
+  if (body_failure != nullptr && !live) {
+    // The connection answered the client already (413, 408, ...): not the handler's fault.
+    spdlog::debug("connection {}: handler for {} {} stopped: {}", id_, method, pattern,
+                  body_failure);
     return;
   }
   try {

@@ -36,6 +36,7 @@ std::size_t Connection::high_water() const noexcept {
 void Connection::write_head(int status, std::string_view content_type, std::size_t content_length,
                             bool chunked) {
   Workspace& workspace = *workspace_;
+  if (workspace.body_stream != nullptr) settle_body_before_answer();
   workspace.response_status = status;
   std::string& out = context_->cork_for(this);
   // Status line, Server, Date, Content-Type and "Content-Length: " come cached, one copy.
@@ -145,11 +146,13 @@ void Connection::finish_response() noexcept {
   }
   const bool more_input = workspace.begin < workspace.end;
   workspace.routes_in_use.reset();
+  // A streamed body the handler did not read whole is dropped before the next request.
+  const bool body_left = workspace.body_stream != nullptr && keep_discarding_body();
   if (!workspace.keep_alive || (peer_eof_ && !more_input)) {
     state_ = State::closing;
   } else {
     state_ = State::reading;
-    workspace.parser.next_message();
+    if (!body_left) workspace.parser.next_message();
   }
   // A late answer (outside process()) resumes reading any pipelined requests and flushes.
   if (!in_process_) process();

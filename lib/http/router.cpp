@@ -60,7 +60,8 @@ void append_allow(std::string& allow, std::string_view method) {
 
 }  // namespace
 
-void Router::add(std::string_view method, std::string_view pattern, Handler handler) {
+void Router::add(std::string_view method, std::string_view pattern, Handler handler,
+                 BodyMode body_mode) {
   if (pattern.empty() || pattern.front() != '/') {
     throw std::invalid_argument("route pattern must start with '/': \"" + std::string(pattern) +
                                 "\"");
@@ -69,6 +70,7 @@ void Router::add(std::string_view method, std::string_view pattern, Handler hand
   route.method = method;
   route.pattern = pattern;
   route.handler = std::move(handler);
+  route.body_mode = body_mode;
   split_path(pattern, [&](std::string_view segment) {
     if (segment.find_first_of("{}") != std::string_view::npos && !is_parameter(segment)) {
       throw std::invalid_argument("route pattern \"" + std::string(pattern) +
@@ -84,6 +86,7 @@ void Router::add(std::string_view method, std::string_view pattern, Handler hand
     }
   }
   routes_.push_back(std::move(route));
+  streams_bodies_ = streams_bodies_ || body_mode == BodyMode::stream;
 }
 
 RouteMatch Router::find(std::string_view method, std::string_view path,

@@ -1,6 +1,6 @@
 """The example programs of examples/, each started as a user would and checked: a coroutine
 handler, a periodic callback, two slow things at once with when_all, reply first and work later,
-a handler that blocks the loop, and a streamed response with back-pressure. Binaries come from
+a handler that blocks the loop, a streamed response with back-pressure, and a streamed upload. Binaries come from
 $EXAMPLES_DIR, else from the examples/ directory beside $SQUALLD, else build/examples."""
 
 import http.client
@@ -287,4 +287,106 @@ def test_stream_download_waits_for_a_slow_client_with_bounded_memory(run_example
     assert int(match.group(1)) > 0
     # The high-water mark (256 KiB) plus one 64 KiB chunk, not the 64 MiB answer.
     assert int(match.group(2)) <= 256 * 1024 + 2 * 64 * 1024
+    assert ex.stop() == 0
+
+
+def _fnv1a64(data: bytes, state: int = 0xCBF29CE484222325) -> int:
+    for byte in data:
+        state = ((state ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return state
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_upload_stream_counts_and_checksums_an_upload_as_it_arrives(run_example):
+    ex = run_example("upload_stream")
+    body = os.urandom(300 * 1024 + 7)
+    expected = f"bytes={len(body)} fnv1a64={_fnv1a64(body):016x}"
+    for target in ("/upload", "/upload-callbacks"):
+        # Content-Length framing.
+        conn = http.client.HTTPConnection("127.0.0.1", ex.port, timeout=10)
+        conn.request("POST", target, body=body)
+        response = conn.getresponse()
+        text = response.read().decode()
+        assert response.status == 200, text
+        assert text.startswith(expected), text
+        # Chunked framing, on the same (kept-alive) connection, in uneven pieces.
+        pieces = [body[i:i + 70001] for i in range(0, len(body), 70001)]
+        conn.request("POST", target, body=iter(pieces), encode_chunked=True)
+        response = conn.getresponse()
+        text = response.read().decode()
+        conn.close()
+        assert response.status == 200, text
+        assert text.startswith(expected), text
+    assert ex.stop() == 0
+
+
+def _upload_while_watching_rss(port: int, pid: int, total: int, target: str) -> tuple[str, int]:
+    """Sends `total` bytes of body as fast as the server takes them; returns the answer and
+    the server's highest RSS (KiB) seen meanwhile."""
+    import socket
+
+    peak = 0
+    done = threading.Event()
+
+    def watch():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_kib(pid))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    block = bytes(range(256)) * 4096  # 1 MiB
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+            sock.sendall(f"POST {target} HTTP/1.1\r\nHost: t\r\nContent-Length: {total}\r\n"
+                         "Connection: close\r\n\r\n".encode())
+            sent = 0
+            while sent < total:
+                chunk = block[: min(len(block), total - sent)]
+                sock.sendall(chunk)
+                sent += len(chunk)
+            answer = b""
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+    finally:
+        done.set()
+        watcher.join()
+    return answer.decode(errors="replace"), peak
+
+
+def test_upload_stream_takes_200_mib_in_bounded_memory(run_example):
+    ex = run_example("upload_stream")
+    assert ex.get("/upload")[0] == 405  # Warms the server up before the baseline.
+    baseline = _rss_kib(ex.proc.pid)
+    total = 200 * 1024 * 1024
+    answer, peak = _upload_while_watching_rss(ex.port, ex.proc.pid, total, "/upload")
+    assert answer.startswith("HTTP/1.1 200"), answer
+    assert f"bytes={total} " in answer, answer
+    # A buffered body would cost 200 MiB; streamed, a few read buffers.
+    assert peak - baseline < 32 * 1024, (baseline, peak)
+    assert ex.stop() == 0
+
+
+def test_upload_stream_slow_handler_holds_the_client_back_in_bounded_memory(run_example):
+    ex = run_example("upload_stream")
+    assert ex.get("/upload")[0] == 405
+    baseline = _rss_kib(ex.proc.pid)
+    total = 32 * 1024 * 1024
+    # 1 ms after each chunk of at most 64 KiB: the client is faster, the connection holds it back.
+    answer, peak = _upload_while_watching_rss(ex.port, ex.proc.pid, total, "/upload?delay_ms=1")
+    assert answer.startswith("HTTP/1.1 200"), answer
+    assert f"bytes={total} " in answer, answer
+    most = int(answer.split("most_buffered=")[1].split()[0])
+    assert 0 < most <= 64 * 1024 + 64 * 1024, answer  # The mark plus one read buffer.
+    assert peak - baseline < 16 * 1024, (baseline, peak)
     assert ex.stop() == 0

@@ -4,11 +4,14 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <utility>
 #include <vector>
+
+#include "squall/http/body_reader.hpp"
 
 namespace squall::http {
 
@@ -52,7 +55,11 @@ class Request {
   std::optional<std::string_view> header(std::string_view name) const noexcept;
   const std::vector<Header>& headers() const noexcept { return headers_; }
 
+  // The whole body, for a route with BodyMode::buffered (empty for a streamed one).
   std::string_view body() const noexcept { return body_; }
+  // The body as it arrives, for a route with BodyMode::stream; for a buffered body, a reader
+  // that gives the whole body as one chunk. Every call returns a handle on the same reader.
+  BodyReader body_reader() const;
   int http_major() const noexcept { return http_major_; }
   int http_minor() const noexcept { return http_minor_; }
 
@@ -69,6 +76,7 @@ class Request {
   friend class RequestParser;
   friend class ConnectionContext;
   friend class Connection;
+  friend struct detail::BodyStream;
 
   void clear() noexcept;
   void relocate(const char* old_begin, const char* old_end, std::ptrdiff_t delta) noexcept;
@@ -84,6 +92,8 @@ class Request {
   int http_major_ = 1;                // From the request line.
   int http_minor_ = 1;                // From the request line.
   Connection* connection_ = nullptr;  // The carrying connection.
+  // The state of body_reader(), once asked for or when the body streams.
+  mutable std::shared_ptr<detail::BodyStream> body_stream_;
 };
 
 }  // namespace squall::http

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "squall/core/task.hpp"
+#include "squall/http/body_reader.hpp"
 #include "squall/http/request.hpp"
 #include "squall/http/responder.hpp"
 #include "squall/http/response.hpp"
@@ -65,6 +66,8 @@ struct Route {
   std::vector<std::string> segments;  // The pattern split at '/'; "{name}" is a parameter.
   Handler handler;                    // What answers.
   bool has_parameters = false;        // Some segment is "{name}"; otherwise only `pattern` matches.
+  // The whole body before the handler runs, or the body as it arrives.
+  BodyMode body_mode = BodyMode::buffered;
 };
 
 struct RouteMatch {
@@ -75,16 +78,21 @@ struct RouteMatch {
 
 class Router {
  public:
-  // Adds a route. Throws std::invalid_argument for a malformed pattern or a duplicate.
-  void add(std::string_view method, std::string_view pattern, Handler handler);
+  // Adds a route. Throws std::invalid_argument for a malformed pattern or a duplicate. With
+  // BodyMode::stream the handler runs as soon as the request's head is complete and reads the
+  // body through request.body_reader() (see body_reader.hpp).
+  void add(std::string_view method, std::string_view pattern, Handler handler,
+           BodyMode body_mode = BodyMode::buffered);
   // The same for a coroutine handler (see CoroutineHandler).
   template <CoroutineHandler Fn>
-  void add(std::string_view method, std::string_view pattern, Fn handler) {
+  void add(std::string_view method, std::string_view pattern, Fn handler,
+           BodyMode body_mode = BodyMode::buffered) {
     add(method, pattern,
         Handler([handler = std::move(handler)](Request& request, Responder responder) mutable {
           const Responder runner = responder;
           runner.run_handler(handler(request, std::move(responder)));
-        }));
+        }),
+        body_mode);
   }
 
   // The same for a handler returning the whole response (see ResponseHandler).
@@ -102,9 +110,13 @@ class Router {
                   std::vector<RouteParam>& params) const;
 
   const std::vector<Route>& routes() const noexcept { return routes_; }
+  // Whether any route streams its request body (the connection then routes at the head).
+  bool streams_bodies() const noexcept { return streams_bodies_; }
 
  private:
   std::vector<Route> routes_;  // In registration order; few enough that a scan is fastest.
+  // Whether some route has BodyMode::stream.
+  bool streams_bodies_ = false;
 };
 
 }  // namespace squall::http

@@ -38,6 +38,7 @@ class Client {
     fd_ = -1;
   }
   void send(const std::string& bytes) { ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL); }
+  int fd() const noexcept { return fd_; }
   // Reads until `marker` has been seen `count` times, the peer closes, or 5 s pass.
   std::string read_until(const std::string& marker, int count = 1) {
     while (occurrences(marker) < count) {

@@ -498,3 +498,124 @@ TEST_CASE("request bodies are charged to the server-wide budget and given back")
   third.release_body_budget();
   CHECK(budget.used == 0);
 }
+
+namespace {
+
+struct Streamed {
+  std::string queue;     // Body bytes handed to the stream's queue.
+  std::string buffered;  // Request::body() at completion (must stay empty).
+  int body_begins = 0;   // Pauses before the body.
+  int completes = 0;     // Messages completed.
+  std::uint64_t received = 0;
+  int error_status = 0;
+  std::string reason;
+};
+
+// As parse(), with the connection's streamed-body protocol: pause before every body, then let
+// the body flow into a queue.
+Streamed parse_streamed(const std::string& input, const std::vector<std::size_t>& splits,
+                        const Limits& limits = Limits{}) {
+  RequestParser parser(limits);
+  Request request;
+  parser.attach(&request);
+  parser.pause_before_body(true);
+  Streamed outcome;
+  std::size_t begin = 0;
+  std::vector<std::size_t> ends = splits;
+  ends.push_back(input.size());
+  for (const std::size_t end : ends) {
+    while (begin < end) {
+      const auto result = parser.feed(input.data() + begin, end - begin);
+      begin += result.consumed;
+      if (result.event == ParseEvent::need_more) break;
+      if (result.event == ParseEvent::error) {
+        outcome.error_status = parser.error_status();
+        outcome.reason = std::string(parser.error_reason());
+        return outcome;
+      }
+      if (result.event == ParseEvent::body_begins || result.event == ParseEvent::expect_continue) {
+        ++outcome.body_begins;
+        parser.stream_body_into(&outcome.queue);
+        parser.continue_after_expect();
+        continue;
+      }
+      ++outcome.completes;
+      outcome.buffered += std::string(request.body());
+      outcome.received = parser.body_bytes_received();
+      parser.next_message();
+    }
+  }
+  return outcome;
+}
+
+}  // namespace
+
+TEST_CASE("a streamed body goes to the queue at every split point, chunked and Content-Length") {
+  const std::string with_length =
+      "POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 11\r\n\r\nhello world";
+  for (const std::string& input : {kChunkedPost, with_length}) {
+    CAPTURE(input);
+    const Streamed whole = parse_streamed(input, {});
+    CHECK(whole.queue == "hello world");
+    const std::vector<std::size_t> all = every_byte(input);
+    for (const std::size_t split : all) {
+      CAPTURE(split);
+      const Streamed outcome = parse_streamed(input, {split});
+      CHECK(outcome.error_status == 0);
+      CHECK(outcome.body_begins == 1);
+      CHECK(outcome.completes == 1);
+      CHECK(outcome.queue == "hello world");
+      CHECK(outcome.buffered.empty());
+      CHECK(outcome.received == 11);
+    }
+    const Streamed one_byte = parse_streamed(input, all);
+    CHECK(one_byte.queue == "hello world");
+    CHECK(one_byte.completes == 1);
+  }
+}
+
+TEST_CASE("the parser pauses before a body only when asked, and never for a bodiless request") {
+  const Streamed get = parse_streamed(kGet, {});
+  CHECK(get.body_begins == 0);
+  CHECK(get.completes == 1);
+  // Without pause_before_body the body is buffered as before.
+  const Outcome buffered = parse_whole(kChunkedPost);
+  REQUIRE(buffered.messages.size() == 1);
+  CHECK(buffered.messages[0].body == "hello world");
+}
+
+TEST_CASE("a streamed chunked body above max_body_bytes is refused with 413 at every split") {
+  Limits limits;
+  limits.max_body_bytes = 8;
+  for (const std::size_t split : every_byte(kChunkedPost)) {
+    CAPTURE(split);
+    const Streamed outcome = parse_streamed(kChunkedPost, {split}, limits);
+    CHECK(outcome.error_status == 413);
+    CHECK(outcome.reason.find("max_body_bytes") != std::string::npos);
+    CHECK(outcome.queue.size() <= 8);
+  }
+}
+
+TEST_CASE("a discarded body is dropped and the next message follows") {
+  const std::string input = "POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello" + kGet;
+  const Limits limits;
+  RequestParser parser(limits);
+  Request request;
+  parser.attach(&request);
+  parser.pause_before_body(true);
+  auto result = parser.feed(input.data(), input.size());
+  REQUIRE(result.event == ParseEvent::body_begins);
+  CHECK(parser.body_bytes_left() == 5);
+  parser.discard_body();
+  parser.continue_after_expect();
+  std::size_t begin = result.consumed;
+  result = parser.feed(input.data() + begin, input.size() - begin);
+  REQUIRE(result.event == ParseEvent::message_complete);
+  CHECK(request.body().empty());
+  CHECK(parser.body_bytes_received() == 5);
+  begin += result.consumed;
+  parser.next_message();
+  result = parser.feed(input.data() + begin, input.size() - begin);
+  REQUIRE(result.event == ParseEvent::message_complete);
+  CHECK(request.method() == "GET");
+}
