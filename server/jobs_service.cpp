@@ -310,6 +310,23 @@ mail::SmtpSettings smtp_settings(const SmtpConfig& smtp) {
   return settings;
 }
 
+// Jobs held ahead of their sends, per send that can run at once: a claim is a commit, and a
+// commit (an fsync) lasts as long as many sends over a kept connection, so each claim takes
+// enough for the sends that finish while the next one commits.
+constexpr std::size_t kPrefetchPerSend = 8;
+
+// [jobs] as the runner takes it. The prefetch follows the sends that can run at once: the
+// smaller of max_concurrent_sends and the relay connections (a Maildir has no connections).
+jobs::RunnerOptions runner_options(const Config& config) {
+  jobs::RunnerOptions options = config.jobs;
+  std::size_t sends = config.jobs.max_concurrent;
+  if (!config.smtp.url.starts_with(mail::maildir_scheme)) {
+    sends = std::min(sends, config.smtp.connections);
+  }
+  options.prefetch = kPrefetchPerSend * std::max<std::size_t>(sends, 1);
+  return options;
+}
+
 }  // namespace
 
 // Everything a reload may change, swapped whole so a send in progress keeps its own copy.
@@ -362,7 +379,7 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
         lock_holder.empty() ? "unknown" : lock_holder, config.jobs.store);
   }
   runner_ = std::make_unique<jobs::JobRunner>(
-      loop, *store_, static_cast<const jobs::RunnerOptions&>(config.jobs),
+      loop, *store_, runner_options(config),
       [this](const jobs::Job& job) -> std::function<jobs::AttemptResult()> {
         // Runs on the loop: capture the settings current now; the work runs on the pool.
         const auto settings = settings_;
@@ -692,7 +709,7 @@ void JobsService::reconfigure(const Config& config) {
         config.smtp.username.empty() ? "" : " and the SMTP password");
   }
   settings_ = std::move(settings);
-  if (runner_) runner_->reconfigure(static_cast<const jobs::RunnerOptions&>(config.jobs));
+  if (runner_) runner_->reconfigure(runner_options(config));
   // New limiters only when the rates change: a reload must not refill every bucket.
   if (!token_rate_ || config.quota.token_per_minute != rates_in_use_.token_per_minute ||
       config.quota.token_burst != rates_in_use_.token_burst) {
@@ -906,30 +923,37 @@ void JobsService::report_job(const JobCall& call, const Reply& reply) {
   const std::string& id = call.id;
   std::weak_ptr<bool> alive = alive_;
   // Only data crosses to the store thread and back; the Responder stays parked on its loop.
-  const bool queued = store_->run(
-      [alive, id, reply, owner = call.caller.owner(), &loop = loop_](jobs::JobStore& store) {
-        std::optional<jobs::Job> job;
-        std::string error;
-        try {
-          job = store.get(id);
-        } catch (const std::exception& failure) {
-          error = failure.what();
-        }
-        loop.call_soon([alive, id, reply, owner, job = std::move(job), error] {
-          const auto still = alive.lock();
-          if (!still || !*still) return;
-          if (!error.empty()) {
-            spdlog::error("jobs: reading job {} failed: {}", id, error);
-            send_error(reply, 503, "", "the job store cannot be read now",
-                       {{"Retry-After", std::string(kStoreRetryAfter)}});
-          } else if (!job || job->owner != owner) {
-            // Another owner's job is answered exactly like a missing one.
-            send_error(reply, 404, "id", "no such job");
-          } else {
-            send_json(reply, 200, job_json(*job));
-          }
-        });
-      });
+  const bool queued = store_->run([this, alive, id, reply, owner = call.caller.owner(),
+                                   &loop = loop_](jobs::JobStore& store) {
+    std::optional<jobs::Job> job;
+    std::string error;
+    try {
+      job = store.get(id);
+    } catch (const std::exception& failure) {
+      error = failure.what();
+    }
+    loop.call_soon([this, alive, id, reply, owner, job = std::move(job), error]() mutable {
+      const auto still = alive.lock();
+      if (!still || !*still) return;
+      if (job && (job->state == jobs::JobState::queued || job->state == jobs::JobState::retrying) &&
+          runner_->attempting(job->id)) {
+        // Its attempt began after a prefetch held it; the store learns that with the
+        // runner's next commit. Shown as the store will show it then.
+        job->state = jobs::JobState::sending;
+        ++job->attempts;
+      }
+      if (!error.empty()) {
+        spdlog::error("jobs: reading job {} failed: {}", id, error);
+        send_error(reply, 503, "", "the job store cannot be read now",
+                   {{"Retry-After", std::string(kStoreRetryAfter)}});
+      } else if (!job || job->owner != owner) {
+        // Another owner's job is answered exactly like a missing one.
+        send_error(reply, 404, "id", "no such job");
+      } else {
+        send_json(reply, 200, job_json(*job));
+      }
+    });
+  });
   if (!queued) {
     send_error(reply, 503, "", "shutting down: the job store is closed", {{"Retry-After", "5"}});
   }
