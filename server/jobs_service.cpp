@@ -479,6 +479,13 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
                             [this] { return runner_->stats().done; });
   registry.counter_callback("squall_jobs_failed_total", "Jobs failed for good.",
                             [this] { return runner_->stats().failed; });
+  registry.counter_callback(
+      "squall_jobs_runner_commits_total",
+      "Transactions the send runner committed (each: attempts begun, outcomes, next claim).",
+      [this] { return runner_->stats().rounds; });
+  registry.counter_callback("squall_jobs_claimed_total",
+                            "Jobs the send runner claimed (held for an attempt).",
+                            [this] { return runner_->stats().held; });
   registry.gauge_callback("squall_jobs_sends_running", "Sends on the thread pool now.",
                           [this] { return static_cast<double>(runner_->stats().running); });
   registry.gauge_callback("squall_jobs_store_failing",
