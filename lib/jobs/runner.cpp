@@ -261,8 +261,26 @@ void JobRunner::written(PendingWrite& pending) {
 void JobRunner::flush_records() {
   if (flush_in_flight_) return;
   const std::size_t hold = draining_ || !claim_again_ ? 0 : claim_wanted();
-  claim_again_ = false;
   if (unflushed_.empty() && hold == 0) return;
+  // A free slot without a job waiting makes the claim urgent; anything else may wait a little
+  // for more company in the same commit.
+  const bool starving = hold > 0 && ready_.empty() && stats_.running < options_.max_concurrent;
+  if (options_.commit_delay.count() > 0 && !draining_ && !starving && !commit_delay_over_) {
+    if (!commit_delay_armed_) {
+      commit_delay_armed_ = true;
+      std::weak_ptr<bool> alive = alive_;
+      loop_.call_later(options_.commit_delay, [this, alive] {
+        const auto still_alive = alive.lock();
+        if (!still_alive || !*still_alive) return;
+        commit_delay_armed_ = false;
+        commit_delay_over_ = true;
+        flush_records();
+        commit_delay_over_ = false;
+      });
+    }
+    return;
+  }
+  claim_again_ = false;
   auto batch = std::make_shared<std::vector<PendingWrite>>(std::move(unflushed_));
   unflushed_.clear();
   flush_in_flight_ = true;
@@ -309,7 +327,6 @@ void JobRunner::flush_records() {
           }
           for (Job& job : held) enqueue(std::move(job));
           start_ready();
-          // A full claim means more may be waiting.
           // A full claim means more may be waiting; a short one that none is, until a poke
           // (an insert) or the poll says otherwise.
           if (hold > 0 && error.empty()) nothing_due_ = held.size() < hold;

@@ -45,6 +45,11 @@ struct RunnerOptions {
   // longer than half its lease goes back to the queue unattempted. 0: claim only for free
   // slots.
   std::size_t prefetch = 0;
+  // How long starts and outcomes may wait before a round takes them, so that one commit (one
+  // fsync) carries many (PostgreSQL's commit_delay). Not waited when a free slot has no job
+  // (a claim is urgent then) nor while draining. 0: a round starts as soon as the last one
+  // ended.
+  std::chrono::milliseconds commit_delay{0};
   bool operator==(const RunnerOptions&) const = default;
 };
 
@@ -163,6 +168,8 @@ class JobRunner {
   std::unordered_set<std::string> ready_ids_;
   std::vector<PendingWrite> unflushed_;  // Store writes waiting for the one in flight.
   bool flush_in_flight_ = false;         // A round is queued on the store.
+  bool commit_delay_armed_ = false;      // A timer will start the next round (commit_delay).
+  bool commit_delay_over_ = false;       // That timer fired: the next round starts now.
   std::shared_ptr<std::atomic<bool>> cancel_ =
       std::make_shared<std::atomic<bool>>(false);  // See abort_attempts().
   std::shared_ptr<bool> alive_;  // Lets store callbacks notice the runner is gone.
