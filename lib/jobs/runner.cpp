@@ -262,10 +262,14 @@ void JobRunner::flush_records() {
   if (flush_in_flight_) return;
   const std::size_t hold = draining_ || !claim_again_ ? 0 : claim_wanted();
   if (unflushed_.empty() && hold == 0) return;
-  // A free slot without a job waiting makes the claim urgent; anything else may wait a little
-  // for more company in the same commit.
+  // A free slot without a job waiting makes the claim urgent, and so does an attempt that
+  // began (the store shows it sending, and a restart after kill -9 counts it, as soon as
+  // possible); outcomes and claims ahead may wait a little for more company in the commit.
   const bool starving = hold > 0 && ready_.empty() && stats_.running < options_.max_concurrent;
-  if (options_.commit_delay.count() > 0 && !draining_ && !starving && !commit_delay_over_) {
+  const bool started = std::any_of(unflushed_.begin(), unflushed_.end(),
+                                   [](const PendingWrite& pending) { return !pending.outcome; });
+  if (options_.commit_delay.count() > 0 && !draining_ && !starving && !started &&
+      !commit_delay_over_) {
     if (!commit_delay_armed_) {
       commit_delay_armed_ = true;
       std::weak_ptr<bool> alive = alive_;

@@ -112,9 +112,9 @@ class JobStore {
   // The job with this id, or nullopt.
   virtual std::optional<Job> get(std::string_view id) = 0;
   // In one transaction, takes up to `max` jobs that are due (queued or retrying with
-  // run_after <= now) or whose lease expired (sending with lease_until < now), by run_after,
-  // then created, then insertion; each becomes sending with attempts+1 and
-  // lease_until = now + lease_ms. Returned in that order.
+  // run_after <= now and no hold, see hold()) or whose lease expired (sending with
+  // lease_until < now), by run_after, then created, then insertion; each becomes sending with
+  // attempts+1 and lease_until = now + lease_ms. Returned in that order.
   virtual std::vector<Job> claim(std::size_t max, std::int64_t now_ms, std::int64_t lease_ms) = 0;
   // Claiming ahead (a runner's prefetch): in one transaction, takes up to `max` jobs that
   // claim() would take, in claim()'s order, and holds each with lease_until = now + lease_ms
