@@ -78,8 +78,15 @@ CREATE INDEX squall_jobs_webhooks_due ON squall_jobs (webhook_due_ms) WHERE webh
 CREATE TABLE squall_probe (id integer PRIMARY KEY CHECK (id = 1), written_ms bigint NOT NULL);
 )sql";
 
+// Version 2: waiting jobs held by a node's prefetch (state queued or retrying, a lease), so
+// that the check for gone nodes finds them without reading every waiting row.
+constexpr const char* schema_v2_sql = R"sql(
+CREATE INDEX squall_jobs_held ON squall_jobs (lease_node)
+  WHERE state IN ('queued', 'retrying') AND lease_until_ms > 0;
+)sql";
+
 // migrations[i] upgrades version i to i + 1; a new version adds one entry at the end.
-constexpr const char* migrations[] = {schema_v1_sql};
+constexpr const char* migrations[] = {schema_v1_sql, schema_v2_sql};
 static_assert(std::size(migrations) == postgresql_schema_version);
 
 #define SQUALL_JOB_COLUMNS                                                                    \
@@ -114,21 +121,39 @@ const StatementSpec kGetByKey{"squall_get_by_key",
                               {kBytea, kBytea}};
 // Each branch walks squall_jobs_due in order and locks at most $3 rows, skipping rows that
 // another node's claim holds; the rows locked but not chosen are free again at the commit.
+// Waiting jobs held by a prefetch (lease_until_ms in the future) are skipped.
+#define SQUALL_DUE_CHOSEN                                                                       \
+  "WITH queued AS (SELECT seq, run_after_ms, created_ms FROM squall_jobs WHERE state = "        \
+  "'queued' AND run_after_ms <= $1 AND lease_until_ms < $1 ORDER BY run_after_ms, created_ms, " \
+  "seq LIMIT $3 FOR UPDATE SKIP LOCKED), retrying AS (SELECT seq, run_after_ms, created_ms "    \
+  "FROM squall_jobs WHERE state = 'retrying' AND run_after_ms <= $1 AND lease_until_ms < $1 "   \
+  "ORDER BY run_after_ms, created_ms, seq LIMIT $3 FOR UPDATE SKIP LOCKED), expired AS "        \
+  "(SELECT seq, run_after_ms, created_ms FROM squall_jobs WHERE state = 'sending' AND "         \
+  "lease_until_ms < $1 ORDER BY run_after_ms, created_ms, seq LIMIT $3 FOR UPDATE SKIP "        \
+  "LOCKED), chosen AS (SELECT seq FROM (SELECT * FROM queued UNION ALL SELECT * FROM "          \
+  "retrying UNION ALL SELECT * FROM expired) due ORDER BY run_after_ms, created_ms, seq LIMIT " \
+  "$3) "
 const StatementSpec kClaim{
     "squall_claim",
-    "WITH queued AS (SELECT seq, run_after_ms, created_ms FROM squall_jobs WHERE state = "
-    "'queued' AND run_after_ms <= $1 ORDER BY run_after_ms, created_ms, seq LIMIT $3 FOR UPDATE "
-    "SKIP LOCKED), retrying AS (SELECT seq, run_after_ms, created_ms FROM squall_jobs WHERE "
-    "state = 'retrying' AND run_after_ms <= $1 ORDER BY run_after_ms, created_ms, seq LIMIT $3 "
-    "FOR UPDATE SKIP LOCKED), expired AS (SELECT seq, run_after_ms, created_ms FROM squall_jobs "
-    "WHERE state = 'sending' AND lease_until_ms < $1 ORDER BY run_after_ms, created_ms, seq "
-    "LIMIT $3 FOR UPDATE SKIP LOCKED), chosen AS (SELECT seq FROM (SELECT * FROM queued UNION "
-    "ALL SELECT * FROM retrying UNION ALL SELECT * FROM expired) due ORDER BY run_after_ms, "
-    "created_ms, seq LIMIT $3) "
+    SQUALL_DUE_CHOSEN
     "UPDATE squall_jobs AS j SET state = 'sending', attempts = j.attempts + 1, lease_until_ms = "
     "$2, updated_ms = $1, lease_node = $4 FROM chosen WHERE j.seq = chosen.seq "
     "RETURNING " SQUALL_J_COLUMNS,
     {kInt8, kInt8, kInt8, kInt4}};
+// A hold leaves a waiting job's state and attempts; an expired sending one waits as retrying.
+const StatementSpec kHold{
+    "squall_hold",
+    SQUALL_DUE_CHOSEN
+    "UPDATE squall_jobs AS j SET state = CASE WHEN j.state = 'sending' THEN 'retrying' ELSE "
+    "j.state END, lease_until_ms = $2, updated_ms = $1, lease_node = $4 FROM chosen WHERE j.seq "
+    "= chosen.seq RETURNING " SQUALL_J_COLUMNS,
+    {kInt8, kInt8, kInt8, kInt4}};
+#undef SQUALL_DUE_CHOSEN
+const StatementSpec kStart{
+    "squall_start",
+    "UPDATE squall_jobs SET state = 'sending', attempts = attempts + 1, lease_until_ms = $3, "
+    "updated_ms = $2, lease_node = $4 WHERE id = $1 AND state IN ('queued', 'retrying')",
+    {kText, kInt8, kInt8, kInt4}};
 #define SQUALL_WEBHOOK_OWED                                                                   \
   "webhook_state = CASE WHEN $3 THEN 1 ELSE webhook_state END, webhook_attempts = CASE WHEN " \
   "$3 THEN 0 ELSE webhook_attempts END, webhook_due_ms = CASE WHEN $3 THEN $2 ELSE "          \
@@ -151,8 +176,10 @@ const StatementSpec kMarkFailed{
 #undef SQUALL_WEBHOOK_OWED
 const StatementSpec kRelease{
     "squall_release",
-    "UPDATE squall_jobs SET state = 'queued', attempts = greatest(attempts - 1, 0), "
-    "lease_until_ms = 0, updated_ms = $2 WHERE id = $1 AND state = 'sending'",
+    "UPDATE squall_jobs SET state = CASE WHEN state = 'sending' THEN 'queued' ELSE state END, "
+    "attempts = CASE WHEN state = 'sending' THEN greatest(attempts - 1, 0) ELSE attempts END, "
+    "lease_until_ms = 0, updated_ms = $2 WHERE id = $1 AND (state = 'sending' OR (state IN "
+    "('queued', 'retrying') AND lease_until_ms > 0))",
     {kText, kInt8}};
 const StatementSpec kNotify{"squall_notify", "SELECT pg_notify('squall_jobs', '')", {}};
 const StatementSpec kCountPending{
@@ -179,6 +206,10 @@ const StatementSpec kExpireLeases{
     "squall_expire_leases",
     "UPDATE squall_jobs SET lease_until_ms = 0, updated_ms = $1 WHERE state = 'sending'",
     {kInt8}};
+const StatementSpec kExpireHolds{"squall_expire_holds",
+                                 "UPDATE squall_jobs SET lease_until_ms = 0, updated_ms = $1 "
+                                 "WHERE state IN ('queued', 'retrying') AND lease_until_ms > 0",
+                                 {kInt8}};
 const StatementSpec kProbe{"squall_probe",
                            "INSERT INTO squall_probe (id, written_ms) VALUES (1, $1) ON CONFLICT "
                            "(id) DO UPDATE SET written_ms = excluded.written_ms",
@@ -200,26 +231,31 @@ const StatementSpec kReleaseWebhook{
     {kText, kInt8}};
 const StatementSpec kCountWebhooks{
     "squall_count_webhooks", "SELECT count(*) FROM squall_jobs WHERE webhook_state = 1", {}};
-// Nodes that hold leases now, other than this one.
-const StatementSpec kLeaseNodes{"squall_lease_nodes",
-                                "SELECT DISTINCT lease_node FROM squall_jobs WHERE state = "
-                                "'sending' AND lease_node <> $1 AND lease_node <> 0",
-                                {kInt4}};
+// Nodes that hold leases now (sending jobs, or waiting ones held by a prefetch), other than
+// this one.
+const StatementSpec kLeaseNodes{
+    "squall_lease_nodes",
+    "SELECT lease_node FROM squall_jobs WHERE state = 'sending' AND lease_node <> $1 AND "
+    "lease_node <> 0 UNION SELECT lease_node FROM squall_jobs WHERE state IN ('queued', "
+    "'retrying') AND lease_until_ms > 0 AND lease_node <> $1 AND lease_node <> 0",
+    {kInt4}};
 const StatementSpec kTryNodeLock{
     "squall_try_node_lock", "SELECT pg_try_advisory_lock($1, $2)", {kInt4, kInt4}};
 const StatementSpec kNodeUnlock{
     "squall_node_unlock", "SELECT pg_advisory_unlock($1, $2)", {kInt4, kInt4}};
-const StatementSpec kExpireNode{"squall_expire_node",
-                                "UPDATE squall_jobs SET lease_until_ms = 0 WHERE state = "
-                                "'sending' AND lease_node = $1",
-                                {kInt4}};
+const StatementSpec kExpireNode{
+    "squall_expire_node",
+    "UPDATE squall_jobs SET lease_until_ms = 0 WHERE lease_node = $1 AND (state = 'sending' OR "
+    "(state IN ('queued', 'retrying') AND lease_until_ms > 0))",
+    {kInt4}};
 
 const StatementSpec* const kStatements[] = {
     &kInsert,         &kGetById,     &kGetByKey,       &kClaim,         &kMarkSent,
     &kMarkRetry,      &kMarkFailed,  &kRelease,        &kNotify,        &kCountPending,
     &kPendingByOwner, &kStats,       &kPurge,          &kExpireLeases,  &kProbe,
     &kClaimWebhooks,  &kMarkWebhook, &kReleaseWebhook, &kCountWebhooks, &kLeaseNodes,
-    &kTryNodeLock,    &kNodeUnlock,  &kExpireNode,
+    &kTryNodeLock,    &kNodeUnlock,  &kExpireNode,     &kHold,          &kStart,
+    &kExpireHolds,
 };
 
 #undef SQUALL_JOB_COLUMNS
@@ -335,6 +371,8 @@ class PostgresJobStore final : public JobStore {
   std::vector<Inserted> insert_batch(const std::vector<NewJob>& jobs, std::int64_t now_ms) override;
   std::optional<Job> get(std::string_view id) override;
   std::vector<Job> claim(std::size_t max, std::int64_t now_ms, std::int64_t lease_ms) override;
+  std::vector<Job> hold(std::size_t max, std::int64_t now_ms, std::int64_t lease_ms) override;
+  bool start(std::string_view id, std::int64_t now_ms, std::int64_t lease_ms) override;
   bool mark_sent(std::string_view id, std::int64_t now_ms) override;
   bool mark_retry(std::string_view id, std::string_view error, std::int64_t run_after_ms,
                   std::int64_t now_ms) override;
@@ -385,6 +423,9 @@ class PostgresJobStore final : public JobStore {
   std::optional<Job> find_one(const StatementSpec& statement, const Params& params,
                               const char* operation);
   std::vector<Job> claimed_in_order(const Result& result, const char* operation, bool by_run_after);
+  // claim() and hold(): `statement` (kClaim or kHold), after the check for gone nodes.
+  std::vector<Job> take_due(const StatementSpec& statement, const char* operation, std::size_t max,
+                            std::int64_t now_ms, std::int64_t lease_ms);
   void reclaim_from_gone_nodes();
   void rollback() noexcept;
 
@@ -847,10 +888,27 @@ void PostgresJobStore::reclaim_from_gone_nodes() {
 
 std::vector<Job> PostgresJobStore::claim(std::size_t max, std::int64_t now_ms,
                                          std::int64_t lease_ms) {
-  if (lease_ms <= 0) throw std::invalid_argument("job store claim: lease_ms must be positive");
+  return take_due(kClaim, "claim", max, now_ms, lease_ms);
+}
+
+std::vector<Job> PostgresJobStore::hold(std::size_t max, std::int64_t now_ms,
+                                        std::int64_t lease_ms) {
+  return take_due(kHold, "hold", max, now_ms, lease_ms);
+}
+
+std::vector<Job> PostgresJobStore::take_due(const StatementSpec& statement, const char* operation,
+                                            std::size_t max, std::int64_t now_ms,
+                                            std::int64_t lease_ms) {
+  if (lease_ms <= 0) {
+    throw std::invalid_argument(std::string("job store ") + operation +
+                                ": lease_ms must be positive");
+  }
   if (max == 0) return {};
-  ensure_connected("claim");
-  if (transaction_depth_ == 0 && steady_ms() >= next_gone_check_ms_) {
+  ensure_connected(operation);
+  // A runner's hold shares the transaction of its outcomes: the check for gone nodes runs
+  // inside it then (their session locks are not transactional; a rollback only undoes the
+  // takeover, which the next check does again).
+  if ((transaction_depth_ == 0 || &statement == &kHold) && steady_ms() >= next_gone_check_ms_) {
     next_gone_check_ms_ = steady_ms() + kDeadNodeCheckMs;
     reclaim_from_gone_nodes();
   }
@@ -859,8 +917,16 @@ std::vector<Job> PostgresJobStore::claim(std::size_t max, std::int64_t now_ms,
   Params params;
   params.int8(now_ms).int8(now_ms + lease_ms).int8(limit).int4(node_);
   // One statement: its own transaction unless the caller opened one.
-  const Result result = run(kClaim, params, "claim");
-  return claimed_in_order(result, "claim", true);
+  const Result result = run(statement, params, operation);
+  return claimed_in_order(result, operation, true);
+}
+
+bool PostgresJobStore::start(std::string_view id, std::int64_t now_ms, std::int64_t lease_ms) {
+  if (lease_ms <= 0) throw std::invalid_argument("job store start: lease_ms must be positive");
+  ensure_connected("start");
+  Params params;
+  params.bytes(id).int8(now_ms).int8(now_ms + lease_ms).int4(node_);
+  return run(kStart, params, "start").changed() > 0;
 }
 
 bool PostgresJobStore::mark_sent(std::string_view id, std::int64_t now_ms) {
@@ -956,7 +1022,12 @@ std::size_t PostgresJobStore::expire_all_leases(std::int64_t now_ms) {
   ensure_connected("expire_all_leases");
   Params params;
   params.int8(now_ms);
-  return static_cast<std::size_t>(run(kExpireLeases, params, "expire_all_leases").changed());
+  Transaction transaction(*this, "expire_all_leases");
+  const auto expired =
+      static_cast<std::size_t>(run(kExpireLeases, params, "expire_all_leases").changed());
+  run(kExpireHolds, params, "expire_all_leases: holds");
+  transaction.commit();
+  return expired;
 }
 
 void PostgresJobStore::probe_write(std::int64_t now_ms) {

@@ -25,8 +25,8 @@ void JobRunner::start() {
   poll_timer_ = UvHandle<uv_timer_t>(loop_, this, uv_timer_init, "job poll timer");
   const auto interval = static_cast<std::uint64_t>(options_.poll_interval.count());
   uv_timer_start(
-      poll_timer_.get(), [](uv_timer_t* timer) { static_cast<JobRunner*>(timer->data)->claim(); },
-      0, interval);
+      poll_timer_.get(), [](uv_timer_t* timer) { static_cast<JobRunner*>(timer->data)->poke(); }, 0,
+      interval);
 }
 
 void JobRunner::reconfigure(const RunnerOptions& options) {
@@ -38,10 +38,7 @@ void JobRunner::reconfigure(const RunnerOptions& options) {
 }
 
 void JobRunner::poke() {
-  if (claim_in_flight_) {
-    claim_again_ = true;
-    return;
-  }
+  nothing_due_ = false;
   claim();
 }
 
@@ -54,38 +51,20 @@ std::chrono::milliseconds JobRunner::backoff(int attempts) {
   return std::chrono::milliseconds(static_cast<std::int64_t>(upper_half(random_)));
 }
 
-void JobRunner::claim() {
-  start_ready();
-  if (draining_ || claim_in_flight_) return;
+std::size_t JobRunner::claim_wanted() const {
   const std::size_t free_slots =
       options_.max_concurrent > stats_.running ? options_.max_concurrent - stats_.running : 0;
   const std::size_t wanted = free_slots + options_.prefetch;
-  if (ready_.size() >= wanted) return;
-  const std::size_t batch = wanted - ready_.size();
-  claim_in_flight_ = true;
-  claim_again_ = false;
-  const std::int64_t lease_ms = options_.lease.count();
-  std::weak_ptr<bool> alive = alive_;
-  store_.run([this, alive, batch, lease_ms, loop = loop_.remote()](JobStore& store) {
-    std::vector<Job> claimed;
-    std::string error;
-    try {
-      claimed = store.claim(batch, unix_now_ms(), lease_ms);
-    } catch (const std::exception& failure) {
-      error = failure.what();
-    }
-    loop.call_soon([this, alive, batch, claimed = std::move(claimed), error]() mutable {
-      const auto still_alive = alive.lock();
-      if (!still_alive || !*still_alive) return;
-      claim_in_flight_ = false;
-      if (!error.empty()) spdlog::error("jobs: claiming due jobs failed: {}", error);
-      for (Job& job : claimed) enqueue(std::move(job));
-      start_ready();
-      // A full batch or a poke meanwhile means more may be waiting.
-      if (!draining_ && (claim_again_ || claimed.size() == batch)) claim();
-      maybe_drained();
-    });
-  });
+  return ready_.size() >= wanted ? 0 : wanted - ready_.size();
+}
+
+void JobRunner::claim() {
+  start_ready();
+  if (draining_) return;
+  // The claim goes with the next round, together with the outcomes waiting for it; if a
+  // round is in flight, that is when it returns.
+  if (!nothing_due_ && claim_wanted() > 0) claim_again_ = true;
+  flush_records();
 }
 
 void JobRunner::enqueue(Job job) {
@@ -147,6 +126,21 @@ void JobRunner::perform(Job job) {
            [id = job.id](JobStore& store, std::int64_t now) { store.release(id, now); });
     return;
   }
+  // The attempt begins: the store learns it with the next round (the job shows sending from
+  // that commit on; until then attempting() says so). The attempt counts from now.
+  ++job.attempts;
+  job.state = JobState::sending;
+  const std::int64_t lease_ms = options_.lease.count();
+  job.lease_until_ms = unix_now_ms() + lease_ms;
+  record(
+      job.id, "recording the start of",
+      [id = job.id, lease_ms](JobStore& store, std::int64_t now) {
+        if (!store.start(id, now, lease_ms)) {
+          spdlog::warn("jobs: {} was no longer waiting when its attempt began (its hold ended)",
+                       id);
+        }
+      },
+      false);
   std::function<AttemptResult()> work;
   try {
     work = prepare_(job);
@@ -171,6 +165,8 @@ void JobRunner::perform(Job job) {
         if (!still_alive || !*still_alive) return;
         --stats_.running;
         running_ids_.erase(job.id);
+        // A slot is free: the round that records this outcome also claims the next job.
+        if (!draining_ && !nothing_due_) claim_again_ = true;
         if (error) {
           try {
             std::rethrow_exception(error);
@@ -205,23 +201,19 @@ void JobRunner::finish_attempt(const Job& job, const AttemptResult& result,
   switch (result.outcome) {
     case AttemptResult::Outcome::done:
       mark = Mark::sent;
-      ++stats_.done;
       spdlog::info("jobs: {} {} done after {} attempt(s)", job.kind, job.id, job.attempts);
       break;
     case AttemptResult::Outcome::permanent_failure:
       mark = Mark::failed;
-      ++stats_.failed;
       spdlog::warn("jobs: {} {} failed for good: {}", job.kind, job.id, detail);
       break;
     case AttemptResult::Outcome::temporary_failure:
       if (static_cast<std::size_t>(job.attempts) >= options_.max_attempts) {
         mark = Mark::failed;
-        ++stats_.failed;
         detail = "gave up after " + std::to_string(job.attempts) + " attempts: " + detail;
         spdlog::warn("jobs: {} {} {}", job.kind, job.id, detail);
       } else {
         mark = Mark::retry;
-        ++stats_.retries;
         const auto wait = backoff(job.attempts);
         run_after_ms = unix_now_ms() + wait.count();
         spdlog::info("jobs: {} {} attempt {} failed ({}); retrying in {} ms", job.kind, job.id,
@@ -231,99 +223,155 @@ void JobRunner::finish_attempt(const Job& job, const AttemptResult& result,
     case AttemptResult::Outcome::aborted:
       break;  // Handled above.
   }
-  if (on_attempt_) on_attempt_(job, result, elapsed, mark != Mark::retry);
-  record(job.id, "recording the outcome of",
-         [id = job.id, mark, detail, run_after_ms](JobStore& store, std::int64_t now) {
-           if (mark == Mark::sent) store.mark_sent(id, now);
-           if (mark == Mark::retry) store.mark_retry(id, detail, run_after_ms, now);
-           if (mark == Mark::failed) store.mark_failed(id, detail, now);
-         });
+  // Counted and reported (metrics, the webhook's poke) only once the outcome is committed:
+  // nothing is said to be sent that a crash could still take back.
+  std::weak_ptr<bool> alive = alive_;
+  auto committed = [this, alive, job, result, elapsed, mark] {
+    const auto still_alive = alive.lock();
+    if (!still_alive || !*still_alive) return;
+    if (mark == Mark::sent) ++stats_.done;
+    if (mark == Mark::failed) ++stats_.failed;
+    if (mark == Mark::retry) ++stats_.retries;
+    if (on_attempt_) on_attempt_(job, result, elapsed, mark != Mark::retry);
+  };
+  record(
+      job.id, "recording the outcome of",
+      [id = job.id, mark, detail, run_after_ms](JobStore& store, std::int64_t now) {
+        if (mark == Mark::sent) store.mark_sent(id, now);
+        if (mark == Mark::retry) store.mark_retry(id, detail, run_after_ms, now);
+        if (mark == Mark::failed) store.mark_failed(id, detail, now);
+      },
+      true, std::move(committed));
 }
 
-void JobRunner::record(const std::string& id, const char* what, Write write) {
+void JobRunner::record(const std::string& id, const char* what, Write write, bool outcome,
+                       std::function<void()> committed) {
   ++marks_in_flight_;
-  recording_ids_.insert(id);
-  unflushed_.push_back({id, what, std::move(write)});
+  if (outcome) recording_ids_.insert(id);
+  unflushed_.push_back({id, what, std::move(write), outcome, std::move(committed)});
   flush_records();
 }
 
+void JobRunner::written(PendingWrite& pending) {
+  if (pending.outcome) recording_ids_.erase(pending.id);
+  --marks_in_flight_;
+  if (pending.committed) pending.committed();
+}
+
 void JobRunner::flush_records() {
-  if (flush_in_flight_ || unflushed_.empty()) return;
+  if (flush_in_flight_) return;
+  const std::size_t hold = draining_ || !claim_again_ ? 0 : claim_wanted();
+  if (unflushed_.empty() && hold == 0) return;
+  // A free slot without a job waiting makes the claim urgent, and so does an attempt that
+  // began (the store shows it sending, and a restart after kill -9 counts it, as soon as
+  // possible); outcomes and claims ahead may wait a little for more company in the commit.
+  const bool starving = hold > 0 && ready_.empty() && stats_.running < options_.max_concurrent;
+  const bool started = std::any_of(unflushed_.begin(), unflushed_.end(),
+                                   [](const PendingWrite& pending) { return !pending.outcome; });
+  if (options_.commit_delay.count() > 0 && !draining_ && !starving && !started &&
+      !commit_delay_over_) {
+    if (!commit_delay_armed_) {
+      commit_delay_armed_ = true;
+      std::weak_ptr<bool> alive = alive_;
+      loop_.call_later(options_.commit_delay, [this, alive] {
+        const auto still_alive = alive.lock();
+        if (!still_alive || !*still_alive) return;
+        commit_delay_armed_ = false;
+        commit_delay_over_ = true;
+        flush_records();
+        commit_delay_over_ = false;
+      });
+    }
+    return;
+  }
+  claim_again_ = false;
   auto batch = std::make_shared<std::vector<PendingWrite>>(std::move(unflushed_));
   unflushed_.clear();
   flush_in_flight_ = true;
+  claim_in_flight_ = hold > 0;
+  const std::int64_t lease_ms = options_.lease.count();
   std::weak_ptr<bool> alive = alive_;
-  const bool queued = store_.run([this, alive, batch, loop = loop_.remote()](JobStore& store) {
-    std::string error;
-    try {
-      const std::int64_t now = unix_now_ms();
-      store.transaction([&] {
-        for (PendingWrite& pending : *batch) pending.write(store, now);
+  const bool queued =
+      store_.run([this, alive, batch, hold, lease_ms, loop = loop_.remote()](JobStore& store) {
+        std::string error;
+        std::vector<Job> held;
+        try {
+          const std::int64_t now = unix_now_ms();
+          store.transaction([&] {
+            for (PendingWrite& pending : *batch) pending.write(store, now);
+            if (hold > 0) held = store.hold(hold, now, lease_ms);
+          });
+        } catch (const std::exception& failure) {
+          error = failure.what();
+          held.clear();  // Rolled back with the rest.
+        }
+        loop.call_soon([this, alive, batch, hold, held = std::move(held), error]() mutable {
+          const auto still_alive = alive.lock();
+          if (!still_alive || !*still_alive) return;
+          flush_in_flight_ = false;
+          claim_in_flight_ = false;
+          if (error.empty()) {
+            ++stats_.rounds;
+            stats_.held += held.size();
+            for (PendingWrite& pending : *batch) written(pending);
+          } else {
+            if (hold > 0) spdlog::error("jobs: claiming due jobs failed: {}", error);
+            // Nothing of the transaction stuck. Each write is tried again on its own, so that
+            // one the store keeps refusing holds up no other.
+            for (PendingWrite& pending : *batch) {
+              spdlog::error("jobs: {} job {} failed: {}; trying again in {} ms", pending.what,
+                            pending.id, error, options_.record_retry_initial.count());
+              auto shared = std::make_shared<PendingWrite>(std::move(pending));
+              loop_.call_later(options_.record_retry_initial, [this, alive, shared] {
+                const auto again = alive.lock();
+                if (!again || !*again) return;
+                record_attempt(shared, 1);
+              });
+            }
+          }
+          for (Job& job : held) enqueue(std::move(job));
+          start_ready();
+          // A full claim means more may be waiting; a short one that none is, until a poke
+          // (an insert) or the poll says otherwise.
+          if (hold > 0 && error.empty()) nothing_due_ = held.size() < hold;
+          if (!draining_ && hold > 0 && held.size() == hold) claim_again_ = true;
+          flush_records();
+          maybe_drained();
+        });
       });
-    } catch (const std::exception& failure) {
-      error = failure.what();
-    }
-    loop.call_soon([this, alive, batch, error] {
-      const auto still_alive = alive.lock();
-      if (!still_alive || !*still_alive) return;
-      flush_in_flight_ = false;
-      if (error.empty()) {
-        for (const PendingWrite& pending : *batch) {
-          recording_ids_.erase(pending.id);
-          --marks_in_flight_;
-        }
-      } else {
-        // Nothing of the transaction stuck. Each write is tried again on its own, so that one
-        // the store keeps refusing holds up no other.
-        for (PendingWrite& pending : *batch) {
-          spdlog::error("jobs: {} job {} failed: {}; trying again in {} ms", pending.what,
-                        pending.id, error, options_.record_retry_initial.count());
-          loop_.call_later(options_.record_retry_initial,
-                           [this, alive, id = pending.id, what = pending.what,
-                            write = std::move(pending.write)]() mutable {
-                             const auto again = alive.lock();
-                             if (!again || !*again) return;
-                             record_attempt(id, what, std::move(write), 1);
-                           });
-        }
-      }
-      flush_records();
-      maybe_drained();
-    });
-  });
   if (!queued) {
     // The store thread is shut down: nothing can be recorded any more.
     flush_in_flight_ = false;
+    claim_in_flight_ = false;
     for (const PendingWrite& pending : *batch) {
       spdlog::error("jobs: {} job {}: the job store is shut down; not recorded", pending.what,
                     pending.id);
-      recording_ids_.erase(pending.id);
+      if (pending.outcome) recording_ids_.erase(pending.id);
       --marks_in_flight_;
     }
     maybe_drained();
   }
 }
 
-void JobRunner::record_attempt(const std::string& id, const char* what, Write write, int failures) {
+void JobRunner::record_attempt(std::shared_ptr<PendingWrite> pending, int failures) {
   std::weak_ptr<bool> alive = alive_;
-  auto shared_write = std::make_shared<Write>(std::move(write));
-  const bool queued = store_.run(
-      [this, alive, id, what, shared_write, failures, loop = loop_.remote()](JobStore& store) {
+  const bool queued =
+      store_.run([this, alive, pending, failures, loop = loop_.remote()](JobStore& store) {
         std::string error;
         try {
-          (*shared_write)(store, unix_now_ms());
+          pending->write(store, unix_now_ms());
         } catch (const std::exception& failure) {
           error = failure.what();
         }
-        loop.call_soon([this, alive, id, what, shared_write, failures, error] {
+        loop.call_soon([this, alive, pending, failures, error] {
           const auto still_alive = alive.lock();
           if (!still_alive || !*still_alive) return;
           if (error.empty()) {
             if (failures > 0) {
-              spdlog::info("jobs: {} job {} succeeded at the {}th try", what, id, failures + 1);
+              spdlog::info("jobs: {} job {} succeeded at the {}th try", pending->what, pending->id,
+                           failures + 1);
             }
-            recording_ids_.erase(id);
-            --marks_in_flight_;
+            written(*pending);
             maybe_drained();
             return;
           }
@@ -332,19 +380,20 @@ void JobRunner::record_attempt(const std::string& id, const char* what, Write wr
           const int doublings = std::min(failures, 20);
           const auto wait = std::min(options_.record_retry_initial * (std::int64_t{1} << doublings),
                                      options_.record_retry_max);
-          spdlog::error("jobs: {} job {} failed: {}; trying again in {} ms", what, id, error,
-                        wait.count());
-          loop_.call_later(wait, [this, alive, id, what, shared_write, failures] {
+          spdlog::error("jobs: {} job {} failed: {}; trying again in {} ms", pending->what,
+                        pending->id, error, wait.count());
+          loop_.call_later(wait, [this, alive, pending, failures] {
             const auto again = alive.lock();
             if (!again || !*again) return;
-            record_attempt(id, what, std::move(*shared_write), failures + 1);
+            record_attempt(pending, failures + 1);
           });
         });
       });
   if (!queued) {
     // The store thread is shut down: nothing can be recorded any more.
-    spdlog::error("jobs: {} job {}: the job store is shut down; not recorded", what, id);
-    recording_ids_.erase(id);
+    spdlog::error("jobs: {} job {}: the job store is shut down; not recorded", pending->what,
+                  pending->id);
+    if (pending->outcome) recording_ids_.erase(pending->id);
     --marks_in_flight_;
     maybe_drained();
   }

@@ -136,19 +136,33 @@ constexpr const char* get_by_key_sql =
 // Each branch walks jobs_due in order and stops after ?3 rows, so a claim costs O(max) even
 // with a million due jobs; a single OR query would sort every due row first. Expired leases
 // are found among the sending rows, which are few (bounded by the runner's concurrency).
+// Waiting jobs held by a prefetch (lease_until_ms in the future) are skipped: they are the
+// oldest due ones, so each branch steps over at most the held count.
+#define SQUALL_DUE_SEQS                                                                       \
+  "SELECT seq FROM ("                                                                         \
+  "SELECT * FROM (SELECT seq, run_after_ms, created_ms FROM jobs WHERE state = 'queued' AND " \
+  "run_after_ms <= ?1 AND lease_until_ms < ?1 ORDER BY run_after_ms, created_ms, seq LIMIT "  \
+  "?3) "                                                                                      \
+  "UNION ALL SELECT * FROM (SELECT seq, run_after_ms, created_ms FROM jobs WHERE state = "    \
+  "'retrying' AND run_after_ms <= ?1 AND lease_until_ms < ?1 ORDER BY run_after_ms, "         \
+  "created_ms, seq LIMIT ?3) "                                                                \
+  "UNION ALL SELECT * FROM (SELECT seq, run_after_ms, created_ms FROM jobs WHERE state = "    \
+  "'sending' AND lease_until_ms < ?1 ORDER BY run_after_ms, created_ms, seq LIMIT ?3) "       \
+  "ORDER BY run_after_ms, created_ms, seq LIMIT ?3)"
 constexpr const char* claim_sql =
     "UPDATE jobs SET state = 'sending', attempts = attempts + 1, lease_until_ms = ?2, "
-    "updated_ms = ?1 WHERE seq IN (SELECT seq FROM ("
-    "SELECT * FROM (SELECT seq, run_after_ms, created_ms FROM jobs WHERE state = 'queued' AND "
-    "run_after_ms <= ?1 ORDER BY run_after_ms, created_ms, seq LIMIT ?3) "
-    "UNION ALL SELECT * FROM (SELECT seq, run_after_ms, created_ms FROM jobs WHERE state = "
-    "'retrying' AND "
-    "run_after_ms <= ?1 ORDER BY run_after_ms, created_ms, seq LIMIT ?3) "
-    "UNION ALL SELECT * FROM (SELECT seq, run_after_ms, created_ms FROM jobs WHERE state = "
-    "'sending' AND "
-    "lease_until_ms < ?1 ORDER BY run_after_ms, created_ms, seq LIMIT ?3) "
-    "ORDER BY run_after_ms, created_ms, seq LIMIT ?3)) RETURNING " SQUALL_JOB_COLUMNS ", seq";
+    "updated_ms = ?1 WHERE seq IN (" SQUALL_DUE_SEQS ") RETURNING " SQUALL_JOB_COLUMNS ", seq";
+// A hold leaves a waiting job's state and attempts as they are; an expired sending one's
+// attempt is over, so it waits again as retrying.
+constexpr const char* hold_sql =
+    "UPDATE jobs SET state = CASE WHEN state = 'sending' THEN 'retrying' ELSE state END, "
+    "lease_until_ms = ?2, updated_ms = ?1 WHERE seq IN (" SQUALL_DUE_SEQS
+    ") RETURNING " SQUALL_JOB_COLUMNS ", seq";
+#undef SQUALL_DUE_SEQS
 constexpr int claim_seq_column = 17;  // After the SQUALL_JOB_COLUMNS.
+constexpr const char* start_sql =
+    "UPDATE jobs SET state = 'sending', attempts = attempts + 1, lease_until_ms = ?3, "
+    "updated_ms = ?2 WHERE id = ?1 AND state IN ('queued', 'retrying')";
 // The payload (addresses, Bcc, the text) is deleted once sent: only its digest stays.
 // ?3 (webhooks on) makes the job's webhook owed in the same statement.
 #define SQUALL_WEBHOOK_OWED                                                               \
@@ -165,9 +179,12 @@ constexpr const char* mark_failed_sql =
     "UPDATE jobs SET state = 'failed', last_error = ?4, lease_until_ms = 0, updated_ms = ?2, "
     "finished_ms = ?2, " SQUALL_WEBHOOK_OWED " WHERE id = ?1 AND state = 'sending'";
 #undef SQUALL_WEBHOOK_OWED
+// A sending job goes back to the queue uncounted; a held one only loses its hold.
 constexpr const char* release_sql =
-    "UPDATE jobs SET state = 'queued', attempts = max(attempts - 1, 0), lease_until_ms = 0, "
-    "updated_ms = ?2 WHERE id = ?1 AND state = 'sending'";
+    "UPDATE jobs SET state = CASE WHEN state = 'sending' THEN 'queued' ELSE state END, "
+    "attempts = CASE WHEN state = 'sending' THEN max(attempts - 1, 0) ELSE attempts END, "
+    "lease_until_ms = 0, updated_ms = ?2 WHERE id = ?1 AND (state = 'sending' OR (state IN "
+    "('queued', 'retrying') AND lease_until_ms > 0))";
 // A job whose webhook is still owed stays until it is delivered or given up.
 constexpr const char* purge_sql =
     "DELETE FROM jobs WHERE seq IN (SELECT seq FROM jobs WHERE finished_ms > 0 AND "
@@ -184,6 +201,10 @@ constexpr const char* release_webhook_sql =
 constexpr const char* count_webhooks_sql = "SELECT count(*) FROM jobs WHERE webhook_state = 1";
 constexpr const char* expire_leases_sql =
     "UPDATE jobs SET lease_until_ms = 0, updated_ms = ?1 WHERE state = 'sending'";
+// Walks the waiting jobs (jobs_due): run once, when a process takes the store over.
+constexpr const char* expire_holds_sql =
+    "UPDATE jobs SET lease_until_ms = 0, updated_ms = ?1 WHERE state IN ('queued', 'retrying') "
+    "AND lease_until_ms > 0";
 constexpr const char* probe_sql =
     "INSERT INTO store_probe (id, written_ms) VALUES (1, ?1) "
     "ON CONFLICT (id) DO UPDATE SET written_ms = excluded.written_ms";
@@ -247,6 +268,8 @@ class SqliteJobStore final : public JobStore {
   std::vector<Inserted> insert_batch(const std::vector<NewJob>& jobs, std::int64_t now_ms) override;
   std::optional<Job> get(std::string_view id) override;
   std::vector<Job> claim(std::size_t max, std::int64_t now_ms, std::int64_t lease_ms) override;
+  std::vector<Job> hold(std::size_t max, std::int64_t now_ms, std::int64_t lease_ms) override;
+  bool start(std::string_view id, std::int64_t now_ms, std::int64_t lease_ms) override;
   bool mark_sent(std::string_view id, std::int64_t now_ms) override;
   bool mark_retry(std::string_view id, std::string_view error, std::int64_t run_after_ms,
                   std::int64_t now_ms) override;
@@ -293,6 +316,10 @@ class SqliteJobStore final : public JobStore {
   void bind_text(sqlite3_stmt* stmt, int index, std::string_view text, const char* operation);
   void bind_int(sqlite3_stmt* stmt, int index, std::int64_t value, const char* operation);
   Job read_job(sqlite3_stmt* stmt, const char* operation) const;
+  // claim() and hold(): `statement` (claim_sql or hold_sql) in a transaction of its own, or
+  // of the caller's; the jobs in claim order.
+  std::vector<Job> take_due(const Statement& statement, const char* operation, std::size_t max,
+                            std::int64_t now_ms, std::int64_t lease_ms);
   std::optional<Job> find(const Statement& statement, std::string_view key, const char* operation,
                           const std::string* owner = nullptr);
   bool run_update(const Statement& statement, const char* operation);
@@ -327,6 +354,9 @@ class SqliteJobStore final : public JobStore {
   Statement get_by_id_;              // get_by_id_sql.
   Statement get_by_key_;             // get_by_key_sql.
   Statement claim_;                  // claim_sql.
+  Statement hold_;                   // hold_sql.
+  Statement start_;                  // start_sql.
+  Statement expire_holds_;           // expire_holds_sql.
   Statement mark_sent_;              // mark_sent_sql.
   Statement mark_retry_;             // mark_retry_sql.
   Statement mark_failed_;            // mark_failed_sql.
@@ -430,6 +460,9 @@ SqliteJobStore::SqliteJobStore(const std::string& path, bool synchronous_full) :
     prepare(get_by_id_, get_by_id_sql);
     prepare(get_by_key_, get_by_key_sql);
     prepare(claim_, claim_sql);
+    prepare(hold_, hold_sql);
+    prepare(start_, start_sql);
+    prepare(expire_holds_, expire_holds_sql);
     prepare(mark_sent_, mark_sent_sql);
     prepare(mark_retry_, mark_retry_sql);
     prepare(mark_failed_, mark_failed_sql);
@@ -786,22 +819,44 @@ std::optional<Job> SqliteJobStore::get(std::string_view id) {
 
 std::vector<Job> SqliteJobStore::claim(std::size_t max, std::int64_t now_ms,
                                        std::int64_t lease_ms) {
-  if (lease_ms <= 0) throw std::invalid_argument("job store claim: lease_ms must be positive");
+  return take_due(claim_, "claim", max, now_ms, lease_ms);
+}
+
+std::vector<Job> SqliteJobStore::hold(std::size_t max, std::int64_t now_ms, std::int64_t lease_ms) {
+  return take_due(hold_, "hold", max, now_ms, lease_ms);
+}
+
+bool SqliteJobStore::start(std::string_view id, std::int64_t now_ms, std::int64_t lease_ms) {
+  if (lease_ms <= 0) throw std::invalid_argument("job store start: lease_ms must be positive");
+  StatementUse use(start_);
+  bind_text(use.get(), 1, id, "start");
+  bind_int(use.get(), 2, now_ms, "start");
+  bind_int(use.get(), 3, now_ms + lease_ms, "start");
+  return run_update(start_, "start");
+}
+
+std::vector<Job> SqliteJobStore::take_due(const Statement& statement, const char* operation,
+                                          std::size_t max, std::int64_t now_ms,
+                                          std::int64_t lease_ms) {
+  if (lease_ms <= 0) {
+    throw std::invalid_argument(std::string("job store ") + operation +
+                                ": lease_ms must be positive");
+  }
   std::vector<Job> jobs;
   if (max == 0) return jobs;
   const auto limit = static_cast<std::int64_t>(std::min<std::size_t>(
       max, static_cast<std::size_t>(std::numeric_limits<std::int64_t>::max())));
 
   std::vector<std::pair<std::int64_t, Job>> claimed;  // (seq, job): RETURNING has no order.
-  Transaction transaction(*this, "claim");
+  Transaction transaction(*this, operation);
   {
-    StatementUse use(claim_);
-    bind_int(use.get(), 1, now_ms, "claim");
-    bind_int(use.get(), 2, now_ms + lease_ms, "claim");
-    bind_int(use.get(), 3, limit, "claim");
-    while (step(use.get(), "claim")) {
+    StatementUse use(statement);
+    bind_int(use.get(), 1, now_ms, operation);
+    bind_int(use.get(), 2, now_ms + lease_ms, operation);
+    bind_int(use.get(), 3, limit, operation);
+    while (step(use.get(), operation)) {
       claimed.emplace_back(sqlite3_column_int64(use.get(), claim_seq_column),
-                           read_job(use.get(), "claim"));
+                           read_job(use.get(), operation));
     }
   }
   transaction.commit();
@@ -936,6 +991,11 @@ std::size_t SqliteJobStore::expire_all_leases(std::int64_t now_ms) {
     bind_int(use.get(), 1, now_ms, "expire_all_leases");
     step(use.get(), "expire_all_leases");
     expired = static_cast<std::size_t>(sqlite3_changes(db_));
+  }
+  {
+    StatementUse use(expire_holds_);
+    bind_int(use.get(), 1, now_ms, "expire_all_leases");
+    step(use.get(), "expire_all_leases");
   }
   transaction.commit();
   return expired;

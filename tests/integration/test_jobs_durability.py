@@ -21,6 +21,7 @@ from squall_helpers import squalld_path
 from test_email_jobs import (  # noqa: F401  (smtp is a fixture)
     JSON,
     accept,
+    get_job,
     jobs_config,
     message_id,
     message_id_of,
@@ -257,6 +258,62 @@ def test_kill_9_before_the_end_of_data_then_a_restart_sends_each_job_once(smtp, 
         wait_job(second, job_id, "sent")
     copies = Counter(message_id_of(m.content) for m in relay.messages)
     assert copies == Counter({message_id(j): 1 for j in ids}), copies
+
+
+def test_kill_9_with_prefetched_jobs_loses_none_and_resends_only_in_the_250_window(
+        smtp, squalld, tmp_path):
+    """Jobs held ahead of their sends (the prefetch) show as waiting, in the store and in GET
+    /jobs; kill -9 while sends finish and their outcomes are committed in groups: a restart
+    takes every held and every sending job over at once (not after the 5 minute lease), no
+    job is lost, and the only job sent twice is one whose 250 came before its "sent" was
+    committed (the same Message-ID both times)."""
+    store = tmp_path / "jobs.db"
+    slow = smtp("slow", delay=0.15)
+    config = jobs_config(store, slow.url, jobs={"lease": "5m", "max_concurrent_sends": 3},
+                         server={"thread_pool_size": 5}, smtp={"connections": 3})
+    first = squalld(config=config, allow_errors=True)
+    ids = [accept(first, simple(f"kill-{i}")) for i in range(40)]
+
+    deadline = time.monotonic() + 20
+    while True:
+        db = read_only(store)
+        rows = db.execute("SELECT id, state, attempts, lease_until_ms FROM jobs").fetchall()
+        db.close()
+        held = [row[0] for row in rows if row[1] == "queued" and row[3] > 0]
+        if len(held) >= 5 and len(slow.messages) >= 3:
+            break
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.02)
+    # Held, not sending: at most the three sends at once are.
+    assert sum(1 for row in rows if row[1] == "sending") <= 3, rows
+    assert all(row[2] == 0 for row in rows if row[0] in held), rows
+    view = get_job(first, held[-1])
+    assert (view["status"], view["attempts"]) == ("queued", 0), view
+
+    first.signal(signal.SIGKILL)
+    assert first.wait_exit(timeout=5) == -signal.SIGKILL
+    db = read_only(store)
+    state_at_kill = dict(db.execute("SELECT id, state FROM jobs").fetchall())
+    db.close()
+    assert any(state != "sent" for state in state_at_kill.values())
+
+    working = smtp("accept")
+    started = time.monotonic()
+    second = squalld(config=jobs_config(store, working.url, jobs={"lease": "5m"}))
+    for job_id in ids:
+        wait_job(second, job_id, "sent", timeout=20)
+    assert time.monotonic() - started < 20  # not the lease
+    first_copies = Counter(message_id_of(m.content) for m in list(slow.messages))
+    second_copies = Counter(message_id_of(m.content) for m in list(working.messages))
+    for job_id in ids:
+        mid = message_id(job_id)
+        assert first_copies[mid] <= 1 and second_copies[mid] <= 1, job_id
+        assert first_copies[mid] + second_copies[mid] >= 1, job_id  # none lost
+        if state_at_kill[job_id] == "sent":
+            assert second_copies[mid] == 0, job_id  # a committed "sent" is never sent again
+        if first_copies[mid] and second_copies[mid]:
+            # The window: the relay's 250 came, the "sent" was not committed yet.
+            assert state_at_kill[job_id] in ("sending", "queued"), (job_id, state_at_kill[job_id])
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ std::string postgresql_display_url(std::string_view url);
 std::unique_ptr<JobStore> open_postgresql_store(const std::string& url, bool synchronous_commit);
 
 // The schema version open_postgresql_store creates and upgrades to (squall_schema.version).
-inline constexpr int postgresql_schema_version = 1;
+inline constexpr int postgresql_schema_version = 2;
 // The first key of squall's advisory locks (two-key form): "Sqal", as SQLite's application id.
 inline constexpr std::int32_t postgresql_lock_class = 0x5371616c;
 // The channel inserts and releases NOTIFY.

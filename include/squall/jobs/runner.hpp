@@ -1,5 +1,11 @@
 // Runs due jobs: claims them from the store with a lease, performs each on libuv's thread pool,
 // and records the outcome (sent, retry later with backoff and jitter, or failed). Loop thread.
+//
+// The store sees the runner in rounds, one transaction (one commit) at a time: the attempts
+// that began since the last round (start), the outcomes that came in (mark_sent, mark_retry,
+// mark_failed, release), and a claim of the jobs due next (hold), as many as the free slots
+// and the prefetch take. What arrives while a round commits waits for the next one (group
+// commit). An outcome counts (stats, OnAttempt) only once its round committed.
 #pragma once
 
 #include <atomic>
@@ -34,9 +40,16 @@ struct RunnerOptions {
   std::chrono::milliseconds record_retry_initial{100};
   std::chrono::milliseconds record_retry_max{5'000};
   // Jobs claimed beyond the free slots, waiting in memory for one, so that a claim (a commit)
-  // serves many attempts. Their leases run while they wait: one that waited longer than half
-  // its lease goes back to the queue unattempted. 0: claim only for free slots.
+  // serves many attempts. They are held, not started: the store shows them queued (or
+  // retrying) until their attempt begins. Their holds run while they wait: one that waited
+  // longer than half its lease goes back to the queue unattempted. 0: claim only for free
+  // slots.
   std::size_t prefetch = 0;
+  // How long starts and outcomes may wait before a round takes them, so that one commit (one
+  // fsync) carries many (PostgreSQL's commit_delay). Not waited when a free slot has no job
+  // (a claim is urgent then) nor while draining. 0: a round starts as soon as the last one
+  // ended.
+  std::chrono::milliseconds commit_delay{0};
   bool operator==(const RunnerOptions&) const = default;
 };
 
@@ -57,6 +70,8 @@ struct RunnerStats {
   std::uint64_t retries = 0;        // Attempts that ended in a scheduled retry.
   std::uint64_t running = 0;        // Attempts on the pool now.
   double last_attempt_seconds = 0;  // Duration of the latest attempt.
+  std::uint64_t rounds = 0;         // Store transactions committed (claims and outcomes).
+  std::uint64_t held = 0;           // Jobs claimed (held) by those rounds.
 };
 
 class JobRunner {
@@ -64,8 +79,9 @@ class JobRunner {
   // Turns a claimed job into the blocking work of one attempt; called on the loop thread, so it
   // may capture current settings. The work runs on a pool thread and must not touch the loop.
   using Prepare = std::function<std::function<AttemptResult()>(const Job&)>;
-  // Called on the loop thread after each attempt with its duration (for a histogram) and
-  // whether the job is finished (sent or failed for good) rather than retried.
+  // Called on the loop thread after each attempt, once its outcome is committed, with its
+  // duration (for a histogram) and whether the job is finished (sent or failed for good)
+  // rather than retried.
   using OnAttempt = std::function<void(const Job&, const AttemptResult&, std::chrono::nanoseconds,
                                        bool finished)>;
 
@@ -90,6 +106,8 @@ class JobRunner {
   void reconfigure(const RunnerOptions& options);
 
   const RunnerStats& stats() const noexcept { return stats_; }
+  // Whether an attempt of job `id` is running now (its start may not be committed yet).
+  bool attempting(const std::string& id) const { return running_ids_.count(id) != 0; }
   // The backoff before attempt `attempts + 1`: retry_initial * 2^(attempts-1), capped, with
   // "equal jitter" (a uniform draw from its upper half) so failed jobs do not retry in step.
   std::chrono::milliseconds backoff(int attempts);
@@ -110,29 +128,38 @@ class JobRunner {
   // many outcomes). A write that fails is tried again on its own (record_retry_initial,
   // doubling) until it sticks: a job whose outcome is not recorded yet is not attempted again,
   // even when its lease ends meanwhile.
-  void record(const std::string& id, const char* what, Write write);
+  // `outcome`: the attempt is over and the job is not attempted again until this is written.
+  // `committed` runs on the loop once it is.
+  void record(const std::string& id, const char* what, Write write, bool outcome = true,
+              std::function<void()> committed = {});
+  // Starts a round if none is in flight and there is something to write or to claim.
   void flush_records();
-  void record_attempt(const std::string& id, const char* what, Write write, int failures);
-
   struct PendingWrite {
-    std::string id;    // The job's.
-    const char* what;  // For the log: "recording the outcome of", "releasing".
-    Write write;
+    std::string id;                   // The job's.
+    const char* what;                 // For the log: "recording the outcome of", "releasing".
+    Write write;                      // What to do in the store.
+    bool outcome = true;              // The job is in recording_ids_ until this is written.
+    std::function<void()> committed;  // Runs on the loop after the commit; may be empty.
   };
+  void record_attempt(std::shared_ptr<PendingWrite> pending, int failures);
+  void written(PendingWrite& pending);
+  // Jobs the next claim should take: free slots plus the prefetch, less those waiting.
+  std::size_t claim_wanted() const;
 
-  Loop& loop_;                                     // Whose pool and timers the runner uses.
-  StoreWorker& store_;                             // All store access goes through its thread.
-  RunnerOptions options_;                          // Current limits.
-  Prepare prepare_;                                // Builds one attempt's work.
-  OnAttempt on_attempt_;                           // Metrics and logs hook.
-  RunnerStats stats_;                              // Counters.
-  std::mt19937_64 random_;                         // For jitter.
-  UvHandle<uv_timer_t> poll_timer_;                // Repeating poll; data -> this.
-  bool claim_in_flight_ = false;                   // A claim is queued on the store thread.
-  bool claim_again_ = false;                       // poke() arrived while a claim was in flight.
-  bool draining_ = false;                          // No more claims.
-  std::size_t marks_in_flight_ = 0;                // Outcome writes not yet committed.
-  std::function<void()> on_drained_;               // drain()'s callback.
+  Loop& loop_;                        // Whose pool and timers the runner uses.
+  StoreWorker& store_;                // All store access goes through its thread.
+  RunnerOptions options_;             // Current limits.
+  Prepare prepare_;                   // Builds one attempt's work.
+  OnAttempt on_attempt_;              // Metrics and logs hook.
+  RunnerStats stats_;                 // Counters.
+  std::mt19937_64 random_;            // For jitter.
+  UvHandle<uv_timer_t> poll_timer_;   // Repeating poll; data -> this.
+  bool claim_in_flight_ = false;      // The round in flight holds jobs.
+  bool claim_again_ = false;          // A claim is wanted by the next round.
+  bool nothing_due_ = false;          // The last claim found fewer than it asked for; until a poke.
+  bool draining_ = false;             // No more claims.
+  std::size_t marks_in_flight_ = 0;   // Outcome writes not yet committed.
+  std::function<void()> on_drained_;  // drain()'s callback.
   std::unordered_set<std::string> running_ids_;    // Jobs with an attempt on the pool now.
   std::unordered_set<std::string> recording_ids_;  // Jobs whose outcome is not stored yet.
   // Claimed jobs waiting for a free slot (options_.prefetch), oldest first, with their claim's
@@ -140,7 +167,9 @@ class JobRunner {
   std::deque<std::pair<Job, std::chrono::steady_clock::time_point>> ready_;
   std::unordered_set<std::string> ready_ids_;
   std::vector<PendingWrite> unflushed_;  // Store writes waiting for the one in flight.
-  bool flush_in_flight_ = false;         // A transaction of writes is queued on the store.
+  bool flush_in_flight_ = false;         // A round is queued on the store.
+  bool commit_delay_armed_ = false;      // A timer will start the next round (commit_delay).
+  bool commit_delay_over_ = false;       // That timer fired: the next round starts now.
   std::shared_ptr<std::atomic<bool>> cancel_ =
       std::make_shared<std::atomic<bool>>(false);  // See abort_attempts().
   std::shared_ptr<bool> alive_;  // Lets store callbacks notice the runner is gone.

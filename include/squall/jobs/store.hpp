@@ -112,10 +112,21 @@ class JobStore {
   // The job with this id, or nullopt.
   virtual std::optional<Job> get(std::string_view id) = 0;
   // In one transaction, takes up to `max` jobs that are due (queued or retrying with
-  // run_after <= now) or whose lease expired (sending with lease_until < now), by run_after,
-  // then created, then insertion; each becomes sending with attempts+1 and
-  // lease_until = now + lease_ms. Returned in that order.
+  // run_after <= now and no hold, see hold()) or whose lease expired (sending with
+  // lease_until < now), by run_after, then created, then insertion; each becomes sending with
+  // attempts+1 and lease_until = now + lease_ms. Returned in that order.
   virtual std::vector<Job> claim(std::size_t max, std::int64_t now_ms, std::int64_t lease_ms) = 0;
+  // Claiming ahead (a runner's prefetch): in one transaction, takes up to `max` jobs that
+  // claim() would take, in claim()'s order, and holds each with lease_until = now + lease_ms
+  // without starting it: a queued or retrying job keeps its state and attempts (it is still
+  // waiting, and says so), a sending job whose lease expired becomes retrying (its attempt is
+  // over, outcome unknown). A held job is taken by neither claim() nor hold() until its lease
+  // ends. Returned in claim()'s order.
+  virtual std::vector<Job> hold(std::size_t max, std::int64_t now_ms, std::int64_t lease_ms) = 0;
+  // A held (or otherwise waiting) queued/retrying job's attempt begins: it becomes sending with
+  // attempts+1 and lease_until = now + lease_ms. False if unknown or not queued/retrying (e.g.
+  // its hold ended and another node claimed it).
+  virtual bool start(std::string_view id, std::int64_t now_ms, std::int64_t lease_ms) = 0;
   // sending/queued/retrying/failed -> sent (a delivery is the truth, whoever reports it).
   // False if the id is unknown or the job was already sent.
   virtual bool mark_sent(std::string_view id, std::int64_t now_ms) = 0;
@@ -124,8 +135,9 @@ class JobStore {
                           std::int64_t now_ms) = 0;
   // sending -> failed for good. False if unknown or not sending.
   virtual bool mark_failed(std::string_view id, std::string_view error, std::int64_t now_ms) = 0;
-  // sending -> queued, attempts-1, lease cleared: a claimed job that was never started.
-  // False if unknown or not sending.
+  // sending -> queued, attempts-1, lease cleared: a claimed job that was never started; or a
+  // held queued/retrying job's hold ends (lease cleared, nothing else changes). False if
+  // unknown, or neither sending nor held.
   virtual bool release(std::string_view id, std::int64_t now_ms) = 0;
   // Jobs queued, retrying or sending. Walks an index entry per pending job (about 60 ms per
   // million): poll it (e.g. with each claim), never per request.
@@ -149,8 +161,9 @@ class JobStore {
   // Gives up to `max_pages` free pages back to the file system (incremental vacuum); returns
   // the free pages left. Bounded, so a store thread that runs it never stalls inserts long.
   virtual std::int64_t compact(std::int64_t max_pages) = 0;
-  // Makes every sending job reclaimable at once (its lease ends now): call it only when no
-  // other process can be sending from this store (StoreLock says so). Returns their number.
+  // Makes every sending job reclaimable at once (its lease ends now), and ends every hold:
+  // call it only when no other process can be sending from this store (StoreLock says so).
+  // Returns the number of sending jobs (the held ones were never started).
   virtual std::size_t expire_all_leases(std::int64_t now_ms) = 0;
   // Commits a small write, to learn whether the store accepts writes again (after a full
   // disk, a lock held too long, an I/O error). Throws as every other write does.

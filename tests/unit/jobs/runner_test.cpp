@@ -67,8 +67,10 @@ struct StoreCounts {
   int transactions = 0;  // transaction() calls
   int most_marks_in_a_transaction = 0;
   int marks_in_this_transaction = 0;  // while one runs
+  int holds_beside_marks = 0;         // hold() calls in a transaction that marked jobs
   bool in_transaction = false;
   std::chrono::milliseconds slow_first_transaction{0};  // a commit that takes this long
+  std::chrono::milliseconds slow_transactions{0};       // every commit takes this long (fsync)
 };
 
 // A store whose mark_sent fails (as a store locked by a backup does) while `fail_marks` > 0,
@@ -87,6 +89,19 @@ class FlakyStore final : public jobs::JobStore {
                                std::int64_t lease_ms) override {
     if (counts_ != nullptr) ++counts_->claims;
     return inner_->claim(max, now_ms, lease_ms);
+  }
+  std::vector<jobs::Job> hold(std::size_t max, std::int64_t now_ms,
+                              std::int64_t lease_ms) override {
+    if (counts_ != nullptr) {
+      ++counts_->claims;
+      if (counts_->in_transaction && counts_->marks_in_this_transaction > 0) {
+        ++counts_->holds_beside_marks;
+      }
+    }
+    return inner_->hold(max, now_ms, lease_ms);
+  }
+  bool start(std::string_view id, std::int64_t now_ms, std::int64_t lease_ms) override {
+    return inner_->start(id, now_ms, lease_ms);
   }
   bool mark_sent(std::string_view id, std::int64_t now_ms) override {
     if (counts_ != nullptr && counts_->in_transaction) ++counts_->marks_in_this_transaction;
@@ -111,6 +126,7 @@ class FlakyStore final : public jobs::JobStore {
   void transaction(const std::function<void()>& body) override {
     if (counts_ == nullptr) return inner_->transaction(body);
     if (counts_->transactions++ == 0) std::this_thread::sleep_for(counts_->slow_first_transaction);
+    std::this_thread::sleep_for(counts_->slow_transactions);
     counts_->in_transaction = true;
     counts_->marks_in_this_transaction = 0;
     inner_->transaction(body);
@@ -195,7 +211,9 @@ TEST_CASE("the runner performs jobs, retries temporary failures and gives up aft
     drained = true;
     fixture.loop.stop();
   });
-  if (!drained) fixture.loop.run();
+  // Run even when drain() called back at once: its stop() then ends this run instead of
+  // lingering and cutting short the next one (all_jobs' below).
+  fixture.loop.run();
   CHECK(drained);
   CHECK(attempts_by_payload["payload-0"] == 1);
   CHECK(attempts_by_payload["payload-1"] == 2);
@@ -543,4 +561,176 @@ TEST_CASE("the runner's poll timer is closed once, whether the runner or its loo
     started->runner->start();
     return started;
   });
+}
+
+TEST_CASE("prefetch: a job held ahead of its attempt shows queued, not sending, until it starts") {
+  Fixture fixture;
+  fixture.insert(3);
+  auto options = fast_options();
+  options.max_concurrent = 1;
+  options.prefetch = 4;
+  options.poll_interval = 10s;
+  std::atomic<bool> release_first{false};
+  std::atomic<int> performed{0};
+  std::vector<std::string> started;  // loop thread
+  int finished = 0;
+  jobs::JobRunner runner(
+      fixture.loop, *fixture.store, options,
+      [&](const jobs::Job& job) -> std::function<jobs::AttemptResult()> {
+        started.push_back(job.id);
+        return [&] {
+          if (performed++ == 0) {
+            while (!release_first.load()) std::this_thread::sleep_for(1ms);
+          }
+          return jobs::AttemptResult{Outcome::done, "250 ok"};
+        };
+      },
+      [&](const jobs::Job&, const jobs::AttemptResult&, std::chrono::nanoseconds, bool) {
+        ++finished;
+      });
+  runner.start();
+  // Until the first attempt's start is committed and the others are held.
+  std::vector<jobs::Job> seen;
+  const auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (std::chrono::steady_clock::now() < deadline) {
+    fixture.loop.call_later(5ms, [&] { fixture.loop.stop(); });
+    fixture.loop.run();
+    if (started.empty()) continue;
+    seen = fixture.all_jobs({started[0]});
+    if (!seen.empty() && seen[0].state == jobs::JobState::sending) break;
+  }
+  REQUIRE(started.size() == 1);
+  REQUIRE(seen.size() == 1);
+  CHECK(seen[0].state == jobs::JobState::sending);
+  CHECK(seen[0].attempts == 1);
+  CHECK(runner.attempting(started[0]));
+  // The other two are held by this runner: still waiting, as the store shows them.
+  int held = 0;
+  fixture.store->run([&](jobs::JobStore& db) {
+    const auto stats = db.stats(jobs::unix_now_ms());
+    held = static_cast<int>(stats.by_state[static_cast<std::size_t>(jobs::JobState::queued)]);
+    CHECK(stats.by_state[static_cast<std::size_t>(jobs::JobState::sending)] == 1);
+    // Held, not free: a claim by another runner gets none of them.
+    CHECK(db.claim(10, jobs::unix_now_ms(), 60'000).empty());
+    fixture.loop.call_soon([&] { fixture.loop.stop(); });
+  });
+  fixture.loop.run();
+  CHECK(held == 2);
+  release_first = true;
+  run_until(fixture, runner, finished, 3);
+  CHECK(finished == 3);
+  CHECK(performed.load() == 3);
+  REQUIRE(started.size() == 3);
+  for (const jobs::Job& job : fixture.all_jobs(started)) {
+    CHECK(job.state == jobs::JobState::sent);
+    CHECK(job.attempts == 1);
+  }
+}
+
+TEST_CASE("an outcome counts, and is reported, only once its commit stuck") {
+  // The store refuses mark_sent three times: neither the sent counter nor on_attempt may say
+  // "sent" before the fourth try commits.
+  std::atomic<int> fail_marks{3};
+  Fixture fixture([&](std::unique_ptr<jobs::JobStore> inner) {
+    return std::make_unique<FlakyStore>(std::move(inner), fail_marks);
+  });
+  fixture.insert(1);
+  auto options = fast_options();
+  options.record_retry_initial = 10ms;
+  int finished = 0;
+  int failures_left_when_reported = -1;
+  std::uint64_t done_while_failing = 0;
+  jobs::JobRunner* self = nullptr;
+  jobs::JobRunner runner(
+      fixture.loop, *fixture.store, options,
+      [&](const jobs::Job&) -> std::function<jobs::AttemptResult()> {
+        return [] { return jobs::AttemptResult{Outcome::done, "250 ok"}; };
+      },
+      [&](const jobs::Job&, const jobs::AttemptResult&, std::chrono::nanoseconds, bool done) {
+        CHECK(done);
+        failures_left_when_reported = fail_marks.load();
+        ++finished;
+      });
+  self = &runner;
+  const auto poll = fixture.loop.call_every(1ms, [&] {
+    if (fail_marks.load() > 0)
+      done_while_failing = std::max(done_while_failing, self->stats().done);
+  });
+  run_until(fixture, runner, finished, 1);
+  fixture.loop.cancel(poll);
+  CHECK(finished == 1);
+  CHECK(failures_left_when_reported == 0);
+  CHECK(done_while_failing == 0);
+  CHECK(runner.stats().done == 1);
+}
+
+TEST_CASE("rounds: the claim of the next jobs shares the commit of the outcomes before it") {
+  std::atomic<int> no_failures{0};
+  StoreCounts counts;
+  counts.slow_transactions = 5ms;  // a disk's fsync: several sends finish during each commit
+  Fixture fixture([&](std::unique_ptr<jobs::JobStore> inner) {
+    return std::make_unique<FlakyStore>(std::move(inner), no_failures, &counts);
+  });
+  fixture.insert(40);
+  auto options = fast_options();
+  options.max_concurrent = 2;
+  options.prefetch = 4;  // fewer than the jobs: claims keep coming while outcomes are recorded
+  options.poll_interval = 10s;
+  int finished = 0;
+  jobs::JobRunner runner(
+      fixture.loop, *fixture.store, options,
+      [&](const jobs::Job&) -> std::function<jobs::AttemptResult()> {
+        return [] {
+          std::this_thread::sleep_for(1ms);
+          return jobs::AttemptResult{Outcome::done, "250 ok"};
+        };
+      },
+      [&](const jobs::Job&, const jobs::AttemptResult&, std::chrono::nanoseconds, bool) {
+        ++finished;
+      });
+  run_until(fixture, runner, finished, 40);
+  CHECK(finished == 40);
+  CHECK(runner.stats().done == 40);
+  // Claims rode along with outcomes rather than taking commits of their own, and every
+  // commit the runner made is one transaction: fewer than one per send, where claims and
+  // marks apart took at least two.
+  CHECK(counts.holds_beside_marks > 0);
+  CHECK(runner.stats().rounds < 40);
+  CHECK(runner.stats().held == 40);
+}
+
+TEST_CASE("commit_delay: outcomes gather for it and share a few commits; starts do not wait") {
+  StoreCounts counts;
+  Fixture fixture([&](std::unique_ptr<jobs::JobStore> inner) {
+    static std::atomic<int> no_failures{0};
+    return std::make_unique<FlakyStore>(std::move(inner), no_failures, &counts);
+  });
+  fixture.insert(30);
+  auto options = fast_options();
+  options.max_concurrent = 30;  // every job starts at once; then only outcomes come in
+  options.prefetch = 0;
+  options.poll_interval = 10s;
+  options.commit_delay = 200ms;  // far longer than the sends take
+  int finished = 0;
+  std::atomic<int> sent{0};
+  jobs::JobRunner runner(
+      fixture.loop, *fixture.store, options,
+      [&](const jobs::Job&) -> std::function<jobs::AttemptResult()> {
+        return [&] {
+          // The outcomes come in one after another, over about 30 ms.
+          std::this_thread::sleep_for(std::chrono::milliseconds(sent++));
+          return jobs::AttemptResult{Outcome::done, "250 ok"};
+        };
+      },
+      [&](const jobs::Job&, const jobs::AttemptResult&, std::chrono::nanoseconds, bool) {
+        ++finished;
+      });
+  const auto begun = std::chrono::steady_clock::now();
+  run_until(fixture, runner, finished, 30);
+  CHECK(finished == 30);
+  CHECK(runner.stats().done == 30);
+  // The claim, the starts (not delayed: a round as soon as the last one ended), then the 30
+  // outcomes together after the delay; without it they took a round each or nearly.
+  CHECK(counts.most_marks_in_a_transaction >= 20);
+  CHECK(std::chrono::steady_clock::now() - begun >= 200ms);
 }

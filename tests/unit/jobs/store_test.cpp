@@ -1231,3 +1231,122 @@ TEST_CASE_TEMPLATE("webhooks: the purge keeps a finished job whose webhook is st
   CHECK(store->purge_finished(1'000, 100) == 1);
   CHECK(!store->get(owed).has_value());
 }
+
+TEST_CASE_TEMPLATE("hold claims ahead without starting: held jobs stay queued, claims skip them",
+                   Backend, SqliteBackend, PostgresBackend) {
+  Backend backend;
+  SQUALL_REQUIRE_BACKEND(backend);
+  auto store = backend.open(false);
+  const auto batch =
+      store->insert_batch({new_job("a"), new_job("b"), new_job("c"), new_job("d")}, 1000);
+  const std::string a = batch[0].job.id, b = batch[1].job.id, c = batch[2].job.id,
+                    d = batch[3].job.id;
+
+  // One call takes three, in claim order, and leaves them waiting as they were.
+  const auto held = store->hold(3, 2000, 60'000);
+  REQUIRE(held.size() == 3);
+  CHECK(held[0].id == a);
+  CHECK(held[1].id == b);
+  CHECK(held[2].id == c);
+  for (const Job& job : held) {
+    CHECK(job.state == JobState::queued);
+    CHECK(job.attempts == 0);
+    CHECK(job.lease_until_ms == 62'000);
+  }
+  CHECK(store->get(a)->state == JobState::queued);
+  CHECK(store->get(a)->attempts == 0);
+  // Neither a claim nor another hold takes a held job while its hold lasts.
+  const auto claimed = store->claim(10, 3000, 60'000);
+  REQUIRE(claimed.size() == 1);
+  CHECK(claimed[0].id == d);
+  CHECK(store->hold(10, 3000, 60'000).empty());
+
+  // Its attempt begins: sending, counted, a lease of its own.
+  CHECK(store->start(a, 4000, 60'000));
+  auto job = store->get(a);
+  CHECK(job->state == JobState::sending);
+  CHECK(job->attempts == 1);
+  CHECK(job->lease_until_ms == 64'000);
+  CHECK_FALSE(store->start(a, 4500, 60'000));  // Already sending.
+  CHECK_FALSE(store->start("ffffffffffffffffffffffffffffffff", 4500, 60'000));
+
+  // A released hold is claimable at once, and nothing else changed.
+  CHECK(store->release(b, 5000));
+  job = store->get(b);
+  CHECK(job->state == JobState::queued);
+  CHECK(job->attempts == 0);
+  CHECK(job->lease_until_ms == 0);
+  CHECK_FALSE(store->release(b, 5000));  // Neither sending nor held any more.
+  const auto again = store->claim(1, 6000, 60'000);
+  REQUIRE(again.size() == 1);
+  CHECK(again[0].id == b);
+
+  // A hold that ran out is claimable again, like a lease.
+  const auto after_hold = store->claim(10, 62'001, 60'000);
+  REQUIRE(after_hold.size() == 1);
+  CHECK(after_hold[0].id == c);
+  CHECK(after_hold[0].attempts == 1);
+
+  // A sending job whose lease expired is held as retrying: its attempt is over, it waits.
+  const auto expired = store->hold(10, 64'001, 60'000);
+  REQUIRE(expired.size() == 2);
+  CHECK(expired[0].id == a);  // Lease 64'000.
+  CHECK(expired[1].id == d);  // Lease 63'000.
+  CHECK(store->get(a)->state == JobState::retrying);
+  CHECK(store->get(a)->attempts == 1);
+  CHECK(store->start(a, 65'000, 60'000));
+  CHECK(store->get(a)->attempts == 2);
+
+  // A process that takes the store over ends every hold as well as every lease.
+  CHECK(store->get(d)->lease_until_ms == 124'001);
+  CHECK(store->expire_all_leases(66'000) == 3);  // a, b, c are sending; d is only held.
+  CHECK(store->get(d)->state == JobState::retrying);
+  CHECK(store->get(d)->lease_until_ms == 0);
+  CHECK(store->claim(10, 66'001, 60'000).size() == 4);
+}
+
+TEST_CASE_TEMPLATE("a runner's round: starts, outcomes and a hold commit together or not at all",
+                   Backend, SqliteBackend, PostgresBackend) {
+  Backend backend;
+  SQUALL_REQUIRE_BACKEND(backend);
+  auto store = backend.open(true);
+  store->set_webhooks(true);
+  const auto batch = store->insert_batch(
+      {new_job("a"), new_job("b"), new_job("c"), new_job("d"), new_job("e")}, 1000);
+  const std::string a = batch[0].job.id, b = batch[1].job.id, c = batch[2].job.id;
+  REQUIRE(store->hold(3, 2000, 60'000).size() == 3);
+
+  // A failure anywhere in the round undoes all of it, the hold included.
+  CHECK_FALSE(error_of([&] {
+                store->transaction([&] {
+                  CHECK(store->start(a, 3000, 60'000));
+                  CHECK(store->mark_sent(a, 3001));
+                  CHECK(store->hold(2, 3001, 60'000).size() == 2);
+                  throw std::runtime_error("commit failed");
+                });
+              }).empty());
+  CHECK(store->get(a)->state == JobState::queued);
+  CHECK(store->get(a)->webhook == squall::jobs::WebhookState::none);
+  CHECK(store->hold(10, 3002, 60'000).size() == 2);       // d and e were not held.
+  REQUIRE(store->claim(10, 63'003, 60'000).size() == 5);  // Every hold ran out.
+  for (const auto& id : {a, b, c}) REQUIRE(store->release(id, 63'004));
+  REQUIRE(store->hold(3, 63'005, 60'000).size() == 3);
+
+  // Committed: each outcome with its webhook owed, in one transaction.
+  store->transaction([&] {
+    CHECK(store->start(a, 64'000, 60'000));
+    CHECK(store->start(b, 64'000, 60'000));
+    CHECK(store->start(c, 64'000, 60'000));
+    CHECK(store->mark_sent(a, 64'001));
+    CHECK(store->mark_retry(b, "421 later", 70'000, 64'001));
+    CHECK(store->mark_failed(c, "550 no", 64'001));
+  });
+  auto job = store->get(a);
+  CHECK(job->state == JobState::sent);
+  CHECK(job->attempts == 1);
+  CHECK(job->webhook == squall::jobs::WebhookState::owed);
+  CHECK(store->get(b)->state == JobState::retrying);
+  CHECK(store->get(b)->webhook == squall::jobs::WebhookState::none);
+  CHECK(store->get(c)->state == JobState::failed);
+  CHECK(store->get(c)->webhook == squall::jobs::WebhookState::owed);
+}
