@@ -52,9 +52,12 @@ int Loop::close() {
   }
   // Suspended tasks are destroyed while their handles are still open: each awaitable stops and
   // closes what it waits on, and those handles are closed by the run below.
-  std::unordered_set<void*> frames;
-  frames.swap(tasks_);
-  for (void* frame : frames) std::coroutine_handle<>::from_address(frame).destroy();
+  // One at a time: destroying a frame may end (and unlist) others.
+  while (tasks_.next != &tasks_) {
+    detail::TaskLink* link = tasks_.next;
+    link->unlink();
+    link->frame.destroy();
+  }
   dropped.clear();
   // call_later timers are closed with their own callbacks, which free their nodes.
   while (!timers_.empty()) cancel(timers_.begin()->first);

@@ -8,12 +8,87 @@
 
 namespace squall {
 
+namespace detail {
+namespace {
+
+#if defined(__SANITIZE_ADDRESS__)
+#define SQUALL_FRAME_CACHE 0
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define SQUALL_FRAME_CACHE 0
+#endif
+#endif
+#ifndef SQUALL_FRAME_CACHE
+#define SQUALL_FRAME_CACHE 1  // Off under ASan, which must see every frame freed.
+#endif
+
+constexpr std::size_t kFrameStep = 64;     // Size classes: 64, 128, ... bytes,
+constexpr std::size_t kFrameClasses = 16;  // up to 1 KiB.
+constexpr int kFramesPerClass = 16;        // At most 16 kept per class and thread.
+
+// Trivially destructible, so usable until the thread ends; FrameCacheDrain frees its blocks
+// when the thread (or the program) ends, and later frees go straight to operator delete.
+struct FrameCache {
+  void* blocks[kFrameClasses][kFramesPerClass];
+  int counts[kFrameClasses];
+  bool drained;
+};
+thread_local FrameCache frame_cache{};
+
+struct FrameCacheDrain {
+  FrameCacheDrain() = default;
+  FrameCacheDrain(const FrameCacheDrain&) = delete;
+  FrameCacheDrain& operator=(const FrameCacheDrain&) = delete;
+  ~FrameCacheDrain() {
+    FrameCache& cache = frame_cache;
+    cache.drained = true;
+    for (std::size_t c = 0; c < kFrameClasses; ++c) {
+      while (cache.counts[c] > 0) ::operator delete(cache.blocks[c][--cache.counts[c]]);
+    }
+  }
+};
+thread_local FrameCacheDrain frame_cache_drain;
+
+}  // namespace
+
+bool frame_cache_enabled() noexcept {
+  return SQUALL_FRAME_CACHE != 0;
+}
+
+void* allocate_frame(std::size_t size) {
+  if (!SQUALL_FRAME_CACHE || size == 0 || size > kFrameStep * kFrameClasses) {
+    return ::operator new(size);
+  }
+  const std::size_t size_class = (size - 1) / kFrameStep;
+  FrameCache& cache = frame_cache;
+  if (cache.counts[size_class] > 0) return cache.blocks[size_class][--cache.counts[size_class]];
+  return ::operator new((size_class + 1) * kFrameStep);
+}
+
+void free_frame(void* frame, std::size_t size) noexcept {
+  if (!SQUALL_FRAME_CACHE || size == 0 || size > kFrameStep * kFrameClasses) {
+    ::operator delete(frame);
+    return;
+  }
+  const std::size_t size_class = (size - 1) / kFrameStep;
+  FrameCache& cache = frame_cache;
+  if (cache.drained || cache.counts[size_class] == kFramesPerClass) {
+    ::operator delete(frame);
+    return;
+  }
+  // The first block kept on a thread registers the drain at that thread's end.
+  if (cache.counts[size_class] == 0) static_cast<void>(&frame_cache_drain);
+  cache.blocks[size_class][cache.counts[size_class]++] = frame;
+}
+
+}  // namespace detail
+
 namespace {
 
 // The root frame of a spawned task: registered with its Loop while it lives, freed at its end.
 struct Detached {
   struct promise_type : detail::PromiseBase {
-    Loop* loop = nullptr;  // Where the frame is registered.
+    detail::TaskLink link;  // On its Loop's list of tasks.
 
     Detached get_return_object() noexcept {
       return Detached{std::coroutine_handle<promise_type>::from_promise(*this)};
@@ -22,7 +97,7 @@ struct Detached {
     struct Release {
       bool await_ready() const noexcept { return false; }
       void await_suspend(std::coroutine_handle<promise_type> frame) const noexcept {
-        frame.promise().loop->release_task(frame);
+        Loop::release_task(frame.promise().link);
         frame.destroy();
       }
       void await_resume() const noexcept {}
@@ -78,9 +153,8 @@ void spawn(Loop& loop, Task<void> task, std::stop_token token,
            std::function<void(std::exception_ptr)> done) {
   if (loop.closed()) throw std::logic_error("squall::spawn: the loop is closed");
   const Detached root = run_detached(std::move(task), std::move(done));
-  root.frame.promise().loop = &loop;
   root.frame.promise().stop_token = std::move(token);
-  loop.adopt_task(root.frame);
+  loop.adopt_task(root.frame.promise().link, root.frame);
   detail::resume(root.frame);
 }
 

@@ -311,55 +311,21 @@ void Connection::handler_failed(std::uint64_t request_number, const Route* route
   if (live) answer_internal_error();
 }
 
-namespace {
-
-// Freed root frames kept for the next request: one is made per request and they are all small,
-// so each is a block of kFrameBlock bytes taken from and given back to this thread's cache
-// (frames live on their loop's thread) instead of malloc.
-constexpr std::size_t kFrameBlock = 512;
-struct FrameCache {
-  static constexpr int kMax = 64;
-  void* blocks[kMax];
-  int count = 0;
-  FrameCache() = default;
-  FrameCache(const FrameCache&) = delete;
-  FrameCache& operator=(const FrameCache&) = delete;
-  ~FrameCache() {
-    while (count > 0) ::operator delete(blocks[--count]);
-  }
-};
-thread_local FrameCache frame_cache;
-
-}  // namespace
-
 // The root frame of a coroutine handler's task (spawn's, specialised: no completion callback,
 // and the Task<Response> form's send in the same frame). Registered with its Loop while it
 // lives, so Loop::close() destroys it if it is still suspended then. What the task throws goes
 // to the connection (a 500 and the log line), or, while run_handler() is still starting it, back
 // to run_handler(), which rethrows it to dispatch() as a callback's exception.
 struct Responder::HandlerRoot {
+  // Its frame comes from the per-thread frame cache (PromiseBase), as every task's does.
   struct promise_type : squall::detail::PromiseBase {
-    Loop* loop = nullptr;                  // Where the frame is registered.
+    squall::detail::TaskLink link;         // On its Loop's list of tasks.
     Responder responder;                   // The answer the task owes.
     std::shared_ptr<const Router> routes;  // Keeps `route` valid for the log line.
     const Route* route = nullptr;          // The matched route.
     std::exception_ptr error;              // What the task threw.
     bool starting = true;                  // run_handler() has not returned yet.
     bool finished = false;                 // The body ended while starting.
-
-    static void* operator new(std::size_t size) {
-      if (size > kFrameBlock) return ::operator new(size);
-      FrameCache& cache = frame_cache;
-      return cache.count > 0 ? cache.blocks[--cache.count] : ::operator new(kFrameBlock);
-    }
-    static void operator delete(void* frame, std::size_t size) noexcept {
-      FrameCache& cache = frame_cache;
-      if (size > kFrameBlock || cache.count == FrameCache::kMax) {
-        ::operator delete(frame);
-        return;
-      }
-      cache.blocks[cache.count++] = frame;
-    }
 
     HandlerRoot get_return_object() noexcept {
       return HandlerRoot{std::coroutine_handle<promise_type>::from_promise(*this)};
@@ -377,7 +343,7 @@ struct Responder::HandlerRoot {
           promise.responder.connection_->handler_failed(promise.responder.request_number_,
                                                         promise.route, promise.error);
         }
-        promise.loop->release_task(frame);
+        Loop::release_task(promise.link);
         frame.destroy();
       }
       void await_resume() const noexcept {}
@@ -411,18 +377,12 @@ struct Responder::HandlerRoot {
     Loop& loop = connection.context_->loop;
     Workspace& workspace = *connection.workspace_;
     promise_type& promise = root.frame.promise();
-    promise.loop = &loop;
     promise.responder = responder;
     promise.routes = connection.context_->router;
     promise.route = workspace.route;
     workspace.handler_stop = std::stop_source();
     promise.stop_token = workspace.handler_stop.get_token();
-    try {
-      loop.adopt_task(root.frame);
-    } catch (...) {
-      root.frame.destroy();
-      throw;
-    }
+    loop.adopt_task(promise.link, root.frame);
     // The body runs until its first suspension (or its end) now, inside dispatch().
     squall::detail::resume(root.frame);
     if (!promise.finished) {
@@ -432,7 +392,7 @@ struct Responder::HandlerRoot {
     // It ended before returning here: an exception goes to dispatch(), which answers and logs
     // as for a callback.
     const std::exception_ptr error = std::move(promise.error);
-    loop.release_task(root.frame);
+    Loop::release_task(promise.link);
     root.frame.destroy();
     if (error) std::rethrow_exception(error);
   }

@@ -13,6 +13,7 @@
 #pragma once
 
 #include <coroutine>
+#include <cstddef>
 #include <stdexcept>
 #include <stop_token>
 #include <string>
@@ -35,10 +36,22 @@ class TimeoutError : public std::runtime_error {
 
 namespace detail {
 
+// Coroutine frames: freed frames are kept per thread, by size in steps of 64 bytes up to 1 KiB,
+// for the next frame of that size (a request's frames are made and freed on its loop thread, so
+// most come from the cache instead of malloc). Larger frames, and every frame in an
+// AddressSanitizer build, use operator new and delete directly.
+void* allocate_frame(std::size_t size);
+void free_frame(void* frame, std::size_t size) noexcept;
+// Whether freed frames are kept (false in an AddressSanitizer build).
+bool frame_cache_enabled() noexcept;
+
 // What every squall coroutine promise carries: who awaits it and the stop token it runs under.
 struct PromiseBase {
   std::coroutine_handle<> continuation;  // Resumed (symmetric transfer) when the body ends.
   std::stop_token stop_token;            // Inherited from the awaiter; awaitables watch it.
+
+  static void* operator new(std::size_t size) { return allocate_frame(size); }
+  static void operator delete(void* frame, std::size_t size) noexcept { free_frame(frame, size); }
 };
 
 // The stop token of the coroutine behind `handle`, or an empty one for foreign coroutines.

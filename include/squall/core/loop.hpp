@@ -10,7 +10,6 @@
 #include <memory>
 #include <mutex>
 #include <unordered_map>
-#include <unordered_set>
 #include <vector>
 
 #include <uv.h>
@@ -40,6 +39,24 @@ struct HandleLink {
   HandleLink() = default;
   HandleLink(const HandleLink&) = delete;
   HandleLink& operator=(const HandleLink&) = delete;
+  void unlink() noexcept {
+    prev->next = next;
+    next->prev = prev;
+    prev = next = this;
+  }
+};
+
+// A root coroutine frame on its Loop's list of tasks not yet finished (spawn, coroutine
+// handlers): close() destroys those still suspended. Lives in the root frame's promise, so
+// adopting a task allocates nothing.
+struct TaskLink {
+  TaskLink* prev = this;  // Circular, with the Loop's as its head; itself when not listed.
+  TaskLink* next = this;
+  std::coroutine_handle<> frame;  // The root frame.
+
+  TaskLink() = default;
+  TaskLink(const TaskLink&) = delete;
+  TaskLink& operator=(const TaskLink&) = delete;
   void unlink() noexcept {
     prev->next = next;
     next->prev = prev;
@@ -115,9 +132,16 @@ class Loop {
   // Whether close() has begun.
   bool closed() const noexcept { return closed_; }
 
-  // For spawn(): the root frame of a detached task, destroyed by close() if still suspended.
-  void adopt_task(std::coroutine_handle<> frame) { tasks_.insert(frame.address()); }
-  void release_task(std::coroutine_handle<> frame) noexcept { tasks_.erase(frame.address()); }
+  // For spawn() and coroutine handlers: the root frame of a detached task, destroyed by close()
+  // if still suspended. `link` lives in that frame; release_task is harmless twice.
+  void adopt_task(detail::TaskLink& link, std::coroutine_handle<> frame) noexcept {
+    link.frame = frame;
+    link.next = &tasks_;
+    link.prev = tasks_.prev;
+    tasks_.prev->next = &link;
+    tasks_.prev = &link;
+  }
+  static void release_task(detail::TaskLink& link) noexcept { link.unlink(); }
 
   // For UvHandle: a handle that close() closes with its own close callback if still open.
   void adopt_handle(detail::HandleLink& link) noexcept {
@@ -139,9 +163,9 @@ class Loop {
   std::vector<Callback> running_;             // Swapped with the queue to run unlocked.
   TimerId next_timer_id_ = 1;                 // Ids are never reused.
   std::unordered_map<TimerId, std::unique_ptr<TimerNode>> timers_;  // call_later, call_every.
-  std::unordered_set<void*> tasks_;  // Frames of spawned tasks not yet finished.
-  bool closed_ = false;              // close() ran.
-  detail::HandleLink handles_;       // Head of the UvHandles not yet closed.
+  detail::TaskLink tasks_;      // Head of the root frames of tasks not yet finished.
+  bool closed_ = false;         // close() ran.
+  detail::HandleLink handles_;  // Head of the UvHandles not yet closed.
 };
 
 }  // namespace squall
