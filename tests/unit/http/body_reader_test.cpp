@@ -66,26 +66,7 @@ void serve(http::Router& router, const std::function<void(std::uint16_t)>& clien
            http::ServerOptions options = {}) {
   Loop loop;
   test_loop = &loop;
-  {
-    http::Server server(loop, std::make_shared<const http::Router>(router), options);
-    server.listen("127.0.0.1", 0);
-    const std::uint16_t port = server.listeners().front()->bound_port();
-    std::thread thread([&] {
-      client(port);
-      loop.call_soon([&] {
-        server.close_all();
-        loop.stop();
-      });
-    });
-    const auto watchdog = loop.call_later(20s, [&] {
-      server.close_all();
-      loop.stop();
-    });
-    loop.run();
-    loop.cancel(watchdog);
-    thread.join();
-  }
-  CHECK(loop.close() == 0);
+  squall::testing::serve_while(loop, router, client, options);
   test_loop = nullptr;
 }
 

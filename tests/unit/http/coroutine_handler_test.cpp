@@ -32,26 +32,7 @@ using squall::testing::Client;
 // Serves `router` on the loop while `client` runs on a thread; a watchdog stops it after 10 s.
 void serve(Loop& loop, http::Router& router, const std::function<void(std::uint16_t)>& client,
            http::ServerOptions options = {}) {
-  {
-    http::Server server(loop, std::make_shared<const http::Router>(router), options);
-    server.listen("127.0.0.1", 0);
-    const std::uint16_t port = server.listeners().front()->bound_port();
-    std::thread thread([&] {
-      client(port);
-      loop.call_soon([&] {
-        server.close_all();
-        loop.stop();
-      });
-    });
-    const auto watchdog = loop.call_later(10s, [&] {
-      server.close_all();
-      loop.stop();
-    });
-    loop.run();
-    loop.cancel(watchdog);
-    thread.join();
-  }
-  CHECK(loop.close() == 0);
+  squall::testing::serve_while(loop, router, client, options, std::chrono::seconds(10));
 }
 
 const std::string kGet = "GET /x?name=squall HTTP/1.1\r\nHost: t\r\n\r\n";

@@ -8,10 +8,20 @@
 #include <sys/time.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <utility>
+
+#include <doctest/doctest.h>
+
+#include "squall/core/loop.hpp"
+#include "squall/http/router.hpp"
+#include "squall/http/server.hpp"
 
 namespace squall::testing {
 
@@ -85,5 +95,33 @@ class Client {
   int fd_ = -1;
   std::string received_;
 };
+
+// Serves `router` on `loop` while `client(port)` runs on a thread, then closes every connection
+// and the loop; a watchdog stops the loop after `watchdog` if the client hangs.
+inline void serve_while(Loop& loop, http::Router& router,
+                        const std::function<void(std::uint16_t)>& client,
+                        http::ServerOptions options = {},
+                        std::chrono::seconds watchdog = std::chrono::seconds(20)) {
+  {
+    http::Server server(loop, std::make_shared<const http::Router>(router), options);
+    server.listen("127.0.0.1", 0);
+    const std::uint16_t port = server.listeners().front()->bound_port();
+    std::thread thread([&] {
+      client(port);
+      loop.call_soon([&] {
+        server.close_all();
+        loop.stop();
+      });
+    });
+    const auto timer = loop.call_later(watchdog, [&] {
+      server.close_all();
+      loop.stop();
+    });
+    loop.run();
+    loop.cancel(timer);
+    thread.join();
+  }
+  CHECK(loop.close() == 0);
+}
 
 }  // namespace squall::testing

@@ -16,6 +16,7 @@
 #include <string>
 #include <thread>
 
+#include "http/http_test_client.hpp"
 #include "squall/core/loop.hpp"
 #include "squall/core/task.hpp"
 #include "squall/http/router.hpp"
@@ -137,26 +138,7 @@ void serve(http::Router& router, const std::function<void(std::uint16_t)>& clien
   Loop loop;
   http::ServerOptions options;
   options.limits.write_buffer_high_water = kHighWater;
-  {
-    http::Server server(loop, std::make_shared<const http::Router>(router), options);
-    server.listen("127.0.0.1", 0);
-    const std::uint16_t port = server.listeners().front()->bound_port();
-    std::thread thread([&] {
-      client(port);
-      loop.call_soon([&] {
-        server.close_all();
-        loop.stop();
-      });
-    });
-    const auto watchdog = loop.call_later(20s, [&] {
-      server.close_all();
-      loop.stop();
-    });
-    loop.run();
-    loop.cancel(watchdog);
-    thread.join();
-  }
-  CHECK(loop.close() == 0);
+  squall::testing::serve_while(loop, router, client, options);
 }
 
 const std::string kGet = "GET /stream HTTP/1.1\r\nHost: t\r\n\r\n";
