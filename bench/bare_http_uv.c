@@ -5,21 +5,26 @@
  * and each read is answered before the next one), and answers leave with uv_try_write, falling
  * back to a uv_write of a copy only when the socket is full.
  *
- * Usage: bare_http_uv [PORT]   (0 or none: any free port). Prints "listening on HOST:PORT". */
+ * Usage: bare_http_uv [PORT [RESPONSE_FILE]]   (PORT 0 or none: any free port). Prints
+ * "listening on HOST:PORT". RESPONSE_FILE replaces the built-in response with its bytes (head and
+ * body, sent as they are): bench/run.sh's "bare_same" gives it squalld's own answer, so both send
+ * the same bytes and wrk does the same work for either. */
 #include <stdio.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <uv.h>
 
-static const char response[] =
+static const char builtin_response[] =
     "HTTP/1.1 200 OK\r\nServer: bare\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\r\n"
     "Hello, World!";
-#define RESPONSE_BYTES (sizeof response - 1)
 #define MAX_PIPELINE 64
+#define MAX_RESPONSE_BYTES 1024
 
 static char read_buffer[64 * 1024];
-static char answers[MAX_PIPELINE * RESPONSE_BYTES];
+static char response[MAX_RESPONSE_BYTES];
+static size_t response_bytes;
+static char answers[MAX_PIPELINE * MAX_RESPONSE_BYTES];
 
 typedef struct {
   uv_write_t request;
@@ -68,7 +73,7 @@ static void on_read(uv_stream_t* client, ssize_t nread, const uv_buf_t* buf) {
   size_t count = count_requests(client, read_buffer, (size_t)nread);
   while (count > 0) {
     const size_t batch = count < MAX_PIPELINE ? count : MAX_PIPELINE;
-    const size_t size = batch * RESPONSE_BYTES;
+    const size_t size = batch * response_bytes;
     uv_buf_t out = uv_buf_init(answers, (unsigned int)size);
     int written = uv_try_write(client, &out, 1);
     if (written == UV_EAGAIN) written = 0;
@@ -111,7 +116,24 @@ int main(int argc, char** argv) {
   struct sockaddr_storage bound;
   int length = sizeof bound;
   char host[64];
-  for (size_t i = 0; i < MAX_PIPELINE; i++) memcpy(answers + i * RESPONSE_BYTES, response, RESPONSE_BYTES);
+  if (argc > 2) {
+    FILE* file = fopen(argv[2], "rb");
+    if (file == NULL) {
+      fprintf(stderr, "bare_http_uv: cannot open %s\n", argv[2]);
+      return 1;
+    }
+    response_bytes = fread(response, 1, sizeof response, file);
+    const int too_long = fgetc(file) != EOF;
+    fclose(file);
+    if (response_bytes == 0 || too_long) {
+      fprintf(stderr, "bare_http_uv: %s is empty or over %d bytes\n", argv[2], MAX_RESPONSE_BYTES);
+      return 1;
+    }
+  } else {
+    response_bytes = sizeof builtin_response - 1;
+    memcpy(response, builtin_response, response_bytes);
+  }
+  for (size_t i = 0; i < MAX_PIPELINE; i++) memcpy(answers + i * response_bytes, response, response_bytes);
   uv_ip4_addr("127.0.0.1", argc > 1 ? atoi(argv[1]) : 0, &address);
   uv_tcp_init(loop, &server);
   if (uv_tcp_bind(&server, (const struct sockaddr*)&address, 0) != 0 ||

@@ -19,7 +19,9 @@
 #   IDLE_CONNECTIONS   idle connections for the memory test; 0 skips it [10000]
 #   SERVERS            which servers, in this order ["squalld nginx node"]; also "bare": the
 #                      bare libuv loop of bench/bare_http_uv.c (built here with cc), the limit of
-#                      this design
+#                      this design; and "bare_same": that loop sending squalld's own answer to
+#                      GET /plaintext byte for byte (captured with curl; needs squalld before it
+#                      in SERVERS), so a wrk that sets the pace parses the same bytes from both
 #   SCENARIOS          which scenarios ["keepalive pipelined close"]
 #   WARMUP             a keep-alive wrk run per server before the first round, unreported [2s]
 #   OUT_DIR            where latest.md and the raw wrk output go [bench/out]
@@ -90,7 +92,12 @@ for server in "${servers[@]}"; do
     nginx) [[ -x $NGINX ]] || die "no nginx at $NGINX (apt-get install nginx, or set NGINX)" ;;
     node) [[ -x $NODE ]] || die "no node at $NODE (apt-get install nodejs, or set NODE)" ;;
     bare) command -v cc >/dev/null || die "no cc to build bench/bare_http_uv.c" ;;
-    *) die "unknown server '$server' in SERVERS (squalld, nginx, node, bare)" ;;
+    bare_same)
+      command -v cc >/dev/null || die "no cc to build bench/bare_http_uv.c"
+      [[ " $SERVERS " == *" squalld "*" bare_same "* ]] ||
+        die "SERVERS names bare_same without squalld before it (it answers with squalld's bytes)"
+      ;;
+    *) die "unknown server '$server' in SERVERS (squalld, nginx, node, bare, bare_same)" ;;
   esac
 done
 for scenario in "${scenarios[@]}"; do
@@ -258,22 +265,34 @@ start_node() {
 }
 
 
-start_bare() {
-  local tries
-  cc -O2 -Wall -Werror -o "$work_dir/bare_http_uv" "$bench_dir/bare_http_uv.c" -luv ||
+# $1: the name (bare or bare_same); $2: a file with the response to send instead of the built-in one.
+start_bare_loop() {
+  local name=$1 tries
+  [[ -x $work_dir/bare_http_uv ]] ||
+    cc -O2 -Wall -Werror -o "$work_dir/bare_http_uv" "$bench_dir/bare_http_uv.c" -luv ||
     die "cannot build bench/bare_http_uv.c (libuv1-dev installed?)"
-  taskset -c "$SERVER_CPU" "$work_dir/bare_http_uv" \
-    >"$work_dir/bare.stdout.log" 2>"$work_dir/bare.stderr.log" &
-  server_pid[bare]=$!
+  taskset -c "$SERVER_CPU" "$work_dir/bare_http_uv" 0 ${2:+"$2"} \
+    >"$work_dir/$name.stdout.log" 2>"$work_dir/$name.stderr.log" &
+  server_pid[$name]=$!
   for ((tries = 0; tries < 100; tries++)); do
-    server_port[bare]=$(port_from_file "$work_dir/bare.stdout.log") && break
-    kill -0 "${server_pid[bare]}" 2>/dev/null || break
+    server_port[$name]=$(port_from_file "$work_dir/$name.stdout.log") && break
+    kill -0 "${server_pid[$name]}" 2>/dev/null || break
     sleep 0.1
   done
-  [[ -n ${server_port[bare]} ]] || {
-    server_logs bare
-    die "bare_http_uv printed no port"
+  [[ -n ${server_port[$name]} ]] || {
+    server_logs "$name"
+    die "bare_http_uv ($name) printed no port"
   }
+}
+
+start_bare() { start_bare_loop bare; }
+
+# squalld's answer to GET /plaintext, head and body as they came over the wire (its Date frozen).
+start_bare_same() {
+  wait_until_serving squalld
+  curl -s -i --raw --max-time 5 "http://127.0.0.1:${server_port[squalld]}/plaintext" \
+    >"$work_dir/squalld-plaintext.http" || die "curl could not capture squalld's /plaintext answer"
+  start_bare_loop bare_same "$work_dir/squalld-plaintext.http"
 }
 
 # Checks a server's affinity really is SERVER_CPU (taskset's mask is inherited by every thread).
@@ -387,6 +406,7 @@ for server in "${servers[@]}"; do
     nginx) version=$("$NGINX" -v 2>&1 | sed 's/^nginx version: //') ;;
     node) version="node $("$NODE" --version)" ;;
     bare) version="bare libuv loop (bench/bare_http_uv.c), libuv $(pkg-config --modversion libuv 2>/dev/null || echo '?')" ;;
+    bare_same) version="bare libuv loop sending squalld's answer bytes, libuv $(pkg-config --modversion libuv 2>/dev/null || echo '?')" ;;
   esac
   printf 'server\t%s\t%s\t%s\t%s\n' "$server" "${server_pid[$server]}" "$header_bytes" "$version" >>"$info"
   log "$server: pid ${server_pid[$server]}, 127.0.0.1:${server_port[$server]}, /plaintext OK ($header_bytes header bytes), $version"

@@ -126,6 +126,7 @@ SERVER_LOGS = {
     "nginx": ["nginx/error.log", "nginx.stderr.log", "nginx.stdout.log"],
     "node": ["node.stderr.log"],
     "bare": ["bare.stderr.log"],
+    "bare_same": ["bare_same.stderr.log"],
 }
 
 

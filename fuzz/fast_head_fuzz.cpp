@@ -33,7 +33,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   }
   const auto fast = squall::http::testing::trace_parser(input, splits, limits, true);
   const auto llhttp = squall::http::testing::trace_parser(input, splits, limits, false);
-  if (fast.text != llhttp.text) {
+  if (fast.text != llhttp.text || fast.stalled || llhttp.stalled) {
     std::fprintf(stderr, "fast head path:\n%s\nllhttp alone:\n%s\n", fast.text.c_str(),
                  llhttp.text.c_str());
     std::abort();

@@ -40,10 +40,11 @@ int compare_paths(const std::string& input, const std::vector<std::size_t>& spli
     for (const auto& run : runs) {
       const ParserTrace fast = trace_parser(input, run, limits, true);
       const ParserTrace llhttp = trace_parser(input, run, limits, false);
-      if (fast.text != llhttp.text) {
+      if (fast.text != llhttp.text || fast.stalled || llhttp.stalled) {
         CAPTURE(input);
         CAPTURE(run.empty() ? 0 : run[0]);
         CHECK(fast.text == llhttp.text);
+        CHECK_FALSE(fast.stalled);
         return completed;
       }
       if (fast.messages > 0) ++completed;

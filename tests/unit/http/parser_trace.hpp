@@ -16,6 +16,8 @@ struct ParserTrace {
   std::string text;          // Events, messages and the final state.
   std::size_t messages = 0;  // Complete messages.
   bool error = false;        // The run ended in a refusal.
+  bool stalled = false;      // A message was reported without consuming a byte: the parser is
+                             // wrong, and feeding on would repeat that message forever.
 };
 
 inline void append_offset(std::string& out, std::string_view view, const char* base) {
@@ -99,6 +101,13 @@ inline ParserTrace trace_parser(std::string_view input, const std::vector<std::s
         out += "continue\n";
         parser.continue_after_expect();
         continue;
+      }
+      if (result.consumed == 0) {
+        // Every message has at least a request line, and the parser reports it while taking its
+        // last byte; one that consumed nothing would come back at every feed.
+        out += "stalled: a message without a byte consumed\n";
+        trace.stalled = true;
+        return trace;
       }
       append_message(out, request, parser, base);
       ++trace.messages;
