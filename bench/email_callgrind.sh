@@ -12,8 +12,8 @@
 # requests, the counters are zeroed (callgrind_control -z), it sends REQUESTS more, and the
 # counters are dumped (callgrind_control -d); every answer must be a 202. Reported: instructions
 # per accept on the loop thread (the main thread) and on the store thread, and the loop thread's
-# ten most expensive functions (inclusive) for the last binary, with the store thread's (inclusive
-# and exclusive), in OUT_DIR/email-callgrind.md; each thread's callgrind file is kept in
+# ten most expensive functions (inclusive) for the last binary, with the store thread's, in
+# OUT_DIR/email-callgrind.md; each thread's callgrind file is kept in
 # OUT_DIR/email-callgrind/ (loop-N, store-N) for callgrind_annotate.
 #
 # Usage:  bench/email_callgrind.sh [squalld ...]    (default: build/squalld)
@@ -185,8 +185,6 @@ EOF
   if [[ -n $store_file ]]; then
     callgrind_annotate --inclusive=yes "$store_file" 2>/dev/null | sed -n '/^Ir/,$p' |
       head -n 60 >"$run_dir/store-top.txt" || true
-    callgrind_annotate "$store_file" 2>/dev/null | sed -n '/^Ir/,$p' | head -n 40 \
-      >"$run_dir/store-self.txt" || true
   fi
   mkdir -p "$OUT_DIR/email-callgrind"
   cp "$loop_file" "$OUT_DIR/email-callgrind/loop-$index.callgrind"
@@ -211,8 +209,6 @@ done
   if [[ -s $last_run/store-top.txt ]]; then
     printf '\nStore thread (the busiest other thread), inclusive, last binary:\n\n```\n'
     cat "$last_run/store-top.txt"
-    printf '```\n\nStore thread, exclusive (self), last binary:\n\n```\n'
-    cat "$last_run/store-self.txt"
     printf '```\n'
   fi
 } >"$OUT_DIR/email-callgrind.md"
