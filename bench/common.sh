@@ -75,3 +75,19 @@ run_client() {
   client_pid=""
   return "$status"
 }
+
+# The machine's load, for a report: "load average 1/5/15 min; N processes running; the busiest
+# other processes" (by CPU over the last second, this script's own children excluded by pid $1
+# and its descendants, if given). The machine is shared: a figure without this is unreadable.
+machine_load() {
+  local exclude=${1:-} one five fifteen running busiest
+  read -r one five fifteen running _ </proc/loadavg
+  local excluded=" "
+  [[ -z $exclude ]] || excluded+="$(process_tree "$exclude" | tr '\n' ' ')"
+  busiest=$(top -b -n 2 -d 1 -w 200 2>/dev/null | awk -v skip="$excluded" '
+    /^top -/ { frame++; next }
+    frame == 2 && $1 ~ /^[0-9]+$/ && $9 + 0 >= 5 && index(skip, " " $1 " ") == 0 {
+      printf "%s%s %s%%", sep, $12, $9; sep = ", "; if (++n == 4) exit }')
+  printf 'load average %s %s %s; %s runnable; others using CPU: %s\n' "$one" "$five" "$fifteen" \
+    "${running%/*}" "${busiest:-none above 5%}"
+}

@@ -12,7 +12,9 @@
 # requests, the counters are zeroed (callgrind_control -z), it sends REQUESTS more, and the
 # counters are dumped (callgrind_control -d); every answer must be a 202. Reported: instructions
 # per accept on the loop thread (the main thread) and on the store thread, and the loop thread's
-# ten most expensive functions (inclusive) for the last binary, in OUT_DIR/email-callgrind.md.
+# ten most expensive functions (inclusive) for the last binary, with the store thread's, in
+# OUT_DIR/email-callgrind.md; each thread's callgrind file is kept in
+# OUT_DIR/email-callgrind/ (loop-N, store-N) for callgrind_annotate.
 #
 # Usage:  bench/email_callgrind.sh [squalld ...]    (default: build/squalld)
 # Environment (defaults in brackets):
@@ -168,20 +170,25 @@ EOF
   # the main thread, which runs the loop.
   loop_files=("$run_dir"/callgrind.out.*-01)  # Sorted: the numbered dump (.1-01) comes last.
   loop_file=${loop_files[-1]}
-  store_ir=0
+  store_ir=0 store_file=""
   for file in "$run_dir"/callgrind.out.*-*; do
     [[ $file == "${loop_file%-01}"-* ]] || continue
     [[ $file == "$loop_file" ]] && continue
     # The store thread executed the most among the others (SQLite, the fsyncs).
     ir=$(sed -n 's/^summary: //p' "$file")
-    ((ir > store_ir)) && store_ir=$ir
+    ((ir > store_ir)) && store_ir=$ir store_file=$file
   done
   loop_ir=$(sed -n 's/^summary: //p' "$loop_file")
   printf '%s\t%s\t%s\n' "$binary" "$loop_ir" "$store_ir" >>"$results"
   callgrind_annotate --inclusive=yes "$loop_file" 2>/dev/null | sed -n '/^Ir/,$p' | head -n 40 \
     >"$run_dir/top.txt" || true
+  if [[ -n $store_file ]]; then
+    callgrind_annotate --inclusive=yes "$store_file" 2>/dev/null | sed -n '/^Ir/,$p' |
+      head -n 60 >"$run_dir/store-top.txt" || true
+  fi
   mkdir -p "$OUT_DIR/email-callgrind"
   cp "$loop_file" "$OUT_DIR/email-callgrind/loop-$index.callgrind"
+  [[ -z $store_file ]] || cp "$store_file" "$OUT_DIR/email-callgrind/store-$index.callgrind"
 done
 
 {
@@ -198,5 +205,11 @@ done
   printf '\nLoop thread, inclusive, last binary (%s requests):\n\n```\n' "$REQUESTS"
   cat "$work_dir/run$((${#binaries[@]} - 1))/top.txt"
   printf '```\n'
+  last_run=$work_dir/run$((${#binaries[@]} - 1))
+  if [[ -s $last_run/store-top.txt ]]; then
+    printf '\nStore thread (the busiest other thread), inclusive, last binary:\n\n```\n'
+    cat "$last_run/store-top.txt"
+    printf '```\n'
+  fi
 } >"$OUT_DIR/email-callgrind.md"
 cat "$OUT_DIR/email-callgrind.md"

@@ -48,19 +48,28 @@ def num(text):
 
 
 def tables(path):
-    """{connections: (requests/s, p99 ms)} and {connections: squalld CPU share} of one report."""
-    rates, cpu, section = {}, {}, 0
+    """{connections: (requests/s, p50 ms, p99 ms)} and {connections: squalld CPU share} of one
+    report. Columns are found by their headers, so a report with a relay column (run_email.sh
+    since kept SMTP connections) and one without both read; with several relays, the first
+    relay's rows count."""
+    rates, cpu, section, header = {}, {}, 0, []
     for line in path.read_text().splitlines():
-        if line.startswith("| wrk -c"):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and "wrk -c" in cells:
             section += 1
+            header = cells
             continue
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if not line.startswith("| ") or not cells[0].isdigit():
+        if not line.startswith("| ") or "wrk -c" not in header:
             continue
-        if section == 1:
-            rates[int(cells[0])] = (num(cells[1]), num(cells[3]))
-        elif section == 2:
-            cpu[int(cells[0])] = num(cells[1]) / 100
+        column = dict(zip(header, cells))
+        connections = column.get("wrk -c", "")
+        if not connections.isdigit():
+            continue
+        if section == 1 and int(connections) not in rates:
+            rates[int(connections)] = (num(column["requests/s"]), num(column["p50 ms"]),
+                                       num(column["p99 ms"]))
+        elif section == 2 and int(connections) not in cpu:
+            cpu[int(connections)] = num(column["squalld"]) / 100
     return rates, cpu
 
 
@@ -68,27 +77,41 @@ results = {}  # (binary index, connections) -> lists
 for index in range(len(binaries)):
     for round_ in range(1, rounds + 1):
         rates, cpu = tables(runs / f"run-{index}-{round_}" / "email-latest.md")
-        for c, (rps, p99) in rates.items():
-            r = results.setdefault((index, c), {"rps": [], "p99": [], "cpu_us": []})
+        for c, (rps, p50, p99) in rates.items():
+            r = results.setdefault((index, c), {"rps": [], "p50": [], "p99": [], "cpu_us": []})
             r["rps"].append(rps)
+            r["p50"].append(p50)
             r["p99"].append(p99)
             r["cpu_us"].append(cpu[c] / rps * 1e6)
 
 lines = ["# POST /email: before and after, same run", "",
          f"Medians of {rounds} interleaved rounds of bench/run_email.sh per binary.", "",
-         "| squalld | wrk -c | accepts/s | p99 ms | squalld CPU µs per accept | accepts/s vs first "
-         "| CPU per accept vs first |", "|---|---:|---:|---:|---:|---:|---:|"]
+         "| squalld | wrk -c | accepts/s | p50 ms | p99 ms | squalld CPU µs per accept "
+         "| accepts/s vs first | p99 vs first | CPU per accept vs first |",
+         "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
 for (index, c) in sorted(results, key=lambda k: (k[1], k[0])):
     r = results[(index, c)]
     base = results[(0, c)]
-    rps, p99, cpu_us = (statistics.median(r[k]) for k in ("rps", "p99", "cpu_us"))
+    rps, p50, p99, cpu_us = (statistics.median(r[k]) for k in ("rps", "p50", "p99", "cpu_us"))
     rps_ratio = rps / statistics.median(base["rps"])
+    p99_ratio = p99 / statistics.median(base["p99"])
     cpu_ratio = cpu_us / statistics.median(base["cpu_us"])
-    lines.append(f"| {binaries[index]} | {c} | {rps:,.0f} | {p99:.2f} | {cpu_us:.1f} "
-                 f"| {rps_ratio:.2f}x | {cpu_ratio:.2f}x |")
-lines += ["", "Rounds (accepts/s): " + "; ".join(
-    f"{binaries[i]} c={c}: " + ", ".join(f"{v:,.0f}" for v in results[(i, c)]["rps"])
-    for (i, c) in sorted(results, key=lambda k: (k[1], k[0]))), ""]
+    lines.append(f"| {binaries[index]} | {c} | {rps:,.0f} | {p50:.2f} | {p99:.2f} | {cpu_us:.1f} "
+                 f"| {rps_ratio:.2f}x | {p99_ratio:.2f}x | {cpu_ratio:.2f}x |")
+for key, title, form in (("rps", "accepts/s", "{:,.0f}"), ("p50", "p50 ms", "{:.2f}"),
+                         ("p99", "p99 ms", "{:.2f}")):
+    lines += ["", f"Rounds ({title}): " + "; ".join(
+        f"{binaries[i]} c={c}: " + " / ".join(form.format(v) for v in results[(i, c)][key])
+        for (i, c) in sorted(results, key=lambda k: (k[1], k[0])))]
+loads = []
+for index in range(len(binaries)):
+    for round_ in range(1, rounds + 1):
+        for line in (runs / f"run-{index}-{round_}" / "email-latest.md").read_text().splitlines():
+            if line.startswith("- machine load"):
+                loads.append(f"{binaries[index]} round {round_}: {line[len('- machine load'):].strip(' :')}")
+if loads:
+    lines += ["", "Machine load per run (bench/run_email.sh):", ""] + [f"- {l}" for l in loads]
+lines += [""]
 text = "\n".join(lines)
 Path(out).write_text(text)
 print(text)

@@ -360,6 +360,8 @@ for relay in "${relays[@]}"; do
     sanity_check
     url="http://127.0.0.1:$squalld_port/email"
     log "-c $connections: squalld pid $squalld_pid on 127.0.0.1:$squalld_port, store $store"
+    # What else runs on the shared machine (this script's own processes left out).
+    printf 'load %s c%s\t%s\n' "$relay" "$connections" "$(machine_load $$)" >>"$info"
     if [[ $WARMUP != 0 && $WARMUP != 0[smh] ]]; then
       run_client "$work_dir/wrk.warmup.$relay-c$connections.txt" "$work_dir/wrk.warmup.$relay-c$connections.txt" "$work_dir/wrk.warmup.$relay-c$connections.time" \
         taskset -c "$CLIENT_CPU" "$WRK" -t1 -c "$connections" -d "$WARMUP" --latency \
@@ -434,6 +436,7 @@ from pathlib import Path
 
 work, ticks, send_wait, out = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 info = dict(line.split("\t", 1) for line in (work / "info.tsv").read_text().splitlines())
+loads = [(key[len("load "):], value) for key, value in info.items() if key.startswith("load ")]
 rows = []
 for line in (work / "runs.tsv").read_text().splitlines():
     f = line.split("\t")
@@ -481,6 +484,7 @@ lines = [
     f"- command: `{info['command']}`",
     f"- machine: {info['machine']}; store on {info['filesystem']}",
     f"- {info['squalld']}, revision {info['revision']}; {info['wrk']}",
+] + [f"- machine load before the {run} run: {load}" for run, load in loads] + [
     "",
     "| relay | wrk -c | requests/s | p50 ms | p99 ms | max ms | requests | non-2xx "
     "| socket errors | accepted (store) | sent during run (store / SMTP) | sends/s after "

@@ -734,7 +734,8 @@ std::vector<Inserted> PostgresJobStore::insert_batch(const std::vector<NewJob>& 
     const NewJob& new_job = jobs[i];
     Job& job = jobs_made[i];
     job.id = new_job_id(now_ms);
-    job.payload_digest = payload_digest(new_job.payload);
+    // Only a repeated Idempotency-Key compares digests: a keyless job needs none.
+    if (!new_job.idempotency_key.empty()) job.payload_digest = payload_digest(new_job.payload);
     Params params;
     params.bytes(job.id)
         .bytes(new_job.kind)

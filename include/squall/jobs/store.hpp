@@ -50,7 +50,9 @@ struct Job {
   std::int64_t lease_until_ms = 0;    // While sending: reclaimable after this time.
   std::int64_t finished_ms = 0;       // When it became sent or failed.
   // SHA-256 of the payload as inserted (32 bytes; see payload_digest()): kept when the payload
-  // itself is deleted (a sent job), so a repeated Idempotency-Key can still be compared.
+  // itself is deleted (a sent job), so a repeated Idempotency-Key can still be compared. Empty
+  // for a job without an Idempotency-Key, which nothing can repeat (stores before schema 5 of
+  // SQLite digested those too).
   std::string payload_digest;
   std::string owner;  // Who created it (an API token's name); "" = anonymous.
   // Webhooks (schema 4): set owed by mark_sent/mark_failed while webhooks are on.
@@ -196,8 +198,9 @@ std::unique_ptr<JobStore> open_sqlite_store(const std::string& path, bool synchr
 
 // The schema version open_sqlite_store creates and upgrades to (PRAGMA user_version). Older
 // stores are migrated in place, one step per version (2: retention, 3: job owners and
-// Idempotency-Keys per owner, 4: webhooks); newer ones are refused untouched.
-inline constexpr int sqlite_schema_version = 4;
+// Idempotency-Keys per owner, 4: webhooks, 5: the state CHECK written without an IN list);
+// newer ones are refused untouched.
+inline constexpr int sqlite_schema_version = 5;
 // PRAGMA application_id of a squall job store ("Sqal"): another program's SQLite file is
 // recognised, and refused, before anything is written to it.
 inline constexpr std::int32_t sqlite_application_id = 0x5371616c;

@@ -876,6 +876,20 @@ TEST_CASE("a new store is incremental-vacuum, tagged and at the current version"
   CHECK(sql_int(path, "PRAGMA user_version") == squall::jobs::sqlite_schema_version);
 }
 
+TEST_CASE_TEMPLATE("only a job with an Idempotency-Key is stored with a payload digest", Backend,
+                   SqliteBackend, PostgresBackend) {
+  Backend backend;
+  SQUALL_REQUIRE_BACKEND(backend);
+  auto store = backend.open(true);
+  const Inserted keyed = insert_one(*store, new_job("keyed payload", "k"), 1);
+  const Inserted keyless = insert_one(*store, new_job("keyless payload", ""), 2);
+  CHECK(keyed.job.payload_digest == squall::jobs::payload_digest("keyed payload"));
+  CHECK(keyless.job.payload_digest.empty());
+  CHECK(store->get(keyed.job.id)->payload_digest == keyed.job.payload_digest);
+  CHECK(store->get(keyless.job.id)->payload_digest.empty());
+  CHECK(store->get(keyless.job.id)->payload == "keyless payload");
+}
+
 TEST_CASE_TEMPLATE("mark_sent deletes the payload and keeps its digest", Backend, SqliteBackend,
                    PostgresBackend) {
   Backend backend;
@@ -1139,7 +1153,72 @@ TEST_CASE("schema 4: a version 3 store gains webhook columns, its jobs owe none"
     CHECK(store->claim_webhooks(10, 100, 1000).empty());
     CHECK(store->count_webhooks_owed() == 0);
   }
-  CHECK(sql_int(path, "PRAGMA user_version") == 4);
+  CHECK(sql_int(path, "PRAGMA user_version") == squall::jobs::sqlite_schema_version);
+}
+
+// The table's CREATE statement as sqlite_schema holds it.
+std::string jobs_table_sql(const std::string& path) {
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
+  sqlite3_stmt* stmt = nullptr;
+  REQUIRE(sqlite3_prepare_v2(db, "SELECT sql FROM sqlite_schema WHERE name = 'jobs'", -1, &stmt,
+                             nullptr) == SQLITE_OK);
+  std::string sql;
+  if (sqlite3_step(stmt) == SQLITE_ROW) {
+    sql = reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0));
+  }
+  sqlite3_finalize(stmt);
+  sqlite3_close(db);
+  return sql;
+}
+
+TEST_CASE("schema 5: a version 4 store's state CHECK becomes comparisons, still enforced") {
+  TempDir dir;
+  const std::string path = dir.file("jobs.db");
+  const std::string v1_check =
+      "CHECK (state IN ('queued', 'sending', 'retrying', 'sent', 'failed'))";
+  std::string id;
+  {
+    auto store = open_sqlite_store(path, true);
+    id = insert_one(*store, new_job("old", "k"), 1).job.id;
+  }
+  const std::string v5_check =
+      "CHECK (state = 'queued' OR state = 'sending' OR state = 'retrying' OR state = 'sent' OR "
+      "state = 'failed')";
+  REQUIRE(jobs_table_sql(path).find(v5_check) != std::string::npos);
+  // Back to the version 4 text, as every squall before wrote it.
+  const auto quoted = [](std::string text) {
+    for (std::size_t at = text.find('\''); at != std::string::npos; at = text.find('\'', at + 2)) {
+      text.insert(at, 1, '\'');
+    }
+    return "'" + text + "'";
+  };
+  run_sql(path, ("PRAGMA writable_schema=ON; UPDATE sqlite_schema SET sql = replace(sql, " +
+                 quoted(v5_check) + ", " + quoted(v1_check) +
+                 ") WHERE name = 'jobs'; PRAGMA writable_schema=OFF; PRAGMA user_version=4;")
+                    .c_str());
+  REQUIRE(jobs_table_sql(path).find(v1_check) != std::string::npos);
+  {
+    auto store = open_sqlite_store(path, true);
+    const auto job = store->get(id);
+    REQUIRE(job.has_value());
+    CHECK(job->state == JobState::queued);
+    CHECK(store->claim(5, 2, 1000).size() == 1);
+    CHECK(store->mark_sent(id, 3));
+  }
+  CHECK(sql_int(path, "PRAGMA user_version") == squall::jobs::sqlite_schema_version);
+  CHECK(jobs_table_sql(path).find(v1_check) == std::string::npos);
+  CHECK(jobs_table_sql(path).find(v5_check) != std::string::npos);
+  CHECK(sql_int(path, "SELECT count(*) FROM pragma_integrity_check WHERE integrity_check = 'ok'") ==
+        1);
+  // The constraint still refuses a state squall does not know, for any writer of the file.
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
+  const int status = sqlite3_exec(db, "UPDATE jobs SET state = 'lost'", nullptr, nullptr, nullptr);
+  const std::string message = sqlite3_errmsg(db);
+  sqlite3_close(db);
+  CHECK(status == SQLITE_CONSTRAINT);
+  CHECK(message.find("CHECK constraint failed") != std::string::npos);
 }
 
 TEST_CASE_TEMPLATE(
