@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -646,6 +647,16 @@ TEST_CASE("build_mime: text and html make multipart/alternative, text first") {
   CHECK(boundary.starts_with("=_"));
   CHECK(boundary.size() > 20);
   CHECK(headers_of(mime).find("Content-Transfer-Encoding") == std::string::npos);
+  // Each message has a boundary of its own, on this thread and on another.
+  const std::string again =
+      header_value(build_mime(email, "s@example.com", "i@x", kDate), "Content-Type");
+  std::string elsewhere;
+  std::thread([&] {
+    elsewhere = header_value(build_mime(email, "s@example.com", "i@x", kDate), "Content-Type");
+  }).join();
+  CHECK(again != type);
+  CHECK(elsewhere != type);
+  CHECK(elsewhere != again);
 
   const std::string body = mime.substr(mime.find("\r\n\r\n") + 4);
   const std::string delimiter = "--" + boundary + "\r\n";
