@@ -55,6 +55,10 @@ std::size_t JobRunner::claim_wanted() const {
   const std::size_t free_slots =
       options_.max_concurrent > stats_.running ? options_.max_concurrent - stats_.running : 0;
   const std::size_t wanted = free_slots + options_.prefetch;
+  // Claims ahead come in batches: while more than half the prefetch still waits, the next
+  // claim waits too. A claim costs the store a walk over the held jobs whatever it takes, so
+  // topping the prefetch up after every send would cost one such walk per send.
+  if (ready_.size() > free_slots + options_.prefetch / 2) return 0;
   return ready_.size() >= wanted ? 0 : wanted - ready_.size();
 }
 

@@ -670,13 +670,20 @@ std::string rfc5322_date(std::chrono::system_clock::time_point when) {
 // "=_" never occurs in quoted-printable output ("=" is always followed by two hex digits or a
 // line break), so a boundary starting with it cannot collide with a part's content; the random
 // rest keeps nested or forwarded messages apart.
+// 128 random bits in hex. The generator is seeded once per thread from std::random_device,
+// whose set-up (a device or CPU instruction probe) per message cost more than the rest of the
+// boundary; a boundary needs to be unpredictable enough not to occur in the text, not secret.
 std::string make_boundary() {
-  std::random_device random;
+  thread_local std::mt19937_64 random{[] {
+    std::random_device device;
+    std::seed_seq seed{device(), device(), device(), device()};
+    return std::mt19937_64(seed);
+  }()};
+  static constexpr char kHex[] = "0123456789abcdef";
   std::string boundary = "=_squall_";
-  for (int i = 0; i < 4; ++i) {
-    char buf[9];
-    std::snprintf(buf, sizeof buf, "%08x", static_cast<unsigned>(random()));
-    boundary += buf;
+  for (int half = 0; half < 2; ++half) {
+    const std::uint64_t bits = random();
+    for (int shift = 60; shift >= 0; shift -= 4) boundary += kHex[(bits >> shift) & 0xf];
   }
   return boundary;
 }
@@ -1315,7 +1322,109 @@ std::string email_to_json(const Email& email) {
   return out;
 }
 
-Email email_from_json(std::string_view json) {
+namespace {
+
+// Reads the stored form as append_stored_form writes it (every key, in its order, no spaces),
+// without a DOM: a send reads each stored email once. nullopt for anything else (other spacing,
+// key order, escapes it does not write, a string that is not UTF-8), which the DOM path then
+// reads or refuses.
+class StoredFormReader {
+ public:
+  explicit StoredFormReader(std::string_view json) : json_(json) {}
+
+  std::optional<Email> read() {
+    Email email;
+    if (!literal(R"({"from":)") || !string(email.from) || !literal(R"(,"to":)") ||
+        !list(email.to) || !literal(R"(,"cc":)") || !list(email.cc) || !literal(R"(,"bcc":)") ||
+        !list(email.bcc) || !literal(R"(,"reply_to":)") || !string(email.reply_to) ||
+        !literal(R"(,"subject":)") || !string(email.subject) || !literal(R"(,"text":)") ||
+        !string(email.text) || !literal(R"(,"html":)") || !string(email.html) || !literal("}") ||
+        at_ != json_.size()) {
+      return std::nullopt;
+    }
+    return email;
+  }
+
+ private:
+  bool literal(std::string_view expected) {
+    if (json_.substr(at_, expected.size()) != expected) return false;
+    at_ += expected.size();
+    return true;
+  }
+
+  // A string as append_json_string writes it: the bytes up to the next quote, backslash or
+  // control character copied at once, escapes decoded.
+  bool string(std::string& out) {
+    if (at_ >= json_.size() || json_[at_] != '"') return false;
+    ++at_;
+    for (;;) {
+      std::size_t end = at_;
+      while (end < json_.size()) {
+        const auto c = static_cast<unsigned char>(json_[end]);
+        if (c < 0x20 || c == '"' || c == '\\') break;
+        ++end;
+      }
+      out.append(json_.data() + at_, end - at_);
+      at_ = end;
+      if (at_ >= json_.size()) return false;
+      const char c = json_[at_];
+      if (c == '"') {
+        ++at_;
+        return valid_utf8(out);
+      }
+      if (c != '\\' || at_ + 1 >= json_.size()) return false;  // A raw control character.
+      const char escape = json_[at_ + 1];
+      at_ += 2;
+      switch (escape) {
+        case '"':
+        case '\\':
+          out.push_back(escape);
+          break;
+        case 'b':
+          out.push_back('\b');
+          break;
+        case 't':
+          out.push_back('\t');
+          break;
+        case 'n':
+          out.push_back('\n');
+          break;
+        case 'f':
+          out.push_back('\f');
+          break;
+        case 'r':
+          out.push_back('\r');
+          break;
+        case 'u': {
+          // Only the control characters' \u00xx: anything else is left to the DOM path.
+          if (json_.substr(at_, 2) != "00" || at_ + 4 > json_.size()) return false;
+          const int high = hex_digit(json_[at_ + 2]), low = hex_digit(json_[at_ + 3]);
+          if (high < 0 || high > 1 || low < 0) return false;
+          out.push_back(static_cast<char>(high * 16 + low));
+          at_ += 4;
+          break;
+        }
+        default:
+          return false;
+      }
+    }
+  }
+
+  bool list(std::vector<std::string>& out) {
+    if (!literal("[")) return false;
+    if (literal("]")) return true;
+    for (;;) {
+      if (!string(out.emplace_back())) return false;
+      if (literal("]")) return true;
+      if (!literal(",")) return false;
+    }
+  }
+
+  std::string_view json_;
+  std::size_t at_ = 0;
+};
+
+Email email_from_json_dom(std::string_view json) {
   Json doc;
   try {
     doc = Json::parse(json.begin(), json.end());
@@ -1357,6 +1466,25 @@ Email email_from_json(std::string_view json) {
   }
   return email;
 }
+
+}  // namespace
+
+Email email_from_json(std::string_view json) {
+  if (auto email = StoredFormReader(json).read()) return std::move(*email);
+  return email_from_json_dom(json);
+}
+
+namespace detail {
+
+Email email_from_json_dom(std::string_view json) {
+  return mail::email_from_json_dom(json);
+}
+
+bool reads_stored_form_directly(std::string_view json) {
+  return StoredFormReader(json).read().has_value();
+}
+
+}  // namespace detail
 
 std::string build_mime(const Email& email, std::string_view default_from,
                        std::string_view message_id, std::chrono::system_clock::time_point date) {

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <stdexcept>
 #include <thread>
 #include <utility>
@@ -27,6 +28,17 @@ struct Transcript {
   std::string stage = "greeting";  // what the next reply answers
   bool quitting = false;
   bool message_started = false;  // some of the message (after DATA's 354) went out
+
+  // Ready for the next transaction, the strings' capacity kept.
+  void clear() {
+    pending_line.clear();
+    reply_lines.clear();
+    reply_code = 0;
+    reply_text.clear();
+    stage = "greeting";
+    quitting = false;
+    message_started = false;
+  }
 
   void on_reply_line(std::string_view line) {
     if (quitting || line.size() < 3) return;
@@ -95,16 +107,33 @@ int on_debug(CURL*, curl_infotype type, char* data, std::size_t size, void* user
   return 0;
 }
 
-// libcurl calls it at least once a second during a transfer, also while it waits for a reply.
-int on_progress(void* user, curl_off_t, curl_off_t, curl_off_t, curl_off_t) {
-  const auto* cancel = static_cast<const std::atomic<bool>*>(user);
-  return cancel->load(std::memory_order_relaxed) ? 1 : 0;
-}
-
 struct Upload {
   std::string_view data;
   std::size_t offset = 0;
 };
+
+// What an easy handle's options point at, made with the handle and freed after it (its
+// CURLOPT_PRIVATE), so that the options are set once per connection rather than once per
+// message, and stay valid while the closing thread's QUIT runs the debug callback. A handle is
+// used by one thread at a time: the send it is lent to, or the closing thread.
+struct HandleState {
+  Upload upload;                                    // the message of the send in progress
+  Transcript transcript;                            // the dialogue of that send
+  std::shared_ptr<const std::atomic<bool>> cancel;  // that send's cancel flag (may be empty)
+  char error_buffer[CURL_ERROR_SIZE] = "";          // CURLOPT_ERRORBUFFER
+};
+
+HandleState& state_of(CURL* h) {
+  char* state = nullptr;
+  curl_easy_getinfo(h, CURLINFO_PRIVATE, &state);
+  return *reinterpret_cast<HandleState*>(state);
+}
+
+// libcurl calls it at least once a second during a transfer, also while it waits for a reply.
+int on_progress(void* user, curl_off_t, curl_off_t, curl_off_t, curl_off_t) {
+  const auto& cancel = static_cast<const HandleState*>(user)->cancel;
+  return cancel != nullptr && cancel->load(std::memory_order_relaxed) ? 1 : 0;
+}
 
 std::size_t on_read(char* buffer, std::size_t size, std::size_t count, void* user) {
   auto& upload = *static_cast<Upload*>(user);
@@ -143,6 +172,78 @@ std::string error_text(long error) {
 
 bool has_cr_lf_nul(std::string_view s) {
   return s.find_first_of(std::string_view("\r\n\0", 3)) != std::string_view::npos;
+}
+
+// A new easy handle for the relay, its options set for every message it will send: only the
+// envelope and the message change between them. nullptr when out of memory.
+CURL* open_handle(const SmtpSettings& settings) {
+  auto* state = new (std::nothrow) HandleState;
+  if (state == nullptr) return nullptr;
+  CURL* h = curl_easy_init();
+  if (h == nullptr) {
+    delete state;
+    return nullptr;
+  }
+  curl_easy_setopt(h, CURLOPT_PRIVATE, state);
+  const long use_ssl = settings.starttls == SmtpSettings::StartTls::off ? CURLUSESSL_NONE
+                       : settings.starttls == SmtpSettings::StartTls::opportunistic
+                           ? CURLUSESSL_TRY
+                           : CURLUSESSL_ALL;
+  curl_easy_setopt(h, CURLOPT_URL, settings.url.c_str());
+  // Only SMTP: a mistyped http:// URL must not make libcurl speak another protocol.
+  curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "smtp,smtps");
+  // Pool threads must not get SIGALRM from libcurl's timeouts (it uses the threaded resolver).
+  curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
+  curl_easy_setopt(h, CURLOPT_UPLOAD, 1L);
+  curl_easy_setopt(h, CURLOPT_READFUNCTION, on_read);
+  curl_easy_setopt(h, CURLOPT_READDATA, &state->upload);
+  // 0 (the default, spelled out): one refused recipient fails the send before DATA, so no
+  // recipient gets the mail twice when the job is retried.
+  curl_easy_setopt(h, CURLOPT_MAIL_RCPT_ALLLOWFAILS, 0L);
+  curl_easy_setopt(h, CURLOPT_USE_SSL, use_ssl);
+  // Every TLS connection verifies the certificate and host name (libcurl's default, spelled
+  // out), against ca_file or the system's CA store: a relay that cannot prove who it is gets no
+  // message and no password. Skipping it takes an explicit setting (tls_verify = false),
+  // which squalld logs loudly. The options of a handle never change, so its kept connection
+  // always has the TLS settings, user and password it was opened with.
+  curl_easy_setopt(h, CURLOPT_SSL_VERIFYPEER, settings.tls_verify ? 1L : 0L);
+  curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, settings.tls_verify ? 2L : 0L);
+  if (!settings.ca_file.empty()) curl_easy_setopt(h, CURLOPT_CAINFO, settings.ca_file.c_str());
+  curl_easy_setopt(h, CURLOPT_NOPROGRESS, 0L);
+  curl_easy_setopt(h, CURLOPT_XFERINFOFUNCTION, on_progress);
+  curl_easy_setopt(h, CURLOPT_XFERINFODATA, state);
+  curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS,
+                   static_cast<long>(settings.connect_timeout.count()));
+  curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, static_cast<long>(settings.timeout.count()));
+  // libcurl waits for the reply to QUIT (sent when the connection is closed) without the overall
+  // timeout, for the per-reply timeout instead (120 s by default): bound it by ours. It never
+  // cuts the dialogue itself short, which CURLOPT_TIMEOUT_MS already bounds.
+  const auto timeout_seconds = (settings.timeout.count() + 999) / 1000;
+  curl_easy_setopt(h, CURLOPT_SERVER_RESPONSE_TIMEOUT,
+                   static_cast<long>(std::max<long long>(1, timeout_seconds)));
+  // libcurl reuses no connection idle for longer than this (118 s by default, closing it without
+  // QUIT): the pool's own idle_timeout, which QUITs, must come first.
+  const auto idle_seconds = (settings.idle_timeout.count() + 999) / 1000;
+  curl_easy_setopt(h, CURLOPT_MAXAGE_CONN, static_cast<long>(idle_seconds + 1));
+  if (!settings.username.empty()) {
+    curl_easy_setopt(h, CURLOPT_USERNAME, settings.username.c_str());
+    curl_easy_setopt(h, CURLOPT_PASSWORD, settings.password.c_str());
+  }
+  curl_easy_setopt(h, CURLOPT_ERRORBUFFER, state->error_buffer);
+  // VERBOSE only routes the dialogue to on_debug (nothing is printed): it is how the reply text
+  // and the command it answered are learnt.
+  curl_easy_setopt(h, CURLOPT_VERBOSE, 1L);
+  curl_easy_setopt(h, CURLOPT_DEBUGFUNCTION, on_debug);
+  curl_easy_setopt(h, CURLOPT_DEBUGDATA, &state->transcript);
+  return h;
+}
+
+// Closes the handle's connection (QUIT, unless its socket was shut down) and frees it.
+void close_handle(CURL* h) {
+  if (h == nullptr) return;
+  HandleState* state = &state_of(h);
+  curl_easy_cleanup(h);
+  delete state;
 }
 
 struct SlistDeleter {
@@ -266,8 +367,11 @@ namespace detail {
 // for longer than idle_timeout. Thread-safe.
 class SmtpConnectionPool {
  public:
-  SmtpConnectionPool(std::size_t max_connections, std::chrono::milliseconds idle_timeout)
-      : max_connections_(std::max<std::size_t>(1, max_connections)), idle_timeout_(idle_timeout) {}
+  // `settings` (the mailer's) outlive the pool.
+  explicit SmtpConnectionPool(const SmtpSettings& settings)
+      : settings_(settings),
+        max_connections_(std::max<std::size_t>(1, settings.connections)),
+        idle_timeout_(settings.idle_timeout) {}
 
   ~SmtpConnectionPool() {
     {
@@ -278,7 +382,7 @@ class SmtpConnectionPool {
     if (closer_.joinable()) {
       closer_.join();
     } else {
-      for (const Idle& idle : idle_) curl_easy_cleanup(idle.handle);
+      for (const Idle& idle : idle_) close_handle(idle.handle);
     }
   }
   SmtpConnectionPool(const SmtpConnectionPool&) = delete;
@@ -306,7 +410,7 @@ class SmtpConnectionPool {
     }
     ++open_;
     lock.unlock();
-    CURL* handle = curl_easy_init();
+    CURL* handle = open_handle(settings_);
     if (handle == nullptr) give_back(nullptr, false);
     return handle;
   }
@@ -314,7 +418,7 @@ class SmtpConnectionPool {
   // A handle whose connection is fresh: the old one is closed without QUIT (it failed).
   CURL* replace(CURL* handle) {
     close_failed(handle);
-    return curl_easy_init();
+    return open_handle(settings_);
   }
 
   // Ends a send: `reusable` keeps the handle and its connection for the next send; otherwise
@@ -352,9 +456,7 @@ class SmtpConnectionPool {
 
   // perform() has shut the failed connection's socket down: the QUIT libcurl may still send
   // fails at once.
-  static void close_failed(CURL* handle) {
-    if (handle != nullptr) curl_easy_cleanup(handle);
-  }
+  static void close_failed(CURL* handle) { close_handle(handle); }
 
   // The closing thread: QUITs each connection idle for idle_timeout (the oldest are at the front),
   // and every idle one when the pool is destroyed. curl_easy_cleanup waits for the QUIT's reply,
@@ -377,7 +479,7 @@ class SmtpConnectionPool {
         changed_.notify_all();
         for (const Idle& idle : expired) {
           if (stopping && idle.socket != CURL_SOCKET_BAD) ::shutdown(idle.socket, SHUT_RD);
-          curl_easy_cleanup(idle.handle);
+          close_handle(idle.handle);
         }
         lock.lock();
         continue;
@@ -391,6 +493,7 @@ class SmtpConnectionPool {
     }
   }
 
+  const SmtpSettings& settings_;  // what open_handle sets each new handle up with
   const std::size_t max_connections_;
   const std::chrono::milliseconds idle_timeout_;
   std::mutex mutex_;
@@ -409,8 +512,7 @@ SmtpMailer::SmtpMailer(SmtpSettings settings)
       display_url_(strip_userinfo(settings_.url)),
       implicit_tls_(settings_.url.size() >= 8 &&
                     curl_strnequal(settings_.url.c_str(), "smtps://", 8) != 0),
-      pool_(std::make_unique<detail::SmtpConnectionPool>(settings_.connections,
-                                                         settings_.idle_timeout)) {}
+      pool_(std::make_unique<detail::SmtpConnectionPool>(settings_)) {}
 
 SmtpMailer::~SmtpMailer() = default;
 
@@ -420,86 +522,38 @@ std::uint64_t SmtpMailer::connections_opened() const noexcept {
 
 namespace {
 
-// One transaction over `h`, on its cached connection if it has one.
+// One transaction over `h`, on its cached connection if it has one. The transcript and the
+// error text stay in the handle's state until the handle goes back to the pool.
 struct Transfer {
   CURLcode rc = CURLE_OK;
   long code = 0;
   long os_errno = 0;
   bool new_connection = false;             // libcurl connected anew rather than reusing
   curl_socket_t socket = CURL_SOCKET_BAD;  // the connection's, after a success
-  Transcript transcript;
-  std::string error_text;  // CURLOPT_ERRORBUFFER's text
+  const HandleState* state = nullptr;      // the transcript and CURLOPT_ERRORBUFFER's text
 };
 
-Transfer perform(CURL* h, const SmtpSettings& settings, const std::string& from, curl_slist* rcpt,
-                 std::string_view mime, const std::atomic<bool>* cancel) {
-  Transfer transfer;
-  Upload upload{mime};
-  char error_buffer[CURL_ERROR_SIZE] = "";
-  const long use_ssl = settings.starttls == SmtpSettings::StartTls::off ? CURLUSESSL_NONE
-                       : settings.starttls == SmtpSettings::StartTls::opportunistic
-                           ? CURLUSESSL_TRY
-                           : CURLUSESSL_ALL;
-
-  curl_easy_setopt(h, CURLOPT_URL, settings.url.c_str());
-  // Only SMTP: a mistyped http:// URL must not make libcurl speak another protocol.
-  curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "smtp,smtps");
-  // Pool threads must not get SIGALRM from libcurl's timeouts (it uses the threaded resolver).
-  curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
-  curl_easy_setopt(h, CURLOPT_UPLOAD, 1L);
-  curl_easy_setopt(h, CURLOPT_READFUNCTION, on_read);
-  curl_easy_setopt(h, CURLOPT_READDATA, &upload);
+Transfer perform(CURL* h, const std::string& from, curl_slist* rcpt, std::string_view mime,
+                 const std::shared_ptr<const std::atomic<bool>>& cancel) {
+  HandleState& state = state_of(h);
+  state.upload = Upload{mime, 0};
+  state.transcript.clear();
+  if (state.cancel != cancel) state.cancel = cancel;
+  state.error_buffer[0] = '\0';
   curl_easy_setopt(h, CURLOPT_INFILESIZE_LARGE, static_cast<curl_off_t>(mime.size()));
   curl_easy_setopt(h, CURLOPT_MAIL_FROM, from.c_str());
   curl_easy_setopt(h, CURLOPT_MAIL_RCPT, rcpt);
-  // 0 (the default, spelled out): one refused recipient fails the send before DATA, so no
-  // recipient gets the mail twice when the job is retried.
-  curl_easy_setopt(h, CURLOPT_MAIL_RCPT_ALLLOWFAILS, 0L);
-  curl_easy_setopt(h, CURLOPT_USE_SSL, use_ssl);
-  // Every TLS connection verifies the certificate and host name (libcurl's default, spelled
-  // out), against ca_file or the system's CA store: a relay that cannot prove who it is gets no
-  // message and no password. Skipping it takes an explicit setting (tls_verify = false),
-  // which squalld logs loudly. A kept connection is reused only by a handle with the same TLS
-  // settings, user and password (libcurl compares them), and these never change in one mailer.
-  curl_easy_setopt(h, CURLOPT_SSL_VERIFYPEER, settings.tls_verify ? 1L : 0L);
-  curl_easy_setopt(h, CURLOPT_SSL_VERIFYHOST, settings.tls_verify ? 2L : 0L);
-  if (!settings.ca_file.empty()) curl_easy_setopt(h, CURLOPT_CAINFO, settings.ca_file.c_str());
-  if (cancel != nullptr) {
-    curl_easy_setopt(h, CURLOPT_NOPROGRESS, 0L);
-    curl_easy_setopt(h, CURLOPT_XFERINFOFUNCTION, on_progress);
-    curl_easy_setopt(h, CURLOPT_XFERINFODATA, cancel);
-  }
-  curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS,
-                   static_cast<long>(settings.connect_timeout.count()));
-  curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, static_cast<long>(settings.timeout.count()));
-  // libcurl waits for the reply to QUIT (sent when the connection is closed) without the overall
-  // timeout, for the per-reply timeout instead (120 s by default): bound it by ours. It never
-  // cuts the dialogue itself short, which CURLOPT_TIMEOUT_MS already bounds.
-  const auto timeout_seconds = (settings.timeout.count() + 999) / 1000;
-  curl_easy_setopt(h, CURLOPT_SERVER_RESPONSE_TIMEOUT,
-                   static_cast<long>(std::max<long long>(1, timeout_seconds)));
-  // libcurl reuses no connection idle for longer than this (118 s by default, closing it without
-  // QUIT): the pool's own idle_timeout, which QUITs, must come first.
-  const auto idle_seconds = (settings.idle_timeout.count() + 999) / 1000;
-  curl_easy_setopt(h, CURLOPT_MAXAGE_CONN, static_cast<long>(idle_seconds + 1));
-  if (!settings.username.empty()) {
-    curl_easy_setopt(h, CURLOPT_USERNAME, settings.username.c_str());
-    curl_easy_setopt(h, CURLOPT_PASSWORD, settings.password.c_str());
-  }
-  curl_easy_setopt(h, CURLOPT_ERRORBUFFER, error_buffer);
-  // VERBOSE only routes the dialogue to on_debug (nothing is printed): it is how the reply text
-  // and the command it answered are learnt.
-  curl_easy_setopt(h, CURLOPT_VERBOSE, 1L);
-  curl_easy_setopt(h, CURLOPT_DEBUGFUNCTION, on_debug);
-  curl_easy_setopt(h, CURLOPT_DEBUGDATA, &transfer.transcript);
 
+  Transfer transfer;
+  transfer.state = &state;
   transfer.rc = curl_easy_perform(h);
   curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &transfer.code);
   curl_easy_getinfo(h, CURLINFO_OS_ERRNO, &transfer.os_errno);
   long connects = 0;
   curl_easy_getinfo(h, CURLINFO_NUM_CONNECTS, &connects);
   transfer.new_connection = connects > 0;
-  transfer.error_text = error_buffer;
+  // The recipient list is the caller's: the handle must not keep pointing at it.
+  curl_easy_setopt(h, CURLOPT_MAIL_RCPT, nullptr);
   if (transfer.rc == CURLE_OK) {
     curl_easy_getinfo(h, CURLINFO_ACTIVESOCKET, &transfer.socket);
   } else {
@@ -512,10 +566,6 @@ Transfer perform(CURL* h, const SmtpSettings& settings, const std::string& from,
       ::shutdown(socket, SHUT_RDWR);
     }
   }
-  // The options point at this frame's upload, transcript and error buffer, and at the caller's
-  // cancel flag: forget them all (the cached connection stays) before the handle is idle, as the
-  // closing thread's QUIT would run the debug callback.
-  curl_easy_reset(h);
   return transfer;
 }
 
@@ -523,7 +573,7 @@ Transfer perform(CURL* h, const SmtpSettings& settings, const std::string& from,
 // 421 ("closing the channel"): the relay closed it while it sat idle. The message cannot have
 // been taken, so it goes out over a new connection at once.
 bool stale_connection(const Transfer& transfer) {
-  if (transfer.new_connection || transfer.transcript.message_started) return false;
+  if (transfer.new_connection || transfer.state->transcript.message_started) return false;
   switch (transfer.rc) {
     case CURLE_SEND_ERROR:
     case CURLE_RECV_ERROR:
@@ -559,7 +609,7 @@ SendResult SmtpMailer::send(std::string_view envelope_from,
   if (cancelled)
     return {SendOutcome::aborted, 0, "aborted (waiting for a connection): " + display_url_};
   if (h == nullptr) return temporary("curl_easy_init failed");
-  Transfer transfer = perform(h, settings_, from, rcpt.get(), mime, cancel.get());
+  Transfer transfer = perform(h, from, rcpt.get(), mime, cancel);
   pool_->count_connects(transfer.new_connection ? 1 : 0);
   if (transfer.rc != CURLE_OK && stale_connection(transfer)) {
     h = pool_->replace(h);
@@ -567,14 +617,12 @@ SendResult SmtpMailer::send(std::string_view envelope_from,
       pool_->give_back(nullptr, false);
       return temporary("curl_easy_init failed");
     }
-    transfer = perform(h, settings_, from, rcpt.get(), mime, cancel.get());
+    transfer = perform(h, from, rcpt.get(), mime, cancel);
     pool_->count_connects(transfer.new_connection ? 1 : 0);
   }
-  // Only a connection whose transaction succeeded is kept: after any failure libcurl has closed
-  // it (and sent QUIT) or it is cut here, so no transaction is ever left half done on it.
-  pool_->give_back(h, transfer.rc == CURLE_OK, transfer.socket);
 
-  const Transcript& transcript = transfer.transcript;
+  // Read before the handle goes back: then another send or the closing thread may use it.
+  const Transcript& transcript = transfer.state->transcript;
   const long code = transfer.code;
   SendResult result;
   if (transfer.rc == CURLE_ABORTED_BY_CALLBACK) {
@@ -584,9 +632,12 @@ SendResult SmtpMailer::send(std::string_view envelope_from,
     result = {SendOutcome::sent, code,
               "SMTP " + std::to_string(code) + (text.empty() ? "" : " " + text)};
   } else {
-    result = classify(transfer.rc, code, transcript, transfer.os_errno, transfer.error_text.c_str(),
-                      display_url_);
+    result = classify(transfer.rc, code, transcript, transfer.os_errno,
+                      transfer.state->error_buffer, display_url_);
   }
+  // Only a connection whose transaction succeeded is kept: after any failure libcurl has closed
+  // it (and sent QUIT) or it is cut here, so no transaction is ever left half done on it.
+  pool_->give_back(h, transfer.rc == CURLE_OK, transfer.socket);
   // Belt and braces: no server or libcurl text may echo the password into a job's last_error.
   if (!settings_.password.empty()) {
     for (auto at = result.detail.find(settings_.password); at != std::string::npos;

@@ -42,8 +42,9 @@ struct RunnerOptions {
   // Jobs claimed beyond the free slots, waiting in memory for one, so that a claim (a commit)
   // serves many attempts. They are held, not started: the store shows them queued (or
   // retrying) until their attempt begins. Their holds run while they wait: one that waited
-  // longer than half its lease goes back to the queue unattempted. 0: claim only for free
-  // slots.
+  // longer than half its lease goes back to the queue unattempted. The prefetch is topped up
+  // once no more than half of it waits, so a claim takes at least half of it. 0: claim only
+  // for free slots.
   std::size_t prefetch = 0;
   // How long starts and outcomes may wait before a round takes them, so that one commit (one
   // fsync) carries many (PostgreSQL's commit_delay). Not waited when a free slot has no job
@@ -143,7 +144,8 @@ class JobRunner {
   };
   void record_attempt(std::shared_ptr<PendingWrite> pending, int failures);
   void written(PendingWrite& pending);
-  // Jobs the next claim should take: free slots plus the prefetch, less those waiting.
+  // Jobs the next claim should take: free slots plus the prefetch, less those waiting; none
+  // while more than half the prefetch waits.
   std::size_t claim_wanted() const;
 
   Loop& loop_;                        // Whose pool and timers the runner uses.

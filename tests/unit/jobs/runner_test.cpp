@@ -489,6 +489,39 @@ TEST_CASE("prefetch: one claim serves many attempts; outcomes share a transactio
   CHECK(counts.most_marks_in_a_transaction > 1);
 }
 
+TEST_CASE("prefetch: claims ahead come in batches of at least half the prefetch") {
+  std::atomic<int> no_failures{0};
+  StoreCounts counts;
+  Fixture fixture([&](std::unique_ptr<jobs::JobStore> inner) {
+    return std::make_unique<FlakyStore>(std::move(inner), no_failures, &counts);
+  });
+  fixture.insert(64);
+  auto options = fast_options();
+  options.max_concurrent = 1;
+  options.prefetch = 16;
+  options.poll_interval = 10s;  // only the first claim and the runner's own
+  int finished = 0;
+  jobs::JobRunner runner(
+      fixture.loop, *fixture.store, options,
+      [&](const jobs::Job&) -> std::function<jobs::AttemptResult()> {
+        return [] {
+          // Longer than a commit here: each send's start and outcome take rounds of their own.
+          std::this_thread::sleep_for(1ms);
+          return jobs::AttemptResult{Outcome::done, "250 ok"};
+        };
+      },
+      [&](const jobs::Job&, const jobs::AttemptResult&, std::chrono::nanoseconds, bool) {
+        ++finished;
+      });
+  run_until(fixture, runner, finished, 64);
+  CHECK(finished == 64);
+  CHECK(runner.stats().done == 64);
+  CHECK(runner.stats().held == 64);
+  // At most one claim per 8 sends (half the prefetch), plus the first and the last that finds
+  // nothing; topping the prefetch up in every round took one per round, about one per send.
+  CHECK(counts.claims <= 64 / 8 + 3);
+}
+
 TEST_CASE("prefetch: a job that waited over half its lease goes back instead of starting") {
   Fixture fixture;
   fixture.insert(3);

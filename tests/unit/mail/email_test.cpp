@@ -5,10 +5,12 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <optional>
 #include <random>
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -443,6 +445,61 @@ TEST_CASE("email_to_json and email_from_json round-trip exactly") {
   CHECK_THROWS_AS(email_to_json(bad), std::invalid_argument);
 }
 
+TEST_CASE("email_from_json reads the stored form without a DOM, and answers as the DOM path") {
+  Email full;
+  full.from = "\"Doe, John\" <j@example.com>";
+  full.to = {"a@example.com", "Jörg <j@example.de>"};
+  full.cc = {"c@example.com"};
+  full.bcc = {"hidden@example.com", "h2@example.com"};
+  full.reply_to = "r@example.com";
+  full.subject = "Grüße ✓ \"quoted\" \\ back";
+  full.text = std::string("line 1\r\nline 2\n\ttab \0 nul \x1f \b\f", 30);
+  full.html = "<p>✓</p>";
+  Email small;
+  small.to = {"a@b.c"};
+  small.text = "t";
+  // What the stored form of each is: read directly, and the same as the DOM reads it.
+  for (const Email& email : {full, small, Email{}}) {
+    const std::string stored = email_to_json(email);
+    CHECK(detail::reads_stored_form_directly(stored));
+    CHECK(email_from_json(stored) == email);
+    CHECK(detail::email_from_json_dom(stored) == email);
+  }
+  // Anything else, however close, gives what the DOM gives: the same email or an exception.
+  const auto same_as_dom = [](std::string_view json) {
+    std::optional<Email> direct, dom;
+    try {
+      direct = email_from_json(json);
+    } catch (const std::invalid_argument&) {
+    }
+    try {
+      dom = detail::email_from_json_dom(json);
+    } catch (const std::invalid_argument&) {
+    }
+    CHECK_MESSAGE(direct == dom, json);
+    return dom.has_value();
+  };
+  constexpr std::string_view kReplacements[] = {"\"", "\\", "{", "}", "[", "]",    ",",   ":",
+                                                " ",  "u",  "0", "1", "f", "\x00", "\xff"};
+  const std::string stored = email_to_json(full);
+  std::size_t valid = 0;
+  for (std::size_t i = 0; i < stored.size(); ++i) {
+    valid += same_as_dom(std::string_view(stored).substr(0, i));
+    std::string mutated = stored;
+    mutated.erase(i, 1);
+    valid += same_as_dom(mutated);
+    for (const std::string_view replacement : kReplacements) {
+      mutated = stored;
+      mutated.replace(i, 1, replacement.empty() ? std::string_view("\0", 1) : replacement);
+      valid += same_as_dom(mutated);
+    }
+  }
+  CHECK(valid > 100);  // Mutations that stay valid JSON are compared too.
+  // Other spellings of the same email are read by the DOM path.
+  CHECK(!detail::reads_stored_form_directly(R"({"to": ["a@b.c"], "subject": "s"})"));
+  CHECK(email_from_json(R"({"to":["a@b.c"],"text":"\u00e9"})").text == "é");
+}
+
 // ---------------------------------------------------------------------------------------------
 // MIME
 
@@ -590,6 +647,16 @@ TEST_CASE("build_mime: text and html make multipart/alternative, text first") {
   CHECK(boundary.starts_with("=_"));
   CHECK(boundary.size() > 20);
   CHECK(headers_of(mime).find("Content-Transfer-Encoding") == std::string::npos);
+  // Each message has a boundary of its own, on this thread and on another.
+  const std::string again =
+      header_value(build_mime(email, "s@example.com", "i@x", kDate), "Content-Type");
+  std::string elsewhere;
+  std::thread([&] {
+    elsewhere = header_value(build_mime(email, "s@example.com", "i@x", kDate), "Content-Type");
+  }).join();
+  CHECK(again != type);
+  CHECK(elsewhere != type);
+  CHECK(elsewhere != again);
 
   const std::string body = mime.substr(mime.find("\r\n\r\n") + 4);
   const std::string delimiter = "--" + boundary + "\r\n";
