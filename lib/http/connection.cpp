@@ -506,10 +506,7 @@ void Connection::close_now() noexcept {
     workspace_->parser.release_body_budget();
     if (workspace_->current_responders == 0) release_workspace();
   }
-  if (!orphaned_) {
-    context_->forget_cork(this);
-    context_->connection_closed(this);
-  }
+  if (!orphaned_) context_->forget_cork(this);
   // A socket Loop::close() closed already is not closed again (its close callback ends here).
   tcp_.close();
   if (workspace_ != nullptr) {
@@ -521,6 +518,9 @@ void Connection::close_now() noexcept {
     // Streaming writers waiting for output learn that the client is gone (on a later turn).
     wake_drain_waiters();
   }
+  // Last: the server's drain may end here, and its callback may delete the server and orphan
+  // this connection.
+  if (!orphaned_) context_->connection_closed(this);
 }
 
 // The socket's close callback: after close_now(), or from Loop::close(), which closes every
