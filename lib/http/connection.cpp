@@ -595,6 +595,16 @@ void Connection::expire() noexcept {
         send_error(408, "request body not received within timeouts.body");
       }
       break;
+    case TimerPhase::body_held:
+      // The handler's fault, not the client's: a 500, and the reader learns why.
+      spdlog::warn(
+          "connection {}: answering 500: the handler took none of its streamed request "
+          "body for timeouts.body ({} ms)",
+          id_, context_->options.timeouts.body.count());
+      if (!fail_streamed_body(500, "request body not read by the handler within timeouts.body")) {
+        close_now();
+      }
+      break;
     case TimerPhase::write:
       spdlog::info("connection {}: closed: client read nothing for timeouts.write ({} ms)", id_,
                    context_->options.timeouts.write.count());

@@ -186,6 +186,7 @@ std::uint64_t ConnectionContext::duration_ms(TimerPhase phase) const noexcept {
     case TimerPhase::head:
       return static_cast<std::uint64_t>(timeouts.header.count());
     case TimerPhase::body:
+    case TimerPhase::body_held:
       return static_cast<std::uint64_t>(timeouts.body.count());
     case TimerPhase::idle:
       return static_cast<std::uint64_t>(timeouts.keepalive.count());
