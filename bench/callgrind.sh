@@ -85,27 +85,12 @@ for server in $SERVERS; do
       pipelined) arguments=(-s "$bench_dir/pipeline.lua" "$url" -- "$PIPELINE_DEPTH") ;;
       *) die "unknown scenario '$scenario' (keepalive, pipelined)" ;;
     esac
-    callgrind_control -z "$server_pid" >/dev/null
-    output=$work_dir/wrk.$server.$scenario.txt
-    "$WRK" -t1 -c"$CONNECTIONS" -d"$DURATION" "${arguments[@]}" >"$output" 2>&1 ||
-      die "wrk failed against $server"
-    rm -f "$work_dir"/cg."$server".*.[0-9]*
-    callgrind_control -d "$server_pid" >/dev/null
-    dump=""
-    for ((tries = 0; tries < 100; tries++)); do
-      dump=$(ls "$work_dir"/cg."$server".*.[0-9]* 2>/dev/null | head -n 1) && [[ -n $dump ]] && break
-      sleep 0.1
-    done
-    [[ -n $dump ]] || die "no callgrind dump from $server"
-    sleep 0.5
-    instructions=$(awk '/^(summary|totals):/ { print $2; exit }' "$dump")
-    requests=$(awk '/requests in/ { print $1; exit }' "$output")
-    [[ -n $instructions && -n $requests && $requests -gt 0 ]] ||
-      die "could not read instructions or requests for $server $scenario"
-    per_request[$server.$scenario]=$((instructions / requests))
+    callgrind_wrk "$server_pid" "$work_dir/cg.$server" "$work_dir/wrk.$server.$scenario.txt" \
+      -t1 -c"$CONNECTIONS" -d"$DURATION" "${arguments[@]}"
+    per_request[$server.$scenario]=$((callgrind_instructions / callgrind_requests))
     printf '%-8s %-10s %12s instructions / %8s requests = %6s per request\n' "$server" \
-      "$scenario" "$instructions" "$requests" "${per_request[$server.$scenario]}"
-    rm -f "$dump"
+      "$scenario" "$callgrind_instructions" "$callgrind_requests" "${per_request[$server.$scenario]}"
+    rm -f "$callgrind_dump"
   done
   kill -TERM "$server_pid" 2>/dev/null || true
   wait "$server_pid" 2>/dev/null || true

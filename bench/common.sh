@@ -1,4 +1,4 @@
-# Helpers shared by bench/run.sh and bench/run_email.sh (sourced; each script defines log()).
+# Helpers shared by the bench scripts (sourced; each script defines log()).
 
 die() {
   log "error: $*"
@@ -90,4 +90,31 @@ machine_load() {
       printf "%s%s %s%%", sep, $12, $9; sep = ", "; if (++n == 4) exit }')
   printf 'load average %s %s %s; %s runnable; others using CPU: %s\n' "$one" "$five" "$fifteen" \
     "${running%/*}" "${busiest:-none above 5%}"
+}
+
+# Counts the instructions a server under callgrind spends on one wrk run: zeroes the counters of
+# the valgrind process $1 (callgrind_control -z), runs "$WRK" with the rest of the arguments
+# (its report to the file $3), dumps the counters (-d) and waits for the dump, which callgrind
+# writes as <$2>.<pid>.<n> when started with --callgrind-out-file=<$2>.%p. Sets
+# callgrind_instructions (Ir: user space only), callgrind_requests (the responses wrk received)
+# and callgrind_dump (the dump's file, for callgrind_annotate; the caller removes it).
+callgrind_wrk() {
+  local pid=$1 prefix=$2 output=$3 tries
+  shift 3
+  callgrind_control -z "$pid" >/dev/null
+  "$WRK" "$@" >"$output" 2>&1 || die "wrk failed: $WRK $*"
+  rm -f "$prefix".*.[0-9]*
+  callgrind_control -d "$pid" >/dev/null
+  callgrind_dump=""
+  for ((tries = 0; tries < 100; tries++)); do
+    callgrind_dump=$(ls "$prefix".*.[0-9]* 2>/dev/null | head -n 1) && [[ -n $callgrind_dump ]] &&
+      break
+    sleep 0.1
+  done
+  [[ -n $callgrind_dump ]] || die "no callgrind dump $prefix.* from process $pid"
+  sleep 0.5  # The dump is written whole.
+  callgrind_instructions=$(awk '/^(summary|totals):/ { print $2; exit }' "$callgrind_dump")
+  callgrind_requests=$(awk '/requests in/ { print $1; exit }' "$output")
+  [[ -n $callgrind_instructions && -n $callgrind_requests && $callgrind_requests -gt 0 ]] ||
+    die "could not read the instructions ($callgrind_dump) or the requests ($output)"
 }

@@ -75,32 +75,18 @@ for route in $ROUTES; do
     sleep 0.1
   done
   "$WRK" -t1 -c"$CONNECTIONS" -d1s "$url" >/dev/null  # Warm-up: pools and caches filled.
-  callgrind_control -z "$server_pid" >/dev/null
   output=$work_dir/wrk.$route.txt
-  "$WRK" -t1 -c"$CONNECTIONS" -d"$DURATION" "$url" >"$output" 2>&1 || die "wrk failed on /$route"
+  callgrind_wrk "$server_pid" "$work_dir/cg" "$output" -t1 -c"$CONNECTIONS" -d"$DURATION" "$url"
   ! grep -q Non-2xx "$output" || die "/$route: some answers were not 2xx"
-  rm -f "$work_dir"/cg.*.[0-9]*
-  callgrind_control -d "$server_pid" >/dev/null
-  dump=""
-  for ((tries = 0; tries < 100; tries++)); do
-    dump=$(ls "$work_dir"/cg.*.[0-9]* 2>/dev/null | head -n 1) && [[ -n $dump ]] && break
-    sleep 0.1
-  done
-  [[ -n $dump ]] || die "no callgrind dump for /$route"
-  sleep 0.5
-  instructions=$(awk '/^(summary|totals):/ { print $2; exit }' "$dump")
-  requests=$(awk '/requests in/ { print $1; exit }' "$output")
-  [[ -n $instructions && -n $requests && $requests -gt 0 ]] ||
-    die "could not read instructions or requests for /$route"
-  per_request[$route]=$((instructions / requests))
+  per_request[$route]=$((callgrind_instructions / callgrind_requests))
   printf '%-10s %12s instructions / %8s requests = %6s per request\n' "$route" \
-    "$instructions" "$requests" "${per_request[$route]}"
+    "$callgrind_instructions" "$callgrind_requests" "${per_request[$route]}"
   if [[ $FUNCTIONS == 1 ]]; then
-    callgrind_annotate --inclusive=yes --threshold=99 "$dump" 2>/dev/null |
-      awk -v r="$requests" '/^ *[0-9,]+ \(/ { n = $1; gsub(",", "", n); printf "  %8.0f  %s\n", n / r, $0 }' |
+    callgrind_annotate --inclusive=yes --threshold=99 "$callgrind_dump" 2>/dev/null |
+      awk -v r="$callgrind_requests" '/^ *[0-9,]+ \(/ { n = $1; gsub(",", "", n); printf "  %8.0f  %s\n", n / r, $0 }' |
       head -n "${FUNCTION_LINES:-60}"
   fi
-  rm -f "$dump" "$work_dir"/cg.*
+  rm -f "$callgrind_dump" "$work_dir"/cg.*
   kill -TERM "$server_pid" 2>/dev/null || true
   wait "$server_pid" 2>/dev/null || true
   server_pid=""

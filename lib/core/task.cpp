@@ -4,6 +4,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "core/frame_cache.hpp"
 #include "squall/core/loop.hpp"
 
 namespace squall {
@@ -22,30 +23,15 @@ namespace {
 #define SQUALL_FRAME_CACHE 1  // Off under ASan, which must see every frame freed.
 #endif
 
-constexpr std::size_t kFrameStep = 64;     // Size classes: 64, 128, ... bytes,
-constexpr std::size_t kFrameClasses = 16;  // up to 1 KiB.
-constexpr int kFramesPerClass = 16;        // At most 16 kept per class and thread.
-
 // Trivially destructible, so usable until the thread ends; FrameCacheDrain frees its blocks
 // when the thread (or the program) ends, and later frees go straight to operator delete.
-struct FrameCache {
-  void* blocks[kFrameClasses][kFramesPerClass];
-  int counts[kFrameClasses];
-  bool drained;
-};
-thread_local FrameCache frame_cache{};
+thread_local FrameCache frame_cache;
 
 struct FrameCacheDrain {
   FrameCacheDrain() = default;
   FrameCacheDrain(const FrameCacheDrain&) = delete;
   FrameCacheDrain& operator=(const FrameCacheDrain&) = delete;
-  ~FrameCacheDrain() {
-    FrameCache& cache = frame_cache;
-    cache.drained = true;
-    for (std::size_t c = 0; c < kFrameClasses; ++c) {
-      while (cache.counts[c] > 0) ::operator delete(cache.blocks[c][--cache.counts[c]]);
-    }
-  }
+  ~FrameCacheDrain() { frame_cache.drain(); }
 };
 thread_local FrameCacheDrain frame_cache_drain;
 
@@ -56,29 +42,19 @@ bool frame_cache_enabled() noexcept {
 }
 
 void* allocate_frame(std::size_t size) {
-  if (!SQUALL_FRAME_CACHE || size == 0 || size > kFrameStep * kFrameClasses) {
-    return ::operator new(size);
-  }
-  const std::size_t size_class = (size - 1) / kFrameStep;
-  FrameCache& cache = frame_cache;
-  if (cache.counts[size_class] > 0) return cache.blocks[size_class][--cache.counts[size_class]];
-  return ::operator new((size_class + 1) * kFrameStep);
+  if (!SQUALL_FRAME_CACHE) return ::operator new(size);
+  return frame_cache.allocate(size);
 }
 
 void free_frame(void* frame, std::size_t size) noexcept {
-  if (!SQUALL_FRAME_CACHE || size == 0 || size > kFrameStep * kFrameClasses) {
-    ::operator delete(frame);
-    return;
-  }
-  const std::size_t size_class = (size - 1) / kFrameStep;
-  FrameCache& cache = frame_cache;
-  if (cache.drained || cache.counts[size_class] == kFramesPerClass) {
+  if (!SQUALL_FRAME_CACHE) {
     ::operator delete(frame);
     return;
   }
   // The first block kept on a thread registers the drain at that thread's end.
-  if (cache.counts[size_class] == 0) static_cast<void>(&frame_cache_drain);
-  cache.blocks[size_class][cache.counts[size_class]++] = frame;
+  if (frame_cache.free(frame, size) == FrameCache::Freed::kept_first) {
+    static_cast<void>(&frame_cache_drain);
+  }
 }
 
 }  // namespace detail

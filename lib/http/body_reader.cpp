@@ -455,9 +455,10 @@ bool Connection::body_held_back() const noexcept {
 }
 
 Connection::TimerPhase Connection::streamed_body_timer_phase() const noexcept {
-  if (workspace_ == nullptr || workspace_->body_stream == nullptr || body_held_back()) {
-    return TimerPhase::none;
-  }
+  if (workspace_ == nullptr || workspace_->body_stream == nullptr) return TimerPhase::none;
+  // The client waits for the handler: not its fault, but a handler that never reads must not
+  // hold the connection (and kHighWater of the body budget) forever. Each read starts it anew.
+  if (body_held_back()) return TimerPhase::body_held;
   return workspace_->parser.phase() == ParsePhase::body ? TimerPhase::body : TimerPhase::none;
 }
 

@@ -506,10 +506,7 @@ void Connection::close_now() noexcept {
     workspace_->parser.release_body_budget();
     if (workspace_->current_responders == 0) release_workspace();
   }
-  if (!orphaned_) {
-    context_->forget_cork(this);
-    context_->connection_closed(this);
-  }
+  if (!orphaned_) context_->forget_cork(this);
   // A socket Loop::close() closed already is not closed again (its close callback ends here).
   tcp_.close();
   if (workspace_ != nullptr) {
@@ -521,6 +518,9 @@ void Connection::close_now() noexcept {
     // Streaming writers waiting for output learn that the client is gone (on a later turn).
     wake_drain_waiters();
   }
+  // Last: the server's drain may end here, and its callback may delete the server and orphan
+  // this connection.
+  if (!orphaned_) context_->connection_closed(this);
 }
 
 // The socket's close callback: after close_now(), or from Loop::close(), which closes every
@@ -593,6 +593,16 @@ void Connection::expire() noexcept {
     case TimerPhase::body:
       if (!fail_streamed_body(408, "request body not received within timeouts.body")) {
         send_error(408, "request body not received within timeouts.body");
+      }
+      break;
+    case TimerPhase::body_held:
+      // The handler's fault, not the client's: a 500, and the reader learns why.
+      spdlog::warn(
+          "connection {}: answering 500: the handler took none of its streamed request "
+          "body for timeouts.body ({} ms)",
+          id_, context_->options.timeouts.body.count());
+      if (!fail_streamed_body(500, "request body not read by the handler within timeouts.body")) {
+        close_now();
       }
       break;
     case TimerPhase::write:

@@ -100,9 +100,10 @@ class Connection {
     idle,        // timeouts.keepalive between requests.
     write,       // timeouts.write since unsent output last made progress.
     lingering,   // timeouts.lingering while reading and dropping input.
+    body_held,   // timeouts.body since a streamed body's handler stopped taking it (held back).
     closed,      // Not a deadline: closed, kept alive by Responders (the server may orphan it).
   };
-  static constexpr std::size_t kTimerPhases = 8;
+  static constexpr std::size_t kTimerPhases = 9;
 
   Connection(ConnectionContext& context, std::uint64_t id);
   Connection(const Connection&) = delete;
@@ -194,7 +195,8 @@ class Connection {
   bool start_streamed_body() noexcept;   // At a head with a body: dispatch if the route streams.
   void pump_streamed_body() noexcept;    // Feeds buffered body bytes to the reader (or drops them).
   bool body_held_back() const noexcept;  // The reader has BodyReader::kHighWater waiting.
-  TimerPhase streamed_body_timer_phase() const noexcept;  // body while waiting for the client.
+  // body while waiting for the client, body_held while waiting for the handler.
+  TimerPhase streamed_body_timer_phase() const noexcept;
   void settle_body_before_answer() noexcept;  // Keep-alive only if the unread rest is small.
   bool keep_discarding_body() noexcept;       // After the answer: drop the rest of the body?
   bool fail_streamed_body(int status, std::string_view reason) noexcept;  // 4xx/5xx, or close.

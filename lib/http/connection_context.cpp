@@ -186,6 +186,7 @@ std::uint64_t ConnectionContext::duration_ms(TimerPhase phase) const noexcept {
     case TimerPhase::head:
       return static_cast<std::uint64_t>(timeouts.header.count());
     case TimerPhase::body:
+    case TimerPhase::body_held:
       return static_cast<std::uint64_t>(timeouts.body.count());
     case TimerPhase::idle:
       return static_cast<std::uint64_t>(timeouts.keepalive.count());
@@ -267,7 +268,22 @@ void ConnectionContext::connection_closed(Connection* connection) noexcept {
   set_phase(connection, TimerPhase::closed);
   --stats.connections_open;
   shared->connections_open.fetch_sub(1, std::memory_order_relaxed);  // Taken by the Server.
-  if (on_connection_closed) on_connection_closed();
+  check_drain();
+}
+
+void ConnectionContext::check_drain() noexcept {
+  if (walks_ > 0) {
+    drain_check_due_ = true;
+    return;
+  }
+  run_drain_check();
+}
+
+void ConnectionContext::run_drain_check() noexcept {
+  drain_check_due_ = false;
+  // A copy: the check may delete the server, and with it this context and its members.
+  const std::function<void()> check = on_connection_closed;
+  if (check) check();
 }
 
 std::vector<Connection*> ConnectionContext::open_connections() const {
@@ -319,6 +335,7 @@ void ConnectionContext::schedule() noexcept {
 }
 
 void ConnectionContext::on_timer() noexcept {
+  const Walk walk(*this);  // Closing the last connection may end the drain: after this pass.
   timer_armed_ = false;
   const std::uint64_t now = loop.now_ms();
   for (std::size_t phase = 0; phase < lists_.size(); ++phase) {
@@ -337,6 +354,7 @@ void ConnectionContext::resume_output_waiters() noexcept {
   if (!output_waiters || resuming_output_waiters_ || unsent_budget.used > unsent_budget.limit / 2) {
     return;
   }
+  const Walk walk(*this);
   output_waiters = false;
   resuming_output_waiters_ = true;
   std::vector<Connection*> connections;

@@ -60,6 +60,25 @@ class ConnectionContext {
   // The connection closed: it stays listed (closed) until destroyed; the server may finish its
   // drain. Counted out of connections_open.
   void connection_closed(Connection* connection) noexcept;
+
+  // A walk over the connections (the server's drain and close_all, the deadline timer's pass,
+  // resuming output waiters): a connection it closes may complete the server's drain, whose
+  // callback may delete the server and this context. While one is on the stack the server's drain
+  // check (on_connection_closed) waits; the outermost walk runs it as its very last step.
+  class Walk {
+   public:
+    explicit Walk(ConnectionContext& context) noexcept : context_(context) { ++context_.walks_; }
+    Walk(const Walk&) = delete;
+    Walk& operator=(const Walk&) = delete;
+    ~Walk() {
+      if (--context_.walks_ == 0 && context_.drain_check_due_) context_.run_drain_check();
+    }
+
+   private:
+    ConnectionContext& context_;
+  };
+  // Runs the server's drain check now, or at the end of the outermost Walk.
+  void check_drain() noexcept;
   // Every open connection, for drain and close_all (a copy: the callers close them).
   std::vector<Connection*> open_connections() const;
   bool has_open_connections() const noexcept { return stats.connections_open > 0; }
@@ -106,6 +125,7 @@ class ConnectionContext {
   void unlink(Connection* connection) noexcept;
   void schedule() noexcept;
   void on_timer() noexcept;
+  void run_drain_check() noexcept;  // May delete this context: the caller's last step.
 
   // One cached response-head prefix (head_prefix()).
   struct HeadPrefix {
@@ -131,6 +151,8 @@ class ConnectionContext {
   bool timer_armed_ = false;                          // timer_ is started.
   std::uint64_t timer_due_ms_ = 0;                    // When it fires (uv_now clock).
   bool resuming_output_waiters_ = false;              // resume_output_waiters() is running.
+  std::uint32_t walks_ = 0;                           // Walks on the stack.
+  bool drain_check_due_ = false;                      // A connection closed during a walk.
 };
 
 }  // namespace squall::http

@@ -27,6 +27,8 @@ Server::Server(Loop& loop, std::shared_ptr<const Router> router, ServerOptions o
     : loop_(loop),
       context_(std::make_unique<ConnectionContext>(loop, std::move(router), std::move(shared))) {
   context_->reconfigure(std::move(options));
+  // Called when a connection closes, or at the end of the walk over connections that closed it
+  // (ConnectionContext::Walk): the drain callback may delete this server.
   context_->on_connection_closed = [this] { finish_drain_if_done(); };
 }
 
@@ -95,12 +97,14 @@ std::string Server::adopt_listener(int fd) {
 }
 
 bool Server::close_listener(const std::string& bound_address) {
+  const ConnectionContext::Walk walk(*context_);  // The last listener may end a drain.
   const auto it = std::find_if(listeners_.begin(), listeners_.end(), [&](const auto& listener) {
     return listener->bound_address() == bound_address;
   });
   if (it == listeners_.end()) return false;
   close_after_accepting(**it);
   listeners_.erase(it);
+  context_->check_drain();
   return true;
 }
 
@@ -202,6 +206,8 @@ void Server::refuse(uv_tcp_t* refused) {
 void Server::drain(std::chrono::milliseconds deadline, std::function<void()> on_drained,
                    bool keep_listening) {
   if (context_->draining) return;
+  // The drain callback runs after this function's last use of the server.
+  const ConnectionContext::Walk walk(*context_);
   context_->draining = true;
   on_drained_ = std::move(on_drained);
   // Idle connections close before the waiting ones are accepted, which are all new.
@@ -213,23 +219,26 @@ void Server::drain(std::chrono::milliseconds deadline, std::function<void()> on_
   if (context_->has_open_connections() || !listeners_.empty()) {
     drain_deadline_ms_ = static_cast<std::uint64_t>(deadline.count());
     drain_timer_ = loop_.call_later(deadline, [this] {
+      const ConnectionContext::Walk walk(*context_);  // The callback may delete this server.
       drain_timer_ = 0;
       spdlog::warn("drain deadline ({} ms) passed with {} connections open; closing them",
                    drain_deadline_ms_, context_->stats.connections_open);
       close_all();
-      finish_drain_if_done();  // When only listeners were left.
+      context_->check_drain();  // When only listeners were left.
     });
   }
-  finish_drain_if_done();
+  context_->check_drain();
 }
 
 void Server::stop_listening() noexcept {
+  const ConnectionContext::Walk walk(*context_);  // The drain callback may delete this server.
   for (auto& listener : listeners_) close_after_accepting(*listener);
   listeners_.clear();
-  finish_drain_if_done();
+  context_->check_drain();
 }
 
 void Server::close_all() noexcept {
+  const ConnectionContext::Walk walk(*context_);  // The drain callback may delete this server.
   for (auto& listener : listeners_) listener->close();
   listeners_.clear();
   std::vector<Connection*> connections;

@@ -161,6 +161,12 @@ void Operation::rethrow() const {
   if (error_) std::rethrow_exception(error_);
 }
 
+bool Operation::stopped_before_start(const std::stop_token& token) {
+  if (!token.stop_requested()) return false;
+  error_ = std::make_exception_ptr(CancelledError(describe() + ": cancelled"));
+  return true;
+}
+
 // ---- the stream's state -----------------------------------------------------------------------
 
 // Bytes read and not yet consumed: [begin, end) of one heap block, given back when empty so an
@@ -499,14 +505,14 @@ StreamRef::~StreamRef() {
 
 ReadOperation::ReadOperation(detail::StreamRef state, Kind kind, std::size_t count,
                              std::string delimiter, std::chrono::milliseconds timeout)
-    : Operation(timeout),
+    : AwaitableOperation(timeout),
       state_(std::move(state)),
       kind_(kind),
       count_(count),
       delimiter_(std::move(delimiter)) {}
 
 ReadOperation::ReadOperation(ReadOperation&& other) noexcept
-    : Operation(std::move(other)),
+    : AwaitableOperation(std::move(other)),
       state_(std::move(other.state_)),
       kind_(other.kind_),
       count_(other.count_),
@@ -530,10 +536,6 @@ std::string ReadOperation::describe() const {
 
 bool ReadOperation::start(std::coroutine_handle<> waiter, std::stop_token token) {
   detail::StreamState& state = *state_.get();
-  if (token.stop_requested()) {
-    error_ = std::make_exception_ptr(CancelledError(describe() + ": cancelled"));
-    return false;
-  }
   if (state.read != nullptr) {
     error_ = std::make_exception_ptr(
         std::logic_error(describe() + ": another read is pending on this stream"));
@@ -566,10 +568,10 @@ std::string ReadOperation::await_resume() {
 
 WriteOperation::WriteOperation(detail::StreamRef state, std::string_view bytes,
                                std::chrono::milliseconds timeout)
-    : Operation(timeout), state_(std::move(state)), bytes_(bytes) {}
+    : AwaitableOperation(timeout), state_(std::move(state)), bytes_(bytes) {}
 
 WriteOperation::WriteOperation(WriteOperation&& other) noexcept
-    : Operation(std::move(other)), state_(std::move(other.state_)), bytes_(other.bytes_) {}
+    : AwaitableOperation(std::move(other)), state_(std::move(other.state_)), bytes_(other.bytes_) {}
 
 std::string WriteOperation::describe() const {
   return "write to " + (state_ ? state_->peer : std::string("?"));
@@ -578,10 +580,6 @@ std::string WriteOperation::describe() const {
 bool WriteOperation::start(std::coroutine_handle<> waiter, std::stop_token token) {
   detail::StreamState& state = *state_.get();
   const std::string_view bytes = std::exchange(bytes_, {});
-  if (token.stop_requested()) {
-    error_ = std::make_exception_ptr(CancelledError(describe() + ": cancelled"));
-    return false;
-  }
   if (state.unusable()) {
     error_ = std::make_exception_ptr(state.closed_error(describe(), 0, "the stream is closed"));
     return false;
@@ -639,10 +637,10 @@ void WriteOperation::detach() noexcept {
 // ---- ShutdownOperation ------------------------------------------------------------------------
 
 ShutdownOperation::ShutdownOperation(detail::StreamRef state, std::chrono::milliseconds timeout)
-    : Operation(timeout), state_(std::move(state)) {}
+    : AwaitableOperation(timeout), state_(std::move(state)) {}
 
 ShutdownOperation::ShutdownOperation(ShutdownOperation&& other) noexcept
-    : Operation(std::move(other)), state_(std::move(other.state_)) {}
+    : AwaitableOperation(std::move(other)), state_(std::move(other.state_)) {}
 
 std::string ShutdownOperation::describe() const {
   return "shutdown of " + (state_ ? state_->peer : std::string("?"));
@@ -650,10 +648,6 @@ std::string ShutdownOperation::describe() const {
 
 bool ShutdownOperation::start(std::coroutine_handle<> waiter, std::stop_token token) {
   detail::StreamState& state = *state_.get();
-  if (token.stop_requested()) {
-    error_ = std::make_exception_ptr(CancelledError(describe() + ": cancelled"));
-    return false;
-  }
   if (state.unusable()) {
     error_ = std::make_exception_ptr(state.closed_error(describe(), 0, "the stream is closed"));
     return false;
@@ -955,20 +949,16 @@ struct ServerState {
 }  // namespace detail
 
 AcceptOperation::AcceptOperation(detail::ServerState* server) noexcept
-    : Operation(no_timeout), server_(server) {}
+    : AwaitableOperation(no_timeout), server_(server) {}
 
 AcceptOperation::AcceptOperation(AcceptOperation&& other) noexcept
-    : Operation(std::move(other)), server_(std::exchange(other.server_, nullptr)) {}
+    : AwaitableOperation(std::move(other)), server_(std::exchange(other.server_, nullptr)) {}
 
 std::string AcceptOperation::describe() const {
   return "accept on " + (server_ ? server_->name() : std::string("a closed TcpServer"));
 }
 
 bool AcceptOperation::start(std::coroutine_handle<> waiter, std::stop_token token) {
-  if (token.stop_requested()) {
-    error_ = std::make_exception_ptr(CancelledError(describe() + ": cancelled"));
-    return false;
-  }
   if (server_ == nullptr || server_->closed) {
     error_ = std::make_exception_ptr(StreamClosedError(describe() + ": the server is closed", 0));
     return false;
@@ -1077,34 +1067,26 @@ void TcpServer::close() noexcept {
 namespace {
 
 // `co_await ResolveOperation(...)`: uv_getaddrinfo on the pool.
-class ResolveOperation final : public detail::Operation {
+class ResolveOperation final : public detail::AwaitableOperation<ResolveOperation> {
  public:
   ResolveOperation(Loop& loop, std::string host, std::uint16_t port,
                    std::chrono::milliseconds timeout)
-      : Operation(timeout), loop_(&loop), host_(std::move(host)), port_(port) {}
+      : AwaitableOperation(timeout), loop_(&loop), host_(std::move(host)), port_(port) {}
   ~ResolveOperation() { detach(); }
 
-  bool await_ready() const noexcept { return false; }
-  template <typename Promise>
-  bool await_suspend(std::coroutine_handle<Promise> waiter) {
-    return start(waiter, squall::detail::stop_token_of(waiter));
-  }
   std::vector<sockaddr_storage> await_resume() {
     rethrow();
     return std::move(addresses_);
   }
 
  private:
+  friend class detail::AwaitableOperation<ResolveOperation>;
   struct Request {
     uv_getaddrinfo_t request;  // request.data -> this; freed by the callback.
     ResolveOperation* op;      // Null once the operation stopped waiting.
   };
 
   bool start(std::coroutine_handle<> waiter, std::stop_token token) {
-    if (token.stop_requested()) {
-      error_ = std::make_exception_ptr(CancelledError(describe() + ": cancelled"));
-      return false;
-    }
     addrinfo hints{};
     hints.ai_family = AF_UNSPEC;
     hints.ai_socktype = SOCK_STREAM;
@@ -1166,22 +1148,17 @@ class ResolveOperation final : public detail::Operation {
 };
 
 // `co_await ConnectAttempt(...)`: one uv_tcp_connect to one address.
-class ConnectAttempt final : public detail::Operation {
+class ConnectAttempt final : public detail::AwaitableOperation<ConnectAttempt> {
  public:
   ConnectAttempt(Loop& loop, const sockaddr_storage& address, std::string target,
                  const StreamOptions& options, std::chrono::milliseconds timeout)
-      : Operation(timeout),
+      : AwaitableOperation(timeout),
         loop_(&loop),
         address_(address),
         target_(std::move(target)),
         options_(options) {}
   ~ConnectAttempt() { detach(); }
 
-  bool await_ready() const noexcept { return false; }
-  template <typename Promise>
-  bool await_suspend(std::coroutine_handle<Promise> waiter) {
-    return start(waiter, squall::detail::stop_token_of(waiter));
-  }
   TcpStream await_resume() {
     rethrow();
     state_->opened();
@@ -1189,16 +1166,13 @@ class ConnectAttempt final : public detail::Operation {
   }
 
  private:
+  friend class detail::AwaitableOperation<ConnectAttempt>;
   struct Request {
     uv_connect_t request;  // request.data -> this; freed by the callback.
     ConnectAttempt* op;    // Null once the attempt stopped waiting.
   };
 
   bool start(std::coroutine_handle<> waiter, std::stop_token token) {
-    if (token.stop_requested()) {
-      error_ = std::make_exception_ptr(CancelledError(describe() + ": cancelled"));
-      return false;
-    }
     state_ = detail::StreamRef(new detail::StreamState(*loop_, options_));
     auto request = std::make_unique<Request>();
     request->op = this;

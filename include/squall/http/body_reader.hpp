@@ -17,7 +17,10 @@
 // by the handler stay below BodyReader::kHighWater; a handler that reads slowly slows its client
 // down instead of filling memory. The limits hold as for a buffered body: max_body_bytes (413),
 // timeouts.body (408; for a streamed body it bounds each wait for the client, and does not run
-// while the handler holds the body back), the server's max_buffered_body_bytes (503). A request
+// while the handler holds the body back), the server's max_buffered_body_bytes (503). The hold
+// itself has timeouts.body from the moment kHighWater waited (each read starts it anew): a
+// handler that takes nothing for that long gets the client a 500 (or the close, once its answer
+// has begun) and a BodyError with status() 500. A request
 // with "Expect: 100-continue" gets its "100 Continue" when the handler first reads.
 //
 // Answering before the body is read whole is allowed: the rest is read and dropped (at most

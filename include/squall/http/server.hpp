@@ -128,7 +128,8 @@ class Server {
   // Graceful stop: stop accepting (the connections already queued on the listeners are
   // accepted first, then the listeners close), close connections idle between requests now,
   // let the others send and finish their current request (answered with Connection: close);
-  // after `deadline` close whatever is left. `on_drained` runs once no connection is left.
+  // after `deadline` close whatever is left. `on_drained` runs once no connection is left; it
+  // may destroy the server (it runs after the server's last step on the way there).
   // With `keep_listening`, the listeners stay open until stop_listening() (what they accept
   // meanwhile is answered with Connection: close), and `on_drained` waits for that too.
   void drain(std::chrono::milliseconds deadline, std::function<void()> on_drained,

@@ -167,6 +167,9 @@ class Operation {
   void finish_soon(std::exception_ptr error) noexcept;
   // Rethrows the error, if any.
   void rethrow() const;
+  // Whether `token` was stopped before the operation started: its outcome is then
+  // CancelledError, and it does not start.
+  bool stopped_before_start(const std::stop_token& token);
   bool waiting() const noexcept { return static_cast<bool>(waiter_); }
 
   std::chrono::milliseconds timeout_;  // The deadline's distance; zero: none.
@@ -186,6 +189,28 @@ class Operation {
   bool suspended_ = false;                             // wait() ran.
   OpTimer timer_;                                      // Deadline / next-iteration delivery.
   std::optional<std::stop_callback<OnStop>> on_stop_;  // Registered while waiting.
+};
+
+// The awaiter side of an operation: it always suspends, and starts the operation (Derived's
+// start(), which returns false when it completed at once) under the awaiting task's stop token,
+// unless that token is already stopped (CancelledError).
+// Derived declares `void detach() noexcept override`, calls it from its own destructor (before
+// its members go), befriends this class and has an await_resume() (for a void result, this
+// one: the outcome's exception, if any).
+template <typename Derived>
+class AwaitableOperation : public Operation {
+ public:
+  bool await_ready() const noexcept { return false; }
+  template <typename Promise>
+  bool await_suspend(std::coroutine_handle<Promise> waiter) {
+    std::stop_token token = squall::detail::stop_token_of(waiter);
+    if (stopped_before_start(token)) return false;
+    return static_cast<Derived*>(this)->start(waiter, std::move(token));
+  }
+  void await_resume() { rethrow(); }
+
+ protected:
+  using Operation::Operation;
 };
 
 // A counted reference to a stream's state (a pending operation keeps it alive).
@@ -211,7 +236,7 @@ class StreamRef {
 }  // namespace detail
 
 // `std::string bytes = co_await stream.read_some(...)` (or read_exactly, read_until).
-class [[nodiscard]] ReadOperation final : public detail::Operation {
+class [[nodiscard]] ReadOperation final : public detail::AwaitableOperation<ReadOperation> {
  public:
   enum class Kind : std::uint8_t { some, exactly, until };
   ReadOperation(detail::StreamRef state, Kind kind, std::size_t count, std::string delimiter,
@@ -219,14 +244,10 @@ class [[nodiscard]] ReadOperation final : public detail::Operation {
   ReadOperation(ReadOperation&& other) noexcept;
   ~ReadOperation() { detach(); }
 
-  bool await_ready() const noexcept { return false; }
-  template <typename Promise>
-  bool await_suspend(std::coroutine_handle<Promise> waiter) {
-    return start(waiter, squall::detail::stop_token_of(waiter));
-  }
   std::string await_resume();
 
  private:
+  friend class detail::AwaitableOperation<ReadOperation>;
   friend struct detail::StreamState;
   bool start(std::coroutine_handle<> waiter, std::stop_token token);
   void detach() noexcept override;
@@ -240,21 +261,15 @@ class [[nodiscard]] ReadOperation final : public detail::Operation {
 };
 
 // `co_await stream.write(bytes)`: the bytes are sent or copied when the await starts.
-class [[nodiscard]] WriteOperation final : public detail::Operation {
+class [[nodiscard]] WriteOperation final : public detail::AwaitableOperation<WriteOperation> {
  public:
   WriteOperation(detail::StreamRef state, std::string_view bytes,
                  std::chrono::milliseconds timeout);
   WriteOperation(WriteOperation&& other) noexcept;
   ~WriteOperation() { detach(); }
 
-  bool await_ready() const noexcept { return false; }
-  template <typename Promise>
-  bool await_suspend(std::coroutine_handle<Promise> waiter) {
-    return start(waiter, squall::detail::stop_token_of(waiter));
-  }
-  void await_resume() { rethrow(); }
-
  private:
+  friend class detail::AwaitableOperation<WriteOperation>;
   friend struct detail::StreamState;
   bool start(std::coroutine_handle<> waiter, std::stop_token token);
   void detach() noexcept override;
@@ -269,20 +284,14 @@ class [[nodiscard]] WriteOperation final : public detail::Operation {
 
 // `co_await stream.shutdown()`: resumes once the queued bytes are sent and the write side is
 // closed (the peer reads EOF; this side can still read).
-class [[nodiscard]] ShutdownOperation final : public detail::Operation {
+class [[nodiscard]] ShutdownOperation final : public detail::AwaitableOperation<ShutdownOperation> {
  public:
   ShutdownOperation(detail::StreamRef state, std::chrono::milliseconds timeout);
   ShutdownOperation(ShutdownOperation&& other) noexcept;
   ~ShutdownOperation() { detach(); }
 
-  bool await_ready() const noexcept { return false; }
-  template <typename Promise>
-  bool await_suspend(std::coroutine_handle<Promise> waiter) {
-    return start(waiter, squall::detail::stop_token_of(waiter));
-  }
-  void await_resume() { rethrow(); }
-
  private:
+  friend class detail::AwaitableOperation<ShutdownOperation>;
   friend struct detail::StreamState;
   bool start(std::coroutine_handle<> waiter, std::stop_token token);
   void detach() noexcept override;
@@ -352,20 +361,16 @@ class TcpStream {
 // ---- server -----------------------------------------------------------------------------------
 
 // `TcpStream stream = co_await server.accept()`.
-class [[nodiscard]] AcceptOperation final : public detail::Operation {
+class [[nodiscard]] AcceptOperation final : public detail::AwaitableOperation<AcceptOperation> {
  public:
   explicit AcceptOperation(detail::ServerState* server) noexcept;
   AcceptOperation(AcceptOperation&& other) noexcept;
   ~AcceptOperation() { detach(); }
 
-  bool await_ready() const noexcept { return false; }
-  template <typename Promise>
-  bool await_suspend(std::coroutine_handle<Promise> waiter) {
-    return start(waiter, squall::detail::stop_token_of(waiter));
-  }
   TcpStream await_resume();
 
  private:
+  friend class detail::AwaitableOperation<AcceptOperation>;
   friend struct detail::ServerState;
   bool start(std::coroutine_handle<> waiter, std::stop_token token);
   void detach() noexcept override;

@@ -141,6 +141,26 @@ Task<void> hold_then_count(http::Request& request, http::Responder responder) {
   responder.send(200, "text/plain", "count " + std::to_string(total));
 }
 
+// Takes none of the body until `go`, then reads it: what the reader reports is recorded.
+Task<void> hold_then_read(http::Request& request, http::Responder responder) {
+  ++seen->handlers;
+  http::BodyReader body = request.body_reader();
+  while (!seen->go) co_await sleep(*test_loop, 2ms);
+  try {
+    while (!(co_await body.read_some()).empty()) {
+    }
+  } catch (const http::BodyError& error) {
+    {
+      const std::lock_guard lock(seen->mutex);
+      seen->error_what = error.what();
+    }
+    seen->error_status = error.status();
+    co_return;
+  }
+  seen->ended = true;
+  responder.send(200, "text/plain", "read");
+}
+
 // Answers at once without reading the body.
 void answer_unread(http::Request&, http::Responder responder) {
   ++seen->handlers;
@@ -157,6 +177,7 @@ http::Router streaming_router() {
   router.add("POST", "/callbacks", &collect_with_callbacks, http::BodyMode::stream);
   router.add("POST", "/hold", &hold_then_count, http::BodyMode::stream);
   router.add("POST", "/early", &answer_unread, http::BodyMode::stream);
+  router.add("POST", "/stall", &hold_then_read, http::BodyMode::stream);
   router.add("GET", "/hello", &hello);
   return router;
 }
@@ -424,6 +445,41 @@ TEST_CASE("timeouts.body holds for a streamed body: 408 and the reader learns wh
   CHECK(response.starts_with("HTTP/1.1 408"));
   CHECK(state.error_status == 408);
   CHECK(state.error_what.find("timeouts.body") != std::string::npos);
+  seen = nullptr;
+}
+
+TEST_CASE(
+    "a handler that holds a streamed body back for timeouts.body gets a 500, not its client") {
+  // The client sent more than kHighWater, so the connection stopped reading; the handler takes
+  // none of it. timeouts.body from the hold's start ends it: a 500 (the client is not at fault),
+  // and the reader, when it reads at last, learns why.
+  Seen state;
+  seen = &state;
+  http::Router router = streaming_router();
+  http::ServerOptions options;
+  options.timeouts.body = 300ms;
+  std::string response;
+  std::chrono::steady_clock::duration waited{};
+  serve(
+      router,
+      [&](std::uint16_t port) {
+        Client client(port);
+        client.send("POST /stall HTTP/1.1\r\nHost: t\r\nContent-Length: 1048576\r\n\r\n");
+        const auto sent_at = std::chrono::steady_clock::now();
+        client.send(std::string(4 * http::BodyReader::kHighWater, 's'));
+        response = client.read_until("timeouts.body");
+        waited = std::chrono::steady_clock::now() - sent_at;
+        seen->go = true;
+        REQUIRE(wait_until([] { return seen->error_status != -1; }));
+      },
+      options);
+  CHECK(response.starts_with("HTTP/1.1 500"));
+  CHECK(response.find("request body not read by the handler within timeouts.body") !=
+        std::string::npos);
+  CHECK(waited >= 300ms);
+  CHECK(state.error_status == 500);
+  CHECK(state.error_what.find("timeouts.body") != std::string::npos);
+  CHECK_FALSE(state.ended);
   seen = nullptr;
 }
 

@@ -688,6 +688,58 @@ TEST_CASE("a draining server with a busy connection ends before or after Loop::c
   owner.reset();
 }
 
+TEST_CASE("a server may be destroyed from its own drain callback, whatever ends the drain") {
+  // The callback runs when the last connection closes: inside close_all() at the drain deadline,
+  // inside drain() closing an idle connection, inside the connection timer's pass, inside the
+  // connection's read callback. The server (and its connection context) is deleted there, and
+  // nothing touches it afterwards (AddressSanitizer).
+  enum class End {
+    deadline,    // The drain deadline closes a connection that never sent a byte.
+    idle,        // drain() closes a connection idle between requests (no listener left).
+    first_byte,  // timeouts.header closes a connection that never sent a byte.
+    client_gone  // The client closes a connection that never sent a byte.
+  };
+  for (const End end : {End::deadline, End::idle, End::first_byte, End::client_gone}) {
+    INFO("the drain ends by " << static_cast<int>(end));
+    Loop loop;
+    http::Router router;
+    router.add("GET", "/x", [](http::Request&, http::Responder responder) {
+      responder.send(200, "text/plain", "answered");
+    });
+    http::ServerOptions options;
+    if (end == End::first_byte) options.timeouts.header = 20ms;
+    auto server =
+        std::make_unique<http::Server>(loop, std::make_shared<const http::Router>(router), options);
+    const std::string bound = server->listen("127.0.0.1", 0);
+    Client client(server->listeners().front()->bound_port());
+    std::string answered;
+    if (end == End::idle) {
+      client.send(kGet);
+      while (server->stats().requests == 0) uv_run(loop.uv(), UV_RUN_ONCE);
+      answered = client.read_until("answered");
+      CHECK(answered.find("answered") != std::string::npos);
+      REQUIRE(server->close_listener(bound));
+    } else {
+      while (server->stats().connections_open == 0) uv_run(loop.uv(), UV_RUN_ONCE);
+    }
+    REQUIRE(server->stats().connections_open == 1);
+    bool drained = false;
+    server->drain(end == End::deadline ? 20ms : std::chrono::hours(1), [&] {
+      drained = true;
+      server.reset();
+    });
+    bool timed_out = false;
+    if (end == End::client_gone) client.close();
+    const auto watchdog = loop.call_later(10s, [&] { timed_out = true; });
+    while (server != nullptr && !timed_out) uv_run(loop.uv(), UV_RUN_ONCE);
+    loop.cancel(watchdog);
+    CHECK(drained);
+    CHECK(server == nullptr);
+    if (end != End::client_gone) CHECK(client.read_all() == answered);  // Nothing more sent.
+    CHECK(loop.close() == 0);
+  }
+}
+
 namespace {
 
 // A server on its own loop and thread (as one of squalld's workers), sharing `shared` if given.

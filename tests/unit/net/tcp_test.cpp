@@ -317,6 +317,43 @@ TEST_CASE("a cancelled read resumes at once with CancelledError and loses no byt
   CHECK(loop.close() == 0);
 }
 
+TEST_CASE("operations awaited under a token already stopped fail with CancelledError unstarted") {
+  Loop loop;
+  TcpServer server(loop);
+  server.listen("127.0.0.1", 0);
+  auto body = [](Loop& l, TcpServer& s) -> Task<void> {
+    Pair pair = co_await connect_pair(l, s);
+    co_await pair.client_side.write("kept");
+    co_await until(l, [&] { return pair.server_side.read_buffer_size() == 4; });
+    std::stop_source source;
+    source.request_stop();
+    std::vector<std::string> errors;
+    auto record = [&](std::exception_ptr e) {
+      CHECK_THROWS_AS(std::rethrow_exception(e), CancelledError);
+      errors.push_back(message_of(e));
+    };
+    spawn(l, read_hundred(pair.server_side), source.get_token(), record);
+    auto write_some = [](TcpStream& stream) -> Task<void> { co_await stream.write("lost"); };
+    spawn(l, write_some(pair.server_side), source.get_token(), record);
+    auto accept_one = [](TcpServer& listening) -> Task<void> {
+      TcpStream unused = co_await listening.accept();
+    };
+    spawn(l, accept_one(s), source.get_token(), record);
+    REQUIRE(errors.size() == 3);  // At once: nothing was started, nothing waits.
+    CHECK(errors[0].find("read_exactly(100) from 127.0.0.1:") == 0);
+    for (const std::string& error : errors) {
+      CHECK(error.find(": cancelled") != std::string::npos);
+    }
+    // The read took nothing and the write sent nothing.
+    CHECK(co_await pair.server_side.read_some(100) == "kept");
+    co_await pair.server_side.write("next");
+    co_await nap(l, 20ms);
+    CHECK(co_await pair.client_side.read_some(100) == "next");
+  };
+  run_task(loop, body(loop, server));
+  CHECK(loop.close() == 0);
+}
+
 namespace {
 
 struct WriterStats {
