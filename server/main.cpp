@@ -686,6 +686,12 @@ class Squalld {
     one_done();
   }
 
+  // On the worker's own loop.
+  static void log_worker_drain(squalld::Worker& worker) {
+    spdlog::info("worker {}: draining {} connections", worker.index(),
+                 worker.server->stats().connections_open);
+  }
+
   void shut_down(const char* signal_name) {
     if (stopping_) {
       spdlog::warn("{} again while draining: exiting now", signal_name);
@@ -731,9 +737,14 @@ class Squalld {
     std::vector<std::string> bound;
     for (const OpenListener& open : listeners_) bound.push_back(open.bound);
     steer_to_first_worker(bound);
+    // With several workers each says when its own drain begins (on its own loop), so what it
+    // answers from then on is known to say Connection: close.
+    const bool several = workers_.size() > 1;
+    if (several) log_worker_drain(*workers_.front());
     workers_.front()->server->drain(deadline, one_done, true);
     after_other_workers(
-        [deadline, one_done](squalld::Worker& worker, const RemoteLoop& primary) {
+        [deadline, one_done, several](squalld::Worker& worker, const RemoteLoop& primary) {
+          if (several) log_worker_drain(worker);
           worker.server->drain(deadline, [one_done, primary] { primary.call_soon(one_done); });
         },
         [this] { workers_.front()->server->stop_listening(); });
