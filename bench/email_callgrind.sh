@@ -93,29 +93,6 @@ for ((tries = 0; tries < 100; tries++)); do
 done
 [[ -n ${relay_port:-} ]] || die "the silent relay did not start"
 
-# Sends `count` POST /email on `connections` keep-alive connections; fails unless all are 202.
-cat >"$work_dir/client.py" <<'EOF'
-import http.client, sys, threading
-port, count, connections = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-body = ('{"to": "Bench Recipient <rcpt@example.com>", "subject": "squall bench", '
-        '"text": "Hello from wrk.\\n", "html": "<p>Hello from <b>wrk</b>.</p>\\n"}').encode()
-failures = []
-def run(n):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    for _ in range(n):
-        conn.request("POST", "/email", body, {"Content-Type": "application/json"})
-        response = conn.getresponse()
-        response.read()
-        if response.status != 202:
-            failures.append(response.status)
-threads = [threading.Thread(target=run, args=(count // connections + (i < count % connections),))
-           for i in range(connections)]
-for t in threads: t.start()
-for t in threads: t.join()
-if failures:
-    sys.exit(f"{len(failures)} answers were not 202: {sorted(set(failures))}")
-EOF
-
 results=$work_dir/results.tsv
 : >"$results"
 for index in "${!binaries[@]}"; do
@@ -157,11 +134,11 @@ EOF
   done
   [[ -n $port ]] || { tail -n 20 "$run_dir/squalld.log" >&3; die "$binary wrote no port"; }
   log "$binary: warm-up ($WARMUP requests)"
-  ((WARMUP == 0)) || "$PYTHON" "$work_dir/client.py" "$port" "$WARMUP" "$CONNECTIONS" ||
+  ((WARMUP == 0)) || "$PYTHON" "$bench_dir/email_post.py" "$port" "$WARMUP" "$CONNECTIONS" ||
     die "the warm-up failed"
   callgrind_control -z "$squalld_pid" >/dev/null
   log "$binary: counting $REQUESTS requests"
-  "$PYTHON" "$work_dir/client.py" "$port" "$REQUESTS" "$CONNECTIONS" || die "the counted run failed"
+  "$PYTHON" "$bench_dir/email_post.py" "$port" "$REQUESTS" "$CONNECTIONS" || die "the counted run failed"
   callgrind_control -d "$squalld_pid" >/dev/null
   kill -KILL "$squalld_pid" 2>/dev/null || true
   wait "$squalld_pid" 2>/dev/null || true

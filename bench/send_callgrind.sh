@@ -91,29 +91,6 @@ trap cleanup EXIT
 trap 'log interrupted; exit 130' INT
 trap 'log terminated; exit 143' TERM
 
-# Sends `count` POST /email on `connections` keep-alive connections; fails unless all are 202.
-cat >"$work_dir/client.py" <<'EOF'
-import http.client, sys, threading
-port, count, connections = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-body = ('{"to": "Bench Recipient <rcpt@example.com>", "subject": "squall bench", '
-        '"text": "Hello from wrk.\\n", "html": "<p>Hello from <b>wrk</b>.</p>\\n"}').encode()
-failures = []
-def run(n):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    for _ in range(n):
-        conn.request("POST", "/email", body, {"Content-Type": "application/json"})
-        response = conn.getresponse()
-        response.read()
-        if response.status != 202:
-            failures.append(response.status)
-threads = [threading.Thread(target=run, args=(count // connections + (i < count % connections),))
-           for i in range(connections)]
-for t in threads: t.start()
-for t in threads: t.join()
-if failures:
-    sys.exit(f"{len(failures)} answers were not 202: {sorted(set(failures))}")
-EOF
-
 # Jobs marked sent in store $1, read with a second connection (WAL: squalld's writer goes on).
 sent_count() {
   "$PYTHON" - "$1" <<'EOF'
@@ -203,7 +180,7 @@ EOF
   done
   [[ -n $port ]] || { tail -n 20 "$run_dir/squalld.log" >&3; die "$binary wrote no port"; }
   log "$binary: accepting $SENDS_COUNT emails (the relay is stopped)"
-  "$PYTHON" "$work_dir/client.py" "$port" "$SENDS_COUNT" "$CONNECTIONS" || die "the accepts failed"
+  "$PYTHON" "$bench_dir/email_post.py" "$port" "$SENDS_COUNT" "$CONNECTIONS" || die "the accepts failed"
   sent=$(sent_count "$run_dir/jobs.db")
   ((sent == 0)) || die "$sent jobs were sent while the relay was stopped"
   commits_before=$(commits "$port")
