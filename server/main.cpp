@@ -739,12 +739,11 @@ class Squalld {
     steer_to_first_worker(bound);
     // With several workers each says when its own drain begins (on its own loop), so what it
     // answers from then on is known to say Connection: close.
-    const bool several = workers_.size() > 1;
-    if (several) log_worker_drain(*workers_.front());
+    if (workers_.size() > 1) log_worker_drain(*workers_.front());
     workers_.front()->server->drain(deadline, one_done, true);
     after_other_workers(
-        [deadline, one_done, several](squalld::Worker& worker, const RemoteLoop& primary) {
-          if (several) log_worker_drain(worker);
+        [deadline, one_done](squalld::Worker& worker, const RemoteLoop& primary) {
+          log_worker_drain(worker);  // Only called with several workers.
           worker.server->drain(deadline, [one_done, primary] { primary.call_soon(one_done); });
         },
         [this] { workers_.front()->server->stop_listening(); });
