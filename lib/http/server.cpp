@@ -69,6 +69,9 @@ const ServerOptions& Server::options() const noexcept {
 }
 
 Server::~Server() {
+  // Destroying the server abandons a drain: its callback is not called from the destructor
+  // (it could destroy the server a second time).
+  on_drained_ = nullptr;
   close_all();
   close_drain_timer();
   // Closed connections still referenced by a Responder outlive the server: the context's

@@ -108,7 +108,7 @@ class Server {
     return listeners_;
   }
 
-  // Routes  // Routes for requests that start from now on; requests already dispatched keep theirs.
+  // Routes for requests that start from now on; requests already dispatched keep theirs.
   void set_router(std::shared_ptr<const Router> router);
   // New limits, timeouts and names for what happens from now on (SIGHUP reload). Connections
   // pick them up at their next check; the read buffer size applies to buffers taken later.
@@ -129,7 +129,8 @@ class Server {
   // accepted first, then the listeners close), close connections idle between requests now,
   // let the others send and finish their current request (answered with Connection: close);
   // after `deadline` close whatever is left. `on_drained` runs once no connection is left; it
-  // may destroy the server (it runs after the server's last step on the way there).
+  // may destroy the server (it runs after the server's last step on the way there). Destroying
+  // the server during a drain abandons it: `on_drained` is then never called.
   // With `keep_listening`, the listeners stay open until stop_listening() (what they accept
   // meanwhile is answered with Connection: close), and `on_drained` waits for that too.
   void drain(std::chrono::milliseconds deadline, std::function<void()> on_drained,

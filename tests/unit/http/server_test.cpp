@@ -740,6 +740,23 @@ TEST_CASE("a server may be destroyed from its own drain callback, whatever ends 
   }
 }
 
+TEST_CASE("destroying a server during a drain abandons the drain without calling back") {
+  Loop loop;
+  http::Router router;
+  auto server = std::make_unique<http::Server>(loop, std::make_shared<const http::Router>(router),
+                                               http::ServerOptions{});
+  server->listen("127.0.0.1", 0);
+  Client client(server->listeners().front()->bound_port());
+  while (server->stats().connections_open == 0) uv_run(loop.uv(), UV_RUN_ONCE);
+  int called = 0;
+  server->drain(std::chrono::hours(1), [&] { ++called; });
+  REQUIRE(server->draining());
+  server.reset();  // Closes the connection the drain was waiting for.
+  CHECK(called == 0);
+  CHECK(client.read_all().empty());
+  CHECK(loop.close() == 0);
+}
+
 namespace {
 
 // A server on its own loop and thread (as one of squalld's workers), sharing `shared` if given.
