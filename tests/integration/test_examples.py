@@ -142,14 +142,15 @@ def test_coroutine_handler_serves_others_while_it_sleeps(run_example):
     results = {}
 
     def slow():
-        results["slow"] = ex.get("/digest?text=a&delay_ms=1500")
+        results["slow"] = ex.get("/digest?text=a&delay_ms=4000")
 
     thread = threading.Thread(target=slow)
     thread.start()
     time.sleep(0.1)
-    began = time.monotonic()
     assert ex.get("/digest?text=b&delay_ms=0")[0] == 200
-    assert time.monotonic() - began < 1.0  # Not behind the sleeping one.
+    # Answered while the other handler still sleeps, not behind it. (Its pool work alone can
+    # take most of a second under ThreadSanitizer on a busy machine: no bound on its own time.)
+    assert "slow" not in results
     thread.join(timeout=10)
     assert results["slow"][0] == 200
     assert ex.stop() == 0
