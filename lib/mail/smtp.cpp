@@ -33,9 +33,10 @@ struct Transcript {
   std::string reply_text;
   std::string stage = "greeting";  // what the next reply answers
   bool quitting = false;
-  // The reply to the last EHLO names PIPELINING (after STARTTLS the client says EHLO again and
-  // only that second reply counts).
+  // The reply to the last EHLO names PIPELINING, SIZE (after STARTTLS the client says EHLO
+  // again and only that second reply counts).
   bool pipelining = false;
+  bool size = false;
 
   // Ready for a new connection, the strings' capacity kept.
   void clear() {
@@ -46,6 +47,7 @@ struct Transcript {
     stage = "greeting";
     quitting = false;
     pipelining = false;
+    size = false;
   }
 
   void on_reply_line(std::string_view line) {
@@ -54,7 +56,10 @@ struct Transcript {
       if (line[i] < '0' || line[i] > '9') return;
     }
     const std::string_view text = line.size() > 4 ? line.substr(4) : std::string_view();
-    if (stage == "EHLO" && line[0] == '2' && detail::names_pipelining(text)) pipelining = true;
+    if (stage == "EHLO" && line[0] == '2') {
+      pipelining = pipelining || detail::names_extension(text, "PIPELINING");
+      size = size || detail::names_extension(text, "SIZE");
+    }
     if (!reply_lines.empty()) reply_lines += ' ';
     reply_lines += text;
     if (line.size() > 3 && line[3] == '-') return;  // more lines follow
@@ -82,7 +87,7 @@ struct Transcript {
       for (std::string_view verb : {"EHLO", "HELO", "STARTTLS"}) {
         if (starts(verb) && (line.size() == verb.size() || line[verb.size()] == ' ')) {
           stage = std::string(verb);
-          if (verb != "STARTTLS") pipelining = false;  // a new greeting, new capabilities
+          if (verb != "STARTTLS") pipelining = size = false;  // a new greeting, new capabilities
         }
       }
       // Anything else is a SASL response (credentials): ignored.
@@ -118,7 +123,8 @@ struct HandleState {
   bool connected = false;  // libcurl's connect phase succeeded: the transactions are ours
   curl_socket_t socket = CURL_SOCKET_BAD;  // the connection's, once connected
   bool pipelining = false;                 // the relay offered PIPELINING (RFC 2920)
-  std::string outgoing;                    // commands or the dot-stuffed message being written
+  bool size = false;     // the relay offered SIZE (RFC 1870): MAIL FROM tells the message's size
+  std::string outgoing;  // commands or the dot-stuffed message being written
 };
 
 HandleState& state_of(CURL* h) {
@@ -633,6 +639,7 @@ Connect connect(CURL* h, Clock::time_point deadline,
     state.connected = true;
     state.socket = socket;
     state.pipelining = state.transcript.pipelining;
+    state.size = state.transcript.size;
   } else {
     if (result.rc == CURLE_OK) result.rc = CURLE_COULDNT_CONNECT;  // no socket: cannot happen
     // After a timeout libcurl keeps the connection and sends QUIT when it closes it, then waits
@@ -699,13 +706,20 @@ Transaction refusal(detail::SmtpReply reply, std::string stage) {
 // gets neither the message nor a lone dot (an empty message) but a cut connection, which makes
 // it discard the transaction (RFC 5321 3.3, 4.1.4).
 Transaction run_transaction(Wire& wire, detail::SmtpReplyReader& reader, std::string& outgoing,
-                            bool pipelining, const std::string& from,
+                            bool pipelining, bool size, const std::string& from,
                             const std::vector<std::string>& recipients, std::string_view mime) {
   const std::size_t commands = recipients.size() + 2;  // MAIL, each RCPT, DATA
+  // As libcurl: the size of the message before dot-stuffing, when the relay takes SIZE.
+  const std::string mail_from =
+      "MAIL FROM:" + from + (size ? " SIZE=" + std::to_string(mime.size()) : std::string());
   auto command = [&](std::size_t i) {
-    outgoing += i == 0              ? "MAIL FROM:" + from
-                : i == commands - 1 ? std::string("DATA")
-                                    : "RCPT TO:<" + recipients[i - 1] + ">";
+    if (i == 0) {
+      outgoing += mail_from;
+    } else if (i == commands - 1) {
+      outgoing += "DATA";
+    } else {
+      outgoing.append("RCPT TO:<").append(recipients[i - 1]).append(">");
+    }
     outgoing += "\r\n";
   };
   auto stage = [&](std::size_t i) {
@@ -853,8 +867,8 @@ SendResult SmtpMailer::send(std::string_view envelope_from,
     }
     Wire wire(h, state.socket, deadline, cancel.get());
     detail::SmtpReplyReader reader;
-    const Transaction t =
-        run_transaction(wire, reader, state.outgoing, state.pipelining, from, recipients, mime);
+    const Transaction t = run_transaction(wire, reader, state.outgoing, state.pipelining,
+                                          state.size, from, recipients, mime);
     if (kept && !retried && stale_connection(t)) {
       h = pool_->replace(h);
       if (h == nullptr) {

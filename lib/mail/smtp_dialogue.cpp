@@ -57,8 +57,7 @@ void append_dot_stuffed(std::string& out, std::string_view message) {
   out.append(message.empty() || message.ends_with("\r\n") ? ".\r\n" : "\r\n.\r\n");
 }
 
-bool names_pipelining(std::string_view text) {
-  constexpr std::string_view keyword = "PIPELINING";
+bool names_extension(std::string_view text, std::string_view keyword) {
   if (text.size() < keyword.size()) return false;
   for (std::size_t i = 0; i < keyword.size(); ++i) {
     const char c = text[i];

@@ -43,8 +43,8 @@ class SmtpReplyReader {
 // alone. This is libcurl 7.88's escaping (lib/smtp.c, Curl_smtp_escape_eob and smtp_done).
 void append_dot_stuffed(std::string& out, std::string_view message);
 
-// Whether a line of the reply to EHLO (its text after "250-" / "250 ") names the PIPELINING
-// extension (RFC 2920), in any case.
-bool names_pipelining(std::string_view ehlo_line_text);
+// Whether a line of the reply to EHLO (its text after "250-" / "250 ") names the extension
+// `keyword` ("PIPELINING", "SIZE"), in any case, with or without parameters.
+bool names_extension(std::string_view ehlo_line_text, std::string_view keyword);
 
 }  // namespace squall::mail::detail
