@@ -98,17 +98,21 @@ struct Transcript {
 int on_debug(CURL*, curl_infotype type, char* data, std::size_t size, void* user) {
   auto& transcript = *static_cast<Transcript*>(user);
   const std::string_view bytes(data, size);
-  if (type == CURLINFO_HEADER_IN) {
-    transcript.pending_line += bytes;
-    std::size_t lf;
-    while ((lf = transcript.pending_line.find('\n')) != std::string::npos) {
-      std::string_view line(transcript.pending_line.data(), lf);
-      if (line.ends_with('\r')) line.remove_suffix(1);
-      transcript.on_reply_line(line);
-      transcript.pending_line.erase(0, lf + 1);
+  try {
+    if (type == CURLINFO_HEADER_IN) {
+      transcript.pending_line += bytes;
+      std::size_t lf;
+      while ((lf = transcript.pending_line.find('\n')) != std::string::npos) {
+        std::string_view line(transcript.pending_line.data(), lf);
+        if (line.ends_with('\r')) line.remove_suffix(1);
+        transcript.on_reply_line(line);
+        transcript.pending_line.erase(0, lf + 1);
+      }
+    } else if (type == CURLINFO_HEADER_OUT) {
+      transcript.on_command(bytes);
     }
-  } else if (type == CURLINFO_HEADER_OUT) {
-    transcript.on_command(bytes);
+  } catch (const std::bad_alloc&) {
+    // No exception crosses libcurl; the transcript only words the error texts.
   }
   return 0;
 }

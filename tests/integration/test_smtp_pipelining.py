@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from test_mailer import SEND_EMAIL, SIMPLE, send
+from test_mailer import SEND_EMAIL, SIMPLE, self_signed_tls, send  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(
     not os.access(SEND_EMAIL, os.X_OK), reason=f"{SEND_EMAIL} is missing: run `make examples`"
@@ -31,6 +31,7 @@ class Session:
     commands: list = field(default_factory=list)
     messages: list = field(default_factory=list)  # each message's bytes as sent, final dot included
     in_data: bool = False  # after a 354, before the final dot
+    tls: bool = False  # after STARTTLS
     quit: bool = False
     closed: bool = False
 
@@ -41,11 +42,14 @@ class RawRelay:
 
     pipelining: EHLO offers PIPELINING. refuse: {address: reply} for RCPT TO. multiline: the
     replies to MAIL, RCPT and the message have two lines. split: replies are written a few bytes
-    at a time. close_on_second_mail: a second MAIL FROM on a connection gets 421 and the close."""
+    at a time. close_on_second_mail: a second MAIL FROM on a connection gets 421 and the close.
+    tls_context: STARTTLS is offered, and PIPELINING before it only if pipelining_before_tls."""
 
     def __init__(self, *, pipelining=True, refuse=None, multiline=False, split=False,
-                 close_on_second_mail=False):
+                 close_on_second_mail=False, tls_context=None, pipelining_before_tls=False):
         self.pipelining = pipelining
+        self.tls_context = tls_context
+        self.pipelining_before_tls = pipelining_before_tls
         self.refuse = refuse or {}
         self.multiline = multiline
         self.split = split
@@ -121,8 +125,12 @@ class RawRelay:
                         session.commands.append((line, replies))
                     verb = line.split(" ", 1)[0].split(":", 1)[0].upper()
                     if verb == "EHLO":
-                        caps = ["relay.test", "8BITMIME"] + (["PIPELINING"] if self.pipelining
-                                                             else []) + ["SIZE 10000000"]
+                        offer = self.pipelining
+                        caps = ["relay.test", "8BITMIME"]
+                        if self.tls_context is not None and not session.tls:
+                            offer = self.pipelining_before_tls
+                            caps.append("STARTTLS")
+                        caps += (["PIPELINING"] if offer else []) + ["SIZE 10000000"]
                         pending.append("".join(f"250-{c}\r\n" for c in caps[:-1]).encode()
                                        + f"250 {caps[-1]}\r\n".encode())
                     elif verb == "MAIL":
@@ -147,6 +155,13 @@ class RawRelay:
                                 session.in_data = True
                         else:
                             pending.append(b"554 5.5.1 no valid recipients\r\n")
+                    elif verb == "STARTTLS" and self.tls_context is not None:
+                        self._write(conn, b"".join(pending) + b"220 2.0.0 ready\r\n")
+                        replies += len(pending) + 1
+                        pending = []
+                        conn = self.tls_context.wrap_socket(conn, server_side=True)
+                        with self._cond:
+                            session.tls = True
                     elif verb == "QUIT":
                         with self._cond:
                             session.quit = True
@@ -197,8 +212,9 @@ ENVELOPE = [b"MAIL FROM:<squall@example.com> SIZE=n\r\n", b"RCPT TO:<first@examp
 
 
 def after_ehlo(session: Session) -> list[bytes]:
-    """The segments after the one that carried EHLO, MAIL FROM's SIZE=<digits> as SIZE=n."""
-    ehlo = next(i for i, s in enumerate(session.segments) if s.startswith(b"EHLO "))
+    """The segments after the one that carried the last EHLO, MAIL FROM's SIZE=<digits> as
+    SIZE=n."""
+    ehlo = max(i for i, s in enumerate(session.segments) if s.startswith(b"EHLO "))
     return [re.sub(rb"^(MAIL FROM:<[^>]*> SIZE=)[0-9]+", rb"\1n", s)
             for s in session.segments[ehlo + 1:]]
 
@@ -310,3 +326,15 @@ def test_kept_connection_answered_421_is_replaced_at_once(relay):
     assert result["connections_opened"] == 3
     sessions = server.wait_closed(3)
     assert [len(s.messages) for s in sessions] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("before, after", [(True, False), (False, True)])
+def test_the_ehlo_after_starttls_decides(relay, self_signed_tls, before, after):
+    # After STARTTLS the client says EHLO again and only that reply's extensions count.
+    server = relay(tls_context=self_signed_tls, pipelining_before_tls=before, pipelining=after)
+    status, result, _ = send(THREE, server.url, "--starttls", "required", "--no-verify")
+    assert status == 0, result
+    [session] = server.wait_closed(1)
+    assert session.tls and len(session.messages) == 1
+    segments = after_ehlo(session)
+    assert segments[:5 if not after else 1] == ([b"".join(ENVELOPE)] if after else ENVELOPE)
