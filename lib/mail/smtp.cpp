@@ -1,15 +1,20 @@
 #include "squall/mail/smtp.hpp"
 
+#include "mail/smtp_dialogue.hpp"
+
 #include <curl/curl.h>
+#include <poll.h>
 #include <sys/socket.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <memory>
 #include <mutex>
 #include <new>
+#include <optional>
 #include <stdexcept>
 #include <thread>
 #include <utility>
@@ -17,9 +22,10 @@
 namespace squall::mail {
 namespace {
 
-// What the debug callback saw of the SMTP dialogue: the last complete reply and the command it
-// answered. Only command verbs are kept, never their arguments after AUTH: the SASL exchange
-// carries the credentials.
+// What the debug callback saw of the dialogue libcurl holds while it connects (greeting, EHLO,
+// STARTTLS, AUTH): the last complete reply, the command it answered, and whether the reply to the
+// last EHLO offered PIPELINING. Only command verbs are kept, never their arguments after AUTH: the
+// SASL exchange carries the credentials.
 struct Transcript {
   std::string pending_line;  // a reply line not yet ended by LF
   std::string reply_lines;   // the lines of a multi-line reply read so far
@@ -27,9 +33,12 @@ struct Transcript {
   std::string reply_text;
   std::string stage = "greeting";  // what the next reply answers
   bool quitting = false;
-  bool message_started = false;  // some of the message (after DATA's 354) went out
+  // The reply to the last EHLO names PIPELINING, SIZE (after STARTTLS the client says EHLO
+  // again and only that second reply counts).
+  bool pipelining = false;
+  bool size = false;
 
-  // Ready for the next transaction, the strings' capacity kept.
+  // Ready for a new connection, the strings' capacity kept.
   void clear() {
     pending_line.clear();
     reply_lines.clear();
@@ -37,7 +46,8 @@ struct Transcript {
     reply_text.clear();
     stage = "greeting";
     quitting = false;
-    message_started = false;
+    pipelining = false;
+    size = false;
   }
 
   void on_reply_line(std::string_view line) {
@@ -46,6 +56,10 @@ struct Transcript {
       if (line[i] < '0' || line[i] > '9') return;
     }
     const std::string_view text = line.size() > 4 ? line.substr(4) : std::string_view();
+    if (stage == "EHLO" && line[0] == '2') {
+      pipelining = pipelining || detail::names_extension(text, "PIPELINING");
+      size = size || detail::names_extension(text, "SIZE");
+    }
     if (!reply_lines.empty()) reply_lines += ' ';
     reply_lines += text;
     if (line.size() > 3 && line[3] == '-') return;  // more lines follow
@@ -64,21 +78,16 @@ struct Transcript {
       }
       return true;
     };
-    if (starts("RCPT TO:")) {
-      // The address says which recipient the server refused.
-      const auto close = line.find('>');
-      stage = std::string(line.substr(0, close == line.npos ? line.size() : close + 1));
-    } else if (starts("AUTH ")) {
+    if (starts("AUTH ")) {
       const auto end = line.find(' ', 5);
       stage = std::string(line.substr(0, end == line.npos ? line.size() : end));
-    } else if (starts("MAIL FROM:")) {
-      stage = "MAIL FROM";
     } else if (starts("QUIT")) {
       quitting = true;
     } else {
-      for (std::string_view verb : {"EHLO", "HELO", "STARTTLS", "DATA"}) {
+      for (std::string_view verb : {"EHLO", "HELO", "STARTTLS"}) {
         if (starts(verb) && (line.size() == verb.size() || line[verb.size()] == ' ')) {
           stage = std::string(verb);
+          if (verb != "STARTTLS") pipelining = size = false;  // a new greeting, new capabilities
         }
       }
       // Anything else is a SASL response (credentials): ignored.
@@ -89,38 +98,37 @@ struct Transcript {
 int on_debug(CURL*, curl_infotype type, char* data, std::size_t size, void* user) {
   auto& transcript = *static_cast<Transcript*>(user);
   const std::string_view bytes(data, size);
-  if (type == CURLINFO_HEADER_IN) {
-    transcript.pending_line += bytes;
-    std::size_t lf;
-    while ((lf = transcript.pending_line.find('\n')) != std::string::npos) {
-      std::string_view line(transcript.pending_line.data(), lf);
-      if (line.ends_with('\r')) line.remove_suffix(1);
-      transcript.on_reply_line(line);
-      transcript.pending_line.erase(0, lf + 1);
+  try {
+    if (type == CURLINFO_HEADER_IN) {
+      transcript.pending_line += bytes;
+      std::size_t lf;
+      while ((lf = transcript.pending_line.find('\n')) != std::string::npos) {
+        std::string_view line(transcript.pending_line.data(), lf);
+        if (line.ends_with('\r')) line.remove_suffix(1);
+        transcript.on_reply_line(line);
+        transcript.pending_line.erase(0, lf + 1);
+      }
+    } else if (type == CURLINFO_HEADER_OUT) {
+      transcript.on_command(bytes);
     }
-  } else if (type == CURLINFO_HEADER_OUT) {
-    transcript.on_command(bytes);
-  } else if (type == CURLINFO_DATA_OUT) {
-    transcript.stage = "end of DATA";  // the next reply is the verdict on the message
-    transcript.message_started = true;
+  } catch (const std::bad_alloc&) {
+    // No exception crosses libcurl; the transcript only words the error texts.
   }
   return 0;
 }
 
-struct Upload {
-  std::string_view data;
-  std::size_t offset = 0;
-};
-
-// What an easy handle's options point at, made with the handle and freed after it (its
-// CURLOPT_PRIVATE), so that the options are set once per connection rather than once per
-// message, and stay valid while the closing thread's QUIT runs the debug callback. A handle is
-// used by one thread at a time: the send it is lent to, or the closing thread.
+// What an easy handle's options point at, and its connection's state, made with the handle and
+// freed after it (its CURLOPT_PRIVATE). A handle is used by one thread at a time: the send it is
+// lent to, or the closing thread.
 struct HandleState {
-  Upload upload;                                    // the message of the send in progress
-  Transcript transcript;                            // the dialogue of that send
-  std::shared_ptr<const std::atomic<bool>> cancel;  // that send's cancel flag (may be empty)
+  Transcript transcript;                            // the dialogue while libcurl connects
+  std::shared_ptr<const std::atomic<bool>> cancel;  // the connecting send's cancel flag
   char error_buffer[CURL_ERROR_SIZE] = "";          // CURLOPT_ERRORBUFFER
+  bool connected = false;  // libcurl's connect phase succeeded: the transactions are ours
+  curl_socket_t socket = CURL_SOCKET_BAD;  // the connection's, once connected
+  bool pipelining = false;                 // the relay offered PIPELINING (RFC 2920)
+  bool size = false;     // the relay offered SIZE (RFC 1870): MAIL FROM tells the message's size
+  std::string outgoing;  // commands or the dot-stuffed message being written
 };
 
 HandleState& state_of(CURL* h) {
@@ -129,18 +137,10 @@ HandleState& state_of(CURL* h) {
   return *reinterpret_cast<HandleState*>(state);
 }
 
-// libcurl calls it at least once a second during a transfer, also while it waits for a reply.
+// libcurl calls it at least once a second while it connects, also while it waits for a reply.
 int on_progress(void* user, curl_off_t, curl_off_t, curl_off_t, curl_off_t) {
   const auto& cancel = static_cast<const HandleState*>(user)->cancel;
   return cancel != nullptr && cancel->load(std::memory_order_relaxed) ? 1 : 0;
-}
-
-std::size_t on_read(char* buffer, std::size_t size, std::size_t count, void* user) {
-  auto& upload = *static_cast<Upload*>(user);
-  const std::size_t n = std::min(size * count, upload.data.size() - upload.offset);
-  std::memcpy(buffer, upload.data.data() + upload.offset, n);
-  upload.offset += n;
-  return n;
 }
 
 // Control characters and non-ASCII become '?', and the length is capped: the text comes from
@@ -174,8 +174,10 @@ bool has_cr_lf_nul(std::string_view s) {
   return s.find_first_of(std::string_view("\r\n\0", 3)) != std::string_view::npos;
 }
 
-// A new easy handle for the relay, its options set for every message it will send: only the
-// envelope and the message change between them. nullptr when out of memory.
+// A new easy handle for the relay. Its curl_easy_perform only connects (CONNECT_ONLY): TCP, the
+// greeting, EHLO, STARTTLS or implicit TLS, AUTH, all of SMTP's connect phase, and stops; the mail
+// transactions then go over that connection through curl_easy_send and curl_easy_recv (see
+// run_transaction). nullptr when out of memory.
 CURL* open_handle(const SmtpSettings& settings) {
   auto* state = new (std::nothrow) HandleState;
   if (state == nullptr) return nullptr;
@@ -194,12 +196,7 @@ CURL* open_handle(const SmtpSettings& settings) {
   curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "smtp,smtps");
   // Pool threads must not get SIGALRM from libcurl's timeouts (it uses the threaded resolver).
   curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
-  curl_easy_setopt(h, CURLOPT_UPLOAD, 1L);
-  curl_easy_setopt(h, CURLOPT_READFUNCTION, on_read);
-  curl_easy_setopt(h, CURLOPT_READDATA, &state->upload);
-  // 0 (the default, spelled out): one refused recipient fails the send before DATA, so no
-  // recipient gets the mail twice when the job is retried.
-  curl_easy_setopt(h, CURLOPT_MAIL_RCPT_ALLLOWFAILS, 0L);
+  curl_easy_setopt(h, CURLOPT_CONNECT_ONLY, 1L);
   curl_easy_setopt(h, CURLOPT_USE_SSL, use_ssl);
   // Every TLS connection verifies the certificate and host name (libcurl's default, spelled
   // out), against ca_file or the system's CA store: a relay that cannot prove who it is gets no
@@ -214,17 +211,13 @@ CURL* open_handle(const SmtpSettings& settings) {
   curl_easy_setopt(h, CURLOPT_XFERINFODATA, state);
   curl_easy_setopt(h, CURLOPT_CONNECTTIMEOUT_MS,
                    static_cast<long>(settings.connect_timeout.count()));
-  curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, static_cast<long>(settings.timeout.count()));
-  // libcurl waits for the reply to QUIT (sent when the connection is closed) without the overall
-  // timeout, for the per-reply timeout instead (120 s by default): bound it by ours. It never
-  // cuts the dialogue itself short, which CURLOPT_TIMEOUT_MS already bounds.
+  // CURLOPT_TIMEOUT_MS is set before each connect: what is left of the send's timeout.
+  // libcurl waits for the reply to a QUIT it sends (when its connect phase fails after the
+  // greeting) without the overall timeout, for the per-reply timeout instead (120 s by default):
+  // bound it by ours.
   const auto timeout_seconds = (settings.timeout.count() + 999) / 1000;
   curl_easy_setopt(h, CURLOPT_SERVER_RESPONSE_TIMEOUT,
                    static_cast<long>(std::max<long long>(1, timeout_seconds)));
-  // libcurl reuses no connection idle for longer than this (118 s by default, closing it without
-  // QUIT): the pool's own idle_timeout, which QUITs, must come first.
-  const auto idle_seconds = (settings.idle_timeout.count() + 999) / 1000;
-  curl_easy_setopt(h, CURLOPT_MAXAGE_CONN, static_cast<long>(idle_seconds + 1));
   if (!settings.username.empty()) {
     curl_easy_setopt(h, CURLOPT_USERNAME, settings.username.c_str());
     curl_easy_setopt(h, CURLOPT_PASSWORD, settings.password.c_str());
@@ -238,17 +231,119 @@ CURL* open_handle(const SmtpSettings& settings) {
   return h;
 }
 
-// Closes the handle's connection (QUIT, unless its socket was shut down) and frees it.
-void close_handle(CURL* h) {
+using Clock = std::chrono::steady_clock;
+
+// Raw bytes over a connected handle's connection (through TLS when it is on), within `deadline`,
+// giving up once `cancel` (if any) turns true: it is looked at every quarter of a second while
+// waiting.
+class Wire {
+ public:
+  enum class Status { ok, closed, failed, timed_out, aborted };
+
+  Wire(CURL* handle, curl_socket_t socket, Clock::time_point deadline,
+       const std::atomic<bool>* cancel)
+      : handle_(handle), socket_(socket), deadline_(deadline), cancel_(cancel) {}
+
+  Status write(std::string_view bytes) {
+    while (!bytes.empty()) {
+      std::size_t sent = 0;
+      const CURLcode rc = curl_easy_send(handle_, bytes.data(), bytes.size(), &sent);
+      if (rc == CURLE_OK && sent > 0) {
+        bytes.remove_prefix(sent);
+      } else if (rc == CURLE_OK || rc == CURLE_AGAIN) {
+        // After CURLE_AGAIN the same bytes are offered again (OpenSSL wants that).
+        if (const Status status = wait(POLLOUT); status != Status::ok) return status;
+      } else {
+        error_ = curl_easy_strerror(rc);
+        return Status::failed;
+      }
+    }
+    return Status::ok;
+  }
+
+  // The next reply, read as far as needed into `reader` (which may already hold it).
+  Status read(detail::SmtpReplyReader& reader, detail::SmtpReply& reply) {
+    for (;;) {
+      switch (reader.next(reply)) {
+        case detail::SmtpReplyReader::Status::reply:
+          return Status::ok;
+        case detail::SmtpReplyReader::Status::malformed:
+          error_ = "a malformed reply";
+          return Status::failed;
+        case detail::SmtpReplyReader::Status::need_more:
+          break;
+      }
+      // Try to read before polling: TLS may hold decrypted bytes the socket no longer shows.
+      char buffer[4096];
+      std::size_t received = 0;
+      const CURLcode rc = curl_easy_recv(handle_, buffer, sizeof buffer, &received);
+      if (rc == CURLE_OK && received > 0) {
+        reader.append(std::string_view(buffer, received));
+      } else if (rc == CURLE_OK) {
+        return Status::closed;
+      } else if (rc == CURLE_AGAIN) {
+        if (const Status status = wait(POLLIN); status != Status::ok) return status;
+      } else {
+        error_ = curl_easy_strerror(rc);
+        return Status::failed;
+      }
+    }
+  }
+
+  // Why the last write or read failed (Status::failed).
+  const char* error() const noexcept { return error_; }
+
+ private:
+  Status wait(short events) {
+    for (;;) {
+      if (cancel_ != nullptr && cancel_->load(std::memory_order_relaxed)) return Status::aborted;
+      const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline_ - Clock::now());
+      if (left.count() <= 0) return Status::timed_out;
+      pollfd fd{socket_, events, 0};
+      const int ready = ::poll(&fd, 1, static_cast<int>(std::min<long long>(left.count(), 250)));
+      if (ready > 0) return Status::ok;  // also POLLERR / POLLHUP: the next call tells
+      if (ready < 0 && errno != EINTR) {
+        error_ = "poll failed";
+        return Status::failed;
+      }
+    }
+  }
+
+  CURL* handle_;
+  curl_socket_t socket_;
+  Clock::time_point deadline_;
+  const std::atomic<bool>* cancel_;
+  const char* error_ = "";  // static text: libcurl's curl_easy_strerror or ours
+};
+
+// How a connection ends when its send is over.
+enum class Ending {
+  keep,  // it goes back to the pool for the next send
+  quit,  // the relay is owed a QUIT, and gets it (its reply awaited until the deadline)
+  cut,   // it failed, or the relay waits for a message that must not come: shut down at once
+};
+
+// Ends the handle's connection as `ending` says (keep is quit here) and frees the handle. A
+// handle whose connect phase failed was closed by libcurl already.
+void close_handle(CURL* h, Ending ending, Clock::time_point deadline) {
   if (h == nullptr) return;
   HandleState* state = &state_of(h);
+  if (state->connected && state->socket != CURL_SOCKET_BAD) {
+    if (ending == Ending::cut) {
+      ::shutdown(state->socket, SHUT_RDWR);
+    } else {
+      // libcurl 7.88 closes a CONNECT_ONLY connection without QUIT: say it ourselves.
+      Wire wire(h, state->socket, deadline, nullptr);
+      if (wire.write("QUIT\r\n") == Wire::Status::ok) {
+        detail::SmtpReplyReader reader;
+        detail::SmtpReply reply;
+        wire.read(reader, reply);
+      }
+    }
+  }
   curl_easy_cleanup(h);
   delete state;
 }
-
-struct SlistDeleter {
-  void operator()(curl_slist* list) const { curl_slist_free_all(list); }
-};
 
 SendResult temporary(std::string detail, long code = 0) {
   return {SendOutcome::temporary_failure, code, std::move(detail)};
@@ -257,11 +352,11 @@ SendResult permanent(std::string detail, long code = 0) {
   return {SendOutcome::permanent_failure, code, std::move(detail)};
 }
 
-// Turns libcurl's verdict into sent / retry later / give up. libcurl 7.88 reports a refusal by
-// the server as CURLE_SEND_ERROR (MAIL, RCPT, DATA), CURLE_RECV_ERROR (the reply after the
-// message), CURLE_WEIRD_SERVER_REPLY (greeting), CURLE_REMOTE_ACCESS_DENIED (EHLO/HELO),
-// CURLE_LOGIN_DENIED (AUTH) or CURLE_USE_SSL_FAILED (STARTTLS); CURLINFO_RESPONSE_CODE holds the
-// last reply's code (QUIT's excluded), which decides those cases.
+// Turns libcurl's verdict on a failed connect phase into retry later / give up. libcurl 7.88
+// reports a refusal by the server as CURLE_WEIRD_SERVER_REPLY (greeting),
+// CURLE_REMOTE_ACCESS_DENIED (EHLO/HELO), CURLE_LOGIN_DENIED (AUTH) or CURLE_USE_SSL_FAILED
+// (STARTTLS), or CURLE_SEND_ERROR / CURLE_RECV_ERROR; CURLINFO_RESPONSE_CODE holds the last
+// reply's code (QUIT's excluded), which decides those cases.
 SendResult classify(CURLcode rc, long code, const Transcript& transcript, long os_errno,
                     const char* error_buffer, const std::string& url) {
   const std::string curl_text = printable(*error_buffer ? error_buffer : curl_easy_strerror(rc));
@@ -362,9 +457,9 @@ void global_init() {
 
 namespace detail {
 
-// The easy handles of one mailer, each keeping (at most) one connection to the relay in its
-// cache. A handle is either lent to one send or idle here; a background thread closes those idle
-// for longer than idle_timeout. Thread-safe.
+// The easy handles of one mailer, each with (at most) one connection to the relay. A handle is
+// either lent to one send or idle here; a background thread closes those idle for longer than
+// idle_timeout. Thread-safe.
 class SmtpConnectionPool {
  public:
   // `settings` (the mailer's) outlive the pool.
@@ -382,7 +477,7 @@ class SmtpConnectionPool {
     if (closer_.joinable()) {
       closer_.join();
     } else {
-      for (const Idle& idle : idle_) close_handle(idle.handle);
+      for (const Idle& idle : idle_) close_handle(idle.handle, Ending::quit, quit_deadline());
     }
   }
   SmtpConnectionPool(const SmtpConnectionPool&) = delete;
@@ -411,29 +506,29 @@ class SmtpConnectionPool {
     ++open_;
     lock.unlock();
     CURL* handle = open_handle(settings_);
-    if (handle == nullptr) give_back(nullptr, false);
+    if (handle == nullptr) give_back(nullptr, Ending::cut);
     return handle;
   }
 
-  // A handle whose connection is fresh: the old one is closed without QUIT (it failed).
+  // A fresh handle in place of `handle`, whose connection is cut (the relay closed it).
   CURL* replace(CURL* handle) {
-    close_failed(handle);
+    close_handle(handle, Ending::cut, Clock::now());
     return open_handle(settings_);
   }
 
-  // Ends a send: `reusable` keeps the handle and its connection for the next send; otherwise
-  // the connection (which failed) is cut without waiting for anything more from the relay.
-  void give_back(CURL* handle, bool reusable, curl_socket_t socket = CURL_SOCKET_BAD) {
-    if (handle != nullptr && reusable) {
+  // Ends a send: keep puts the handle and its connection back for the next send; otherwise the
+  // connection is closed as `ending` says (the QUIT's reply awaited until `deadline`).
+  void give_back(CURL* handle, Ending ending, Clock::time_point deadline = Clock::now()) {
+    if (handle != nullptr && ending == Ending::keep) {
       {
         std::lock_guard lock(mutex_);
-        idle_.push_back({handle, socket, std::chrono::steady_clock::now()});
+        idle_.push_back({handle, Clock::now()});
         if (!closer_.joinable()) closer_ = std::thread([this] { close_idle(); });
       }
       changed_.notify_all();
       return;
     }
-    close_failed(handle);
+    close_handle(handle, ending, deadline);
     {
       std::lock_guard lock(mutex_);
       --open_;
@@ -450,24 +545,21 @@ class SmtpConnectionPool {
  private:
   struct Idle {
     CURL* handle;
-    curl_socket_t socket;                         // its connection's, untouched while idle
-    std::chrono::steady_clock::time_point since;  // when its last send ended
+    Clock::time_point since;  // when its last send ended
   };
 
-  // perform() has shut the failed connection's socket down: the QUIT libcurl may still send
-  // fails at once.
-  static void close_failed(CURL* handle) { close_handle(handle); }
+  // How long a QUIT's reply is awaited when an idle connection is closed.
+  Clock::time_point quit_deadline() const { return Clock::now() + settings_.timeout; }
 
   // The closing thread: QUITs each connection idle for idle_timeout (the oldest are at the front),
-  // and every idle one when the pool is destroyed. curl_easy_cleanup waits for the QUIT's reply,
-  // so it runs without the lock. When the pool is destroyed (a reload, the end of the process)
-  // nobody waits for that reply: the read side is shut down first, so a relay that never answers
-  // QUIT holds up neither.
+  // and every idle one when the pool is destroyed. The QUIT's reply is awaited without the lock.
+  // When the pool is destroyed (a reload, the end of the process) nobody waits for that reply:
+  // the read side is shut down first, so a relay that never answers QUIT holds up neither.
   void close_idle() {
     std::unique_lock lock(mutex_);
     for (;;) {
       std::vector<Idle> expired;
-      const auto now = std::chrono::steady_clock::now();
+      const auto now = Clock::now();
       while (!idle_.empty() && (stopping_ || now - idle_.front().since >= idle_timeout_)) {
         expired.push_back(idle_.front());
         idle_.erase(idle_.begin());
@@ -478,8 +570,9 @@ class SmtpConnectionPool {
         lock.unlock();
         changed_.notify_all();
         for (const Idle& idle : expired) {
-          if (stopping && idle.socket != CURL_SOCKET_BAD) ::shutdown(idle.socket, SHUT_RD);
-          close_handle(idle.handle);
+          const curl_socket_t socket = state_of(idle.handle).socket;
+          if (stopping && socket != CURL_SOCKET_BAD) ::shutdown(socket, SHUT_RD);
+          close_handle(idle.handle, Ending::quit, quit_deadline());
         }
         lock.lock();
         continue;
@@ -522,67 +615,219 @@ std::uint64_t SmtpMailer::connections_opened() const noexcept {
 
 namespace {
 
-// One transaction over `h`, on its cached connection if it has one. The transcript and the
-// error text stay in the handle's state until the handle goes back to the pool.
-struct Transfer {
+// libcurl's connect phase on a fresh handle (greeting, EHLO, STARTTLS, AUTH), bounded by what is
+// left until `deadline`. Its failure is told by classify().
+struct Connect {
   CURLcode rc = CURLE_OK;
-  long code = 0;
-  long os_errno = 0;
-  bool new_connection = false;             // libcurl connected anew rather than reusing
-  curl_socket_t socket = CURL_SOCKET_BAD;  // the connection's, after a success
-  const HandleState* state = nullptr;      // the transcript and CURLOPT_ERRORBUFFER's text
+  long code = 0;      // the last reply's (CURLINFO_RESPONSE_CODE)
+  long os_errno = 0;  // CURLINFO_OS_ERRNO
+  long connects = 0;  // CURLINFO_NUM_CONNECTS
 };
 
-Transfer perform(CURL* h, const std::string& from, curl_slist* rcpt, std::string_view mime,
-                 const std::shared_ptr<const std::atomic<bool>>& cancel) {
+Connect connect(CURL* h, Clock::time_point deadline,
+                const std::shared_ptr<const std::atomic<bool>>& cancel) {
   HandleState& state = state_of(h);
-  state.upload = Upload{mime, 0};
   state.transcript.clear();
   if (state.cancel != cancel) state.cancel = cancel;
   state.error_buffer[0] = '\0';
-  curl_easy_setopt(h, CURLOPT_INFILESIZE_LARGE, static_cast<curl_off_t>(mime.size()));
-  curl_easy_setopt(h, CURLOPT_MAIL_FROM, from.c_str());
-  curl_easy_setopt(h, CURLOPT_MAIL_RCPT, rcpt);
-
-  Transfer transfer;
-  transfer.state = &state;
-  transfer.rc = curl_easy_perform(h);
-  curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &transfer.code);
-  curl_easy_getinfo(h, CURLINFO_OS_ERRNO, &transfer.os_errno);
-  long connects = 0;
-  curl_easy_getinfo(h, CURLINFO_NUM_CONNECTS, &connects);
-  transfer.new_connection = connects > 0;
-  // The recipient list is the caller's: the handle must not keep pointing at it.
-  curl_easy_setopt(h, CURLOPT_MAIL_RCPT, nullptr);
-  if (transfer.rc == CURLE_OK) {
-    curl_easy_getinfo(h, CURLINFO_ACTIVESOCKET, &transfer.socket);
+  const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now());
+  curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, static_cast<long>(std::max<long long>(1, left.count())));
+  Connect result;
+  result.rc = curl_easy_perform(h);
+  curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &result.code);
+  curl_easy_getinfo(h, CURLINFO_OS_ERRNO, &result.os_errno);
+  curl_easy_getinfo(h, CURLINFO_NUM_CONNECTS, &result.connects);
+  curl_socket_t socket = CURL_SOCKET_BAD;
+  curl_easy_getinfo(h, CURLINFO_ACTIVESOCKET, &socket);
+  if (result.rc == CURLE_OK && socket != CURL_SOCKET_BAD) {
+    state.connected = true;
+    state.socket = socket;
+    state.pipelining = state.transcript.pipelining;
+    state.size = state.transcript.size;
   } else {
+    if (result.rc == CURLE_OK) result.rc = CURLE_COULDNT_CONNECT;  // no socket: cannot happen
     // After a timeout libcurl keeps the connection and sends QUIT when it closes it, then waits
     // for a reply a stuck server never gives. Nothing more is owed to a server that failed us:
     // shutting the socket down makes that QUIT fail at once.
-    curl_socket_t socket = CURL_SOCKET_BAD;
-    if (curl_easy_getinfo(h, CURLINFO_ACTIVESOCKET, &socket) == CURLE_OK &&
-        socket != CURL_SOCKET_BAD) {
-      ::shutdown(socket, SHUT_RDWR);
+    if (socket != CURL_SOCKET_BAD) ::shutdown(socket, SHUT_RDWR);
+  }
+  return result;
+}
+
+// How one mail transaction ended.
+struct Transaction {
+  enum class Kind {
+    sent,       // 2xx to the end of DATA
+    refused,    // a reply other than the one wanted (2xx, or 354 to DATA)
+    cut,        // the connection failed: closed, reset, a malformed reply
+    timed_out,  // the send's deadline passed
+    aborted,    // the cancel flag turned true
+  } kind = Kind::sent;
+  detail::SmtpReply reply;       // sent, refused: the reply that decided
+  std::string stage;             // what that reply, or the failure, answered
+  const char* error = "";        // cut: why
+  bool message_started = false;  // some of the message went out
+  Ending ending = Ending::cut;   // how the connection ends
+};
+
+Transaction wire_failure(Wire::Status status, const Wire& wire, std::string stage) {
+  Transaction t;
+  t.stage = std::move(stage);
+  switch (status) {
+    case Wire::Status::timed_out:
+      t.kind = Transaction::Kind::timed_out;
+      break;
+    case Wire::Status::aborted:
+      t.kind = Transaction::Kind::aborted;
+      break;
+    case Wire::Status::closed:
+      t.kind = Transaction::Kind::cut;
+      t.error = "the relay closed the connection";
+      break;
+    default:
+      t.kind = Transaction::Kind::cut;
+      t.error = wire.error();
+      break;
+  }
+  return t;
+}
+
+// A refusal leaves the connection able to take QUIT, unless the relay is closing it (421).
+Transaction refusal(detail::SmtpReply reply, std::string stage) {
+  Transaction t;
+  t.kind = Transaction::Kind::refused;
+  t.ending = reply.code == 421 ? Ending::cut : Ending::quit;
+  t.reply = std::move(reply);
+  t.stage = std::move(stage);
+  return t;
+}
+
+// Ask for MAIL FROM, every RCPT TO and DATA, and if each is accepted send the message.
+// With PIPELINING (RFC 2920) the commands go out in one write and their replies are read in
+// order; without it each command awaits its reply. One refused recipient fails the whole send
+// before any of the message goes out: a retry must not give the accepted recipients a second
+// copy. If DATA was already answered 354 (pipelined), the relay now waits for the message: it
+// gets neither the message nor a lone dot (an empty message) but a cut connection, which makes
+// it discard the transaction (RFC 5321 3.3, 4.1.4).
+Transaction run_transaction(Wire& wire, detail::SmtpReplyReader& reader, std::string& outgoing,
+                            bool pipelining, bool size, const std::string& from,
+                            const std::vector<std::string>& recipients, std::string_view mime) {
+  const std::size_t commands = recipients.size() + 2;  // MAIL, each RCPT, DATA
+  // As libcurl: the size of the message before dot-stuffing, when the relay takes SIZE.
+  const std::string mail_from =
+      "MAIL FROM:" + from + (size ? " SIZE=" + std::to_string(mime.size()) : std::string());
+  auto command = [&](std::size_t i) {
+    if (i == 0) {
+      outgoing += mail_from;
+    } else if (i == commands - 1) {
+      outgoing += "DATA";
+    } else {
+      outgoing.append("RCPT TO:<").append(recipients[i - 1]).append(">");
+    }
+    outgoing += "\r\n";
+  };
+  auto stage = [&](std::size_t i) {
+    return i == 0              ? std::string("MAIL FROM")
+           : i == commands - 1 ? std::string("DATA")
+                               : "RCPT TO:<" + recipients[i - 1] + ">";
+  };
+  std::optional<Transaction> refused;  // the first refusal, while later replies are read
+  if (pipelining) {
+    outgoing.clear();
+    for (std::size_t i = 0; i < commands; ++i) command(i);
+    if (const auto status = wire.write(outgoing); status != Wire::Status::ok) {
+      return wire_failure(status, wire, stage(0));
     }
   }
-  return transfer;
+  for (std::size_t i = 0; i < commands; ++i) {
+    if (!pipelining) {
+      outgoing.clear();
+      command(i);
+      if (const auto status = wire.write(outgoing); status != Wire::Status::ok) {
+        return wire_failure(status, wire, stage(i));
+      }
+    }
+    detail::SmtpReply reply;
+    if (const auto status = wire.read(reader, reply); status != Wire::Status::ok) {
+      if (!refused) return wire_failure(status, wire, stage(i));
+      refused->ending = Ending::cut;  // the refusal is the story; the connection is gone
+      return *refused;
+    }
+    const bool data = i == commands - 1;
+    const bool accepted = data ? reply.code == 354 : reply.code / 100 == 2;
+    if (refused) {
+      // A 354 to DATA after a refusal: the relay waits for a message that must not come.
+      if (data && accepted) refused->ending = Ending::cut;
+      if (data || reply.code == 421) return *refused;
+      continue;
+    }
+    if (!accepted) {
+      refused = refusal(std::move(reply), stage(i));
+      // Without pipelining nothing more was asked; a 421 means no more replies will come.
+      if (!pipelining || data || refused->ending == Ending::cut) return *refused;
+    }
+  }
+
+  outgoing.clear();
+  detail::append_dot_stuffed(outgoing, mime);
+  Transaction t;
+  t.message_started = true;
+  t.stage = "end of DATA";
+  Wire::Status status = wire.write(outgoing);
+  if (status == Wire::Status::ok) status = wire.read(reader, t.reply);
+  if (status != Wire::Status::ok) {
+    t = wire_failure(status, wire, std::move(t.stage));
+    t.message_started = true;
+    return t;
+  }
+  if (t.reply.code / 100 != 2) {
+    t = refusal(std::move(t.reply), std::move(t.stage));
+    t.message_started = true;
+    return t;
+  }
+  // Bytes after the reply would make the next transaction read the wrong replies.
+  t.ending = reader.empty() ? Ending::keep : Ending::cut;
+  return t;
 }
 
 // A kept connection that failed before any of the message went out, by a cut connection or a
 // 421 ("closing the channel"): the relay closed it while it sat idle. The message cannot have
 // been taken, so it goes out over a new connection at once.
-bool stale_connection(const Transfer& transfer) {
-  if (transfer.new_connection || transfer.state->transcript.message_started) return false;
-  switch (transfer.rc) {
-    case CURLE_SEND_ERROR:
-    case CURLE_RECV_ERROR:
-    case CURLE_GOT_NOTHING:
-    case CURLE_WEIRD_SERVER_REPLY:
-      return transfer.code == 0 || transfer.code == 421;
-    default:
-      return false;
+bool stale_connection(const Transaction& t) {
+  if (t.message_started) return false;
+  return t.kind == Transaction::Kind::cut ||
+         (t.kind == Transaction::Kind::refused && t.reply.code == 421);
+}
+
+SendResult result_of(const Transaction& t, const std::string& url) {
+  switch (t.kind) {
+    case Transaction::Kind::sent: {
+      const std::string text = printable(t.reply.text);
+      return {SendOutcome::sent, t.reply.code,
+              "SMTP " + std::to_string(t.reply.code) + (text.empty() ? "" : " " + text)};
+    }
+    case Transaction::Kind::refused: {
+      const std::string text = printable(t.reply.text);
+      std::string detail = "SMTP " + std::to_string(t.reply.code) +
+                           (text.empty() ? "" : " " + text) + " (" + t.stage + ")";
+      // 4xx is the server's "try again later" (RFC 5321 4.2.1); 5xx to MAIL, RCPT, DATA or the
+      // message is final: retrying sends the same thing again. Anything else is not SMTP as
+      // the relay should speak it: another attempt, bounded by the job's max_attempts.
+      if (t.reply.code >= 500 && t.reply.code <= 599) {
+        return permanent(std::move(detail), t.reply.code);
+      }
+      return temporary(std::move(detail), t.reply.code);
+    }
+    case Transaction::Kind::cut:
+      return temporary("connection failed (" + t.stage + "): " + printable(t.error) + ": " + url);
+    case Transaction::Kind::timed_out:
+      // The server may have accepted a message whose reply never came: the retry can
+      // duplicate it, which the stable Message-ID lets receivers detect.
+      return temporary("timed out (" + t.stage + "): " + url);
+    case Transaction::Kind::aborted:
+      return {SendOutcome::aborted, 0, "aborted (" + t.stage + "): " + url};
   }
+  return temporary("unknown outcome: " + url);
 }
 
 }  // namespace
@@ -592,15 +837,10 @@ SendResult SmtpMailer::send(std::string_view envelope_from,
                             std::shared_ptr<const std::atomic<bool>> cancel) const {
   global_init();
   if (recipients.empty()) return permanent("no recipients");
-  // libcurl writes these into SMTP commands as they are: a line break would add a command.
+  // These go into SMTP commands as they are: a line break would add a command.
   if (has_cr_lf_nul(envelope_from)) return permanent("the envelope sender has CR, LF or NUL");
-  std::unique_ptr<curl_slist, SlistDeleter> rcpt;
   for (const auto& recipient : recipients) {
     if (has_cr_lf_nul(recipient)) return permanent("a recipient has CR, LF or NUL");
-    curl_slist* appended = curl_slist_append(rcpt.get(), ("<" + recipient + ">").c_str());
-    if (appended == nullptr) return temporary("out of memory");
-    rcpt.release();
-    rcpt.reset(appended);
   }
   const std::string from = "<" + std::string(envelope_from) + ">";
 
@@ -609,35 +849,44 @@ SendResult SmtpMailer::send(std::string_view envelope_from,
   if (cancelled)
     return {SendOutcome::aborted, 0, "aborted (waiting for a connection): " + display_url_};
   if (h == nullptr) return temporary("curl_easy_init failed");
-  Transfer transfer = perform(h, from, rcpt.get(), mime, cancel);
-  pool_->count_connects(transfer.new_connection ? 1 : 0);
-  if (transfer.rc != CURLE_OK && stale_connection(transfer)) {
-    h = pool_->replace(h);
-    if (h == nullptr) {
-      pool_->give_back(nullptr, false);
-      return temporary("curl_easy_init failed");
-    }
-    transfer = perform(h, from, rcpt.get(), mime, cancel);
-    pool_->count_connects(transfer.new_connection ? 1 : 0);
-  }
 
-  // Read before the handle goes back: then another send or the closing thread may use it.
-  const Transcript& transcript = transfer.state->transcript;
-  const long code = transfer.code;
   SendResult result;
-  if (transfer.rc == CURLE_ABORTED_BY_CALLBACK) {
-    result = {SendOutcome::aborted, 0, "aborted (" + transcript.stage + "): " + display_url_};
-  } else if (transfer.rc == CURLE_OK) {
-    std::string text = transcript.reply_code == code ? printable(transcript.reply_text) : "";
-    result = {SendOutcome::sent, code,
-              "SMTP " + std::to_string(code) + (text.empty() ? "" : " " + text)};
-  } else {
-    result = classify(transfer.rc, code, transcript, transfer.os_errno,
-                      transfer.state->error_buffer, display_url_);
+  for (bool retried = false;; retried = true) {
+    // settings.timeout bounds each attempt, its connect included.
+    const auto deadline = Clock::now() + settings_.timeout;
+    HandleState& state = state_of(h);
+    const bool kept = state.connected;
+    if (!kept) {
+      const Connect connected = connect(h, deadline, cancel);
+      pool_->count_connects(connected.connects);
+      if (connected.rc != CURLE_OK) {
+        result = connected.rc == CURLE_ABORTED_BY_CALLBACK
+                     ? SendResult{SendOutcome::aborted, 0,
+                                  "aborted (" + state.transcript.stage + "): " + display_url_}
+                     : classify(connected.rc, connected.code, state.transcript, connected.os_errno,
+                                state.error_buffer, display_url_);
+        pool_->give_back(h, Ending::cut);
+        break;
+      }
+    }
+    Wire wire(h, state.socket, deadline, cancel.get());
+    detail::SmtpReplyReader reader;
+    const Transaction t = run_transaction(wire, reader, state.outgoing, state.pipelining,
+                                          state.size, from, recipients, mime);
+    if (kept && !retried && stale_connection(t)) {
+      h = pool_->replace(h);
+      if (h == nullptr) {
+        pool_->give_back(nullptr, Ending::cut);
+        return temporary("curl_easy_init failed");
+      }
+      continue;
+    }
+    result = result_of(t, display_url_);
+    // Only a connection whose transaction succeeded is kept: after a refusal it gets QUIT, after
+    // any other failure it is cut, so no transaction is ever left half done on it.
+    pool_->give_back(h, t.ending, deadline);
+    break;
   }
-  // Only a connection whose transaction succeeded is kept: after any failure libcurl has closed
-  // it (and sent QUIT) or it is cut here, so no transaction is ever left half done on it.
-  pool_->give_back(h, transfer.rc == CURLE_OK, transfer.socket);
   // Belt and braces: no server or libcurl text may echo the password into a job's last_error.
   if (!settings_.password.empty()) {
     for (auto at = result.detail.find(settings_.password); at != std::string::npos;

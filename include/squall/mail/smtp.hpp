@@ -1,8 +1,9 @@
-// The blocking SMTP send through libcurl, run on libuv's thread pool. An SmtpMailer keeps up to
+// The blocking SMTP send, run on libuv's thread pool. An SmtpMailer keeps up to
 // SmtpSettings::connections connections to its relay open and sends one message after another
-// over each (libcurl reuses the connection cached in an easy handle: the next transaction starts
-// with MAIL FROM, no new greeting, EHLO, STARTTLS or AUTH). SmtpMailer::send is safe to call from
-// several pool threads at once: each send has a connection to itself.
+// over each: libcurl opens a connection (greeting, EHLO, STARTTLS, AUTH), then the mailer runs
+// each mail transaction over it itself, with MAIL FROM, the RCPTs and DATA in one write when the
+// relay offers PIPELINING (RFC 2920). SmtpMailer::send is safe to call from several pool threads
+// at once: each send has a connection to itself.
 #pragma once
 
 #include <atomic>
@@ -75,7 +76,7 @@ class SmtpMailer {
   SmtpMailer(const SmtpMailer&) = delete;
   SmtpMailer& operator=(const SmtpMailer&) = delete;
 
-  // Sends mime (CRLF lines, not dot-stuffed: libcurl does that) to every recipient, over an
+  // Sends mime (CRLF lines, not dot-stuffed: send does that) to every recipient, over an
   // open connection to the relay when one is free, else over a new one (up to
   // settings.connections; beyond that it waits for a connection to come free). Blocks for up to
   // settings.timeout once it has its connection. A recipient the server refuses fails the whole
