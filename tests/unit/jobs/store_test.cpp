@@ -1429,3 +1429,156 @@ TEST_CASE_TEMPLATE("a runner's round: starts, outcomes and a hold commit togethe
   CHECK(store->get(c)->state == JobState::failed);
   CHECK(store->get(c)->webhook == squall::jobs::WebhookState::owed);
 }
+
+// ---- WAL checkpoints off the commit path ------------------------------------------------------
+
+namespace {
+
+using squall::jobs::CheckpointStats;
+using squall::jobs::sqlite_wal_bound_pages;
+using squall::jobs::sqlite_wal_checkpoint_pages;
+using squall::jobs::sqlite_wal_tail_pages;
+
+// One commit of `count` jobs of `payload_bytes` each (about that many bytes of WAL pages);
+// their ids go to `ids`.
+void commit_jobs(JobStore& store, std::size_t count, std::size_t payload_bytes,
+                 std::vector<std::string>& ids) {
+  std::vector<NewJob> jobs;
+  for (std::size_t i = 0; i < count; ++i) {
+    jobs.push_back(new_job(std::string(payload_bytes, static_cast<char>('a' + ids.size() % 26))));
+  }
+  for (auto& inserted : store.insert_batch(jobs, squall::jobs::unix_now_ms())) {
+    ids.push_back(inserted.job.id);
+  }
+}
+
+std::uintmax_t file_size_or_zero(const std::string& path) {
+  std::error_code error;
+  const auto size = std::filesystem::file_size(path, error);
+  return error ? 0 : size;
+}
+
+// A WAL file of `pages` frames of 4 KiB (each with its 24-byte header) and its 32-byte header.
+constexpr std::uintmax_t wal_file_bytes(int pages) {
+  return 32 + static_cast<std::uintmax_t>(pages) * (4096 + 24);
+}
+
+// Every job of `ids` is in the store at `path`, opened again, and the file is sound.
+void check_all_stored(const std::string& path, const std::vector<std::string>& ids) {
+  auto store = open_sqlite_store(path, true);
+  CHECK(store->count_pending() == static_cast<std::int64_t>(ids.size()));
+  for (const std::string& id : {ids.front(), ids[ids.size() / 2], ids.back()}) {
+    CHECK(store->get(id).has_value());
+  }
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
+  sqlite3_stmt* stmt = nullptr;
+  REQUIRE(sqlite3_prepare_v2(db, "PRAGMA integrity_check", -1, &stmt, nullptr) == SQLITE_OK);
+  REQUIRE(sqlite3_step(stmt) == SQLITE_ROW);
+  CHECK(std::string(reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0))) == "ok");
+  sqlite3_finalize(stmt);
+  sqlite3_close(db);
+}
+
+}  // namespace
+
+TEST_CASE("a steady stream of commits: the checkpoint thread copies the WAL, commits copy a tail") {
+  TempDir dir;
+  const std::string path = dir.file("jobs.db");
+  const std::string wal = path + "-wal";
+  std::vector<std::string> ids;
+  std::uintmax_t largest_wal = 0;
+  CheckpointStats stats;
+  {
+    auto store = open_sqlite_store(path, true);  // An fsync per commit, as squalld runs it.
+    // Commits back to back, each of about 10 pages, until the WAL has started over 3 times.
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+    while (store->checkpoint_stats().wal_restarts < 3 &&
+           std::chrono::steady_clock::now() < deadline) {
+      commit_jobs(*store, 8, 4000, ids);
+      largest_wal = std::max(largest_wal, file_size_or_zero(wal));
+    }
+    stats = store->checkpoint_stats();
+  }
+  MESSAGE((ids.size() / 8) << " commits; checkpoint thread: " << stats.checkpoints << " passes, "
+                           << stats.pages << " pages; commits: " << stats.commit_checkpoints
+                           << " checkpoints, " << stats.commit_pages << " pages; "
+                           << stats.wal_restarts << " restarts; largest WAL " << largest_wal);
+  // The WAL is reused: it started over (which a read transaction left open on the checkpoint
+  // connection would prevent), and never grew near the bound.
+  CHECK(stats.wal_restarts >= 3);
+  CHECK(largest_wal <= wal_file_bytes(2 * sqlite_wal_checkpoint_pages));
+  // The checkpoint thread copied the WAL; the commits never checkpointed more than a tail.
+  CHECK(stats.checkpoints >= 3);
+  CHECK(stats.pages >= 3 * static_cast<std::uint64_t>(sqlite_wal_checkpoint_pages) / 2);
+  CHECK(stats.commit_checkpoints_over_bound == 0);
+  CHECK(stats.commit_pages <= stats.commit_checkpoints * (sqlite_wal_tail_pages + 20));
+  CHECK(stats.commit_pages * 4 < stats.pages);
+  CHECK(stats.failures == 0);
+  // The writer's close checkpointed everything and deleted the WAL.
+  CHECK(!std::filesystem::exists(wal));
+  check_all_stored(path, ids);
+}
+
+TEST_CASE("a reader holding an old snapshot: commits past the WAL's bound checkpoint themselves") {
+  TempDir dir;
+  const std::string path = dir.file("jobs.db");
+  std::vector<std::string> ids;
+  {
+    auto store = open_sqlite_store(path, false);
+    commit_jobs(*store, 8, 4000, ids);
+    // Another connection's read transaction: no checkpoint may copy a page written after it.
+    sqlite3* reader = nullptr;
+    REQUIRE(sqlite3_open(path.c_str(), &reader) == SQLITE_OK);
+    REQUIRE(sqlite3_exec(reader, "BEGIN; SELECT count(*) FROM jobs", nullptr, nullptr, nullptr) ==
+            SQLITE_OK);
+    std::size_t commits = 0;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+    while (store->checkpoint_stats().commit_checkpoints_over_bound < 20 &&
+           std::chrono::steady_clock::now() < deadline) {
+      commit_jobs(*store, 8, 4000, ids);
+      ++commits;
+    }
+    const CheckpointStats blocked = store->checkpoint_stats();
+    MESSAGE(commits << " commits while the reader held its snapshot: checkpoint thread "
+                    << blocked.checkpoints_started << " passes; commits over the bound "
+                    << blocked.commit_checkpoints_over_bound);
+    CHECK(blocked.commit_checkpoints_over_bound >= 20);
+    CHECK(blocked.wal_restarts == 0);
+    CHECK(std::filesystem::file_size(path + "-wal") >= wal_file_bytes(sqlite_wal_bound_pages));
+    // The thread that can copy nothing does not run at every commit either.
+    CHECK(blocked.checkpoints_started <= commits / 10 + 3);
+    CHECK(blocked.failures == 0);
+
+    // Once the reader is gone, the WAL is copied and starts over.
+    REQUIRE(sqlite3_exec(reader, "COMMIT", nullptr, nullptr, nullptr) == SQLITE_OK);
+    sqlite3_close(reader);
+    while (store->checkpoint_stats().wal_restarts == 0 &&
+           std::chrono::steady_clock::now() < deadline) {
+      commit_jobs(*store, 8, 4000, ids);
+    }
+    CHECK(store->checkpoint_stats().wal_restarts >= 1);
+  }
+  check_all_stored(path, ids);
+}
+
+TEST_CASE("closing a store while its checkpoint thread copies the WAL keeps every job") {
+  TempDir dir;
+  const std::string path = dir.file("jobs.db");
+  std::vector<std::string> ids;
+  {
+    auto store = open_sqlite_store(path, true);
+    // One commit of about 2,000 pages: the thread has a long pass to make.
+    commit_jobs(*store, 500, 16000, ids);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (store->checkpoint_stats().checkpoints_started == 0 &&
+           std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::yield();
+    }
+    REQUIRE(store->checkpoint_stats().checkpoints_started == 1);
+    // Closed at once: the pass is cut short (or has just ended), the writer's close copies
+    // the rest.
+  }
+  CHECK(!std::filesystem::exists(path + "-wal"));
+  check_all_stored(path, ids);
+}
