@@ -359,6 +359,8 @@ class SqliteJobStore final : public JobStore {
   // Stops a pass under way, joins the thread and closes its connection. Idempotent.
   void stop_checkpointer() noexcept;
   void checkpointer_main() noexcept;
+  // fdatasync of the database file through the checkpoint connection; an SQLite status.
+  int sync_database() noexcept;
   // The writing connection's WAL hook (sqlite3_wal_hook): after every commit, with the
   // WAL's length in pages. Replaces SQLite's auto-checkpoint.
   static int on_wal_commit(void* store, sqlite3* db, const char* database, int frames) noexcept;
@@ -418,6 +420,9 @@ class SqliteJobStore final : public JobStore {
   int wal_copied_ = 0;  // Of those, copied into the database, as the last checkpoint said.
   // A pass is wanted once the WAL is this long (pages); 0: at the next commit.
   int checkpoint_next_wake_ = sqlite_wal_checkpoint_pages;
+  // A commit copied the tail since the last pass or restart: if the WAL did not start over (a
+  // reader's snapshot), the next tail waits for the thread's next pass, not every commit.
+  bool tail_copied_ = false;
   std::thread checkpointer_;                // Runs checkpointer_main while the store is open.
   bool checkpoint_failing_ = false;         // Thread only: its last pass failed (logged once).
   bool commit_checkpoint_failing_ = false;  // Writer only: its last checkpoint failed.
@@ -622,17 +627,24 @@ void SqliteJobStore::checkpointer_main() noexcept {
     // PASSIVE: copies what no reader still needs, beside the writer, waiting for no lock.
     const int status = sqlite3_wal_checkpoint_v2(checkpoint_db_, "main", SQLITE_CHECKPOINT_PASSIVE,
                                                  &wal_pages, &copied);
-    const std::string error = status == SQLITE_OK ? std::string() : sqlite3_errmsg(checkpoint_db_);
+    std::string error = status == SQLITE_OK ? std::string() : sqlite3_errmsg(checkpoint_db_);
+    int sync_status = SQLITE_OK;
+    if (status == SQLITE_OK && copied > copied_before) sync_status = sync_database();
+    if (sync_status != SQLITE_OK) {
+      error =
+          std::string("fdatasync of the database after copying: ") + sqlite3_errstr(sync_status);
+    }
 
     lock.lock();
     checkpoint_running_ = false;
-    if (status == SQLITE_OK && wal_pages >= 0 && copied >= 0) {
+    if (status == SQLITE_OK && sync_status == SQLITE_OK && wal_pages >= 0 && copied >= 0) {
       checkpoint_counts_.checkpoints.fetch_add(1, std::memory_order_relaxed);
       // Fewer copied than before: the WAL started over meanwhile, all of them are new.
       const int pages = copied >= copied_before ? copied - copied_before : copied;
       checkpoint_counts_.pages.fetch_add(static_cast<std::uint64_t>(pages),
                                          std::memory_order_relaxed);
       wal_copied_ = copied;
+      tail_copied_ = false;
       // Progress: run again as soon as a commit finds more than the tail left. None (a reader
       // holds the rest): not before the WAL has grown by a threshold again.
       checkpoint_next_wake_ = pages > 0 ? 0 : wal_pages + sqlite_wal_checkpoint_pages;
@@ -663,6 +675,19 @@ void SqliteJobStore::checkpointer_main() noexcept {
   }
 }
 
+int SqliteJobStore::sync_database() noexcept {
+  // SQLite syncs the database at the end of a checkpoint only when it reached the end of the
+  // WAL (the WAL may start over only then), which a pass beside a busy writer never does: the
+  // pages it wrote would all be synced by the commit that copies the tail. Synced here, that
+  // commit syncs only its own few. Through SQLite's own file: closing another descriptor of
+  // the file would drop the process's POSIX locks on it.
+  sqlite3_file* file = nullptr;
+  const int status = sqlite3_file_control(checkpoint_db_, "main", SQLITE_FCNTL_FILE_POINTER, &file);
+  if (status != SQLITE_OK) return status;
+  if (file == nullptr || file->pMethods == nullptr) return SQLITE_OK;  // Not open: nothing to sync.
+  return file->pMethods->xSync(file, SQLITE_SYNC_NORMAL);
+}
+
 int SqliteJobStore::on_wal_commit(void* store, sqlite3*, const char* database,
                                   int frames) noexcept {
   if (database != nullptr && std::strcmp(database, "main") == 0) {
@@ -683,6 +708,7 @@ void SqliteJobStore::after_commit(int frames) noexcept {
       checkpoint_counts_.wal_restarts.fetch_add(1, std::memory_order_relaxed);
       wal_copied_ = 0;
       checkpoint_next_wake_ = sqlite_wal_checkpoint_pages;
+      tail_copied_ = false;
     }
     wal_frames_ = frames;
     // A count the thread reported from before the WAL started over.
@@ -693,11 +719,12 @@ void SqliteJobStore::after_commit(int frames) noexcept {
       action = Action::bound;
     } else if (frames >= sqlite_wal_checkpoint_pages && !checkpoint_running_ &&
                !checkpoint_wanted_ && checkpointer_.joinable()) {
-      if (wal_copied_ > 0 && uncopied > 0 && uncopied <= sqlite_wal_tail_pages) {
+      if (wal_copied_ > 0 && uncopied > 0 && uncopied <= sqlite_wal_tail_pages && !tail_copied_) {
         // Under a steady stream of commits the thread never copies the last frames (the
         // writer appends while it copies); SQLite restarts the WAL only at a write that
         // begins with every frame copied. These few, copied now, let the next one do it.
         action = Action::tail;
+        tail_copied_ = true;
       } else if (frames >= checkpoint_next_wake_ && uncopied > sqlite_wal_tail_pages) {
         checkpoint_wanted_ = true;
         checkpoint_wakeup_.notify_one();
