@@ -1582,3 +1582,172 @@ TEST_CASE("closing a store while its checkpoint thread copies the WAL keeps ever
   CHECK(!std::filesystem::exists(path + "-wal"));
   check_all_stored(path, ids);
 }
+
+namespace {
+
+// A VFS over the default one, made the default while it lives, that watches every store's
+// database file (not its -wal or -shm): the bytes written to it since it was last synced, and
+// for each sync the thread that made it and how many bytes it had to write out.
+class DatabaseSyncWatch {
+ public:
+  struct Sync {
+    std::thread::id thread;    // Who called xSync.
+    std::int64_t dirty_bytes;  // Written to the database since the sync before.
+  };
+
+  DatabaseSyncWatch() {
+    real_ = sqlite3_vfs_find(nullptr);
+    REQUIRE(real_ != nullptr);
+    vfs_ = *real_;
+    vfs_.zName = "squall-database-sync-watch";
+    vfs_.szOsFile = static_cast<int>(sizeof(File)) + real_->szOsFile;
+    vfs_.pNext = nullptr;
+    vfs_.xOpen = &open;
+    active_ = this;
+    REQUIRE(sqlite3_vfs_register(&vfs_, 1) == SQLITE_OK);
+  }
+  ~DatabaseSyncWatch() {
+    sqlite3_vfs_unregister(&vfs_);
+    sqlite3_vfs_register(real_, 1);
+    active_ = nullptr;
+  }
+  DatabaseSyncWatch(const DatabaseSyncWatch&) = delete;
+  DatabaseSyncWatch& operator=(const DatabaseSyncWatch&) = delete;
+
+  std::vector<Sync> syncs() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return syncs_;
+  }
+
+ private:
+  struct File {
+    sqlite3_file base;   // Its methods are methods_.
+    sqlite3_file* real;  // The default VFS's file, allocated right after this struct.
+    bool database;       // The main database file.
+  };
+
+  static File* file_of(sqlite3_file* file) { return reinterpret_cast<File*>(file); }
+  static sqlite3_file* real(sqlite3_file* file) { return file_of(file)->real; }
+
+  static int open(sqlite3_vfs*, const char* name, sqlite3_file* file, int flags, int* out_flags) {
+    DatabaseSyncWatch& watch = *active_;
+    File* mine = file_of(file);
+    mine->base.pMethods = nullptr;
+    mine->real = reinterpret_cast<sqlite3_file*>(mine + 1);
+    mine->database = (flags & SQLITE_OPEN_MAIN_DB) != 0;
+    const int status = watch.real_->xOpen(watch.real_, name, mine->real, flags, out_flags);
+    if (mine->real->pMethods != nullptr) {
+      watch.methods_ = *mine->real->pMethods;  // The same for every file of the default VFS.
+      watch.methods_.xClose = [](sqlite3_file* f) { return real(f)->pMethods->xClose(real(f)); };
+      watch.methods_.xRead = [](sqlite3_file* f, void* data, int amount, sqlite3_int64 offset) {
+        return real(f)->pMethods->xRead(real(f), data, amount, offset);
+      };
+      watch.methods_.xWrite = [](sqlite3_file* f, const void* data, int amount,
+                                 sqlite3_int64 offset) {
+        if (file_of(f)->database) {
+          std::lock_guard<std::mutex> lock(active_->mutex_);
+          active_->dirty_bytes_ += amount;
+        }
+        return real(f)->pMethods->xWrite(real(f), data, amount, offset);
+      };
+      watch.methods_.xTruncate = [](sqlite3_file* f, sqlite3_int64 size) {
+        return real(f)->pMethods->xTruncate(real(f), size);
+      };
+      watch.methods_.xSync = [](sqlite3_file* f, int sync_flags) {
+        if (file_of(f)->database) {
+          std::lock_guard<std::mutex> lock(active_->mutex_);
+          active_->syncs_.push_back({std::this_thread::get_id(), active_->dirty_bytes_});
+          active_->dirty_bytes_ = 0;
+        }
+        return real(f)->pMethods->xSync(real(f), sync_flags);
+      };
+      watch.methods_.xFileSize = [](sqlite3_file* f, sqlite3_int64* size) {
+        return real(f)->pMethods->xFileSize(real(f), size);
+      };
+      watch.methods_.xLock = [](sqlite3_file* f, int level) {
+        return real(f)->pMethods->xLock(real(f), level);
+      };
+      watch.methods_.xUnlock = [](sqlite3_file* f, int level) {
+        return real(f)->pMethods->xUnlock(real(f), level);
+      };
+      watch.methods_.xCheckReservedLock = [](sqlite3_file* f, int* out) {
+        return real(f)->pMethods->xCheckReservedLock(real(f), out);
+      };
+      watch.methods_.xFileControl = [](sqlite3_file* f, int op, void* arg) {
+        return real(f)->pMethods->xFileControl(real(f), op, arg);
+      };
+      watch.methods_.xSectorSize = [](sqlite3_file* f) {
+        return real(f)->pMethods->xSectorSize(real(f));
+      };
+      watch.methods_.xDeviceCharacteristics = [](sqlite3_file* f) {
+        return real(f)->pMethods->xDeviceCharacteristics(real(f));
+      };
+      watch.methods_.xShmMap = [](sqlite3_file* f, int region, int size, int extend,
+                                  void volatile** out) {
+        return real(f)->pMethods->xShmMap(real(f), region, size, extend, out);
+      };
+      watch.methods_.xShmLock = [](sqlite3_file* f, int offset, int n, int flags) {
+        return real(f)->pMethods->xShmLock(real(f), offset, n, flags);
+      };
+      watch.methods_.xShmBarrier = [](sqlite3_file* f) { real(f)->pMethods->xShmBarrier(real(f)); };
+      watch.methods_.xShmUnmap = [](sqlite3_file* f, int delete_flag) {
+        return real(f)->pMethods->xShmUnmap(real(f), delete_flag);
+      };
+      // No memory-mapped reads (xFetch): every read goes through xRead.
+      watch.methods_.iVersion = 2;
+      mine->base.pMethods = &watch.methods_;
+    }
+    return status;
+  }
+
+  sqlite3_vfs* real_ = nullptr;       // The default VFS, which does the work.
+  sqlite3_vfs vfs_{};                 // A copy of it with open() as xOpen.
+  sqlite3_io_methods methods_{};      // Forward to the real file's; set at the first open.
+  mutable std::mutex mutex_;          // Guards the two below (several threads write, sync).
+  std::int64_t dirty_bytes_ = 0;      // Written to the database since its last sync.
+  std::vector<Sync> syncs_;           // Every sync of a database file, in order.
+  static DatabaseSyncWatch* active_;  // The instance the C callbacks report to.
+};
+
+DatabaseSyncWatch* DatabaseSyncWatch::active_ = nullptr;
+
+}  // namespace
+
+TEST_CASE("the checkpoint thread syncs what it copied: a commit copying the tail syncs little") {
+  DatabaseSyncWatch watch;
+  TempDir dir;
+  const std::string path = dir.file("jobs.db");
+  std::vector<std::string> ids;
+  std::vector<DatabaseSyncWatch::Sync> syncs;
+  {
+    auto store = open_sqlite_store(path, true);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+    while (store->checkpoint_stats().wal_restarts < 3 &&
+           std::chrono::steady_clock::now() < deadline) {
+      commit_jobs(*store, 8, 4000, ids);
+    }
+    REQUIRE(store->checkpoint_stats().wal_restarts >= 3);
+    REQUIRE(store->checkpoint_stats().commit_checkpoints >= 1);
+    syncs = watch.syncs();  // Before the close, which checkpoints (and syncs) the rest.
+  }
+  const auto writer = std::this_thread::get_id();
+  std::size_t by_thread = 0;
+  std::size_t by_writer = 0;
+  std::int64_t largest_by_writer = 0;
+  for (const auto& sync : syncs) {
+    if (sync.thread == writer) {
+      ++by_writer;
+      largest_by_writer = std::max(largest_by_writer, sync.dirty_bytes);
+    } else {
+      ++by_thread;
+    }
+  }
+  MESSAGE(by_thread << " database syncs by the checkpoint thread, " << by_writer
+                    << " by the writer, the largest of those " << largest_by_writer << " bytes");
+  // The pages of each pass were synced by the thread, so the commits that copied a tail (and
+  // let the WAL restart) synced only the tail's pages, not the pass's 1,000.
+  CHECK(by_thread >= 3);
+  CHECK(by_writer >= 1);
+  CHECK(largest_by_writer <= static_cast<std::int64_t>(sqlite_wal_tail_pages + 50) * 4096);
+  check_all_stored(path, ids);
+}
