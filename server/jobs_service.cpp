@@ -502,6 +502,32 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
   registry.gauge_callback("squall_jobs_store_queue_depth",
                           "Operations waiting for the job store's thread.",
                           [this] { return static_cast<double>(store_->queue_depth()); });
+  // The SQLite store's WAL (zero on PostgreSQL): its checkpoint thread keeps checkpoints out
+  // of the commits.
+  registry.counter_callback("squall_jobs_store_checkpoints_total",
+                            "WAL checkpoints run by the job store's checkpoint thread.",
+                            [this] { return store_->checkpoint_stats().checkpoints; });
+  registry.counter_callback("squall_jobs_store_checkpoint_pages_total",
+                            "WAL pages the job store's checkpoint thread copied into the database.",
+                            [this] { return store_->checkpoint_stats().pages; });
+  registry.counter_callback(
+      "squall_jobs_store_commit_checkpoints_total",
+      "WAL checkpoints run by the job store's commits (the last pages before the WAL starts "
+      "over, or all of them past its bound).",
+      [this] { return store_->checkpoint_stats().commit_checkpoints; });
+  registry.counter_callback(
+      "squall_jobs_store_commit_checkpoints_over_bound_total",
+      "Of the commits' WAL checkpoints, those run because the WAL reached its bound.",
+      [this] { return store_->checkpoint_stats().commit_checkpoints_over_bound; });
+  registry.counter_callback("squall_jobs_store_commit_checkpoint_pages_total",
+                            "WAL pages the job store's commits copied into the database.",
+                            [this] { return store_->checkpoint_stats().commit_pages; });
+  registry.counter_callback("squall_jobs_store_wal_restarts_total",
+                            "Commits that began the job store's WAL again from its start.",
+                            [this] { return store_->checkpoint_stats().wal_restarts; });
+  registry.counter_callback("squall_jobs_store_checkpoint_failures_total",
+                            "WAL checkpoints of the job store that failed (logged).",
+                            [this] { return store_->checkpoint_stats().failures; });
   send_seconds_ =
       &registry
            .histogram("squall_jobs_send_duration_seconds", "Duration of one send attempt.",

@@ -1,19 +1,24 @@
 #include "squall/jobs/store.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
 #include <iterator>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <system_error>
+#include <thread>
 #include <tuple>
 #include <utility>
 
 #include <fcntl.h>
 #include <openssl/evp.h>
+#include <spdlog/spdlog.h>
 #include <sqlite3.h>
 #include <sys/file.h>
 #include <sys/random.h>
@@ -304,6 +309,7 @@ class SqliteJobStore final : public JobStore {
                     std::int64_t now_ms) override;
   bool release_webhook(std::string_view id, std::int64_t now_ms) override;
   std::int64_t count_webhooks_owed() override;
+  CheckpointStats checkpoint_stats() const noexcept override;
 
  private:
   // A write transaction that nests: only the outermost one begins and commits. Any scope
@@ -347,6 +353,21 @@ class SqliteJobStore final : public JobStore {
   void migrate_to_4();
   void migrate_to_5();
 
+  // The WAL's checkpoints, off the commit path (see open_sqlite_store in store.hpp).
+  // Opens the checkpoint thread's connection, starts the thread and installs the WAL hook.
+  void start_checkpointer(bool synchronous_full);
+  // Stops a pass under way, joins the thread and closes its connection. Idempotent.
+  void stop_checkpointer() noexcept;
+  void checkpointer_main() noexcept;
+  // fdatasync of the database file through the checkpoint connection; an SQLite status.
+  int sync_database() noexcept;
+  // The writing connection's WAL hook (sqlite3_wal_hook): after every commit, with the
+  // WAL's length in pages. Replaces SQLite's auto-checkpoint.
+  static int on_wal_commit(void* store, sqlite3* db, const char* database, int frames) noexcept;
+  void after_commit(int frames) noexcept;
+  // A PASSIVE checkpoint on the writing connection, from after_commit.
+  void commit_checkpoint(int frames, int copied_before, bool over_bound) noexcept;
+
   // The schema's history: migrations[i] upgrades user_version i to i + 1, inside the one
   // transaction that also sets user_version, so a failure leaves the file as it was. A new
   // version adds one member function and one entry here (sqlite_schema_version follows).
@@ -387,6 +408,34 @@ class SqliteJobStore final : public JobStore {
   Statement count_webhooks_;         // count_webhooks_sql.
   Statement release_webhook_;        // release_webhook_sql.
   bool webhooks_ = false;            // set_webhooks: finishing a job makes its webhook owed.
+
+  // The checkpoint thread. It and the writer's WAL hook share the fields below the mutex.
+  sqlite3* checkpoint_db_ = nullptr;           // Its own connection: it only ever checkpoints.
+  std::mutex checkpoint_mutex_;                // Guards the fields from here to checkpointer_.
+  std::condition_variable checkpoint_wakeup_;  // checkpoint_wanted_ or _stopping_ was set.
+  bool checkpoint_wanted_ = false;             // A commit asks for a pass.
+  bool checkpoint_running_ = false;            // A pass is under way on the thread.
+  bool checkpoint_stopping_ = false;           // The store closes: the thread ends.
+  int wal_frames_ = 0;                         // The WAL's length (pages) after the last commit.
+  int wal_copied_ = 0;  // Of those, copied into the database, as the last checkpoint said.
+  // A pass is wanted once the WAL is this long (pages); 0: at the next commit.
+  int checkpoint_next_wake_ = sqlite_wal_checkpoint_pages;
+  // A commit copied the tail since the last pass or restart: if the WAL did not start over (a
+  // reader's snapshot), the next tail waits for the thread's next pass, not every commit.
+  bool tail_copied_ = false;
+  std::thread checkpointer_;                // Runs checkpointer_main while the store is open.
+  bool checkpoint_failing_ = false;         // Thread only: its last pass failed (logged once).
+  bool commit_checkpoint_failing_ = false;  // Writer only: its last checkpoint failed.
+  struct {
+    std::atomic<std::uint64_t> checkpoints{0};
+    std::atomic<std::uint64_t> checkpoints_started{0};
+    std::atomic<std::uint64_t> pages{0};
+    std::atomic<std::uint64_t> commit_checkpoints{0};
+    std::atomic<std::uint64_t> commit_checkpoints_over_bound{0};
+    std::atomic<std::uint64_t> commit_pages{0};
+    std::atomic<std::uint64_t> wal_restarts{0};
+    std::atomic<std::uint64_t> failures{0};
+  } checkpoint_counts_;  // See CheckpointStats.
 };
 
 // A store file that does not exist yet is created here, mode 0600 whatever the umask: SQLite
@@ -492,9 +541,11 @@ SqliteJobStore::SqliteJobStore(const std::string& path, bool synchronous_full) :
     prepare(mark_webhook_, mark_webhook_sql);
     prepare(count_webhooks_, count_webhooks_sql);
     prepare(release_webhook_, release_webhook_sql);
+    start_checkpointer(synchronous_full);
   } catch (...) {
     // The destructor does not run; the prepared members are finalized after this, and
     // sqlite3_close_v2 waits for them.
+    stop_checkpointer();
     sqlite3_close_v2(db_);
     db_ = nullptr;
     throw;
@@ -502,9 +553,235 @@ SqliteJobStore::SqliteJobStore(const std::string& path, bool synchronous_full) :
 }
 
 SqliteJobStore::~SqliteJobStore() {
+  // The checkpoint thread's connection closes first, so that the writer's is the last one:
+  // its close checkpoints the whole WAL and deletes the file.
+  stop_checkpointer();
   // sqlite3_close_v2 defers the close until the statements (members, destroyed after this
   // body) are finalized, so the order of destruction does not matter.
   sqlite3_close_v2(db_);
+}
+
+void SqliteJobStore::start_checkpointer(bool synchronous_full) {
+  // The file itself, whatever URI or relative path opened it.
+  const char* file = sqlite3_db_filename(db_, "main");
+  if (file == nullptr || file[0] == '\0') return;  // A temporary database: nothing to share.
+  const std::string operation = "open the WAL checkpoint connection";
+  auto failed = [&](const std::string& what) {
+    std::string message = "job store " + path_ + ": " + operation + ": " + what;
+    sqlite3_close_v2(checkpoint_db_);
+    checkpoint_db_ = nullptr;
+    throw std::runtime_error(message);
+  };
+  const int open_status =
+      sqlite3_open_v2(file, &checkpoint_db_, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, nullptr);
+  if (open_status != SQLITE_OK) {
+    failed(checkpoint_db_ != nullptr ? sqlite3_errmsg(checkpoint_db_)
+                                     : sqlite3_errstr(open_status));
+  }
+  sqlite3_extended_result_codes(checkpoint_db_, 1);
+  // The checkpoint syncs the database as the writer's settings say. One read opens the WAL
+  // on this connection (a checkpoint needs it open); sqlite3_exec finalizes the statement, so
+  // no read transaction stays open: a reader's snapshot would keep the WAL from starting over.
+  const char* setup = synchronous_full
+                          ? "PRAGMA synchronous=FULL; SELECT count(*) FROM sqlite_schema"
+                          : "PRAGMA synchronous=NORMAL; SELECT count(*) FROM sqlite_schema";
+  if (sqlite3_exec(checkpoint_db_, setup, nullptr, nullptr, nullptr) != SQLITE_OK) {
+    failed(sqlite3_errmsg(checkpoint_db_));
+  }
+  checkpointer_ = std::thread([this] { checkpointer_main(); });
+  // Replaces SQLite's auto-checkpoint (wal_autocheckpoint is a WAL hook too).
+  sqlite3_wal_hook(db_, &SqliteJobStore::on_wal_commit, this);
+}
+
+void SqliteJobStore::stop_checkpointer() noexcept {
+  if (db_ != nullptr) sqlite3_wal_hook(db_, nullptr, nullptr);
+  if (checkpointer_.joinable()) {
+    {
+      std::lock_guard<std::mutex> lock(checkpoint_mutex_);
+      checkpoint_stopping_ = true;
+    }
+    checkpoint_wakeup_.notify_one();
+    // A pass under way stops at its next page (SQLITE_INTERRUPT): the writer's close
+    // checkpoints everything anyway.
+    sqlite3_interrupt(checkpoint_db_);
+    checkpointer_.join();
+  }
+  sqlite3_close_v2(checkpoint_db_);
+  checkpoint_db_ = nullptr;
+}
+
+void SqliteJobStore::checkpointer_main() noexcept {
+  std::unique_lock<std::mutex> lock(checkpoint_mutex_);
+  for (;;) {
+    checkpoint_wakeup_.wait(lock, [this] { return checkpoint_wanted_ || checkpoint_stopping_; });
+    if (checkpoint_stopping_) return;
+    checkpoint_wanted_ = false;
+    checkpoint_running_ = true;
+    const int copied_before = wal_copied_;
+    const int frames_at_wake = wal_frames_;
+    lock.unlock();
+
+    checkpoint_counts_.checkpoints_started.fetch_add(1, std::memory_order_relaxed);
+    int wal_pages = -1;
+    int copied = -1;
+    // PASSIVE: copies what no reader still needs, beside the writer, waiting for no lock.
+    const int status = sqlite3_wal_checkpoint_v2(checkpoint_db_, "main", SQLITE_CHECKPOINT_PASSIVE,
+                                                 &wal_pages, &copied);
+    std::string error = status == SQLITE_OK ? std::string() : sqlite3_errmsg(checkpoint_db_);
+    int sync_status = SQLITE_OK;
+    if (status == SQLITE_OK && copied > copied_before) sync_status = sync_database();
+    if (sync_status != SQLITE_OK) {
+      error =
+          std::string("fdatasync of the database after copying: ") + sqlite3_errstr(sync_status);
+    }
+
+    lock.lock();
+    checkpoint_running_ = false;
+    if (status == SQLITE_OK && sync_status == SQLITE_OK && wal_pages >= 0 && copied >= 0) {
+      checkpoint_counts_.checkpoints.fetch_add(1, std::memory_order_relaxed);
+      // Fewer copied than before: the WAL started over meanwhile, all of them are new.
+      const int pages = copied >= copied_before ? copied - copied_before : copied;
+      checkpoint_counts_.pages.fetch_add(static_cast<std::uint64_t>(pages),
+                                         std::memory_order_relaxed);
+      wal_copied_ = copied;
+      tail_copied_ = false;
+      // Progress: run again as soon as a commit finds more than the tail left. None (a reader
+      // holds the rest): not before the WAL has grown by a threshold again.
+      checkpoint_next_wake_ = pages > 0 ? 0 : wal_pages + sqlite_wal_checkpoint_pages;
+      if (checkpoint_failing_) {
+        checkpoint_failing_ = false;
+        lock.unlock();
+        spdlog::info("job store {}: the WAL checkpoint thread checkpoints again", path_);
+        lock.lock();
+      }
+    } else if ((status & 0xff) == SQLITE_BUSY) {
+      // The writer is checkpointing (a commit past the bound): the next commit asks again.
+    } else if ((status & 0xff) == SQLITE_INTERRUPT && checkpoint_stopping_) {
+      return;
+    } else {
+      checkpoint_counts_.failures.fetch_add(1, std::memory_order_relaxed);
+      checkpoint_next_wake_ = frames_at_wake + sqlite_wal_checkpoint_pages;
+      if (!checkpoint_failing_) {
+        checkpoint_failing_ = true;
+        lock.unlock();
+        spdlog::warn(
+            "job store {}: WAL checkpoint (PASSIVE, on the checkpoint thread) failed: {}; tried "
+            "again after {} more WAL pages, and commits checkpoint for themselves once the WAL "
+            "has {} pages",
+            path_, error, sqlite_wal_checkpoint_pages, sqlite_wal_bound_pages);
+        lock.lock();
+      }
+    }
+  }
+}
+
+int SqliteJobStore::sync_database() noexcept {
+  // SQLite syncs the database at the end of a checkpoint only when it reached the end of the
+  // WAL (the WAL may start over only then), which a pass beside a busy writer never does: the
+  // pages it wrote would all be synced by the commit that copies the tail. Synced here, that
+  // commit syncs only its own few. Through SQLite's own file: closing another descriptor of
+  // the file would drop the process's POSIX locks on it.
+  sqlite3_file* file = nullptr;
+  const int status = sqlite3_file_control(checkpoint_db_, "main", SQLITE_FCNTL_FILE_POINTER, &file);
+  if (status != SQLITE_OK) return status;
+  if (file == nullptr || file->pMethods == nullptr) return SQLITE_OK;  // Not open: nothing to sync.
+  return file->pMethods->xSync(file, SQLITE_SYNC_NORMAL);
+}
+
+int SqliteJobStore::on_wal_commit(void* store, sqlite3*, const char* database,
+                                  int frames) noexcept {
+  if (database != nullptr && std::strcmp(database, "main") == 0) {
+    static_cast<SqliteJobStore*>(store)->after_commit(frames);
+  }
+  // The commit is done whatever happens here: an error would only make it look failed.
+  return SQLITE_OK;
+}
+
+void SqliteJobStore::after_commit(int frames) noexcept {
+  enum class Action { none, tail, bound };
+  Action action = Action::none;
+  int copied_before = 0;
+  {
+    std::lock_guard<std::mutex> lock(checkpoint_mutex_);
+    if (frames < wal_frames_) {
+      // This commit began the WAL again from its start: nothing of it is copied yet.
+      checkpoint_counts_.wal_restarts.fetch_add(1, std::memory_order_relaxed);
+      wal_copied_ = 0;
+      checkpoint_next_wake_ = sqlite_wal_checkpoint_pages;
+      tail_copied_ = false;
+    }
+    wal_frames_ = frames;
+    // A count the thread reported from before the WAL started over.
+    if (wal_copied_ > frames) wal_copied_ = 0;
+    copied_before = wal_copied_;
+    const int uncopied = frames - wal_copied_;
+    if (frames >= sqlite_wal_bound_pages) {
+      action = Action::bound;
+    } else if (frames >= sqlite_wal_checkpoint_pages && !checkpoint_running_ &&
+               !checkpoint_wanted_ && checkpointer_.joinable()) {
+      if (wal_copied_ > 0 && uncopied > 0 && uncopied <= sqlite_wal_tail_pages && !tail_copied_) {
+        // Under a steady stream of commits the thread never copies the last frames (the
+        // writer appends while it copies); SQLite restarts the WAL only at a write that
+        // begins with every frame copied. These few, copied now, let the next one do it.
+        action = Action::tail;
+        tail_copied_ = true;
+      } else if (frames >= checkpoint_next_wake_ && uncopied > sqlite_wal_tail_pages) {
+        checkpoint_wanted_ = true;
+        checkpoint_wakeup_.notify_one();
+      }
+    }
+  }
+  if (action != Action::none) commit_checkpoint(frames, copied_before, action == Action::bound);
+}
+
+void SqliteJobStore::commit_checkpoint(int frames, int copied_before, bool over_bound) noexcept {
+  int wal_pages = -1;
+  int copied = -1;
+  const int status =
+      sqlite3_wal_checkpoint_v2(db_, "main", SQLITE_CHECKPOINT_PASSIVE, &wal_pages, &copied);
+  if (status == SQLITE_OK && wal_pages >= 0 && copied >= 0) {
+    checkpoint_counts_.commit_checkpoints.fetch_add(1, std::memory_order_relaxed);
+    if (over_bound) {
+      checkpoint_counts_.commit_checkpoints_over_bound.fetch_add(1, std::memory_order_relaxed);
+    }
+    const int pages = copied >= copied_before ? copied - copied_before : copied;
+    checkpoint_counts_.commit_pages.fetch_add(static_cast<std::uint64_t>(pages),
+                                              std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lock(checkpoint_mutex_);
+      wal_copied_ = copied;
+    }
+    if (commit_checkpoint_failing_) {
+      commit_checkpoint_failing_ = false;
+      spdlog::info("job store {}: commits checkpoint the WAL again", path_);
+    }
+  } else if ((status & 0xff) == SQLITE_BUSY) {
+    // The checkpoint thread is in a pass: it copies these pages.
+  } else {
+    checkpoint_counts_.failures.fetch_add(1, std::memory_order_relaxed);
+    if (!commit_checkpoint_failing_) {
+      commit_checkpoint_failing_ = true;
+      spdlog::warn(
+          "job store {}: WAL checkpoint after a commit ({} pages in the WAL) failed: {}; the "
+          "commit itself is stored, the next commit tries again",
+          path_, frames, sqlite3_errmsg(db_));
+    }
+  }
+}
+
+CheckpointStats SqliteJobStore::checkpoint_stats() const noexcept {
+  CheckpointStats stats;
+  const auto& counts = checkpoint_counts_;
+  stats.checkpoints = counts.checkpoints.load(std::memory_order_relaxed);
+  stats.checkpoints_started = counts.checkpoints_started.load(std::memory_order_relaxed);
+  stats.pages = counts.pages.load(std::memory_order_relaxed);
+  stats.commit_checkpoints = counts.commit_checkpoints.load(std::memory_order_relaxed);
+  stats.commit_checkpoints_over_bound =
+      counts.commit_checkpoints_over_bound.load(std::memory_order_relaxed);
+  stats.commit_pages = counts.commit_pages.load(std::memory_order_relaxed);
+  stats.wal_restarts = counts.wal_restarts.load(std::memory_order_relaxed);
+  stats.failures = counts.failures.load(std::memory_order_relaxed);
+  return stats;
 }
 
 std::int64_t SqliteJobStore::pragma_int(const char* pragma, const char* operation) {

@@ -79,6 +79,29 @@ def test_store_and_log_files_are_private_whatever_the_umask(smtp, squalld, tmp_p
     assert mode_of(srv.access_log) == 0o640
 
 
+def test_the_store_wal_is_checkpointed_by_its_checkpoint_thread(smtp, squalld, tmp_path):
+    server = smtp("accept")
+    store = tmp_path / "jobs.db"
+    srv = squalld(config=jobs_config(store, server.url))
+    # About 6 MiB of payloads: the WAL passes 1,000 pages (4 MiB) uncopied, which wakes the
+    # store's checkpoint thread; the commits themselves never reach the 4,000-page bound.
+    text = "x" * 200_000 + "\n"
+    jobs = [accept(srv, simple(f"wal-{i}", text=text)) for i in range(30)]
+    deadline = time.monotonic() + 20
+    while srv.metrics().value("squall_jobs_store_checkpoints_total") < 1:
+        assert time.monotonic() < deadline, "the checkpoint thread never ran"
+        time.sleep(0.1)
+    metrics = srv.metrics()
+    assert metrics.value("squall_jobs_store_checkpoint_pages_total") >= 1000
+    assert metrics.value("squall_jobs_store_commit_checkpoints_over_bound_total") == 0
+    assert metrics.value("squall_jobs_store_checkpoint_failures_total") == 0
+    for name in ("squall_jobs_store_commit_checkpoints_total",
+                 "squall_jobs_store_commit_checkpoint_pages_total",
+                 "squall_jobs_store_wal_restarts_total"):
+        assert metrics.value(name) >= 0
+    wait_job(srv, jobs[-1], "sent")
+
+
 def test_a_sent_payload_is_deleted_and_finished_jobs_are_purged_after_retain(
         smtp, squalld, tmp_path):
     server = smtp("accept")

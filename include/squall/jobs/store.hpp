@@ -99,6 +99,22 @@ struct StoreStats {
   std::int64_t oldest_queued_ms = 0;  // created_ms of the oldest queued/retrying job; 0 if none.
 };
 
+// What a store did to keep its write-ahead log short (SQLite's WAL; zero for a store without
+// one). Totals since the store was opened.
+struct CheckpointStats {
+  std::uint64_t checkpoints = 0;          // Checkpoints run by the store's checkpoint thread.
+  std::uint64_t checkpoints_started = 0;  // Of those, begun (a close may cut the last short).
+  std::uint64_t pages = 0;                // WAL pages they copied into the database.
+  // Checkpoints run by the writing connection right after a commit, on the commit path: the
+  // last few pages the checkpoint thread had not copied, so that the WAL starts over (see
+  // sqlite_wal_tail_pages), or everything left once the WAL reached sqlite_wal_bound_pages.
+  std::uint64_t commit_checkpoints = 0;
+  std::uint64_t commit_checkpoints_over_bound = 0;  // Of those, the WAL had reached the bound.
+  std::uint64_t commit_pages = 0;                   // WAL pages those copied.
+  std::uint64_t wal_restarts = 0;  // Commits that began writing the WAL from its start again.
+  std::uint64_t failures = 0;      // Checkpoints that failed (busy is not a failure); logged.
+};
+
 // A job table. Blocking; used by one thread at a time. Every failure throws
 // std::runtime_error naming the store, the operation and the database's message.
 class JobStore {
@@ -189,12 +205,37 @@ class JobStore {
   virtual bool release_webhook(std::string_view id, std::int64_t now_ms) = 0;
   // Webhooks owed now (an index walk over the owed ones only).
   virtual std::int64_t count_webhooks_owed() = 0;
+
+  // What the store did to its write-ahead log so far. Any thread, at any time (atomic counts;
+  // not one snapshot).
+  virtual CheckpointStats checkpoint_stats() const noexcept { return {}; }
 };
 
 // Opens or creates the SQLite job store at `path` (its directory must exist) in WAL mode.
 // synchronous_full: fsync on every commit, so a power cut loses no committed job; otherwise
 // (NORMAL) a kill -9 loses nothing but a power cut may lose the last commits.
+//
+// WAL checkpoints stay off the commit path: the writing connection does not checkpoint in its
+// commits as SQLite does by default (PRAGMA wal_autocheckpoint); a checkpoint thread of the
+// store, with a connection of its own, copies the WAL into the database (PASSIVE checkpoints,
+// beside the writer) whenever sqlite_wal_checkpoint_pages pages wait, and is joined when the
+// store closes. Under a steady stream of commits a passive checkpoint is never complete (the
+// writer appends while it copies), and SQLite starts the WAL over only at a write that begins
+// with every page copied: so once the checkpoint thread has left at most sqlite_wal_tail_pages
+// uncopied, the next commit copies those itself. Should the thread fall behind (a reader that
+// holds an old snapshot, a slow disk), every commit past sqlite_wal_bound_pages checkpoints as
+// SQLite's own would, so the WAL stays bounded whatever happens to the thread.
 std::unique_ptr<JobStore> open_sqlite_store(const std::string& path, bool synchronous_full);
+
+// WAL pages (of the database's page size, 4 KiB) not yet copied into the database at which the
+// checkpoint thread is woken: SQLite's own auto-checkpoint threshold.
+inline constexpr int sqlite_wal_checkpoint_pages = 1000;
+// At most this many pages left uncopied by the checkpoint thread are copied by the commit
+// that finds them, so that the WAL starts over (about the commits made during one checkpoint;
+// with more, the thread runs again first).
+inline constexpr int sqlite_wal_tail_pages = 250;
+// A WAL this long (pages) is checkpointed by every commit, as without the thread.
+inline constexpr int sqlite_wal_bound_pages = 4 * sqlite_wal_checkpoint_pages;
 
 // The schema version open_sqlite_store creates and upgrades to (PRAGMA user_version). Older
 // stores are migrated in place, one step per version (2: retention, 3: job owners and

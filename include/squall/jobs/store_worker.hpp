@@ -62,6 +62,8 @@ class StoreWorker {
   std::uint64_t inserts_committed() const noexcept {
     return inserts_committed_.load(std::memory_order_relaxed);
   }
+  // The store's WAL checkpoints so far (JobStore::checkpoint_stats). Any thread.
+  CheckpointStats checkpoint_stats() const noexcept { return store_->checkpoint_stats(); }
 
  private:
   struct PendingInsert {

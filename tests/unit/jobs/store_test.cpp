@@ -1429,3 +1429,325 @@ TEST_CASE_TEMPLATE("a runner's round: starts, outcomes and a hold commit togethe
   CHECK(store->get(c)->state == JobState::failed);
   CHECK(store->get(c)->webhook == squall::jobs::WebhookState::owed);
 }
+
+// ---- WAL checkpoints off the commit path ------------------------------------------------------
+
+namespace {
+
+using squall::jobs::CheckpointStats;
+using squall::jobs::sqlite_wal_bound_pages;
+using squall::jobs::sqlite_wal_checkpoint_pages;
+using squall::jobs::sqlite_wal_tail_pages;
+
+// One commit of `count` jobs of `payload_bytes` each (about that many bytes of WAL pages);
+// their ids go to `ids`.
+void commit_jobs(JobStore& store, std::size_t count, std::size_t payload_bytes,
+                 std::vector<std::string>& ids) {
+  std::vector<NewJob> jobs;
+  for (std::size_t i = 0; i < count; ++i) {
+    jobs.push_back(new_job(std::string(payload_bytes, static_cast<char>('a' + ids.size() % 26))));
+  }
+  for (auto& inserted : store.insert_batch(jobs, squall::jobs::unix_now_ms())) {
+    ids.push_back(inserted.job.id);
+  }
+}
+
+std::uintmax_t file_size_or_zero(const std::string& path) {
+  std::error_code error;
+  const auto size = std::filesystem::file_size(path, error);
+  return error ? 0 : size;
+}
+
+// A WAL file of `pages` frames of 4 KiB (each with its 24-byte header) and its 32-byte header.
+constexpr std::uintmax_t wal_file_bytes(int pages) {
+  return 32 + static_cast<std::uintmax_t>(pages) * (4096 + 24);
+}
+
+// Every job of `ids` is in the store at `path`, opened again, and the file is sound.
+void check_all_stored(const std::string& path, const std::vector<std::string>& ids) {
+  auto store = open_sqlite_store(path, true);
+  CHECK(store->count_pending() == static_cast<std::int64_t>(ids.size()));
+  for (const std::string& id : {ids.front(), ids[ids.size() / 2], ids.back()}) {
+    CHECK(store->get(id).has_value());
+  }
+  sqlite3* db = nullptr;
+  REQUIRE(sqlite3_open(path.c_str(), &db) == SQLITE_OK);
+  sqlite3_stmt* stmt = nullptr;
+  REQUIRE(sqlite3_prepare_v2(db, "PRAGMA integrity_check", -1, &stmt, nullptr) == SQLITE_OK);
+  REQUIRE(sqlite3_step(stmt) == SQLITE_ROW);
+  CHECK(std::string(reinterpret_cast<const char*>(sqlite3_column_text(stmt, 0))) == "ok");
+  sqlite3_finalize(stmt);
+  sqlite3_close(db);
+}
+
+}  // namespace
+
+TEST_CASE("a steady stream of commits: the checkpoint thread copies the WAL, commits copy a tail") {
+  TempDir dir;
+  const std::string path = dir.file("jobs.db");
+  const std::string wal = path + "-wal";
+  std::vector<std::string> ids;
+  std::uintmax_t largest_wal = 0;
+  CheckpointStats stats;
+  {
+    auto store = open_sqlite_store(path, true);  // An fsync per commit, as squalld runs it.
+    // Commits back to back, each of about 10 pages, until the WAL has started over 3 times.
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+    while (store->checkpoint_stats().wal_restarts < 3 &&
+           std::chrono::steady_clock::now() < deadline) {
+      commit_jobs(*store, 8, 4000, ids);
+      largest_wal = std::max(largest_wal, file_size_or_zero(wal));
+    }
+    stats = store->checkpoint_stats();
+  }
+  MESSAGE((ids.size() / 8) << " commits; checkpoint thread: " << stats.checkpoints << " passes, "
+                           << stats.pages << " pages; commits: " << stats.commit_checkpoints
+                           << " checkpoints, " << stats.commit_pages << " pages; "
+                           << stats.wal_restarts << " restarts; largest WAL " << largest_wal);
+  // The WAL is reused: it started over (which a read transaction left open on the checkpoint
+  // connection would prevent), and never grew near the bound.
+  CHECK(stats.wal_restarts >= 3);
+  CHECK(largest_wal <= wal_file_bytes(2 * sqlite_wal_checkpoint_pages));
+  // The checkpoint thread copied the WAL; the commits never checkpointed more than a tail.
+  CHECK(stats.checkpoints >= 3);
+  CHECK(stats.pages >= 3 * static_cast<std::uint64_t>(sqlite_wal_checkpoint_pages) / 2);
+  CHECK(stats.commit_checkpoints_over_bound == 0);
+  CHECK(stats.commit_pages <= stats.commit_checkpoints * (sqlite_wal_tail_pages + 20));
+  CHECK(stats.commit_pages * 4 < stats.pages);
+  CHECK(stats.failures == 0);
+  // The writer's close checkpointed everything and deleted the WAL.
+  CHECK(!std::filesystem::exists(wal));
+  check_all_stored(path, ids);
+}
+
+TEST_CASE("a reader holding an old snapshot: commits past the WAL's bound checkpoint themselves") {
+  TempDir dir;
+  const std::string path = dir.file("jobs.db");
+  std::vector<std::string> ids;
+  {
+    auto store = open_sqlite_store(path, false);
+    commit_jobs(*store, 8, 4000, ids);
+    // Another connection's read transaction: no checkpoint may copy a page written after it.
+    sqlite3* reader = nullptr;
+    REQUIRE(sqlite3_open(path.c_str(), &reader) == SQLITE_OK);
+    REQUIRE(sqlite3_exec(reader, "BEGIN; SELECT count(*) FROM jobs", nullptr, nullptr, nullptr) ==
+            SQLITE_OK);
+    std::size_t commits = 0;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+    while (store->checkpoint_stats().commit_checkpoints_over_bound < 20 &&
+           std::chrono::steady_clock::now() < deadline) {
+      commit_jobs(*store, 8, 4000, ids);
+      ++commits;
+    }
+    const CheckpointStats blocked = store->checkpoint_stats();
+    MESSAGE(commits << " commits while the reader held its snapshot: checkpoint thread "
+                    << blocked.checkpoints_started << " passes; commits over the bound "
+                    << blocked.commit_checkpoints_over_bound);
+    CHECK(blocked.commit_checkpoints_over_bound >= 20);
+    CHECK(blocked.wal_restarts == 0);
+    CHECK(std::filesystem::file_size(path + "-wal") >= wal_file_bytes(sqlite_wal_bound_pages));
+    // The thread that can copy nothing does not run at every commit either.
+    CHECK(blocked.checkpoints_started <= commits / 10 + 3);
+    CHECK(blocked.failures == 0);
+
+    // Once the reader is gone, the WAL is copied and starts over.
+    REQUIRE(sqlite3_exec(reader, "COMMIT", nullptr, nullptr, nullptr) == SQLITE_OK);
+    sqlite3_close(reader);
+    while (store->checkpoint_stats().wal_restarts == 0 &&
+           std::chrono::steady_clock::now() < deadline) {
+      commit_jobs(*store, 8, 4000, ids);
+    }
+    CHECK(store->checkpoint_stats().wal_restarts >= 1);
+  }
+  check_all_stored(path, ids);
+}
+
+TEST_CASE("closing a store while its checkpoint thread copies the WAL keeps every job") {
+  TempDir dir;
+  const std::string path = dir.file("jobs.db");
+  std::vector<std::string> ids;
+  {
+    auto store = open_sqlite_store(path, true);
+    // One commit of about 2,000 pages: the thread has a long pass to make.
+    commit_jobs(*store, 500, 16000, ids);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (store->checkpoint_stats().checkpoints_started == 0 &&
+           std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::yield();
+    }
+    REQUIRE(store->checkpoint_stats().checkpoints_started == 1);
+    // Closed at once: the pass is cut short (or has just ended), the writer's close copies
+    // the rest.
+  }
+  CHECK(!std::filesystem::exists(path + "-wal"));
+  check_all_stored(path, ids);
+}
+
+namespace {
+
+// A VFS over the default one, made the default while it lives, that watches every store's
+// database file (not its -wal or -shm): the bytes written to it since it was last synced, and
+// for each sync the thread that made it and how many bytes it had to write out.
+class DatabaseSyncWatch {
+ public:
+  struct Sync {
+    std::thread::id thread;    // Who called xSync.
+    std::int64_t dirty_bytes;  // Written to the database since the sync before.
+  };
+
+  DatabaseSyncWatch() {
+    real_ = sqlite3_vfs_find(nullptr);
+    REQUIRE(real_ != nullptr);
+    vfs_ = *real_;
+    vfs_.zName = "squall-database-sync-watch";
+    vfs_.szOsFile = static_cast<int>(sizeof(File)) + real_->szOsFile;
+    vfs_.pNext = nullptr;
+    vfs_.xOpen = &open;
+    active_ = this;
+    REQUIRE(sqlite3_vfs_register(&vfs_, 1) == SQLITE_OK);
+  }
+  ~DatabaseSyncWatch() {
+    sqlite3_vfs_unregister(&vfs_);
+    sqlite3_vfs_register(real_, 1);
+    active_ = nullptr;
+  }
+  DatabaseSyncWatch(const DatabaseSyncWatch&) = delete;
+  DatabaseSyncWatch& operator=(const DatabaseSyncWatch&) = delete;
+
+  std::vector<Sync> syncs() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return syncs_;
+  }
+
+ private:
+  struct File {
+    sqlite3_file base;   // Its methods are methods_.
+    sqlite3_file* real;  // The default VFS's file, allocated right after this struct.
+    bool database;       // The main database file.
+  };
+
+  static File* file_of(sqlite3_file* file) { return reinterpret_cast<File*>(file); }
+  static sqlite3_file* real(sqlite3_file* file) { return file_of(file)->real; }
+
+  static int open(sqlite3_vfs*, const char* name, sqlite3_file* file, int flags, int* out_flags) {
+    DatabaseSyncWatch& watch = *active_;
+    File* mine = file_of(file);
+    mine->base.pMethods = nullptr;
+    mine->real = reinterpret_cast<sqlite3_file*>(mine + 1);
+    mine->database = (flags & SQLITE_OPEN_MAIN_DB) != 0;
+    const int status = watch.real_->xOpen(watch.real_, name, mine->real, flags, out_flags);
+    if (mine->real->pMethods != nullptr) {
+      watch.methods_ = *mine->real->pMethods;  // The same for every file of the default VFS.
+      watch.methods_.xClose = [](sqlite3_file* f) { return real(f)->pMethods->xClose(real(f)); };
+      watch.methods_.xRead = [](sqlite3_file* f, void* data, int amount, sqlite3_int64 offset) {
+        return real(f)->pMethods->xRead(real(f), data, amount, offset);
+      };
+      watch.methods_.xWrite = [](sqlite3_file* f, const void* data, int amount,
+                                 sqlite3_int64 offset) {
+        if (file_of(f)->database) {
+          std::lock_guard<std::mutex> lock(active_->mutex_);
+          active_->dirty_bytes_ += amount;
+        }
+        return real(f)->pMethods->xWrite(real(f), data, amount, offset);
+      };
+      watch.methods_.xTruncate = [](sqlite3_file* f, sqlite3_int64 size) {
+        return real(f)->pMethods->xTruncate(real(f), size);
+      };
+      watch.methods_.xSync = [](sqlite3_file* f, int sync_flags) {
+        if (file_of(f)->database) {
+          std::lock_guard<std::mutex> lock(active_->mutex_);
+          active_->syncs_.push_back({std::this_thread::get_id(), active_->dirty_bytes_});
+          active_->dirty_bytes_ = 0;
+        }
+        return real(f)->pMethods->xSync(real(f), sync_flags);
+      };
+      watch.methods_.xFileSize = [](sqlite3_file* f, sqlite3_int64* size) {
+        return real(f)->pMethods->xFileSize(real(f), size);
+      };
+      watch.methods_.xLock = [](sqlite3_file* f, int level) {
+        return real(f)->pMethods->xLock(real(f), level);
+      };
+      watch.methods_.xUnlock = [](sqlite3_file* f, int level) {
+        return real(f)->pMethods->xUnlock(real(f), level);
+      };
+      watch.methods_.xCheckReservedLock = [](sqlite3_file* f, int* out) {
+        return real(f)->pMethods->xCheckReservedLock(real(f), out);
+      };
+      watch.methods_.xFileControl = [](sqlite3_file* f, int op, void* arg) {
+        return real(f)->pMethods->xFileControl(real(f), op, arg);
+      };
+      watch.methods_.xSectorSize = [](sqlite3_file* f) {
+        return real(f)->pMethods->xSectorSize(real(f));
+      };
+      watch.methods_.xDeviceCharacteristics = [](sqlite3_file* f) {
+        return real(f)->pMethods->xDeviceCharacteristics(real(f));
+      };
+      watch.methods_.xShmMap = [](sqlite3_file* f, int region, int size, int extend,
+                                  void volatile** out) {
+        return real(f)->pMethods->xShmMap(real(f), region, size, extend, out);
+      };
+      watch.methods_.xShmLock = [](sqlite3_file* f, int offset, int n, int flags) {
+        return real(f)->pMethods->xShmLock(real(f), offset, n, flags);
+      };
+      watch.methods_.xShmBarrier = [](sqlite3_file* f) { real(f)->pMethods->xShmBarrier(real(f)); };
+      watch.methods_.xShmUnmap = [](sqlite3_file* f, int delete_flag) {
+        return real(f)->pMethods->xShmUnmap(real(f), delete_flag);
+      };
+      // No memory-mapped reads (xFetch): every read goes through xRead.
+      watch.methods_.iVersion = 2;
+      mine->base.pMethods = &watch.methods_;
+    }
+    return status;
+  }
+
+  sqlite3_vfs* real_ = nullptr;       // The default VFS, which does the work.
+  sqlite3_vfs vfs_{};                 // A copy of it with open() as xOpen.
+  sqlite3_io_methods methods_{};      // Forward to the real file's; set at the first open.
+  mutable std::mutex mutex_;          // Guards the two below (several threads write, sync).
+  std::int64_t dirty_bytes_ = 0;      // Written to the database since its last sync.
+  std::vector<Sync> syncs_;           // Every sync of a database file, in order.
+  static DatabaseSyncWatch* active_;  // The instance the C callbacks report to.
+};
+
+DatabaseSyncWatch* DatabaseSyncWatch::active_ = nullptr;
+
+}  // namespace
+
+TEST_CASE("the checkpoint thread syncs what it copied: a commit copying the tail syncs little") {
+  DatabaseSyncWatch watch;
+  TempDir dir;
+  const std::string path = dir.file("jobs.db");
+  std::vector<std::string> ids;
+  std::vector<DatabaseSyncWatch::Sync> syncs;
+  {
+    auto store = open_sqlite_store(path, true);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+    while (store->checkpoint_stats().wal_restarts < 3 &&
+           std::chrono::steady_clock::now() < deadline) {
+      commit_jobs(*store, 8, 4000, ids);
+    }
+    REQUIRE(store->checkpoint_stats().wal_restarts >= 3);
+    REQUIRE(store->checkpoint_stats().commit_checkpoints >= 1);
+    syncs = watch.syncs();  // Before the close, which checkpoints (and syncs) the rest.
+  }
+  const auto writer = std::this_thread::get_id();
+  std::size_t by_thread = 0;
+  std::size_t by_writer = 0;
+  std::int64_t largest_by_writer = 0;
+  for (const auto& sync : syncs) {
+    if (sync.thread == writer) {
+      ++by_writer;
+      largest_by_writer = std::max(largest_by_writer, sync.dirty_bytes);
+    } else {
+      ++by_thread;
+    }
+  }
+  MESSAGE(by_thread << " database syncs by the checkpoint thread, " << by_writer
+                    << " by the writer, the largest of those " << largest_by_writer << " bytes");
+  // The pages of each pass were synced by the thread, so the commits that copied a tail (and
+  // let the WAL restart) synced only the tail's pages, not the pass's 1,000.
+  CHECK(by_thread >= 3);
+  CHECK(by_writer >= 1);
+  CHECK(largest_by_writer <= static_cast<std::int64_t>(sqlite_wal_tail_pages + 50) * 4096);
+  check_all_stored(path, ids);
+}
