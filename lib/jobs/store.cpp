@@ -354,8 +354,12 @@ class SqliteJobStore final : public JobStore {
   void migrate_to_5();
 
   // The WAL's checkpoints, off the commit path (see open_sqlite_store in store.hpp).
-  // Opens the checkpoint thread's connection, starts the thread and installs the WAL hook.
+  // Opens the checkpoint thread's connection and installs the WAL hook. The thread itself
+  // starts with the first pass a commit wants (a store that never grows its WAL to the
+  // threshold, or a process that forks after opening one, runs no thread).
   void start_checkpointer(bool synchronous_full);
+  // Starts the thread (checkpoint_mutex_ held); false if the system refuses a thread.
+  bool start_checkpoint_thread() noexcept;
   // Stops a pass under way, joins the thread and closes its connection. Idempotent.
   void stop_checkpointer() noexcept;
   void checkpointer_main() noexcept;
@@ -423,7 +427,8 @@ class SqliteJobStore final : public JobStore {
   // A commit copied the tail since the last pass or restart: if the WAL did not start over (a
   // reader's snapshot), the next tail waits for the thread's next pass, not every commit.
   bool tail_copied_ = false;
-  std::thread checkpointer_;                // Runs checkpointer_main while the store is open.
+  std::thread checkpointer_;  // Runs checkpointer_main from the first pass wanted to the close.
+  bool checkpoint_thread_refused_ = false;  // Writer only: std::thread failed; commits checkpoint.
   bool checkpoint_failing_ = false;         // Thread only: its last pass failed (logged once).
   bool commit_checkpoint_failing_ = false;  // Writer only: its last checkpoint failed.
   struct {
@@ -588,9 +593,17 @@ void SqliteJobStore::start_checkpointer(bool synchronous_full) {
   if (sqlite3_exec(checkpoint_db_, setup, nullptr, nullptr, nullptr) != SQLITE_OK) {
     failed(sqlite3_errmsg(checkpoint_db_));
   }
-  checkpointer_ = std::thread([this] { checkpointer_main(); });
   // Replaces SQLite's auto-checkpoint (wal_autocheckpoint is a WAL hook too).
   sqlite3_wal_hook(db_, &SqliteJobStore::on_wal_commit, this);
+}
+
+bool SqliteJobStore::start_checkpoint_thread() noexcept {
+  try {
+    checkpointer_ = std::thread([this] { checkpointer_main(); });
+    return true;
+  } catch (const std::system_error&) {
+    return false;
+  }
 }
 
 void SqliteJobStore::stop_checkpointer() noexcept {
@@ -698,9 +711,10 @@ int SqliteJobStore::on_wal_commit(void* store, sqlite3*, const char* database,
 }
 
 void SqliteJobStore::after_commit(int frames) noexcept {
-  enum class Action { none, tail, bound };
+  enum class Action { none, tail, bound, own };
   Action action = Action::none;
   int copied_before = 0;
+  bool thread_refused = false;
   {
     std::lock_guard<std::mutex> lock(checkpoint_mutex_);
     if (frames < wal_frames_) {
@@ -718,8 +732,12 @@ void SqliteJobStore::after_commit(int frames) noexcept {
     if (frames >= sqlite_wal_bound_pages) {
       action = Action::bound;
     } else if (frames >= sqlite_wal_checkpoint_pages && !checkpoint_running_ &&
-               !checkpoint_wanted_ && checkpointer_.joinable()) {
-      if (wal_copied_ > 0 && uncopied > 0 && uncopied <= sqlite_wal_tail_pages && !tail_copied_) {
+               !checkpoint_wanted_) {
+      if (checkpoint_thread_refused_) {
+        // No thread to be had: this commit copies the WAL, as SQLite's auto-checkpoint did.
+        action = Action::own;
+      } else if (wal_copied_ > 0 && uncopied > 0 && uncopied <= sqlite_wal_tail_pages &&
+                 !tail_copied_) {
         // Under a steady stream of commits the thread never copies the last frames (the
         // writer appends while it copies); SQLite restarts the WAL only at a write that
         // begins with every frame copied. These few, copied now, let the next one do it.
@@ -727,9 +745,22 @@ void SqliteJobStore::after_commit(int frames) noexcept {
         tail_copied_ = true;
       } else if (frames >= checkpoint_next_wake_ && uncopied > sqlite_wal_tail_pages) {
         checkpoint_wanted_ = true;
-        checkpoint_wakeup_.notify_one();
+        if (checkpointer_.joinable()) {
+          checkpoint_wakeup_.notify_one();
+        } else if (!start_checkpoint_thread()) {
+          checkpoint_wanted_ = false;
+          checkpoint_thread_refused_ = true;
+          thread_refused = true;
+          action = Action::own;
+        }
       }
     }
+  }
+  if (thread_refused) {
+    spdlog::warn(
+        "job store {}: the system refused a thread for WAL checkpoints; commits checkpoint the "
+        "WAL themselves from {} pages",
+        path_, sqlite_wal_checkpoint_pages);
   }
   if (action != Action::none) commit_checkpoint(frames, copied_before, action == Action::bound);
 }

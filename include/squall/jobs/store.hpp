@@ -218,8 +218,9 @@ class JobStore {
 // WAL checkpoints stay off the commit path: the writing connection does not checkpoint in its
 // commits as SQLite does by default (PRAGMA wal_autocheckpoint); a checkpoint thread of the
 // store, with a connection of its own, copies the WAL into the database (PASSIVE checkpoints,
-// beside the writer) whenever sqlite_wal_checkpoint_pages pages wait, and is joined when the
-// store closes. Under a steady stream of commits a passive checkpoint is never complete (the
+// beside the writer) whenever sqlite_wal_checkpoint_pages pages wait; it starts with the first
+// such pass (a store that never gets there runs none) and is joined when the store closes. If
+// the system refuses the thread, commits checkpoint from that threshold on, as SQLite's own. Under a steady stream of commits a passive checkpoint is never complete (the
 // writer appends while it copies), and SQLite starts the WAL over only at a write that begins
 // with every page copied: so once the checkpoint thread has left at most sqlite_wal_tail_pages
 // uncopied, the next commit copies those itself. Should the thread fall behind (a reader that

@@ -1482,6 +1482,19 @@ void check_all_stored(const std::string& path, const std::vector<std::string>& i
 
 }  // namespace
 
+namespace {
+
+// The threads of this process, as /proc/self/task lists them.
+std::size_t threads_of_this_process() {
+  std::size_t threads = 0;
+  for ([[maybe_unused]] const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+    ++threads;
+  }
+  return threads;
+}
+
+}  // namespace
+
 TEST_CASE("a steady stream of commits: the checkpoint thread copies the WAL, commits copy a tail") {
   TempDir dir;
   const std::string path = dir.file("jobs.db");
@@ -1490,7 +1503,12 @@ TEST_CASE("a steady stream of commits: the checkpoint thread copies the WAL, com
   std::uintmax_t largest_wal = 0;
   CheckpointStats stats;
   {
+    const std::size_t threads_before = threads_of_this_process();
     auto store = open_sqlite_store(path, true);  // An fsync per commit, as squalld runs it.
+    // No thread until a pass is wanted: a process may fork after opening its store (the
+    // kill -9 test's child does; ThreadSanitizer refuses threads after such a fork).
+    commit_jobs(*store, 8, 4000, ids);
+    CHECK(threads_of_this_process() == threads_before);
     // Commits back to back, each of about 10 pages, until the WAL has started over 3 times.
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
     while (store->checkpoint_stats().wal_restarts < 3 &&
@@ -1499,6 +1517,7 @@ TEST_CASE("a steady stream of commits: the checkpoint thread copies the WAL, com
       largest_wal = std::max(largest_wal, file_size_or_zero(wal));
     }
     stats = store->checkpoint_stats();
+    CHECK(threads_of_this_process() == threads_before + 1);
   }
   MESSAGE((ids.size() / 8) << " commits; checkpoint thread: " << stats.checkpoints << " passes, "
                            << stats.pages << " pages; commits: " << stats.commit_checkpoints
