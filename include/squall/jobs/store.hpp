@@ -220,12 +220,13 @@ class JobStore {
 // store, with a connection of its own, copies the WAL into the database (PASSIVE checkpoints,
 // beside the writer) whenever sqlite_wal_checkpoint_pages pages wait; it starts with the first
 // such pass (a store that never gets there runs none) and is joined when the store closes. If
-// the system refuses the thread, commits checkpoint from that threshold on, as SQLite's own. Under a steady stream of commits a passive checkpoint is never complete (the
-// writer appends while it copies), and SQLite starts the WAL over only at a write that begins
-// with every page copied: so once the checkpoint thread has left at most sqlite_wal_tail_pages
-// uncopied, the next commit copies those itself. Should the thread fall behind (a reader that
-// holds an old snapshot, a slow disk), every commit past sqlite_wal_bound_pages checkpoints as
-// SQLite's own would, so the WAL stays bounded whatever happens to the thread.
+// the system refuses the thread, commits checkpoint from that threshold on, as SQLite's own. Under
+// a steady stream of commits a passive checkpoint is never complete (the writer appends while it
+// copies), and SQLite starts the WAL over only at a write that begins with every page copied: so
+// once the checkpoint thread has left at most sqlite_wal_tail_pages uncopied, the next commit
+// copies those itself. Should the thread fall behind (a reader that holds an old snapshot, a slow
+// disk), every commit past sqlite_wal_bound_pages checkpoints as SQLite's own would, so the WAL
+// stays bounded whatever happens to the thread.
 std::unique_ptr<JobStore> open_sqlite_store(const std::string& path, bool synchronous_full);
 
 // WAL pages (of the database's page size, 4 KiB) not yet copied into the database at which the
