@@ -126,9 +126,7 @@ struct HandleState {
   char error_buffer[CURL_ERROR_SIZE] = "";          // CURLOPT_ERRORBUFFER
   bool connected = false;  // libcurl's connect phase succeeded: the transactions are ours
   curl_socket_t socket = CURL_SOCKET_BAD;  // the connection's, once connected
-  bool pipelining = false;                 // the relay offered PIPELINING (RFC 2920)
-  bool size = false;     // the relay offered SIZE (RFC 1870): MAIL FROM tells the message's size
-  std::string outgoing;  // commands or the dot-stuffed message being written
+  std::string outgoing;                    // commands or the dot-stuffed message being written
 };
 
 HandleState& state_of(CURL* h) {
@@ -603,8 +601,6 @@ class SmtpConnectionPool {
 SmtpMailer::SmtpMailer(SmtpSettings settings)
     : settings_(std::move(settings)),
       display_url_(strip_userinfo(settings_.url)),
-      implicit_tls_(settings_.url.size() >= 8 &&
-                    curl_strnequal(settings_.url.c_str(), "smtps://", 8) != 0),
       pool_(std::make_unique<detail::SmtpConnectionPool>(settings_)) {}
 
 SmtpMailer::~SmtpMailer() = default;
@@ -642,8 +638,6 @@ Connect connect(CURL* h, Clock::time_point deadline,
   if (result.rc == CURLE_OK && socket != CURL_SOCKET_BAD) {
     state.connected = true;
     state.socket = socket;
-    state.pipelining = state.transcript.pipelining;
-    state.size = state.transcript.size;
   } else {
     if (result.rc == CURLE_OK) result.rc = CURLE_COULDNT_CONNECT;  // no socket: cannot happen
     // After a timeout libcurl keeps the connection and sends QUIT when it closes it, then waits
@@ -770,23 +764,21 @@ Transaction run_transaction(Wire& wire, detail::SmtpReplyReader& reader, std::st
 
   outgoing.clear();
   detail::append_dot_stuffed(outgoing, mime);
-  Transaction t;
-  t.message_started = true;
-  t.stage = "end of DATA";
+  detail::SmtpReply reply;
   Wire::Status status = wire.write(outgoing);
-  if (status == Wire::Status::ok) status = wire.read(reader, t.reply);
+  if (status == Wire::Status::ok) status = wire.read(reader, reply);
+  Transaction t;
   if (status != Wire::Status::ok) {
-    t = wire_failure(status, wire, std::move(t.stage));
-    t.message_started = true;
-    return t;
+    t = wire_failure(status, wire, "end of DATA");
+  } else if (reply.code / 100 != 2) {
+    t = refusal(std::move(reply), "end of DATA");
+  } else {
+    t.reply = std::move(reply);
+    t.stage = "end of DATA";
+    // Bytes after the reply would make the next transaction read the wrong replies.
+    t.ending = reader.empty() ? Ending::keep : Ending::cut;
   }
-  if (t.reply.code / 100 != 2) {
-    t = refusal(std::move(t.reply), std::move(t.stage));
-    t.message_started = true;
-    return t;
-  }
-  // Bytes after the reply would make the next transaction read the wrong replies.
-  t.ending = reader.empty() ? Ending::keep : Ending::cut;
+  t.message_started = true;
   return t;
 }
 
@@ -871,8 +863,8 @@ SendResult SmtpMailer::send(std::string_view envelope_from,
     }
     Wire wire(h, state.socket, deadline, cancel.get());
     detail::SmtpReplyReader reader;
-    const Transaction t = run_transaction(wire, reader, state.outgoing, state.pipelining,
-                                          state.size, from, recipients, mime);
+    const Transaction t = run_transaction(wire, reader, state.outgoing, state.transcript.pipelining,
+                                          state.transcript.size, from, recipients, mime);
     if (kept && !retried && stale_connection(t)) {
       h = pool_->replace(h);
       if (h == nullptr) {

@@ -98,7 +98,6 @@ class SmtpMailer {
  private:
   SmtpSettings settings_;
   std::string display_url_;  // the URL without any user:password@
-  bool implicit_tls_;        // smtps://
   // The open connections (libcurl easy handles); its mutex makes send() thread-safe.
   std::unique_ptr<detail::SmtpConnectionPool> pool_;
 };
