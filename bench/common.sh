@@ -118,3 +118,73 @@ callgrind_wrk() {
   [[ -n $callgrind_instructions && -n $callgrind_requests && $callgrind_requests -gt 0 ]] ||
     die "could not read the instructions ($callgrind_dump) or the requests ($output)"
 }
+
+# For email_bench_config: "key = value" when the value $2 is given ($3 = string: quoted),
+# nothing for an empty one.
+toml_key() {
+  [[ -n $2 ]] || return 0
+  if [[ ${3:-} == string ]]; then printf '%s = "%s"\n' "$1" "$2"; else printf '%s = %s\n' "$1" "$2"; fi
+}
+
+# For email_bench_config: a blank line, the comment $3 if given, "[$1]" and its keys $2; nothing
+# when it has no keys.
+toml_table() {
+  [[ -n $2 ]] || return 0
+  printf '\n%s%s[%s]\n%s\n' "${3:-}" "${3:+$'\n'}" "$1" "$2"
+}
+
+# Writes the squalld configuration of the POST /email benchmarks (run_email.sh, run_email_pg.sh,
+# email_strace.sh, email_callgrind.sh, send_callgrind.sh) to the file $1. The other arguments
+# are NAME=VALUE options; an option set to "" leaves its key out (squalld's default applies).
+# The defaults are those of the wrk runs: many connections kept open between runs, a queue
+# that never pushes back (503) and one client from one address that no quota slows down.
+#   relay=HOST:PORT        [smtp] url = "smtp://HOST:PORT" (required)
+#   store=PATH_OR_URL      [jobs] store: a SQLite file or a postgresql:// URL (required)
+#   durability=full        [jobs] durability
+#   sends=2                [jobs] max_concurrent_sends
+#   thread_pool_size=auto  [server] thread_pool_size; auto: sends + 2 (a thread per send, two
+#                          spare)
+#   smtp_connections=""    [smtp] connections ("" for a squalld from before the key existed)
+#   smtp_connect_timeout="" smtp_timeout=""  [smtp] connect_timeout and timeout (e.g. "10m" for
+#                          a relay that is made to stall)
+#   lease=""               [jobs] lease
+#   max_connections=20000  [server] max_connections
+#   keepalive=300s         [timeouts] keepalive
+#   max_queued=100000000 max_queued_bytes=64GiB   [jobs] max_queued and max_queued_bytes
+email_bench_config() {
+  local file=$1 option name
+  shift
+  local -A o=([relay]="" [store]="" [durability]=full [sends]=2 [thread_pool_size]=auto
+    [smtp_connections]="" [smtp_connect_timeout]="" [smtp_timeout]="" [lease]=""
+    [max_connections]=20000 [keepalive]=300s [max_queued]=100000000 [max_queued_bytes]=64GiB)
+  for option; do
+    name=${option%%=*}
+    [[ $option == *=* && -v "o[$name]" ]] || die "email_bench_config: unknown option '$option'"
+    o[$name]=${option#*=}
+  done
+  [[ -n ${o[relay]} && -n ${o[store]} ]] || die "email_bench_config: relay= and store= are required"
+  [[ ${o[thread_pool_size]} != auto ]] || o[thread_pool_size]=$((o[sends] + 2))
+  {
+    printf '# Written by bench/%s.\n' "${0##*/}"
+    toml_table server "$(toml_key max_connections "${o[max_connections]}"
+      toml_key thread_pool_size "${o[thread_pool_size]}")"
+    toml_table timeouts "$(toml_key keepalive "${o[keepalive]}" string)"
+    toml_table log "$(toml_key level warn string; toml_key access_log off string)"
+    toml_table smtp "$(toml_key url "smtp://${o[relay]}" string
+      toml_key starttls off string
+      toml_key from "Squall Bench <bench@example.com>" string
+      toml_key connect_timeout "${o[smtp_connect_timeout]}" string
+      toml_key timeout "${o[smtp_timeout]}" string
+      toml_key connections "${o[smtp_connections]}")"
+    toml_table jobs "$(toml_key store "${o[store]}" string
+      toml_key durability "${o[durability]}" string
+      toml_key max_concurrent_sends "${o[sends]}"
+      toml_key max_queued "${o[max_queued]}"
+      toml_key max_queued_bytes "${o[max_queued_bytes]}" string
+      toml_key lease "${o[lease]}" string)"
+    toml_table quota "$(toml_key address_per_minute 6000000
+      toml_key address_burst 1000000
+      toml_key max_queued_per_client 100000000)" \
+      "# One client from one address is the whole point here: no rate limit or queue share applies."
+  } >"$file"
+}

@@ -99,29 +99,11 @@ for index in "${!binaries[@]}"; do
   binary=${binaries[index]}
   run_dir=$work_dir/run$index
   mkdir -p "$run_dir"
-  cat >"$run_dir/squalld.toml" <<EOF
-# Written by bench/email_callgrind.sh.
-[log]
-level = "warn"
-access_log = "off"
-
-[smtp]
-url = "smtp://127.0.0.1:$relay_port"
-starttls = "off"
-from = "Squall Bench <bench@example.com>"
-timeout = "10m"
-
-[jobs]
-store = "$run_dir/jobs.db"
-durability = "$DURABILITY"
-max_concurrent_sends = 2
-lease = "1h"
-
-[quota]
-address_per_minute = 6000000
-address_burst = 1000000
-max_queued_per_client = 100000000
-EOF
+  # The sends that wait on the silent relay hold their lease and their SMTP time-out for the
+  # whole run; squalld's limits for a server under wrk are not wanted here.
+  email_bench_config "$run_dir/squalld.toml" relay="127.0.0.1:$relay_port" \
+    store="$run_dir/jobs.db" durability="$DURABILITY" smtp_timeout=10m lease=1h \
+    thread_pool_size="" max_connections="" keepalive="" max_queued="" max_queued_bytes=""
   (cd "$run_dir" && exec valgrind --tool=callgrind --separate-threads=yes \
     --callgrind-out-file="$run_dir/callgrind.out" "$binary" --config "$run_dir/squalld.toml" \
     --listen 127.0.0.1:0 --port-file "$run_dir/squalld.port" >"$run_dir/squalld.log" 2>&1) &

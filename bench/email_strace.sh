@@ -14,6 +14,7 @@ set -euo pipefail
 bench_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=bench/common.sh
 source "$bench_dir/common.sh"
+log() { printf 'bench-email-strace: %s\n' "$*" >&2; }
 (($# == 2)) || die "usage: $0 squalld OUT_PREFIX"
 binary=$1 out=$2
 [[ -x $binary ]] || die "no squalld at $binary"
@@ -26,30 +27,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cat >"$work/squalld.toml" <<CONF
-[server]
-max_connections = 20000
-thread_pool_size = 4
-[timeouts]
-keepalive = "300s"
-[log]
-level = "warn"
-access_log = "off"
-[smtp]
-url = "smtp://127.0.0.1:9"
-starttls = "off"
-from = "Squall Bench <bench@example.com>"
-[jobs]
-store = "$work/jobs.db"
-durability = "full"
-max_queued = 100000000
-max_queued_bytes = "64GiB"
-max_concurrent_sends = 2
-[quota]
-address_per_minute = 6000000
-address_burst = 1000000
-max_queued_per_client = 100000000
-CONF
+# Port 9 (discard) on 127.0.0.1: nothing listens, every send fails at once.
+email_bench_config "$work/squalld.toml" relay=127.0.0.1:9 store="$work/jobs.db"
 taskset -c 0 "$binary" --config "$work/squalld.toml" --listen 127.0.0.1:0 \
   --port-file "$work/port" 2>"$work/stderr" &
 pid=$!

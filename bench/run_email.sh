@@ -256,38 +256,8 @@ start_squalld() {
   local connections=$1 tries
   local config=$work_dir/squalld-$relay-c$connections.toml
   store=$work_dir/jobs-$relay-c$connections.db
-  cat >"$config" <<EOF
-# Written by bench/run_email.sh.
-[server]
-max_connections = 20000
-thread_pool_size = $((MAX_SENDS + 2))
-
-[timeouts]
-keepalive = "300s"
-
-[log]
-level = "warn"
-access_log = "off"
-
-[smtp]
-url = "smtp://127.0.0.1:$smtp_port"
-starttls = "off"
-from = "Squall Bench <bench@example.com>"
-${SMTP_CONNECTIONS:+connections = $SMTP_CONNECTIONS}
-
-[jobs]
-store = "$store"
-durability = "$DURABILITY"
-max_queued = 100000000
-max_queued_bytes = "64GiB"
-max_concurrent_sends = $MAX_SENDS
-
-# One client from one address is the whole point here: no rate limit or queue share applies.
-[quota]
-address_per_minute = 6000000
-address_burst = 1000000
-max_queued_per_client = 100000000
-EOF
+  email_bench_config "$config" relay="127.0.0.1:$smtp_port" store="$store" \
+    durability="$DURABILITY" sends="$MAX_SENDS" smtp_connections="$SMTP_CONNECTIONS"
   timeout 10 "$SQUALLD" --config "$config" --check-config >"$work_dir/squalld.check.log" 2>&1 || {
     cat "$work_dir/squalld.check.log" >&3
     die "squalld rejected $config"

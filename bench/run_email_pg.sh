@@ -95,30 +95,7 @@ done
 # Starts one squalld on store $1 with name $2; adds its port to node_ports.
 start_node() {
   local store=$1 name=$2 port="" tries
-  cat >"$work_dir/$name.toml" <<EOF
-[server]
-max_connections = 20000
-thread_pool_size = 4
-[timeouts]
-keepalive = "300s"
-[log]
-level = "warn"
-access_log = "off"
-[smtp]
-url = "smtp://127.0.0.1:$smtp_port"
-starttls = "off"
-from = "Squall Bench <bench@example.com>"
-[jobs]
-store = "$store"
-durability = "full"
-max_queued = 100000000
-max_queued_bytes = "64GiB"
-max_concurrent_sends = 2
-[quota]
-address_per_minute = 6000000
-address_burst = 1000000
-max_queued_per_client = 100000000
-EOF
+  email_bench_config "$work_dir/$name.toml" relay="127.0.0.1:$smtp_port" store="$store"
   rm -f "$work_dir/$name.port"
   taskset -c "$SERVER_CPU" "$SQUALLD" --config "$work_dir/$name.toml" --listen 127.0.0.1:0 \
     --port-file "$work_dir/$name.port" 2>>"$work_dir/$name.log" >/dev/null &

@@ -139,35 +139,12 @@ for index in "${!binaries[@]}"; do
     sleep 0.1
   done
   kill -STOP "$relay_pid"
-  cat >"$run_dir/squalld.toml" <<EOF
-# Written by bench/send_callgrind.sh.
-[server]
-thread_pool_size = $((SENDS + 2))
-
-[log]
-level = "warn"
-access_log = "off"
-
-[smtp]
-url = "smtp://127.0.0.1:$relay_port"
-starttls = "off"
-from = "Squall Bench <bench@example.com>"
-connect_timeout = "10m"
-timeout = "10m"
-${SMTP_CONNECTIONS:+connections = $SMTP_CONNECTIONS}
-
-[jobs]
-store = "$run_dir/jobs.db"
-durability = "$DURABILITY"
-max_concurrent_sends = $SENDS
-max_queued = 100000000
-lease = "1h"
-
-[quota]
-address_per_minute = 6000000
-address_burst = 1000000
-max_queued_per_client = 100000000
-EOF
+  # The stopped relay holds the first sends for as long as it is stopped: their SMTP time-outs
+  # and lease outlast it.
+  email_bench_config "$run_dir/squalld.toml" relay="127.0.0.1:$relay_port" \
+    store="$run_dir/jobs.db" durability="$DURABILITY" sends="$SENDS" \
+    smtp_connections="$SMTP_CONNECTIONS" smtp_connect_timeout=10m smtp_timeout=10m lease=1h \
+    max_connections="" keepalive="" max_queued_bytes=""
   (cd "$run_dir" && exec valgrind --tool=callgrind --separate-threads=yes \
     --callgrind-out-file="$run_dir/callgrind.out" "$binary" --config "$run_dir/squalld.toml" \
     --listen 127.0.0.1:0 --port-file "$run_dir/squalld.port" >"$run_dir/squalld.log" 2>&1) &

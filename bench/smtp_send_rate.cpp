@@ -54,7 +54,7 @@ int main(int argc, char** argv) {
   email.text = "A message of a few lines, as a notification would be.\n";
   const std::string from = "Squall Bench <bench@example.com>";
   const std::string mime =
-      build_mime(email, from, "bench@example.com", std::chrono::system_clock::now());
+      build_mime(email, from, make_message_id("bench", from), std::chrono::system_clock::now());
   const std::string sender = envelope_sender(email, from);
   const std::vector<std::string> recipients = envelope_recipients(email);
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench/smtp_send_rate.sh: SMTP sends per second from squall's SmtpMailer to one relay, with a
 # fresh connection per message (what squalld did before [smtp] connections) and with kept
-# connections, in the same run (bench/smtp_send_rate.cpp, built here against build/'s libraries).
+# connections, in the same run (bench/smtp_send_rate.cpp, built here against build/'s
+# libsquall-mail.a and libsquall.a).
 #
 # Relays: the aiosmtpd harness of the integration tests (Python) and Postfix's smtp-sink (C),
 # each pinned to RELAY_CPU; the sender is pinned to SENDER_CPU. Each round runs every mode and
@@ -39,8 +40,9 @@ read -ra relays <<<"$RELAYS"
 for count in "${thread_counts[@]}"; do
   [[ $count =~ ^[1-9][0-9]*$ ]] || die "THREADS must be whole numbers above 0, got '$count'"
 done
-for lib in libsquall-jobs.a libsquall.a; do
-  [[ -f $repo_dir/$BUILD/$lib ]] || die "no $BUILD/$lib: run make first"
+# The mailer is in libsquall-mail (lib/mail), which needs the core library libsquall.
+for lib in libsquall-mail.a libsquall.a; do
+  [[ -f $repo_dir/$BUILD/$lib ]] || die "no $BUILD/$lib: run make $BUILD/$lib first"
 done
 
 work_dir=$(mktemp -d "${TMPDIR:-/tmp}/squall-bench-smtp.XXXXXX")
@@ -54,11 +56,13 @@ cleanup() {
 trap cleanup EXIT
 
 program=$work_dir/smtp_send_rate
-# shellcheck disable=SC2046
-c++ -O2 -std=c++20 -pthread -I"$repo_dir/include" -DSPDLOG_SHARED_LIB -DSPDLOG_COMPILED_LIB \
-  -DSPDLOG_FMT_EXTERNAL "$bench_dir/smtp_send_rate.cpp" -o "$program" \
-  "$repo_dir/$BUILD/libsquall-jobs.a" "$repo_dir/$BUILD/libsquall.a" \
-  -luv -lspdlog -lfmt -lcurl -lsqlite3 -lcrypto || die "building smtp_send_rate failed"
+# The packages are the Makefile's for these two libraries (CORE_PKGS, MAIL_PKGS).
+packages="libuv spdlog fmt libcurl"
+# shellcheck disable=SC2046,SC2086 # pkg-config's flags are meant to split.
+c++ -O2 -std=c++20 -Wall -Wextra -Werror -pthread -I"$repo_dir/include" \
+  $(pkg-config --cflags $packages) "$bench_dir/smtp_send_rate.cpp" -o "$program" \
+  "$repo_dir/$BUILD/libsquall-mail.a" "$repo_dir/$BUILD/libsquall.a" \
+  $(pkg-config --libs $packages) || die "building smtp_send_rate failed"
 
 free_port() {
   "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'

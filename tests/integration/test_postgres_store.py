@@ -131,10 +131,18 @@ def test_notify_wakes_a_node_that_is_not_polling(pg_store, smtp, squalld):
                                    timeouts={"drain": "1s"}))
     first = accept(a, simple("stuck"))
     stalled.wait_data_started(1)
-    # ...for node b, which polls once an hour (and at its start, which finds nothing due): only
-    # the NOTIFY of a's insert can wake it. Its start-up claim leaves no trace to wait for.
+    # ...for node b, which polls once an hour: only the NOTIFY of a's insert can wake it. At
+    # its start b claims twice, each finding nothing due: once for its first poll and once
+    # when its LISTEN is in place (for what was inserted while it was not listening); each poke
+    # gets a claim of its own that begins after it, and nothing else pokes b. So once b has
+    # committed two rounds it is listening and has claimed since: a job inserted from then on
+    # reaches b by NOTIFY or not at all (an insert before that could be taken by one of those
+    # claims, and prove nothing).
     b = squalld(config=node_config(pg_store, working.url, jobs={"poll_interval": "1h"}))
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while b.metrics().value("squall_jobs_runner_commits_total", 0) < 2:
+        assert time.monotonic() < deadline, "node b did not claim at its start and at its LISTEN"
+        time.sleep(0.02)
     second = accept(a, simple("woken"))
     started = time.monotonic()
     wait_messages(working, [second], timeout=5)
