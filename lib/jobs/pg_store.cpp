@@ -14,6 +14,7 @@
 
 #include <libpq-fe.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -1140,6 +1141,7 @@ void JobNotifier::stop() {
 }
 
 void JobNotifier::thread_main() {
+  pthread_setname_np(pthread_self(), "squall-listen");  // Seen in top -H, ps -L, perf.
   const std::string display = postgresql_display_url(url_);
   std::int64_t backoff_ms = 0;
   bool reported = false;  // A failure was logged: log the recovery too.

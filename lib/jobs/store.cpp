@@ -18,6 +18,7 @@
 
 #include <fcntl.h>
 #include <openssl/evp.h>
+#include <pthread.h>
 #include <spdlog/spdlog.h>
 #include <sqlite3.h>
 #include <sys/file.h>
@@ -624,6 +625,7 @@ void SqliteJobStore::stop_checkpointer() noexcept {
 }
 
 void SqliteJobStore::checkpointer_main() noexcept {
+  pthread_setname_np(pthread_self(), "squall-wal");  // Seen in top -H, ps -L, perf.
   std::unique_lock<std::mutex> lock(checkpoint_mutex_);
   for (;;) {
     checkpoint_wakeup_.wait(lock, [this] { return checkpoint_wanted_ || checkpoint_stopping_; });

@@ -1,5 +1,7 @@
 #include "squall/jobs/store_worker.hpp"
 
+#include <pthread.h>
+
 #include <exception>
 #include <stdexcept>
 #include <utility>
@@ -88,6 +90,8 @@ std::size_t StoreWorker::queue_depth() const {
 }
 
 void StoreWorker::thread_main() {
+  // Named for top -H, ps -L and perf: the thread that runs the store's commits.
+  pthread_setname_np(pthread_self(), "squall-store");
   std::vector<PendingInsert> batch;
   batch.reserve(max_batch);
   for (;;) {

@@ -4,6 +4,7 @@
 
 #include <curl/curl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sys/socket.h>
 
 #include <algorithm>
@@ -554,6 +555,7 @@ class SmtpConnectionPool {
   // When the pool is destroyed (a reload, the end of the process) nobody waits for that reply:
   // the read side is shut down first, so a relay that never answers QUIT holds up neither.
   void close_idle() {
+    pthread_setname_np(pthread_self(), "squall-smtp");  // Seen in top -H, ps -L, perf.
     std::unique_lock lock(mutex_);
     for (;;) {
       std::vector<Idle> expired;

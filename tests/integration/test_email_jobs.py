@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import os
 import re
 import signal
 import subprocess
@@ -290,6 +291,21 @@ def test_email_is_accepted_at_once_and_delivered(mail):
         assert job["kind"] == "email"
         for key in ("created_at", "updated_at", "finished_at"):
             assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", job[key]), job
+
+
+def test_threads_carry_names_for_operators(mail):
+    """top -H, ps -L and perf name squalld's own threads: the store's commits and the SMTP
+    connections' closer (started once a connection is kept after a send)."""
+    srv, server = mail
+    ident = accept(srv, {"to": "names@example.com", "subject": "names", "text": "t"})
+    wait_messages(server, [ident])
+    pid = srv.proc.pid
+    names = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/comm") as comm:
+            names.append(comm.read().strip())
+    assert names.count("squall-store") == 1, names
+    assert names.count("squall-smtp") == 1, names
 
 
 def test_charset_parameter_is_accepted(mail):

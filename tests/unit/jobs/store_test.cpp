@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <mutex>
 #include <set>
 #include <stdexcept>
@@ -1493,6 +1494,17 @@ std::size_t threads_of_this_process() {
   return threads;
 }
 
+// How many threads of this process carry `name` (/proc/self/task/*/comm).
+std::size_t threads_named(std::string_view name) {
+  std::size_t named = 0;
+  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream comm(task.path() / "comm");
+    std::string line;
+    if (std::getline(comm, line) && line == name) ++named;
+  }
+  return named;
+}
+
 }  // namespace
 
 TEST_CASE("a steady stream of commits: the checkpoint thread copies the WAL, commits copy a tail") {
@@ -1518,7 +1530,9 @@ TEST_CASE("a steady stream of commits: the checkpoint thread copies the WAL, com
     }
     stats = store->checkpoint_stats();
     CHECK(threads_of_this_process() == threads_before + 1);
+    CHECK(threads_named("squall-wal") == 1);  // What top -H shows for it.
   }
+  CHECK(threads_named("squall-wal") == 0);
   MESSAGE((ids.size() / 8) << " commits; checkpoint thread: " << stats.checkpoints << " passes, "
                            << stats.pages << " pages; commits: " << stats.commit_checkpoints
                            << " checkpoints, " << stats.commit_pages << " pages; "
@@ -1537,6 +1551,21 @@ TEST_CASE("a steady stream of commits: the checkpoint thread copies the WAL, com
   // The writer's close checkpointed everything and deleted the WAL.
   CHECK(!std::filesystem::exists(wal));
   check_all_stored(path, ids);
+}
+
+TEST_CASE("the store's thread is named squall-store while the StoreWorker runs") {
+  TempDir dir;
+  const std::size_t before = threads_named("squall-store");
+  {
+    FakeLoop loop;
+    StoreWorker worker(open_sqlite_store(dir.file("jobs.db"), false), loop.poster());
+    // The thread names itself first thing: once an operation has run on it, the name is set.
+    std::promise<void> ran;
+    REQUIRE(worker.run([&](JobStore&) { ran.set_value(); }));
+    REQUIRE(ran.get_future().wait_for(std::chrono::seconds(10)) == std::future_status::ready);
+    CHECK(threads_named("squall-store") == before + 1);
+  }
+  CHECK(threads_named("squall-store") == before);
 }
 
 TEST_CASE("a reader holding an old snapshot: commits past the WAL's bound checkpoint themselves") {
