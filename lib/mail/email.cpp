@@ -459,10 +459,16 @@ void append_base64(std::string& out, std::string_view in) {
   }
 }
 
+constexpr char kUpperHex[] = "0123456789ABCDEF";
+
 void append_hex_escape(std::string& out, char prefix, unsigned char c) {
-  static constexpr char kHex[] = "0123456789ABCDEF";
-  const char escape[3] = {prefix, kHex[c >> 4], kHex[c & 15]};
+  const char escape[3] = {prefix, kUpperHex[c >> 4], kUpperHex[c & 15]};
   out.append(escape, 3);
+}
+
+// Printable ASCII other than "=": what quoted-printable writes as it is anywhere (rule 2).
+bool qp_literal(unsigned char c) {
+  return c >= 33 && c <= 126 && c != '=';
 }
 
 // One line of text (no line break in it) as quoted-printable lines of at most 76 characters.
@@ -470,30 +476,40 @@ void append_hex_escape(std::string& out, char prefix, unsigned char c) {
 // keeps room for that "=". A "." at the start of a line stays literal: libcurl dot-stuffs the
 // DATA it uploads.
 void append_qp_line(std::string& out, std::string_view line, bool soft_break_after) {
-  // mbox writers would turn a line's "From " into ">From ".
-  const bool escape_first = line.starts_with("From ");
+  // Each encoded line is put together here and appended whole.
+  char encoded[kQpLine];
   std::size_t column = 0;
-  for (std::size_t i = 0; i < line.size(); ++i) {
-    const auto c = static_cast<unsigned char>(line[i]);
-    const bool last = i + 1 == line.size();
-    // Printable ASCII but "=" stays as it is, and so do a space and a tab unless they end the
-    // line (rule 3: whitespace before a line end must be encoded).
-    const bool literal = !(i == 0 && escape_first) &&
-                         (c >= 33 && c <= 126 ? c != '=' : (c == ' ' || c == '\t') && !last);
+  // Puts c as it is or as =XX, after a soft break when it would end past `limit`.
+  const auto put = [&](unsigned char c, bool literal, std::size_t limit) {
     const std::size_t width = literal ? 1 : 3;
-    // Room for the soft break's "=" unless this is the line's last character and no soft break
-    // follows it.
-    if (column + width > (last && !soft_break_after ? kQpLine : kQpLine - 1)) {
+    if (column + width > limit) {
+      out.append(encoded, column);
       out += "=\r\n";
       column = 0;
     }
     if (literal) {
-      out += static_cast<char>(c);
+      encoded[column] = static_cast<char>(c);
     } else {
-      append_hex_escape(out, '=', c);
+      encoded[column] = '=';
+      encoded[column + 1] = kUpperHex[c >> 4];
+      encoded[column + 2] = kUpperHex[c & 15];
     }
     column += width;
+  };
+  // mbox writers would turn a line's "From " into ">From ": its "F" is encoded.
+  const std::size_t first_literal = line.starts_with("From ") ? 1 : 0;
+  for (std::size_t i = 0; i < line.size(); ++i) {
+    const auto c = static_cast<unsigned char>(line[i]);
+    if (i + 1 < line.size()) {
+      // Inside the line spaces and tabs are literal too; the soft break's "=" needs room.
+      put(c, i >= first_literal && (qp_literal(c) || c == ' ' || c == '\t'), kQpLine - 1);
+    } else {
+      // The last character: whitespace before a line end must be encoded (rule 3), and the
+      // soft break's "=" needs room only when one follows.
+      put(c, i >= first_literal && qp_literal(c), soft_break_after ? kQpLine - 1 : kQpLine);
+    }
   }
+  out.append(encoded, column);
 }
 
 // Text as a quoted-printable body. CRLF, LF and a lone CR all end a line (hard CRLF breaks). The
@@ -503,7 +519,10 @@ void append_quoted_printable(std::string& out, std::string_view text) {
   std::size_t start = 0;
   while (start < text.size()) {
     std::size_t end = start;
-    while (end < text.size() && text[end] != '\r' && text[end] != '\n') ++end;
+    // Most bytes are above '\r': one comparison tells them apart.
+    while (end < text.size() && (text[end] > '\r' || (text[end] != '\r' && text[end] != '\n'))) {
+      ++end;
+    }
     if (end == text.size()) {
       append_qp_line(out, text.substr(start), /*soft_break_after=*/true);
       out += "=\r\n";
@@ -816,8 +835,8 @@ std::string write_message(const Email& email, std::string_view default_from,
   if (message_id.starts_with('<') && message_id.ends_with('>') && message_id.size() >= 2) {
     message_id = message_id.substr(1, message_id.size() - 2);
   }
-  if (message_id.empty() || !printable_ascii(message_id) ||
-      message_id.find_first_of(" <>") != std::string_view::npos) {
+  const auto unfit = [](char c) { return c <= ' ' || c > '~' || c == '<' || c == '>'; };
+  if (message_id.empty() || std::any_of(message_id.begin(), message_id.end(), unfit)) {
     throw std::invalid_argument(
         "build_mime: the Message-ID is empty or has characters other "
         "than printable ASCII");
@@ -929,15 +948,15 @@ namespace {
 std::optional<std::string> check_address_text(std::string_view text, std::string_view& addr_spec,
                                               std::string* display_name) {
   if (text.empty()) return std::string("is empty");
-  // One pass finds what the three checks below refuse; they report in this order.
-  bool line_break_or_nul = false, control = false, non_ascii = false;
+  // One pass tells whether any of the three checks below can refuse (CR, LF and NUL are
+  // control characters too); they report in this order.
+  bool control = false, non_ascii = false;
   for (const char ch : text) {
     const auto c = static_cast<unsigned char>(ch);
-    line_break_or_nul = line_break_or_nul || c == '\r' || c == '\n' || c == '\0';
-    control = control || is_control(c);
-    non_ascii = non_ascii || c >= 0x80;
+    control |= is_control(c);
+    non_ascii |= c >= 0x80;
   }
-  if (line_break_or_nul) return std::string("contains CR, LF or NUL");
+  if (control && has_cr_lf_nul(text)) return std::string("contains CR, LF or NUL");
   if (non_ascii && !valid_utf8(text)) return std::string("is not valid UTF-8");
   if (control) return std::string("contains a control character");
   if (text.back() != '>') {
@@ -976,8 +995,9 @@ std::optional<std::string> check_address_text(std::string_view text, std::string
     if (display_name != nullptr) *display_name = raw;
   }
   const std::string_view inner = text.substr(open + 1, text.size() - open - 2);
-  if (inner.find_first_of("<>") != std::string_view::npos) {
-    return std::string("has more than one <...>");
+  // A plain loop: find_first_of calls memchr on the two characters for every byte.
+  for (const char c : inner) {
+    if (c == '<' || c == '>') return std::string("has more than one <...>");
   }
   if (inner.find(' ') != std::string_view::npos) {
     return std::string("contains whitespace inside <...>");
@@ -1584,11 +1604,13 @@ class StoredFormReader {
   bool string(std::string& out) {
     if (at_ >= json_.size() || json_[at_] != '"') return false;
     ++at_;
+    bool non_ascii = false;  // Only then can the bytes be other than UTF-8.
     for (;;) {
       std::size_t end = at_;
       while (end < json_.size()) {
         const auto c = static_cast<unsigned char>(json_[end]);
         if (c < 0x20 || c == '"' || c == '\\') break;
+        non_ascii |= c >= 0x80;
         ++end;
       }
       out.append(json_.data() + at_, end - at_);
@@ -1597,9 +1619,10 @@ class StoredFormReader {
       const char c = json_[at_];
       if (c == '"') {
         ++at_;
-        return valid_utf8(out);
+        return !non_ascii || valid_utf8(out);
       }
       if (c != '\\' || at_ + 1 >= json_.size()) return false;  // A raw control character.
+      if (out.capacity() == out.size()) out.reserve(out.size() + raw_rest());
       const char escape = json_[at_ + 1];
       at_ += 2;
       switch (escape) {
@@ -1635,6 +1658,14 @@ class StoredFormReader {
           return false;
       }
     }
+  }
+
+  // The raw length of the rest of the string at at_, up to its closing quote (or the end of the
+  // text): what its decoded rest can take at most, to be reserved at its first escape.
+  std::size_t raw_rest() const {
+    std::size_t end = at_;
+    while (end < json_.size() && json_[end] != '"') end += json_[end] == '\\' ? 2 : 1;
+    return std::min(end, json_.size()) - at_;
   }
 
   bool list(std::vector<std::string>& out) {
@@ -1743,15 +1774,16 @@ std::string make_message_id(std::string_view job_id, std::string_view domain) {
   }
   std::string id;
   id.reserve(job_id.size() + 1 + right.size());
-  for (const char ch : job_id) {
-    const auto c = static_cast<unsigned char>(ch);
+  std::size_t kept = 0;  // Where the characters not yet appended start.
+  for (std::size_t i = 0; i < job_id.size(); ++i) {
+    const auto c = static_cast<unsigned char>(job_id[i]);
     // "." is escaped too: dot-atom-text forbids leading, trailing and double dots.
-    if (is_atext(c) && c != '=') {
-      id += ch;
-    } else {
-      append_hex_escape(id, '=', c);
-    }
+    if (is_atext(c) && c != '=') continue;
+    id.append(job_id, kept, i - kept);
+    append_hex_escape(id, '=', c);
+    kept = i + 1;
   }
+  id.append(job_id, kept);
   id += '@';
   id += right;
   return id;
