@@ -1622,6 +1622,8 @@ class StoredFormReader {
         return !non_ascii || valid_utf8(out);
       }
       if (c != '\\' || at_ + 1 >= json_.size()) return false;  // A raw control character.
+      // An escape that finds the string full: room for all the rest at once, rather than a
+      // reallocation for the byte it decodes and again later.
       if (out.capacity() == out.size()) out.reserve(out.size() + raw_rest());
       const char escape = json_[at_ + 1];
       at_ += 2;
@@ -1661,7 +1663,7 @@ class StoredFormReader {
   }
 
   // The raw length of the rest of the string at at_, up to its closing quote (or the end of the
-  // text): what its decoded rest can take at most, to be reserved at its first escape.
+  // text): at most what its decoded rest takes.
   std::size_t raw_rest() const {
     std::size_t end = at_;
     while (end < json_.size() && json_[end] != '"') end += json_[end] == '\\' ? 2 : 1;
