@@ -1,11 +1,12 @@
 // libFuzzer target: a POST /email body through parse_email_request, and every accepted request
-// through its stored JSON form and build_mime. Checks: EmailRequestParser's one-pass scan gives
-// the DOM path's answer (the same refusal, or the same request, accepted by the scan alone, with
-// the stored form email_to_json writes), no exception other than the documented ones, the stored
-// form round-trips, and the MIME message has CRLF line ends only, every line at
-// most 998 bytes (RFC 5322 2.1.1), body lines at most 76 (quoted-printable), and a header
-// section whose every line is a header squall writes or a non-blank folded continuation: no
-// header line comes from CR or LF in the input.
+// through its stored JSON form, build_mime and prepare_message. Checks: EmailRequestParser's
+// one-pass scan gives the DOM path's answer (the same refusal, or the same request, accepted by the
+// scan alone, with the stored form email_to_json writes), no exception other than the documented
+// ones, the stored form round-trips, prepare_message gives build_mime's message and the envelope
+// functions' answers, and the MIME message has CRLF line ends only, every line at most 998 bytes
+// (RFC 5322 2.1.1), body lines at most 76 (quoted-printable), and a header section whose every line
+// is a header squall writes or a non-blank folded continuation: no header line comes from CR or LF
+// in the input.
 #include <algorithm>
 #include <chrono>
 #include <cstddef>
@@ -13,6 +14,7 @@
 #include <cstdlib>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -105,8 +107,17 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   check(parser.payload() == stored.dump());
   check(email_from_json(parser.payload()) == *email);
   const auto date = std::chrono::system_clock::time_point(std::chrono::seconds(1'700'000'000));
-  check_mime(build_mime(*email, "Squall <squall@example.com>", "0123abcd@example.com", date));
-  envelope_recipients(*email);
-  envelope_sender(*email, "squall@example.com");
+  const std::string mime =
+      build_mime(*email, "Squall <squall@example.com>", "0123abcd@example.com", date);
+  check_mime(mime);
+  const std::vector<std::string> recipients = envelope_recipients(*email);
+  const std::string sender = envelope_sender(*email, "Squall <squall@example.com>");
+  // prepare_message: the same envelope and message (which differ only in the multipart
+  // boundary, random but of one length).
+  const OutgoingMessage message =
+      prepare_message(*email, "Squall <squall@example.com>", "0123abcd@example.com", date);
+  check(message.sender == sender && message.recipients == recipients);
+  check(message.mime.size() == mime.size());
+  check(message.mime == mime || (!email->text.empty() && !email->html.empty()));
   return 0;
 }

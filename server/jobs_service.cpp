@@ -390,15 +390,19 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
         const auto settings = settings_;
         return [settings, job, cancel = runner_->cancel_flag()] {
           const mail::Email email = mail::email_from_json(job.payload);
-          const std::string mime =
-              mail::build_mime(email, settings->default_from,
-                               mail::make_message_id(job.id, settings->message_id_domain),
-                               std::chrono::system_clock::now());
-          const mail::SendResult sent =
-              settings->maildir
-                  ? settings->maildir->deliver(job.id, job.created_ms, mime)
-                  : settings->mailer->send(mail::envelope_sender(email, settings->default_from),
-                                           mail::envelope_recipients(email), mime, cancel);
+          const std::string message_id = mail::make_message_id(job.id, settings->message_id_domain);
+          const auto now = std::chrono::system_clock::now();
+          mail::SendResult sent;
+          if (settings->maildir) {
+            sent = settings->maildir->deliver(
+                job.id, job.created_ms,
+                mail::build_mime(email, settings->default_from, message_id, now));
+          } else {
+            // The headers and the envelope from one parse of each address.
+            const mail::OutgoingMessage message =
+                mail::prepare_message(email, settings->default_from, message_id, now);
+            sent = settings->mailer->send(message.sender, message.recipients, message.mime, cancel);
+          }
           using Outcome = jobs::AttemptResult::Outcome;
           switch (sent.outcome) {
             case mail::SendOutcome::aborted:

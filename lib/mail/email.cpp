@@ -4,9 +4,10 @@
 
 #include <arpa/inet.h>
 
+#include <algorithm>
 #include <array>
+#include <chrono>
 #include <cstdint>
-#include <ctime>
 #include <optional>
 #include <random>
 #include <set>
@@ -38,15 +39,23 @@ constexpr std::array<std::string_view, 8> kRequestFields = {"to",       "cc",   
 // ---------------------------------------------------------------------------------------------
 // Characters
 
-bool is_ascii_alnum(unsigned char c) {
+constexpr bool is_ascii_alnum(unsigned char c) {
   return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9');
 }
 
-// RFC 5322 3.2.3 atext.
+// RFC 5322 3.2.3 atext: letters, digits and !#$%&'*+-/=?^_`{|}~. A table: every character of
+// every local part and display name is looked up.
+constexpr std::array<bool, 256> kAtext = [] {
+  std::array<bool, 256> table{};
+  for (int c = 0; c < 256; ++c) table[c] = is_ascii_alnum(static_cast<unsigned char>(c));
+  for (const char c : std::string_view("!#$%&'*+-/=?^_`{|}~")) {
+    table[static_cast<unsigned char>(c)] = true;
+  }
+  return table;
+}();
+
 bool is_atext(unsigned char c) {
-  if (is_ascii_alnum(c)) return true;
-  static constexpr std::string_view kSpecials = "!#$%&'*+-/=?^_`{|}~";
-  return c != 0 && kSpecials.find(static_cast<char>(c)) != std::string_view::npos;
+  return kAtext[c];
 }
 
 bool has_cr_lf_nul(std::string_view s) {
@@ -418,20 +427,22 @@ std::optional<FieldError> get_recipients(const Json& doc, const char* name, bool
 // ---------------------------------------------------------------------------------------------
 // Encodings
 
-std::string base64(std::string_view in) {
+// The length of `bytes` bytes in base64, padded (RFC 4648 4).
+constexpr std::size_t base64_size(std::size_t bytes) {
+  return (bytes + 2) / 3 * 4;
+}
+
+void append_base64(std::string& out, std::string_view in) {
   static constexpr char kAlphabet[] =
       "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-  std::string out;
-  out.reserve((in.size() + 2) / 3 * 4);
   std::size_t i = 0;
   for (; i + 2 < in.size(); i += 3) {
     const std::uint32_t n = (std::uint32_t(static_cast<unsigned char>(in[i])) << 16) |
                             (std::uint32_t(static_cast<unsigned char>(in[i + 1])) << 8) |
                             static_cast<unsigned char>(in[i + 2]);
-    out += kAlphabet[(n >> 18) & 63];
-    out += kAlphabet[(n >> 12) & 63];
-    out += kAlphabet[(n >> 6) & 63];
-    out += kAlphabet[n & 63];
+    const char quad[4] = {kAlphabet[(n >> 18) & 63], kAlphabet[(n >> 12) & 63],
+                          kAlphabet[(n >> 6) & 63], kAlphabet[n & 63]};
+    out.append(quad, 4);
   }
   if (i + 1 == in.size()) {
     const std::uint32_t n = std::uint32_t(static_cast<unsigned char>(in[i])) << 16;
@@ -446,71 +457,116 @@ std::string base64(std::string_view in) {
     out += kAlphabet[(n >> 6) & 63];
     out += '=';
   }
-  return out;
 }
 
+constexpr char kUpperHex[] = "0123456789ABCDEF";
+
 void append_hex_escape(std::string& out, char prefix, unsigned char c) {
-  static constexpr char kHex[] = "0123456789ABCDEF";
-  out += prefix;
-  out += kHex[c >> 4];
-  out += kHex[c & 15];
+  const char escape[3] = {prefix, kUpperHex[c >> 4], kUpperHex[c & 15]};
+  out.append(escape, 3);
+}
+
+// Printable ASCII other than "=": what quoted-printable writes as it is anywhere (rule 2).
+bool qp_literal(unsigned char c) {
+  return c >= 33 && c <= 126 && c != '=';
 }
 
 // One line of text (no line break in it) as quoted-printable lines of at most 76 characters.
 // With `soft_break_after`, the caller ends the line with "=" CRLF, so its last encoded line
 // keeps room for that "=". A "." at the start of a line stays literal: libcurl dot-stuffs the
 // DATA it uploads.
-void qp_encode_line(std::string_view line, std::string& out, bool soft_break_after) {
+void append_qp_line(std::string& out, std::string_view line, bool soft_break_after) {
+  // Each encoded line is put together here and appended whole.
+  char encoded[kQpLine];
   std::size_t column = 0;
-  std::string token;
-  for (std::size_t i = 0; i < line.size(); ++i) {
-    const auto c = static_cast<unsigned char>(line[i]);
-    const bool last = i + 1 == line.size();
-    token.clear();
-    if (i == 0 && line.starts_with("From ")) {
-      append_hex_escape(token, '=', c);  // mbox writers would turn it into ">From "
-    } else if ((c == ' ' || c == '\t') && !last) {
-      token += static_cast<char>(c);  // whitespace before a line end must be encoded (rule 3)
-    } else if (c >= 33 && c <= 126 && c != '=') {
-      token += static_cast<char>(c);
-    } else {
-      append_hex_escape(token, '=', c);
-    }
-    // Room for the soft break's "=" unless this is the line's last token and no soft break
-    // follows it.
-    if (column + token.size() > (last && !soft_break_after ? kQpLine : kQpLine - 1)) {
+  // Puts c as it is or as =XX, after a soft break when it would end past `limit`.
+  const auto put = [&](unsigned char c, bool literal, std::size_t limit) {
+    const std::size_t width = literal ? 1 : 3;
+    if (column + width > limit) {
+      out.append(encoded, column);
       out += "=\r\n";
       column = 0;
     }
-    out += token;
-    column += token.size();
+    if (literal) {
+      encoded[column] = static_cast<char>(c);
+    } else {
+      encoded[column] = '=';
+      encoded[column + 1] = kUpperHex[c >> 4];
+      encoded[column + 2] = kUpperHex[c & 15];
+    }
+    column += width;
+  };
+  // mbox writers would turn a line's "From " into ">From ": its "F" is encoded.
+  const std::size_t first_literal = line.starts_with("From ") ? 1 : 0;
+  for (std::size_t i = 0; i < line.size(); ++i) {
+    const auto c = static_cast<unsigned char>(line[i]);
+    if (i + 1 < line.size()) {
+      // Inside the line spaces and tabs are literal too; the soft break's "=" needs room.
+      put(c, i >= first_literal && (qp_literal(c) || c == ' ' || c == '\t'), kQpLine - 1);
+    } else {
+      // The last character: whitespace before a line end must be encoded (rule 3), and the
+      // soft break's "=" needs room only when one follows.
+      put(c, i >= first_literal && qp_literal(c), soft_break_after ? kQpLine - 1 : kQpLine);
+    }
   }
+  out.append(encoded, column);
 }
 
 // Text as a quoted-printable body. CRLF, LF and a lone CR all end a line (hard CRLF breaks). The
 // body always ends with CRLF; when the text itself does not end with a line break, that CRLF is
 // a soft break ("=" CRLF), so decoding gives back the text exactly.
-std::string qp_encode(std::string_view text) {
-  std::string out;
-  out.reserve(text.size() + text.size() / 8 + 8);
+void append_quoted_printable(std::string& out, std::string_view text) {
   std::size_t start = 0;
   while (start < text.size()) {
-    const std::size_t end = text.find_first_of("\r\n", start);
-    if (end == std::string_view::npos) {
-      qp_encode_line(text.substr(start), out, /*soft_break_after=*/true);
+    std::size_t end = start;
+    // Most bytes are above '\r': one comparison tells them apart.
+    while (end < text.size() && (text[end] > '\r' || (text[end] != '\r' && text[end] != '\n'))) {
+      ++end;
+    }
+    if (end == text.size()) {
+      append_qp_line(out, text.substr(start), /*soft_break_after=*/true);
       out += "=\r\n";
       break;
     }
-    qp_encode_line(text.substr(start, end - start), out, /*soft_break_after=*/false);
+    append_qp_line(out, text.substr(start, end - start), /*soft_break_after=*/false);
     out += "\r\n";
     start = end + ((text[end] == '\r' && end + 1 < text.size() && text[end + 1] == '\n') ? 2 : 1);
   }
-  return out;
 }
 
+// Writes one header, folding before a token when the line would pass 78 characters. Unfolding
+// removes the CRLF and keeps the space, so a fold never changes the value. Tokens go straight
+// into the message.
+class HeaderWriter {
+ public:
+  HeaderWriter(std::string& out, std::string_view name) : out_(out), column_(name.size() + 1) {
+    out_ += name;
+    out_ += ':';
+  }
+  // Starts a token of `size` characters, after a space or a fold: the caller appends exactly
+  // those characters to the string returned.
+  std::string& begin_token(std::size_t size) {
+    if (!first_ && column_ + 1 + size > kHeaderLine) {
+      out_ += "\r\n";
+      column_ = 0;
+    }
+    out_ += ' ';
+    column_ += 1 + size;
+    first_ = false;
+    return out_;
+  }
+  void add(std::string_view token) { begin_token(token.size()) += token; }
+  void end() { out_ += "\r\n"; }
+
+ private:
+  std::string& out_;
+  std::size_t column_;
+  bool first_ = true;
+};
+
 // UTF-8 text as RFC 2047 B encoded-words, split only between characters (RFC 2047 5).
-std::vector<std::string> encoded_words(std::string_view text) {
-  std::vector<std::string> words;
+void add_encoded_words(HeaderWriter& header, std::string_view text) {
+  static constexpr std::string_view kOpen = "=?UTF-8?B?", kClose = "?=";
   std::size_t start = 0;
   while (start < text.size()) {
     std::size_t end = start;
@@ -519,40 +575,14 @@ std::vector<std::string> encoded_words(std::string_view text) {
       if (next - start > kEncodedWordBytes) break;
       end = next;
     }
-    words.push_back("=?UTF-8?B?" + base64(text.substr(start, end - start)) + "?=");
+    const std::string_view piece = text.substr(start, end - start);
+    std::string& out = header.begin_token(kOpen.size() + base64_size(piece.size()) + kClose.size());
+    out += kOpen;
+    append_base64(out, piece);
+    out += kClose;
     start = end;
   }
-  return words;
 }
-
-// Writes one header, folding before a token when the line would pass 78 characters. Unfolding
-// removes the CRLF and keeps the space, so a fold never changes the value.
-class HeaderWriter {
- public:
-  HeaderWriter(std::string& out, std::string_view name) : out_(out), column_(name.size() + 1) {
-    out_ += name;
-    out_ += ':';
-  }
-  void add(std::string_view token) {
-    if (!first_ && column_ + 1 + token.size() > kHeaderLine) {
-      out_ += "\r\n";
-      column_ = 0;
-    }
-    out_ += ' ';
-    out_ += token;
-    column_ += 1 + token.size();
-    first_ = false;
-  }
-  void add_all(const std::vector<std::string>& tokens) {
-    for (const auto& token : tokens) add(token);
-  }
-  void end() { out_ += "\r\n"; }
-
- private:
-  std::string& out_;
-  std::size_t column_;
-  bool first_ = true;
-};
 
 bool printable_ascii(std::string_view s) {
   for (const char ch : s) {
@@ -562,109 +592,206 @@ bool printable_ascii(std::string_view s) {
   return true;
 }
 
+// The next token of a plain unstructured value from `start`: a word with the extra spaces before
+// it ("a  b" -> "a", " b"). The writer puts one space before each token and may fold there, so
+// no token is empty and no folded line is whitespace only. `start` moves to the token after, or
+// to npos after the last.
+std::string_view next_word_token(std::string_view value, std::size_t& start) {
+  std::size_t word = start;
+  while (word < value.size() && value[word] == ' ') ++word;
+  std::size_t space = word;
+  while (space < value.size() && value[space] != ' ') ++space;
+  const std::string_view token = value.substr(start, space - start);
+  start = space < value.size() ? space + 1 : std::string_view::npos;
+  return token;
+}
+
 // An unstructured value (Subject): as is, folded at its spaces, when it is printable ASCII that
-// no decoder could mistake for encoded-words and every piece fits on a line; otherwise as
-// encoded-words, which can always be folded and keep every space.
-std::vector<std::string> unstructured_tokens(std::string_view value, std::size_t first_room) {
+// no decoder could mistake for encoded-words and every token fits on a line (the first after
+// the header's name, in first_room); otherwise as encoded-words, which can always be folded and
+// keep every space.
+void add_unstructured(HeaderWriter& header, std::string_view value, std::size_t first_room) {
   bool plain = printable_ascii(value) && value.find("=?") == std::string_view::npos &&
                !value.starts_with(' ') && !value.ends_with(' ');
-  std::vector<std::string> tokens;
-  if (plain) {
-    // A token is a word with the extra spaces before it ("a  b" -> "a", " b"): the writer puts
-    // one space before each token and may fold there, so no token is empty and no folded line
-    // is whitespace only.
-    std::size_t start = 0;
-    while (true) {
-      const std::size_t word = value.find_first_not_of(' ', start);
-      const std::size_t space = value.find(' ', word);
-      tokens.emplace_back(value.substr(start, space == value.npos ? value.npos : space - start));
-      const std::size_t room = tokens.size() == 1 ? first_room : kHeaderLine - 1;
-      if (tokens.back().size() > room) {
-        plain = false;
-        break;
-      }
-      if (space == std::string_view::npos) break;
-      start = space + 1;
-    }
+  for (std::size_t start = 0, room = first_room; plain && start != std::string_view::npos;
+       room = kHeaderLine - 1) {
+    plain = next_word_token(value, start).size() <= room;
   }
-  if (!plain) tokens = encoded_words(value);
-  return tokens;
+  if (!plain) {
+    add_encoded_words(header, value);
+    return;
+  }
+  for (std::size_t start = 0; start != std::string_view::npos;) {
+    header.add(next_word_token(value, start));
+  }
 }
 
 // A display name as a phrase: atoms when it is plain words, a quoted string when it is short
 // printable ASCII with specials (e.g. "Doe, John"), encoded-words otherwise (non-ASCII, long).
-std::vector<std::string> phrase_tokens(std::string_view name) {
+void add_phrase(HeaderWriter& header, std::string_view name) {
   constexpr std::size_t kRoom = 70;
-  const bool ascii = printable_ascii(name) && name.find("=?") == std::string_view::npos;
-  if (ascii) {
-    std::vector<std::string> atoms;
-    bool atoms_only = true;
-    std::size_t start = 0;
-    while (atoms_only && start <= name.size()) {
-      std::size_t space = name.find(' ', start);
-      if (space == std::string_view::npos) space = name.size();
-      const std::string_view atom = name.substr(start, space - start);
-      if (!atom.empty()) {
-        for (const char c : atom)
-          atoms_only = atoms_only && is_atext(static_cast<unsigned char>(c));
-        atoms_only = atoms_only && atom.size() <= kRoom;
-        atoms.emplace_back(atom);
-      }
-      start = space + 1;
-    }
-    if (atoms_only && !atoms.empty()) return atoms;
-    std::string quoted = "\"";
+  if (printable_ascii(name) && name.find("=?") == std::string_view::npos) {
+    // Atoms: the words between single spaces, each of atext and at most kRoom long.
+    bool atoms_only = true, any_atom = false;
+    std::size_t atom_length = 0;
     for (const char c : name) {
-      if (c == '"' || c == '\\') quoted += '\\';
-      quoted += c;
+      if (c == ' ') {
+        atom_length = 0;
+        continue;
+      }
+      any_atom = true;
+      if (!is_atext(static_cast<unsigned char>(c)) || ++atom_length > kRoom) atoms_only = false;
     }
-    quoted += '"';
-    if (quoted.size() <= kRoom) return {quoted};
+    if (atoms_only && any_atom) {
+      std::size_t start = 0;
+      while (start <= name.size()) {
+        std::size_t space = name.find(' ', start);
+        if (space == std::string_view::npos) space = name.size();
+        if (space > start) header.add(name.substr(start, space - start));
+        start = space + 1;
+      }
+      return;
+    }
+    std::size_t quoted_size = name.size() + 2;
+    for (const char c : name) quoted_size += c == '"' || c == '\\' ? 1 : 0;
+    if (quoted_size <= kRoom) {
+      std::string& out = header.begin_token(quoted_size);
+      out += '"';
+      for (const char c : name) {
+        if (c == '"' || c == '\\') out += '\\';
+        out += c;
+      }
+      out += '"';
+      return;
+    }
   }
-  return encoded_words(name);
+  add_encoded_words(header, name);
 }
 
-Address parse_or_throw(std::string_view text, std::string_view what) {
-  auto parsed = parse_address(text);
-  if (auto* reason = std::get_if<std::string>(&parsed)) {
-    throw std::invalid_argument(std::string(what) + " is not a valid address: " + *reason);
-  }
-  return std::get<Address>(std::move(parsed));
+// An address parsed for a header and the envelope. addr_spec is a view into the text parsed.
+struct Mailbox {
+  std::string_view addr_spec;
+  std::string display_name;  // Unquoted, possibly UTF-8; empty when there is none.
+};
+
+// Parses text into mailbox, reusing its display name's buffer. Returns what is wrong, or
+// nullopt.
+std::optional<std::string> parse_mailbox(std::string_view text, Mailbox& mailbox) {
+  mailbox.display_name.clear();
+  return check_address_text(text, mailbox.addr_spec, &mailbox.display_name);
 }
 
-std::vector<std::string> mailbox_tokens(const Address& address) {
-  if (address.display_name.empty()) return {address.addr_spec};
-  auto tokens = phrase_tokens(address.display_name);
-  tokens.push_back("<" + address.addr_spec + ">");
-  return tokens;
+[[noreturn]] void throw_invalid_address(std::string_view what, std::string_view reason) {
+  throw std::invalid_argument(std::string(what) +
+                              " is not a valid address: " + std::string(reason));
 }
 
+// A mailbox's tokens: the display name's, then <addr-spec> (or the addr-spec alone), followed by
+// a comma when another mailbox follows in the list.
+void add_mailbox(HeaderWriter& header, const Mailbox& mailbox, bool comma) {
+  const bool named = !mailbox.display_name.empty();
+  if (named) add_phrase(header, mailbox.display_name);
+  std::string& out =
+      header.begin_token(mailbox.addr_spec.size() + (named ? 2 : 0) + (comma ? 1 : 0));
+  if (named) out += '<';
+  out += mailbox.addr_spec;
+  if (named) out += '>';
+  if (comma) out += ',';
+}
+
+// A To or Cc header. With `recipients`, each address's addr-spec is added to it, for the
+// envelope.
 void write_address_list(std::string& out, std::string_view name,
-                        const std::vector<std::string>& addresses) {
+                        const std::vector<std::string>& addresses, Mailbox& mailbox,
+                        std::vector<std::string_view>* recipients) {
   HeaderWriter header(out, name);
   for (std::size_t i = 0; i < addresses.size(); ++i) {
-    auto tokens = mailbox_tokens(
-        parse_or_throw(addresses[i], std::string(name) + "[" + std::to_string(i) + "]"));
-    if (i + 1 < addresses.size()) tokens.back() += ',';
-    header.add_all(tokens);
+    if (auto reason = parse_mailbox(addresses[i], mailbox)) {
+      throw_invalid_address(std::string(name) + "[" + std::to_string(i) + "]", *reason);
+    }
+    add_mailbox(header, mailbox, i + 1 < addresses.size());
+    if (recipients != nullptr) recipients->push_back(mailbox.addr_spec);
   }
   header.end();
 }
 
-// RFC 5322 3.3 date-time, always in UTC.
-std::string rfc5322_date(std::chrono::system_clock::time_point when) {
-  static constexpr std::array<const char*, 7> kDays = {"Sun", "Mon", "Tue", "Wed",
-                                                       "Thu", "Fri", "Sat"};
-  static constexpr std::array<const char*, 12> kMonths = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
-                                                          "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
-  const std::time_t t = std::chrono::system_clock::to_time_t(when);
-  std::tm tm{};
-  gmtime_r(&t, &tm);
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%s, %02d %s %04d %02d:%02d:%02d +0000", kDays[tm.tm_wday],
-                tm.tm_mday, kMonths[tm.tm_mon], tm.tm_year + 1900, tm.tm_hour, tm.tm_min,
-                tm.tm_sec);
-  return buf;
+// Whether two addr-specs name one mailbox: domains are case-insensitive; local parts formally
+// are not (RFC 5321 2.4). An order in which they sort together: the local part as given, then
+// the domain in lower case.
+bool mailbox_less(std::string_view a, std::string_view b) {
+  const std::size_t a_domain = a.rfind('@') + 1, b_domain = b.rfind('@') + 1;
+  const auto key = [](std::string_view s, std::size_t domain, std::size_t i) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    return i >= domain && c >= 'A' && c <= 'Z' ? c - 'A' + 'a' : c;
+  };
+  for (std::size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    const int x = key(a, a_domain, i), y = key(b, b_domain, i);
+    if (x != y) return x < y;
+  }
+  return a.size() < b.size();
+}
+
+// The envelope's recipients: each mailbox once, where it first occurs. Sorting keeps this
+// O(n log n) for the longest lists [jobs] max_recipients allows.
+std::vector<std::string> unique_mailboxes(const std::vector<std::string_view>& addr_specs) {
+  std::vector<std::string> out;
+  out.reserve(addr_specs.size());
+  if (addr_specs.size() < 2) {
+    for (const std::string_view addr_spec : addr_specs) out.emplace_back(addr_spec);
+    return out;
+  }
+  // By mailbox, and by position among equal ones: the first of each run is kept.
+  std::vector<std::size_t> order(addr_specs.size());
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+    if (mailbox_less(addr_specs[a], addr_specs[b])) return true;
+    if (mailbox_less(addr_specs[b], addr_specs[a])) return false;
+    return a < b;
+  });
+  std::vector<bool> kept(addr_specs.size());
+  for (std::size_t i = 0; i < order.size(); ++i) {
+    kept[order[i]] = i == 0 || mailbox_less(addr_specs[order[i - 1]], addr_specs[order[i]]);
+  }
+  for (std::size_t i = 0; i < addr_specs.size(); ++i) {
+    if (kept[i]) out.emplace_back(addr_specs[i]);
+  }
+  return out;
+}
+
+// RFC 5322 3.3 date-time, always in UTC: "Sat, 21 Nov 2026 14:03:32 +0000". The second is the
+// one system_clock::to_time_t gives (truncated toward zero, as gmtime got it before).
+void append_rfc5322_date(std::string& out, std::chrono::system_clock::time_point when) {
+  using namespace std::chrono;
+  static constexpr std::array<std::string_view, 7> kDays = {"Sun", "Mon", "Tue", "Wed",
+                                                            "Thu", "Fri", "Sat"};
+  static constexpr std::array<std::string_view, 12> kMonths = {
+      "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
+  const sys_seconds time{duration_cast<seconds>(when.time_since_epoch())};
+  const sys_days day = floor<days>(time);
+  const year_month_day date{day};
+  const hh_mm_ss clock{time - day};
+  const auto two_digits = [&out](long value) {
+    const char digits[2] = {static_cast<char>('0' + value / 10),
+                            static_cast<char>('0' + value % 10)};
+    out.append(digits, 2);
+  };
+  out += kDays[weekday{day}.c_encoding()];
+  out += ", ";
+  two_digits(static_cast<unsigned>(date.day()));
+  out += ' ';
+  out += kMonths[static_cast<unsigned>(date.month()) - 1];
+  out += ' ';
+  // Four digits: system_clock's nanoseconds in 64 bits span the years 1677 to 2262.
+  const int year = static_cast<int>(date.year());
+  two_digits(year / 100);
+  two_digits(year % 100);
+  out += ' ';
+  two_digits(clock.hours().count());
+  out += ':';
+  two_digits(clock.minutes().count());
+  out += ':';
+  two_digits(clock.seconds().count());
+  out += " +0000";
 }
 
 // "=_" never occurs in quoted-printable output ("=" is always followed by two hex digits or a
@@ -673,17 +800,21 @@ std::string rfc5322_date(std::chrono::system_clock::time_point when) {
 // 128 random bits in hex. The generator is seeded once per thread from std::random_device,
 // whose set-up (a device or CPU instruction probe) per message cost more than the rest of the
 // boundary; a boundary needs to be unpredictable enough not to occur in the text, not secret.
-std::string make_boundary() {
+constexpr std::string_view kBoundaryPrefix = "=_squall_";
+using Boundary = std::array<char, kBoundaryPrefix.size() + 32>;
+
+Boundary make_boundary() {
   thread_local std::mt19937_64 random{[] {
     std::random_device device;
     std::seed_seq seed{device(), device(), device(), device()};
     return std::mt19937_64(seed);
   }()};
   static constexpr char kHex[] = "0123456789abcdef";
-  std::string boundary = "=_squall_";
+  Boundary boundary;
+  std::size_t at = kBoundaryPrefix.copy(boundary.data(), kBoundaryPrefix.size());
   for (int half = 0; half < 2; ++half) {
     const std::uint64_t bits = random();
-    for (int shift = 60; shift >= 0; shift -= 4) boundary += kHex[(bits >> shift) & 0xf];
+    for (int shift = 60; shift >= 0; shift -= 4) boundary[at++] = kHex[(bits >> shift) & 0xf];
   }
   return boundary;
 }
@@ -692,6 +823,117 @@ void append_part_headers(std::string& out, std::string_view subtype) {
   out += "Content-Type: text/";
   out += subtype;
   out += "; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n";
+}
+
+// build_mime's message and, with `envelope`, its envelope too (what envelope_sender and
+// envelope_recipients return), from one parse of each address. The checks and their order are
+// build_mime's; a Bcc address, which only the envelope has, is checked last, as
+// envelope_recipients does.
+std::string write_message(const Email& email, std::string_view default_from,
+                          std::string_view message_id, std::chrono::system_clock::time_point date,
+                          OutgoingMessage* envelope) {
+  if (message_id.starts_with('<') && message_id.ends_with('>') && message_id.size() >= 2) {
+    message_id = message_id.substr(1, message_id.size() - 2);
+  }
+  const auto unfit = [](char c) { return c <= ' ' || c > '~' || c == '<' || c == '>'; };
+  if (message_id.empty() || std::any_of(message_id.begin(), message_id.end(), unfit)) {
+    throw std::invalid_argument(
+        "build_mime: the Message-ID is empty or has characters other "
+        "than printable ASCII");
+  }
+  if (has_cr_lf_nul(email.subject) || !valid_utf8(email.subject)) {
+    throw std::invalid_argument("build_mime: the subject has CR, LF, NUL or invalid UTF-8");
+  }
+  const std::string_view from = email.from.empty() ? default_from : email.from;
+
+  // Room for the headers (encoded-words make UTF-8 about 1.7 times longer) and for bodies
+  // that are mostly ASCII, so that most messages are written without growing the string.
+  std::size_t header_bytes = from.size() + email.reply_to.size() + email.subject.size();
+  for (const auto* list : {&email.to, &email.cc}) {
+    for (const std::string& address : *list) header_bytes += address.size() + 2;
+  }
+  std::string out;
+  out.reserve(512 + header_bytes * 2 + (email.text.size() + email.html.size()) * 11 / 10);
+  std::vector<std::string_view> recipients;
+  std::vector<std::string_view>* wanted = envelope != nullptr ? &recipients : nullptr;
+  if (envelope != nullptr) {
+    recipients.reserve(email.to.size() + email.cc.size() + email.bcc.size());
+  }
+  Mailbox mailbox;  // Each address in turn, its display name's buffer reused.
+
+  out += "Date: ";
+  append_rfc5322_date(out, date);
+  out += "\r\nMessage-ID: <";
+  out += message_id;
+  out += ">\r\n";
+  {
+    if (auto reason = parse_mailbox(from, mailbox)) throw_invalid_address("from", *reason);
+    if (envelope != nullptr) envelope->sender = mailbox.addr_spec;
+    HeaderWriter header(out, "From");
+    add_mailbox(header, mailbox, false);
+    header.end();
+  }
+  if (!email.to.empty()) write_address_list(out, "To", email.to, mailbox, wanted);
+  if (!email.cc.empty()) write_address_list(out, "Cc", email.cc, mailbox, wanted);
+  // Bcc recipients are only in the envelope: a Bcc header would show them to everyone.
+  if (!email.reply_to.empty()) {
+    if (auto reason = parse_mailbox(email.reply_to, mailbox)) {
+      throw_invalid_address("reply_to", *reason);
+    }
+    HeaderWriter header(out, "Reply-To");
+    add_mailbox(header, mailbox, false);
+    header.end();
+  }
+  {
+    HeaderWriter header(out, "Subject");
+    if (!email.subject.empty()) {
+      add_unstructured(header, email.subject, kHeaderLine - (sizeof "Subject: " - 1));
+    }
+    header.end();
+  }
+  out += "MIME-Version: 1.0\r\n";
+
+  const bool text = !email.text.empty();
+  const bool html = !email.html.empty();
+  if (text && html) {
+    const Boundary boundary_chars = make_boundary();
+    const std::string_view boundary(boundary_chars.data(), boundary_chars.size());
+    out += "Content-Type: multipart/alternative;\r\n boundary=\"";
+    out += boundary;
+    out += "\"\r\n\r\n--";
+    // The plain text comes first: multipart/alternative lists the parts in increasing order of
+    // preference (RFC 2046 5.1.4).
+    out += boundary;
+    out += "\r\n";
+    append_part_headers(out, "plain");
+    out += "\r\n";
+    append_quoted_printable(out, email.text);
+    out += "\r\n--";
+    out += boundary;
+    out += "\r\n";
+    append_part_headers(out, "html");
+    out += "\r\n";
+    append_quoted_printable(out, email.html);
+    out += "\r\n--";
+    out += boundary;
+    out += "--\r\n";
+  } else {
+    append_part_headers(out, html ? "html" : "plain");
+    out += "\r\n";
+    append_quoted_printable(out, html ? email.html : email.text);
+  }
+
+  if (envelope != nullptr) {
+    for (const std::string& address : email.bcc) {
+      std::string_view addr_spec;
+      if (auto reason = check_address_text(address, addr_spec, nullptr)) {
+        throw_invalid_address("envelope_recipients: a recipient", *reason);
+      }
+      recipients.push_back(addr_spec);
+    }
+    envelope->recipients = unique_mailboxes(recipients);
+  }
+  return out;
 }
 
 }  // namespace
@@ -706,13 +948,17 @@ namespace {
 std::optional<std::string> check_address_text(std::string_view text, std::string_view& addr_spec,
                                               std::string* display_name) {
   if (text.empty()) return std::string("is empty");
-  if (has_cr_lf_nul(text)) return std::string("contains CR, LF or NUL");
-  if (!valid_utf8(text)) return std::string("is not valid UTF-8");
-  for (const char c : text) {
-    if (is_control(static_cast<unsigned char>(c))) {
-      return std::string("contains a control character");
-    }
+  // One pass tells whether any of the three checks below can refuse (CR, LF and NUL are
+  // control characters too); they report in this order.
+  bool control = false, non_ascii = false;
+  for (const char ch : text) {
+    const auto c = static_cast<unsigned char>(ch);
+    control |= is_control(c);
+    non_ascii |= c >= 0x80;
   }
+  if (control && has_cr_lf_nul(text)) return std::string("contains CR, LF or NUL");
+  if (non_ascii && !valid_utf8(text)) return std::string("is not valid UTF-8");
+  if (control) return std::string("contains a control character");
   if (text.back() != '>') {
     if (text.find('<') != std::string_view::npos) return std::string("has a < without a >");
     if (text.find(' ') != std::string_view::npos) {
@@ -749,8 +995,9 @@ std::optional<std::string> check_address_text(std::string_view text, std::string
     if (display_name != nullptr) *display_name = raw;
   }
   const std::string_view inner = text.substr(open + 1, text.size() - open - 2);
-  if (inner.find_first_of("<>") != std::string_view::npos) {
-    return std::string("has more than one <...>");
+  // A plain loop: find_first_of calls memchr on the two characters for every byte.
+  for (const char c : inner) {
+    if (c == '<' || c == '>') return std::string("has more than one <...>");
   }
   if (inner.find(' ') != std::string_view::npos) {
     return std::string("contains whitespace inside <...>");
@@ -1357,11 +1604,13 @@ class StoredFormReader {
   bool string(std::string& out) {
     if (at_ >= json_.size() || json_[at_] != '"') return false;
     ++at_;
+    bool non_ascii = false;  // Only then can the bytes be other than UTF-8.
     for (;;) {
       std::size_t end = at_;
       while (end < json_.size()) {
         const auto c = static_cast<unsigned char>(json_[end]);
         if (c < 0x20 || c == '"' || c == '\\') break;
+        non_ascii |= c >= 0x80;
         ++end;
       }
       out.append(json_.data() + at_, end - at_);
@@ -1370,9 +1619,12 @@ class StoredFormReader {
       const char c = json_[at_];
       if (c == '"') {
         ++at_;
-        return valid_utf8(out);
+        return !non_ascii || valid_utf8(out);
       }
       if (c != '\\' || at_ + 1 >= json_.size()) return false;  // A raw control character.
+      // An escape that finds the string full: room for all the rest at once, rather than a
+      // reallocation for the byte it decodes and again later.
+      if (out.capacity() == out.size()) out.reserve(out.size() + raw_rest());
       const char escape = json_[at_ + 1];
       at_ += 2;
       switch (escape) {
@@ -1408,6 +1660,14 @@ class StoredFormReader {
           return false;
       }
     }
+  }
+
+  // The raw length of the rest of the string at at_, up to its closing quote (or the end of the
+  // text): at most what its decoded rest takes.
+  std::size_t raw_rest() const {
+    std::size_t end = at_;
+    while (end < json_.size() && json_[end] != '"') end += json_[end] == '\\' ? 2 : 1;
+    return std::min(end, json_.size()) - at_;
   }
 
   bool list(std::vector<std::string>& out) {
@@ -1488,116 +1748,71 @@ bool reads_stored_form_directly(std::string_view json) {
 
 std::string build_mime(const Email& email, std::string_view default_from,
                        std::string_view message_id, std::chrono::system_clock::time_point date) {
-  if (message_id.starts_with('<') && message_id.ends_with('>') && message_id.size() >= 2) {
-    message_id = message_id.substr(1, message_id.size() - 2);
-  }
-  if (message_id.empty() || !printable_ascii(message_id) ||
-      message_id.find_first_of(" <>") != std::string_view::npos) {
-    throw std::invalid_argument(
-        "build_mime: the Message-ID is empty or has characters other "
-        "than printable ASCII");
-  }
-  if (has_cr_lf_nul(email.subject) || !valid_utf8(email.subject)) {
-    throw std::invalid_argument("build_mime: the subject has CR, LF, NUL or invalid UTF-8");
-  }
-  const std::string_view from = email.from.empty() ? default_from : email.from;
+  return write_message(email, default_from, message_id, date, nullptr);
+}
 
-  std::string out;
-  out.reserve(1024 + (email.text.size() + email.html.size()) * 11 / 10);
-  out += "Date: " + rfc5322_date(date) + "\r\n";
-  out += "Message-ID: <";
-  out += message_id;
-  out += ">\r\n";
-  {
-    HeaderWriter header(out, "From");
-    header.add_all(mailbox_tokens(parse_or_throw(from, "from")));
-    header.end();
-  }
-  if (!email.to.empty()) write_address_list(out, "To", email.to);
-  if (!email.cc.empty()) write_address_list(out, "Cc", email.cc);
-  // Bcc recipients are only in the envelope: a Bcc header would show them to everyone.
-  if (!email.reply_to.empty()) {
-    HeaderWriter header(out, "Reply-To");
-    header.add_all(mailbox_tokens(parse_or_throw(email.reply_to, "reply_to")));
-    header.end();
-  }
-  {
-    HeaderWriter header(out, "Subject");
-    if (!email.subject.empty()) {
-      header.add_all(unstructured_tokens(email.subject, kHeaderLine - (sizeof "Subject: " - 1)));
-    }
-    header.end();
-  }
-  out += "MIME-Version: 1.0\r\n";
-
-  const bool text = !email.text.empty();
-  const bool html = !email.html.empty();
-  if (text && html) {
-    const std::string boundary = make_boundary();
-    out += "Content-Type: multipart/alternative;\r\n boundary=\"" + boundary + "\"\r\n\r\n";
-    // The plain text comes first: multipart/alternative lists the parts in increasing order of
-    // preference (RFC 2046 5.1.4).
-    out += "--" + boundary + "\r\n";
-    append_part_headers(out, "plain");
-    out += "\r\n";
-    out += qp_encode(email.text);
-    out += "\r\n--" + boundary + "\r\n";
-    append_part_headers(out, "html");
-    out += "\r\n";
-    out += qp_encode(email.html);
-    out += "\r\n--" + boundary + "--\r\n";
-  } else {
-    append_part_headers(out, html ? "html" : "plain");
-    out += "\r\n";
-    out += qp_encode(html ? email.html : email.text);
-  }
-  return out;
+OutgoingMessage prepare_message(const Email& email, std::string_view default_from,
+                                std::string_view message_id,
+                                std::chrono::system_clock::time_point date) {
+  OutgoingMessage message;
+  message.mime = write_message(email, default_from, message_id, date, &message);
+  return message;
 }
 
 std::string make_message_id(std::string_view job_id, std::string_view domain) {
   if (job_id.empty()) throw std::invalid_argument("make_message_id: the job id is empty");
-  std::string right;
+  std::string_view right;
   if (domain.find('@') != std::string_view::npos) {
-    const Address sender = parse_or_throw(domain, "make_message_id: the sender");
-    right = sender.addr_spec.substr(sender.addr_spec.rfind('@') + 1);
+    std::string_view addr_spec;
+    if (auto reason = check_address_text(domain, addr_spec, nullptr)) {
+      throw_invalid_address("make_message_id: the sender", *reason);
+    }
+    right = addr_spec.substr(addr_spec.rfind('@') + 1);
   } else {
     if (auto error = check_domain(domain)) {
       throw std::invalid_argument("make_message_id: the domain " + *error);
     }
     right = domain;
   }
-  std::string left;
-  for (const char ch : job_id) {
-    const auto c = static_cast<unsigned char>(ch);
+  std::string id;
+  id.reserve(job_id.size() + 1 + right.size());
+  std::size_t kept = 0;  // Where the characters not yet appended start.
+  for (std::size_t i = 0; i < job_id.size(); ++i) {
+    const auto c = static_cast<unsigned char>(job_id[i]);
     // "." is escaped too: dot-atom-text forbids leading, trailing and double dots.
-    if (is_atext(c) && c != '=') {
-      left += ch;
-    } else {
-      append_hex_escape(left, '=', c);
-    }
+    if (is_atext(c) && c != '=') continue;
+    id.append(job_id, kept, i - kept);
+    append_hex_escape(id, '=', c);
+    kept = i + 1;
   }
-  return left + "@" + right;
+  id.append(job_id, kept);
+  id += '@';
+  id += right;
+  return id;
 }
 
 std::vector<std::string> envelope_recipients(const Email& email) {
-  std::vector<std::string> out;
-  std::set<std::string> seen;
+  std::vector<std::string_view> addr_specs;
+  addr_specs.reserve(email.to.size() + email.cc.size() + email.bcc.size());
   for (const auto* list : {&email.to, &email.cc, &email.bcc}) {
-    for (const auto& text : *list) {
-      Address address = parse_or_throw(text, "envelope_recipients: a recipient");
-      const std::size_t at = address.addr_spec.rfind('@');
-      // Domains are case-insensitive; local parts formally are not (RFC 5321 2.4).
-      const std::string key =
-          address.addr_spec.substr(0, at + 1) + lower_ascii(address.addr_spec.substr(at + 1));
-      if (seen.insert(key).second) out.push_back(std::move(address.addr_spec));
+    for (const std::string& text : *list) {
+      std::string_view addr_spec;
+      if (auto reason = check_address_text(text, addr_spec, nullptr)) {
+        throw_invalid_address("envelope_recipients: a recipient", *reason);
+      }
+      addr_specs.push_back(addr_spec);
     }
   }
-  return out;
+  return unique_mailboxes(addr_specs);
 }
 
 std::string envelope_sender(const Email& email, std::string_view default_from) {
   const std::string_view from = email.from.empty() ? default_from : email.from;
-  return parse_or_throw(from, "envelope_sender: the sender").addr_spec;
+  std::string_view addr_spec;
+  if (auto reason = check_address_text(from, addr_spec, nullptr)) {
+    throw_invalid_address("envelope_sender: the sender", *reason);
+  }
+  return std::string(addr_spec);
 }
 
 }  // namespace squall::mail

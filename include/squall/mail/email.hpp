@@ -124,6 +124,21 @@ Email email_from_json(std::string_view json);
 std::string build_mime(const Email& email, std::string_view default_from,
                        std::string_view message_id, std::chrono::system_clock::time_point date);
 
+// One message ready for SMTP: its envelope and its DATA.
+struct OutgoingMessage {
+  std::string sender;                   // MAIL FROM: what envelope_sender returns.
+  std::vector<std::string> recipients;  // RCPT TO: what envelope_recipients returns.
+  std::string mime;                     // DATA: what build_mime returns.
+};
+
+// build_mime, envelope_sender and envelope_recipients of one email together, byte for byte what
+// they return, with each address parsed once for the headers and the envelope: what a send
+// needs. Throws std::invalid_argument as build_mime does, then as envelope_recipients does for
+// a Bcc address (which only the envelope holds).
+OutgoingMessage prepare_message(const Email& email, std::string_view default_from,
+                                std::string_view message_id,
+                                std::chrono::system_clock::time_point date);
+
 // A Message-ID that stays the same for every attempt of one job, so that receivers can drop
 // duplicates of an at-least-once delivery: "<job_id>@<domain>" without angle brackets. domain
 // may be a domain or the default sender's address ("Squall <squall@example.com>"), whose domain
