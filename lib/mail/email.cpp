@@ -900,20 +900,19 @@ std::string write_message(const Email& email, std::string_view default_from,
     const std::string_view boundary(boundary_chars.data(), boundary_chars.size());
     out += "Content-Type: multipart/alternative;\r\n boundary=\"";
     out += boundary;
-    out += "\"\r\n\r\n--";
+    out += "\"\r\n";
+    const auto part = [&](std::string_view subtype, std::string_view body) {
+      out += "\r\n--";
+      out += boundary;
+      out += "\r\n";
+      append_part_headers(out, subtype);
+      out += "\r\n";
+      append_quoted_printable(out, body);
+    };
     // The plain text comes first: multipart/alternative lists the parts in increasing order of
     // preference (RFC 2046 5.1.4).
-    out += boundary;
-    out += "\r\n";
-    append_part_headers(out, "plain");
-    out += "\r\n";
-    append_quoted_printable(out, email.text);
-    out += "\r\n--";
-    out += boundary;
-    out += "\r\n";
-    append_part_headers(out, "html");
-    out += "\r\n";
-    append_quoted_printable(out, email.html);
+    part("plain", email.text);
+    part("html", email.html);
     out += "\r\n--";
     out += boundary;
     out += "--\r\n";
