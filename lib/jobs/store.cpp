@@ -280,6 +280,13 @@ std::string column_string(sqlite3_stmt* stmt, int column) {
   return std::string(static_cast<const char*>(data), static_cast<std::size_t>(size));
 }
 
+// The WAL pages a checkpoint copied that were not copied before it, from the copied counts
+// SQLite reports before and after. Fewer after than before: the WAL started over meanwhile, so
+// every page copied is new.
+int pages_newly_copied(int copied, int copied_before) noexcept {
+  return copied >= copied_before ? copied - copied_before : copied;
+}
+
 class SqliteJobStore final : public JobStore {
  public:
   SqliteJobStore(const std::string& path, bool synchronous_full);
@@ -654,8 +661,7 @@ void SqliteJobStore::checkpointer_main() noexcept {
     checkpoint_running_ = false;
     if (status == SQLITE_OK && sync_status == SQLITE_OK && wal_pages >= 0 && copied >= 0) {
       checkpoint_counts_.checkpoints.fetch_add(1, std::memory_order_relaxed);
-      // Fewer copied than before: the WAL started over meanwhile, all of them are new.
-      const int pages = copied >= copied_before ? copied - copied_before : copied;
+      const int pages = pages_newly_copied(copied, copied_before);
       checkpoint_counts_.pages.fetch_add(static_cast<std::uint64_t>(pages),
                                          std::memory_order_relaxed);
       wal_copied_ = copied;
@@ -777,7 +783,7 @@ void SqliteJobStore::commit_checkpoint(int frames, int copied_before, bool over_
     if (over_bound) {
       checkpoint_counts_.commit_checkpoints_over_bound.fetch_add(1, std::memory_order_relaxed);
     }
-    const int pages = copied >= copied_before ? copied - copied_before : copied;
+    const int pages = pages_newly_copied(copied, copied_before);
     checkpoint_counts_.commit_pages.fetch_add(static_cast<std::uint64_t>(pages),
                                               std::memory_order_relaxed);
     {
