@@ -1,11 +1,14 @@
 #include "squall/net/listener.hpp"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdint>
+#include <random>
 
 #include <memory>
 #include <string>
@@ -148,4 +151,62 @@ TEST_CASE("a steered SO_REUSEPORT group queues every new connection on its first
   const int plain = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   CHECK(net::steer_reuseport_group_to_first(plain) < 0);
   ::close(plain);
+}
+
+namespace {
+
+sockaddr_storage ipv4_address(std::uint32_t host_order, std::uint16_t port) {
+  sockaddr_storage storage{};
+  auto& v4 = reinterpret_cast<sockaddr_in&>(storage);
+  v4.sin_family = AF_INET;
+  v4.sin_addr.s_addr = htonl(host_order);
+  v4.sin_port = htons(port);
+  return storage;
+}
+
+std::string inet_ntop_text(std::uint32_t host_order) {
+  const in_addr address{htonl(host_order)};
+  char text[INET_ADDRSTRLEN];
+  REQUIRE(inet_ntop(AF_INET, &address, text, sizeof text) != nullptr);
+  return text;
+}
+
+}  // namespace
+
+TEST_CASE("format_address writes IPv4 as inet_ntop does, with and without the port") {
+  std::vector<std::uint32_t> addresses = {0x00000000, 0xffffffff, 0x7f000001, 0x0a000001,
+                                          0xc0000201, 0x01020304, 0x0a0b0c0d, 0x64646464,
+                                          0x09636465, 0x630a6409, 0xc0a80001, 0x08080808};
+  // Every octet value in every position, then random addresses.
+  for (std::uint32_t octet = 0; octet < 256; ++octet) {
+    for (int shift = 0; shift < 32; shift += 8) addresses.push_back(octet << shift | 0x01010101);
+  }
+  std::mt19937 random(20261130);
+  for (int i = 0; i < 20000; ++i) addresses.push_back(static_cast<std::uint32_t>(random()));
+  for (const std::uint32_t address : addresses) {
+    const std::string expected = inet_ntop_text(address);
+    CAPTURE(expected);
+    CHECK(squall::net::format_address(ipv4_address(address, 0), false) == expected);
+    CHECK(squall::net::format_address(ipv4_address(address, 8080), true) == expected + ":8080");
+    std::string appended = "peer=";
+    squall::net::append_ipv4(appended, address);
+    CHECK(appended == "peer=" + expected);
+  }
+  CHECK(squall::net::format_address(ipv4_address(0x7f000001, 65535), true) == "127.0.0.1:65535");
+}
+
+TEST_CASE("format_address writes IPv6 in brackets with the port, and '?' for another family") {
+  sockaddr_storage storage{};
+  auto& v6 = reinterpret_cast<sockaddr_in6&>(storage);
+  v6.sin6_family = AF_INET6;
+  v6.sin6_addr = in6addr_loopback;
+  v6.sin6_port = htons(443);
+  CHECK(squall::net::format_address(storage, true) == "[::1]:443");
+  CHECK(squall::net::format_address(storage, false) == "::1");
+  REQUIRE(inet_pton(AF_INET6, "::ffff:192.0.2.7", &v6.sin6_addr) == 1);
+  CHECK(squall::net::format_address(storage, false) == "::ffff:192.0.2.7");
+  sockaddr_storage unix_family{};
+  unix_family.ss_family = AF_UNIX;
+  CHECK(squall::net::format_address(unix_family, false) == "?");
+  CHECK(squall::net::format_address(unix_family, true) == "?:0");
 }
