@@ -168,6 +168,7 @@ bool scan(const char* data, std::size_t length, SimpleHead& head,
 
   headers.clear();
   head.header_bytes = 0;
+  head.content_length = 0;
   head.host_count = 0;
   head.host = {};
   bool keep_alive_asked = false;
@@ -205,7 +206,14 @@ bool scan(const char* data, std::size_t length, SimpleHead& head,
         keep_alive_asked = true;
         break;
       case NameKind::content_length:
-        if (content_length_seen || value_view != "0") return false;
+        // Digits only (llhttp's own syntax, leading zeros included); 18 of them cannot
+        // overflow. A sign, a list or a second header goes to llhttp, which refuses it.
+        if (content_length_seen || value_view.size() > 18) return false;
+        head.content_length = 0;
+        for (const char digit : value_view) {
+          if (digit < '0' || digit > '9') return false;
+          head.content_length = head.content_length * 10 + static_cast<unsigned>(digit - '0');
+        }
         content_length_seen = true;
         break;
       case NameKind::refused:

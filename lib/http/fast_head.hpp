@@ -11,13 +11,15 @@
 //   name         = 1*tchar                                    ; RFC 9110 5.6.2
 //   value        = %x21-7E [ *( %x20-7E ) %x21-7E ]           ; no tab, CTL or obs-text
 //   head         = request-line *header-line CRLF
-// and, by name: no Transfer-Encoding, Upgrade, Expect or Proxy-Connection; Content-Length only
-// as one "Content-Length: 0"; Connection only as "keep-alive" (an HTTP/1.0 request without it,
-// or one asking to close, goes to llhttp). The semantic checks (Host rules, limits) stay in the
-// RequestParser, which applies them to the result exactly as it does to llhttp's.
+// and, by name: no Transfer-Encoding, Upgrade, Expect or Proxy-Connection; Content-Length at
+// most once, as 1 to 18 decimal digits; Connection only as "keep-alive" (an HTTP/1.0 request
+// without it, or one asking to close, goes to llhttp). The semantic checks (Host rules, limits)
+// stay in the RequestParser, which applies them to the result exactly as it does to llhttp's,
+// and takes a body only when all of it has arrived with the head.
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <string_view>
 #include <vector>
 
@@ -26,15 +28,16 @@
 namespace squall::http::detail {
 
 struct SimpleHead {
-  int method = 0;                   // An llhttp_method_t.
-  std::string_view method_name;     // Its name, as llhttp_method_name() spells it.
-  std::string_view target;          // Into the input.
-  int http_minor = 1;               // 0 or 1.
-  std::size_t length = 0;           // Bytes through the blank line that ends the head.
-  std::size_t header_bytes = 0;     // Name and value bytes, as the parser counts them.
-  std::size_t host_count = 0;       // Host header lines.
-  std::string_view host;            // The last Host value.
-  const char* views_end = nullptr;  // One past the last byte of the last view.
+  int method = 0;                    // An llhttp_method_t.
+  std::string_view method_name;      // Its name, as llhttp_method_name() spells it.
+  std::string_view target;           // Into the input.
+  int http_minor = 1;                // 0 or 1.
+  std::size_t length = 0;            // Bytes through the blank line that ends the head.
+  std::uint64_t content_length = 0;  // The declared body length; 0 without Content-Length.
+  std::size_t header_bytes = 0;      // Name and value bytes, as the parser counts them.
+  std::size_t host_count = 0;        // Host header lines.
+  std::string_view host;             // The last Host value.
+  const char* views_end = nullptr;   // One past the last byte of the last view.
 };
 
 // Reads a complete head of the subset above from the start of `data` into `head` and `headers`

@@ -180,10 +180,11 @@ int RequestParser::fail(int status, std::string_view reason) noexcept {
 
 FeedResult RequestParser::feed(const char* data, std::size_t length) noexcept {
   if (error_status_ != 0) return {ParseEvent::error, 0};
-  // A whole head of the simplest form at the start of a message skips llhttp. llhttp skips empty
-  // lines between messages without starting one (and may have taken a CR whose LF is owed): those
-  // bytes go to llhttp; any other first byte starts a message there as here. After a message
-  // without keep-alive llhttp reads no further message, and neither does this path.
+  // A whole head of the simplest form at the start of a message skips llhttp, and so does its
+  // body when all of it came with the head (take_simple_head). llhttp skips empty lines between
+  // messages without starting one (and may have taken a CR whose LF is owed): those bytes go to
+  // llhttp; any other first byte starts a message there as here. After a message without
+  // keep-alive llhttp reads no further message, and neither does this path.
   if (fast_head_ && phase_ == ParsePhase::idle && !pending_cr_ && !after_last_message_ &&
       length > 0 && *data != '\r' && *data != '\n' && take_simple_head(data, length)) {
     return {ParseEvent::message_complete, static_cast<std::size_t>(scan_from_ - data)};
@@ -323,6 +324,26 @@ bool RequestParser::take_simple_head(const char* data, std::size_t length) noexc
     request.headers_.clear();
     return false;
   }
+  // A body is taken here only when all of it came with the head, is to be buffered and fits the
+  // limits; otherwise llhttp reads the message and refuses, pauses or waits as it does.
+  const std::uint64_t body_length = head.content_length;
+  if (body_length > 0) {
+    if (pause_before_body_ || body_length > limits_->max_body_bytes ||
+        body_length > length - head.length) {
+      request.headers_.clear();
+      return false;
+    }
+    // The same charge llhttp's on_body makes for the same bytes; refused, it leaves no trace.
+    if (grow_body(static_cast<std::size_t>(body_length)) != HPE_OK) {
+      error_status_ = 0;
+      error_reason_ = {};
+      request.headers_.clear();
+      return false;
+    }
+    request.body_.append(data + head.length, static_cast<std::size_t>(body_length));
+    body_received_ = body_length;
+  }
+  declared_length_ = static_cast<std::int64_t>(body_length);
   request.method_ = head.method_name;
   request.http_major_ = 1;
   request.http_minor_ = head.http_minor;
@@ -335,7 +356,7 @@ bool RequestParser::take_simple_head(const char* data, std::size_t length) noexc
   phase_ = ParsePhase::complete;
   message_start_ = data;
   views_end_ = head.views_end;
-  scan_from_ = data + head.length;
+  scan_from_ = data + head.length + body_length;
   keep_alive_ = true;
   return true;
 }
@@ -618,14 +639,19 @@ int RequestParser::grow_body(std::size_t length) noexcept {
   if (body_budget_ != nullptr && !body_budget_->try_take(extra)) {
     return fail(503, "request bodies being received exceed limits.max_buffered_body_bytes");
   }
-  body_charged_ += extra;
+  // A refusal changes nothing but the error (take_simple_head relies on it).
+  const auto refuse = [&](int status, std::string_view reason) noexcept {
+    if (body_budget_ != nullptr) body_budget_->give_back(extra);
+    return fail(status, reason);
+  };
   try {
     body.reserve(capacity);
   } catch (const std::bad_alloc&) {
-    return fail(503, "out of memory for the request body");
+    return refuse(503, "out of memory for the request body");
   } catch (const std::length_error&) {
-    return fail(413, "request body larger than this system can hold");
+    return refuse(413, "request body larger than this system can hold");
   }
+  body_charged_ += extra;
   return HPE_OK;
 }
 

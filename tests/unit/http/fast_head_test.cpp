@@ -2,6 +2,7 @@
 
 #include <doctest/doctest.h>
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -139,6 +140,20 @@ const std::vector<std::string> kHeaderSets = {
     "Host: a\r\nContent-Length: 0 \r\n",
     "Host: a\r\nContent-Length: 3\r\n",
     "Host: a\r\nContent-Length: 0\r\nContent-Length: 0\r\n",
+    "Host: a\r\nContent-Length: 2\r\n",
+    "Host: a\r\nContent-Length: 007\r\n",
+    "Host: a\r\nContent-Length: 16\r\n",
+    "Host: a\r\nContent-Length: 17\r\n",
+    "Host: a\r\nContent-Length: 1 2\r\n",
+    "Host: a\r\nContent-Length: 1,1\r\n",
+    "Host: a\r\nContent-Length: 2\r\nContent-Length: 2\r\n",
+    "Host: a\r\nContent-Length: 0x1\r\n",
+    "Host: a\r\nContent-Length: 123456789012345678\r\n",
+    "Host: a\r\nContent-Length: 1234567890123456789\r\n",
+    "Host: a\r\nContent-Length: 99999999999999999999999\r\n",
+    "Host: a\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n",
+    "Host: a\r\nContent-Length: 2\r\nExpect: 100-continue\r\n",
+    "Host: a\r\nContent-Length: 2\r\nConnection: close\r\n",
     "Host: a\r\nContent-Length: +0\r\n",
     "Host: a\r\nTransfer-Encoding: chunked\r\n",
     "Host: a\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n",
@@ -177,7 +192,8 @@ TEST_CASE("the fast head path reads the commonest heads") {
   CHECK(fast_path_reads("POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\nrest"));
   // An incomplete head, a body to come, or a connection to close: left to llhttp.
   CHECK_FALSE(fast_path_reads("GET / HTTP/1.1\r\nHost: a\r\n"));
-  CHECK_FALSE(fast_path_reads("POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx"));
+  CHECK(fast_path_reads("POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx"));
+  CHECK_FALSE(fast_path_reads("POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\nx"));
   CHECK_FALSE(fast_path_reads("GET / HTTP/1.0\r\n\r\n"));
   CHECK_FALSE(fast_path_reads("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"));
 }
@@ -258,4 +274,84 @@ TEST_CASE("the fast head path and llhttp agree on every near-miss byte of a simp
 TEST_CASE("the fast head path takes a head after empty lines only once llhttp has skipped them") {
   const std::string input = "\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n";
   CHECK(compare_paths(input, every_split(input)) > 0);
+}
+
+TEST_CASE("a body that came whole with its head is read by the fast path as llhttp reads it") {
+  const std::string head = "POST /email HTTP/1.1\r\nHost: a\r\nContent-Length: ";
+  int completed = 0;
+  for (const std::string& body :
+       {std::string("x"), std::string("{\"to\": \"a@b\"}"), std::string("a\r\nb\rc\n\0d", 10),
+        std::string(16, 'z'), std::string(17, 'y'), std::string(300, 'w')}) {
+    const std::string message = head + std::to_string(body.size()) + "\r\n\r\n" + body;
+    REQUIRE(fast_path_reads(message));
+    {
+      // Taken without llhttp, which would have read the version.
+      squall::http::Limits limits;
+      squall::http::RequestParser parser(limits);
+      squall::http::Request request;
+      parser.attach(&request);
+      const auto result = parser.feed(message.data(), message.size());
+      CHECK(result.event == squall::http::ParseEvent::message_complete);
+      CHECK(result.consumed == message.size());
+      CHECK(request.body() == body);
+      CHECK(parser.declared_content_length() == static_cast<std::int64_t>(body.size()));
+      CHECK(parser.llhttp().http_major == 0);
+    }
+    // Alone (split everywhere: a split inside the body leaves it to llhttp), cut short, and
+    // followed by requests the fast path and llhttp read.
+    completed += compare_paths(message, every_split(message));
+    completed += compare_paths(message.substr(0, message.size() - 1), {});
+    for (const std::string& after :
+         {message, std::string("GET /next HTTP/1.1\r\nHost: b\r\n\r\n"),
+          std::string("POST /c HTTP/1.1\r\nHost: c\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      "2\r\nhi\r\n0\r\n\r\n")}) {
+      const std::string input = message + after;
+      completed += compare_paths(input, {message.size(), message.size() - 1, head.size()});
+    }
+  }
+  CHECK(completed > 100);
+}
+
+TEST_CASE("a body the fast path could read still stops before the body when a route streams") {
+  for (const bool fast : {true, false}) {
+    squall::http::Limits limits;
+    squall::http::RequestParser parser(limits);
+    parser.set_fast_head(fast);
+    squall::http::Request request;
+    parser.attach(&request);
+    parser.pause_before_body(true);
+    const std::string input = "POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc";
+    const auto first = parser.feed(input.data(), input.size());
+    CAPTURE(fast);
+    CHECK(first.event == squall::http::ParseEvent::body_begins);
+    CHECK(first.consumed == input.size() - 3);
+    CHECK(request.body().empty());
+    parser.continue_after_expect();
+    const auto second = parser.feed(input.data() + first.consumed, 3);
+    CHECK(second.event == squall::http::ParseEvent::message_complete);
+    CHECK(request.body() == "abc");
+  }
+}
+
+TEST_CASE("a body over the server's body budget is refused alike on both paths") {
+  std::string traces[2];
+  for (const bool fast : {true, false}) {
+    squall::http::Limits limits;
+    squall::http::MemoryBudget budget;
+    budget.limit = 10;  // Below what holding five bytes charges (the string's capacity).
+    squall::http::RequestParser parser(limits, &budget);
+    parser.set_fast_head(fast);
+    squall::http::Request request;
+    parser.attach(&request);
+    const std::string input = "POST /email HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello";
+    const auto result = parser.feed(input.data(), input.size());
+    CAPTURE(fast);
+    CHECK(result.event == squall::http::ParseEvent::error);
+    CHECK(parser.error_status() == 503);
+    CHECK(budget.used.load() == 0);
+    traces[fast ? 0 : 1] = std::to_string(result.consumed) + " " +
+                           std::to_string(parser.error_status()) + " " +
+                           std::string(parser.error_reason());
+  }
+  CHECK(traces[0] == traces[1]);
 }

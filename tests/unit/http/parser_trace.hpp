@@ -47,6 +47,8 @@ inline void append_message(std::string& out, const Request& request, const Reque
   out += " version=" + std::to_string(request.http_major()) + "." +
          std::to_string(request.http_minor());
   out += parser.keep_alive() ? " keep-alive" : " close";
+  out += " declared=" + std::to_string(parser.declared_content_length());
+  out += " received=" + std::to_string(parser.body_bytes_received());
   out += " start=" + std::to_string(parser.message_start() - base);
   out += " views_end=" + std::to_string(parser.views_end() - base);
   out += '\n';
