@@ -981,6 +981,47 @@ TEST_CASE("EmailRequestParser answers as the DOM path: every truncation and one-
   CHECK(valid > 100);  // The mutations reach valid bodies too, not only refusals.
 }
 
+TEST_CASE("EmailRequestParser answers as the DOM path: each JSON special at every offset") {
+  // Strings are scanned and written sixteen bytes at a time: an escape, a raw control byte or a
+  // UTF-8 sequence (whole, cut or invalid) at every offset of a 40-byte string, in a field read
+  // first (to) and in fields written back (subject, text), must read and write back as the DOM
+  // path reads them and nlohmann dumps them.
+  constexpr std::string_view kSpecials[] = {R"(\")",
+                                            R"(\\)",
+                                            R"(\/)",
+                                            R"(\n)",
+                                            R"(\u0001)",
+                                            R"(\ud83d\ude00)",
+                                            "\xc3\xa9",
+                                            "\xe2\x9c\x93",
+                                            "\xf0\x9f\x98\x80",
+                                            "\x01",
+                                            "\x1f",
+                                            "\x7f",
+                                            "\xc3",
+                                            "\xa9",
+                                            "\xff",
+                                            "\"",
+                                            "\\"};
+  EmailRequestParser parser;
+  std::size_t valid = 0;
+  for (const std::string_view special : kSpecials) {
+    for (std::size_t offset = 0; offset <= 40; ++offset) {
+      std::string text(40, 'a');
+      text.insert(offset, special);
+      for (const char* field : {"subject", "text"}) {
+        const std::string body = std::string(R"({"to": "a@example.com", ")") + field + R"(": ")" +
+                                 text + R"(", "html": "<p>)" + text + R"(</p>"})";
+        valid += check_same_as_dom(parser, body);
+      }
+      const std::string to =
+          R"({"to": "Name )" + text + R"( <a@example.com>", "subject": "s", "text": "t"})";
+      valid += check_same_as_dom(parser, to);
+    }
+  }
+  CHECK(valid > 500);
+}
+
 TEST_CASE("EmailRequestParser answers as the DOM path: random requests") {
   // Requests built from random fields in a random order, with strings drawn from pieces that
   // exercise escapes, non-ASCII text and invalid input.
