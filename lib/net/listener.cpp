@@ -19,9 +19,12 @@ struct Listener::State {
   OnConnection on_connection;  // The owner's accept logic.
 };
 
+namespace {
+
+// An IPv4 address in host byte order, in dotted decimal as inet_ntop writes it. By hand:
+// uv_ip4_name and inet_ntop go through snprintf, about 1,800 instructions for what takes a few
+// dozen, and a handler may ask for the address of every request.
 void append_ipv4(std::string& out, std::uint32_t address) {
-  // By hand: uv_ip4_name and inet_ntop go through snprintf, about 1,800 instructions for what
-  // takes a few dozen, and a handler may ask for the address of every request.
   char text[16];
   char* end = text;
   for (int shift = 24; shift >= 0; shift -= 8) {
@@ -33,6 +36,8 @@ void append_ipv4(std::string& out, std::uint32_t address) {
   }
   out.append(text, static_cast<std::size_t>(end - text));
 }
+
+}  // namespace
 
 std::string format_address(const sockaddr_storage& address, bool with_port) {
   std::string text;

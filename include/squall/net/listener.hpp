@@ -72,8 +72,5 @@ std::uint16_t bound_port(int fd) noexcept;
 // Formats a socket address as "1.2.3.4:80" / "[::1]:80" (with_port) or the bare host; "?" for
 // a family other than IPv4 and IPv6.
 std::string format_address(const sockaddr_storage& address, bool with_port);
-// Appends an IPv4 address given in host byte order in dotted decimal ("192.0.2.1"), as
-// inet_ntop writes it.
-void append_ipv4(std::string& out, std::uint32_t address);
 
 }  // namespace squall::net
