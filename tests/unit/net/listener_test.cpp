@@ -8,9 +8,8 @@
 
 #include <cerrno>
 #include <cstdint>
-#include <random>
-
 #include <memory>
+#include <random>
 #include <string>
 #include <system_error>
 #include <vector>
