@@ -48,6 +48,9 @@ struct MemoryBudget {
   }
   void take(std::size_t bytes) noexcept { used.fetch_add(bytes, std::memory_order_relaxed); }
   void give_back(std::size_t bytes) noexcept {
+    // Nothing to give back is the common case (a request without a body): no locked
+    // instruction on a line every worker's loop shares.
+    if (bytes == 0) return;
     std::size_t now = used.load(std::memory_order_relaxed);
     while (!used.compare_exchange_weak(now, bytes < now ? now - bytes : 0,
                                        std::memory_order_relaxed)) {
