@@ -21,14 +21,19 @@ process_tree() {
   printf '%s\n' "${pids[@]}"
 }
 
-# utime+stime in clock ticks, summed over a server's processes (all their threads included).
+# utime+stime in clock ticks, summed over a server's processes (all their threads included);
+# with a second argument "user", utime alone (the time in the server's own code, not the kernel's).
 cpu_ticks() {
   local total=0 pid stat fields
   for pid in $(process_tree "$1"); do
     stat=$(<"/proc/$pid/stat") || continue
     # Fields after the ")" that ends the command name: state is field 3, utime 14, stime 15.
     read -ra fields <<<"${stat##*) }"
-    total=$((total + fields[11] + fields[12]))
+    if [[ ${2:-} == user ]]; then
+      total=$((total + fields[11]))
+    else
+      total=$((total + fields[11] + fields[12]))
+    fi
   done
   printf '%s\n' "$total"
 }

@@ -4,9 +4,10 @@
 # Every server runs pinned to one CPU (SERVER_CPU, default 0) and wrk to the other (CLIENT_CPU,
 # default 1). For each round, scenario and server (servers interleaved, their order rotated each
 # round) wrk runs for DURATION; the report gives the median over ROUNDS of requests/s, p99 latency
-# and the server's CPU time per request (utime+stime of its processes from /proc), and squalld's
-# ratio to each peer. Before that, each server holds IDLE_CONNECTIONS idle keep-alive connections
-# while its resident memory is read. The table goes to stdout and to bench/out/latest.md.
+# and the server's CPU time per request (utime+stime of its processes from /proc, and the utime
+# alone: the server's own code, without the kernel's work for it), and squalld's ratio to each
+# peer. Before that, each server holds IDLE_CONNECTIONS idle keep-alive connections while its
+# resident memory is read. The table goes to stdout and to bench/out/latest.md.
 #
 # Usage:  bench/run.sh                (or `make bench`, which builds squalld first)
 # Environment (defaults in brackets):
@@ -316,7 +317,7 @@ run_wrk() {
   local name=$1 scenario=$2 round=$3 duration=$DURATION
   local url="http://127.0.0.1:${server_port[$name]}/plaintext"
   local output=$work_dir/wrk.$scenario.$name.round$round.txt
-  local arguments before after started_ns wrk_cpu server_busy client_busy
+  local arguments before after user_before user_after started_ns wrk_cpu server_busy client_busy
   case "$scenario" in
     keepalive) arguments=(-c "$CONNECTIONS" -s "$bench_dir/report.lua" "$url") ;;
     pipelined) arguments=(-c "$CONNECTIONS" -s "$bench_dir/pipeline.lua" "$url" -- "$PIPELINE_DEPTH") ;;
@@ -328,12 +329,14 @@ run_wrk() {
   client_busy=$(cpu_busy_ticks "$CLIENT_CPU")
   started_ns=$(date +%s%N)
   before=$(cpu_ticks "${server_pid[$name]}")
+  user_before=$(cpu_ticks "${server_pid[$name]}" user)
   if ! run_client "$output" "$output" "$output.time" \
     taskset -c "$CLIENT_CPU" "$WRK" -t1 -d"$duration" --latency "${arguments[@]}"; then
     cat "$output" >&3
     die "wrk failed against $name ($scenario)"
   fi
   after=$(cpu_ticks "${server_pid[$name]}")
+  user_after=$(cpu_ticks "${server_pid[$name]}" user)
   server_busy=$(($(cpu_busy_ticks "$SERVER_CPU") - server_busy))
   client_busy=$(($(cpu_busy_ticks "$CLIENT_CPU") - client_busy))
   wrk_cpu=$(awk '{ print $1 + $2 }' "$output.time")
@@ -347,11 +350,11 @@ run_wrk() {
   }
   if ((round > 0)); then
     # round, scenario, server, server ticks, wrk output, wrk CPU seconds, wall-clock seconds,
-    # user+nice+system ticks of the server's CPU and of wrk's.
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$scenario" "$name" "$((after - before))" \
-      "${output##*/}" "$wrk_cpu" \
+    # user+nice+system ticks of the server's CPU and of wrk's, the server's user ticks.
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$scenario" "$name" \
+      "$((after - before))" "${output##*/}" "$wrk_cpu" \
       "$(awk -v a="$started_ns" -v b="$(date +%s%N)" 'BEGIN { printf "%.3f", (b - a) / 1e9 }')" \
-      "$server_busy" "$client_busy" >>"$work_dir/runs.tsv"
+      "$server_busy" "$client_busy" "$((user_after - user_before))" >>"$work_dir/runs.tsv"
     "$PYTHON" "$bench_dir/summarize.py" --brief "$work_dir/runs.tsv" "$clock_ticks" |
       sed "s|^|bench: round $round/$ROUNDS $scenario $name: |" >&3
   fi

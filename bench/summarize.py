@@ -38,7 +38,7 @@ def read_wrk(path):
 def read_run(work_dir, line, clock_ticks):
     """The numbers of one run from its line in runs.tsv (see run_wrk in run.sh) and its wrk output."""
     (round_number, scenario, server, server_ticks, output, wrk_cpu_seconds, wall_seconds,
-     server_cpu_busy, client_cpu_busy) = line.rstrip("\n").split("\t")
+     server_cpu_busy, client_cpu_busy, server_user_ticks) = line.rstrip("\n").split("\t")
     wrk = read_wrk(os.path.join(work_dir, output))
     tick = 1 / clock_ticks
     server_seconds = int(server_ticks) * tick
@@ -57,6 +57,9 @@ def read_run(work_dir, line, clock_ticks):
         "max_us": wrk["latency_us"]["max"],
         "cpu_ticks": int(server_ticks),
         "cpu_us_per_request": server_seconds * 1e6 / requests if requests else float("nan"),
+        # The part of it spent in the server's own code (utime), the rest being the kernel's.
+        "user_us_per_request": (int(server_user_ticks) * tick * 1e6 / requests if requests
+                                else float("nan")),
         # Shares of one CPU over the wall-clock time between the samples around wrk.
         "server_share": server_seconds / wall_seconds,
         "wrk_share": float(wrk_cpu_seconds) / wall_seconds,
@@ -185,6 +188,7 @@ def report(work_dir):
             "rps": statistics.median(r["rps"] for r in rounds),
             "p99_us": median_or_none(r["p99_us"] for r in rounds),
             "cpu_us_per_request": statistics.median(r["cpu_us_per_request"] for r in rounds),
+            "user_us_per_request": statistics.median(r["user_us_per_request"] for r in rounds),
             "server_share": statistics.median(r["server_share"] for r in rounds),
             "wrk_share": statistics.median(r["wrk_share"] for r in rounds),
             "spread": ((max(r["rps"] for r in rounds) - min(r["rps"] for r in rounds))
@@ -210,11 +214,12 @@ def report(work_dir):
     out.append(f"- Each number is the median of {rounds} round{'s' if rounds > 1 else ''} of "
                f"{info['duration']} (servers interleaved, order rotated every round). "
                "CPU is the server's utime+stime from /proc/PID/stat over the run, all threads, "
-               "divided by the requests wrk completed.")
+               "divided by the requests wrk completed; user is the utime alone.")
     out.append("")
 
-    header = ["scenario", "server", "req/s", "p99", "CPU us/req", "server CPU", "wrk CPU"]
-    align = ["l", "l", "r", "r", "r", "r", "r"]
+    header = ["scenario", "server", "req/s", "p99", "CPU us/req", "user us/req", "server CPU",
+              "wrk CPU"]
+    align = ["l", "l", "r", "r", "r", "r", "r", "r"]
     if rounds > 1:
         header.append("req/s spread")
         align.append("r")
@@ -231,7 +236,8 @@ def report(work_dir):
                 continue
             row = [scenario_label(scenario, info) if index == 0 else "", server,
                    rate(numbers["rps"]), milliseconds(numbers["p99_us"]),
-                   cpu(numbers["cpu_us_per_request"]), f"{numbers['server_share']:.0%}",
+                   cpu(numbers["cpu_us_per_request"]), cpu(numbers["user_us_per_request"]),
+                   f"{numbers['server_share']:.0%}",
                    f"{numbers['wrk_share']:.0%}"]
             if rounds > 1:
                 row.append(f"{numbers['spread']:.0%}")
@@ -248,7 +254,10 @@ def report(work_dir):
     out.append("")
     out.append(table(header, rows, align))
     out.append("")
-    legend = ["`server CPU` and `wrk CPU` are the shares of their CPUs the server and wrk used "
+    legend = ["`user us/req` is the part of `CPU us/req` spent in the server's own code "
+              "(utime); the rest is the kernel's work for it (stime), each the median of its own "
+              "over the rounds.",
+              "`server CPU` and `wrk CPU` are the shares of their CPUs the server and wrk used "
               "during the run: near 100% is the one that set the pace; both well below 100% "
               "means something else took the CPUs (see `others` under Every round)."]
     if rounds > 1:
@@ -357,16 +366,17 @@ def report(work_dir):
             for r in sorted(runs.get((scenario, server), []), key=lambda r: r["round"]):
                 detail_rows.append([scenario, server, r["round"], rate(r["rps"]),
                                     milliseconds(r["p99_us"]), cpu(r["cpu_us_per_request"]),
+                                    cpu(r["user_us_per_request"]),
                                     r["cpu_ticks"], f"{r['requests']:,}",
                                     f"{r['server_share']:.0%}", f"{r['wrk_share']:.0%}",
                                     f"{r['others_server_cpu']:.0%} / {r['others_client_cpu']:.0%}",
                                     error_text(r["errors"])])
     out.append("<details><summary>Every round</summary>")
     out.append("")
-    out.append(table(["scenario", "server", "round", "req/s", "p99", "CPU us/req",
+    out.append(table(["scenario", "server", "round", "req/s", "p99", "CPU us/req", "user us/req",
                       f"CPU ticks (1/{clock_ticks} s)", "requests", "server CPU", "wrk CPU",
                       "others on server / wrk CPU", "errors"], detail_rows,
-                     ["l", "l", "r", "r", "r", "r", "r", "r", "r", "r", "r", "l"]))
+                     ["l", "l", "r", "r", "r", "r", "r", "r", "r", "r", "r", "r", "l"]))
     out.append("")
     out.append("`others` is the user+system time other processes took on each CPU during the "
                "run (from /proc/stat), as a share of that CPU.")
@@ -388,7 +398,8 @@ def main():
             last = [line for line in lines if line.strip()][-1]
         r = read_run(os.path.dirname(runs_tsv), last, int(clock_ticks))
         line = (f"{rate(r['rps'])} req/s, p99 {milliseconds(r['p99_us'])}, "
-                f"{cpu(r['cpu_us_per_request'])} us CPU/req; CPU: server {r['server_share']:.0%}, "
+                f"{cpu(r['cpu_us_per_request'])} us CPU/req ({cpu(r['user_us_per_request'])} user); "
+                f"CPU: server {r['server_share']:.0%}, "
                 f"wrk {r['wrk_share']:.0%}, others {r['others_server_cpu']:.0%} / "
                 f"{r['others_client_cpu']:.0%}")
         errors = error_text(r["errors"])
