@@ -49,6 +49,18 @@ HttpMetrics::HttpMetrics(metrics::Registry& registry, const log::Logs& logs)
   registry.counter_callback("squall_http_sent_bytes_total", "Bytes written to clients.", [this] {
     return sum([](const http::ServerStats& s) { return s.bytes_sent.load(); });
   });
+  // A request's read buffer and parser come from a pool that keeps spares for the recent peak
+  // of requests in flight; one is built only when more are in flight than that.
+  registry.counter_callback(
+      "squall_http_workspaces_created_total",
+      "Request workspaces (read buffer and parser) built; the others were spares reused.", [this] {
+        return sum([](const http::ServerStats& s) { return s.workspaces_created.load(); });
+      });
+  registry.gauge_callback(
+      "squall_http_spare_workspaces", "Request workspaces kept for reuse now.", [this] {
+        return static_cast<double>(
+            sum([](const http::ServerStats& s) { return s.spare_workspaces.load(); }));
+      });
   // The server-wide budgets of [limits] max_buffered_body_bytes and max_unsent_bytes, shared
   // by every worker's server.
   registry.gauge_callback(

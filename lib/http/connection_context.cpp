@@ -9,7 +9,7 @@ namespace squall::http {
 
 namespace {
 
-constexpr std::size_t kMaxFreeWorkspaces = 32;               // Spare workspaces kept for reuse.
+constexpr std::uint64_t kSpareTrimPeriodMs = 1000;           // How often spares are trimmed.
 constexpr std::size_t kMaxRetainedBodyCapacity = 64 * 1024;  // Larger bodies give memory back.
 
 std::size_t index(Connection::TimerPhase phase) noexcept {
@@ -26,7 +26,11 @@ ConnectionContext::ConnectionContext(Loop& loop, std::shared_ptr<const Router> r
       shared(std::move(shared_limits)),
       body_budget(shared->bodies),
       unsent_budget(shared->unsent),
-      timer_(loop, this, uv_timer_init, "connections' deadline timer") {}
+      timer_(loop, this, uv_timer_init, "connections' deadline timer"),
+      trim_timer_(loop, this, uv_timer_init, "workspace trim timer") {
+  // Spares alone never keep the loop running.
+  uv_unref(trim_timer_.handle());
+}
 
 ConnectionContext::~ConnectionContext() {
   // Connections still referenced by a Responder outlive the server: cut them loose.
@@ -38,12 +42,9 @@ ConnectionContext::~ConnectionContext() {
       connection = next;
     }
   }
-  while (free_workspaces_ != nullptr) {
-    Workspace* workspace = free_workspaces_;
-    free_workspaces_ = workspace->next_free;
-    delete workspace;
-  }
-  // timer_ (a UvHandle) closes itself, or only frees its memory after Loop::close().
+  free_spares_beyond(0);
+  // timer_ and trim_timer_ (UvHandles) close themselves, or only free their memory after
+  // Loop::close().
 }
 
 void ConnectionContext::reconfigure(ServerOptions new_options) {
@@ -54,7 +55,10 @@ void ConnectionContext::reconfigure(ServerOptions new_options) {
   unsent_budget.limit = limits.max_unsent_bytes;
   // The buffer holds the largest head the limits allow plus room for the next read.
   const std::size_t head = limits.max_url_bytes + limits.max_header_bytes + 64;
-  workspace_capacity_ = std::max<std::size_t>(16 * 1024, (head + 4096 + 4095) / 4096 * 4096);
+  const std::size_t capacity = std::max<std::size_t>(16 * 1024, (head + 4096 + 4095) / 4096 * 4096);
+  // Spares of the old size would not fit the new limits: they go now (lent ones when given back).
+  if (capacity != workspace_capacity_) free_spares_beyond(0);
+  workspace_capacity_ = capacity;
   keep_alive_header =
       "Keep-Alive: timeout=" + std::to_string(options.timeouts.keepalive.count() / 1000) + "\r\n";
   keep_alive_tail = "\r\n" + keep_alive_header + "\r\n";
@@ -145,7 +149,11 @@ Workspace* ConnectionContext::acquire_workspace() {
     workspace = new Workspace(options.limits, &body_budget);
     workspace->buffer = new char[workspace_capacity_];
     workspace->capacity = workspace_capacity_;
+    ++stats.workspaces_created;
   }
+  ++lent_workspaces_;
+  peak_lent_ = std::max(peak_lent_, lent_workspaces_);
+  stats.spare_workspaces.set(free_workspace_count_);
   workspace->next_free = nullptr;
   workspace->begin = workspace->end = 0;
   workspace->parser.reset();
@@ -165,7 +173,8 @@ void ConnectionContext::release_workspace(Workspace* workspace) noexcept {
   workspace->drain_waiters.clear();
   workspace->on_drain = nullptr;
   workspace->body_stream.reset();
-  if (free_workspace_count_ >= kMaxFreeWorkspaces || workspace->capacity != workspace_capacity_) {
+  --lent_workspaces_;
+  if (free_workspace_count_ >= spares_wanted() || workspace->capacity != workspace_capacity_) {
     delete workspace;
     return;
   }
@@ -175,6 +184,39 @@ void ConnectionContext::release_workspace(Workspace* workspace) noexcept {
   workspace->next_free = free_workspaces_;
   free_workspaces_ = workspace;
   ++free_workspace_count_;
+  stats.spare_workspaces.set(free_workspace_count_);
+  if (free_workspace_count_ > kMinSpareWorkspaces && !trim_armed_ && trim_timer_.is_open()) {
+    uv_timer_start(
+        trim_timer_.get(),
+        [](uv_timer_t* timer) { static_cast<ConnectionContext*>(timer->data)->trim_spares(); },
+        kSpareTrimPeriodMs, kSpareTrimPeriodMs);
+    trim_armed_ = true;
+  }
+}
+
+std::size_t ConnectionContext::spares_wanted() const noexcept {
+  return std::max({kMinSpareWorkspaces, peak_lent_, previous_peak_lent_});
+}
+
+void ConnectionContext::free_spares_beyond(std::size_t keep) noexcept {
+  while (free_workspace_count_ > keep) {
+    Workspace* workspace = free_workspaces_;
+    free_workspaces_ = workspace->next_free;
+    --free_workspace_count_;
+    delete workspace;
+  }
+  stats.spare_workspaces.set(free_workspace_count_);
+}
+
+void ConnectionContext::trim_spares() noexcept {
+  // The peak of the second that just ended and of the one before it bound the spares kept.
+  previous_peak_lent_ = peak_lent_;
+  peak_lent_ = lent_workspaces_;
+  free_spares_beyond(spares_wanted());
+  if (free_workspace_count_ <= kMinSpareWorkspaces) {
+    uv_timer_stop(trim_timer_.get());
+    trim_armed_ = false;
+  }
 }
 
 // ---- Connections and their deadlines ---------------------------------------------------------

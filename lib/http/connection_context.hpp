@@ -48,7 +48,13 @@ class ConnectionContext {
   void flush_cork() noexcept;
   void forget_cork(Connection* owner) noexcept;
 
-  // Read buffers, parsers and request state, lent to connections while they have bytes.
+  // Read buffers, parsers and request state, lent to connections while they have bytes. One
+  // given back is kept as a spare while the spares are fewer than the most lent at once in the
+  // last second or two (at least kMinSpareWorkspaces): the next burst of that size reuses them
+  // instead of building its workspaces again. A trim each second while there are more spares
+  // than that minimum frees those beyond the recent peak, so after a burst they fall back to
+  // the minimum within about two seconds.
+  static constexpr std::size_t kMinSpareWorkspaces = 32;
   Workspace* acquire_workspace();
   void release_workspace(Workspace* workspace) noexcept;
 
@@ -125,7 +131,10 @@ class ConnectionContext {
   void unlink(Connection* connection) noexcept;
   void schedule() noexcept;
   void on_timer() noexcept;
-  void run_drain_check() noexcept;  // May delete this context: the caller's last step.
+  void run_drain_check() noexcept;             // May delete this context: the caller's last step.
+  std::size_t spares_wanted() const noexcept;  // The recent peak, at least the minimum.
+  void free_spares_beyond(std::size_t keep) noexcept;
+  void trim_spares() noexcept;  // The trim timer's pass.
 
   // One cached response-head prefix (head_prefix()).
   struct HeadPrefix {
@@ -146,10 +155,15 @@ class ConnectionContext {
   Connection* cork_owner_ = nullptr;                  // Whose bytes cork_ holds.
   Workspace* free_workspaces_ = nullptr;              // Idle workspaces kept for reuse.
   std::size_t free_workspace_count_ = 0;              // Length of that list.
+  std::size_t lent_workspaces_ = 0;                   // Lent to connections now.
+  std::size_t peak_lent_ = 0;                         // Most lent at once since the last trim.
+  std::size_t previous_peak_lent_ = 0;                // The same for the second before it.
   std::size_t workspace_capacity_ = 0;                // Read buffer size, from the limits.
   UvHandle<uv_timer_t> timer_;                        // Fires at the earliest deadline.
   bool timer_armed_ = false;                          // timer_ is started.
   std::uint64_t timer_due_ms_ = 0;                    // When it fires (uv_now clock).
+  UvHandle<uv_timer_t> trim_timer_;                   // Trims spares each second; unreferenced.
+  bool trim_armed_ = false;                           // trim_timer_ is started.
   bool resuming_output_waiters_ = false;              // resume_output_waiters() is running.
   std::uint32_t walks_ = 0;                           // Walks on the stack.
   bool drain_check_due_ = false;                      // A connection closed during a walk.

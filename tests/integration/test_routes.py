@@ -96,6 +96,10 @@ def test_metrics_format(server):
                  "squall_http_sent_bytes_total"):
         assert m.find(name), f"{name} missing:\n{response.text}"
     assert m.value("squall_connections_open") >= 1
+    # The requests above were read into a workspace of the pool.
+    assert m.value("squall_http_workspaces_created_total") >= 1
+    assert m.types.get("squall_http_workspaces_created_total") == "counter", m.types
+    assert m.types.get("squall_http_spare_workspaces") == "gauge", m.types
     for histogram in ("squall_http_request_duration_seconds", "squall_loop_lag_seconds"):
         buckets = m.find(histogram + "_bucket")
         assert buckets, f"{histogram}_bucket missing"

@@ -58,6 +58,8 @@ class LoopCounter {
     value_.store(value_.load(std::memory_order_relaxed) - 1, std::memory_order_relaxed);
     return *this;
   }
+  // For a count that goes both ways (a gauge kept by the loop).
+  void set(std::uint64_t value) noexcept { value_.store(value, std::memory_order_relaxed); }
   std::uint64_t load() const noexcept { return value_.load(std::memory_order_relaxed); }
   operator std::uint64_t() const noexcept { return load(); }
 
@@ -73,6 +75,8 @@ struct ServerStats {
   LoopCounter bytes_received;        // From all clients.
   LoopCounter bytes_sent;            // To all clients.
   LoopCounter requests;              // Requests answered (including error responses).
+  LoopCounter workspaces_created;    // Request workspaces (read buffer, parser) built.
+  LoopCounter spare_workspaces;      // Workspaces kept for reuse now (not a running total).
 };
 
 // What the servers of one process share when each runs on its own loop (workers), so that

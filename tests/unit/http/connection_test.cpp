@@ -5,11 +5,14 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
+#include <future>
 #include <memory>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "http/connection_context.hpp"
 #include "http/http_test_client.hpp"
 #include "squall/http/server.hpp"
 
@@ -100,4 +103,125 @@ TEST_CASE("idle keep-alive connections share one timer and each still times out"
   // The watchdog and the connections' one timer; a timer per connection would be 21 or more.
   CHECK(while_idle.timers <= 2);
   CHECK(closed_by_server == kConnections);
+}
+
+TEST_CASE("a burst's workspaces serve the next burst; spares beyond the minimum go after it") {
+  // Every request is held until all kInFlight are in, so that many workspaces are lent at once.
+  constexpr std::size_t kInFlight = 100;
+  static_assert(kInFlight > http::ConnectionContext::kMinSpareWorkspaces);
+  http::Router router;
+  std::vector<http::Responder> held;
+  router.add("GET", "/held", [&](http::Request&, http::Responder responder) {
+    held.push_back(std::move(responder));
+    if (held.size() < kInFlight) return;
+    for (http::Responder& answer : held) answer.send(200, "text/plain", "x");
+    held.clear();
+  });
+  Loop loop;
+  http::Server server(loop, std::make_shared<const http::Router>(router), http::ServerOptions{});
+  server.listen("127.0.0.1", 0);
+  const std::uint16_t port = server.listeners().front()->bound_port();
+  struct Counts {
+    std::uint64_t created = 0;
+    std::uint64_t spare = 0;
+  };
+  // Read on the loop, after whatever it is doing for the requests answered.
+  const auto counts_on_loop = [&] {
+    std::promise<Counts> read;
+    loop.call_soon([&] {
+      read.set_value(Counts{server.stats().workspaces_created, server.stats().spare_workspaces});
+    });
+    return read.get_future().get();
+  };
+  std::vector<Counts> after_burst;
+  Counts trimmed;
+  bool trim_seen = false;
+  std::size_t answered = 0;
+  std::thread thread([&] {
+    std::vector<std::unique_ptr<testing::Client>> clients;
+    for (std::size_t i = 0; i < kInFlight; ++i)
+      clients.push_back(std::make_unique<testing::Client>(port));
+    for (int burst = 0; burst < 2; ++burst) {
+      for (auto& client : clients) client->send("GET /held HTTP/1.1\r\nHost: t\r\n\r\n");
+      for (auto& client : clients) {
+        if (client->read_response().find("200 OK") != std::string::npos) ++answered;
+      }
+      after_burst.push_back(counts_on_loop());
+    }
+    // Idle now: the trim frees what the next second's peak (none) does not need.
+    const auto deadline = std::chrono::steady_clock::now() + 10s;
+    while (std::chrono::steady_clock::now() < deadline) {
+      trimmed = counts_on_loop();
+      if (trimmed.spare <= http::ConnectionContext::kMinSpareWorkspaces) {
+        trim_seen = true;
+        break;
+      }
+      std::this_thread::sleep_for(20ms);
+    }
+    loop.call_soon([&] {
+      server.close_all();
+      loop.stop();
+    });
+  });
+  loop.run();
+  thread.join();
+  CHECK(loop.close() == 0);
+  CHECK(answered == 2 * kInFlight);
+  REQUIRE(after_burst.size() == 2);
+  CHECK(after_burst[0].created == kInFlight);
+  CHECK(after_burst[0].spare == kInFlight);    // All given back, all kept.
+  CHECK(after_burst[1].created == kInFlight);  // The second burst built none.
+  CHECK(after_burst[1].spare == kInFlight);
+  CHECK(trim_seen);
+  CHECK(trimmed.spare == http::ConnectionContext::kMinSpareWorkspaces);
+  CHECK(trimmed.created == kInFlight);
+}
+
+TEST_CASE(
+    "after a reload that raises the head limits, a large head is not read into an old spare") {
+  http::Router router;
+  router.add("GET", "/x", [](http::Request& request, http::Responder responder) {
+    responder.send(200, "text/plain", std::to_string(request.header("X-Big").value_or("").size()));
+  });
+  Loop loop;
+  http::Server server(loop, std::make_shared<const http::Router>(router), http::ServerOptions{});
+  server.listen("127.0.0.1", 0);
+  const std::uint16_t port = server.listeners().front()->bound_port();
+  const auto on_loop = [&](std::function<void()> work) {
+    std::promise<void> done;
+    loop.call_soon([&] {
+      work();
+      done.set_value();
+    });
+    done.get_future().get();
+  };
+  // Beyond the default workspace (8 KiB of URL, 16 KiB of headers, room for a read: 32 KiB).
+  const std::string big(48 * 1024, 'b');
+  std::string small_answer;
+  std::string big_answer;
+  std::thread thread([&] {
+    testing::Client first(port);
+    first.send("GET /x HTTP/1.1\r\nHost: t\r\n\r\n");
+    small_answer = first.read_response();
+    first.close();
+    // The workspace that read it is a spare now, sized for the old limits.
+    on_loop([&] {
+      http::ServerOptions larger;
+      larger.limits.max_header_bytes = 64 * 1024;
+      server.reconfigure(larger);
+    });
+    testing::Client second(port);
+    second.send("GET /x HTTP/1.1\r\nHost: t\r\nX-Big: " + big + "\r\n\r\n");
+    big_answer = second.read_response();
+    loop.call_soon([&] {
+      server.close_all();
+      loop.stop();
+    });
+  });
+  loop.run();
+  thread.join();
+  CHECK(loop.close() == 0);
+  CHECK(small_answer.find("200 OK") != std::string::npos);
+  CHECK(big_answer.find("200 OK") != std::string::npos);
+  CHECK(big_answer.find("\r\n\r\n" + std::to_string(big.size())) != std::string::npos);
 }
