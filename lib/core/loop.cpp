@@ -61,6 +61,12 @@ int Loop::close() {
   dropped.clear();
   // call_later timers are closed with their own callbacks, which free their nodes.
   while (!timers_.empty()) cancel(timers_.begin()->first);
+  // Owners of handles of their own close them (one at a time: a hook may unlist others).
+  while (close_hooks_.next != &close_hooks_) {
+    detail::CloseHook* hook = close_hooks_.next;
+    hook->unlink();
+    hook->run(hook->owner);
+  }
   // UvHandles still open are closed with their own close callback, which frees those whose
   // owner is gone and tells the others' owners that the handle is closed.
   for (detail::HandleLink* link = handles_.next; link != &handles_; link = link->next) {

@@ -5,6 +5,9 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <stdexcept>
+#include <string>
+#include <system_error>
 
 #include <spdlog/spdlog.h>
 
@@ -48,9 +51,17 @@ class Connection::Frame {
   Connection* connection_;
 };
 
-Connection::Connection(ConnectionContext& context, std::uint64_t id)
-    : tcp_(context.loop, this, uv_tcp_init, "connection socket"), context_(&context), id_(id) {
-  tcp_.on_closed(&Connection::on_socket_closed);
+Connection::Connection(ConnectionContext& context, std::uint64_t id) : context_(&context), id_(id) {
+  if (context.loop.closed()) {
+    throw std::logic_error("cannot open a connection socket: the loop is closed");
+  }
+  // Last of what may throw: from here on libuv knows the handle, so it must be closed.
+  const int status = uv_tcp_init(context.loop.uv(), &tcp_);
+  if (status < 0) {
+    throw std::system_error(-status, std::generic_category(),
+                            std::string("cannot open a connection socket: ") + uv_strerror(status));
+  }
+  tcp_.data = this;
   context.add(this);
 }
 
@@ -68,7 +79,7 @@ Connection* Connection::from(uv_handle_t* handle) noexcept {
 }
 
 int Connection::start(uv_stream_t* listener) {
-  const int status = uv_accept(listener, tcp_.stream());
+  const int status = uv_accept(listener, stream());
   if (status < 0) {
     close_now();
     return status;
@@ -77,7 +88,7 @@ int Connection::start(uv_stream_t* listener) {
 }
 
 int Connection::start(int fd) {
-  const int status = uv_tcp_open(tcp_.get(), fd);
+  const int status = uv_tcp_open(&tcp_, fd);
   if (status < 0) {
     ::close(fd);
     close_now();
@@ -88,7 +99,7 @@ int Connection::start(int fd) {
 
 int Connection::begin_reading() {
   // Responses leave whole, so Nagle's algorithm would only delay the last segment of each.
-  uv_tcp_nodelay(tcp_.get(), 1);
+  uv_tcp_nodelay(&tcp_, 1);
   // A client that never sends a byte is closed after timeouts.header; the head of each request
   // then has timeouts.header from its own first byte.
   arm(TimerPhase::first_byte);
@@ -103,7 +114,7 @@ std::string_view Connection::remote_address() {
   if (address.empty() && !closed()) {
     sockaddr_storage peer{};
     int length = sizeof peer;
-    if (uv_tcp_getpeername(tcp_.get(), reinterpret_cast<sockaddr*>(&peer), &length) == 0) {
+    if (uv_tcp_getpeername(&tcp_, reinterpret_cast<sockaddr*>(&peer), &length) == 0) {
       address = net::format_address(peer, false);
     }
   }
@@ -306,7 +317,7 @@ void Connection::update_reading() noexcept {
   const bool want = closing() ? state_ == State::lingering && !peer_eof_
                               : !output_blocked_ && !waiting_for_output_budget_ && !peer_eof_ &&
                                     !buffer_full && !body_held_back();
-  uv_stream_t* stream = tcp_.stream();
+  uv_stream_t* stream = this->stream();
   if (want && !reading_) {
     reading_ = uv_read_start(stream, on_alloc, on_read) == 0;
   } else if (!want && reading_) {
@@ -446,9 +457,8 @@ void Connection::begin_close() noexcept {
     return;
   }
   auto* request = new (std::nothrow) uv_shutdown_t;
-  const int status = request == nullptr
-                         ? UV_ENOMEM
-                         : uv_shutdown(request, tcp_.stream(), &Connection::on_shutdown);
+  const int status =
+      request == nullptr ? UV_ENOMEM : uv_shutdown(request, stream(), &Connection::on_shutdown);
   if (status < 0) {
     delete request;
     close_now();
@@ -480,7 +490,8 @@ void Connection::drain() noexcept {
     // The next request is in the socket but not read yet: closing now would reset it.
     int waiting = 0;
     uv_os_fd_t fd = -1;
-    if (uv_fileno(tcp_.handle(), &fd) == 0 && ::ioctl(fd, FIONREAD, &waiting) == 0 && waiting > 0) {
+    if (uv_fileno(reinterpret_cast<uv_handle_t*>(&tcp_), &fd) == 0 &&
+        ::ioctl(fd, FIONREAD, &waiting) == 0 && waiting > 0) {
       return;
     }
     close_now();
@@ -507,8 +518,9 @@ void Connection::close_now() noexcept {
     if (workspace_->current_responders == 0) release_workspace();
   }
   if (!orphaned_) context_->forget_cork(this);
-  // A socket Loop::close() closed already is not closed again (its close callback ends here).
-  tcp_.close();
+  // The only uv_close of the socket (closed() returned above on a second call); its close
+  // callback, which ends here too, lets the object be deleted.
+  uv_close(reinterpret_cast<uv_handle_t*>(&tcp_), &Connection::on_socket_closed);
   if (workspace_ != nullptr) {
     // A coroutine handler still working on the answer is cancelled. lib/core's awaitables only
     // stop their operations here and resume later, so nothing runs inside this close.
@@ -523,11 +535,11 @@ void Connection::close_now() noexcept {
   if (!orphaned_) context_->connection_closed(this);
 }
 
-// The socket's close callback: after close_now(), or from Loop::close(), which closes every
-// handle still open. The connection is closed now in either case; it is deleted here unless a
-// Responder still refers to it (the last one's destruction deletes it then).
-void Connection::on_socket_closed(uv_tcp_t* handle) noexcept {
-  Connection* self = from(reinterpret_cast<uv_handle_t*>(handle));
+// The socket's close callback, after close_now() (Loop::close() closes the connections through
+// their context). The connection is closed now; it is deleted here unless a Responder still
+// refers to it (the last one's destruction deletes it then).
+void Connection::on_socket_closed(uv_handle_t* handle) noexcept {
+  Connection* self = from(handle);
   const Frame frame(self);  // close_now() may drop Responders (stop callbacks): delete after it.
   self->handle_open_ = false;
   self->close_now();

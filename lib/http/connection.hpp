@@ -1,8 +1,10 @@
-// One client connection, as a state machine: it owns its socket (a UvHandle<uv_tcp_t>, so it is
-// closed exactly once whether the connection or Loop::close() comes first) and little else while
-// idle; the read buffer, the parser and everything about the request in flight live in a Workspace
-// borrowed from the loop's ConnectionContext only while bytes or an answer are in flight. Its
-// timeouts are deadlines kept by the context (one timer per loop, not one per connection).
+// One client connection, as a state machine: it owns its socket (a uv_tcp_t inside the object, so
+// an idle connection is one allocation; closed exactly once whether the connection or
+// Loop::close() comes first: the context's close hook closes the connections before the Loop
+// closes the handles it knows) and little else while idle; the read buffer, the parser and
+// everything about the request in flight live in a Workspace borrowed from the loop's
+// ConnectionContext only while bytes or an answer are in flight. Its timeouts are deadlines kept by
+// the context (one timer per loop, not one per connection).
 //
 //   reading ----dispatch----> answering --Responder::start--> streaming
 //      ^                        |  |                             |
@@ -13,9 +15,9 @@
 //   input until EOF or timeouts.lingering) --> closed (close_now, from any state)
 //
 // The object is deleted once it is closed, its socket's close callback has run (after its own
-// close_now(), or after Loop::close() closed the socket: that callback closes the connection
-// too) and no Responder refers to it, and never while one of its own frames is on the stack
-// (depth_): maybe_destroy() called there leaves the delete to the outermost frame.
+// close_now(), which Loop::close() also calls through the context) and no Responder refers to it,
+// and never while one of its own frames is on the stack (depth_): maybe_destroy() called there
+// leaves the delete to the outermost frame.
 //
 // The files: connection.cpp (states, reading, timeouts, closing), response_writer.cpp (the
 // response on the wire), responder.cpp (the handler's handle on a pending answer).
@@ -33,7 +35,6 @@
 #include <uv.h>
 
 #include "http/parser.hpp"
-#include "squall/core/uv_handle.hpp"
 #include "squall/http/request.hpp"
 #include "squall/http/responder.hpp"
 #include "squall/http/router.hpp"
@@ -151,7 +152,8 @@ class Connection {
   static Connection* from(uv_handle_t* handle) noexcept;
   static void on_alloc(uv_handle_t* handle, std::size_t suggested, uv_buf_t* buf);
   static void on_read(uv_stream_t* stream, ssize_t nread, const uv_buf_t* buf);
-  static void on_socket_closed(uv_tcp_t* handle) noexcept;
+  static void on_socket_closed(uv_handle_t* handle) noexcept;
+  uv_stream_t* stream() noexcept { return reinterpret_cast<uv_stream_t*>(&tcp_); }
   static void on_shutdown(uv_shutdown_t* request, int status);
 
   // States.
@@ -176,7 +178,7 @@ class Connection {
   void release_workspace_if_idle() noexcept;
   void release_workspace() noexcept;
   void update_reading() noexcept;
-  std::size_t unsent() const noexcept { return tcp_->write_queue_size; }
+  std::size_t unsent() const noexcept { return tcp_.write_queue_size; }
 
   // The response on the wire (response_writer.cpp).
   void write_head(int status, std::string_view content_type, std::size_t content_length,
@@ -219,8 +221,8 @@ class Connection {
   void handler_failed(std::uint64_t request_number, const Route* route,
                       std::exception_ptr error) noexcept;
 
-  // Small fields last, so the object is the socket's pointer and 64 bytes (connection_test).
-  UvHandle<uv_tcp_t> tcp_;            // The socket; data -> this. Never null.
+  // Small fields last, so the object is the socket and 64 bytes (connection_test).
+  uv_tcp_t tcp_;                      // The socket; data -> this.
   ConnectionContext* context_;        // The loop's shared state; not touched once orphaned.
   Workspace* workspace_ = nullptr;    // Borrowed while a request is in flight.
   const std::uint64_t id_;            // In log lines and RequestRecord.

@@ -30,9 +30,15 @@ ConnectionContext::ConnectionContext(Loop& loop, std::shared_ptr<const Router> r
       trim_timer_(loop, this, uv_timer_init, "workspace trim timer") {
   // Spares alone never keep the loop running.
   uv_unref(trim_timer_.handle());
+  loop_close_hook_.owner = this;
+  loop_close_hook_.run = [](void* owner) noexcept {
+    static_cast<ConnectionContext*>(owner)->close_for_loop();
+  };
+  loop.adopt_close_hook(loop_close_hook_);
 }
 
 ConnectionContext::~ConnectionContext() {
+  loop_close_hook_.unlink();
   // Connections still referenced by a Responder outlive the server: cut them loose.
   for (const List& list : lists_) {
     for (Connection* connection = list.head; connection != nullptr;) {
@@ -390,6 +396,12 @@ void ConnectionContext::on_timer() noexcept {
     }
   }
   schedule();
+}
+
+void ConnectionContext::close_for_loop() noexcept {
+  const Walk walk(*this);  // The last close may end the server's drain: after this pass.
+  // Each close moves its connection to the closed list.
+  while (Connection* connection = first_open_connection()) connection->close_now();
 }
 
 void ConnectionContext::resume_output_waiters() noexcept {

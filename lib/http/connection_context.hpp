@@ -135,6 +135,9 @@ class ConnectionContext {
   std::size_t spares_wanted() const noexcept;  // The recent peak, at least the minimum.
   void free_spares_beyond(std::size_t keep) noexcept;
   void trim_spares() noexcept;  // The trim timer's pass.
+  // Loop::close() before it closes its handles: every open connection closes (its socket is
+  // inside it, not a UvHandle the Loop knows).
+  void close_for_loop() noexcept;
 
   // One cached response-head prefix (head_prefix()).
   struct HeadPrefix {
@@ -163,6 +166,7 @@ class ConnectionContext {
   bool timer_armed_ = false;                          // timer_ is started.
   std::uint64_t timer_due_ms_ = 0;                    // When it fires (uv_now clock).
   UvHandle<uv_timer_t> trim_timer_;                   // Trims spares each second; unreferenced.
+  squall::detail::CloseHook loop_close_hook_;         // close_for_loop(), run by Loop::close().
   bool trim_armed_ = false;                           // trim_timer_ is started.
   bool resuming_output_waiters_ = false;              // resume_output_waiters() is running.
   std::uint32_t walks_ = 0;                           // Walks on the stack.

@@ -167,7 +167,7 @@ void Connection::write_out(std::string& bytes) noexcept {
   }
   const std::size_t size = bytes.size();
   context_->stats.bytes_sent += size;
-  uv_stream_t* stream = tcp_.stream();
+  uv_stream_t* stream = this->stream();
   uv_buf_t buf = uv_buf_init(bytes.data(), static_cast<unsigned>(size));
   // Most responses fit the socket buffer: write now, without a request or a copy. (Behind
   // earlier unsent bytes uv_try_write takes nothing and the bytes queue in order.)

@@ -46,6 +46,26 @@ struct HandleLink {
   }
 };
 
+// An owner of handles that are not UvHandles (the connections of an HTTP server each hold their
+// socket inline, to stay one allocation): Loop::close() runs `run(owner)` before it closes the
+// handles still open, so the owner closes its own with their own close callbacks. Unlisted
+// before it runs; an owner going away first unlinks it.
+struct CloseHook {
+  CloseHook* prev = this;  // Circular, with the Loop's as its head; itself when not listed.
+  CloseHook* next = this;
+  void (*run)(void* owner) noexcept = nullptr;
+  void* owner = nullptr;
+
+  CloseHook() = default;
+  CloseHook(const CloseHook&) = delete;
+  CloseHook& operator=(const CloseHook&) = delete;
+  void unlink() noexcept {
+    prev->next = next;
+    next->prev = prev;
+    prev = next = this;
+  }
+};
+
 // A root coroutine frame on its Loop's list of tasks not yet finished (spawn, coroutine
 // handlers): close() destroys those still suspended. Lives in the root frame's promise, so
 // adopting a task allocates nothing.
@@ -143,6 +163,14 @@ class Loop {
   }
   static void release_task(detail::TaskLink& link) noexcept { link.unlink(); }
 
+  // For an owner of handles of its own: close() runs the hook before closing open handles.
+  void adopt_close_hook(detail::CloseHook& hook) noexcept {
+    hook.next = &close_hooks_;
+    hook.prev = close_hooks_.prev;
+    close_hooks_.prev->next = &hook;
+    close_hooks_.prev = &hook;
+  }
+
   // For UvHandle: a handle that close() closes with its own close callback if still open.
   void adopt_handle(detail::HandleLink& link) noexcept {
     link.next = &handles_;
@@ -163,9 +191,10 @@ class Loop {
   std::vector<Callback> running_;             // Swapped with the queue to run unlocked.
   TimerId next_timer_id_ = 1;                 // Ids are never reused.
   std::unordered_map<TimerId, std::unique_ptr<TimerNode>> timers_;  // call_later, call_every.
-  detail::TaskLink tasks_;      // Head of the root frames of tasks not yet finished.
-  bool closed_ = false;         // close() ran.
-  detail::HandleLink handles_;  // Head of the UvHandles not yet closed.
+  detail::TaskLink tasks_;         // Head of the root frames of tasks not yet finished.
+  bool closed_ = false;            // close() ran.
+  detail::HandleLink handles_;     // Head of the UvHandles not yet closed.
+  detail::CloseHook close_hooks_;  // Head of the owners that close their own handles.
 };
 
 }  // namespace squall

@@ -1,4 +1,4 @@
-// Loop: call_every, zero and negative delays, call_soon after close.
+// Loop: call_every, zero and negative delays, call_soon after close, close hooks.
 #include "squall/core/loop.hpp"
 
 #include <doctest/doctest.h>
@@ -142,4 +142,47 @@ TEST_CASE("a RemoteLoop posts safely from a thread that outlives the Loop") {
   CHECK(ran == 1);
   CHECK(accepted > 0);
   CHECK(refused > 0);
+}
+
+namespace {
+
+// An owner of a handle the Loop does not know (as an HTTP connection holds its socket inline):
+// its close hook closes the handle with its own callback, which must see it run.
+struct OwnHandle {
+  uv_timer_t timer{};
+  squall::detail::CloseHook hook;
+  bool closed_by_own_callback = false;
+  bool open_when_hook_ran = false;
+};
+
+}  // namespace
+
+TEST_CASE("close() runs the close hooks before it closes the handles it does not know") {
+  OwnHandle listed;
+  OwnHandle unlisted;
+  {
+    Loop loop;
+    for (OwnHandle* own : {&listed, &unlisted}) {
+      REQUIRE(uv_timer_init(loop.uv(), &own->timer) == 0);
+      own->timer.data = own;
+      own->hook.owner = own;
+      own->hook.run = [](void* owner) noexcept {
+        auto* self = static_cast<OwnHandle*>(owner);
+        auto* handle = reinterpret_cast<uv_handle_t*>(&self->timer);
+        self->open_when_hook_ran = uv_is_closing(handle) == 0;
+        uv_close(handle, [](uv_handle_t* closed) {
+          static_cast<OwnHandle*>(closed->data)->closed_by_own_callback = true;
+        });
+      };
+      loop.adopt_close_hook(own->hook);
+    }
+    // An owner that went away first unlinks its hook: close() does not run it.
+    unlisted.hook.unlink();
+    uv_close(reinterpret_cast<uv_handle_t*>(&unlisted.timer), nullptr);
+    CHECK(loop.close() == 0);
+  }
+  CHECK(listed.open_when_hook_ran);
+  CHECK(listed.closed_by_own_callback);
+  CHECK_FALSE(unlisted.open_when_hook_ran);
+  CHECK_FALSE(unlisted.closed_by_own_callback);
 }
