@@ -26,6 +26,30 @@ struct HandleCount {
   int tcp = 0;     // uv_tcp_t handles not closing (listeners and connections).
 };
 
+// Runs `work` on the loop's thread and waits for it there (from a client thread).
+void on_loop(Loop& loop, const std::function<void()>& work) {
+  std::promise<void> done;
+  loop.call_soon([&] {
+    work();
+    done.set_value();
+  });
+  done.get_future().get();
+}
+
+// Runs the loop while `client` runs on a thread of its own; then closes the server's
+// connections and stops the loop.
+void run_with_client(Loop& loop, http::Server& server, const std::function<void()>& client) {
+  std::thread thread([&] {
+    client();
+    loop.call_soon([&] {
+      server.close_all();
+      loop.stop();
+    });
+  });
+  loop.run();
+  thread.join();
+}
+
 HandleCount count_handles(Loop& loop) {
   HandleCount count;
   uv_walk(
@@ -127,17 +151,17 @@ TEST_CASE("a burst's workspaces serve the next burst; spares beyond the minimum 
   };
   // Read on the loop, after whatever it is doing for the requests answered.
   const auto counts_on_loop = [&] {
-    std::promise<Counts> read;
-    loop.call_soon([&] {
-      read.set_value(Counts{server.stats().workspaces_created, server.stats().spare_workspaces});
+    Counts counts;
+    on_loop(loop, [&] {
+      counts = Counts{server.stats().workspaces_created, server.stats().spare_workspaces};
     });
-    return read.get_future().get();
+    return counts;
   };
   std::vector<Counts> after_burst;
   Counts trimmed;
   bool trim_seen = false;
   std::size_t answered = 0;
-  std::thread thread([&] {
+  run_with_client(loop, server, [&] {
     std::vector<std::unique_ptr<testing::Client>> clients;
     for (std::size_t i = 0; i < kInFlight; ++i)
       clients.push_back(std::make_unique<testing::Client>(port));
@@ -158,13 +182,7 @@ TEST_CASE("a burst's workspaces serve the next burst; spares beyond the minimum 
       }
       std::this_thread::sleep_for(20ms);
     }
-    loop.call_soon([&] {
-      server.close_all();
-      loop.stop();
-    });
   });
-  loop.run();
-  thread.join();
   CHECK(loop.close() == 0);
   CHECK(answered == 2 * kInFlight);
   REQUIRE(after_burst.size() == 2);
@@ -187,25 +205,17 @@ TEST_CASE(
   http::Server server(loop, std::make_shared<const http::Router>(router), http::ServerOptions{});
   server.listen("127.0.0.1", 0);
   const std::uint16_t port = server.listeners().front()->bound_port();
-  const auto on_loop = [&](std::function<void()> work) {
-    std::promise<void> done;
-    loop.call_soon([&] {
-      work();
-      done.set_value();
-    });
-    done.get_future().get();
-  };
   // Beyond the default workspace (8 KiB of URL, 16 KiB of headers, room for a read: 32 KiB).
   const std::string big(48 * 1024, 'b');
   std::string small_answer;
   std::string big_answer;
-  std::thread thread([&] {
+  run_with_client(loop, server, [&] {
     testing::Client first(port);
     first.send("GET /x HTTP/1.1\r\nHost: t\r\n\r\n");
     small_answer = first.read_response();
     first.close();
     // The workspace that read it is a spare now, sized for the old limits.
-    on_loop([&] {
+    on_loop(loop, [&] {
       http::ServerOptions larger;
       larger.limits.max_header_bytes = 64 * 1024;
       server.reconfigure(larger);
@@ -213,13 +223,7 @@ TEST_CASE(
     testing::Client second(port);
     second.send("GET /x HTTP/1.1\r\nHost: t\r\nX-Big: " + big + "\r\n\r\n");
     big_answer = second.read_response();
-    loop.call_soon([&] {
-      server.close_all();
-      loop.stop();
-    });
   });
-  loop.run();
-  thread.join();
   CHECK(loop.close() == 0);
   CHECK(small_answer.find("200 OK") != std::string::npos);
   CHECK(big_answer.find("200 OK") != std::string::npos);
