@@ -29,6 +29,9 @@ from test_email_jobs import (  # noqa: F401  (smtp is a fixture)
 )
 
 
+# What squalld claims ahead per send slot (server/jobs_service.cpp, kPrefetchPerSend).
+PREFETCH_PER_SEND = 16
+
 def node_config(store_url, smtp_url, jobs=None, **tables):
     return jobs_config(store_url, smtp_url, jobs=jobs, **tables)
 
@@ -131,6 +134,15 @@ def test_notify_wakes_a_node_that_is_not_polling(pg_store, smtp, squalld):
                                    timeouts={"drain": "1s"}))
     first = accept(a, simple("stuck"))
     stalled.wait_data_started(1)
+    # Node a still claims ahead for its send slot (squalld prefetches 16 jobs per slot), so its
+    # own insert could make it hold the job meant for b before b's NOTIFY claim commits. Once a
+    # holds more than half of its prefetch it claims no more: fill it first.
+    for index in range(PREFETCH_PER_SEND):
+        accept(a, simple(f"held{index}"))
+    deadline = time.monotonic() + 10
+    while a.metrics().value("squall_jobs_claimed_total", 0) < 1 + PREFETCH_PER_SEND // 2 + 1:
+        assert time.monotonic() < deadline, "node a did not claim ahead"
+        time.sleep(0.02)
     # ...for node b, which polls once an hour: only the NOTIFY of a's insert can wake it. At
     # its start b claims twice, each finding nothing due: once for its first poll and once
     # when its LISTEN is in place (for what was inserted while it was not listening); each poke
