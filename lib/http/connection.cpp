@@ -490,8 +490,7 @@ void Connection::drain() noexcept {
     // The next request is in the socket but not read yet: closing now would reset it.
     int waiting = 0;
     uv_os_fd_t fd = -1;
-    if (uv_fileno(reinterpret_cast<uv_handle_t*>(&tcp_), &fd) == 0 &&
-        ::ioctl(fd, FIONREAD, &waiting) == 0 && waiting > 0) {
+    if (uv_fileno(handle(), &fd) == 0 && ::ioctl(fd, FIONREAD, &waiting) == 0 && waiting > 0) {
       return;
     }
     close_now();
@@ -520,7 +519,7 @@ void Connection::close_now() noexcept {
   if (!orphaned_) context_->forget_cork(this);
   // The only uv_close of the socket (closed() returned above on a second call); its close
   // callback, which ends here too, lets the object be deleted.
-  uv_close(reinterpret_cast<uv_handle_t*>(&tcp_), &Connection::on_socket_closed);
+  uv_close(handle(), &Connection::on_socket_closed);
   if (workspace_ != nullptr) {
     // A coroutine handler still working on the answer is cancelled. lib/core's awaitables only
     // stop their operations here and resume later, so nothing runs inside this close.

@@ -154,6 +154,7 @@ class Connection {
   static void on_read(uv_stream_t* stream, ssize_t nread, const uv_buf_t* buf);
   static void on_socket_closed(uv_handle_t* handle) noexcept;
   uv_stream_t* stream() noexcept { return reinterpret_cast<uv_stream_t*>(&tcp_); }
+  uv_handle_t* handle() noexcept { return reinterpret_cast<uv_handle_t*>(&tcp_); }
   static void on_shutdown(uv_shutdown_t* request, int status);
 
   // States.

@@ -150,7 +150,7 @@ Workspace* ConnectionContext::acquire_workspace() {
   Workspace* workspace = free_workspaces_;
   if (workspace != nullptr) {
     free_workspaces_ = workspace->next_free;
-    --free_workspace_count_;
+    --stats.spare_workspaces;
   } else {
     workspace = new Workspace(options.limits, &body_budget);
     workspace->buffer = new char[workspace_capacity_];
@@ -159,7 +159,6 @@ Workspace* ConnectionContext::acquire_workspace() {
   }
   ++lent_workspaces_;
   peak_lent_ = std::max(peak_lent_, lent_workspaces_);
-  stats.spare_workspaces.set(free_workspace_count_);
   workspace->next_free = nullptr;
   workspace->begin = workspace->end = 0;
   workspace->parser.reset();
@@ -180,7 +179,8 @@ void ConnectionContext::release_workspace(Workspace* workspace) noexcept {
   workspace->on_drain = nullptr;
   workspace->body_stream.reset();
   --lent_workspaces_;
-  if (free_workspace_count_ >= spares_wanted() || workspace->capacity != workspace_capacity_) {
+  if (stats.spare_workspaces.load() >= spares_wanted() ||
+      workspace->capacity != workspace_capacity_) {
     delete workspace;
     return;
   }
@@ -189,9 +189,9 @@ void ConnectionContext::release_workspace(Workspace* workspace) noexcept {
   }
   workspace->next_free = free_workspaces_;
   free_workspaces_ = workspace;
-  ++free_workspace_count_;
-  stats.spare_workspaces.set(free_workspace_count_);
-  if (free_workspace_count_ > kMinSpareWorkspaces && !trim_armed_ && trim_timer_.is_open()) {
+  ++stats.spare_workspaces;
+  if (stats.spare_workspaces.load() > kMinSpareWorkspaces && !trim_armed_ &&
+      trim_timer_.is_open()) {
     uv_timer_start(
         trim_timer_.get(),
         [](uv_timer_t* timer) { static_cast<ConnectionContext*>(timer->data)->trim_spares(); },
@@ -205,13 +205,12 @@ std::size_t ConnectionContext::spares_wanted() const noexcept {
 }
 
 void ConnectionContext::free_spares_beyond(std::size_t keep) noexcept {
-  while (free_workspace_count_ > keep) {
+  while (stats.spare_workspaces.load() > keep) {
     Workspace* workspace = free_workspaces_;
     free_workspaces_ = workspace->next_free;
-    --free_workspace_count_;
+    --stats.spare_workspaces;
     delete workspace;
   }
-  stats.spare_workspaces.set(free_workspace_count_);
 }
 
 void ConnectionContext::trim_spares() noexcept {
@@ -219,7 +218,7 @@ void ConnectionContext::trim_spares() noexcept {
   previous_peak_lent_ = peak_lent_;
   peak_lent_ = lent_workspaces_;
   free_spares_beyond(spares_wanted());
-  if (free_workspace_count_ <= kMinSpareWorkspaces) {
+  if (stats.spare_workspaces.load() <= kMinSpareWorkspaces) {
     uv_timer_stop(trim_timer_.get());
     trim_armed_ = false;
   }

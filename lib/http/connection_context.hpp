@@ -156,8 +156,7 @@ class ConnectionContext {
   std::array<List, Connection::kTimerPhases> lists_;  // One per TimerPhase.
   std::string cork_;                                  // Output gathered for cork_owner_.
   Connection* cork_owner_ = nullptr;                  // Whose bytes cork_ holds.
-  Workspace* free_workspaces_ = nullptr;              // Idle workspaces kept for reuse.
-  std::size_t free_workspace_count_ = 0;              // Length of that list.
+  Workspace* free_workspaces_ = nullptr;              // Spares; stats.spare_workspaces counts them.
   std::size_t lent_workspaces_ = 0;                   // Lent to connections now.
   std::size_t peak_lent_ = 0;                         // Most lent at once since the last trim.
   std::size_t previous_peak_lent_ = 0;                // The same for the second before it.

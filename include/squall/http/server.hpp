@@ -58,8 +58,6 @@ class LoopCounter {
     value_.store(value_.load(std::memory_order_relaxed) - 1, std::memory_order_relaxed);
     return *this;
   }
-  // For a count that goes both ways (a gauge kept by the loop).
-  void set(std::uint64_t value) noexcept { value_.store(value, std::memory_order_relaxed); }
   std::uint64_t load() const noexcept { return value_.load(std::memory_order_relaxed); }
   operator std::uint64_t() const noexcept { return load(); }
 
