@@ -369,7 +369,7 @@ class PostgresJobStore final : public JobStore {
   PostgresJobStore(const std::string& url, bool synchronous_commit);
   ~PostgresJobStore() override { PQfinish(conn_); }
 
-  std::vector<Inserted> insert_batch(const std::vector<NewJob>& jobs, std::int64_t now_ms) override;
+  std::vector<Inserted> insert_batch(std::vector<NewJob> jobs, std::int64_t now_ms) override;
   std::optional<Job> get(std::string_view id) override;
   std::vector<Job> claim(std::size_t max, std::int64_t now_ms, std::int64_t lease_ms) override;
   std::vector<Job> hold(std::size_t max, std::int64_t now_ms, std::int64_t lease_ms) override;
@@ -717,7 +717,7 @@ void PostgresJobStore::Transaction::commit() {
   committed_ = true;
 }
 
-std::vector<Inserted> PostgresJobStore::insert_batch(const std::vector<NewJob>& jobs,
+std::vector<Inserted> PostgresJobStore::insert_batch(std::vector<NewJob> jobs,
                                                      std::int64_t now_ms) {
   std::vector<Inserted> results;
   if (jobs.empty()) return results;
@@ -798,14 +798,14 @@ std::vector<Inserted> PostgresJobStore::insert_batch(const std::vector<NewJob>& 
     fail("insert", error);
   }
   for (std::size_t i = 0; i < jobs.size(); ++i) {
-    const NewJob& new_job = jobs[i];
+    NewJob& new_job = jobs[i];
     Job& job = jobs_made[i];
     if (created[i]) {
-      job.kind = new_job.kind;
+      job.kind = std::move(new_job.kind);
       job.state = JobState::queued;
-      job.payload = new_job.payload;
-      job.idempotency_key = new_job.idempotency_key;
-      job.owner = new_job.owner;
+      job.payload = std::move(new_job.payload);
+      job.idempotency_key = std::move(new_job.idempotency_key);
+      job.owner = std::move(new_job.owner);
       job.created_ms = job.updated_ms = job.run_after_ms = now_ms;
       results.push_back(Inserted{std::move(job), true});
       continue;

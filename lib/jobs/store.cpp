@@ -292,7 +292,7 @@ class SqliteJobStore final : public JobStore {
   SqliteJobStore(const std::string& path, bool synchronous_full);
   ~SqliteJobStore() override;
 
-  std::vector<Inserted> insert_batch(const std::vector<NewJob>& jobs, std::int64_t now_ms) override;
+  std::vector<Inserted> insert_batch(std::vector<NewJob> jobs, std::int64_t now_ms) override;
   std::optional<Job> get(std::string_view id) override;
   std::vector<Job> claim(std::size_t max, std::int64_t now_ms, std::int64_t lease_ms) override;
   std::vector<Job> hold(std::size_t max, std::int64_t now_ms, std::int64_t lease_ms) override;
@@ -1127,8 +1127,7 @@ void SqliteJobStore::Transaction::commit() {
   committed_ = true;
 }
 
-std::vector<Inserted> SqliteJobStore::insert_batch(const std::vector<NewJob>& jobs,
-                                                   std::int64_t now_ms) {
+std::vector<Inserted> SqliteJobStore::insert_batch(std::vector<NewJob> jobs, std::int64_t now_ms) {
   std::vector<Inserted> results;
   if (jobs.empty()) return results;
   results.reserve(jobs.size());
@@ -1138,7 +1137,7 @@ std::vector<Inserted> SqliteJobStore::insert_batch(const std::vector<NewJob>& jo
 
   Transaction transaction(*this, "insert");
   for (std::size_t i = 0; i < jobs.size(); ++i) {
-    const NewJob& new_job = jobs[i];
+    NewJob& new_job = jobs[i];
     Job job;
     job.id = job_id(now_ms, random.data() + kJobIdRandomBytes * i);
     bool created = false;
@@ -1166,11 +1165,12 @@ std::vector<Inserted> SqliteJobStore::insert_batch(const std::vector<NewJob>& jo
       created = run_update(insert_, "insert");
     }
     if (created) {
-      job.kind = new_job.kind;
+      // The statement's bindings are cleared: the strings can move.
+      job.kind = std::move(new_job.kind);
       job.state = JobState::queued;
-      job.payload = new_job.payload;
-      job.idempotency_key = new_job.idempotency_key;
-      job.owner = new_job.owner;
+      job.payload = std::move(new_job.payload);
+      job.idempotency_key = std::move(new_job.idempotency_key);
+      job.owner = std::move(new_job.owner);
       job.created_ms = job.updated_ms = job.run_after_ms = now_ms;
       results.push_back(Inserted{std::move(job), true});
     } else {

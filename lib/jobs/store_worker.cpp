@@ -135,7 +135,7 @@ void StoreWorker::commit_batch(std::vector<PendingInsert>& batch) {
   std::vector<std::pair<InsertDone, Outcome>> outcomes;
   outcomes.reserve(batch.size());
   try {
-    std::vector<Inserted> inserted = store_->insert_batch(jobs, unix_now_ms());
+    std::vector<Inserted> inserted = store_->insert_batch(std::move(jobs), unix_now_ms());
     if (inserted.size() != batch.size()) {
       throw std::logic_error("job store: insert_batch returned " + std::to_string(inserted.size()) +
                              " results for " + std::to_string(batch.size()) + " jobs");

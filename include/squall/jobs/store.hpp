@@ -124,9 +124,8 @@ class JobStore {
   // Inserts every job in one transaction (all or nothing) with state queued and
   // run_after = now_ms; results are in input order. A key repeated by the same owner (within
   // the batch or before) yields the first job, created=false; keys of other owners never
-  // collide.
-  virtual std::vector<Inserted> insert_batch(const std::vector<NewJob>& jobs,
-                                             std::int64_t now_ms) = 0;
+  // collide. A created job's strings are moved from `jobs` into its result.
+  virtual std::vector<Inserted> insert_batch(std::vector<NewJob> jobs, std::int64_t now_ms) = 0;
   // The job with this id, or nullopt.
   virtual std::optional<Job> get(std::string_view id) = 0;
   // In one transaction, takes up to `max` jobs that are due (queued or retrying with

@@ -80,9 +80,9 @@ class FlakyStore final : public jobs::JobStore {
   FlakyStore(std::unique_ptr<jobs::JobStore> inner, std::atomic<int>& fail_marks,
              StoreCounts* counts = nullptr)
       : inner_(std::move(inner)), fail_marks_(fail_marks), counts_(counts) {}
-  std::vector<jobs::Inserted> insert_batch(const std::vector<jobs::NewJob>& jobs,
+  std::vector<jobs::Inserted> insert_batch(std::vector<jobs::NewJob> jobs,
                                            std::int64_t now_ms) override {
-    return inner_->insert_batch(jobs, now_ms);
+    return inner_->insert_batch(std::move(jobs), now_ms);
   }
   std::optional<jobs::Job> get(std::string_view id) override { return inner_->get(id); }
   std::vector<jobs::Job> claim(std::size_t max, std::int64_t now_ms,
