@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -18,7 +19,7 @@ namespace squall::squalld {
 // An HTTP answer as plain data, so that another thread may build it.
 struct Answer {
   int status = 500;
-  std::string content_type;
+  std::string_view content_type;  // A literal: every answer's media type is a fixed one.
   std::vector<std::pair<std::string, std::string>> headers;  // Extra ones (Location, ...).
   std::string body;
 };

@@ -124,7 +124,7 @@ nlohmann::json job_json(const jobs::Job& job) {
 using Headers = std::vector<std::pair<std::string, std::string>>;
 
 void send_json(const Reply& reply, int status, const nlohmann::json& body, Headers headers = {}) {
-  reply(Answer{status, std::string(kJsonType), std::move(headers),
+  reply(Answer{status, kJsonType, std::move(headers),
                body.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n"});
 }
 
@@ -137,7 +137,7 @@ void send_accepted(const Reply& reply, int status, const jobs::Job& job) {
   std::string body;
   body.reserve(kIdKey.size() + kStatusKey.size() + job.id.size() + state.size() + 3);
   body.append(kIdKey).append(job.id).append(kStatusKey).append(state).append("\"}\n");
-  reply(Answer{status, std::string(kJsonType), {{"Location", "/jobs/" + job.id}}, std::move(body)});
+  reply(Answer{status, kJsonType, {{"Location", "/jobs/" + job.id}}, std::move(body)});
 }
 
 void send_error(const Reply& reply, int status, std::string_view field, std::string_view message,
