@@ -1,6 +1,7 @@
 // The one thread that owns the JobStore. SQLite commits wait for an fsync, so they never run
 // on the loop thread; inserts that arrive while a commit is under way are committed together
-// by the next one (group commit), which is where durable throughput comes from.
+// by the next one (group commit), which is where durable throughput comes from. On Linux the
+// thread runs under SCHED_BATCH, so that its wake-ups never preempt a loop sharing its CPU.
 #pragma once
 
 #include <atomic>

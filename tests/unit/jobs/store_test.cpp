@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include <sched.h>
 #include <sqlite3.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -1566,6 +1567,20 @@ TEST_CASE("the store's thread is named squall-store while the StoreWorker runs")
     CHECK(threads_named("squall-store") == before + 1);
   }
   CHECK(threads_named("squall-store") == before);
+}
+
+TEST_CASE("the store's thread runs under SCHED_BATCH: its wake-ups do not preempt the loop") {
+  TempDir dir;
+  FakeLoop loop;
+  StoreWorker worker(open_sqlite_store(dir.file("jobs.db"), false), loop.poster());
+  // The thread sets its policy before it takes any work: it has once an operation has run.
+  std::promise<pid_t> ran;
+  REQUIRE(worker.run([&](JobStore&) { ran.set_value(static_cast<pid_t>(::gettid())); }));
+  auto thread_id = ran.get_future();
+  REQUIRE(thread_id.wait_for(std::chrono::seconds(10)) == std::future_status::ready);
+  CHECK(::sched_getscheduler(thread_id.get()) == SCHED_BATCH);
+  // The loop's own thread keeps the default policy.
+  CHECK(::sched_getscheduler(0) == SCHED_OTHER);
 }
 
 TEST_CASE("a reader holding an old snapshot: commits past the WAL's bound checkpoint themselves") {
