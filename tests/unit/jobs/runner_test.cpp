@@ -765,5 +765,5 @@ TEST_CASE("commit_delay: outcomes gather for it and share a few commits; starts 
   // The claim, the starts (not delayed: a round as soon as the last one ended), then the 30
   // outcomes together after the delay; without it they took a round each or nearly.
   CHECK(counts.most_marks_in_a_transaction >= 20);
-  CHECK(std::chrono::steady_clock::now() - begun >= 200ms);
+  CHECK(std::chrono::steady_clock::now() - begun >= 200ms - 2ms);  // Timers: the loop's ms clock.
 }
