@@ -506,6 +506,13 @@ JobsService::JobsService(Loop& loop, const Config& config, metrics::Registry& re
   registry.gauge_callback("squall_jobs_store_queue_depth",
                           "Operations waiting for the job store's thread.",
                           [this] { return static_cast<double>(store_->queue_depth()); });
+  // Group commit: inserts / commits is how many accepts share one commit (and its fsync).
+  registry.counter_callback("squall_jobs_store_insert_commits_total",
+                            "Commits of accepted jobs (each stores every insert queued by then).",
+                            [this] { return store_->batches_committed(); });
+  registry.counter_callback("squall_jobs_store_inserts_total",
+                            "Accepted jobs committed to the store, in all those commits.",
+                            [this] { return store_->inserts_committed(); });
   // The SQLite store's WAL (zero on PostgreSQL): its checkpoint thread keeps checkpoints out
   // of the commits.
   registry.counter_callback("squall_jobs_store_checkpoints_total",

@@ -26,6 +26,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "core/background_thread.hpp"
+
 namespace squall::jobs {
 
 namespace {
@@ -633,6 +635,7 @@ void SqliteJobStore::stop_checkpointer() noexcept {
 
 void SqliteJobStore::checkpointer_main() noexcept {
   pthread_setname_np(pthread_self(), "squall-wal");  // Seen in top -H, ps -L, perf.
+  squall::detail::schedule_as_background();  // A pass's copy waits for the loop, not the reverse.
   std::unique_lock<std::mutex> lock(checkpoint_mutex_);
   for (;;) {
     checkpoint_wakeup_.wait(lock, [this] { return checkpoint_wanted_ || checkpoint_stopping_; });

@@ -1,11 +1,12 @@
 #include "squall/jobs/store_worker.hpp"
 
 #include <pthread.h>
-#include <sched.h>
 
 #include <exception>
 #include <stdexcept>
 #include <utility>
+
+#include "core/background_thread.hpp"
 
 namespace squall::jobs {
 
@@ -93,15 +94,9 @@ std::size_t StoreWorker::queue_depth() const {
 void StoreWorker::thread_main() {
   // Named for top -H, ps -L and perf: the thread that runs the store's commits.
   pthread_setname_np(pthread_self(), "squall-store");
-#ifdef SCHED_BATCH
-  // Batch scheduling: this thread's wake-ups do not preempt the thread running on its CPU.
-  // Where it shares a CPU with the loop, an insert arriving or a commit's fsync ending no
-  // longer interrupts the loop's pass; the thread runs when the loop waits or its time slice
-  // ends, with its fair share, and its next commit takes everything queued by then. On a CPU of
-  // its own nothing changes. Any user may choose it; refused, the thread keeps the default.
-  const sched_param no_priority{};  // SCHED_BATCH takes priority 0 only.
-  pthread_setschedparam(pthread_self(), SCHED_BATCH, &no_priority);
-#endif
+  // An insert arriving or a commit's fsync ending does not interrupt the loop's pass, and
+  // the next commit takes everything the pass queued (group commit).
+  squall::detail::schedule_as_background();
   std::vector<PendingInsert> batch;
   batch.reserve(max_batch);
   for (;;) {

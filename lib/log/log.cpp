@@ -23,6 +23,8 @@
 #include <spdlog/spdlog.h>
 #include <nlohmann/json.hpp>
 
+#include "core/background_thread.hpp"
+
 namespace squall::log {
 
 namespace {
@@ -322,6 +324,8 @@ Logs::Logs(const Options& options) : options_(options) {
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, nullptr);
     pthread_setname_np(pthread_self(), "squall-log");
+    // Each line queued would otherwise wake this thread into the loop's pass on a shared CPU.
+    squall::detail::schedule_as_background();
   });
   barrier_ = std::make_shared<detail::FlushBarrier>();
   barrier_->set_level(spdlog::level::off);  // Sees flushes only, never messages.

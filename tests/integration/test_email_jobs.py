@@ -423,6 +423,11 @@ def test_metrics(mail):
     assert m.types.get("squall_jobs_send_duration_seconds") == "histogram"
     assert m.value("squall_jobs_send_duration_seconds_bucket", le="+Inf") >= 1
     assert m.value("squall_jobs_send_duration_seconds_count") >= 1
+    # Group commit: every accepted job was committed, and no commit without one.
+    assert m.types.get("squall_jobs_store_inserts_total") == "counter"
+    assert m.types.get("squall_jobs_store_insert_commits_total") == "counter"
+    inserts = m.value("squall_jobs_store_inserts_total")
+    assert 1 <= m.value("squall_jobs_store_insert_commits_total") <= inserts
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,12 +2,15 @@
 #pragma once
 
 #include <stdlib.h>
+#include <sys/types.h>
 
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <string_view>
+#include <vector>
 
 namespace squall::testing {
 
@@ -35,6 +38,19 @@ inline std::string read_file(const std::filesystem::path& path) {
   std::ostringstream content;
   content << in.rdbuf();
   return content.str();
+}
+
+// The kernel's ids of this process's threads named `name` (/proc/self/task/*/comm).
+inline std::vector<pid_t> thread_ids_named(std::string_view name) {
+  std::vector<pid_t> ids;
+  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream comm(task.path() / "comm");
+    std::string line;
+    if (std::getline(comm, line) && line == name) {
+      ids.push_back(static_cast<pid_t>(std::stol(task.path().filename().string())));
+    }
+  }
+  return ids;
 }
 
 }  // namespace squall::testing

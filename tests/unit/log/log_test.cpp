@@ -5,6 +5,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <sched.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -182,6 +183,21 @@ TEST_CASE("Logs writes error and access files and reopens them after a rename") 
   }
   CHECK(spdlog::default_logger() == previous_default);
   CHECK(spdlog::get("squall") == nullptr);
+}
+
+TEST_CASE("the log writer thread runs under SCHED_BATCH: a line queued does not preempt the loop") {
+  TempDir dir;
+  Options options;
+  options.error_log = (dir.path / "error.log").string();
+  options.access_log = (dir.path / "access.log").string();
+  const auto before = squall::testing::thread_ids_named("squall-log");
+  Logs logs(options);
+  logs.access(sample_record());
+  logs.flush();  // The writer has started, and named itself, by the time a flush returns.
+  auto writers = squall::testing::thread_ids_named("squall-log");
+  std::erase_if(writers, [&](pid_t id) { return std::ranges::find(before, id) != before.end(); });
+  REQUIRE(writers.size() == 1);
+  CHECK(::sched_getscheduler(writers.front()) == SCHED_BATCH);
 }
 
 TEST_CASE("access log off, JSON access log, and the destructor drains the queue") {
