@@ -109,9 +109,10 @@ report=$OUT_DIR/background-threads.md
 {
   printf '# squall-log under SCHED_OTHER and SCHED_BATCH, access log to a file\n\n'
   printf -- '- date: %s\n' "$(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+  # shellcheck disable=SC2016 # The backquotes are Markdown.
   printf -- '- command: `DURATION=%s ROUNDS=%s CONNECTIONS=%s bench/background_threads.sh`\n' \
     "$DURATION" "$ROUNDS" "$CONNECTIONS"
-  printf -- '- squalld on CPU %s, wrk on CPU %s; %s\n\n' "$SERVER_CPU" "$CLIENT_CPU" "$(machine_load)"
+  printf -- '- squalld on CPU %s, wrk on CPU %s; %s\n\n' "$SERVER_CPU" "$CLIENT_CPU" "$(machine_load "$server_pid")"
   printf '| squall-log | requests/s | squalld CPU µs per request |\n|---|--:|--:|\n'
   for policy in -o -b; do
     name=SCHED_OTHER
