@@ -37,16 +37,7 @@ done
 [[ -x $SQUALLD ]] || die "no squalld at $SQUALLD (run make)"
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a whole number above 0, got '$ROUNDS'"
 
-work_dir=$(mktemp -d "${TMPDIR:-/tmp}/squall-background.XXXXXX")
-server_pid=""
-cleanup() {
-  if [[ -n $server_pid ]]; then
-    kill -TERM "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-  fi
-  rm -rf "$work_dir"
-}
-trap cleanup EXIT
+make_work_dir background
 
 access_log=$work_dir/access.log
 sed "s|^access_log = .*|access_log = \"$access_log\"|" "$bench_dir/squalld-bench.toml" \

@@ -36,16 +36,7 @@ for program in valgrind callgrind_control "$WRK" curl cc; do
   command -v "$program" >/dev/null || die "$program is missing (apt-get install valgrind wrk curl gcc)"
 done
 
-work_dir=$(mktemp -d "${TMPDIR:-/tmp}/squall-callgrind.XXXXXX")
-server_pid=""
-cleanup() {
-  if [[ -n $server_pid ]]; then
-    kill -TERM "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-  fi
-  rm -rf "$work_dir"
-}
-trap cleanup EXIT
+make_work_dir callgrind
 
 cc -O2 -g -Wall -Werror -o "$work_dir/bare_http_uv" "$bench_dir/bare_http_uv.c" -luv ||
   die "cannot build bench/bare_http_uv.c"

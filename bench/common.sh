@@ -5,6 +5,22 @@ die() {
   exit 1
 }
 
+# A scratch directory in work_dir (squall-$1.XXXXXX under $TMPDIR), removed when the script exits,
+# after the server whose pid the script keeps in server_pid, if any, is stopped.
+make_work_dir() {
+  work_dir=$(mktemp -d "${TMPDIR:-/tmp}/squall-$1.XXXXXX")
+  server_pid=""
+  trap stop_server_and_remove_work_dir EXIT
+}
+
+stop_server_and_remove_work_dir() {
+  if [[ -n $server_pid ]]; then
+    kill -TERM "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+  fi
+  rm -rf "$work_dir"
+}
+
 # The pid given and all its descendants (nginx with a master, a forking squalld, ...).
 process_tree() {
   local pids=("$1") index=0 pid children_file child

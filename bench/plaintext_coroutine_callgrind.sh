@@ -43,16 +43,7 @@ c++ -O2 -g -std=c++20 -Wall -Werror -pthread -I"$repo_dir/include" -I"$repo_dir/
   $(pkg-config --cflags $pkgs) -o "$bin_dir/plaintext_coroutine" \
   "$bench_dir/plaintext_coroutine.cpp" "$repo_dir/$BUILD/libsquall.a" $(pkg-config --libs $pkgs)
 
-work_dir=$(mktemp -d "${TMPDIR:-/tmp}/squall-coroutine-callgrind.XXXXXX")
-server_pid=""
-cleanup() {
-  if [[ -n $server_pid ]]; then
-    kill -TERM "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-  fi
-  rm -rf "$work_dir"
-}
-trap cleanup EXIT
+make_work_dir coroutine-callgrind
 
 # One server process per route, with its route registered first (the router scans in order), so
 # the routes differ only in their handler form.
