@@ -571,9 +571,7 @@ void JobsService::start() {
   }
   if (webhooks_) webhooks_->start();
   stats_timer_ = UvHandle<uv_timer_t>(loop_, this, uv_timer_init, "job statistics timer");
-  uv_timer_start(
-      stats_timer_.get(),
-      [](uv_timer_t* timer) { static_cast<JobsService*>(timer->data)->refresh_stats(); }, 0, 2000);
+  arm_stats_timer(std::chrono::milliseconds(0));
   // Statistics alone must not keep the loop running.
   uv_unref(stats_timer_.handle());
 
@@ -673,6 +671,15 @@ void JobsService::purge(std::int64_t finished_before_ms, bool vacuum_only_if_pur
   if (!queued) purge_in_flight_ = false;
 }
 
+void JobsService::arm_stats_timer(std::chrono::milliseconds delay) {
+  if (!stats_timer_.is_open()) return;
+  // One-shot: each read arms the next one.
+  uv_timer_start(
+      stats_timer_.get(),
+      [](uv_timer_t* timer) { static_cast<JobsService*>(timer->data)->refresh_stats(); },
+      static_cast<std::uint64_t>(delay.count()), 0);
+}
+
 void JobsService::refresh_stats() {
   if (stats_in_flight_ || stats_reader_ == nullptr) return;
   stats_in_flight_ = true;
@@ -682,16 +689,20 @@ void JobsService::refresh_stats() {
   // Shared store: other nodes accept and finish jobs too, so the queue bounds are read back
   // from the store (plus this node's inserts in flight) instead of counted here alone.
   auto owners = std::make_shared<std::vector<jobs::OwnerUsage>>();
+  auto took = std::make_shared<std::chrono::nanoseconds>(0);
   std::weak_ptr<bool> alive = alive_;
   loop_.run_blocking(
-      [reader = stats_reader_, stats, owners, shared = shared_store_] {
+      [reader = stats_reader_, stats, owners, took, shared = shared_store_] {
+        const auto started = std::chrono::steady_clock::now();
         *stats = reader->stats(jobs::unix_now_ms());
         if (shared) *owners = reader->pending_by_owner();
+        *took = std::chrono::steady_clock::now() - started;
       },
-      [this, alive, stats, owners](std::exception_ptr error) {
+      [this, alive, stats, owners, took](std::exception_ptr error) {
         const auto still = alive.lock();
         if (!still || !*still) return;
         stats_in_flight_ = false;
+        if (accepting_) arm_stats_timer(next_stats_read(*took));  // drain() stopped it for good.
         if (error) {
           try {
             std::rethrow_exception(error);
