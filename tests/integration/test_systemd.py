@@ -289,7 +289,7 @@ def test_systemd_analyze_security_is_ok_or_better(tmp_path):
                   result.stdout)
     assert m, result.stdout[-2000:]
     exposure, rating = float(m.group(1)), m.group(2)
-    # README.md records the score (1.1 OK with systemd 252).
+    # README.md records the score (1.2 OK with systemd 252).
     assert rating in ("OK", "SAFE", "PERFECT"), (exposure, rating, result.stdout[-3000:])
 
 
