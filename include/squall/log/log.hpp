@@ -94,8 +94,9 @@ namespace detail {
 class FlushBarrier;
 }
 
-// The process's loggers and their background thread. Create one at startup, before other
-// threads log, and destroy it last.
+// The process's loggers and their background thread (`squall-log`, under SCHED_BATCH on
+// Linux: a line queued does not preempt a loop on the writer's CPU). Create one at startup,
+// before other threads log, and destroy it last.
 class Logs {
  public:
   // Opens the targets and starts the log thread. Throws std::runtime_error for a file that
