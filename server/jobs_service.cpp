@@ -685,24 +685,27 @@ void JobsService::refresh_stats() {
   stats_in_flight_ = true;
   // A second connection, read on the pool: WAL lets it read while the worker writes, so the
   // counts (a scan of the table) never hold up an insert.
-  auto stats = std::make_shared<jobs::StoreStats>();
-  // Shared store: other nodes accept and finish jobs too, so the queue bounds are read back
-  // from the store (plus this node's inserts in flight) instead of counted here alone.
-  auto owners = std::make_shared<std::vector<jobs::OwnerUsage>>();
-  auto took = std::make_shared<std::chrono::nanoseconds>(0);
+  struct Read {
+    jobs::StoreStats stats;
+    // Shared store: other nodes accept and finish jobs too, so the queue bounds are read back
+    // from the store (plus this node's inserts in flight) instead of counted here alone.
+    std::vector<jobs::OwnerUsage> owners;
+    std::chrono::nanoseconds took{0};  // What the reads cost (0 if they failed).
+  };
+  auto read = std::make_shared<Read>();
   std::weak_ptr<bool> alive = alive_;
   loop_.run_blocking(
-      [reader = stats_reader_, stats, owners, took, shared = shared_store_] {
+      [reader = stats_reader_, read, shared = shared_store_] {
         const auto started = std::chrono::steady_clock::now();
-        *stats = reader->stats(jobs::unix_now_ms());
-        if (shared) *owners = reader->pending_by_owner();
-        *took = std::chrono::steady_clock::now() - started;
+        read->stats = reader->stats(jobs::unix_now_ms());
+        if (shared) read->owners = reader->pending_by_owner();
+        read->took = std::chrono::steady_clock::now() - started;
       },
-      [this, alive, stats, owners, took](std::exception_ptr error) {
+      [this, alive, read](std::exception_ptr error) {
         const auto still = alive.lock();
         if (!still || !*still) return;
         stats_in_flight_ = false;
-        if (accepting_) arm_stats_timer(next_stats_read(*took));  // drain() stopped it for good.
+        if (accepting_) arm_stats_timer(next_stats_read(read->took));  // drain() stopped it.
         if (error) {
           try {
             std::rethrow_exception(error);
@@ -712,10 +715,10 @@ void JobsService::refresh_stats() {
           return;
         }
         for (std::size_t i = 0; i < by_state_gauges_.size(); ++i) {
-          by_state_gauges_[i]->set(static_cast<double>(stats->by_state[i]));
+          by_state_gauges_[i]->set(static_cast<double>(read->stats.by_state[i]));
         }
-        oldest_pending_ms_ = stats->oldest_queued_ms;
-        if (shared_store_) adopt_store_usage(*owners);
+        oldest_pending_ms_ = read->stats.oldest_queued_ms;
+        if (shared_store_) adopt_store_usage(read->owners);
       });
 }
 
