@@ -307,6 +307,8 @@ void Connection::release_workspace_if_idle() noexcept {
 }
 
 void Connection::release_workspace() noexcept {
+  // A request answered inside a handler that then closed the connection is still reported.
+  if (observe_pending_) observe_request(uv_hrtime());
   context_->release_workspace(workspace_);
   workspace_ = nullptr;
 }
@@ -374,6 +376,7 @@ void Connection::dispatch() noexcept {
   }
   handler_running_ = false;
   context_->clock_ns = uv_hrtime();
+  if (observe_pending_ && workspace_ != nullptr) observe_request(context_->clock_ns);
   const std::uint64_t elapsed_ns = context_->clock_ns - started;
   const auto threshold_ns =
       static_cast<std::uint64_t>(context_->options.blocking_threshold.count()) * 1'000'000;

@@ -182,14 +182,16 @@ class Connection {
   std::size_t unsent() const noexcept { return tcp_.write_queue_size; }
 
   // The response on the wire (response_writer.cpp).
-  void write_head(int status, std::string_view content_type, std::size_t content_length,
-                  bool chunked);
+  // The head into the cork, which it returns for the body.
+  std::string& write_head(int status, std::string_view content_type, std::size_t content_length,
+                          bool chunked);
   void output(std::string_view bytes);
   bool respond(int status, std::string_view content_type, std::string_view body);
   bool start_stream(int status, std::string_view content_type);
   bool write_stream(std::string_view chunk);
   bool finish_stream();
   void finish_response() noexcept;
+  void observe_request(std::uint64_t now_ns) noexcept;  // The RequestRecord, to the observer.
   void on_write_done(std::size_t bytes, int status) noexcept;
   void settle_after_write(int status) noexcept;
   std::size_t high_water() const noexcept;
@@ -243,6 +245,7 @@ class Connection {
   bool orphaned_ : 1 = false;                   // The server is gone; touch nothing of it.
   bool first_byte_seen_ : 1 = false;            // A request has begun since the accept.
   bool handle_open_ : 1 = true;                 // tcp_'s close callback has not run yet.
+  bool observe_pending_ : 1 = false;  // Answered in the handler; reported when it returns.
 };
 
 }  // namespace squall::http

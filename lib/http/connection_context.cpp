@@ -1,9 +1,12 @@
 #include "http/connection_context.hpp"
 
 #include <algorithm>
+#include <charconv>
 #include <cstring>
 
 #include <spdlog/spdlog.h>
+
+#include "http/short_equal.hpp"
 
 namespace squall::http {
 
@@ -68,17 +71,18 @@ void ConnectionContext::reconfigure(ServerOptions new_options) {
   keep_alive_header =
       "Keep-Alive: timeout=" + std::to_string(options.timeouts.keepalive.count() / 1000) + "\r\n";
   keep_alive_tail = "\r\n" + keep_alive_header + "\r\n";
-  // The server name may have changed.
+  // The server name and the keep-alive timeout may have changed.
   for (HeadPrefix& prefix : head_prefixes_) prefix.status = 0;
 }
 
-std::string_view ConnectionContext::head_prefix(int status, std::string_view content_type,
-                                                bool content_length) {
+ConnectionContext::HeadPrefix& ConnectionContext::find_head_prefix(int status,
+                                                                   std::string_view content_type,
+                                                                   bool content_length) {
   const std::string_view now = date.now();
   HeadPrefix* found = nullptr;
   for (HeadPrefix& prefix : head_prefixes_) {
     if (prefix.status == status && prefix.content_length == content_length &&
-        prefix.content_type == content_type) {
+        detail::short_equal(prefix.content_type, content_type)) {
       found = &prefix;
       break;
     }
@@ -89,7 +93,7 @@ std::string_view ConnectionContext::head_prefix(int status, std::string_view con
       std::memcpy(found->text.data() + found->date_offset, now.data(), kDateLength);
       found->date_second = date.second();
     }
-    return found->text;
+    return *found;
   }
   if (found == nullptr) {
     found = &head_prefixes_[next_head_prefix_];
@@ -108,9 +112,32 @@ std::string_view ConnectionContext::head_prefix(int status, std::string_view con
   text.append(now).append("\r\n");
   if (!content_type.empty()) text.append("Content-Type: ").append(content_type).append("\r\n");
   if (content_length) text.append("Content-Length: ");
+  prefix.prefix_size = text.size();
+  prefix.completed_for = kNoLength;
   // A Date of another length (never, for an IMF-fixdate) is rebuilt each time.
   if (now.size() != kDateLength) prefix.status = 0;
-  return text;
+  return prefix;
+}
+
+std::string_view ConnectionContext::head_prefix(int status, std::string_view content_type,
+                                                bool content_length) {
+  const HeadPrefix& prefix = find_head_prefix(status, content_type, content_length);
+  return std::string_view(prefix.text).substr(0, prefix.prefix_size);
+}
+
+std::string_view ConnectionContext::keep_alive_head(int status, std::string_view content_type,
+                                                    std::uint64_t content_length) {
+  HeadPrefix& prefix = find_head_prefix(status, content_type, true);
+  if (prefix.completed_for != content_length) {
+    // Another length: its digits and the ending replace the last one's.
+    prefix.text.resize(prefix.prefix_size);
+    char digits[24];
+    const auto result = std::to_chars(digits, digits + sizeof digits, content_length);
+    prefix.text.append(digits, static_cast<std::size_t>(result.ptr - digits));
+    prefix.text.append(keep_alive_tail);
+    prefix.completed_for = content_length;
+  }
+  return prefix.text;
 }
 
 bool ConnectionContext::once_a_second(std::uint64_t& last_ms) noexcept {
@@ -123,12 +150,9 @@ bool ConnectionContext::once_a_second(std::uint64_t& last_ms) noexcept {
 
 // ---- The cork --------------------------------------------------------------------------------
 
-std::string& ConnectionContext::cork_for(Connection* owner) {
-  if (cork_owner_ != owner) {
-    flush_cork();
-    cork_owner_ = owner;
-  }
-  return cork_;
+void ConnectionContext::switch_cork(Connection* owner) {
+  flush_cork();
+  cork_owner_ = owner;
 }
 
 void ConnectionContext::flush_cork() noexcept {
@@ -172,12 +196,16 @@ void ConnectionContext::release_workspace(Workspace* workspace) noexcept {
   workspace->response_headers.clear();
   workspace->remote_address.clear();
   workspace->route = nullptr;
-  workspace->routes_in_use.reset();
   workspace->current_responders = 0;
-  workspace->handler_stop = std::stop_source(std::nostopstate);
-  workspace->drain_waiters.clear();
-  workspace->on_drain = nullptr;
-  workspace->body_stream.reset();
+  // Set only by late answers, coroutine handlers, streamed bodies and answers: tested first,
+  // since most requests leave them empty and this runs once per request.
+  if (workspace->routes_in_use != nullptr) workspace->routes_in_use.reset();
+  if (workspace->handler_stop.stop_possible()) {
+    workspace->handler_stop = std::stop_source(std::nostopstate);
+  }
+  if (!workspace->drain_waiters.empty()) workspace->drain_waiters.clear();
+  if (workspace->on_drain) workspace->on_drain = nullptr;
+  if (workspace->body_stream != nullptr) workspace->body_stream.reset();
   --lent_workspaces_;
   if (stats.spare_workspaces.load() >= spares_wanted() ||
       workspace->capacity != workspace_capacity_) {

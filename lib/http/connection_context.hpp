@@ -44,7 +44,11 @@ class ConnectionContext {
   void reconfigure(ServerOptions new_options);
 
   // The cork: responses produced while `owner` is being processed gather here, one write each.
-  std::string& cork_for(Connection* owner);
+  std::string& cork_for(Connection* owner) {
+    if (cork_owner_ != owner) [[unlikely]]
+      switch_cork(owner);
+    return cork_;
+  }
   void flush_cork() noexcept;
   void forget_cork(Connection* owner) noexcept;
 
@@ -97,6 +101,11 @@ class ConnectionContext {
   // `content_length` (the caller appends the digits): built once per status, content type and
   // second (the Date), so a response head is one copy of it. The view lives until the next call.
   std::string_view head_prefix(int status, std::string_view content_type, bool content_length);
+  // The whole head of the commonest answer: head_prefix(status, content_type, true), the
+  // digits of content_length, then keep_alive_tail. For a keep-alive HTTP/1.1 answer with no
+  // header the handler set; one copy when the same kind of answer repeats its length.
+  std::string_view keep_alive_head(int status, std::string_view content_type,
+                                   std::uint64_t content_length);
 
   // Whether a rate-limited log line may be written now; updates `last_ms`.
   bool once_a_second(std::uint64_t& last_ms) noexcept;
@@ -146,10 +155,17 @@ class ConnectionContext {
     std::string content_type;      // As asked for.
     std::size_t date_offset = 0;   // Where the Date value starts in text.
     std::time_t date_second = -1;  // The second the Date in text is for.
-    std::string text;              // The prefix.
+    std::size_t prefix_size = 0;   // The prefix is text's first prefix_size bytes.
+    // With content_length: the digits of this length and keep_alive_tail follow the prefix in
+    // text (keep_alive_head()); kNoLength when nothing follows.
+    std::uint64_t completed_for = ~std::uint64_t{0};
+    std::string text;
   };
   // The Date value's length: an IMF-fixdate is always 29 bytes.
   static constexpr std::size_t kDateLength = 29;
+  static constexpr std::uint64_t kNoLength = ~std::uint64_t{0};
+  HeadPrefix& find_head_prefix(int status, std::string_view content_type, bool content_length);
+  void switch_cork(Connection* owner);  // Flushes the cork, then lends it to owner.
 
   std::array<HeadPrefix, 8> head_prefixes_;           // The pairs in use, reused in turn.
   std::size_t next_head_prefix_ = 0;                  // The entry a new pair replaces.

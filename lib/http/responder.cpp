@@ -35,16 +35,26 @@ ThreadViolationHandler set_thread_violation_handler(ThreadViolationHandler handl
                                                               : &abort_on_thread_violation);
 }
 
-void Connection::check_loop_thread(const char* what) const noexcept {
-  // An orphaned connection's context is gone; it was made on the thread it must be touched on,
-  // and nothing else is left to check against.
-  if (orphaned_ || std::this_thread::get_id() == context_->loop_thread) return;
+namespace {
+
+[[gnu::cold, gnu::noinline]] void report_thread_violation(std::uint64_t id, const char* what) {
   char message[256];
   std::snprintf(message, sizeof message,
                 "a Responder of connection %llu was %s off the loop thread; keep Responders on "
                 "the loop and pass only data to other threads",
-                static_cast<unsigned long long>(id_), what);
+                static_cast<unsigned long long>(id), what);
   thread_violation_handler.load()(message);
+}
+
+}  // namespace
+
+// In line in the two callers below: the check runs for every Responder made and dropped.
+inline void Connection::check_loop_thread(const char* what) const noexcept {
+  // An orphaned connection's context is gone; it was made on the thread it must be touched on,
+  // and nothing else is left to check against.
+  if (orphaned_ || std::this_thread::get_id() == context_->loop_thread) [[likely]]
+    return;
+  report_thread_violation(id_, what);
 }
 
 void Connection::add_responder(std::uint64_t request_number) noexcept {

@@ -2,6 +2,8 @@
 
 #include <stdexcept>
 
+#include "http/short_equal.hpp"
+
 namespace squall::http {
 
 namespace {
@@ -25,7 +27,7 @@ bool is_parameter(std::string_view segment) noexcept {
 // Matches `path` against a route's segments, appending parameters on success.
 bool match(const Route& route, std::string_view path, std::vector<RouteParam>& params) {
   // Segments without parameters match exactly the paths that join to the pattern.
-  if (!route.has_parameters) return path == route.pattern;
+  if (!route.has_parameters) return detail::short_equal(path, route.pattern);
   const std::size_t params_before = params.size();
   std::size_t index = 0;
   bool matched = true;
@@ -96,8 +98,12 @@ RouteMatch Router::find(std::string_view method, std::string_view path,
   const Route* get_route = nullptr;
   for (const Route& route : routes_) {
     const std::size_t params_before = params.size();
-    if (!match(route, path, params)) continue;
-    if (route.method == method) {
+    // A route without parameters is one compare, made here without the call.
+    if (route.has_parameters ? !match(route, path, params)
+                             : !detail::short_equal(path, route.pattern)) {
+      continue;
+    }
+    if (detail::short_equal(route.method, method)) {
       result.route = &route;
       result.status = 200;
       return result;

@@ -34,7 +34,8 @@ struct ServerOptions {
   std::chrono::milliseconds blocking_threshold{100};  // Warn when a handler blocks longer.
 };
 
-// What the server reports once per answered request (and per error response).
+// What the server reports once per answered request (and per error response). An answer given
+// inside the handler call is reported when the handler returns: its duration runs to then.
 struct RequestRecord {
   const Request* request;             // Valid during the callback; fields may be empty on errors.
   std::string_view route;             // The route's pattern, or "" when none matched.

@@ -229,3 +229,89 @@ TEST_CASE(
   CHECK(big_answer.find("200 OK") != std::string::npos);
   CHECK(big_answer.find("\r\n\r\n" + std::to_string(big.size())) != std::string::npos);
 }
+
+TEST_CASE("cached answer heads follow the body's length and a reload's keep-alive timeout") {
+  http::Router router;
+  router.add("GET", "/x", [](http::Request& request, http::Responder responder) {
+    // The same status and type each time: one cached head, its length changing.
+    responder.send(200, "text/plain", std::string(request.target().size(), 'x'));
+  });
+  Loop loop;
+  http::Server server(loop, std::make_shared<const http::Router>(router), http::ServerOptions{});
+  server.listen("127.0.0.1", 0);
+  const std::uint16_t port = server.listeners().front()->bound_port();
+  std::vector<std::string> answers;
+  run_with_client(loop, server, [&] {
+    testing::Client client(port);
+    for (const std::string target : {"/x", "/x?long-query", "/x?long-query", "/x"}) {
+      client.send("GET " + target + " HTTP/1.1\r\nHost: t\r\n\r\n");
+      answers.push_back(client.read_response());
+    }
+    on_loop(loop, [&] {
+      http::ServerOptions options;
+      options.timeouts.keepalive = std::chrono::seconds(9);
+      server.reconfigure(options);
+    });
+    client.send("GET /x HTTP/1.1\r\nHost: t\r\n\r\n");
+    answers.push_back(client.read_response());
+  });
+  CHECK(loop.close() == 0);
+  REQUIRE(answers.size() == 5);
+  const auto ends_with = [](const std::string& answer, const std::string& tail) {
+    return answer.size() >= tail.size() &&
+           answer.compare(answer.size() - tail.size(), tail.size(), tail) == 0;
+  };
+  CHECK(ends_with(answers[0], "Content-Length: 2\r\nKeep-Alive: timeout=75\r\n\r\nxx"));
+  CHECK(ends_with(answers[1],
+                  "Content-Length: 13\r\nKeep-Alive: timeout=75\r\n\r\n" + std::string(13, 'x')));
+  CHECK(ends_with(answers[2],
+                  "Content-Length: 13\r\nKeep-Alive: timeout=75\r\n\r\n" + std::string(13, 'x')));
+  CHECK(ends_with(answers[3], "Content-Length: 2\r\nKeep-Alive: timeout=75\r\n\r\nxx"));
+  CHECK(ends_with(answers[4], "Content-Length: 2\r\nKeep-Alive: timeout=9\r\n\r\nxx"));
+}
+
+TEST_CASE("the request observer gets one record per request, an inside answer's at the return") {
+  using namespace std::chrono_literals;
+  http::Router router;
+  router.add("GET", "/inside", [](http::Request&, http::Responder responder) {
+    responder.send(200, "text/plain", "now");
+    // Work after the answer is still the handler's: the record is made when it returns.
+    std::this_thread::sleep_for(30ms);
+  });
+  Loop loop;
+  router.add("GET", "/later", [&loop](http::Request&, http::Responder responder) {
+    loop.call_later(20ms, [responder] { responder.send(200, "text/plain", "later"); });
+  });
+  http::Server server(loop, std::make_shared<const http::Router>(router), http::ServerOptions{});
+  struct Seen {
+    std::string route;
+    int status;
+    std::chrono::nanoseconds duration;
+    std::string target;
+  };
+  std::vector<Seen> seen;
+  server.on_request([&](const http::RequestRecord& record) {
+    seen.push_back({std::string(record.route), record.status, record.duration,
+                    std::string(record.request->target())});
+  });
+  server.listen("127.0.0.1", 0);
+  const std::uint16_t port = server.listeners().front()->bound_port();
+  run_with_client(loop, server, [&] {
+    testing::Client client(port);
+    for (const char* target : {"/inside", "/later", "/missing"}) {
+      client.send(std::string("GET ") + target + " HTTP/1.1\r\nHost: t\r\n\r\n");
+      client.read_response();
+    }
+  });
+  CHECK(loop.close() == 0);
+  REQUIRE(seen.size() == 3);
+  CHECK(seen[0].route == "/inside");
+  CHECK(seen[0].target == "/inside");
+  CHECK(seen[0].duration >= 30ms);
+  CHECK(seen[1].route == "/later");
+  CHECK(seen[1].target == "/later");
+  CHECK(seen[1].duration >= 20ms - 2ms);  // The loop clock's granularity (timers run early).
+  CHECK(seen[2].route == "");
+  CHECK(seen[2].status == 404);
+  CHECK(seen[2].target == "/missing");
+}
