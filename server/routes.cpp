@@ -119,7 +119,8 @@ HttpMetrics::Observer::RouteCounters HttpMetrics::Observer::counters_for(std::st
                                                                          const char* identity) {
   RouteCounters counters{std::string(label), identity, {}};
   for (std::size_t i = 0; i < 5; ++i) {
-    counters.by_status_class[i] = &metrics_.requests_.with({label, kStatusClasses[i]});
+    counters.by_status_class[i] =
+        &metrics_.requests_.with({label, kStatusClasses[i]}).shard_for(this);
   }
   return counters;
 }
@@ -163,7 +164,7 @@ void HttpMetrics::Observer::observe(const http::RequestRecord& record) {
     // A route removed by a reload answering late: rare, so the locked lookup is fine.
     metrics_.requests_.with({record.route, kStatusClasses[status_class]}).inc();
   }
-  metrics_.request_duration_.observe(std::chrono::duration<double>(record.duration).count());
+  duration_.observe(std::chrono::duration<double>(record.duration).count());
 }
 
 void add_builtin_routes(http::Router& router, const RoutesConfig& enabled, const AuthConfig& rules,

@@ -22,9 +22,9 @@
 namespace squall::squalld {
 
 // Request and connection metrics. The families are registered once; each worker loop feeds
-// them through its own Observer (request counts by route, durations, loop lag: atomic
-// counters), and the connection and byte counts are read from every worker's server and
-// summed when /metrics is rendered (on the primary loop).
+// them through its own Observer (request counts by route, durations, loop lag: each worker's
+// own shard of the metric, which only its loop writes), and the connection and byte counts are read
+// from every worker's server and summed when /metrics is rendered (on the primary loop).
 class HttpMetrics {
  public:
   HttpMetrics(metrics::Registry& registry, const log::Logs& logs);
@@ -41,24 +41,30 @@ class HttpMetrics {
   // One worker loop's view: the per-route counters of its current router. Its loop thread.
   class Observer {
    public:
-    explicit Observer(HttpMetrics& metrics) : metrics_(metrics) {
+    explicit Observer(HttpMetrics& metrics)
+        : metrics_(metrics),
+          duration_(metrics.request_duration_.shard_for(this)),
+          loop_lag_(metrics.loop_lag_.shard_for(this)) {
       none_ = counters_for("none", nullptr);
     }
     // Makes the per-route counters those of `router`'s routes (at start and after each
     // reload). Counters of routes that are gone stay in the registry with their last values.
     void set_routes(const http::Router& router);
     void observe(const http::RequestRecord& record);
-    void observe_loop_lag(double seconds) { metrics_.loop_lag_.observe(seconds); }
+    void observe_loop_lag(double seconds) { loop_lag_.observe(seconds); }
 
    private:
     struct RouteCounters {
-      std::string pattern;                               // The route label.
-      const char* identity;                              // The current router's pattern string.
-      std::array<metrics::Counter*, 5> by_status_class;  // 1xx..5xx.
+      std::string pattern;   // The route label.
+      const char* identity;  // The current router's pattern string.
+      std::array<metrics::CounterShard*, 5> by_status_class;  // 1xx..5xx: this loop's.
     };
     RouteCounters counters_for(std::string_view label, const char* identity);
 
     HttpMetrics& metrics_;
+    // This loop's shares of the shared metrics: written here alone, without locked instructions.
+    metrics::HistogramShard& duration_;
+    metrics::HistogramShard& loop_lag_;
     std::vector<RouteCounters> routes_;  // One per route of the current router.
     RouteCounters none_;                 // Requests that matched no route.
   };

@@ -68,6 +68,9 @@ void ConnectionContext::reconfigure(ServerOptions new_options) {
   // Spares of the old size would not fit the new limits: they go now (lent ones when given back).
   if (capacity != workspace_capacity_) free_spares_beyond(0);
   workspace_capacity_ = capacity;
+  for (std::size_t phase = 0; phase < Connection::kTimerPhases; ++phase) {
+    phase_ms_[phase] = duration_ms(static_cast<TimerPhase>(phase));
+  }
   keep_alive_header =
       "Keep-Alive: timeout=" + std::to_string(options.timeouts.keepalive.count() / 1000) + "\r\n";
   keep_alive_tail = "\r\n" + keep_alive_header + "\r\n";
@@ -95,6 +98,13 @@ ConnectionContext::HeadPrefix& ConnectionContext::find_head_prefix(int status,
     }
     return *found;
   }
+  return build_head_prefix(found, status, content_type, content_length, now);
+}
+
+ConnectionContext::HeadPrefix& ConnectionContext::build_head_prefix(HeadPrefix* found, int status,
+                                                                    std::string_view content_type,
+                                                                    bool content_length,
+                                                                    std::string_view now) {
   if (found == nullptr) {
     found = &head_prefixes_[next_head_prefix_];
     next_head_prefix_ = (next_head_prefix_ + 1) % head_prefixes_.size();
@@ -287,7 +297,7 @@ void ConnectionContext::add(Connection* connection) noexcept {
   ++stats.connections_open;
 }
 
-void ConnectionContext::unlink(Connection* connection) noexcept {
+inline void ConnectionContext::unlink(Connection* connection) noexcept {
   List& list = lists_[index(connection->timer_phase())];
   if (connection->timer_prev != nullptr) {
     connection->timer_prev->timer_next = connection->timer_next;
@@ -303,7 +313,7 @@ void ConnectionContext::unlink(Connection* connection) noexcept {
 }
 
 void ConnectionContext::set_phase(Connection* connection, TimerPhase phase) noexcept {
-  const std::uint64_t deadline = loop.now_ms() + duration_ms(phase);
+  const std::uint64_t deadline = loop.now_ms() + phase_ms_[index(phase)];
   // Re-entering the same phase at the tail with the same deadline changes nothing.
   List& list = lists_[index(phase)];
   if (connection->timer_phase() == phase && list.tail == connection &&

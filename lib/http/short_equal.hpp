@@ -14,35 +14,28 @@ inline bool short_equal(std::string_view a, std::string_view b) noexcept {
   if (n != b.size()) return false;
   const char* x = a.data();
   const char* y = b.data();
+  // Loads of the first and the last bytes overlap when n is not a multiple of their width, so
+  // every byte is compared with at most two loads a side up to 16 bytes.
+  const auto word = [](const char* p) noexcept {
+    std::uint64_t w;
+    std::memcpy(&w, p, 8);
+    return w;
+  };
+  const auto half = [](const char* p) noexcept {
+    std::uint32_t w;
+    std::memcpy(&w, p, 4);
+    return w;
+  };
   if (n >= 8) {
-    // Whole words, then the last word again (overlapping) for the rest.
-    std::uint64_t u;
-    std::uint64_t v;
-    for (std::size_t i = 0; i + 8 <= n; i += 8) {
-      std::memcpy(&u, x + i, 8);
-      std::memcpy(&v, y + i, 8);
-      if (u != v) return false;
+    for (std::size_t i = 0; i + 16 <= n; i += 8) {
+      if (word(x + i) != word(y + i)) return false;
     }
-    std::memcpy(&u, x + n - 8, 8);
-    std::memcpy(&v, y + n - 8, 8);
-    return u == v;
+    return ((word(x + n - 8) ^ word(y + n - 8)) |
+            (word(x + (n >= 16 ? n - 16 : 0)) ^ word(y + (n >= 16 ? n - 16 : 0)))) == 0;
   }
-  if (n >= 4) {
-    // The first four bytes and the last four (overlapping when n < 8).
-    std::uint32_t u;
-    std::uint32_t v;
-    std::uint32_t s;
-    std::uint32_t t;
-    std::memcpy(&u, x, 4);
-    std::memcpy(&v, y, 4);
-    std::memcpy(&s, x + n - 4, 4);
-    std::memcpy(&t, y + n - 4, 4);
-    return ((u ^ v) | (s ^ t)) == 0;
-  }
-  for (std::size_t i = 0; i < n; ++i) {
-    if (x[i] != y[i]) return false;
-  }
-  return true;
+  if (n >= 4) return ((half(x) ^ half(y)) | (half(x + n - 4) ^ half(y + n - 4))) == 0;
+  // 0 to 3 bytes: the first, the middle and the last cover them all.
+  return n == 0 || (x[0] == y[0] && x[n / 2] == y[n / 2] && x[n - 1] == y[n - 1]);
 }
 
 }  // namespace squall::http::detail

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <stdexcept>
 #include <type_traits>
 #include <utility>
@@ -154,23 +155,109 @@ Histogram::Histogram(std::vector<double> upper_bounds)
   }
 }
 
-void Histogram::observe(double value) noexcept {
-  std::size_t i = bounds_.size();  // +Inf, also for NaN.
-  if (!std::isnan(value)) {
-    // Buckets are "less than or equal": the first bound >= value.
-    i = static_cast<std::size_t>(std::lower_bound(bounds_.begin(), bounds_.end(), value) -
-                                 bounds_.begin());
+// Shard lists only grow, at their front; shards are made rarely (once per writer and metric),
+// so a lost race to push costs only a retry.
+struct detail::ShardList {
+  // `owner`'s shard in the list at `head`, pushed there by `make` if it has none.
+  template <class Shard, class Make>
+  static Shard& find_or_make(std::atomic<Shard*>& head, const void* owner, Make make) {
+    Shard* first = head.load(std::memory_order_acquire);
+    for (;;) {
+      for (Shard* shard = first; shard != nullptr; shard = shard->next_) {
+        if (shard->owner_ == owner) return *shard;
+      }
+      std::unique_ptr<Shard> made = make();
+      made->next_ = first;
+      // On failure `first` is the new head, and the search runs again over it.
+      if (head.compare_exchange_strong(first, made.get(), std::memory_order_acq_rel)) {
+        return *made.release();
+      }
+    }
   }
-  buckets_[i].fetch_add(1, std::memory_order_relaxed);
+
+  template <class Shard>
+  static void free_all(std::atomic<Shard*>& head) noexcept {
+    for (Shard* shard = head.load(std::memory_order_acquire); shard != nullptr;) {
+      Shard* next = shard->next_;
+      delete shard;
+      shard = next;
+    }
+  }
+};
+
+Counter::~Counter() {
+  detail::ShardList::free_all(shards_);
+}
+
+std::uint64_t Counter::value() const noexcept {
+  std::uint64_t total = value_.load(std::memory_order_relaxed);
+  for (const CounterShard* shard = shards_.load(std::memory_order_acquire); shard != nullptr;
+       shard = shard->next_) {
+    total += shard->value();
+  }
+  return total;
+}
+
+CounterShard& Counter::shard_for(const void* owner) {
+  return detail::ShardList::find_or_make(
+      shards_, owner, [owner] { return std::unique_ptr<CounterShard>(new CounterShard(owner)); });
+}
+
+Histogram::~Histogram() {
+  detail::ShardList::free_all(shards_);
+}
+
+std::size_t Histogram::bucket_of(double value) const noexcept {
+  if (std::isnan(value)) return bounds_.size();  // +Inf.
+  // Buckets are "less than or equal": the first bound >= value.
+  return static_cast<std::size_t>(std::lower_bound(bounds_.begin(), bounds_.end(), value) -
+                                  bounds_.begin());
+}
+
+void Histogram::observe(double value) noexcept {
+  buckets_[bucket_of(value)].fetch_add(1, std::memory_order_relaxed);
   sum_.fetch_add(value, std::memory_order_relaxed);
+}
+
+HistogramShard& Histogram::shard_for(const void* owner) {
+  return detail::ShardList::find_or_make(shards_, owner, [this, owner] {
+    return std::unique_ptr<HistogramShard>(new HistogramShard(*this, owner));
+  });
+}
+
+std::uint64_t Histogram::bucket_count(std::size_t i) const noexcept {
+  std::uint64_t total = buckets_[i].load(std::memory_order_relaxed);
+  for (const HistogramShard* shard = shards_.load(std::memory_order_acquire); shard != nullptr;
+       shard = shard->next_) {
+    total += shard->buckets_[i].load(std::memory_order_relaxed);
+  }
+  return total;
+}
+
+double Histogram::sum() const noexcept {
+  double total = sum_.load(std::memory_order_relaxed);
+  for (const HistogramShard* shard = shards_.load(std::memory_order_acquire); shard != nullptr;
+       shard = shard->next_) {
+    total += shard->sum_.load(std::memory_order_relaxed);
+  }
+  return total;
 }
 
 std::uint64_t Histogram::cumulative_count(std::size_t i) const noexcept {
   std::uint64_t total = 0;
-  for (std::size_t b = 0; b <= i && b <= bounds_.size(); ++b) {
-    total += buckets_[b].load(std::memory_order_relaxed);
-  }
+  for (std::size_t b = 0; b <= i && b <= bounds_.size(); ++b) total += bucket_count(b);
   return total;
+}
+
+HistogramShard::HistogramShard(const Histogram& histogram, const void* owner)
+    : histogram_(histogram),
+      buckets_(std::make_unique<std::atomic<std::uint64_t>[]>(histogram.bounds_.size() + 1)),
+      owner_(owner) {}
+
+void HistogramShard::observe(double value) noexcept {
+  std::atomic<std::uint64_t>& bucket = buckets_[histogram_.bucket_of(value)];
+  bucket.store(bucket.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+  sum_.store(sum_.load(std::memory_order_relaxed) + value, std::memory_order_relaxed);
 }
 
 std::vector<double> exponential_buckets(double start, double factor, std::size_t count) {
@@ -256,7 +343,7 @@ void Family<Metric>::render(std::string& out) const {
       std::uint64_t cumulative = 0;
       for (std::size_t i = 0; i <= bounds_.size(); ++i) {
         // Read each bucket once so that the printed buckets and _count agree.
-        cumulative += metric.buckets_[i].load(std::memory_order_relaxed);
+        cumulative += metric.bucket_count(i);
         le = "le=\"";
         le += i < bounds_.size() ? format_value(bounds_[i]) : "+Inf";
         le += '"';

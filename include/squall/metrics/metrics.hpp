@@ -20,16 +20,50 @@ namespace squall::metrics {
 template <class Metric>
 class Family;
 
-// A monotonically increasing count.
-class Counter {
+namespace detail {
+struct ShardList;  // Finds, makes and frees the shards of a metric (metrics.cpp).
+}  // namespace detail
+
+// A share of a Counter that one thread alone adds to (a worker loop's hot path): a relaxed
+// load and store, no locked instruction. Any thread may read it; the counter's value()
+// includes it. Counter::shard_for() makes it; it lives as long as the counter.
+class CounterShard {
  public:
-  // Adds `n` (relaxed atomic).
-  void inc(std::uint64_t n = 1) noexcept { value_.fetch_add(n, std::memory_order_relaxed); }
-  // The current total.
+  // Adds `n`. Only the shard's one writer thread may call it.
+  void inc(std::uint64_t n = 1) noexcept {
+    value_.store(value_.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+  }
   std::uint64_t value() const noexcept { return value_.load(std::memory_order_relaxed); }
 
  private:
+  friend class Counter;
+  friend struct detail::ShardList;
+  explicit CounterShard(const void* owner) noexcept : owner_(owner) {}
+
   std::atomic<std::uint64_t> value_{0};
+  const void* owner_;
+  CounterShard* next_ = nullptr;
+};
+
+// A monotonically increasing count.
+class Counter {
+ public:
+  Counter() = default;
+  Counter(const Counter&) = delete;
+  Counter& operator=(const Counter&) = delete;
+  ~Counter();
+
+  // Adds `n` (relaxed atomic), from any thread.
+  void inc(std::uint64_t n = 1) noexcept { value_.fetch_add(n, std::memory_order_relaxed); }
+  // The current total, the shards' included.
+  std::uint64_t value() const noexcept;
+  // The shard that `owner` (one thread's object) alone adds to, made on first use: the same
+  // owner gets the same shard. Keep the reference for the hot path.
+  CounterShard& shard_for(const void* owner);
+
+ private:
+  std::atomic<std::uint64_t> value_{0};
+  std::atomic<CounterShard*> shards_{nullptr};  // Pushed at the front; never shrinks.
 };
 
 // A value that goes up and down.
@@ -46,32 +80,64 @@ class Gauge {
   std::atomic<double> value_{0.0};
 };
 
+class Histogram;
+
+// A share of a Histogram that one thread alone records into, without a locked instruction (as
+// CounterShard). Histogram::shard_for() makes it; it lives as long as the histogram.
+class HistogramShard {
+ public:
+  // Records one observation. Only the shard's one writer thread may call it.
+  void observe(double value) noexcept;
+
+ private:
+  friend class Histogram;
+  friend struct detail::ShardList;
+  HistogramShard(const Histogram& histogram, const void* owner);
+
+  const Histogram& histogram_;
+  std::unique_ptr<std::atomic<std::uint64_t>[]> buckets_;  // As Histogram's.
+  std::atomic<double> sum_{0.0};
+  const void* owner_;
+  HistogramShard* next_ = nullptr;
+};
+
 // Observations counted into buckets by upper bound (inclusive), plus their sum and count.
 class Histogram {
  public:
   // `upper_bounds` must be finite and strictly increasing; +Inf is implied. Throws
   // std::invalid_argument.
   explicit Histogram(std::vector<double> upper_bounds);
-  // Records one observation; never allocates or locks. NaN lands in the +Inf bucket.
+  Histogram(const Histogram&) = delete;
+  Histogram& operator=(const Histogram&) = delete;
+  ~Histogram();
+  // Records one observation, from any thread; never allocates or locks. NaN lands in the +Inf
+  // bucket.
   void observe(double value) noexcept;
+  // The shard that `owner` (one thread's object) alone records into, made on first use: the
+  // same owner gets the same shard. Keep the reference for the hot path.
+  HistogramShard& shard_for(const void* owner);
   // The bucket upper bounds, without +Inf.
   const std::vector<double>& upper_bounds() const noexcept { return bounds_; }
   // Cumulative count of observations <= upper_bounds()[i]; i == upper_bounds().size() is +Inf.
   std::uint64_t cumulative_count(std::size_t i) const noexcept;
   // Number of observations (equal to the +Inf bucket).
   std::uint64_t count() const noexcept { return cumulative_count(bounds_.size()); }
-  // Sum of all observations.
-  double sum() const noexcept { return sum_.load(std::memory_order_relaxed); }
+  // Sum of all observations, the shards' included.
+  double sum() const noexcept;
 
  private:
   template <class>
   friend class Family;  // Renders from one read of each bucket.
+  friend class HistogramShard;
+  std::size_t bucket_of(double value) const noexcept;
+  std::uint64_t bucket_count(std::size_t i) const noexcept;  // Bucket i, the shards' included.
 
   std::vector<double> bounds_;
   // Per-bucket (non-cumulative) counts; the last one is +Inf. _count is derived from these so
   // that it always equals the +Inf bucket, even while observations race with a render.
   std::unique_ptr<std::atomic<std::uint64_t>[]> buckets_;
   std::atomic<double> sum_{0.0};
+  std::atomic<HistogramShard*> shards_{nullptr};  // Pushed at the front; never shrinks.
 };
 
 // `count` bounds start, start*factor, start*factor^2, ... (rounded to 15 significant digits so

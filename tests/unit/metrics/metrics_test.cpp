@@ -221,3 +221,41 @@ TEST_CASE("counter_callback renders a counter read at render time") {
   source = 12345678901ULL;
   CHECK(registry.render().find("squall_things_total 12345678901\n") != std::string::npos);
 }
+
+TEST_CASE("shards: one writer thread each, summed with the shared value in reads and renders") {
+  Registry registry;
+  auto& counter = registry.counter("hits_total", "Hits.").get();
+  auto& hist = registry.histogram("latency", "Latency.", {0.5}).get();
+  constexpr int kThreads = 4;
+  constexpr int kIterations = 20000;
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      // Each thread's own object is the owner; shards are made while others write and render.
+      const int owner = t;
+      CounterShard& hits = counter.shard_for(&owner);
+      HistogramShard& latency = hist.shard_for(&owner);
+      CHECK(&counter.shard_for(&owner) == &hits);  // The same owner, the same shard.
+      CHECK(&hist.shard_for(&owner) == &latency);
+      for (int i = 0; i < kIterations; ++i) {
+        hits.inc(2);
+        counter.inc();  // The shared value, beside the shards.
+        latency.observe(i % 2 == 0 ? 0.25 : 1.0);
+        if (i % 5000 == 0) (void)registry.render();
+      }
+      CHECK(hits.value() == 2u * kIterations);
+    });
+  }
+  for (auto& t : threads) t.join();
+  hist.observe(0.1);  // Shared, beside the shards.
+  const std::uint64_t total = std::uint64_t{kThreads} * kIterations;
+  CHECK(counter.value() == 3 * total);
+  CHECK(hist.count() == total + 1);
+  CHECK(hist.cumulative_count(0) == total / 2 + 1);
+  CHECK(hist.sum() == doctest::Approx(double(total) / 2 * 1.25 + 0.1));
+  const std::string text = registry.render();
+  CHECK(text.find("hits_total " + std::to_string(3 * total) + "\n") != std::string::npos);
+  CHECK(text.find("latency_bucket{le=\"0.5\"} " + std::to_string(total / 2 + 1) + "\n") !=
+        std::string::npos);
+  CHECK(text.find("latency_count " + std::to_string(total + 1) + "\n") != std::string::npos);
+}
