@@ -254,8 +254,12 @@ void Connection::process() noexcept {
     begin_close();
     return;
   }
-  compact();
-  release_workspace_if_idle();
+  if (workspace_ != nullptr && idle() && workspace_->current_responders == 0) {
+    release_workspace();  // The commonest end: all read was answered; nothing to compact.
+  } else {
+    compact();
+    release_workspace_if_idle();
+  }
   update_reading();
   update_timer();
 }
@@ -362,17 +366,12 @@ void Connection::dispatch() noexcept {
   const Route& route = *match.route;
   // This pass's clock, or the end of the handler before (dispatch() runs inside process()).
   const std::uint64_t started = context_->clock_ns;
-  const char* failure = nullptr;
-  std::string what;
+  std::exception_ptr failure;
   handler_running_ = true;
   try {
     route.handler(request, Responder(this, request_number_));
-  } catch (const std::exception& error) {
-    failure = "threw";
-    what = error.what();
   } catch (...) {
-    failure = "threw";
-    what = "an exception that is not a std::exception";
+    failure = std::current_exception();
   }
   handler_running_ = false;
   context_->clock_ns = uv_hrtime();
@@ -380,22 +379,36 @@ void Connection::dispatch() noexcept {
   const std::uint64_t elapsed_ns = context_->clock_ns - started;
   const auto threshold_ns =
       static_cast<std::uint64_t>(context_->options.blocking_threshold.count()) * 1'000'000;
-  if (elapsed_ns > threshold_ns) {
-    spdlog::warn(
-        "connection {}: handler for {} {} blocked the event loop for {:.1f} ms "
-        "(loop.blocking_threshold {} ms)",
-        id_, route.method, route.pattern, static_cast<double>(elapsed_ns) / 1e6,
-        context_->options.blocking_threshold.count());
-  }
+  if (elapsed_ns > threshold_ns) [[unlikely]]
+    report_blocking(route, elapsed_ns);
   if (closed() || !answer_pending()) return;
   if (failure == nullptr && workspace.current_responders > 0) {
     // The handler answers later: keep its route alive even if a reload replaces the router.
     workspace.routes_in_use = context_->router;
     return;
   }
+  handler_left_no_answer(route, failure);
+}
+
+void Connection::report_blocking(const Route& route, std::uint64_t elapsed_ns) noexcept {
+  spdlog::warn(
+      "connection {}: handler for {} {} blocked the event loop for {:.1f} ms "
+      "(loop.blocking_threshold {} ms)",
+      id_, route.method, route.pattern, static_cast<double>(elapsed_ns) / 1e6,
+      context_->options.blocking_threshold.count());
+}
+
+void Connection::handler_left_no_answer(const Route& route, std::exception_ptr failure) noexcept {
   if (failure != nullptr) {
-    spdlog::error("connection {}: handler for {} {} {}: {}", id_, route.method, route.pattern,
-                  failure, what);
+    std::string what = "an exception that is not a std::exception";
+    try {
+      std::rethrow_exception(failure);
+    } catch (const std::exception& error) {
+      what = error.what();
+    } catch (...) {
+    }
+    spdlog::error("connection {}: handler for {} {} threw: {}", id_, route.method, route.pattern,
+                  what);
   } else {
     spdlog::error(
         "connection {}: handler for {} {} returned without answering or keeping its "

@@ -173,6 +173,11 @@ class Connection {
   void process() noexcept;
   void dispatch() noexcept;
   void answer_internal_error() noexcept;
+  [[gnu::cold, gnu::noinline]] void report_blocking(const Route& route,
+                                                    std::uint64_t elapsed_ns) noexcept;
+  // The handler threw (`failure`) or returned unanswered without keeping a Responder: a 500.
+  [[gnu::cold, gnu::noinline]] void handler_left_no_answer(const Route& route,
+                                                           std::exception_ptr failure) noexcept;
   void send_error(int status, std::string_view reason) noexcept;
   void compact() noexcept;
   Workspace& borrow_workspace();
@@ -219,6 +224,7 @@ class Connection {
   // Responders (responder.cpp).
   void add_responder(std::uint64_t request_number) noexcept;
   void drop_responder(std::uint64_t request_number) noexcept;
+  [[gnu::cold, gnu::noinline]] void dropped_unanswered() noexcept;  // A 500, logged.
   void check_loop_thread(const char* what) const noexcept;
   void wake_drain_waiters() noexcept;
   void handler_failed(std::uint64_t request_number, const Route* route,

@@ -201,7 +201,9 @@ Workspace* ConnectionContext::acquire_workspace() {
 
 void ConnectionContext::release_workspace(Workspace* workspace) noexcept {
   workspace->parser.release_body_budget();
-  workspace->request.clear();
+  // The request's fields are views into the buffer and are cleared when the next message
+  // begins (RequestParser::begin_message); only what it owns is let go here.
+  if (workspace->request.body_stream_ != nullptr) workspace->request.body_stream_.reset();
   workspace->request.connection_ = nullptr;
   workspace->response_headers.clear();
   workspace->remote_address.clear();
@@ -314,12 +316,11 @@ inline void ConnectionContext::unlink(Connection* connection) noexcept {
 
 void ConnectionContext::set_phase(Connection* connection, TimerPhase phase) noexcept {
   const std::uint64_t deadline = loop.now_ms() + phase_ms_[index(phase)];
-  // Re-entering the same phase at the tail with the same deadline changes nothing.
+  // Re-entering the same phase with the same deadline changes nothing: the list is sorted by
+  // deadline, so the entry is in its place already (the idle deadline of a connection answered
+  // again within the same loop millisecond).
+  if (connection->timer_phase() == phase && connection->deadline_ms == deadline) return;
   List& list = lists_[index(phase)];
-  if (connection->timer_phase() == phase && list.tail == connection &&
-      connection->deadline_ms == deadline) {
-    return;
-  }
   unlink(connection);
   connection->set_timer_phase(phase);
   connection->deadline_ms = deadline;

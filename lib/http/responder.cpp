@@ -73,15 +73,22 @@ void Connection::drop_responder(std::uint64_t request_number) noexcept {
     maybe_destroy();
     return;
   }
-  if (current && workspace_->current_responders == 0 && answer_pending() && !handler_running_) {
-    const Route* route = workspace_->route;
-    spdlog::error("connection {}: the Responder for {} {} was dropped without an answer", id_,
-                  route != nullptr ? route->method : "", route != nullptr ? route->pattern : "");
-    answer_internal_error();
-  } else if (current && workspace_->current_responders == 0 && !in_process_ && !handler_running_) {
+  // Only the last Responder of the current request, dropped outside its handler call, settles
+  // anything.
+  if (!current || workspace_->current_responders > 0 || handler_running_) return;
+  if (answer_pending()) {
+    dropped_unanswered();
+  } else if (!in_process_) {
     // The answer is finished: an idle connection gives its workspace back now.
     release_workspace_if_idle();
   }
+}
+
+void Connection::dropped_unanswered() noexcept {
+  const Route* route = workspace_->route;
+  spdlog::error("connection {}: the Responder for {} {} was dropped without an answer", id_,
+                route != nullptr ? route->method : "", route != nullptr ? route->pattern : "");
+  answer_internal_error();
 }
 
 Responder::Responder(Connection* connection, std::uint64_t request_number) noexcept
