@@ -83,23 +83,35 @@ Word load(const char* p) noexcept {
   return word;
 }
 
+#if defined(__SSE2__)
+// 0xFF in each byte of `bytes` within [first, first + count), 0 in the others: adding 0x80 -
+// first (mod 256) moves that range to the lowest signed bytes, [-128, -128 + count), and every
+// other byte above them, so one signed compare tells.
+__m128i bytes_in(__m128i bytes, int first, int count) noexcept {
+  return _mm_cmplt_epi8(_mm_add_epi8(bytes, _mm_set1_epi8(static_cast<char>(0x80 - first))),
+                        _mm_set1_epi8(static_cast<char>(-128 + count)));
+}
+
+// The bits of the bytes of the 16-byte mask `inside` that are 0.
+unsigned outside_bits(__m128i inside) noexcept {
+  return ~static_cast<unsigned>(_mm_movemask_epi8(inside)) & 0xffffu;
+}
+#endif
+
 // The end of the target that starts at p: the first byte (before end) outside %x21-7E or at "#"
 // or "%". `query_mark` is set to the target's first "?", or to nullptr. Sixteen bytes at a time
-// where SSE2 is there (signed compares: bytes from 0x80 are negative, below the range).
+// where SSE2 is there.
 const char* skip_target(const char* p, const char* end, const char*& query_mark) noexcept {
   query_mark = nullptr;
 #if defined(__SSE2__)
-  const __m128i low = _mm_set1_epi8(0x20);
-  const __m128i high = _mm_set1_epi8(0x7f);
   const __m128i hash = _mm_set1_epi8('#');
   const __m128i percent = _mm_set1_epi8('%');
   const __m128i question = _mm_set1_epi8('?');
   while (end - p >= 16) {
     const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    const __m128i inside =
+    const unsigned outside = outside_bits(
         _mm_andnot_si128(_mm_or_si128(_mm_cmpeq_epi8(bytes, hash), _mm_cmpeq_epi8(bytes, percent)),
-                         _mm_and_si128(_mm_cmpgt_epi8(bytes, low), _mm_cmplt_epi8(bytes, high)));
-    const unsigned outside = ~static_cast<unsigned>(_mm_movemask_epi8(inside)) & 0xffffu;
+                         bytes_in(bytes, 0x21, 0x5e)));
     // The "?" bytes before the first byte outside (all of them when there is none).
     const unsigned marks =
         static_cast<unsigned>(_mm_movemask_epi8(_mm_cmpeq_epi8(bytes, question))) &
@@ -122,27 +134,18 @@ const char* skip_target(const char* p, const char* end, const char*& query_mark)
 template <bool kBounded>
 const char* skip_token(const char* p, const char* end) noexcept {
 #if defined(__SSE2__)
-  const __m128i low = _mm_set1_epi8(0x20);
-  const __m128i high = _mm_set1_epi8(0x7f);
   while (end - p >= 16) {
     const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    // Adding 0x80 - first (mod 256) moves [first, first + count) to the lowest signed bytes,
-    // [-128, -128 + count), and every other byte above them.
-    const auto in_range = [&](int first, int count) noexcept {
-      return _mm_cmplt_epi8(_mm_add_epi8(bytes, _mm_set1_epi8(static_cast<char>(0x80 - first))),
-                            _mm_set1_epi8(static_cast<char>(-128 + count)));
-    };
     const auto is_byte = [&](char byte) noexcept {
       return _mm_cmpeq_epi8(bytes, _mm_set1_epi8(byte));
     };
     const __m128i delimiters =
-        _mm_or_si128(_mm_or_si128(_mm_or_si128(in_range(0x28, 2), in_range(0x3a, 7)),
-                                  _mm_or_si128(in_range(0x5b, 3), is_byte('"'))),
+        _mm_or_si128(_mm_or_si128(_mm_or_si128(bytes_in(bytes, 0x28, 2), bytes_in(bytes, 0x3a, 7)),
+                                  _mm_or_si128(bytes_in(bytes, 0x5b, 3), is_byte('"'))),
                      _mm_or_si128(_mm_or_si128(is_byte(','), is_byte('/')),
                                   _mm_or_si128(is_byte('{'), is_byte('}'))));
-    const __m128i inside = _mm_andnot_si128(
-        delimiters, _mm_and_si128(_mm_cmpgt_epi8(bytes, low), _mm_cmplt_epi8(bytes, high)));
-    const unsigned outside = ~static_cast<unsigned>(_mm_movemask_epi8(inside)) & 0xffffu;
+    const unsigned outside =
+        outside_bits(_mm_andnot_si128(delimiters, bytes_in(bytes, 0x21, 0x5e)));
     if (outside != 0) return p + __builtin_ctz(outside);
     p += 16;
   }
@@ -155,12 +158,9 @@ const char* skip_token(const char* p, const char* end) noexcept {
 // is there.
 const char* skip_value(const char* p, const char* end) noexcept {
 #if defined(__SSE2__)
-  const __m128i low = _mm_set1_epi8(0x1f);
-  const __m128i high = _mm_set1_epi8(0x7f);
   while (end - p >= 16) {
     const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    const __m128i inside = _mm_and_si128(_mm_cmpgt_epi8(bytes, low), _mm_cmplt_epi8(bytes, high));
-    const unsigned outside = ~static_cast<unsigned>(_mm_movemask_epi8(inside)) & 0xffffu;
+    const unsigned outside = outside_bits(bytes_in(bytes, 0x20, 0x5f));
     if (outside != 0) return p + __builtin_ctz(outside);
     p += 16;
   }
@@ -201,9 +201,8 @@ bool take_method(const char*& p, const char* end, SimpleHead& head) noexcept {
     p += method.name.size() + 1;
     return true;
   };
+  if (take(kGet)) return true;  // The commonest method, before the dispatch on its first byte.
   switch (*p) {
-    case 'G':
-      return take(kGet);
     case 'H':
       return take(kHead);
     case 'D':

@@ -355,7 +355,9 @@ void RequestParser::relocate(const char* old_begin, const char* old_end,
 // A head that fast_head.hpp accepts is one llhttp accepts, with the same views; what remains is
 // what on_message_begin(), the header callbacks and on_headers_complete() would check and set.
 // Any check that would fail leaves the head to llhttp, which refuses it with its own status.
-bool RequestParser::take_simple_head(const char* data, std::size_t length) noexcept {
+// Inlined into feed(), its only caller: one call frame per request on the fast path.
+[[gnu::always_inline]] inline bool RequestParser::take_simple_head(const char* data,
+                                                                   std::size_t length) noexcept {
   begin_message();
   detail::SimpleHead head;
   Request& request = *request_;
@@ -412,8 +414,9 @@ bool RequestParser::take_simple_head(const char* data, std::size_t length) noexc
 }
 
 // The Host checks of on_header_value_complete(), remembering the last host that passed: the
-// requests of one connection (and of most clients) name the same host.
-inline bool RequestParser::known_valid_host(std::string_view host) noexcept {
+// requests of one connection (and of most clients) name the same host. Inlined into
+// take_simple_head(); the full checks stay out of line.
+[[gnu::always_inline]] inline bool RequestParser::known_valid_host(std::string_view host) noexcept {
   return (host.size() == last_valid_host_size_ &&
           equal_bytes(host.data(), last_valid_host_.data(), host.size())) ||
          check_and_remember_host(host, last_valid_host_, last_valid_host_size_);
