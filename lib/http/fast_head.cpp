@@ -2,6 +2,7 @@
 
 #include <llhttp.h>
 
+#include <algorithm>
 #include <array>
 #include <bit>
 #include <cstdint>
@@ -257,6 +258,16 @@ NameKind kind_of(std::string_view name) noexcept {
   }
 }
 
+// Room for more headers: twice the capacity, at least 8. false when memory runs out.
+[[gnu::noinline]] bool grow(std::vector<Header>& headers) noexcept {
+  try {
+    headers.reserve(std::max<std::size_t>(8, 2 * headers.capacity()));
+  } catch (const std::bad_alloc&) {
+    return false;
+  }
+  return true;
+}
+
 // "Host:" in any case: the first four bytes folded as equals_lower() folds them, the colon as
 // it is.
 constexpr std::uint64_t kHostFold = word_of<std::uint64_t>("\x20\x20\x20\x20");
@@ -265,8 +276,8 @@ constexpr std::uint64_t kHostColon = word_of<std::uint64_t>("host:");
 
 // kBounded false: the input ends with CRLF CRLF. No byte class holds CR, so every scan stops at
 // a CR before the end, a header line cannot end with the final CRLF (its value would end with
-// LF), and the bounds checks inside the byte loops can go. flatten: the helpers above and
-// vector::push_back are inlined into both instances (GCC would otherwise call them).
+// LF), and the bounds checks inside the byte loops can go. flatten: the helpers above (but grow())
+// and vector::push_back are inlined into both instances (GCC would otherwise call them).
 template <bool kBounded>
 [[gnu::flatten]] bool scan(const char* data, std::size_t length, SimpleHead& head,
                            std::vector<Header>& headers) noexcept {
@@ -352,13 +363,11 @@ template <bool kBounded>
         return false;
     }
     head.header_bytes += name_view.size() + value_view.size();
-    // An lvalue: push_back(const Header&) is inline, push_back(Header&&) calls emplace_back.
-    const Header header{name_view, value_view};
-    try {
-      headers.push_back(header);
-    } catch (const std::bad_alloc&) {
-      return false;
-    }
+    // Growth out of line (the capacity is reused, so it is rare); then push_back cannot
+    // reallocate, and its reallocating branch goes from the loop.
+    if (headers.size() == headers.capacity() && !grow(headers)) return false;
+    if (headers.size() == headers.capacity()) __builtin_unreachable();
+    headers.push_back(Header{name_view, value_view});
   }
   // An HTTP/1.0 request keeps the connection only when it asks to.
   if (head.http_minor == 0 && !keep_alive_asked) return false;

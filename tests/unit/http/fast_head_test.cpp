@@ -521,3 +521,22 @@ TEST_CASE("every byte of a target or a header value is taken or left as the subs
     }
   }
 }
+
+TEST_CASE("the fast path grows the header vector as a head needs, from empty and when reused") {
+  std::vector<Header> reused;
+  for (std::size_t count = 0; count <= 40; ++count) {
+    std::string input = "GET / HTTP/1.1\r\nHost: a\r\n";
+    for (std::size_t i = 0; i < count; ++i) input += "X-" + std::to_string(i) + ": v\r\n";
+    input += "\r\n";
+    CAPTURE(count);
+    squall::http::detail::SimpleHead head;
+    std::vector<Header> fresh;
+    REQUIRE(squall::http::detail::scan_simple_head(input.data(), input.size(), head, fresh));
+    REQUIRE(squall::http::detail::scan_simple_head(input.data(), input.size(), head, reused));
+    for (const std::vector<Header>* headers : {&fresh, &reused}) {
+      REQUIRE(headers->size() == count + 1);
+      CHECK(headers->back().name == (count == 0 ? "Host" : "X-" + std::to_string(count - 1)));
+    }
+    compare_paths(input, {});
+  }
+}
