@@ -316,6 +316,7 @@ template <bool kBounded>
     }
     const char* const name = p;
     NameKind kind;
+    // The commonest name first, as one word; any other goes through the token scan.
     if (end - p >= 8 && ((load<std::uint64_t>(p) | kHostFold) & kHostMask) == kHostColon) {
       kind = NameKind::host;
       p += 4;

@@ -27,8 +27,8 @@
 
 namespace squall::http::detail {
 
-// scan_simple_head() sets every field when it returns true, so the fields have no initialisers
-// (the fast path declares one for each request).
+// scan_simple_head() sets every field when it returns true, so the scalar fields have no
+// initialisers (the fast path declares one for each request).
 struct SimpleHead {
   int method;                    // An llhttp_method_t.
   std::string_view method_name;  // Its name, as llhttp_method_name() spells it.

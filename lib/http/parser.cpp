@@ -98,7 +98,7 @@ bool same_word(const char* a, const char* b) noexcept {
 }
 
 // Whether the `size` bytes at `a` and `b` are equal, compared as 8-byte words (the last one
-// overlapping the one before) or 4-byte words: a Host value is too short for a memcmp call to pay.
+// overlapping the one before) or 4-byte words, without a call to memcmp: Host values are short.
 bool equal_bytes(const char* a, const char* b, std::size_t size) noexcept {
   if (size >= 8) {
     for (std::size_t at = 0; at + 8 < size; at += 8) {
