@@ -2,7 +2,9 @@
 
 #include <llhttp.h>
 
+#include <algorithm>
 #include <array>
+#include <bit>
 #include <cstdint>
 #include <cstring>
 #include <new>
@@ -48,56 +50,168 @@ bool is(char c, unsigned char bits) noexcept {
   return (kClasses[static_cast<unsigned char>(c)] & bits) != 0;
 }
 
-// The first byte at or after p (before end) outside %x21-7E, or outside %x20-7E when
-// `with_space`; also stops at "#" and "%" when `target`. Sixteen bytes at a time where SSE2 is
-// there (signed compares: bytes from 0x80 are negative, below the range).
-template <bool with_space, bool target>
-const char* skip_visible(const char* p, const char* end) noexcept {
+static_assert(std::endian::native == std::endian::little ||
+              std::endian::native == std::endian::big);
+
+// Byte `i` of a Word as load() reads it from memory. consteval: the words below are constants.
+template <typename Word>
+consteval Word byte_at(unsigned char byte, std::size_t i) noexcept {
+  const std::size_t shift =
+      std::endian::native == std::endian::little ? 8 * i : 8 * (sizeof(Word) - 1 - i);
+  return static_cast<Word>(static_cast<Word>(byte) << shift);
+}
+
+// `text` (at most sizeof(Word) bytes) as load() reads it from memory, zeros after it.
+template <typename Word>
+consteval Word word_of(std::string_view text) noexcept {
+  Word word = 0;
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    word |= byte_at<Word>(static_cast<unsigned char>(text[i]), i);
+  }
+  return word;
+}
+
+// Keeps the first `n` bytes of a loaded Word.
+template <typename Word>
+consteval Word prefix_mask(std::size_t n) noexcept {
+  return word_of<Word>(std::string_view("\xff\xff\xff\xff\xff\xff\xff\xff", n));
+}
+
+template <typename Word>
+Word load(const char* p) noexcept {
+  Word word;
+  std::memcpy(&word, p, sizeof word);
+  return word;
+}
+
 #if defined(__SSE2__)
-  const __m128i low = _mm_set1_epi8(with_space ? 0x1f : 0x20);
-  const __m128i high = _mm_set1_epi8(0x7f);
+// 0xFF in each byte of `bytes` within [first, first + count), 0 in the others: adding 0x80 -
+// first (mod 256) moves that range to the lowest signed bytes, [-128, -128 + count), and every
+// other byte above them, so one signed compare tells.
+__m128i bytes_in(__m128i bytes, int first, int count) noexcept {
+  return _mm_cmplt_epi8(_mm_add_epi8(bytes, _mm_set1_epi8(static_cast<char>(0x80 - first))),
+                        _mm_set1_epi8(static_cast<char>(-128 + count)));
+}
+
+// The bits of the bytes of the 16-byte mask `inside` that are 0.
+unsigned outside_bits(__m128i inside) noexcept {
+  return ~static_cast<unsigned>(_mm_movemask_epi8(inside)) & 0xffffu;
+}
+#endif
+
+// The end of the target that starts at p: the first byte (before end) outside %x21-7E or at "#"
+// or "%". `query_mark` is set to the target's first "?", or to nullptr. Sixteen bytes at a time
+// where SSE2 is there.
+const char* skip_target(const char* p, const char* end, const char*& query_mark) noexcept {
+  query_mark = nullptr;
+#if defined(__SSE2__)
   const __m128i hash = _mm_set1_epi8('#');
   const __m128i percent = _mm_set1_epi8('%');
+  const __m128i question = _mm_set1_epi8('?');
   while (end - p >= 16) {
     const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    __m128i inside = _mm_and_si128(_mm_cmpgt_epi8(bytes, low), _mm_cmplt_epi8(bytes, high));
-    if (target) {
-      inside = _mm_andnot_si128(
-          _mm_or_si128(_mm_cmpeq_epi8(bytes, hash), _mm_cmpeq_epi8(bytes, percent)), inside);
-    }
-    const unsigned outside = ~static_cast<unsigned>(_mm_movemask_epi8(inside)) & 0xffffu;
+    const unsigned outside = outside_bits(
+        _mm_andnot_si128(_mm_or_si128(_mm_cmpeq_epi8(bytes, hash), _mm_cmpeq_epi8(bytes, percent)),
+                         bytes_in(bytes, 0x21, 0x5e)));
+    // The "?" bytes before the first byte outside (all of them when there is none).
+    const unsigned marks =
+        static_cast<unsigned>(_mm_movemask_epi8(_mm_cmpeq_epi8(bytes, question))) &
+        ((outside & (0u - outside)) - 1u);
+    if (marks != 0 && query_mark == nullptr) query_mark = p + __builtin_ctz(marks);
     if (outside != 0) return p + __builtin_ctz(outside);
     p += 16;
   }
 #endif
-  const unsigned char bits = target ? kTargetByte : with_space ? kValueByte : kVisibleByte;
-  while (p < end && is(*p, bits)) ++p;
+  for (; p < end && is(*p, kTargetByte); ++p) {
+    if (*p == '?' && query_mark == nullptr) query_mark = p;
+  }
   return p;
 }
 
+// The first byte at or after p (before end, or before the CR that ends the input when not
+// kBounded) that is not a tchar. Sixteen bytes at a time where SSE2 is there: the tchars are the
+// bytes of %x21-7E other than the delimiters DQUOTE and "(),/:;<=>?@[\]{}", which are 0x22,
+// 0x28-29, 0x2C, 0x2F, 0x3A-40, 0x5B-5D, 0x7B and 0x7D.
+template <bool kBounded>
+const char* skip_token(const char* p, const char* end) noexcept {
+#if defined(__SSE2__)
+  while (end - p >= 16) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const auto is_byte = [&](char byte) noexcept {
+      return _mm_cmpeq_epi8(bytes, _mm_set1_epi8(byte));
+    };
+    const __m128i delimiters =
+        _mm_or_si128(_mm_or_si128(_mm_or_si128(bytes_in(bytes, 0x28, 2), bytes_in(bytes, 0x3a, 7)),
+                                  _mm_or_si128(bytes_in(bytes, 0x5b, 3), is_byte('"'))),
+                     _mm_or_si128(_mm_or_si128(is_byte(','), is_byte('/')),
+                                  _mm_or_si128(is_byte('{'), is_byte('}'))));
+    const unsigned outside =
+        outside_bits(_mm_andnot_si128(delimiters, bytes_in(bytes, 0x21, 0x5e)));
+    if (outside != 0) return p + __builtin_ctz(outside);
+    p += 16;
+  }
+#endif
+  while ((!kBounded || p < end) && is(*p, kTokenByte)) ++p;
+  return p;
+}
+
+// The first byte at or after p (before end) outside %x20-7E, sixteen bytes at a time where SSE2
+// is there.
+const char* skip_value(const char* p, const char* end) noexcept {
+#if defined(__SSE2__)
+  while (end - p >= 16) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const unsigned outside = outside_bits(bytes_in(bytes, 0x20, 0x5f));
+    if (outside != 0) return p + __builtin_ctz(outside);
+    p += 16;
+  }
+#endif
+  while (p < end && is(*p, kValueByte)) ++p;
+  return p;
+}
+
+struct Method {
+  int method;             // An llhttp_method_t.
+  std::string_view name;  // As llhttp_method_name() spells it.
+  std::uint64_t word;     // The name and SP, as load<std::uint64_t>() reads them;
+  std::uint64_t mask;     // the bytes of the word they take.
+};
+
+consteval Method method_of(int method, std::string_view name) noexcept {
+  return {method, name, word_of<std::uint64_t>(name) | byte_at<std::uint64_t>(' ', name.size()),
+          prefix_mask<std::uint64_t>(name.size() + 1)};
+}
+
+constexpr Method kGet = method_of(HTTP_GET, "GET");
+constexpr Method kHead = method_of(HTTP_HEAD, "HEAD");
+constexpr Method kPost = method_of(HTTP_POST, "POST");
+constexpr Method kPut = method_of(HTTP_PUT, "PUT");
+constexpr Method kDelete = method_of(HTTP_DELETE, "DELETE");
+constexpr Method kOptions = method_of(HTTP_OPTIONS, "OPTIONS");
+constexpr Method kPatch = method_of(HTTP_PATCH, "PATCH");
+
+// The method and its SP, each tried as one masked compare of the first eight bytes ("OPTIONS "
+// fills them; every head of the subset is longer).
 bool take_method(const char*& p, const char* end, SimpleHead& head) noexcept {
-  if (p == end) return false;
-  const auto match = [&](int method, std::string_view name) noexcept {
-    if (static_cast<std::size_t>(end - p) <= name.size() ||
-        std::memcmp(p, name.data(), name.size()) != 0 || p[name.size()] != ' ') {
-      return false;
-    }
-    head.method = method;
-    head.method_name = name;
-    p += name.size() + 1;
+  if (end - p < 8) return false;
+  const auto word = load<std::uint64_t>(p);
+  const auto take = [&](const Method& method) noexcept {
+    if ((word & method.mask) != method.word) return false;
+    head.method = method.method;
+    head.method_name = method.name;
+    p += method.name.size() + 1;
     return true;
   };
+  if (take(kGet)) return true;  // The commonest method, before the dispatch on its first byte.
   switch (*p) {
-    case 'G':
-      return match(HTTP_GET, "GET");
     case 'H':
-      return match(HTTP_HEAD, "HEAD");
+      return take(kHead);
     case 'D':
-      return match(HTTP_DELETE, "DELETE");
+      return take(kDelete);
     case 'O':
-      return match(HTTP_OPTIONS, "OPTIONS");
+      return take(kOptions);
     case 'P':
-      return match(HTTP_POST, "POST") || match(HTTP_PUT, "PUT") || match(HTTP_PATCH, "PATCH");
+      return take(kPost) || take(kPut) || take(kPatch);
     default:
       return false;
   }
@@ -144,22 +258,42 @@ NameKind kind_of(std::string_view name) noexcept {
   }
 }
 
+// Room for more headers: twice the capacity, at least 8. false when memory runs out.
+[[gnu::noinline]] bool grow(std::vector<Header>& headers) noexcept {
+  try {
+    headers.reserve(std::max<std::size_t>(8, 2 * headers.capacity()));
+  } catch (const std::bad_alloc&) {
+    return false;
+  }
+  return true;
+}
+
+// "Host:" in any case: the first four bytes folded as equals_lower() folds them, the colon as
+// it is.
+constexpr std::uint64_t kHostFold = word_of<std::uint64_t>("\x20\x20\x20\x20");
+constexpr std::uint64_t kHostMask = prefix_mask<std::uint64_t>(5);
+constexpr std::uint64_t kHostColon = word_of<std::uint64_t>("host:");
+
 // kBounded false: the input ends with CRLF CRLF. No byte class holds CR, so every scan stops at
 // a CR before the end, a header line cannot end with the final CRLF (its value would end with
-// LF), and the bounds checks inside the byte loops can go.
+// LF), and the bounds checks inside the byte loops can go. flatten: the helpers above (but grow())
+// and vector::push_back are inlined into both instances (GCC would otherwise call them).
 template <bool kBounded>
-bool scan(const char* data, std::size_t length, SimpleHead& head,
-          std::vector<Header>& headers) noexcept {
+[[gnu::flatten]] bool scan(const char* data, std::size_t length, SimpleHead& head,
+                           std::vector<Header>& headers) noexcept {
   const char* p = data;
   const char* const end = data + length;
 
   if (!take_method(p, end, head)) return false;
   const char* const target = p;
   if (p == end || *p != '/') return false;
-  p = skip_visible<false, true>(p, end);
+  p = skip_target(p, end, head.query_mark);
   head.target = std::string_view(target, static_cast<std::size_t>(p - target));
-  if (end - p < 11 || std::memcmp(p, " HTTP/1.", 8) != 0 || (p[8] != '0' && p[8] != '1') ||
-      p[9] != '\r' || p[10] != '\n') {
+  // " HTTP/1." as one word, then ".0\r\n" or ".1\r\n" as another: '0' and '1' differ in their
+  // lowest bit only.
+  if (end - p < 11 || load<std::uint64_t>(p) != word_of<std::uint64_t>(" HTTP/1.") ||
+      (load<std::uint32_t>(p + 7) | byte_at<std::uint32_t>(1, 1)) !=
+          word_of<std::uint32_t>(".1\r\n")) {
     return false;
   }
   head.http_minor = p[8] - '0';
@@ -181,20 +315,30 @@ bool scan(const char* data, std::size_t length, SimpleHead& head,
       break;
     }
     const char* const name = p;
-    while ((!kBounded || p < end) && is(*p, kTokenByte)) ++p;
-    if (p == name || (kBounded && p == end) || *p != ':') return false;
+    NameKind kind;
+    // The commonest name first, as one word; any other goes through the token scan.
+    if (end - p >= 8 && ((load<std::uint64_t>(p) | kHostFold) & kHostMask) == kHostColon) {
+      kind = NameKind::host;
+      p += 4;
+    } else {
+      p = skip_token<kBounded>(p, end);
+      if (p == name || (kBounded && p == end) || *p != ':') return false;
+      kind = kind_of(std::string_view(name, static_cast<std::size_t>(p - name)));
+    }
     const std::string_view name_view(name, static_cast<std::size_t>(p - name));
     ++p;
     while ((!kBounded || p < end) && *p == ' ') ++p;
     if ((kBounded && p == end) || !is(*p, kVisibleByte)) return false;
     const char* const value = p;
-    p = skip_visible<true, false>(p, end);
-    if (end - p < 2 || p[0] != '\r' || p[1] != '\n' || p[-1] == ' ') return false;
+    p = skip_value(p, end);
+    if (end - p < 2 || load<std::uint16_t>(p) != word_of<std::uint16_t>("\r\n") || p[-1] == ' ') {
+      return false;
+    }
     const std::string_view value_view(value, static_cast<std::size_t>(p - value));
     head.views_end = p;
     p += 2;
 
-    switch (kind_of(name_view)) {
+    switch (kind) {
       case NameKind::plain:
         break;
       case NameKind::host:
@@ -220,11 +364,11 @@ bool scan(const char* data, std::size_t length, SimpleHead& head,
         return false;
     }
     head.header_bytes += name_view.size() + value_view.size();
-    try {
-      headers.push_back(Header{name_view, value_view});
-    } catch (const std::bad_alloc&) {
-      return false;
-    }
+    // Growth out of line (the capacity is reused, so it is rare); then push_back cannot
+    // reallocate, and its reallocating branch goes from the loop.
+    if (headers.size() == headers.capacity() && !grow(headers)) return false;
+    if (headers.size() == headers.capacity()) __builtin_unreachable();
+    headers.push_back(Header{name_view, value_view});
   }
   // An HTTP/1.0 request keeps the connection only when it asks to.
   if (head.http_minor == 0 && !keep_alive_asked) return false;
@@ -236,7 +380,7 @@ bool scan(const char* data, std::size_t length, SimpleHead& head,
 
 bool scan_simple_head(const char* data, std::size_t length, SimpleHead& head,
                       std::vector<Header>& headers) noexcept {
-  if (length >= 4 && std::memcmp(data + length - 4, "\r\n\r\n", 4) == 0) {
+  if (length >= 4 && load<std::uint32_t>(data + length - 4) == word_of<std::uint32_t>("\r\n\r\n")) {
     return scan<false>(data, length, head, headers);
   }
   return scan<true>(data, length, head, headers);

@@ -27,17 +27,20 @@
 
 namespace squall::http::detail {
 
+// scan_simple_head() sets every field when it returns true, so the scalar fields have no
+// initialisers (the fast path declares one for each request).
 struct SimpleHead {
-  int method = 0;                    // An llhttp_method_t.
-  std::string_view method_name;      // Its name, as llhttp_method_name() spells it.
-  std::string_view target;           // Into the input.
-  int http_minor = 1;                // 0 or 1.
-  std::size_t length = 0;            // Bytes through the blank line that ends the head.
-  std::uint64_t content_length = 0;  // The declared body length; 0 without Content-Length.
-  std::size_t header_bytes = 0;      // Name and value bytes, as the parser counts them.
-  std::size_t host_count = 0;        // Host header lines.
-  std::string_view host;             // The last Host value.
-  const char* views_end = nullptr;   // One past the last byte of the last view.
+  int method;                    // An llhttp_method_t.
+  std::string_view method_name;  // Its name, as llhttp_method_name() spells it.
+  std::string_view target;       // Into the input.
+  const char* query_mark;        // The target's first '?', or nullptr.
+  int http_minor;                // 0 or 1.
+  std::size_t length;            // Bytes through the blank line that ends the head.
+  std::uint64_t content_length;  // The declared body length; 0 without Content-Length.
+  std::size_t header_bytes;      // Name and value bytes, as the parser counts them.
+  std::size_t host_count;        // Host header lines.
+  std::string_view host;         // The last Host value.
+  const char* views_end;         // One past the last byte of the last view.
 };
 
 // Reads a complete head of the subset above from the start of `data` into `head` and `headers`

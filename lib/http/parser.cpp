@@ -88,6 +88,50 @@ bool is_valid_host(std::string_view value) noexcept {
   return std::all_of(rest.begin(), rest.end(), is_digit);
 }
 
+template <typename Word>
+bool same_word(const char* a, const char* b) noexcept {
+  Word x;
+  Word y;
+  std::memcpy(&x, a, sizeof x);
+  std::memcpy(&y, b, sizeof y);
+  return x == y;
+}
+
+// Whether the `size` bytes at `a` and `b` are equal, compared as 8-byte words (the last one
+// overlapping the one before) or 4-byte words, without a call to memcmp: Host values are short.
+bool equal_bytes(const char* a, const char* b, std::size_t size) noexcept {
+  if (size >= 8) {
+    for (std::size_t at = 0; at + 8 < size; at += 8) {
+      if (!same_word<std::uint64_t>(a + at, b + at)) return false;
+    }
+    return same_word<std::uint64_t>(a + size - 8, b + size - 8);
+  }
+  if (size >= 4) {
+    return same_word<std::uint32_t>(a, b) && same_word<std::uint32_t>(a + size - 4, b + size - 4);
+  }
+  for (std::size_t at = 0; at < size; ++at) {
+    if (a[at] != b[at]) return false;
+  }
+  return true;
+}
+
+// The Host checks of on_header_value_complete(), for a value that is not the remembered one; a
+// value that passes becomes the remembered one when it fits. Out of line, so that the comparison
+// in known_valid_host() is inlined.
+template <std::size_t N>
+[[gnu::noinline]] bool check_and_remember_host(std::string_view host, std::array<char, N>& last,
+                                               std::size_t& last_size) noexcept {
+  if (!detail::is_simple_host(host) &&
+      (host.find_first_of(", \t") != std::string_view::npos || !is_valid_host(host))) {
+    return false;
+  }
+  if (host.size() <= last.size()) {
+    std::memcpy(last.data(), host.data(), host.size());
+    last_size = host.size();
+  }
+  return true;
+}
+
 // Extends `view` with the next piece of the same span. Pieces of one span arrive in order and,
 // because the connection reads into one buffer, each continues the previous in memory.
 void append_piece(std::string_view& view, const char* at, std::size_t length) noexcept {
@@ -311,7 +355,9 @@ void RequestParser::relocate(const char* old_begin, const char* old_end,
 // A head that fast_head.hpp accepts is one llhttp accepts, with the same views; what remains is
 // what on_message_begin(), the header callbacks and on_headers_complete() would check and set.
 // Any check that would fail leaves the head to llhttp, which refuses it with its own status.
-bool RequestParser::take_simple_head(const char* data, std::size_t length) noexcept {
+// Inlined into feed(), its only caller: one call frame per request on the fast path.
+[[gnu::always_inline]] inline bool RequestParser::take_simple_head(const char* data,
+                                                                   std::size_t length) noexcept {
   begin_message();
   detail::SimpleHead head;
   Request& request = *request_;
@@ -348,11 +394,17 @@ bool RequestParser::take_simple_head(const char* data, std::size_t length) noexc
   request.http_major_ = 1;
   request.http_minor_ = head.http_minor;
   request.target_ = head.target;
-  // Origin-form without escapes: the path is the target up to '?', as split_target() finds it.
-  const auto query_start = head.target.find('?');
-  request.path_ = head.target.substr(0, query_start);
-  if (query_start != std::string_view::npos)
-    request.raw_query_ = head.target.substr(query_start + 1);
+  // Origin-form without escapes: the path is the target up to its first '?' (found by the scan),
+  // as split_target() finds it.
+  if (head.query_mark == nullptr) {
+    request.path_ = head.target;
+  } else {
+    const char* const target_end = head.target.data() + head.target.size();
+    request.path_ = std::string_view(
+        head.target.data(), static_cast<std::size_t>(head.query_mark - head.target.data()));
+    request.raw_query_ = std::string_view(
+        head.query_mark + 1, static_cast<std::size_t>(target_end - head.query_mark - 1));
+  }
   phase_ = ParsePhase::complete;
   message_start_ = data;
   views_end_ = head.views_end;
@@ -362,21 +414,12 @@ bool RequestParser::take_simple_head(const char* data, std::size_t length) noexc
 }
 
 // The Host checks of on_header_value_complete(), remembering the last host that passed: the
-// requests of one connection (and of most clients) name the same host.
-bool RequestParser::known_valid_host(std::string_view host) noexcept {
-  if (host.size() == last_valid_host_size_ &&
-      std::memcmp(host.data(), last_valid_host_.data(), host.size()) == 0) {
-    return true;
-  }
-  if (!detail::is_simple_host(host) &&
-      (host.find_first_of(", \t") != std::string_view::npos || !is_valid_host(host))) {
-    return false;
-  }
-  if (host.size() <= last_valid_host_.size()) {
-    std::memcpy(last_valid_host_.data(), host.data(), host.size());
-    last_valid_host_size_ = host.size();
-  }
-  return true;
+// requests of one connection (and of most clients) name the same host. Inlined into
+// take_simple_head(); the full checks stay out of line.
+[[gnu::always_inline]] inline bool RequestParser::known_valid_host(std::string_view host) noexcept {
+  return (host.size() == last_valid_host_size_ &&
+          equal_bytes(host.data(), last_valid_host_.data(), host.size())) ||
+         check_and_remember_host(host, last_valid_host_, last_valid_host_size_);
 }
 
 int RequestParser::on_message_begin() noexcept {
