@@ -8,6 +8,7 @@
 #include <new>
 
 #include "http/fast_head.hpp"
+#include "http/short_equal.hpp"
 
 namespace squall::http {
 
@@ -86,33 +87,6 @@ bool is_valid_host(std::string_view value) noexcept {
   if (rest.front() != ':') return false;
   rest.remove_prefix(1);
   return std::all_of(rest.begin(), rest.end(), is_digit);
-}
-
-template <typename Word>
-bool same_word(const char* a, const char* b) noexcept {
-  Word x;
-  Word y;
-  std::memcpy(&x, a, sizeof x);
-  std::memcpy(&y, b, sizeof y);
-  return x == y;
-}
-
-// Whether the `size` bytes at `a` and `b` are equal, compared as 8-byte words (the last one
-// overlapping the one before) or 4-byte words, without a call to memcmp: Host values are short.
-bool equal_bytes(const char* a, const char* b, std::size_t size) noexcept {
-  if (size >= 8) {
-    for (std::size_t at = 0; at + 8 < size; at += 8) {
-      if (!same_word<std::uint64_t>(a + at, b + at)) return false;
-    }
-    return same_word<std::uint64_t>(a + size - 8, b + size - 8);
-  }
-  if (size >= 4) {
-    return same_word<std::uint32_t>(a, b) && same_word<std::uint32_t>(a + size - 4, b + size - 4);
-  }
-  for (std::size_t at = 0; at < size; ++at) {
-    if (a[at] != b[at]) return false;
-  }
-  return true;
 }
 
 // The Host checks of on_header_value_complete(), for a value that is not the remembered one; a
@@ -417,8 +391,8 @@ void RequestParser::relocate(const char* old_begin, const char* old_end,
 // requests of one connection (and of most clients) name the same host. Inlined into
 // take_simple_head(); the full checks stay out of line.
 [[gnu::always_inline]] inline bool RequestParser::known_valid_host(std::string_view host) noexcept {
-  return (host.size() == last_valid_host_size_ &&
-          equal_bytes(host.data(), last_valid_host_.data(), host.size())) ||
+  return detail::short_equal(host,
+                             std::string_view(last_valid_host_.data(), last_valid_host_size_)) ||
          check_and_remember_host(host, last_valid_host_, last_valid_host_size_);
 }
 
