@@ -4,6 +4,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/hot.hpp"
+
 namespace squall::squalld {
 
 namespace {
@@ -135,7 +137,7 @@ void HttpMetrics::Observer::set_routes(const http::Router& router) {
   routes_ = std::move(routes);
 }
 
-void HttpMetrics::Observer::observe(const http::RequestRecord& record) {
+SQUALL_HOT void HttpMetrics::Observer::observe(const http::RequestRecord& record) {
   const auto status_class = static_cast<std::size_t>(std::clamp(record.status / 100, 1, 5) - 1);
   RouteCounters* found = nullptr;
   if (record.route.empty()) {

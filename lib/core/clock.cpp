@@ -1,5 +1,7 @@
 #include "squall/core/clock.hpp"
 
+#include "core/hot.hpp"
+
 namespace squall {
 
 std::string_view HttpDateCache::format(std::time_t seconds, std::array<char, 32>& out) noexcept {
@@ -11,7 +13,7 @@ std::string_view HttpDateCache::format(std::time_t seconds, std::array<char, 32>
   return {out.data(), length};
 }
 
-std::string_view HttpDateCache::now() noexcept {
+SQUALL_HOT std::string_view HttpDateCache::now() noexcept {
   const std::time_t second = std::time(nullptr);
   if (second != cached_second_) {
     cached_second_ = second;

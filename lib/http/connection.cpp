@@ -11,6 +11,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "core/hot.hpp"
 #include "http/connection_context.hpp"
 #include "squall/net/listener.hpp"
 
@@ -123,12 +124,12 @@ std::string_view Connection::remote_address() {
 
 // ---- Reading ---------------------------------------------------------------------------------
 
-Workspace& Connection::borrow_workspace() {
+SQUALL_HOT Workspace& Connection::borrow_workspace() {
   if (workspace_ == nullptr) workspace_ = context_->acquire_workspace();
   return *workspace_;
 }
 
-void Connection::on_alloc(uv_handle_t* handle, std::size_t, uv_buf_t* buf) {
+SQUALL_HOT void Connection::on_alloc(uv_handle_t* handle, std::size_t, uv_buf_t* buf) {
   Connection* self = from(handle);
   if (self->closing()) {
     *buf = uv_buf_init(discard_buffer, sizeof discard_buffer);
@@ -146,7 +147,7 @@ void Connection::on_alloc(uv_handle_t* handle, std::size_t, uv_buf_t* buf) {
                      static_cast<unsigned>(workspace->capacity - workspace->end));
 }
 
-void Connection::on_read(uv_stream_t* stream, ssize_t nread, const uv_buf_t*) {
+SQUALL_HOT void Connection::on_read(uv_stream_t* stream, ssize_t nread, const uv_buf_t*) {
   Connection* self = from(reinterpret_cast<uv_handle_t*>(stream));
   if (nread > 0) {
     self->context_->stats.bytes_received += static_cast<std::uint64_t>(nread);
@@ -193,7 +194,7 @@ void Connection::on_read(uv_stream_t* stream, ssize_t nread, const uv_buf_t*) {
 
 // Parses and answers what the buffer holds, one request at a time, then settles the state,
 // reading, buffers and deadline. Every path that changes what the connection waits for ends here.
-void Connection::process() noexcept {
+SQUALL_HOT void Connection::process() noexcept {
   if (closed()) return;
   const Frame frame(this);
   if (workspace_ != nullptr && !closing()) {
@@ -269,7 +270,7 @@ void Connection::resume_after_output_budget() noexcept {
   process();
 }
 
-void Connection::compact() noexcept {
+SQUALL_HOT void Connection::compact() noexcept {
   if (workspace_ == nullptr || answer_pending()) return;
   Workspace& workspace = *workspace_;
   RequestParser& parser = workspace.parser;
@@ -300,24 +301,24 @@ void Connection::compact() noexcept {
   workspace.end = head_length + unparsed;
 }
 
-bool Connection::idle() const noexcept {
+SQUALL_HOT bool Connection::idle() const noexcept {
   return !answer_pending() && parse_phase() == ParsePhase::idle &&
          (workspace_ == nullptr || workspace_->begin == workspace_->end);
 }
 
-void Connection::release_workspace_if_idle() noexcept {
+SQUALL_HOT void Connection::release_workspace_if_idle() noexcept {
   if (workspace_ == nullptr || !idle() || workspace_->current_responders > 0) return;
   release_workspace();
 }
 
-void Connection::release_workspace() noexcept {
+SQUALL_HOT void Connection::release_workspace() noexcept {
   // A request answered inside a handler that then closed the connection is still reported.
   if (observe_pending_) observe_request(uv_hrtime());
   context_->release_workspace(workspace_);
   workspace_ = nullptr;
 }
 
-void Connection::update_reading() noexcept {
+SQUALL_HOT void Connection::update_reading() noexcept {
   if (closed()) return;
   const bool buffer_full = workspace_ != nullptr && workspace_->end == workspace_->capacity;
   const bool want = closing() ? state_ == State::lingering && !peer_eof_
@@ -334,7 +335,7 @@ void Connection::update_reading() noexcept {
 
 // ---- Requests --------------------------------------------------------------------------------
 
-void Connection::dispatch() noexcept {
+SQUALL_HOT void Connection::dispatch() noexcept {
   Workspace& workspace = *workspace_;
   Request& request = workspace.request;
   ++request_number_;
@@ -568,7 +569,7 @@ void Connection::maybe_destroy() noexcept {
 
 // Picks the deadline the state calls for. Deadlines of a phase are measured from entering it;
 // only the idle one restarts with each answer.
-void Connection::update_timer() noexcept {
+SQUALL_HOT void Connection::update_timer() noexcept {
   if (closing() || unsent() > 0) return;
   if (answer_pending()) {
     // The application's own time is not bounded here; a streamed body's wait for its client is.
@@ -600,7 +601,7 @@ void Connection::update_timer() noexcept {
   }
 }
 
-void Connection::arm(TimerPhase phase) noexcept {
+SQUALL_HOT void Connection::arm(TimerPhase phase) noexcept {
   if (closed() || orphaned_) return;
   context_->set_phase(this, phase);
 }

@@ -6,6 +6,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "core/hot.hpp"
 #include "http/short_equal.hpp"
 
 namespace squall::http {
@@ -78,9 +79,8 @@ void ConnectionContext::reconfigure(ServerOptions new_options) {
   for (HeadPrefix& prefix : head_prefixes_) prefix.status = 0;
 }
 
-ConnectionContext::HeadPrefix& ConnectionContext::find_head_prefix(int status,
-                                                                   std::string_view content_type,
-                                                                   bool content_length) {
+SQUALL_HOT ConnectionContext::HeadPrefix& ConnectionContext::find_head_prefix(
+    int status, std::string_view content_type, bool content_length) {
   const std::string_view now = date.now();
   HeadPrefix* found = nullptr;
   for (HeadPrefix& prefix : head_prefixes_) {
@@ -135,8 +135,9 @@ std::string_view ConnectionContext::head_prefix(int status, std::string_view con
   return std::string_view(prefix.text).substr(0, prefix.prefix_size);
 }
 
-std::string_view ConnectionContext::keep_alive_head(int status, std::string_view content_type,
-                                                    std::uint64_t content_length) {
+SQUALL_HOT std::string_view ConnectionContext::keep_alive_head(int status,
+                                                               std::string_view content_type,
+                                                               std::uint64_t content_length) {
   HeadPrefix& prefix = find_head_prefix(status, content_type, true);
   if (prefix.completed_for != content_length) {
     // Another length: its digits and the ending replace the last one's.
@@ -160,12 +161,12 @@ bool ConnectionContext::once_a_second(std::uint64_t& last_ms) noexcept {
 
 // ---- The cork --------------------------------------------------------------------------------
 
-void ConnectionContext::switch_cork(Connection* owner) {
+SQUALL_HOT void ConnectionContext::switch_cork(Connection* owner) {
   flush_cork();
   cork_owner_ = owner;
 }
 
-void ConnectionContext::flush_cork() noexcept {
+SQUALL_HOT void ConnectionContext::flush_cork() noexcept {
   if (cork_owner_ == nullptr) return;
   Connection* owner = cork_owner_;
   cork_owner_ = nullptr;
@@ -180,7 +181,7 @@ void ConnectionContext::forget_cork(Connection* owner) noexcept {
 
 // ---- Workspaces ------------------------------------------------------------------------------
 
-Workspace* ConnectionContext::acquire_workspace() {
+SQUALL_HOT Workspace* ConnectionContext::acquire_workspace() {
   Workspace* workspace = free_workspaces_;
   if (workspace != nullptr) {
     free_workspaces_ = workspace->next_free;
@@ -199,7 +200,7 @@ Workspace* ConnectionContext::acquire_workspace() {
   return workspace;
 }
 
-void ConnectionContext::release_workspace(Workspace* workspace) noexcept {
+SQUALL_HOT void ConnectionContext::release_workspace(Workspace* workspace) noexcept {
   workspace->parser.release_body_budget();
   // The request's fields are views into the buffer and are cleared when the next message
   // begins (RequestParser::begin_message); only what it owns is let go here.
@@ -299,7 +300,7 @@ void ConnectionContext::add(Connection* connection) noexcept {
   ++stats.connections_open;
 }
 
-inline void ConnectionContext::unlink(Connection* connection) noexcept {
+SQUALL_HOT inline void ConnectionContext::unlink(Connection* connection) noexcept {
   List& list = lists_[index(connection->timer_phase())];
   if (connection->timer_prev != nullptr) {
     connection->timer_prev->timer_next = connection->timer_next;
@@ -314,7 +315,7 @@ inline void ConnectionContext::unlink(Connection* connection) noexcept {
   connection->timer_prev = connection->timer_next = nullptr;
 }
 
-void ConnectionContext::set_phase(Connection* connection, TimerPhase phase) noexcept {
+SQUALL_HOT void ConnectionContext::set_phase(Connection* connection, TimerPhase phase) noexcept {
   const std::uint64_t deadline = loop.now_ms() + phase_ms_[index(phase)];
   // Re-entering the same phase with the same deadline changes nothing: the list is sorted by
   // deadline, so the entry is in its place already (the idle deadline of a connection answered

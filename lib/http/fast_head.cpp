@@ -11,6 +11,8 @@
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
+
+#include "core/hot.hpp"
 #endif
 
 namespace squall::http::detail {
@@ -279,8 +281,8 @@ constexpr std::uint64_t kHostColon = word_of<std::uint64_t>("host:");
 // LF), and the bounds checks inside the byte loops can go. flatten: the helpers above (but grow())
 // and vector::push_back are inlined into both instances (GCC would otherwise call them).
 template <bool kBounded>
-[[gnu::flatten]] bool scan(const char* data, std::size_t length, SimpleHead& head,
-                           std::vector<Header>& headers) noexcept {
+SQUALL_HOT [[gnu::flatten]] bool scan(const char* data, std::size_t length, SimpleHead& head,
+                                      std::vector<Header>& headers) noexcept {
   const char* p = data;
   const char* const end = data + length;
 
@@ -378,8 +380,8 @@ template <bool kBounded>
 
 }  // namespace
 
-bool scan_simple_head(const char* data, std::size_t length, SimpleHead& head,
-                      std::vector<Header>& headers) noexcept {
+SQUALL_HOT bool scan_simple_head(const char* data, std::size_t length, SimpleHead& head,
+                                 std::vector<Header>& headers) noexcept {
   if (length >= 4 && load<std::uint32_t>(data + length - 4) == word_of<std::uint32_t>("\r\n\r\n")) {
     return scan<false>(data, length, head, headers);
   }

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <new>
 
+#include "core/hot.hpp"
 #include "http/fast_head.hpp"
 #include "http/short_equal.hpp"
 
@@ -196,7 +197,7 @@ int RequestParser::fail(int status, std::string_view reason) noexcept {
   return HPE_USER;
 }
 
-FeedResult RequestParser::feed(const char* data, std::size_t length) noexcept {
+SQUALL_HOT FeedResult RequestParser::feed(const char* data, std::size_t length) noexcept {
   if (error_status_ != 0) return {ParseEvent::error, 0};
   // A whole head of the simplest form at the start of a message skips llhttp, and so does its
   // body when all of it came with the head (take_simple_head). llhttp skips empty lines between
@@ -287,7 +288,7 @@ std::int64_t RequestParser::body_bytes_left() const noexcept {
   return declared_length_ - static_cast<std::int64_t>(body_received_);
 }
 
-void RequestParser::reset() noexcept {
+SQUALL_HOT void RequestParser::reset() noexcept {
   release_body_budget();
   // A parser that only took fast-path heads has llhttp's state of a new parser already.
   if (llhttp_used_) llhttp_reset(&parser_);
@@ -301,7 +302,7 @@ void RequestParser::reset() noexcept {
   error_reason_ = {};
 }
 
-void RequestParser::next_message() noexcept {
+SQUALL_HOT void RequestParser::next_message() noexcept {
   if (request_ != nullptr && request_->body_.capacity() > kRetainedBodyCapacity) {
     release_body_budget();
     std::string().swap(request_->body_);
@@ -313,7 +314,7 @@ void RequestParser::next_message() noexcept {
   llhttp_resume(&parser_);
 }
 
-void RequestParser::release_body_budget() noexcept {
+SQUALL_HOT void RequestParser::release_body_budget() noexcept {
   if (body_budget_ != nullptr) body_budget_->give_back(body_charged_);
   body_charged_ = 0;
 }
@@ -402,7 +403,7 @@ int RequestParser::on_message_begin() noexcept {
   return HPE_OK;
 }
 
-void RequestParser::begin_message() noexcept {
+SQUALL_HOT void RequestParser::begin_message() noexcept {
   message_start_ = nullptr;
   views_end_ = nullptr;
   url_bytes_ = header_bytes_ = header_count_ = chunk_extension_bytes_ = 0;

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include "core/hot.hpp"
+
 namespace squall::http {
 
 namespace {
@@ -100,7 +102,7 @@ std::string_view Request::param(std::string_view name) const noexcept {
   return {};
 }
 
-void Request::clear() noexcept {
+SQUALL_HOT void Request::clear() noexcept {
   method_ = {};
   target_ = {};
   path_ = {};

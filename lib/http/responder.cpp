@@ -7,6 +7,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "core/hot.hpp"
 #include "http/connection.hpp"
 #include "http/connection_context.hpp"
 #include "squall/core/task.hpp"
@@ -57,13 +58,13 @@ inline void Connection::check_loop_thread(const char* what) const noexcept {
   report_thread_violation(id_, what);
 }
 
-void Connection::add_responder(std::uint64_t request_number) noexcept {
+SQUALL_HOT void Connection::add_responder(std::uint64_t request_number) noexcept {
   check_loop_thread("copied");
   ++responders_;
   if (request_number == request_number_ && workspace_ != nullptr) ++workspace_->current_responders;
 }
 
-void Connection::drop_responder(std::uint64_t request_number) noexcept {
+SQUALL_HOT void Connection::drop_responder(std::uint64_t request_number) noexcept {
   check_loop_thread("destroyed");
   --responders_;
   const bool current = request_number == request_number_ && workspace_ != nullptr &&
@@ -91,7 +92,7 @@ void Connection::dropped_unanswered() noexcept {
   answer_internal_error();
 }
 
-Responder::Responder(Connection* connection, std::uint64_t request_number) noexcept
+SQUALL_HOT Responder::Responder(Connection* connection, std::uint64_t request_number) noexcept
     : connection_(connection), request_number_(request_number) {
   connection_->add_responder(request_number_);
 }
@@ -101,7 +102,7 @@ Responder::Responder(const Responder& other) noexcept
   if (connection_ != nullptr) connection_->add_responder(request_number_);
 }
 
-Responder::Responder(Responder&& other) noexcept
+SQUALL_HOT Responder::Responder(Responder&& other) noexcept
     : connection_(other.connection_), request_number_(other.request_number_) {
   other.connection_ = nullptr;
 }
@@ -112,11 +113,11 @@ Responder& Responder::operator=(Responder other) noexcept {
   return *this;
 }
 
-Responder::~Responder() {
+SQUALL_HOT Responder::~Responder() {
   if (connection_ != nullptr) connection_->drop_responder(request_number_);
 }
 
-Connection* Responder::live_connection() const noexcept {
+SQUALL_HOT Connection* Responder::live_connection() const noexcept {
   Connection* connection = connection_;
   if (connection == nullptr || !connection->answer_pending() ||
       connection->request_number_ != request_number_) {
@@ -148,7 +149,8 @@ const Responder& Responder::header(std::string_view name, std::string_view value
   return *this;
 }
 
-bool Responder::send(int status, std::string_view content_type, std::string_view body) const {
+SQUALL_HOT bool Responder::send(int status, std::string_view content_type,
+                                std::string_view body) const {
   Connection* connection = live_connection();
   return connection != nullptr && connection->respond(status, content_type, body);
 }

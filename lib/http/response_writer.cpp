@@ -5,6 +5,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "core/hot.hpp"
 #include "http/connection.hpp"
 #include "http/connection_context.hpp"
 #include "squall/http/response.hpp"
@@ -33,8 +34,8 @@ std::size_t Connection::high_water() const noexcept {
   return context_->options.limits.write_buffer_high_water;
 }
 
-std::string& Connection::write_head(int status, std::string_view content_type,
-                                    std::size_t content_length, bool chunked) {
+SQUALL_HOT std::string& Connection::write_head(int status, std::string_view content_type,
+                                               std::size_t content_length, bool chunked) {
   Workspace& workspace = *workspace_;
   if (workspace.body_stream != nullptr) settle_body_before_answer();
   workspace.response_status = status;
@@ -72,7 +73,8 @@ void Connection::output(std::string_view bytes) {
 }
 
 // answering -> (finished)
-bool Connection::respond(int status, std::string_view content_type, std::string_view body) {
+SQUALL_HOT bool Connection::respond(int status, std::string_view content_type,
+                                    std::string_view body) {
   if (state_ != State::answering) return false;
   const bool has_body = !workspace_->head_request && status != 204 && status != 304;
   std::string& out = write_head(status, content_type, body.size(), false);
@@ -126,7 +128,7 @@ bool Connection::finish_stream() {
 }
 
 // answering or streaming -> reading (keep-alive) or closing.
-void Connection::finish_response() noexcept {
+SQUALL_HOT void Connection::finish_response() noexcept {
   Workspace& workspace = *workspace_;
   // The deadline measured belonged to this request; the next one starts its own (a pipelined
   // request parsed in the same pass must not inherit this one's head or body deadline).
@@ -155,7 +157,7 @@ void Connection::finish_response() noexcept {
   if (!in_process_) process();
 }
 
-void Connection::observe_request(std::uint64_t now_ns) noexcept {
+SQUALL_HOT void Connection::observe_request(std::uint64_t now_ns) noexcept {
   observe_pending_ = false;
   const Workspace& workspace = *workspace_;
   const RequestRecord record{
@@ -174,7 +176,7 @@ void Connection::observe_request(std::uint64_t now_ns) noexcept {
 
 // ---- Writing ---------------------------------------------------------------------------------
 
-void Connection::write_out(std::string& bytes) noexcept {
+SQUALL_HOT void Connection::write_out(std::string& bytes) noexcept {
   if (closed() || bytes.empty()) {
     bytes.clear();
     return;

@@ -2,6 +2,7 @@
 
 #include <stdexcept>
 
+#include "core/hot.hpp"
 #include "http/short_equal.hpp"
 
 namespace squall::http {
@@ -91,8 +92,8 @@ void Router::add(std::string_view method, std::string_view pattern, Handler hand
   streams_bodies_ = streams_bodies_ || body_mode == BodyMode::stream;
 }
 
-RouteMatch Router::find(std::string_view method, std::string_view path,
-                        std::vector<RouteParam>& params) const {
+SQUALL_HOT RouteMatch Router::find(std::string_view method, std::string_view path,
+                                   std::vector<RouteParam>& params) const {
   RouteMatch result;
   if (path.empty() || path.front() != '/') return result;
   const Route* get_route = nullptr;

@@ -10,6 +10,8 @@
 #include <type_traits>
 #include <utility>
 
+#include "core/hot.hpp"
+
 namespace squall::metrics {
 
 namespace {
@@ -207,7 +209,7 @@ Histogram::~Histogram() {
   detail::ShardList::free_all(shards_);
 }
 
-std::size_t Histogram::bucket_of(double value) const noexcept {
+SQUALL_HOT std::size_t Histogram::bucket_of(double value) const noexcept {
   if (std::isnan(value)) return bounds_.size();  // +Inf.
   // Buckets are "less than or equal": the first bound >= value.
   return static_cast<std::size_t>(std::lower_bound(bounds_.begin(), bounds_.end(), value) -
@@ -254,7 +256,7 @@ HistogramShard::HistogramShard(const Histogram& histogram, const void* owner)
       buckets_(std::make_unique<std::atomic<std::uint64_t>[]>(histogram.bounds_.size() + 1)),
       owner_(owner) {}
 
-void HistogramShard::observe(double value) noexcept {
+SQUALL_HOT void HistogramShard::observe(double value) noexcept {
   std::atomic<std::uint64_t>& bucket = buckets_[histogram_.bucket_of(value)];
   bucket.store(bucket.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
   sum_.store(sum_.load(std::memory_order_relaxed) + value, std::memory_order_relaxed);
