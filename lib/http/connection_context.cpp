@@ -210,8 +210,8 @@ SQUALL_HOT void ConnectionContext::release_workspace(Workspace* workspace) noexc
   workspace->remote_address.clear();
   workspace->route = nullptr;
   workspace->current_responders = 0;
-  // Set only by late answers, coroutine handlers, streamed bodies and answers: tested first,
-  // since most requests leave them empty and this runs once per request.
+  // Set only for late answers, coroutine handlers, streamed request bodies and streamed
+  // answers: tested first, since most requests leave them empty and this runs for each one.
   if (workspace->routes_in_use != nullptr) workspace->routes_in_use.reset();
   if (workspace->handler_stop.stop_possible()) {
     workspace->handler_stop = std::stop_source(std::nostopstate);
