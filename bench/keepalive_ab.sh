@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# bench/keepalive_ab.sh: keep-alive GET /plaintext, CPU per request of several squalld builds and
+# the bare libuv loop (bench/bare_http_uv.c), in interleaved rounds: A B bare, A B bare, ... so
+# that the machine's slow and fast minutes fall on every build alike. For a change whose effect
+# is smaller than the spread between rounds of one build (bench/run.sh runs each server's rounds
+# apart), compare the same-round ratios this prints.
+#
+# Each run: the server pinned to CPU 0 with bench/squalld-bench.toml, a 1 s warm-up, then
+# `wrk -t1 -cCONNECTIONS -dDURATION` pinned to CPU 1; the server's utime and stime over the run
+# divided by the responses wrk counted. With SYSCALLS=1, a further run per server counts its
+# system calls per request with `perf stat` on the kernel's syscall tracepoints (read, write,
+# epoll_wait, ... of all its threads).
+#
+# Usage:  bench/keepalive_ab.sh [SQUALLD...]      (default: ../build/squalld)
+# Environment (defaults in brackets):
+#   ROUNDS        rounds [7]
+#   DURATION      each wrk run [8s]
+#   CONNECTIONS   wrk connections [100]
+#   BARE          1: the bare loop runs in every round too [1]
+#   SYSCALLS      1: count system calls per request (perf) after the rounds [0]
+set -euo pipefail
+
+bench_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo_dir=$(dirname "$bench_dir")
+ROUNDS=${ROUNDS:-7}
+DURATION=${DURATION:-8s}
+CONNECTIONS=${CONNECTIONS:-100}
+BARE=${BARE:-1}
+SYSCALLS=${SYSCALLS:-0}
+WRK=${WRK:-wrk}
+
+log() { printf 'keepalive_ab: %s\n' "$*" >&2; }
+# shellcheck source=bench/common.sh
+source "$bench_dir/common.sh"
+
+for program in "$WRK" taskset cc; do
+  command -v "$program" >/dev/null || die "$program is missing (apt-get install wrk util-linux gcc)"
+done
+if [[ $SYSCALLS == 1 ]]; then
+  command -v perf >/dev/null || die "perf is missing (apt-get install linux-perf), or run with SYSCALLS=0"
+fi
+
+servers=("$@")
+((${#servers[@]} > 0)) || servers=("$repo_dir/build/squalld")
+for server in "${servers[@]}"; do
+  [[ -x $server ]] || die "no squalld at $server: build it (make build/squalld)"
+done
+
+make_work_dir keepalive-ab
+cc -O2 -g -Wall -Werror -o "$work_dir/bare_http_uv" "$bench_dir/bare_http_uv.c" -luv ||
+  die "cannot build bench/bare_http_uv.c"
+[[ $BARE == 1 ]] && servers+=("$work_dir/bare_http_uv")
+hz=$(getconf CLK_TCK)
+
+# Starts $1 on CPU 0; sets server_pid and url.
+start_server() {
+  local port_file=$work_dir/port port="" tries
+  rm -f "$port_file"
+  if [[ $1 == "$work_dir/bare_http_uv" ]]; then
+    taskset -c 0 "$1" 0 >"$port_file" 2>"$work_dir/server.log" &
+  else
+    taskset -c 0 "$1" --config "$bench_dir/squalld-bench.toml" --listen 127.0.0.1:0 \
+      --port-file "$port_file" >"$work_dir/server.log" 2>&1 &
+  fi
+  server_pid=$!
+  for ((tries = 0; tries < 100; tries++)); do
+    port=$(port_from_file "$port_file") && break
+    kill -0 "$server_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  [[ -n $port ]] || die "$1 wrote no port (see $work_dir/server.log)"
+  url="http://127.0.0.1:$port/plaintext"
+  taskset -c 1 "$WRK" -t1 -c"$CONNECTIONS" -d1s "$url" >/dev/null  # Warm-up.
+}
+
+stop_server() {
+  kill -TERM "$server_pid" 2>/dev/null || true
+  wait "$server_pid" 2>/dev/null || true
+  server_pid=""
+}
+
+# The responses in wrk's report ("N requests in ...").
+responses() { sed -n 's/^ *\([0-9][0-9]*\) requests in.*/\1/p' <<<"$1"; }
+
+name_of() { [[ $1 == "$work_dir/bare_http_uv" ]] && echo "bare" || echo "$1"; }
+
+results=$work_dir/results
+: >"$results"
+for ((round = 1; round <= ROUNDS; round++)); do
+  for server in "${servers[@]}"; do
+    start_server "$server"
+    user_before=$(cpu_ticks "$server_pid" user)
+    all_before=$(cpu_ticks "$server_pid")
+    report=$(taskset -c 1 "$WRK" -t1 -c"$CONNECTIONS" -d"$DURATION" "$url")
+    user_after=$(cpu_ticks "$server_pid" user)
+    all_after=$(cpu_ticks "$server_pid")
+    stop_server
+    count=$(responses "$report")
+    [[ -n $count && $count -gt 0 ]] || die "wrk counted no responses from $(name_of "$server")"
+    awk -v round="$round" -v name="$(name_of "$server")" -v count="$count" -v hz="$hz" \
+      -v user=$((user_after - user_before)) -v all=$((all_after - all_before)) 'BEGIN {
+        printf "%d\t%s\t%d\t%.3f\t%.3f\t%.3f\n", round, name, count, all / hz * 1e6 / count,
+          user / hz * 1e6 / count, (all - user) / hz * 1e6 / count
+      }' | tee -a "$results" |
+      awk -F'\t' '{ printf "round %s %-40s %9d responses  CPU %s us/req  user %s  system %s\n",
+        $1, $2, $3, $4, $5, $6 }' >&2
+  done
+done
+
+# Medians per server, and each build's same-round ratio to the bare loop (median over rounds).
+python3 - "$results" <<'EOF'
+import statistics, sys
+rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1])]
+servers = list(dict.fromkeys(row[1] for row in rows))
+by = {(row[0], row[1]): row for row in rows}
+print(f"{'server':40} {'CPU us/req':>11} {'user':>7} {'system':>7} {'÷ bare, same round':>19}")
+for server in servers:
+    mine = [row for row in rows if row[1] == server]
+    cpu, user, system = (statistics.median(float(row[i]) for row in mine) for i in (3, 4, 5))
+    ratios = [float(row[3]) / float(by[(row[0], "bare")][3]) for row in mine
+              if (row[0], "bare") in by and server != "bare"]
+    ratio = f"{statistics.median(ratios):.3f}x" if ratios else "-"
+    print(f"{server:40} {cpu:11.3f} {user:7.3f} {system:7.3f} {ratio:>19}")
+EOF
+
+if [[ $SYSCALLS == 1 ]]; then
+  events=raw_syscalls:sys_enter,syscalls:sys_enter_read,syscalls:sys_enter_write
+  events+=,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_epoll_ctl,syscalls:sys_enter_futex
+  for server in "${servers[@]}"; do
+    start_server "$server"
+    perf stat -x, -e "$events" -p "$server_pid" -o "$work_dir/perf.txt" &
+    perf_pid=$!
+    sleep 0.3
+    report=$(taskset -c 1 "$WRK" -t1 -c"$CONNECTIONS" -d"$DURATION" "$url")
+    kill -INT "$perf_pid"
+    wait "$perf_pid" || true
+    stop_server
+    count=$(responses "$report")
+    echo "system calls per request, $(name_of "$server") ($count responses):"
+    awk -F, -v count="$count" '/^[0-9]/ { printf "  %-32s %.4f\n", $3, $1 / count }' \
+      "$work_dir/perf.txt"
+  done
+fi
