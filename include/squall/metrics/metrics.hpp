@@ -99,6 +99,7 @@ class HistogramShard {
   std::atomic<double> sum_{0.0};
   const void* owner_;
   HistogramShard* next_ = nullptr;
+  std::size_t last_bucket_ = 0;  // Where the writer's last observation went (its thread only).
 };
 
 // Observations counted into buckets by upper bound (inclusive), plus their sum and count.

@@ -259,3 +259,26 @@ TEST_CASE("shards: one writer thread each, summed with the shared value in reads
         std::string::npos);
   CHECK(text.find("latency_count " + std::to_string(total + 1) + "\n") != std::string::npos);
 }
+
+TEST_CASE("a shard counts every value into the bucket the shared histogram does") {
+  Registry registry;
+  auto& shared = registry.histogram("shared", "Shared.", {0.001, 0.01, 0.1, 1}).get();
+  auto& sharded = registry.histogram("sharded", "Sharded.", {0.001, 0.01, 0.1, 1}).get();
+  const int owner = 0;
+  HistogramShard& shard = sharded.shard_for(&owner);
+  // Bounds themselves (inclusive), values just above them, repeats (the last bucket's test),
+  // jumps both ways, the infinities and NaN.
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const double inf = std::numeric_limits<double>::infinity();
+  for (const double value :
+       {0.05, 0.01, 0.005, 0.005, 0.01, 0.0100001, 0.1, 0.0005, 0.001, 0.0010001, 1.0,
+        1.5,  1.5,  nan,   0.5,   -inf, 0.0,       inf, nan,    2.0,   0.001,     0.001}) {
+    shared.observe(value);
+    shard.observe(value);
+  }
+  for (std::size_t i = 0; i <= 4; ++i) {
+    CAPTURE(i);
+    CHECK(sharded.cumulative_count(i) == shared.cumulative_count(i));
+  }
+  CHECK(sharded.count() == 22);
+}
