@@ -255,12 +255,8 @@ SQUALL_HOT void Connection::process() noexcept {
     begin_close();
     return;
   }
-  if (workspace_ != nullptr && idle() && workspace_->current_responders == 0) {
-    release_workspace();  // The commonest end: all read was answered; nothing to compact.
-  } else {
-    compact();
-    release_workspace_if_idle();
-  }
+  // The commonest end, all read answered, gives the workspace back with nothing to compact.
+  if (!release_workspace_if_idle()) compact();
   update_reading();
   update_timer();
 }
@@ -306,9 +302,10 @@ SQUALL_HOT bool Connection::idle() const noexcept {
          (workspace_ == nullptr || workspace_->begin == workspace_->end);
 }
 
-SQUALL_HOT void Connection::release_workspace_if_idle() noexcept {
-  if (workspace_ == nullptr || !idle() || workspace_->current_responders > 0) return;
+SQUALL_HOT bool Connection::release_workspace_if_idle() noexcept {
+  if (workspace_ == nullptr || !idle() || workspace_->current_responders > 0) return false;
   release_workspace();
+  return true;
 }
 
 SQUALL_HOT void Connection::release_workspace() noexcept {

@@ -181,7 +181,7 @@ class Connection {
   void send_error(int status, std::string_view reason) noexcept;
   void compact() noexcept;
   Workspace& borrow_workspace();
-  void release_workspace_if_idle() noexcept;
+  bool release_workspace_if_idle() noexcept;  // Whether it was given back.
   void release_workspace() noexcept;
   void update_reading() noexcept;
   std::size_t unsent() const noexcept { return tcp_.write_queue_size; }

@@ -69,9 +69,6 @@ void ConnectionContext::reconfigure(ServerOptions new_options) {
   // Spares of the old size would not fit the new limits: they go now (lent ones when given back).
   if (capacity != workspace_capacity_) free_spares_beyond(0);
   workspace_capacity_ = capacity;
-  for (std::size_t phase = 0; phase < Connection::kTimerPhases; ++phase) {
-    phase_ms_[phase] = duration_ms(static_cast<TimerPhase>(phase));
-  }
   keep_alive_header =
       "Keep-Alive: timeout=" + std::to_string(options.timeouts.keepalive.count() / 1000) + "\r\n";
   keep_alive_tail = "\r\n" + keep_alive_header + "\r\n";
@@ -316,7 +313,7 @@ SQUALL_HOT inline void ConnectionContext::unlink(Connection* connection) noexcep
 }
 
 SQUALL_HOT void ConnectionContext::set_phase(Connection* connection, TimerPhase phase) noexcept {
-  const std::uint64_t deadline = loop.now_ms() + phase_ms_[index(phase)];
+  const std::uint64_t deadline = loop.now_ms() + duration_ms(phase);
   // Re-entering the same phase with the same deadline changes nothing: the list is sorted by
   // deadline, so the entry is in its place already (the idle deadline of a connection answered
   // again within the same loop millisecond).

@@ -148,6 +148,7 @@ class ConnectionContext {
   // inside it, not a UvHandle the Loop knows).
   void close_for_loop() noexcept;
 
+  static constexpr std::uint64_t kNoLength = ~std::uint64_t{0};  // HeadPrefix::completed_for.
   // One cached response-head prefix (head_prefix()).
   struct HeadPrefix {
     int status = 0;                // 0: unused.
@@ -158,12 +159,11 @@ class ConnectionContext {
     std::size_t prefix_size = 0;   // The prefix is text's first prefix_size bytes.
     // With content_length: the digits of this length and keep_alive_tail follow the prefix in
     // text (keep_alive_head()); kNoLength when nothing follows.
-    std::uint64_t completed_for = ~std::uint64_t{0};
+    std::uint64_t completed_for = kNoLength;
     std::string text;
   };
   // The Date value's length: an IMF-fixdate is always 29 bytes.
   static constexpr std::size_t kDateLength = 29;
-  static constexpr std::uint64_t kNoLength = ~std::uint64_t{0};
   HeadPrefix& find_head_prefix(int status, std::string_view content_type, bool content_length);
   // A new entry (or `found`, whose Date had another length) built for find_head_prefix(); out
   // of line so that the lookup stays a leaf.
@@ -175,23 +175,22 @@ class ConnectionContext {
   std::array<HeadPrefix, 8> head_prefixes_;           // The pairs in use, reused in turn.
   std::size_t next_head_prefix_ = 0;                  // The entry a new pair replaces.
   std::array<List, Connection::kTimerPhases> lists_;  // One per TimerPhase.
-  std::array<std::uint64_t, Connection::kTimerPhases> phase_ms_{};  // duration_ms() of each.
-  std::string cork_;                           // Output gathered for cork_owner_.
-  Connection* cork_owner_ = nullptr;           // Whose bytes cork_ holds.
-  Workspace* free_workspaces_ = nullptr;       // Spares; stats.spare_workspaces counts them.
-  std::size_t lent_workspaces_ = 0;            // Lent to connections now.
-  std::size_t peak_lent_ = 0;                  // Most lent at once since the last trim.
-  std::size_t previous_peak_lent_ = 0;         // The same for the second before it.
-  std::size_t workspace_capacity_ = 0;         // Read buffer size, from the limits.
-  UvHandle<uv_timer_t> timer_;                 // Fires at the earliest deadline.
-  bool timer_armed_ = false;                   // timer_ is started.
-  std::uint64_t timer_due_ms_ = 0;             // When it fires (uv_now clock).
-  UvHandle<uv_timer_t> trim_timer_;            // Trims spares each second; unreferenced.
-  squall::detail::CloseHook loop_close_hook_;  // close_for_loop(), run by Loop::close().
-  bool trim_armed_ = false;                    // trim_timer_ is started.
-  bool resuming_output_waiters_ = false;       // resume_output_waiters() is running.
-  std::uint32_t walks_ = 0;                    // Walks on the stack.
-  bool drain_check_due_ = false;               // A connection closed during a walk.
+  std::string cork_;                                  // Output gathered for cork_owner_.
+  Connection* cork_owner_ = nullptr;                  // Whose bytes cork_ holds.
+  Workspace* free_workspaces_ = nullptr;              // Spares; stats.spare_workspaces counts them.
+  std::size_t lent_workspaces_ = 0;                   // Lent to connections now.
+  std::size_t peak_lent_ = 0;                         // Most lent at once since the last trim.
+  std::size_t previous_peak_lent_ = 0;                // The same for the second before it.
+  std::size_t workspace_capacity_ = 0;                // Read buffer size, from the limits.
+  UvHandle<uv_timer_t> timer_;                        // Fires at the earliest deadline.
+  bool timer_armed_ = false;                          // timer_ is started.
+  std::uint64_t timer_due_ms_ = 0;                    // When it fires (uv_now clock).
+  UvHandle<uv_timer_t> trim_timer_;                   // Trims spares each second; unreferenced.
+  squall::detail::CloseHook loop_close_hook_;         // close_for_loop(), run by Loop::close().
+  bool trim_armed_ = false;                           // trim_timer_ is started.
+  bool resuming_output_waiters_ = false;              // resume_output_waiters() is running.
+  std::uint32_t walks_ = 0;                           // Walks on the stack.
+  bool drain_check_due_ = false;                      // A connection closed during a walk.
 };
 
 }  // namespace squall::http

@@ -13,6 +13,7 @@
 #include <emmintrin.h>
 
 #include "core/hot.hpp"
+#include "http/short_equal.hpp"
 #endif
 
 namespace squall::http::detail {
@@ -55,7 +56,7 @@ bool is(char c, unsigned char bits) noexcept {
 static_assert(std::endian::native == std::endian::little ||
               std::endian::native == std::endian::big);
 
-// Byte `i` of a Word as load() reads it from memory. consteval: the words below are constants.
+// Byte `i` of a Word as load_word() reads it from memory. consteval: the words below are constants.
 template <typename Word>
 consteval Word byte_at(unsigned char byte, std::size_t i) noexcept {
   const std::size_t shift =
@@ -63,7 +64,7 @@ consteval Word byte_at(unsigned char byte, std::size_t i) noexcept {
   return static_cast<Word>(static_cast<Word>(byte) << shift);
 }
 
-// `text` (at most sizeof(Word) bytes) as load() reads it from memory, zeros after it.
+// `text` (at most sizeof(Word) bytes) as load_word() reads it from memory, zeros after it.
 template <typename Word>
 consteval Word word_of(std::string_view text) noexcept {
   Word word = 0;
@@ -77,13 +78,6 @@ consteval Word word_of(std::string_view text) noexcept {
 template <typename Word>
 consteval Word prefix_mask(std::size_t n) noexcept {
   return word_of<Word>(std::string_view("\xff\xff\xff\xff\xff\xff\xff\xff", n));
-}
-
-template <typename Word>
-Word load(const char* p) noexcept {
-  Word word;
-  std::memcpy(&word, p, sizeof word);
-  return word;
 }
 
 #if defined(__SSE2__)
@@ -175,7 +169,7 @@ const char* skip_value(const char* p, const char* end) noexcept {
 struct Method {
   int method;             // An llhttp_method_t.
   std::string_view name;  // As llhttp_method_name() spells it.
-  std::uint64_t word;     // The name and SP, as load<std::uint64_t>() reads them;
+  std::uint64_t word;     // The name and SP, as load_word<std::uint64_t>() reads them;
   std::uint64_t mask;     // the bytes of the word they take.
 };
 
@@ -196,7 +190,7 @@ constexpr Method kPatch = method_of(HTTP_PATCH, "PATCH");
 // fills them; every head of the subset is longer).
 bool take_method(const char*& p, const char* end, SimpleHead& head) noexcept {
   if (end - p < 8) return false;
-  const auto word = load<std::uint64_t>(p);
+  const auto word = load_word<std::uint64_t>(p);
   const auto take = [&](const Method& method) noexcept {
     if ((word & method.mask) != method.word) return false;
     head.method = method.method;
@@ -293,8 +287,8 @@ SQUALL_HOT [[gnu::flatten]] bool scan(const char* data, std::size_t length, Simp
   head.target = std::string_view(target, static_cast<std::size_t>(p - target));
   // " HTTP/1." as one word, then ".0\r\n" or ".1\r\n" as another: '0' and '1' differ in their
   // lowest bit only.
-  if (end - p < 11 || load<std::uint64_t>(p) != word_of<std::uint64_t>(" HTTP/1.") ||
-      (load<std::uint32_t>(p + 7) | byte_at<std::uint32_t>(1, 1)) !=
+  if (end - p < 11 || load_word<std::uint64_t>(p) != word_of<std::uint64_t>(" HTTP/1.") ||
+      (load_word<std::uint32_t>(p + 7) | byte_at<std::uint32_t>(1, 1)) !=
           word_of<std::uint32_t>(".1\r\n")) {
     return false;
   }
@@ -319,7 +313,7 @@ SQUALL_HOT [[gnu::flatten]] bool scan(const char* data, std::size_t length, Simp
     const char* const name = p;
     NameKind kind;
     // The commonest name first, as one word; any other goes through the token scan.
-    if (end - p >= 8 && ((load<std::uint64_t>(p) | kHostFold) & kHostMask) == kHostColon) {
+    if (end - p >= 8 && ((load_word<std::uint64_t>(p) | kHostFold) & kHostMask) == kHostColon) {
       kind = NameKind::host;
       p += 4;
     } else {
@@ -333,7 +327,8 @@ SQUALL_HOT [[gnu::flatten]] bool scan(const char* data, std::size_t length, Simp
     if ((kBounded && p == end) || !is(*p, kVisibleByte)) return false;
     const char* const value = p;
     p = skip_value(p, end);
-    if (end - p < 2 || load<std::uint16_t>(p) != word_of<std::uint16_t>("\r\n") || p[-1] == ' ') {
+    if (end - p < 2 || load_word<std::uint16_t>(p) != word_of<std::uint16_t>("\r\n") ||
+        p[-1] == ' ') {
       return false;
     }
     const std::string_view value_view(value, static_cast<std::size_t>(p - value));
@@ -382,7 +377,8 @@ SQUALL_HOT [[gnu::flatten]] bool scan(const char* data, std::size_t length, Simp
 
 SQUALL_HOT bool scan_simple_head(const char* data, std::size_t length, SimpleHead& head,
                                  std::vector<Header>& headers) noexcept {
-  if (length >= 4 && load<std::uint32_t>(data + length - 4) == word_of<std::uint32_t>("\r\n\r\n")) {
+  if (length >= 4 &&
+      load_word<std::uint32_t>(data + length - 4) == word_of<std::uint32_t>("\r\n\r\n")) {
     return scan<false>(data, length, head, headers);
   }
   return scan<true>(data, length, head, headers);

@@ -25,10 +25,8 @@ bool is_parameter(std::string_view segment) noexcept {
   return segment.size() > 2 && segment.front() == '{' && segment.back() == '}';
 }
 
-// Matches `path` against a route's segments, appending parameters on success.
-bool match(const Route& route, std::string_view path, std::vector<RouteParam>& params) {
-  // Segments without parameters match exactly the paths that join to the pattern.
-  if (!route.has_parameters) return detail::short_equal(path, route.pattern);
+// Matches `path` against the segments of a route with parameters, appending them on success.
+bool match_segments(const Route& route, std::string_view path, std::vector<RouteParam>& params) {
   const std::size_t params_before = params.size();
   std::size_t index = 0;
   bool matched = true;
@@ -53,6 +51,14 @@ bool match(const Route& route, std::string_view path, std::vector<RouteParam>& p
   matched = matched && index == route.segments.size();
   if (!matched) params.resize(params_before);
   return matched;
+}
+
+// Matches `path` against a route, appending its parameters on success. In line: most routes
+// have none and are one compare.
+inline bool match(const Route& route, std::string_view path, std::vector<RouteParam>& params) {
+  // Segments without parameters match exactly the paths that join to the pattern.
+  if (!route.has_parameters) return detail::short_equal(path, route.pattern);
+  return match_segments(route, path, params);
 }
 
 void append_allow(std::string& allow, std::string_view method) {
@@ -99,11 +105,7 @@ SQUALL_HOT RouteMatch Router::find(std::string_view method, std::string_view pat
   const Route* get_route = nullptr;
   for (const Route& route : routes_) {
     const std::size_t params_before = params.size();
-    // A route without parameters is one compare, made here without the call.
-    if (route.has_parameters ? !match(route, path, params)
-                             : !detail::short_equal(path, route.pattern)) {
-      continue;
-    }
+    if (!match(route, path, params)) continue;
     if (detail::short_equal(route.method, method)) {
       result.route = &route;
       result.status = 200;

@@ -1,6 +1,7 @@
-// Equality of the short strings the request path compares on every request (a route's method
-// and pattern against the request's): word loads in line instead of a call into libc's memcmp,
-// which costs more than the compare itself below a few dozen bytes.
+// Word loads for the request path: equality of the short strings it compares on every request
+// (a route's method and pattern against the request's, the remembered Host) in line instead of
+// a call into libc's memcmp, which costs more than the compare itself below a few dozen bytes,
+// and the fixed compares of the fast head reader.
 #pragma once
 
 #include <cstdint>
@@ -9,6 +10,14 @@
 
 namespace squall::http::detail {
 
+// The sizeof(Word) bytes at `p` as one word, in memory order (any alignment).
+template <typename Word>
+Word load_word(const char* p) noexcept {
+  Word word;
+  std::memcpy(&word, p, sizeof word);
+  return word;
+}
+
 inline bool short_equal(std::string_view a, std::string_view b) noexcept {
   const std::size_t n = a.size();
   if (n != b.size()) return false;
@@ -16,16 +25,8 @@ inline bool short_equal(std::string_view a, std::string_view b) noexcept {
   const char* y = b.data();
   // Loads of the first and the last bytes overlap when n is not a multiple of their width, so
   // every byte is compared with at most two loads a side up to 16 bytes.
-  const auto word = [](const char* p) noexcept {
-    std::uint64_t w;
-    std::memcpy(&w, p, 8);
-    return w;
-  };
-  const auto half = [](const char* p) noexcept {
-    std::uint32_t w;
-    std::memcpy(&w, p, 4);
-    return w;
-  };
+  const auto word = load_word<std::uint64_t>;
+  const auto half = load_word<std::uint32_t>;
   if (n >= 8) {
     for (std::size_t i = 0; i + 16 <= n; i += 8) {
       if (word(x + i) != word(y + i)) return false;

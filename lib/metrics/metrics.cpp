@@ -177,6 +177,17 @@ struct detail::ShardList {
     }
   }
 
+  // The sum of `read(shard)` over the list at `head`.
+  template <class Shard, class Read>
+  static auto total(const std::atomic<Shard*>& head, Read read) noexcept {
+    decltype(read(*head.load())) sum{};
+    for (const Shard* shard = head.load(std::memory_order_acquire); shard != nullptr;
+         shard = shard->next_) {
+      sum += read(*shard);
+    }
+    return sum;
+  }
+
   template <class Shard>
   static void free_all(std::atomic<Shard*>& head) noexcept {
     for (Shard* shard = head.load(std::memory_order_acquire); shard != nullptr;) {
@@ -192,12 +203,8 @@ Counter::~Counter() {
 }
 
 std::uint64_t Counter::value() const noexcept {
-  std::uint64_t total = value_.load(std::memory_order_relaxed);
-  for (const CounterShard* shard = shards_.load(std::memory_order_acquire); shard != nullptr;
-       shard = shard->next_) {
-    total += shard->value();
-  }
-  return total;
+  return value_.load(std::memory_order_relaxed) +
+         detail::ShardList::total(shards_, [](const CounterShard& shard) { return shard.value(); });
 }
 
 CounterShard& Counter::shard_for(const void* owner) {
@@ -228,21 +235,17 @@ HistogramShard& Histogram::shard_for(const void* owner) {
 }
 
 std::uint64_t Histogram::bucket_count(std::size_t i) const noexcept {
-  std::uint64_t total = buckets_[i].load(std::memory_order_relaxed);
-  for (const HistogramShard* shard = shards_.load(std::memory_order_acquire); shard != nullptr;
-       shard = shard->next_) {
-    total += shard->buckets_[i].load(std::memory_order_relaxed);
-  }
-  return total;
+  return buckets_[i].load(std::memory_order_relaxed) +
+         detail::ShardList::total(shards_, [i](const HistogramShard& shard) {
+           return shard.buckets_[i].load(std::memory_order_relaxed);
+         });
 }
 
 double Histogram::sum() const noexcept {
-  double total = sum_.load(std::memory_order_relaxed);
-  for (const HistogramShard* shard = shards_.load(std::memory_order_acquire); shard != nullptr;
-       shard = shard->next_) {
-    total += shard->sum_.load(std::memory_order_relaxed);
-  }
-  return total;
+  return sum_.load(std::memory_order_relaxed) +
+         detail::ShardList::total(shards_, [](const HistogramShard& shard) {
+           return shard.sum_.load(std::memory_order_relaxed);
+         });
 }
 
 std::uint64_t Histogram::cumulative_count(std::size_t i) const noexcept {
