@@ -8,11 +8,18 @@
  * Usage: bare_http_uv [PORT [RESPONSE_FILE]]   (PORT 0 or none: any free port). Prints
  * "listening on HOST:PORT". RESPONSE_FILE replaces the built-in response with its bytes (head and
  * body, sent as they are): bench/run.sh's "bare_same" gives it squalld's own answer, so both send
- * the same bytes and wrk does the same work for either. */
+ * the same bytes and wrk does the same work for either.
+ *
+ * BARE_EXTRA (bench/keepalive_ab.sh's BARE_VARIANTS) adds one thing squalld has and this loop
+ * lacks: "timer", a repeating libuv timer, so that epoll_wait waits with a timeout; "thread", an
+ * idle second thread, so that the process's file table is shared and the kernel takes a
+ * reference on each file a system call uses. */
+#include <pthread.h>
 #include <stdio.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <uv.h>
 
 static const char builtin_response[] =
@@ -38,6 +45,14 @@ static void on_alloc(uv_handle_t* handle, size_t suggested, uv_buf_t* buf) {
 }
 
 static void on_close(uv_handle_t* handle) { free(handle); }
+
+static void on_idle_timer(uv_timer_t* timer) { (void)timer; }
+
+static void* idle_thread(void* arg) {
+  (void)arg;
+  for (;;) pause();
+  return NULL;
+}
 
 static void on_write(uv_write_t* request, int status) {
   (void)status;
@@ -145,5 +160,20 @@ int main(int argc, char** argv) {
   uv_ip4_name((struct sockaddr_in*)&bound, host, sizeof host);
   printf("listening on %s:%d\n", host, ntohs(((struct sockaddr_in*)&bound)->sin_port));
   fflush(stdout);
+  const char* extra = getenv("BARE_EXTRA");
+  static uv_timer_t timer;
+  if (extra != NULL && strcmp(extra, "timer") == 0) {
+    uv_timer_init(loop, &timer);
+    uv_timer_start(&timer, on_idle_timer, 1000000, 1000000);
+  } else if (extra != NULL && strcmp(extra, "thread") == 0) {
+    pthread_t thread;
+    if (pthread_create(&thread, NULL, idle_thread, NULL) != 0) {
+      fprintf(stderr, "bare_http_uv: cannot start the idle thread\n");
+      return 1;
+    }
+  } else if (extra != NULL && extra[0] != '\0') {
+    fprintf(stderr, "bare_http_uv: BARE_EXTRA=%s is neither timer nor thread\n", extra);
+    return 1;
+  }
   return uv_run(loop, UV_RUN_DEFAULT);
 }

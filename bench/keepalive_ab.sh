@@ -17,6 +17,8 @@
 #   DURATION      each wrk run [8s]
 #   CONNECTIONS   wrk connections [100]
 #   BARE          1: the bare loop runs in every round too [1]
+#   BARE_VARIANTS bare-loop variants run in every round too, named bare:VARIANT: "timer" (a
+#                 repeating libuv timer), "thread" (an idle second thread) [none]
 #   SYSCALLS      1: count system calls per request (perf) after the rounds [0]
 set -euo pipefail
 
@@ -26,6 +28,7 @@ ROUNDS=${ROUNDS:-7}
 DURATION=${DURATION:-8s}
 CONNECTIONS=${CONNECTIONS:-100}
 BARE=${BARE:-1}
+BARE_VARIANTS=${BARE_VARIANTS:-}
 SYSCALLS=${SYSCALLS:-0}
 WRK=${WRK:-wrk}
 
@@ -45,19 +48,26 @@ servers=("$@")
 for server in "${servers[@]}"; do
   [[ -x $server ]] || die "no squalld at $server: build it (make build/squalld)"
 done
+is_bare() { [[ $1 == bare || $1 == bare:* ]]; }
 
 make_work_dir keepalive-ab
-cc -O2 -g -Wall -Werror -o "$work_dir/bare_http_uv" "$bench_dir/bare_http_uv.c" -luv ||
+cc -O2 -g -Wall -Werror -pthread -o "$work_dir/bare_http_uv" "$bench_dir/bare_http_uv.c" -luv ||
   die "cannot build bench/bare_http_uv.c"
-[[ $BARE == 1 ]] && servers+=("$work_dir/bare_http_uv")
+[[ $BARE == 1 ]] && servers+=(bare)
+for variant in $BARE_VARIANTS; do
+  [[ $variant == timer || $variant == thread ]] || die "BARE_VARIANTS: '$variant' is neither timer nor thread"
+  servers+=("bare:$variant")
+done
 hz=$(getconf CLK_TCK)
 
 # Starts $1 on CPU 0; sets server_pid and url.
 start_server() {
   local port_file=$work_dir/port port="" tries
   rm -f "$port_file"
-  if [[ $1 == "$work_dir/bare_http_uv" ]]; then
-    taskset -c 0 "$1" 0 >"$port_file" 2>"$work_dir/server.log" &
+  if is_bare "$1"; then
+    local extra=""
+    [[ $1 == bare:* ]] && extra=${1#bare:}
+    BARE_EXTRA=$extra taskset -c 0 "$work_dir/bare_http_uv" 0 >"$port_file" 2>"$work_dir/server.log" &
   else
     taskset -c 0 "$1" --config "$bench_dir/squalld-bench.toml" --listen 127.0.0.1:0 \
       --port-file "$port_file" >"$work_dir/server.log" 2>&1 &
@@ -82,7 +92,6 @@ stop_server() {
 # The responses in wrk's report ("N requests in ...").
 responses() { sed -n 's/^ *\([0-9][0-9]*\) requests in.*/\1/p' <<<"$1"; }
 
-name_of() { [[ $1 == "$work_dir/bare_http_uv" ]] && echo "bare" || echo "$1"; }
 
 results=$work_dir/results
 : >"$results"
@@ -96,8 +105,8 @@ for ((round = 1; round <= ROUNDS; round++)); do
     all_after=$(cpu_ticks "$server_pid")
     stop_server
     count=$(responses "$report")
-    [[ -n $count && $count -gt 0 ]] || die "wrk counted no responses from $(name_of "$server")"
-    awk -v round="$round" -v name="$(name_of "$server")" -v count="$count" -v hz="$hz" \
+    [[ -n $count && $count -gt 0 ]] || die "wrk counted no responses from $server"
+    awk -v round="$round" -v name="$server" -v count="$count" -v hz="$hz" \
       -v user=$((user_after - user_before)) -v all=$((all_after - all_before)) 'BEGIN {
         printf "%d\t%s\t%d\t%.3f\t%.3f\t%.3f\n", round, name, count, all / hz * 1e6 / count,
           user / hz * 1e6 / count, (all - user) / hz * 1e6 / count
@@ -136,7 +145,7 @@ if [[ $SYSCALLS == 1 ]]; then
     wait "$perf_pid" || true
     stop_server
     count=$(responses "$report")
-    echo "system calls per request, $(name_of "$server") ($count responses):"
+    echo "system calls per request, $server ($count responses):"
     awk -F, -v count="$count" '/^[0-9]/ { printf "  %-32s %.4f\n", $3, $1 / count }' \
       "$work_dir/perf.txt"
   done
