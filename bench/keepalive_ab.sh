@@ -18,7 +18,9 @@
 #   CONNECTIONS   wrk connections [100]
 #   BARE          1: the bare loop runs in every round too [1]
 #   BARE_VARIANTS bare-loop variants run in every round too, named bare:VARIANT: "timer" (a
-#                 repeating libuv timer), "thread" (an idle second thread) [none]
+#                 repeating libuv timer), "thread" (an idle second thread), "same" (squalld's
+#                 own answer to GET /plaintext byte for byte, as bench/run.sh's bare_same:
+#                 captured with curl from the first SQUALLD, its Date frozen) [none]
 #   SYSCALLS      1: count system calls per request (perf) after the rounds [0]
 set -euo pipefail
 
@@ -55,7 +57,8 @@ cc -O2 -g -Wall -Werror -pthread -o "$work_dir/bare_http_uv" "$bench_dir/bare_ht
   die "cannot build bench/bare_http_uv.c"
 [[ $BARE == 1 ]] && servers+=(bare)
 for variant in $BARE_VARIANTS; do
-  [[ $variant == timer || $variant == thread ]] || die "BARE_VARIANTS: '$variant' is neither timer nor thread"
+  [[ $variant == timer || $variant == thread || $variant == same ]] ||
+    die "BARE_VARIANTS: '$variant' is none of timer, thread, same"
   servers+=("bare:$variant")
 done
 hz=$(getconf CLK_TCK)
@@ -65,9 +68,11 @@ start_server() {
   local port_file=$work_dir/port port="" tries
   rm -f "$port_file"
   if is_bare "$1"; then
-    local extra=""
+    local extra="" response=""
     [[ $1 == bare:* ]] && extra=${1#bare:}
-    BARE_EXTRA=$extra taskset -c 0 "$work_dir/bare_http_uv" 0 >"$port_file" 2>"$work_dir/server.log" &
+    [[ $extra == same ]] && extra="" response=$work_dir/squalld-plaintext.http
+    BARE_EXTRA=$extra taskset -c 0 "$work_dir/bare_http_uv" 0 ${response:+"$response"} \
+      >"$port_file" 2>"$work_dir/server.log" &
   else
     taskset -c 0 "$1" --config "$bench_dir/squalld-bench.toml" --listen 127.0.0.1:0 \
       --port-file "$port_file" >"$work_dir/server.log" 2>&1 &
@@ -93,6 +98,15 @@ stop_server() {
 responses() { sed -n 's/^ *\([0-9][0-9]*\) requests in.*/\1/p' <<<"$1"; }
 
 
+# bare:same answers with squalld's bytes: one request to the first squalld captures them.
+if [[ " ${servers[*]} " == *" bare:same "* ]]; then
+  command -v curl >/dev/null || die "curl is missing (apt-get install curl), needed by BARE_VARIANTS=same"
+  start_server "${servers[0]}"
+  curl -s -i --raw --max-time 5 "$url" >"$work_dir/squalld-plaintext.http" ||
+    die "curl could not capture ${servers[0]}'s /plaintext answer"
+  stop_server
+fi
+
 results=$work_dir/results
 : >"$results"
 for ((round = 1; round <= ROUNDS; round++)); do
@@ -116,20 +130,25 @@ for ((round = 1; round <= ROUNDS; round++)); do
   done
 done
 
-# Medians per server, and each build's same-round ratio to the bare loop (median over rounds).
+# Medians per server, and each build's same-round ratio to the bare loop (median over rounds);
+# with bare:same in the rounds, to that loop too.
 python3 - "$results" <<'EOF'
 import statistics, sys
 rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1])]
 servers = list(dict.fromkeys(row[1] for row in rows))
 by = {(row[0], row[1]): row for row in rows}
-print(f"{'server':40} {'CPU us/req':>11} {'user':>7} {'system':>7} {'÷ bare, same round':>19}")
+baselines = [name for name in ("bare", "bare:same") if name in servers]
+header = "".join(f" {'÷ ' + name + ', same round':>22}" for name in baselines)
+print(f"{'server':40} {'CPU us/req':>11} {'user':>7} {'system':>7}{header}")
 for server in servers:
     mine = [row for row in rows if row[1] == server]
     cpu, user, system = (statistics.median(float(row[i]) for row in mine) for i in (3, 4, 5))
-    ratios = [float(row[3]) / float(by[(row[0], "bare")][3]) for row in mine
-              if (row[0], "bare") in by and server != "bare"]
-    ratio = f"{statistics.median(ratios):.3f}x" if ratios else "-"
-    print(f"{server:40} {cpu:11.3f} {user:7.3f} {system:7.3f} {ratio:>19}")
+    columns = ""
+    for baseline in baselines:
+        ratios = [float(row[3]) / float(by[(row[0], baseline)][3]) for row in mine
+                  if (row[0], baseline) in by and not server.startswith("bare")]
+        columns += f" {f'{statistics.median(ratios):.3f}x' if ratios else '-':>22}"
+    print(f"{server:40} {cpu:11.3f} {user:7.3f} {system:7.3f}{columns}")
 EOF
 
 if [[ $SYSCALLS == 1 ]]; then
