@@ -21,6 +21,7 @@ set -euo pipefail
 bench_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo_dir=$(dirname "$bench_dir")
 SQUALLD=${SQUALLD:-$repo_dir/build/squalld}
+[[ $SQUALLD == /* ]] || SQUALLD=$PWD/$SQUALLD  # squalld runs in the work directory.
 SERVERS=${SERVERS:-squalld bare}
 SCENARIOS=${SCENARIOS:-keepalive pipelined}
 DURATION=${DURATION:-5s}
@@ -46,9 +47,11 @@ for server in $SERVERS; do
   port_file=$work_dir/$server.port
   case "$server" in
     squalld)
-      valgrind --tool=callgrind --callgrind-out-file="$work_dir/cg.$server.%p" \
-        "$SQUALLD" --config "$bench_dir/squalld-bench.toml" --listen 127.0.0.1:0 \
-        --port-file "$port_file" >"$work_dir/$server.log" 2>&1 &
+      # In the work directory: squalld's job store (squall-jobs.db) is created there.
+      (cd "$work_dir" && exec valgrind --tool=callgrind \
+        --callgrind-out-file="$work_dir/cg.$server.%p" "$SQUALLD" \
+        --config "$bench_dir/squalld-bench.toml" --listen 127.0.0.1:0 \
+        --port-file "$port_file" >"$work_dir/$server.log" 2>&1) &
       ;;
     bare)
       valgrind --tool=callgrind --callgrind-out-file="$work_dir/cg.$server.%p" \

@@ -74,8 +74,14 @@ start_server() {
     BARE_EXTRA=$extra taskset -c 0 "$work_dir/bare_http_uv" 0 ${response:+"$response"} \
       >"$port_file" 2>"$work_dir/server.log" &
   else
-    taskset -c 0 "$1" --config "$bench_dir/squalld-bench.toml" --listen 127.0.0.1:0 \
-      --port-file "$port_file" >"$work_dir/server.log" 2>&1 &
+    # Each build in a directory of its own: the job store (squall-jobs.db, in the working
+    # directory) is the build's own, so builds with different store schemas can be compared.
+    local run_dir program=$1
+    [[ $program == /* ]] || program=$PWD/$program
+    run_dir=$work_dir/run-$(printf '%s' "$1" | cksum | cut -d' ' -f1)
+    mkdir -p "$run_dir"
+    (cd "$run_dir" && exec taskset -c 0 "$program" --config "$bench_dir/squalld-bench.toml" \
+      --listen 127.0.0.1:0 --port-file "$port_file" >"$work_dir/server.log" 2>&1) &
   fi
   server_pid=$!
   for ((tries = 0; tries < 100; tries++)); do
@@ -85,7 +91,8 @@ start_server() {
   done
   [[ -n $port ]] || die "$1 wrote no port (see $work_dir/server.log)"
   url="http://127.0.0.1:$port/plaintext"
-  taskset -c 1 "$WRK" -t1 -c"$CONNECTIONS" -d1s "$url" >/dev/null  # Warm-up.
+  taskset -c 1 "$WRK" -t1 -c"$CONNECTIONS" -d1s "$url" >/dev/null ||  # Warm-up.
+    die "$1 does not answer on $url; its log ends: $(tail -n 3 "$work_dir/server.log")"
 }
 
 stop_server() {

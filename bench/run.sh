@@ -210,9 +210,10 @@ start_squalld() {
     cat "$work_dir/squalld.check.log" >&3
     die "squalld rejected bench/squalld-bench.toml (squalld --check-config)"
   fi
-  taskset -c "$SERVER_CPU" "$SQUALLD" --config "$bench_dir/squalld-bench.toml" \
-    --listen 127.0.0.1:0 --port-file "$port_file" \
-    >"$work_dir/squalld.stdout.log" 2>"$work_dir/squalld.stderr.log" &
+  # In the work directory: squalld's job store (squall-jobs.db) is created there.
+  (cd "$work_dir" && exec taskset -c "$SERVER_CPU" "$SQUALLD" \
+    --config "$bench_dir/squalld-bench.toml" --listen 127.0.0.1:0 --port-file "$port_file" \
+    >"$work_dir/squalld.stdout.log" 2>"$work_dir/squalld.stderr.log") &
   server_pid[squalld]=$!
   for ((tries = 0; tries < 100; tries++)); do
     server_port[squalld]=$(port_from_file "$port_file") && break

@@ -260,7 +260,7 @@ class Squalld {
       throw std::runtime_error(config_name() + ": " + error.what());
     }
     daemon::notify_status("Starting: opening listeners");
-    open_listeners();
+    const std::vector<std::string> listening = open_listeners();
     if (startup_.pid_file != nullptr) startup_.pid_file->write(getpid());
     // Root is needed no further than this: binding, log files, the pid file.
     const std::string dropped = daemon::drop_privileges(config_.server.user, config_.server.group);
@@ -278,6 +278,10 @@ class Squalld {
     install_router(*workers_.front(), build_router(config_, access_, *workers_.front()));
     start_other_workers();
     start_watchdog();
+    // --port-file only now: whoever waits for it (a script, a test) finds a squalld that
+    // serves, never one that is still opening its job store or about to exit because it cannot.
+    write_port_file();
+    for (const std::string& note : listening) spdlog::info("{}", note);
     spdlog::info("squalld {} ready: {} listener(s), {} worker(s), pid {}", SQUALL_VERSION,
                  listeners_.size(), workers_.size(), getpid());
     if (startup_.daemonizer != nullptr) {
@@ -411,8 +415,10 @@ class Squalld {
     return bound;
   }
 
-  void open_listeners() {
-    std::vector<std::string> notes;  // Logged once the port file exists, which tests rely on.
+  // Binds every listener; returns what to log once the port file exists (tests rely on the
+  // order).
+  std::vector<std::string> open_listeners() {
+    std::vector<std::string> notes;
     http::Server& first = *workers_.front()->server;
     if (!startup_.inherited.empty()) {
       // Socket activation: systemd owns the addresses; [server] listen is not used. Every
@@ -449,8 +455,7 @@ class Squalld {
             "{} workers accept on each address, a socket each (SO_REUSEPORT)", worker_count_));
       }
     }
-    write_port_file();
-    for (const std::string& note : notes) spdlog::info("{}", note);
+    return notes;
   }
 
   // --port-file: every bound address, one a line (at start and after the list changes).
@@ -834,7 +839,7 @@ int main(int argc, char** argv) {
                  "ADDR:PORT to listen on, replacing [server] listen (repeatable; port 0 picks "
                  "a free port)");
   app.add_option("--port-file", command_line.port_file,
-                 "Write the bound ADDR:PORT of each listener to FILE once listening");
+                 "Write the bound ADDR:PORT of each listener to FILE once squalld serves");
   app.add_flag("--daemon", command_line.daemonize,
                "Detach into the background once started (ignored under systemd)");
   app.add_option("--pid-file", command_line.pid_file,

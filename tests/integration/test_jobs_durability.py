@@ -157,9 +157,14 @@ def test_a_foreign_or_newer_store_is_refused_before_anything_is_written(tmp_path
     before = store.read_bytes()
     config = tmp_path / "squalld.toml"
     config.write_text(f'[server]\nlisten = ["127.0.0.1:0"]\n[jobs]\nstore = "{store}"\n')
-    result = subprocess.run([squalld_path(), "--config", str(config)], capture_output=True,
-                            text=True, timeout=20)
+    port_file = tmp_path / "port"
+    result = subprocess.run(
+        [squalld_path(), "--config", str(config), "--port-file", str(port_file)],
+        capture_output=True, text=True, timeout=20)
     assert result.returncode == 1, result
+    # The port file says "serving": a squalld that exits at start-up never writes it, so a
+    # script waiting for it does not connect to a server on its way out.
+    assert not port_file.exists(), port_file.read_text()
     assert f"job store {store}: {message}" in result.stderr, result.stderr
     assert "nothing was written to it" in result.stderr
     assert store.read_bytes() == before  # not switched to WAL, not tagged, not migrated
