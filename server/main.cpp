@@ -5,10 +5,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iostream>
@@ -260,7 +262,7 @@ class Squalld {
       throw std::runtime_error(config_name() + ": " + error.what());
     }
     daemon::notify_status("Starting: opening listeners");
-    const std::vector<std::string> listening = open_listeners();
+    open_listeners();
     if (startup_.pid_file != nullptr) startup_.pid_file->write(getpid());
     // Root is needed no further than this: binding, log files, the pid file.
     const std::string dropped = daemon::drop_privileges(config_.server.user, config_.server.group);
@@ -278,10 +280,6 @@ class Squalld {
     install_router(*workers_.front(), build_router(config_, access_, *workers_.front()));
     start_other_workers();
     start_watchdog();
-    // --port-file only now: whoever waits for it (a script, a test) finds a squalld that
-    // serves, never one that is still opening its job store or about to exit because it cannot.
-    write_port_file();
-    for (const std::string& note : listening) spdlog::info("{}", note);
     spdlog::info("squalld {} ready: {} listener(s), {} worker(s), pid {}", SQUALL_VERSION,
                  listeners_.size(), workers_.size(), getpid());
     if (startup_.daemonizer != nullptr) {
@@ -292,6 +290,19 @@ class Squalld {
   }
 
   int exit_code() const noexcept { return exit_code_; }
+
+  // A start-up that fails once the port file exists (the job store refused, say) takes the file
+  // back, so that whoever waits for it does not connect to a squalld on its way out. It is
+  // written as soon as the listeners are bound, while squalld may still be root; after a
+  // privilege drop its directory may not let the service user remove it, which is said.
+  void withdraw_port_file() const noexcept {
+    const std::string& path = startup_.command_line.port_file;
+    if (!port_file_written_) return;  // Never one this squalld did not write.
+    if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
+      spdlog::warn("--port-file {}: cannot remove it after the failed start: {}", path,
+                   std::strerror(errno));
+    }
+  }
 
  private:
   // One configured address and what it is bound to ("127.0.0.1:0" -> "127.0.0.1:41234").
@@ -415,10 +426,8 @@ class Squalld {
     return bound;
   }
 
-  // Binds every listener; returns what to log once the port file exists (tests rely on the
-  // order).
-  std::vector<std::string> open_listeners() {
-    std::vector<std::string> notes;
+  void open_listeners() {
+    std::vector<std::string> notes;  // Logged once the port file exists, which tests rely on.
     http::Server& first = *workers_.front()->server;
     if (!startup_.inherited.empty()) {
       // Socket activation: systemd owns the addresses; [server] listen is not used. Every
@@ -455,15 +464,17 @@ class Squalld {
             "{} workers accept on each address, a socket each (SO_REUSEPORT)", worker_count_));
       }
     }
-    return notes;
+    write_port_file();
+    for (const std::string& note : notes) spdlog::info("{}", note);
   }
 
   // --port-file: every bound address, one a line (at start and after the list changes).
-  void write_port_file() const {
+  void write_port_file() {
     if (startup_.command_line.port_file.empty()) return;
     std::string text;
     for (const OpenListener& open : listeners_) text += open.bound + "\n";
     write_file_atomically(startup_.command_line.port_file, text);
+    port_file_written_ = true;
   }
 
   std::string serving_status() const {
@@ -784,6 +795,7 @@ class Squalld {
   std::shared_ptr<const squalld::AccessControl> access_;   // Tokens and rules in force.
   std::vector<OpenListener> listeners_;                    // In the configured order.
   bool socket_activated_ = false;                          // The listeners came from systemd.
+  bool port_file_written_ = false;                         // --port-file holds our addresses.
   bool stopping_ = false;                                  // SIGTERM or SIGINT arrived.
   int exit_code_ = 0;
   std::optional<daemon::Watchdog> watchdog_;
@@ -813,7 +825,12 @@ int serve(const Startup& startup, Config config) {
   int exit_code = 0;
   {
     Squalld squalld(startup, std::move(config), logs, loop);
-    squalld.start();
+    try {
+      squalld.start();
+    } catch (...) {
+      squalld.withdraw_port_file();
+      throw;
+    }
     loop.run();
     exit_code = squalld.exit_code();
   }
@@ -839,7 +856,7 @@ int main(int argc, char** argv) {
                  "ADDR:PORT to listen on, replacing [server] listen (repeatable; port 0 picks "
                  "a free port)");
   app.add_option("--port-file", command_line.port_file,
-                 "Write the bound ADDR:PORT of each listener to FILE once squalld serves");
+                 "Write the bound ADDR:PORT of each listener to FILE once listening");
   app.add_flag("--daemon", command_line.daemonize,
                "Detach into the background once started (ignored under systemd)");
   app.add_option("--pid-file", command_line.pid_file,

@@ -162,7 +162,7 @@ def test_a_foreign_or_newer_store_is_refused_before_anything_is_written(tmp_path
         [squalld_path(), "--config", str(config), "--port-file", str(port_file)],
         capture_output=True, text=True, timeout=20)
     assert result.returncode == 1, result
-    # The port file says "serving": a squalld that exits at start-up never writes it, so a
+    # A squalld that exits at start-up takes back the port file it wrote on binding, so a
     # script waiting for it does not connect to a server on its way out.
     assert not port_file.exists(), port_file.read_text()
     assert f"job store {store}: {message}" in result.stderr, result.stderr
