@@ -145,8 +145,22 @@ rows = [line.rstrip("\n").split("\t") for line in open(sys.argv[1])]
 servers = list(dict.fromkeys(row[1] for row in rows))
 by = {(row[0], row[1]): row for row in rows}
 baselines = [name for name in ("bare", "bare:same") if name in servers]
-header = "".join(f" {'÷ ' + name + ', same round':>22}" for name in baselines)
+header = "".join(f" {'÷ ' + name + ', same round [IQR]':>30}" for name in baselines)
 print(f"{'server':40} {'CPU us/req':>11} {'user':>7} {'system':>7}{header}")
+
+
+def ratio_column(ratios):
+    # The median of the same-round ratios and, from four rounds on, their interquartile range:
+    # how far one round's ratio strays, which a 5% question has to be read against.
+    if not ratios:
+        return f" {'-':>30}"
+    text = f"{statistics.median(ratios):.3f}x"
+    if len(ratios) >= 4:
+        q1, _, q3 = statistics.quantiles(ratios, n=4)
+        text += f" [{q1:.3f}-{q3:.3f}]"
+    return f" {text:>30}"
+
+
 for server in servers:
     mine = [row for row in rows if row[1] == server]
     cpu, user, system = (statistics.median(float(row[i]) for row in mine) for i in (3, 4, 5))
@@ -154,7 +168,7 @@ for server in servers:
     for baseline in baselines:
         ratios = [float(row[3]) / float(by[(row[0], baseline)][3]) for row in mine
                   if (row[0], baseline) in by and not server.startswith("bare")]
-        columns += f" {f'{statistics.median(ratios):.3f}x' if ratios else '-':>22}"
+        columns += ratio_column(ratios)
     print(f"{server:40} {cpu:11.3f} {user:7.3f} {system:7.3f}{columns}")
 EOF
 
