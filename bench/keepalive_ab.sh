@@ -53,6 +53,13 @@ done
 is_bare() { [[ $1 == bare || $1 == bare:* ]]; }
 
 make_work_dir keepalive-ab
+# Each build runs in a directory of its own: its job store (squall-jobs.db, in the working
+# directory) is its own, so builds with different store schemas can be compared.
+declare -A run_dir=()
+for index in "${!servers[@]}"; do
+  run_dir[${servers[$index]}]=$work_dir/run-$index
+  mkdir -p "$work_dir/run-$index"
+done
 cc -O2 -g -Wall -Werror -pthread -o "$work_dir/bare_http_uv" "$bench_dir/bare_http_uv.c" -luv ||
   die "cannot build bench/bare_http_uv.c"
 [[ $BARE == 1 ]] && servers+=(bare)
@@ -74,13 +81,9 @@ start_server() {
     BARE_EXTRA=$extra taskset -c 0 "$work_dir/bare_http_uv" 0 ${response:+"$response"} \
       >"$port_file" 2>"$work_dir/server.log" &
   else
-    # Each build in a directory of its own: the job store (squall-jobs.db, in the working
-    # directory) is the build's own, so builds with different store schemas can be compared.
-    local run_dir program=$1
+    local program=$1
     [[ $program == /* ]] || program=$PWD/$program
-    run_dir=$work_dir/run-$(printf '%s' "$1" | cksum | cut -d' ' -f1)
-    mkdir -p "$run_dir"
-    (cd "$run_dir" && exec taskset -c 0 "$program" --config "$bench_dir/squalld-bench.toml" \
+    (cd "${run_dir[$1]}" && exec taskset -c 0 "$program" --config "$bench_dir/squalld-bench.toml" \
       --listen 127.0.0.1:0 --port-file "$port_file" >"$work_dir/server.log" 2>&1) &
   fi
   server_pid=$!

@@ -296,8 +296,8 @@ class Squalld {
   // written as soon as the listeners are bound, while squalld may still be root; after a
   // privilege drop its directory may not let the service user remove it, which is said.
   void withdraw_port_file() const noexcept {
-    const std::string& path = startup_.command_line.port_file;
     if (!port_file_written_) return;  // Never one this squalld did not write.
+    const std::string& path = startup_.command_line.port_file;
     if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
       spdlog::warn("--port-file {}: cannot remove it after the failed start: {}", path,
                    std::strerror(errno));
