@@ -226,6 +226,29 @@ def test_user_is_switched_to_after_binding(daemons, tmp_path):
     shutil.rmtree(state)
 
 
+def test_a_start_failing_after_the_user_switch_names_the_port_file_it_cannot_take_back(daemons):
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user nobody")
+    # Root writes the port file on binding, into the test's directory (private to root); the job
+    # store then fails to open as nobody, in a directory only root may write, and nobody cannot
+    # remove the port file either: squalld says so, naming the file, and still exits 1.
+    state = pathlib.Path(tempfile.mkdtemp(prefix="squall-state-"))
+    os.chmod(state, 0o755)
+    try:
+        srv = daemons(config={"server": {"user": "nobody", "listen": ["127.0.0.1:0"]},
+                              "jobs": {"store": str(state / "jobs.db")}}, allow_errors=True)
+        srv.start()
+        assert srv.wait_exit() == 1, srv.stderr_text()
+        srv.wait_for_line(f"switched to user nobody (uid {nobody.pw_uid})")
+        srv.wait_for_line(str(state / "jobs.db"))
+        srv.wait_for_line(f"--port-file {srv.port_file}: cannot remove it after the failed start")
+        assert srv.port_file.exists()
+    finally:
+        shutil.rmtree(state)
+
+
 @pytest.mark.skipif(shutil.which("logrotate") is None, reason="logrotate is not installed")
 def test_logrotate_snippet_rotates_and_squalld_reopens(workdir, tmp_path):
     write_config(workdir)
