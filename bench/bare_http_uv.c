@@ -15,8 +15,9 @@
  * idle second thread, so that the process's file table is shared and the kernel takes a
  * reference on each file a system call uses. */
 #include <pthread.h>
-#include <stdio.h>
+#include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -44,9 +45,13 @@ static void on_alloc(uv_handle_t* handle, size_t suggested, uv_buf_t* buf) {
   *buf = uv_buf_init(read_buffer, sizeof read_buffer);
 }
 
-static void on_close(uv_handle_t* handle) { free(handle); }
+static void on_close(uv_handle_t* handle) {
+  free(handle);
+}
 
-static void on_idle_timer(uv_timer_t* timer) { (void)timer; }
+static void on_idle_timer(uv_timer_t* timer) {
+  (void)timer;
+}
 
 static void* idle_thread(void* arg) {
   (void)arg;
@@ -59,23 +64,35 @@ static void on_write(uv_write_t* request, int status) {
   free(request);
 }
 
-/* Requests are counted by their ends; an end split across two reads is found by keeping the
- * last three bytes' state in the handle's data field. */
+/* Requests are counted by their ends, "\r\n\r\n", not overlapping. memchr finds each LF (a
+ * vector scan, as a parser's); the three bytes before it may lie in the previous read, whose last
+ * three bytes the handle's data field keeps (bits 8-31, the last byte in 8-15) with how many of
+ * them follow the last end counted (bits 0-1). A byte-at-a-time loop here cost 16 instructions a
+ * byte, most of this program's work per request. */
 static size_t count_requests(uv_stream_t* client, const char* bytes, size_t length) {
-  uintptr_t matched = (uintptr_t)client->data;
+  const uintptr_t state = (uintptr_t)client->data;
+  const ptrdiff_t n = (ptrdiff_t)length;
+  ptrdiff_t start = -(ptrdiff_t)(state & 3); /* The first byte after the last end counted. */
+#define BYTE_AT(j) ((j) >= 0 ? bytes[(j)] : (char)(state >> (8 * -(j))))
   size_t count = 0;
-  for (size_t i = 0; i < length; i++) {
-    const char c = bytes[i];
-    if (c == (matched % 2 == 0 ? '\r' : '\n')) {
-      if (++matched == 4) {
-        count++;
-        matched = 0;
-      }
-    } else {
-      matched = c == '\r' ? 1 : 0;
+  const char* p = bytes;
+  const char* end = bytes + length;
+  while ((p = memchr(p, '\n', (size_t)(end - p))) != NULL) {
+    const ptrdiff_t i = p - bytes;
+    if (i - 3 >= start && BYTE_AT(i - 1) == '\r' && BYTE_AT(i - 2) == '\n' &&
+        BYTE_AT(i - 3) == '\r') {
+      count++;
+      start = i + 1;
     }
+    p++;
   }
-  client->data = (void*)matched;
+  uintptr_t next = 0;
+  for (ptrdiff_t distance = 1; distance <= 3; distance++) {
+    next |= (uintptr_t)(unsigned char)BYTE_AT(n - distance) << (8 * distance);
+  }
+#undef BYTE_AT
+  const ptrdiff_t usable = n - start < 3 ? n - start : 3;
+  client->data = (void*)(next | (uintptr_t)usable);
   return count;
 }
 
@@ -148,7 +165,8 @@ int main(int argc, char** argv) {
     response_bytes = sizeof builtin_response - 1;
     memcpy(response, builtin_response, response_bytes);
   }
-  for (size_t i = 0; i < MAX_PIPELINE; i++) memcpy(answers + i * response_bytes, response, response_bytes);
+  for (size_t i = 0; i < MAX_PIPELINE; i++)
+    memcpy(answers + i * response_bytes, response, response_bytes);
   uv_ip4_addr("127.0.0.1", argc > 1 ? atoi(argv[1]) : 0, &address);
   uv_tcp_init(loop, &server);
   if (uv_tcp_bind(&server, (const struct sockaddr*)&address, 0) != 0 ||
