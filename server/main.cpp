@@ -262,7 +262,12 @@ class Squalld {
       throw std::runtime_error(config_name() + ": " + error.what());
     }
     daemon::notify_status("Starting: opening listeners");
-    open_listeners();
+    const std::vector<std::string> listening = open_listeners();
+    // --port-file as soon as the listeners are bound, while squalld may still be root (the
+    // service user may not be able to write there); a start-up that fails after this takes the
+    // file back (withdraw_port_file, from serve()). The notes follow it: tests rely on the order.
+    write_port_file();
+    for (const std::string& note : listening) spdlog::info("{}", note);
     if (startup_.pid_file != nullptr) startup_.pid_file->write(getpid());
     // Root is needed no further than this: binding, log files, the pid file.
     const std::string dropped = daemon::drop_privileges(config_.server.user, config_.server.group);
@@ -426,8 +431,9 @@ class Squalld {
     return bound;
   }
 
-  void open_listeners() {
-    std::vector<std::string> notes;  // Logged once the port file exists, which tests rely on.
+  // Binds every listener; returns what to log once the port file exists.
+  std::vector<std::string> open_listeners() {
+    std::vector<std::string> notes;
     http::Server& first = *workers_.front()->server;
     if (!startup_.inherited.empty()) {
       // Socket activation: systemd owns the addresses; [server] listen is not used. Every
@@ -464,8 +470,7 @@ class Squalld {
             "{} workers accept on each address, a socket each (SO_REUSEPORT)", worker_count_));
       }
     }
-    write_port_file();
-    for (const std::string& note : notes) spdlog::info("{}", note);
+    return notes;
   }
 
   // --port-file: every bound address, one a line (at start and after the list changes).
