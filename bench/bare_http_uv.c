@@ -69,30 +69,30 @@ static void on_write(uv_write_t* request, int status) {
  * three bytes the handle's data field keeps (bits 8-31, the last byte in 8-15) with how many of
  * them follow the last end counted (bits 0-1). A byte-at-a-time loop here cost 16 instructions a
  * byte, most of this program's work per request. */
+static char byte_at(const char* bytes, uintptr_t state, ptrdiff_t j) {
+  return j >= 0 ? bytes[j] : (char)(state >> (8 * -j)); /* j < 0: the previous read's tail. */
+}
+
 static size_t count_requests(uv_stream_t* client, const char* bytes, size_t length) {
   const uintptr_t state = (uintptr_t)client->data;
   const ptrdiff_t n = (ptrdiff_t)length;
   ptrdiff_t start = -(ptrdiff_t)(state & 3); /* The first byte after the last end counted. */
-#define BYTE_AT(j) ((j) >= 0 ? bytes[(j)] : (char)(state >> (8 * -(j))))
   size_t count = 0;
-  const char* p = bytes;
   const char* end = bytes + length;
-  while ((p = memchr(p, '\n', (size_t)(end - p))) != NULL) {
+  for (const char* p = bytes; (p = memchr(p, '\n', (size_t)(end - p))) != NULL; p++) {
     const ptrdiff_t i = p - bytes;
-    if (i - 3 >= start && BYTE_AT(i - 1) == '\r' && BYTE_AT(i - 2) == '\n' &&
-        BYTE_AT(i - 3) == '\r') {
+    if (i - 3 >= start && byte_at(bytes, state, i - 1) == '\r' &&
+        byte_at(bytes, state, i - 2) == '\n' && byte_at(bytes, state, i - 3) == '\r') {
       count++;
       start = i + 1;
     }
-    p++;
   }
-  uintptr_t next = 0;
+  uintptr_t tail = 0;
   for (ptrdiff_t distance = 1; distance <= 3; distance++) {
-    next |= (uintptr_t)(unsigned char)BYTE_AT(n - distance) << (8 * distance);
+    tail |= (uintptr_t)(unsigned char)byte_at(bytes, state, n - distance) << (8 * distance);
   }
-#undef BYTE_AT
   const ptrdiff_t usable = n - start < 3 ? n - start : 3;
-  client->data = (void*)(next | (uintptr_t)usable);
+  client->data = (void*)(tail | (uintptr_t)usable);
   return count;
 }
 
