@@ -12,6 +12,7 @@
 #include <spdlog/spdlog.h>
 
 #include "core/hot.hpp"
+#include "core/monotonic.hpp"
 #include "http/connection_context.hpp"
 #include "squall/net/listener.hpp"
 
@@ -143,8 +144,9 @@ SQUALL_HOT void Connection::on_alloc(uv_handle_t* handle, std::size_t, uv_buf_t*
     *buf = uv_buf_init(nullptr, 0);  // libuv reports UV_ENOBUFS; the read is retried later.
     return;
   }
-  *buf = uv_buf_init(workspace->buffer + workspace->end,
-                     static_cast<unsigned>(workspace->capacity - workspace->end));
+  // Set in place: uv_buf_init() is a call into libuv for two stores.
+  buf->base = workspace->buffer + workspace->end;
+  buf->len = workspace->capacity - workspace->end;
 }
 
 SQUALL_HOT void Connection::on_read(uv_stream_t* stream, ssize_t nread, const uv_buf_t*) {
@@ -205,7 +207,7 @@ SQUALL_HOT void Connection::process() noexcept {
     if (workspace.body_stream != nullptr) pump_streamed_body();
     while (state_ == State::reading && !output_blocked_ && workspace.begin < workspace.end) {
       if (!clock_read) {
-        context_->clock_ns = uv_hrtime();
+        context_->clock_ns = squall::detail::monotonic_ns();
         clock_read = true;
       }
       if (parser.phase() == ParsePhase::idle) {
@@ -310,7 +312,7 @@ SQUALL_HOT bool Connection::release_workspace_if_idle() noexcept {
 
 SQUALL_HOT void Connection::release_workspace() noexcept {
   // A request answered inside a handler that then closed the connection is still reported.
-  if (observe_pending_) observe_request(uv_hrtime());
+  if (observe_pending_) observe_request(squall::detail::monotonic_ns());
   context_->release_workspace(workspace_);
   workspace_ = nullptr;
 }
@@ -318,9 +320,11 @@ SQUALL_HOT void Connection::release_workspace() noexcept {
 SQUALL_HOT void Connection::update_reading() noexcept {
   if (closed()) return;
   const bool buffer_full = workspace_ != nullptr && workspace_->end == workspace_->capacity;
-  const bool want = closing() ? state_ == State::lingering && !peer_eof_
-                              : !output_blocked_ && !waiting_for_output_budget_ && !peer_eof_ &&
-                                    !buffer_full && !body_held_back();
+  const bool want =
+      closing()
+          ? state_ == State::lingering && !peer_eof_
+          : !output_blocked_ && !waiting_for_output_budget_ && !peer_eof_ && !buffer_full &&
+                (workspace_ == nullptr || workspace_->body_stream == nullptr || !body_held_back());
   uv_stream_t* stream = this->stream();
   if (want && !reading_) {
     reading_ = uv_read_start(stream, on_alloc, on_read) == 0;
@@ -372,7 +376,7 @@ SQUALL_HOT void Connection::dispatch() noexcept {
     failure = std::current_exception();
   }
   handler_running_ = false;
-  context_->clock_ns = uv_hrtime();
+  context_->clock_ns = squall::detail::monotonic_ns();
   if (observe_pending_ && workspace_ != nullptr) observe_request(context_->clock_ns);
   const std::uint64_t elapsed_ns = context_->clock_ns - started;
   const auto threshold_ns =

@@ -78,24 +78,37 @@ void ConnectionContext::reconfigure(ServerOptions new_options) {
 
 SQUALL_HOT ConnectionContext::HeadPrefix& ConnectionContext::find_head_prefix(
     int status, std::string_view content_type, bool content_length) {
-  const std::string_view now = date.now();
-  HeadPrefix* found = nullptr;
-  for (HeadPrefix& prefix : head_prefixes_) {
-    if (prefix.status == status && prefix.content_length == content_length &&
-        detail::short_equal(prefix.content_type, content_type)) {
-      found = &prefix;
-      break;
+  // The Date is the wall clock's second when this loop iteration began, as nginx's is: time()
+  // is asked once per loop millisecond, not once per answer.
+  const std::uint64_t now_ms = loop.now_ms();
+  if (now_ms != date_checked_ms_) [[unlikely]] {
+    date_checked_ms_ = now_ms;
+    date.now();
+  }
+  const std::string_view now = date.text();
+  // The entry of the last answer first: a server answers the same kind again and again.
+  HeadPrefix* found = last_head_prefix_;
+  if (found == nullptr || !found->matches(status, content_type, content_length)) [[unlikely]] {
+    found = nullptr;
+    for (HeadPrefix& prefix : head_prefixes_) {
+      if (prefix.matches(status, content_type, content_length)) {
+        found = &prefix;
+        break;
+      }
     }
   }
-  if (found != nullptr && now.size() == kDateLength) {
+  if (found != nullptr && now.size() == kDateLength) [[likely]] {
     // The same second in most calls; a new one is patched in place.
-    if (found->date_second != date.second()) {
+    if (found->date_second != date.second()) [[unlikely]] {
       std::memcpy(found->text.data() + found->date_offset, now.data(), kDateLength);
       found->date_second = date.second();
     }
+    last_head_prefix_ = found;
     return *found;
   }
-  return build_head_prefix(found, status, content_type, content_length, now);
+  HeadPrefix& built = build_head_prefix(found, status, content_type, content_length, now);
+  last_head_prefix_ = &built;
+  return built;
 }
 
 ConnectionContext::HeadPrefix& ConnectionContext::build_head_prefix(HeadPrefix* found, int status,

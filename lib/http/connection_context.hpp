@@ -19,6 +19,7 @@
 #include <thread>
 
 #include "http/connection.hpp"
+#include "http/short_equal.hpp"
 #include "squall/core/clock.hpp"
 #include "squall/core/loop.hpp"
 #include "squall/core/uv_handle.hpp"
@@ -126,9 +127,9 @@ class ConnectionContext {
   MemoryBudget& unsent_budget;                                 // shared->unsent.
   std::function<void(const RequestRecord&)> request_observer;  // Metrics and access log.
   std::function<void()> on_connection_closed;                  // The server's drain check.
-  std::atomic<bool> draining{false};     // Answers say Connection: close; read from any thread.
-  bool output_waiters = false;           // Some connection paused for unsent_budget.
-  std::uint64_t clock_ns = 0;            // uv_hrtime at this pass's start or last handler's end.
+  std::atomic<bool> draining{false};  // Answers say Connection: close; read from any thread.
+  bool output_waiters = false;        // Some connection paused for unsent_budget.
+  std::uint64_t clock_ns = 0;         // monotonic_ns() at this pass's start or last handler's end.
   std::uint64_t last_budget_log_ms = 0;  // 503s for a spent budget are logged once a second.
 
  private:
@@ -161,6 +162,12 @@ class ConnectionContext {
     // text (keep_alive_head()); kNoLength when nothing follows.
     std::uint64_t completed_for = kNoLength;
     std::string text;
+
+    bool matches(int wanted_status, std::string_view wanted_type,
+                 bool wanted_length) const noexcept {
+      return status == wanted_status && content_length == wanted_length &&
+             detail::short_equal(content_type, wanted_type);
+    }
   };
   // The Date value's length: an IMF-fixdate is always 29 bytes.
   static constexpr std::size_t kDateLength = 29;
@@ -172,25 +179,27 @@ class ConnectionContext {
                                                   bool content_length, std::string_view now);
   void switch_cork(Connection* owner);  // Flushes the cork, then lends it to owner.
 
-  std::array<HeadPrefix, 8> head_prefixes_;           // The pairs in use, reused in turn.
-  std::size_t next_head_prefix_ = 0;                  // The entry a new pair replaces.
-  std::array<List, Connection::kTimerPhases> lists_;  // One per TimerPhase.
-  std::string cork_;                                  // Output gathered for cork_owner_.
-  Connection* cork_owner_ = nullptr;                  // Whose bytes cork_ holds.
-  Workspace* free_workspaces_ = nullptr;              // Spares; stats.spare_workspaces counts them.
-  std::size_t lent_workspaces_ = 0;                   // Lent to connections now.
-  std::size_t peak_lent_ = 0;                         // Most lent at once since the last trim.
-  std::size_t previous_peak_lent_ = 0;                // The same for the second before it.
-  std::size_t workspace_capacity_ = 0;                // Read buffer size, from the limits.
-  UvHandle<uv_timer_t> timer_;                        // Fires at the earliest deadline.
-  bool timer_armed_ = false;                          // timer_ is started.
-  std::uint64_t timer_due_ms_ = 0;                    // When it fires (uv_now clock).
-  UvHandle<uv_timer_t> trim_timer_;                   // Trims spares each second; unreferenced.
-  squall::detail::CloseHook loop_close_hook_;         // close_for_loop(), run by Loop::close().
-  bool trim_armed_ = false;                           // trim_timer_ is started.
-  bool resuming_output_waiters_ = false;              // resume_output_waiters() is running.
-  std::uint32_t walks_ = 0;                           // Walks on the stack.
-  bool drain_check_due_ = false;                      // A connection closed during a walk.
+  std::array<HeadPrefix, 8> head_prefixes_;            // The pairs in use, reused in turn.
+  std::size_t next_head_prefix_ = 0;                   // The entry a new pair replaces.
+  HeadPrefix* last_head_prefix_ = nullptr;             // The entry of the last answer.
+  std::uint64_t date_checked_ms_ = ~std::uint64_t{0};  // The loop time of the last time().
+  std::array<List, Connection::kTimerPhases> lists_;   // One per TimerPhase.
+  std::string cork_;                                   // Output gathered for cork_owner_.
+  Connection* cork_owner_ = nullptr;                   // Whose bytes cork_ holds.
+  Workspace* free_workspaces_ = nullptr;       // Spares; stats.spare_workspaces counts them.
+  std::size_t lent_workspaces_ = 0;            // Lent to connections now.
+  std::size_t peak_lent_ = 0;                  // Most lent at once since the last trim.
+  std::size_t previous_peak_lent_ = 0;         // The same for the second before it.
+  std::size_t workspace_capacity_ = 0;         // Read buffer size, from the limits.
+  UvHandle<uv_timer_t> timer_;                 // Fires at the earliest deadline.
+  bool timer_armed_ = false;                   // timer_ is started.
+  std::uint64_t timer_due_ms_ = 0;             // When it fires (uv_now clock).
+  UvHandle<uv_timer_t> trim_timer_;            // Trims spares each second; unreferenced.
+  squall::detail::CloseHook loop_close_hook_;  // close_for_loop(), run by Loop::close().
+  bool trim_armed_ = false;                    // trim_timer_ is started.
+  bool resuming_output_waiters_ = false;       // resume_output_waiters() is running.
+  std::uint32_t walks_ = 0;                    // Walks on the stack.
+  bool drain_check_due_ = false;               // A connection closed during a walk.
 };
 
 }  // namespace squall::http

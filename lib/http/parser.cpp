@@ -311,10 +311,12 @@ SQUALL_HOT void RequestParser::next_message() noexcept {
   phase_ = ParsePhase::idle;
   message_start_ = nullptr;
   views_end_ = nullptr;
-  llhttp_resume(&parser_);
+  // Only llhttp pauses; after fast-path heads there is nothing to resume.
+  if (llhttp_used_) llhttp_resume(&parser_);
 }
 
 SQUALL_HOT void RequestParser::release_body_budget() noexcept {
+  if (body_charged_ == 0) return;
   if (body_budget_ != nullptr) body_budget_->give_back(body_charged_);
   body_charged_ = 0;
 }

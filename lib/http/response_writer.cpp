@@ -6,6 +6,7 @@
 #include <spdlog/spdlog.h>
 
 #include "core/hot.hpp"
+#include "core/monotonic.hpp"
 #include "http/connection.hpp"
 #include "http/connection_context.hpp"
 #include "squall/http/response.hpp"
@@ -140,7 +141,7 @@ SQUALL_HOT void Connection::finish_response() noexcept {
     if (handler_running_) {
       observe_pending_ = true;
     } else {
-      observe_request(uv_hrtime());
+      observe_request(squall::detail::monotonic_ns());
     }
   }
   const bool more_input = workspace.begin < workspace.end;
@@ -184,7 +185,9 @@ SQUALL_HOT void Connection::write_out(std::string& bytes) noexcept {
   const std::size_t size = bytes.size();
   context_->stats.bytes_sent += size;
   uv_stream_t* stream = this->stream();
-  uv_buf_t buf = uv_buf_init(bytes.data(), static_cast<unsigned>(size));
+  uv_buf_t buf;
+  buf.base = bytes.data();
+  buf.len = size;
   // Most responses fit the socket buffer: write now, without a request or a copy. (Behind
   // earlier unsent bytes uv_try_write takes nothing and the bytes queue in order.)
   int written = uv_try_write(stream, &buf, 1);
