@@ -7,7 +7,9 @@
 // back to its place, a few steps at most), and the context keeps one loop timer for the earliest
 // head of all lists (nginx keeps a red-black tree, h2o a timer wheel: a FIFO per duration is the
 // simplest of the three for fixed durations). An idle connection then costs two pointers and a
-// deadline instead of a uv_timer_t, and a busy one no timer operation per request.
+// deadline instead of a uv_timer_t, and a busy one no timer operation per request. Deadlines are
+// rounded up to a tick of kDeadlineTickMs: a timeout fires up to that much late (never early),
+// and a connection answered several times within one tick moves on its list once.
 #pragma once
 
 #include <array>
@@ -60,8 +62,17 @@ class ConnectionContext {
   // than that minimum frees those beyond the recent peak, so after a burst they fall back to
   // the minimum within about two seconds.
   static constexpr std::size_t kMinSpareWorkspaces = 32;
+  // The granularity of deadlines, in loop milliseconds (a power of two).
+  static constexpr std::uint64_t kDeadlineTickMs = 16;
   Workspace* acquire_workspace();
   void release_workspace(Workspace* workspace) noexcept;
+  // `connection`, idle, keeps `workspace` (Connection::keep_workspace_if_idle): on the kept
+  // list, the sweep (every kDeadlineTickMs) gives it back once the connection has not used it
+  // for a whole tick. A keep-alive client that sends again within 16-32 ms skips a give-back
+  // and a lend per request; a connection that stays idle holds none after at most two ticks.
+  void keep_while_idle(Connection* connection, Workspace* workspace) noexcept;
+  // The read buffer size of workspaces lent now (a reload may change it).
+  std::size_t workspace_capacity() const noexcept { return workspace_capacity_; }
 
   // Deadlines and the set of connections: every open connection is on exactly one phase list
   // (TimerPhase::none: no deadline); a closed one still held by Responders on the closed list.
@@ -144,7 +155,9 @@ class ConnectionContext {
   void run_drain_check() noexcept;             // May delete this context: the caller's last step.
   std::size_t spares_wanted() const noexcept;  // The recent peak, at least the minimum.
   void free_spares_beyond(std::size_t keep) noexcept;
-  void trim_spares() noexcept;  // The trim timer's pass.
+  void trim_spares() noexcept;                 // The trim timer's pass.
+  void unkeep(Workspace* workspace) noexcept;  // Off the kept list.
+  void sweep_kept() noexcept;                  // The kept timer's pass.
   // Loop::close() before it closes its handles: every open connection closes (its socket is
   // inside it, not a UvHandle the Loop knows).
   void close_for_loop() noexcept;
@@ -195,6 +208,9 @@ class ConnectionContext {
   bool timer_armed_ = false;                   // timer_ is started.
   std::uint64_t timer_due_ms_ = 0;             // When it fires (uv_now clock).
   UvHandle<uv_timer_t> trim_timer_;            // Trims spares each second; unreferenced.
+  UvHandle<uv_timer_t> kept_timer_;            // Sweeps kept_ each tick; unreferenced.
+  Workspace* kept_ = nullptr;                  // Kept by idle connections (keep_while_idle).
+  bool kept_armed_ = false;                    // kept_timer_ is started.
   squall::detail::CloseHook loop_close_hook_;  // close_for_loop(), run by Loop::close().
   bool trim_armed_ = false;                    // trim_timer_ is started.
   bool resuming_output_waiters_ = false;       // resume_output_waiters() is running.

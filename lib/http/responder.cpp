@@ -92,9 +92,12 @@ void Connection::dropped_unanswered() noexcept {
   answer_internal_error();
 }
 
+// Made only by Connection::dispatch(), on the loop thread, for the request it dispatches (which
+// holds a workspace): none of add_responder()'s checks can fail.
 SQUALL_HOT Responder::Responder(Connection* connection, std::uint64_t request_number) noexcept
     : connection_(connection), request_number_(request_number) {
-  connection_->add_responder(request_number_);
+  ++connection->responders_;
+  ++connection->workspace_->current_responders;
 }
 
 Responder::Responder(const Responder& other) noexcept
