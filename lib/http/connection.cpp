@@ -314,8 +314,11 @@ SQUALL_HOT bool Connection::release_workspace_if_idle() noexcept {
 SQUALL_HOT bool Connection::keep_workspace_if_idle() noexcept {
   Workspace* workspace = workspace_;
   if (workspace == nullptr || !idle() || workspace->current_responders > 0) return false;
-  // A workspace sized for limits a reload replaced is given back (and dropped) at once.
-  if (observe_pending_ || workspace->capacity != context_->workspace_capacity()) [[unlikely]] {
+  // Given back at once after a connection's first answer (a client that sends one request and
+  // stays idle holds none: a burst of new connections leaves no workspaces behind), and when
+  // sized for limits a reload replaced (then dropped).
+  if (request_number_ < 2 || observe_pending_ ||
+      workspace->capacity != context_->workspace_capacity()) [[unlikely]] {
     release_workspace();
     return true;
   }

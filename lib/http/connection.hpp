@@ -45,9 +45,10 @@ namespace squall::http {
 class ConnectionContext;
 
 // What a connection needs while a request is in flight: lent by the context when bytes arrive
-// and given back once the connection has been idle for a tick or two of the context's sweep
-// (ConnectionContext::keep_while_idle), so a connection that stays idle holds none of it and a
-// busy keep-alive connection keeps its own from one request to the next.
+// and given back when the connection is idle again: at once after its first request, after a
+// tick or two of the context's sweep after a later one (ConnectionContext::keep_while_idle), so
+// a connection that stays idle holds none of it and a busy keep-alive connection keeps its own
+// from one request to the next.
 struct Workspace {
   Workspace(const Limits& limits, MemoryBudget* body_budget) : parser(limits, body_budget) {}
   Workspace(const Workspace&) = delete;

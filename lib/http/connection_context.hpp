@@ -66,10 +66,11 @@ class ConnectionContext {
   static constexpr std::uint64_t kDeadlineTickMs = 16;
   Workspace* acquire_workspace();
   void release_workspace(Workspace* workspace) noexcept;
-  // `connection`, idle, keeps `workspace` (Connection::keep_workspace_if_idle): on the kept
-  // list, the sweep (every kDeadlineTickMs) gives it back once the connection has not used it
-  // for a whole tick. A keep-alive client that sends again within 16-32 ms skips a give-back
-  // and a lend per request; a connection that stays idle holds none after at most two ticks.
+  // `connection`, idle after its second or a later answer, keeps `workspace`
+  // (Connection::keep_workspace_if_idle): on the kept list, the sweep (every kDeadlineTickMs)
+  // gives it back once the connection has not used it for a whole tick. A keep-alive client
+  // that sends again within 16-32 ms skips a give-back and a lend per request; a connection that
+  // stays idle holds none after at most two ticks (after its first answer, none at once).
   void keep_while_idle(Connection* connection, Workspace* workspace) noexcept;
   // The read buffer size of workspaces lent now (a reload may change it).
   std::size_t workspace_capacity() const noexcept { return workspace_capacity_; }
