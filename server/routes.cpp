@@ -63,12 +63,6 @@ HttpMetrics::HttpMetrics(metrics::Registry& registry, const log::Logs& logs)
         return static_cast<double>(
             sum([](const http::ServerStats& s) { return s.spare_workspaces.load(); }));
       });
-  registry.gauge_callback(
-      "squall_http_kept_workspaces",
-      "Request workspaces idle keep-alive connections keep for their next request now.", [this] {
-        return static_cast<double>(
-            sum([](const http::ServerStats& s) { return s.kept_workspaces.load(); }));
-      });
   // The server-wide budgets of [limits] max_buffered_body_bytes and max_unsent_bytes, shared
   // by every worker's server.
   registry.gauge_callback(

@@ -3,9 +3,8 @@
 // Loop::close() comes first: the context's close hook closes the connections before the Loop
 // closes the handles it knows) and little else while idle; the read buffer, the parser and
 // everything about the request in flight live in a Workspace borrowed from the loop's
-// ConnectionContext while bytes or an answer are in flight, and kept for a tick or two after (the
-// client's next request uses it again). Its timeouts are deadlines kept by the context (one
-// timer per loop, not one per connection).
+// ConnectionContext only while bytes or an answer are in flight. Its timeouts are deadlines kept by
+// the context (one timer per loop, not one per connection).
 //
 //   reading ----dispatch----> answering --Responder::start--> streaming
 //      ^                        |  |                             |
@@ -45,10 +44,7 @@ namespace squall::http {
 class ConnectionContext;
 
 // What a connection needs while a request is in flight: lent by the context when bytes arrive
-// and given back when the connection is idle again: at once after its first request, after a
-// tick or two of the context's sweep after a later one (ConnectionContext::keep_while_idle), so
-// a connection that stays idle holds none of it and a busy keep-alive connection keeps its own
-// from one request to the next.
+// and given back when the connection is idle again, so an idle connection holds none of it.
 struct Workspace {
   Workspace(const Limits& limits, MemoryBudget* body_budget) : parser(limits, body_budget) {}
   Workspace(const Workspace&) = delete;
@@ -65,14 +61,14 @@ struct Workspace {
   std::string remote_address;    // The peer's address, filled on first use.
   const Route* route = nullptr;  // The matched route of the current request.
   std::shared_ptr<const Router> routes_in_use;  // Keeps route alive while an answer is late.
-  std::uint64_t request_start_ns = 0;     // monotonic_ns() at the pass that read its first byte.
-  std::uint64_t response_body_bytes = 0;  // Body bytes of the current response.
-  int response_status = 0;                // Status of the current response.
-  std::uint32_t current_responders = 0;   // Responder copies for the current request.
-  bool response_chunked = false;          // The body goes out in chunks.
-  bool response_close_delimited = false;  // HTTP/1.0 streaming: the close ends the body.
-  bool head_request = false;              // HEAD: no body bytes go out.
-  bool keep_alive = true;                 // Whether the current response leaves it open.
+  std::uint64_t request_start_ns = 0;           // monotonic_ns() at the pass that read its first byte.
+  std::uint64_t response_body_bytes = 0;        // Body bytes of the current response.
+  int response_status = 0;                      // Status of the current response.
+  std::uint32_t current_responders = 0;         // Responder copies for the current request.
+  bool response_chunked = false;                // The body goes out in chunks.
+  bool response_close_delimited = false;        // HTTP/1.0 streaming: the close ends the body.
+  bool head_request = false;                    // HEAD: no body bytes go out.
+  bool keep_alive = true;                       // Whether the current response leaves it open.
   // A coroutine handler's stop source: requested when the client goes away before its answer.
   std::stop_source handler_stop{std::nostopstate};
   // A streaming writer waiting for the unsent bytes to fall to the low-water mark.
@@ -82,13 +78,6 @@ struct Workspace {
   // the answer is out, the marker that the rest of the body is read and dropped.
   std::shared_ptr<detail::BodyStream> body_stream;
   Workspace* next_free = nullptr;  // Link in the free list.
-  // Kept by an idle connection for a tick or two (ConnectionContext::keep_while_idle): the
-  // context's list of kept workspaces, their connection, and whether it used the workspace
-  // since the last sweep.
-  Workspace* kept_prev = nullptr;
-  Workspace* kept_next = nullptr;
-  Connection* keeper = nullptr;  // Set while on the list.
-  bool used_since_sweep = false;
 };
 
 class Connection {
@@ -142,9 +131,6 @@ class Connection {
   void orphan() noexcept { orphaned_ = true; }
   // Writes what the context's cork gathered for this connection (empties `bytes`).
   void write_out(std::string& bytes) noexcept;
-  // Gives the workspace back if the connection is idle (the context's sweep of kept ones).
-  // Whether it was given back.
-  bool release_workspace_if_idle() noexcept;
 
   std::uint64_t id() const noexcept { return id_; }
   std::string_view remote_address();
@@ -195,10 +181,8 @@ class Connection {
   void send_error(int status, std::string_view reason) noexcept;
   void compact() noexcept;
   Workspace& borrow_workspace();
+  bool release_workspace_if_idle() noexcept;  // Whether it was given back.
   void release_workspace() noexcept;
-  // Idle: the context keeps the workspace with the connection for a while
-  // (ConnectionContext::keep_while_idle). Whether it was idle.
-  bool keep_workspace_if_idle() noexcept;
   void update_reading() noexcept;
   std::size_t unsent() const noexcept { return tcp_.write_queue_size; }
 

@@ -31,11 +31,9 @@ ConnectionContext::ConnectionContext(Loop& loop, std::shared_ptr<const Router> r
       body_budget(shared->bodies),
       unsent_budget(shared->unsent),
       timer_(loop, this, uv_timer_init, "connections' deadline timer"),
-      trim_timer_(loop, this, uv_timer_init, "workspace trim timer"),
-      kept_timer_(loop, this, uv_timer_init, "kept workspace timer") {
-  // Spares and kept workspaces alone never keep the loop running.
+      trim_timer_(loop, this, uv_timer_init, "workspace trim timer") {
+  // Spares alone never keep the loop running.
   uv_unref(trim_timer_.handle());
-  uv_unref(kept_timer_.handle());
   loop_close_hook_.owner = this;
   loop_close_hook_.run = [](void* owner) noexcept {
     static_cast<ConnectionContext*>(owner)->close_for_loop();
@@ -45,8 +43,6 @@ ConnectionContext::ConnectionContext(Loop& loop, std::shared_ptr<const Router> r
 
 ConnectionContext::~ConnectionContext() {
   loop_close_hook_.unlink();
-  // The connections cut loose below delete their workspaces themselves.
-  while (kept_ != nullptr) unkeep(kept_);
   // Connections still referenced by a Responder outlive the server: cut them loose.
   for (const List& list : lists_) {
     for (Connection* connection = list.head; connection != nullptr;) {
@@ -214,54 +210,7 @@ SQUALL_HOT Workspace* ConnectionContext::acquire_workspace() {
   return workspace;
 }
 
-void ConnectionContext::keep_while_idle(Connection* connection, Workspace* workspace) noexcept {
-  ++stats.kept_workspaces;
-  workspace->keeper = connection;
-  workspace->kept_prev = nullptr;
-  workspace->kept_next = kept_;
-  if (kept_ != nullptr) kept_->kept_prev = workspace;
-  kept_ = workspace;
-  if (!kept_armed_ && kept_timer_.is_open()) {
-    uv_timer_start(
-        kept_timer_.get(),
-        [](uv_timer_t* timer) { static_cast<ConnectionContext*>(timer->data)->sweep_kept(); },
-        kDeadlineTickMs, kDeadlineTickMs);
-    kept_armed_ = true;
-  }
-}
-
-void ConnectionContext::unkeep(Workspace* workspace) noexcept {
-  if (workspace->kept_prev != nullptr) {
-    workspace->kept_prev->kept_next = workspace->kept_next;
-  } else {
-    kept_ = workspace->kept_next;
-  }
-  if (workspace->kept_next != nullptr) workspace->kept_next->kept_prev = workspace->kept_prev;
-  workspace->kept_prev = workspace->kept_next = nullptr;
-  workspace->keeper = nullptr;
-  --stats.kept_workspaces;
-}
-
-void ConnectionContext::sweep_kept() noexcept {
-  for (Workspace* workspace = kept_; workspace != nullptr;) {
-    Workspace* next = workspace->kept_next;
-    if (workspace->used_since_sweep) {
-      workspace->used_since_sweep = false;
-    } else if (!workspace->keeper->release_workspace_if_idle()) {
-      // Not idle for a whole tick after all: a request has begun on it, and keeps it again when
-      // it ends. (Given back, it left the list in release_workspace.)
-      unkeep(workspace);
-    }
-    workspace = next;
-  }
-  if (kept_ == nullptr) {
-    uv_timer_stop(kept_timer_.get());
-    kept_armed_ = false;
-  }
-}
-
 SQUALL_HOT void ConnectionContext::release_workspace(Workspace* workspace) noexcept {
-  if (workspace->keeper != nullptr) unkeep(workspace);
   workspace->parser.release_body_budget();
   // The request's fields are views into the buffer and are cleared when the next message
   // begins (RequestParser::begin_message); only what it owns is let go here.

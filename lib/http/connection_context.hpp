@@ -66,14 +66,6 @@ class ConnectionContext {
   static constexpr std::uint64_t kDeadlineTickMs = 16;
   Workspace* acquire_workspace();
   void release_workspace(Workspace* workspace) noexcept;
-  // `connection`, idle after its second or a later answer, keeps `workspace`
-  // (Connection::keep_workspace_if_idle): on the kept list, the sweep (every kDeadlineTickMs)
-  // gives it back once the connection has not used it for a whole tick. A keep-alive client
-  // that sends again within 16-32 ms skips a give-back and a lend per request; a connection that
-  // stays idle holds none after at most two ticks (after its first answer, none at once).
-  void keep_while_idle(Connection* connection, Workspace* workspace) noexcept;
-  // The read buffer size of workspaces lent now (a reload may change it).
-  std::size_t workspace_capacity() const noexcept { return workspace_capacity_; }
 
   // Deadlines and the set of connections: every open connection is on exactly one phase list
   // (TimerPhase::none: no deadline); a closed one still held by Responders on the closed list.
@@ -156,9 +148,7 @@ class ConnectionContext {
   void run_drain_check() noexcept;             // May delete this context: the caller's last step.
   std::size_t spares_wanted() const noexcept;  // The recent peak, at least the minimum.
   void free_spares_beyond(std::size_t keep) noexcept;
-  void trim_spares() noexcept;                 // The trim timer's pass.
-  void unkeep(Workspace* workspace) noexcept;  // Off the kept list.
-  void sweep_kept() noexcept;                  // The kept timer's pass.
+  void trim_spares() noexcept;  // The trim timer's pass.
   // Loop::close() before it closes its handles: every open connection closes (its socket is
   // inside it, not a UvHandle the Loop knows).
   void close_for_loop() noexcept;
@@ -209,9 +199,6 @@ class ConnectionContext {
   bool timer_armed_ = false;                   // timer_ is started.
   std::uint64_t timer_due_ms_ = 0;             // When it fires (uv_now clock).
   UvHandle<uv_timer_t> trim_timer_;            // Trims spares each second; unreferenced.
-  UvHandle<uv_timer_t> kept_timer_;            // Sweeps kept_ each tick; unreferenced.
-  Workspace* kept_ = nullptr;                  // Kept by idle connections (keep_while_idle).
-  bool kept_armed_ = false;                    // kept_timer_ is started.
   squall::detail::CloseHook loop_close_hook_;  // close_for_loop(), run by Loop::close().
   bool trim_armed_ = false;                    // trim_timer_ is started.
   bool resuming_output_waiters_ = false;       // resume_output_waiters() is running.

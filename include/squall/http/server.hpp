@@ -76,7 +76,6 @@ struct ServerStats {
   LoopCounter requests;              // Requests answered (including error responses).
   LoopCounter workspaces_created;    // Request workspaces (read buffer, parser) built.
   LoopCounter spare_workspaces;      // Workspaces kept for reuse now (not a running total).
-  LoopCounter kept_workspaces;       // Workspaces idle connections keep for a tick now.
 };
 
 // What the servers of one process share when each runs on its own loop (workers), so that

@@ -124,9 +124,8 @@ TEST_CASE("idle keep-alive connections share one timer and each still times out"
   CHECK(loop.close() == 0);
   CHECK(answered == kConnections);
   CHECK(while_idle.tcp == kConnections + 1);  // The listener and the idle connections.
-  // The watchdog, the connections' one deadline timer and the sweep of the workspaces they keep
-  // for a tick after their answers; a timer per connection would be 21 or more.
-  CHECK(while_idle.timers <= 3);
+  // The watchdog and the connections' one timer; a timer per connection would be 21 or more.
+  CHECK(while_idle.timers <= 2);
   CHECK(closed_by_server == kConnections);
 }
 
@@ -149,14 +148,12 @@ TEST_CASE("a burst's workspaces serve the next burst; spares beyond the minimum 
   struct Counts {
     std::uint64_t created = 0;
     std::uint64_t spare = 0;
-    std::uint64_t kept = 0;  // By idle connections, for a tick or two.
   };
   // Read on the loop, after whatever it is doing for the requests answered.
   const auto counts_on_loop = [&] {
     Counts counts;
     on_loop(loop, [&] {
-      counts = Counts{server.stats().workspaces_created, server.stats().spare_workspaces,
-                      server.stats().kept_workspaces};
+      counts = Counts{server.stats().workspaces_created, server.stats().spare_workspaces};
     });
     return counts;
   };
@@ -175,12 +172,11 @@ TEST_CASE("a burst's workspaces serve the next burst; spares beyond the minimum 
       }
       after_burst.push_back(counts_on_loop());
     }
-    // Idle now: the kept ones go back after a tick or two, and the trim frees what the next
-    // second's peak (none) does not need.
+    // Idle now: the trim frees what the next second's peak (none) does not need.
     const auto deadline = std::chrono::steady_clock::now() + 10s;
     while (std::chrono::steady_clock::now() < deadline) {
       trimmed = counts_on_loop();
-      if (trimmed.kept == 0 && trimmed.spare <= http::ConnectionContext::kMinSpareWorkspaces) {
+      if (trimmed.spare <= http::ConnectionContext::kMinSpareWorkspaces) {
         trim_seen = true;
         break;
       }
@@ -191,62 +187,12 @@ TEST_CASE("a burst's workspaces serve the next burst; spares beyond the minimum 
   CHECK(answered == 2 * kInFlight);
   REQUIRE(after_burst.size() == 2);
   CHECK(after_burst[0].created == kInFlight);
-  CHECK(after_burst[0].spare == kInFlight);    // All given back after a first request, all kept.
+  CHECK(after_burst[0].spare == kInFlight);    // All given back, all kept.
   CHECK(after_burst[1].created == kInFlight);  // The second burst built none.
-  // After a second request an idle connection keeps its workspace a tick longer (here the one
-  // whose request released the others' answers, at least); the rest are spares.
-  CHECK(after_burst[1].spare + after_burst[1].kept == kInFlight);
+  CHECK(after_burst[1].spare == kInFlight);
   CHECK(trim_seen);
   CHECK(trimmed.spare == http::ConnectionContext::kMinSpareWorkspaces);
-  CHECK(trimmed.kept == 0);
   CHECK(trimmed.created == kInFlight);
-}
-
-TEST_CASE("a keep-alive connection keeps its workspace for its next request, then gives it back") {
-  Loop loop;
-  http::Router router;
-  http::Server* server_ptr = nullptr;
-  // Seen on the loop right after each answer has gone out (the next loop turn): how many
-  // workspaces were kept then.
-  std::vector<std::uint64_t> kept_after_answer;
-  router.add("GET", "/x", [&](http::Request&, http::Responder responder) {
-    responder.send(200, "text/plain", "x");
-    loop.call_soon([&] { kept_after_answer.push_back(server_ptr->stats().kept_workspaces); });
-  });
-  http::Server server(loop, std::make_shared<const http::Router>(router), http::ServerOptions{});
-  server_ptr = &server;
-  server.listen("127.0.0.1", 0);
-  const std::uint16_t port = server.listeners().front()->bound_port();
-  constexpr int kRequests = 20;
-  int answered = 0;
-  std::uint64_t created = 0;
-  bool given_back = false;
-  run_with_client(loop, server, [&] {
-    testing::Client client(port);
-    for (int i = 0; i < kRequests; ++i) {
-      client.send("GET /x HTTP/1.1\r\nHost: t\r\n\r\n");
-      if (client.read_response().find("200 OK") != std::string::npos) ++answered;
-    }
-    // Idle now, the connection still open: its workspace goes back within two sweeps.
-    const auto deadline = std::chrono::steady_clock::now() + 10s;
-    while (!given_back && std::chrono::steady_clock::now() < deadline) {
-      on_loop(loop, [&] {
-        given_back = server.stats().kept_workspaces == 0 && server.stats().spare_workspaces == 1;
-        created = server.stats().workspaces_created;
-      });
-      if (!given_back) std::this_thread::sleep_for(5ms);
-    }
-  });
-  CHECK(loop.close() == 0);
-  CHECK(answered == kRequests);
-  CHECK(created == 1);  // One workspace served every request.
-  REQUIRE(kept_after_answer.size() == static_cast<std::size_t>(kRequests));
-  // The first answer gave it back at once (a client that sends one request holds none); right
-  // after each later one the idle connection kept it (a sweep gives one back only after a whole
-  // tick, 16 ms, without a request).
-  CHECK(kept_after_answer.front() == 0);
-  for (std::size_t i = 1; i < kept_after_answer.size(); ++i) CHECK(kept_after_answer[i] == 1);
-  CHECK(given_back);
 }
 
 TEST_CASE(
