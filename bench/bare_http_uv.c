@@ -13,7 +13,12 @@
  * BARE_EXTRA (bench/keepalive_ab.sh's BARE_VARIANTS) adds one thing squalld has and this loop
  * lacks: "timer", a repeating libuv timer, so that epoll_wait waits with a timeout; "thread", an
  * idle second thread, so that the process's file table is shared and the kernel takes a
- * reference on each file a system call uses. */
+ * reference on each file a system call uses. Two more price what squalld's own code does per
+ * request: "work", about 1,400 more instructions per request on data already in the cache
+ * (squalld runs some 1,400 more than this loop, bench/callgrind.sh), and "pages", one byte
+ * written in each of 32 pages per request (what squalld's code and data spread over, and what
+ * each return from a system call makes the processor look up again where the kernel isolates its
+ * page tables without PCID). */
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -33,6 +38,25 @@ static char read_buffer[64 * 1024];
 static char response[MAX_RESPONSE_BYTES];
 static size_t response_bytes;
 static char answers[MAX_PIPELINE * MAX_RESPONSE_BYTES];
+
+/* BARE_EXTRA=work and pages (see above). */
+enum { EXTRA_NONE, EXTRA_WORK, EXTRA_PAGES };
+static int per_request_extra = EXTRA_NONE;
+#define WORK_ROUNDS \
+  140 /* About ten instructions each (BARE_EXTRA=work SERVERS=bare bench/callgrind.sh). */
+#define EXTRA_PAGES_TOUCHED 32
+static char* extra_pages;
+volatile unsigned extra_sink; /* Keeps the work's result, so that the compiler keeps the work. */
+
+static void extra_per_request(const char* bytes) {
+  if (per_request_extra == EXTRA_WORK) {
+    unsigned sum = 0;
+    for (unsigned i = 0; i < WORK_ROUNDS; i++) sum = sum * 31u + (unsigned char)bytes[i & 31];
+    extra_sink = sum;
+  } else if (per_request_extra == EXTRA_PAGES) {
+    for (size_t i = 0; i < EXTRA_PAGES_TOUCHED; i++) extra_pages[i * 4096]++;
+  }
+}
 
 typedef struct {
   uv_write_t request;
@@ -103,6 +127,9 @@ static void on_read(uv_stream_t* client, ssize_t nread, const uv_buf_t* buf) {
     return;
   }
   size_t count = count_requests(client, read_buffer, (size_t)nread);
+  if (per_request_extra != EXTRA_NONE) {
+    for (size_t i = 0; i < count; i++) extra_per_request(read_buffer);
+  }
   while (count > 0) {
     const size_t batch = count < MAX_PIPELINE ? count : MAX_PIPELINE;
     const size_t size = batch * response_bytes;
@@ -189,8 +216,17 @@ int main(int argc, char** argv) {
       fprintf(stderr, "bare_http_uv: cannot start the idle thread\n");
       return 1;
     }
+  } else if (extra != NULL && strcmp(extra, "work") == 0) {
+    per_request_extra = EXTRA_WORK;
+  } else if (extra != NULL && strcmp(extra, "pages") == 0) {
+    extra_pages = calloc(EXTRA_PAGES_TOUCHED, 4096);
+    if (extra_pages == NULL) {
+      fprintf(stderr, "bare_http_uv: out of memory for BARE_EXTRA=pages\n");
+      return 1;
+    }
+    per_request_extra = EXTRA_PAGES;
   } else if (extra != NULL && extra[0] != '\0') {
-    fprintf(stderr, "bare_http_uv: BARE_EXTRA=%s is neither timer nor thread\n", extra);
+    fprintf(stderr, "bare_http_uv: BARE_EXTRA=%s is none of timer, thread, work, pages\n", extra);
     return 1;
   }
   return uv_run(loop, UV_RUN_DEFAULT);

@@ -16,6 +16,11 @@
 #   DURATION      each wrk run [5s]
 #   CONNECTIONS   wrk connections [10]
 #   PIPELINE_DEPTH  requests per write in the pipelined scenario [16]
+#   CACHE_SIM     1: valgrind also simulates the caches and branch predictors, and a second line
+#                 per run gives the first-level data cache misses (reads and writes), the
+#                 instruction cache misses and the mispredicted branches (conditional and
+#                 indirect) per request: the memory a request touches, which its instruction
+#                 count does not show [0]
 set -euo pipefail
 
 bench_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -27,6 +32,9 @@ SCENARIOS=${SCENARIOS:-keepalive pipelined}
 DURATION=${DURATION:-5s}
 CONNECTIONS=${CONNECTIONS:-10}
 PIPELINE_DEPTH=${PIPELINE_DEPTH:-16}
+CACHE_SIM=${CACHE_SIM:-0}
+simulate=()
+[[ $CACHE_SIM == 1 ]] && simulate=(--cache-sim=yes --branch-sim=yes)
 WRK=${WRK:-wrk}
 
 log() { printf 'callgrind: %s\n' "$*" >&2; }
@@ -48,13 +56,13 @@ for server in $SERVERS; do
   case "$server" in
     squalld)
       # In the work directory: squalld's job store (squall-jobs.db) is created there.
-      (cd "$work_dir" && exec valgrind --tool=callgrind \
+      (cd "$work_dir" && exec valgrind --tool=callgrind "${simulate[@]}" \
         --callgrind-out-file="$work_dir/cg.$server.%p" "$SQUALLD" \
         --config "$bench_dir/squalld-bench.toml" --listen 127.0.0.1:0 \
         --port-file "$port_file" >"$work_dir/$server.log" 2>&1) &
       ;;
     bare)
-      valgrind --tool=callgrind --callgrind-out-file="$work_dir/cg.$server.%p" \
+      valgrind --tool=callgrind "${simulate[@]}" --callgrind-out-file="$work_dir/cg.$server.%p" \
         "$work_dir/bare_http_uv" >"$port_file" 2>"$work_dir/$server.log" &
       ;;
     *) die "unknown server '$server' (squalld, bare)" ;;
@@ -84,6 +92,19 @@ for server in $SERVERS; do
     per_request[$server.$scenario]=$((callgrind_instructions / callgrind_requests))
     printf '%-8s %-10s %12s instructions / %8s requests = %6s per request\n' "$server" \
       "$scenario" "$callgrind_instructions" "$callgrind_requests" "${per_request[$server.$scenario]}"
+    if [[ $CACHE_SIM == 1 ]]; then
+      # The dump's "events:" line names the counts of its "summary:" (or "totals:") line.
+      awk -v server="$server" -v scenario="$scenario" -v requests="$callgrind_requests" '
+        /^events:/ { for (i = 2; i <= NF; i++) name[i] = $i }
+        /^(summary|totals):/ {
+          for (i = 2; i <= NF; i++) count[name[i]] = $i
+          printf "%-8s %-10s per request: %.1f D1 misses (%.1f read, %.1f write), %.2f I1 misses, %.1f mispredicted branches (%.1f conditional, %.1f indirect)\n",
+            server, scenario, (count["D1mr"] + count["D1mw"]) / requests, count["D1mr"] / requests,
+            count["D1mw"] / requests, count["I1mr"] / requests,
+            (count["Bcm"] + count["Bim"]) / requests, count["Bcm"] / requests, count["Bim"] / requests
+          exit
+        }' "$callgrind_dump"
+    fi
     rm -f "$callgrind_dump"
   done
   kill -TERM "$server_pid" 2>/dev/null || true

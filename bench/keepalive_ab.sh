@@ -20,7 +20,9 @@
 #   BARE_VARIANTS bare-loop variants run in every round too, named bare:VARIANT: "timer" (a
 #                 repeating libuv timer), "thread" (an idle second thread), "same" (squalld's
 #                 own answer to GET /plaintext byte for byte, as bench/run.sh's bare_same:
-#                 captured with curl from the first SQUALLD, its Date frozen) [none]
+#                 captured with curl from the first SQUALLD, its Date frozen), "work" (about
+#                 1,400 instructions more per request), "pages" (a byte written in each of 32
+#                 pages per request) [none]
 #   SYSCALLS      1: count system calls per request (perf) after the rounds [0]
 set -euo pipefail
 
@@ -64,8 +66,9 @@ cc -O2 -g -Wall -Werror -pthread -o "$work_dir/bare_http_uv" "$bench_dir/bare_ht
   die "cannot build bench/bare_http_uv.c"
 [[ $BARE == 1 ]] && servers+=(bare)
 for variant in $BARE_VARIANTS; do
-  [[ $variant == timer || $variant == thread || $variant == same ]] ||
-    die "BARE_VARIANTS: '$variant' is none of timer, thread, same"
+  [[ $variant == timer || $variant == thread || $variant == same || $variant == work ||
+    $variant == pages ]] ||
+    die "BARE_VARIANTS: '$variant' is none of timer, thread, same, work, pages"
   servers+=("bare:$variant")
 done
 hz=$(getconf CLK_TCK)
