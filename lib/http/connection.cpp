@@ -261,7 +261,8 @@ SQUALL_HOT void Connection::process() noexcept {
   // At once rather than kept for this connection's next request: the free list is last in,
   // first out, so the next connection to read borrows this same workspace while it is still in
   // the cache. Kept per connection, 100 busy connections touch 100 workspaces: 22 first-level
-  // cache misses per request instead of 0.7 (bench/RESULTS.md, "Keeping workspaces").
+  // cache misses per request instead of 0.7 (bench/RESULTS.md: "Keeping workspaces, tried and
+  // reverted").
   if (!release_workspace_if_idle()) compact();
   update_reading();
   update_timer();

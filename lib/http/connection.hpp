@@ -61,7 +61,7 @@ struct Workspace {
   std::string remote_address;    // The peer's address, filled on first use.
   const Route* route = nullptr;  // The matched route of the current request.
   std::shared_ptr<const Router> routes_in_use;  // Keeps route alive while an answer is late.
-  std::uint64_t request_start_ns = 0;           // monotonic_ns() at the pass that read its first byte.
+  std::uint64_t request_start_ns = 0;           // The clock at the pass that read its first byte.
   std::uint64_t response_body_bytes = 0;        // Body bytes of the current response.
   int response_status = 0;                      // Status of the current response.
   std::uint32_t current_responders = 0;         // Responder copies for the current request.
