@@ -20,7 +20,10 @@
 #                 per run gives the first-level data cache misses (reads and writes), the
 #                 instruction cache misses and the mispredicted branches (conditional and
 #                 indirect) per request: the memory a request touches, which its instruction
-#                 count does not show [0]
+#                 count does not show; "lines": the same with first-level caches of 1 KiB, which
+#                 keep nothing from one request to the next, so that the misses count the code and
+#                 data cache lines one request touches (its footprint, which the kernel's work
+#                 between two requests evicts) [0]
 set -euo pipefail
 
 bench_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -33,13 +36,19 @@ DURATION=${DURATION:-5s}
 CONNECTIONS=${CONNECTIONS:-10}
 PIPELINE_DEPTH=${PIPELINE_DEPTH:-16}
 CACHE_SIM=${CACHE_SIM:-0}
-simulate=()
-[[ $CACHE_SIM == 1 ]] && simulate=(--cache-sim=yes --branch-sim=yes)
 WRK=${WRK:-wrk}
 
 log() { printf 'callgrind: %s\n' "$*" >&2; }
 # shellcheck source=bench/common.sh
 source "$bench_dir/common.sh"
+
+simulate=()
+case "$CACHE_SIM" in
+  0) ;;
+  1) simulate=(--cache-sim=yes --branch-sim=yes) ;;
+  lines) simulate=(--cache-sim=yes --D1=1024,2,64 --I1=1024,2,64) ;;
+  *) die "CACHE_SIM must be 0, 1 or lines" ;;
+esac
 
 for program in valgrind callgrind_control "$WRK" curl cc; do
   command -v "$program" >/dev/null || die "$program is missing (apt-get install valgrind wrk curl gcc)"
@@ -92,7 +101,17 @@ for server in $SERVERS; do
     per_request[$server.$scenario]=$((callgrind_instructions / callgrind_requests))
     printf '%-8s %-10s %12s instructions / %8s requests = %6s per request\n' "$server" \
       "$scenario" "$callgrind_instructions" "$callgrind_requests" "${per_request[$server.$scenario]}"
-    if [[ $CACHE_SIM == 1 ]]; then
+    if [[ $CACHE_SIM == lines ]]; then
+      awk -v server="$server" -v scenario="$scenario" -v requests="$callgrind_requests" '
+        /^events:/ { for (i = 2; i <= NF; i++) name[i] = $i }
+        /^(summary|totals):/ {
+          for (i = 2; i <= NF; i++) count[name[i]] = $i
+          printf "%-8s %-10s per request: %.0f code lines and %.0f data lines touched (%.0f read, %.0f written)\n",
+            server, scenario, count["I1mr"] / requests, (count["D1mr"] + count["D1mw"]) / requests,
+            count["D1mr"] / requests, count["D1mw"] / requests
+          exit
+        }' "$callgrind_dump"
+    elif [[ $CACHE_SIM == 1 ]]; then
       # The dump's "events:" line names the counts of its "summary:" (or "totals:") line.
       awk -v server="$server" -v scenario="$scenario" -v requests="$callgrind_requests" '
         /^events:/ { for (i = 2; i <= NF; i++) name[i] = $i }
