@@ -270,6 +270,49 @@ TEST_CASE("cached answer heads follow the body's length and a reload's keep-aliv
   CHECK(ends_with(answers[4], "Content-Length: 2\r\nKeep-Alive: timeout=9\r\n\r\nxx"));
 }
 
+TEST_CASE("cached answer heads follow the status and the content type from answer to answer") {
+  struct Kind {
+    int status;
+    const char* type;
+    const char* status_line;
+  };
+  // The second answer has the first's status and a type of the same length in the same buffer.
+  const std::vector<Kind> kinds = {{200, "text/plain", "HTTP/1.1 200 OK\r\n"},
+                                   {200, "text/html;", "HTTP/1.1 200 OK\r\n"},
+                                   {201, "text/html;", "HTTP/1.1 201 Created\r\n"},
+                                   {200, "text/plain", "HTTP/1.1 200 OK\r\n"}};
+  http::Router router;
+  // One buffer whose bytes change between answers while its address and length stay: the
+  // cache tries the last answer's entry first and must compare the type, not its address.
+  std::string type;
+  std::size_t answered = 0;
+  router.add("GET", "/x", [&](http::Request&, http::Responder responder) {
+    const Kind& kind = kinds[answered++ % kinds.size()];
+    type = kind.type;
+    responder.send(kind.status, type, "x");
+  });
+  Loop loop;
+  http::Server server(loop, std::make_shared<const http::Router>(router), http::ServerOptions{});
+  server.listen("127.0.0.1", 0);
+  const std::uint16_t port = server.listeners().front()->bound_port();
+  std::vector<std::string> answers;
+  run_with_client(loop, server, [&] {
+    testing::Client client(port);
+    for (std::size_t i = 0; i < kinds.size(); ++i) {
+      client.send("GET /x HTTP/1.1\r\nHost: t\r\n\r\n");
+      answers.push_back(client.read_response());
+    }
+  });
+  CHECK(loop.close() == 0);
+  REQUIRE(answers.size() == kinds.size());
+  for (std::size_t i = 0; i < answers.size(); ++i) {
+    CAPTURE(answers[i]);
+    CHECK(answers[i].rfind(kinds[i].status_line, 0) == 0);
+    CHECK(answers[i].find(std::string("\r\nContent-Type: ") + kinds[i].type + "\r\n") !=
+          std::string::npos);
+  }
+}
+
 TEST_CASE("the request observer gets one record per request, an inside answer's at the return") {
   using namespace std::chrono_literals;
   http::Router router;
