@@ -448,8 +448,7 @@ void Connection::pump_streamed_body() noexcept {
   if (stream->queue.size() > queued_before) BodyStream::schedule(stream);
 }
 
-bool Connection::body_held_back() const noexcept {
-  if (workspace_ == nullptr || workspace_->body_stream == nullptr) return false;
+bool Connection::stream_held_back() const noexcept {
   const BodyStream& stream = *workspace_->body_stream;
   return !stream.discarding && stream.queue.size() >= BodyReader::kHighWater;
 }

@@ -325,11 +325,9 @@ SQUALL_HOT void Connection::release_workspace() noexcept {
 SQUALL_HOT void Connection::update_reading() noexcept {
   if (closed()) return;
   const bool buffer_full = workspace_ != nullptr && workspace_->end == workspace_->capacity;
-  const bool want =
-      closing()
-          ? state_ == State::lingering && !peer_eof_
-          : !output_blocked_ && !waiting_for_output_budget_ && !peer_eof_ && !buffer_full &&
-                (workspace_ == nullptr || workspace_->body_stream == nullptr || !body_held_back());
+  const bool want = closing() ? state_ == State::lingering && !peer_eof_
+                              : !output_blocked_ && !waiting_for_output_budget_ && !peer_eof_ &&
+                                    !buffer_full && !body_held_back();
   uv_stream_t* stream = this->stream();
   if (want && !reading_) {
     reading_ = uv_read_start(stream, on_alloc, on_read) == 0;

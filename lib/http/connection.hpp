@@ -202,9 +202,14 @@ class Connection {
   std::size_t high_water() const noexcept;
 
   // Streamed request bodies (body_reader.cpp): hooks called from reading, answering, closing.
-  bool start_streamed_body() noexcept;   // At a head with a body: dispatch if the route streams.
-  void pump_streamed_body() noexcept;    // Feeds buffered body bytes to the reader (or drops them).
-  bool body_held_back() const noexcept;  // The reader has BodyReader::kHighWater waiting.
+  bool start_streamed_body() noexcept;  // At a head with a body: dispatch if the route streams.
+  void pump_streamed_body() noexcept;   // Feeds buffered body bytes to the reader (or drops them).
+  // The reader has BodyReader::kHighWater waiting. In line: update_reading() asks it after
+  // every pass, and most requests have no streamed body.
+  bool body_held_back() const noexcept {
+    return workspace_ != nullptr && workspace_->body_stream != nullptr && stream_held_back();
+  }
+  bool stream_held_back() const noexcept;  // body_held_back() once there is a streamed body.
   // body while waiting for the client, body_held while waiting for the handler.
   TimerPhase streamed_body_timer_phase() const noexcept;
   void settle_body_before_answer() noexcept;  // Keep-alive only if the unread rest is small.
