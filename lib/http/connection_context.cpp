@@ -78,14 +78,7 @@ void ConnectionContext::reconfigure(ServerOptions new_options) {
 
 SQUALL_HOT ConnectionContext::HeadPrefix& ConnectionContext::find_head_prefix(
     int status, std::string_view content_type, bool content_length) {
-  // The Date is the wall clock's second when this loop iteration began, as nginx's is: time()
-  // is asked once per loop millisecond, not once per answer.
-  const std::uint64_t now_ms = loop.now_ms();
-  if (now_ms != date_checked_ms_) [[unlikely]] {
-    date_checked_ms_ = now_ms;
-    date.now();
-  }
-  const std::string_view now = date.text();
+  const std::string_view now = date.now();
   // The entry of the last answer first: a server answers the same kind again and again.
   HeadPrefix* found = last_head_prefix_;
   if (found == nullptr || !found->matches(status, content_type, content_length)) [[unlikely]] {

@@ -183,27 +183,26 @@ class ConnectionContext {
                                                   bool content_length, std::string_view now);
   void switch_cork(Connection* owner);  // Flushes the cork, then lends it to owner.
 
-  std::array<HeadPrefix, 8> head_prefixes_;            // The pairs in use, reused in turn.
-  std::size_t next_head_prefix_ = 0;                   // The entry a new pair replaces.
-  HeadPrefix* last_head_prefix_ = nullptr;             // The entry of the last answer.
-  std::uint64_t date_checked_ms_ = ~std::uint64_t{0};  // The loop time of the last time().
-  std::array<List, Connection::kTimerPhases> lists_;   // One per TimerPhase.
-  std::string cork_;                                   // Output gathered for cork_owner_.
-  Connection* cork_owner_ = nullptr;                   // Whose bytes cork_ holds.
-  Workspace* free_workspaces_ = nullptr;       // Spares; stats.spare_workspaces counts them.
-  std::size_t lent_workspaces_ = 0;            // Lent to connections now.
-  std::size_t peak_lent_ = 0;                  // Most lent at once since the last trim.
-  std::size_t previous_peak_lent_ = 0;         // The same for the second before it.
-  std::size_t workspace_capacity_ = 0;         // Read buffer size, from the limits.
-  UvHandle<uv_timer_t> timer_;                 // Fires at the earliest deadline.
-  bool timer_armed_ = false;                   // timer_ is started.
-  std::uint64_t timer_due_ms_ = 0;             // When it fires (uv_now clock).
-  UvHandle<uv_timer_t> trim_timer_;            // Trims spares each second; unreferenced.
-  squall::detail::CloseHook loop_close_hook_;  // close_for_loop(), run by Loop::close().
-  bool trim_armed_ = false;                    // trim_timer_ is started.
-  bool resuming_output_waiters_ = false;       // resume_output_waiters() is running.
-  std::uint32_t walks_ = 0;                    // Walks on the stack.
-  bool drain_check_due_ = false;               // A connection closed during a walk.
+  std::array<HeadPrefix, 8> head_prefixes_;           // The pairs in use, reused in turn.
+  std::size_t next_head_prefix_ = 0;                  // The entry a new pair replaces.
+  HeadPrefix* last_head_prefix_ = nullptr;            // The entry of the last answer.
+  std::array<List, Connection::kTimerPhases> lists_;  // One per TimerPhase.
+  std::string cork_;                                  // Output gathered for cork_owner_.
+  Connection* cork_owner_ = nullptr;                  // Whose bytes cork_ holds.
+  Workspace* free_workspaces_ = nullptr;              // Spares; stats.spare_workspaces counts them.
+  std::size_t lent_workspaces_ = 0;                   // Lent to connections now.
+  std::size_t peak_lent_ = 0;                         // Most lent at once since the last trim.
+  std::size_t previous_peak_lent_ = 0;                // The same for the second before it.
+  std::size_t workspace_capacity_ = 0;                // Read buffer size, from the limits.
+  UvHandle<uv_timer_t> timer_;                        // Fires at the earliest deadline.
+  bool timer_armed_ = false;                          // timer_ is started.
+  std::uint64_t timer_due_ms_ = 0;                    // When it fires (uv_now clock).
+  UvHandle<uv_timer_t> trim_timer_;                   // Trims spares each second; unreferenced.
+  squall::detail::CloseHook loop_close_hook_;         // close_for_loop(), run by Loop::close().
+  bool trim_armed_ = false;                           // trim_timer_ is started.
+  bool resuming_output_waiters_ = false;              // resume_output_waiters() is running.
+  std::uint32_t walks_ = 0;                           // Walks on the stack.
+  bool drain_check_due_ = false;                      // A connection closed during a walk.
 };
 
 }  // namespace squall::http

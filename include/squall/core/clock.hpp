@@ -11,8 +11,6 @@ namespace squall {
 class HttpDateCache {
  public:
   std::string_view now() noexcept;
-  // The text of the last now(), without asking the clock (empty before the first call).
-  std::string_view text() const noexcept { return {text_.data(), length_}; }
   // The second the text of the last now() is for (-1 before the first call).
   std::time_t second() const noexcept { return cached_second_; }
   // Formats `seconds` (since the epoch) as an IMF-fixdate; exposed for tests.
