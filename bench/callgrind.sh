@@ -101,26 +101,21 @@ for server in $SERVERS; do
     per_request[$server.$scenario]=$((callgrind_instructions / callgrind_requests))
     printf '%-8s %-10s %12s instructions / %8s requests = %6s per request\n' "$server" \
       "$scenario" "$callgrind_instructions" "$callgrind_requests" "${per_request[$server.$scenario]}"
-    if [[ $CACHE_SIM == lines ]]; then
-      awk -v server="$server" -v scenario="$scenario" -v requests="$callgrind_requests" '
-        /^events:/ { for (i = 2; i <= NF; i++) name[i] = $i }
-        /^(summary|totals):/ {
-          for (i = 2; i <= NF; i++) count[name[i]] = $i
-          printf "%-8s %-10s per request: %.0f code lines and %.0f data lines touched (%.0f read, %.0f written)\n",
-            server, scenario, count["I1mr"] / requests, (count["D1mr"] + count["D1mw"]) / requests,
-            count["D1mr"] / requests, count["D1mw"] / requests
-          exit
-        }' "$callgrind_dump"
-    elif [[ $CACHE_SIM == 1 ]]; then
+    if [[ $CACHE_SIM != 0 ]]; then
       # The dump's "events:" line names the counts of its "summary:" (or "totals:") line.
-      awk -v server="$server" -v scenario="$scenario" -v requests="$callgrind_requests" '
+      awk -v mode="$CACHE_SIM" -v server="$server" -v scenario="$scenario" \
+        -v requests="$callgrind_requests" '
         /^events:/ { for (i = 2; i <= NF; i++) name[i] = $i }
         /^(summary|totals):/ {
-          for (i = 2; i <= NF; i++) count[name[i]] = $i
-          printf "%-8s %-10s per request: %.1f D1 misses (%.1f read, %.1f write), %.2f I1 misses, %.1f mispredicted branches (%.1f conditional, %.1f indirect)\n",
-            server, scenario, (count["D1mr"] + count["D1mw"]) / requests, count["D1mr"] / requests,
-            count["D1mw"] / requests, count["I1mr"] / requests,
-            (count["Bcm"] + count["Bim"]) / requests, count["Bcm"] / requests, count["Bim"] / requests
+          for (i = 2; i <= NF; i++) n[name[i]] = $i / requests
+          printf "%-8s %-10s per request: ", server, scenario
+          if (mode == "lines")
+            printf "%.0f code lines and %.0f data lines touched (%.0f read, %.0f written)\n",
+              n["I1mr"], n["D1mr"] + n["D1mw"], n["D1mr"], n["D1mw"]
+          else
+            printf "%.1f D1 misses (%.1f read, %.1f write), %.2f I1 misses, %.1f mispredicted branches (%.1f conditional, %.1f indirect)\n",
+              n["D1mr"] + n["D1mw"], n["D1mr"], n["D1mw"], n["I1mr"], n["Bcm"] + n["Bim"],
+              n["Bcm"], n["Bim"]
           exit
         }' "$callgrind_dump"
     fi
