@@ -24,6 +24,8 @@
 #                 1,400 instructions more per request), "pages" (a byte written in each of 32
 #                 pages per request) [none]
 #   SYSCALLS      1: count system calls per request (perf) after the rounds [0]
+#   PIPELINE      N > 0: wrk pipelines N requests per write (bench/pipeline.lua) instead of one
+#                 request at a time per connection: the CPU per pipelined request [0]
 set -euo pipefail
 
 bench_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -34,6 +36,7 @@ CONNECTIONS=${CONNECTIONS:-100}
 BARE=${BARE:-1}
 BARE_VARIANTS=${BARE_VARIANTS:-}
 SYSCALLS=${SYSCALLS:-0}
+PIPELINE=${PIPELINE:-0}
 WRK=${WRK:-wrk}
 
 log() { printf 'keepalive_ab: %s\n' "$*" >&2; }
@@ -72,6 +75,10 @@ for variant in $BARE_VARIANTS; do
   servers+=("bare:$variant")
 done
 hz=$(getconf CLK_TCK)
+[[ $PIPELINE =~ ^[0-9]+$ ]] || die "PIPELINE must be a number of requests per write, not '$PIPELINE'"
+# wrk's script before the URL and its argument after it.
+pipeline=() depth=()
+if ((PIPELINE > 0)); then pipeline=(-s "$bench_dir/pipeline.lua") depth=(-- "$PIPELINE"); fi
 
 # Starts $1 on CPU 0; sets server_pid and url.
 start_server() {
@@ -127,7 +134,8 @@ for ((round = 1; round <= ROUNDS; round++)); do
     start_server "$server"
     user_before=$(cpu_ticks "$server_pid" user)
     all_before=$(cpu_ticks "$server_pid")
-    report=$(taskset -c 1 "$WRK" -t1 -c"$CONNECTIONS" -d"$DURATION" "$url")
+    report=$(taskset -c 1 "$WRK" -t1 -c"$CONNECTIONS" -d"$DURATION" "${pipeline[@]}" "$url" \
+      "${depth[@]}")
     user_after=$(cpu_ticks "$server_pid" user)
     all_after=$(cpu_ticks "$server_pid")
     stop_server
@@ -186,7 +194,8 @@ if [[ $SYSCALLS == 1 ]]; then
     perf stat -x, -e "$events" -p "$server_pid" -o "$work_dir/perf.txt" &
     perf_pid=$!
     sleep 0.3
-    report=$(taskset -c 1 "$WRK" -t1 -c"$CONNECTIONS" -d"$DURATION" "$url")
+    report=$(taskset -c 1 "$WRK" -t1 -c"$CONNECTIONS" -d"$DURATION" "${pipeline[@]}" "$url" \
+      "${depth[@]}")
     kill -INT "$perf_pid"
     wait "$perf_pid" || true
     stop_server

@@ -26,6 +26,13 @@ def squalld_path() -> str:
     return os.environ.get("SQUALLD") or str(REPO / "build" / "squalld")
 
 
+def examples_dir() -> Path:
+    """The example programs: $EXAMPLES_DIR, else the examples/ directory beside $SQUALLD."""
+    if os.environ.get("EXAMPLES_DIR"):
+        return Path(os.environ["EXAMPLES_DIR"])
+    return Path(squalld_path()).resolve().parent / "examples"
+
+
 # --------------------------------------------------------------------------------------------
 # Config rendering
 

@@ -13,13 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from squall_helpers import squalld_path
-
-
-def examples_dir() -> Path:
-    if os.environ.get("EXAMPLES_DIR"):
-        return Path(os.environ["EXAMPLES_DIR"])
-    return Path(squalld_path()).resolve().parent / "examples"
+from squall_helpers import examples_dir
 
 
 def example(name: str) -> str:

@@ -9,13 +9,12 @@ import signal
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from squall_helpers import squalld_path
+from squall_helpers import examples_dir
 
-EXAMPLES = Path(squalld_path()).parent / "examples"
+EXAMPLES = examples_dir()
 ECHO_SERVER = EXAMPLES / "tcp_echo_server"
 CLIENT = EXAMPLES / "tcp_client"
 
