@@ -28,25 +28,6 @@ else
 BUILD := $(BUILD_BASE)/san-$(subst $(comma),-,$(SANITIZE))
 SAN_FLAGS := -fsanitize=$(SANITIZE) -fno-omit-frame-pointer -fno-sanitize-recover=all
 endif
-# `make pgo`: squalld built with the profile of a training run (scripts/pgo-train.py) and
-# link-time optimisation, into build/pgo; g++ only. The profiling build is build/pgo-train; its
-# counts go to build/pgo-profile, named relative to the build directory so that both builds
-# find them. (PGO is set by `make pgo` for its sub-makes: train, then use.)
-PGO_PROFILE := $(CURDIR)/build/pgo-profile
-ifeq ($(PGO),train)
-BUILD := build/pgo-train
-SAN_FLAGS := -fprofile-generate=$(PGO_PROFILE) -fprofile-prefix-path=$(CURDIR)/$(BUILD) \
-	-fprofile-update=atomic
-else ifeq ($(PGO),use)
-BUILD := build/pgo
-# Code the training never ran is optimised as without a profile (-fprofile-partial-training);
-# GCC warns, without a -W name to turn off, of each function it has no counts for: -w (the
-# regular build compiles the same code with -Wall -Wextra -Werror).
-SAN_FLAGS := -fprofile-use=$(PGO_PROFILE) -fprofile-prefix-path=$(CURDIR)/$(BUILD) \
-	-fprofile-partial-training -w -flto=auto
-else ifneq ($(PGO),)
-$(error PGO is set by `make pgo` itself (train, use), not "$(PGO)")
-endif
 ifneq ($(FUZZ),)
 BUILD := build/fuzz
 SAN_FLAGS := -fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer \
@@ -128,7 +109,7 @@ FUZZ_SECONDS ?= 10
 
 .PHONY: all deps run test unit integration examples format format-check clean bench install \
 	uninstall fuzz fuzz-targets fuzz-run install-squalld install-lib uninstall-squalld \
-	uninstall-lib libs pgo install-pgo
+	uninstall-lib libs
 
 all: $(SQUALLD) $(UNIT_TESTS) $(EXAMPLE_BINS) libs
 
@@ -173,30 +154,10 @@ fuzz-run: fuzz
 unit: $(UNIT_TESTS)
 	sh scripts/pg-test-server run ./$(UNIT_TESTS)
 
-# TEST_SQUALLD: the squalld the integration tests run (`make integration
-# TEST_SQUALLD=build/pgo/squalld` after `make pgo`); the examples and libraries are this build's.
-TEST_SQUALLD ?= $(SQUALLD)
 integration: $(SQUALLD) $(EXAMPLE_BINS) libs
-	sh scripts/pg-test-server run env SQUALLD=$(abspath $(TEST_SQUALLD)) SANITIZE=$(SANITIZE) SEND_EMAIL=$(CURDIR)/$(BUILD)/examples/send_email EXAMPLES_DIR=$(CURDIR)/$(BUILD)/examples $(PYTHON) -m pytest -q -p no:cacheprovider tests/integration
+	sh scripts/pg-test-server run env SQUALLD=$(CURDIR)/$(SQUALLD) SANITIZE=$(SANITIZE) SEND_EMAIL=$(CURDIR)/$(BUILD)/examples/send_email EXAMPLES_DIR=$(CURDIR)/$(BUILD)/examples $(PYTHON) -m pytest -q -p no:cacheprovider tests/integration
 
 examples: $(EXAMPLE_BINS)
-
-# Train, then use: a profiling squalld answers the requests of scripts/pgo-train.py (every
-# route, keep-alive, pipelined, bad requests), and its counts shape build/pgo/squalld: the hot
-# path laid out together, the rest apart. Each run trains afresh.
-pgo: deps
-ifneq ($(findstring clang,$(notdir $(CXX))),)
-	$(error make pgo needs g++ (CXX=$(CXX)): its profiles are GCC's)
-endif
-	rm -rf $(PGO_PROFILE)
-	@$(MAKE) --no-print-directory PGO=train build/pgo-train/squalld
-	$(PYTHON) scripts/pgo-train.py build/pgo-train/squalld $(PGO_PROFILE)
-	@$(MAKE) --no-print-directory PGO=use build/pgo/squalld
-
-# `make install` with build/pgo/squalld as the binary (after `make pgo`).
-install-pgo:
-	@test -x build/pgo/squalld || { echo "build/pgo/squalld is missing: run make pgo" >&2; exit 1; }
-	@$(MAKE) --no-print-directory PGO=use -o build/pgo/squalld install-squalld
 
 bench: deps $(SQUALLD)
 	sh scripts/install-deps.sh --bench
