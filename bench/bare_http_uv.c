@@ -10,15 +10,17 @@
  * body, sent as they are): bench/run.sh's "bare_same" gives it squalld's own answer, so both send
  * the same bytes and wrk does the same work for either.
  *
- * BARE_EXTRA (bench/keepalive_ab.sh's BARE_VARIANTS) adds one thing squalld has and this loop
- * lacks: "timer", a repeating libuv timer, so that epoll_wait waits with a timeout; "thread", an
+ * BARE_EXTRA (bench/keepalive_ab.sh's BARE_VARIANTS), a comma-separated list, adds things squalld
+ * has and this loop lacks: "timer", a repeating libuv timer, so that epoll_wait waits with a timeout; "thread", an
  * idle second thread, so that the process's file table is shared and the kernel takes a
  * reference on each file a system call uses. Two more price what squalld's own code does per
  * request: "work", about 1,400 more instructions per request on data already in the cache
  * (squalld runs some 1,400 more than this loop, bench/callgrind.sh), and "pages", one byte
  * written in each of 32 pages per request (what squalld's code and data spread over, and what
  * each return from a system call makes the processor look up again where the kernel isolates its
- * page tables without PCID). */
+ * page tables without PCID). "lines" reads 400 cache lines per request, four in each of 100
+ * pages: about as many lines as squalld's request touches over this loop's (CACHE_SIM=lines
+ * bench/callgrind.sh), which the kernel's work between two requests evicts. */
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -39,22 +41,34 @@ static char response[MAX_RESPONSE_BYTES];
 static size_t response_bytes;
 static char answers[MAX_PIPELINE * MAX_RESPONSE_BYTES];
 
-/* BARE_EXTRA=work and pages (see above). */
-enum { EXTRA_NONE, EXTRA_WORK, EXTRA_PAGES };
-static int per_request_extra = EXTRA_NONE;
+/* BARE_EXTRA=work, pages and lines (see above). */
+static int extra_work, extra_pages_on, extra_lines_on;
 #define WORK_ROUNDS \
   140 /* About ten instructions each (BARE_EXTRA=work SERVERS=bare bench/callgrind.sh). */
 #define EXTRA_PAGES_TOUCHED 32
+#define EXTRA_LINE_PAGES 100
+#define EXTRA_LINES_PER_PAGE 4
 static char* extra_pages;
+static char* extra_lines;
 volatile unsigned extra_sink; /* Keeps the work's result, so that the compiler keeps the work. */
 
 static void extra_per_request(const char* bytes) {
-  if (per_request_extra == EXTRA_WORK) {
+  if (extra_work) {
     unsigned sum = 0;
     for (unsigned i = 0; i < WORK_ROUNDS; i++) sum = sum * 31u + (unsigned char)bytes[i & 31];
     extra_sink = sum;
-  } else if (per_request_extra == EXTRA_PAGES) {
+  }
+  if (extra_pages_on) {
     for (size_t i = 0; i < EXTRA_PAGES_TOUCHED; i++) extra_pages[i * 4096]++;
+  }
+  if (extra_lines_on) {
+    unsigned sum = 0;
+    for (size_t page = 0; page < EXTRA_LINE_PAGES; page++) {
+      for (size_t line = 0; line < EXTRA_LINES_PER_PAGE; line++) {
+        sum += (unsigned char)extra_lines[page * 4096 + line * 1024];
+      }
+    }
+    extra_sink = sum;
   }
 }
 
@@ -127,7 +141,7 @@ static void on_read(uv_stream_t* client, ssize_t nread, const uv_buf_t* buf) {
     return;
   }
   size_t count = count_requests(client, read_buffer, (size_t)nread);
-  if (per_request_extra != EXTRA_NONE) {
+  if (extra_work | extra_pages_on | extra_lines_on) {
     for (size_t i = 0; i < count; i++) extra_per_request(read_buffer);
   }
   while (count > 0) {
@@ -205,29 +219,44 @@ int main(int argc, char** argv) {
   uv_ip4_name((struct sockaddr_in*)&bound, host, sizeof host);
   printf("listening on %s:%d\n", host, ntohs(((struct sockaddr_in*)&bound)->sin_port));
   fflush(stdout);
+  /* BARE_EXTRA: "a,b,..." of timer, thread, work, pages, lines. */
   const char* extra = getenv("BARE_EXTRA");
+  static char extras[256];
+  snprintf(extras, sizeof extras, "%s", extra != NULL ? extra : "");
   static uv_timer_t timer;
-  if (extra != NULL && strcmp(extra, "timer") == 0) {
-    uv_timer_init(loop, &timer);
-    uv_timer_start(&timer, on_idle_timer, 1000000, 1000000);
-  } else if (extra != NULL && strcmp(extra, "thread") == 0) {
-    pthread_t thread;
-    if (pthread_create(&thread, NULL, idle_thread, NULL) != 0) {
-      fprintf(stderr, "bare_http_uv: cannot start the idle thread\n");
+  for (char* name = strtok(extras, ","); name != NULL; name = strtok(NULL, ",")) {
+    if (strcmp(name, "timer") == 0) {
+      uv_timer_init(loop, &timer);
+      uv_timer_start(&timer, on_idle_timer, 1000000, 1000000);
+    } else if (strcmp(name, "thread") == 0) {
+      pthread_t thread;
+      if (pthread_create(&thread, NULL, idle_thread, NULL) != 0) {
+        fprintf(stderr, "bare_http_uv: cannot start the idle thread\n");
+        return 1;
+      }
+    } else if (strcmp(name, "work") == 0) {
+      extra_work = 1;
+    } else if (strcmp(name, "pages") == 0 || strcmp(name, "lines") == 0) {
+      const int pages = name[0] == 'p';
+      char* memory = calloc(pages ? EXTRA_PAGES_TOUCHED : EXTRA_LINE_PAGES, 4096);
+      if (memory == NULL) {
+        fprintf(stderr, "bare_http_uv: out of memory for BARE_EXTRA=%s\n", name);
+        return 1;
+      }
+      if (pages) {
+        extra_pages = memory;
+        extra_pages_on = 1;
+      } else {
+        /* Written once, so that each page is its own (untouched ones all map the zero page). */
+        memset(memory, 1, (size_t)EXTRA_LINE_PAGES * 4096);
+        extra_lines = memory;
+        extra_lines_on = 1;
+      }
+    } else {
+      fprintf(stderr, "bare_http_uv: BARE_EXTRA: %s is none of timer, thread, work, pages, lines\n",
+              name);
       return 1;
     }
-  } else if (extra != NULL && strcmp(extra, "work") == 0) {
-    per_request_extra = EXTRA_WORK;
-  } else if (extra != NULL && strcmp(extra, "pages") == 0) {
-    extra_pages = calloc(EXTRA_PAGES_TOUCHED, 4096);
-    if (extra_pages == NULL) {
-      fprintf(stderr, "bare_http_uv: out of memory for BARE_EXTRA=pages\n");
-      return 1;
-    }
-    per_request_extra = EXTRA_PAGES;
-  } else if (extra != NULL && extra[0] != '\0') {
-    fprintf(stderr, "bare_http_uv: BARE_EXTRA=%s is none of timer, thread, work, pages\n", extra);
-    return 1;
   }
   return uv_run(loop, UV_RUN_DEFAULT);
 }

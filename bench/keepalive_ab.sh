@@ -22,7 +22,9 @@
 #                 own answer to GET /plaintext byte for byte, as bench/run.sh's bare_same:
 #                 captured with curl from the first SQUALLD, its Date frozen), "work" (about
 #                 1,400 instructions more per request), "pages" (a byte written in each of 32
-#                 pages per request) [none]
+#                 pages per request), "lines" (400 cache lines read per request, four in each
+#                 of 100 pages); several at once joined by commas, e.g. "work,lines,thread"
+#                 [none]
 #   SYSCALLS      1: count system calls per request (perf) after the rounds [0]
 #   PIPELINE      N > 0: wrk pipelines N requests per write (bench/pipeline.lua) instead of one
 #                 request at a time per connection: the CPU per pipelined request [0]
@@ -69,9 +71,11 @@ cc -O2 -g -Wall -Werror -pthread -o "$work_dir/bare_http_uv" "$bench_dir/bare_ht
   die "cannot build bench/bare_http_uv.c"
 [[ $BARE == 1 ]] && servers+=(bare)
 for variant in $BARE_VARIANTS; do
-  [[ $variant == timer || $variant == thread || $variant == same || $variant == work ||
-    $variant == pages ]] ||
-    die "BARE_VARIANTS: '$variant' is none of timer, thread, same, work, pages"
+  [[ $variant == same ]] ||
+    for part in ${variant//,/ }; do
+      [[ $part == timer || $part == thread || $part == work || $part == pages || $part == lines ]] ||
+        die "BARE_VARIANTS: '$part' (in '$variant') is none of timer, thread, work, pages, lines"
+    done
   servers+=("bare:$variant")
 done
 hz=$(getconf CLK_TCK)
