@@ -217,8 +217,6 @@ int main(int argc, char** argv) {
   }
   uv_tcp_getsockname(&server, (struct sockaddr*)&bound, &length);
   uv_ip4_name((struct sockaddr_in*)&bound, host, sizeof host);
-  printf("listening on %s:%d\n", host, ntohs(((struct sockaddr_in*)&bound)->sin_port));
-  fflush(stdout);
   /* BARE_EXTRA: "a,b,..." of timer, thread, work, pages, lines. */
   const char* extra = getenv("BARE_EXTRA");
   static char extras[256];
@@ -258,5 +256,8 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
+  /* Printed once BARE_EXTRA is accepted: a script reading the port never starts a wrong loop. */
+  printf("listening on %s:%d\n", host, ntohs(((struct sockaddr_in*)&bound)->sin_port));
+  fflush(stdout);
   return uv_run(loop, UV_RUN_DEFAULT);
 }
