@@ -292,18 +292,14 @@ TEST_CASE("cached answer heads follow the status and the content type from answe
     responder.send(kind.status, type, "x");
   });
   Loop loop;
-  http::Server server(loop, std::make_shared<const http::Router>(router), http::ServerOptions{});
-  server.listen("127.0.0.1", 0);
-  const std::uint16_t port = server.listeners().front()->bound_port();
   std::vector<std::string> answers;
-  run_with_client(loop, server, [&] {
+  testing::serve_while(loop, router, [&](std::uint16_t port) {
     testing::Client client(port);
     for (std::size_t i = 0; i < kinds.size(); ++i) {
       client.send("GET /x HTTP/1.1\r\nHost: t\r\n\r\n");
       answers.push_back(client.read_response());
     }
   });
-  CHECK(loop.close() == 0);
   REQUIRE(answers.size() == kinds.size());
   for (std::size_t i = 0; i < answers.size(); ++i) {
     CAPTURE(answers[i]);
