@@ -10,13 +10,13 @@
  * body, sent as they are): bench/run.sh's "bare_same" gives it squalld's own answer, so both send
  * the same bytes and wrk does the same work for either.
  *
- * BARE_EXTRA (bench/keepalive_ab.sh's BARE_VARIANTS), a comma-separated list, adds things squalld
- * has and this loop lacks: "timer", a repeating libuv timer, so that epoll_wait waits with a timeout; "thread", an
- * idle second thread, so that the process's file table is shared and the kernel takes a
- * reference on each file a system call uses. Two more price what squalld's own code does per
- * request: "work", about 1,400 more instructions per request on data already in the cache
- * (squalld runs some 1,400 more than this loop, bench/callgrind.sh), and "pages", one byte
- * written in each of 32 pages per request (what squalld's code and data spread over, and what
+ * BARE_EXTRA (bench/keepalive_ab.sh's BARE_VARIANTS), a comma-separated list, adds things
+ * squalld has and this loop lacks: "timer", a repeating libuv timer, so that epoll_wait waits
+ * with a timeout; "thread", an idle second thread, so that the process's file table is shared
+ * and the kernel takes a reference on each file a system call uses. Two more price what squalld's
+ * own code does per request: "work", about 1,400 more instructions per request on data already in
+ * the cache (squalld runs some 1,400 more than this loop, bench/callgrind.sh), and "pages", one
+ * byte written in each of 32 pages per request (what squalld's code and data spread over, and what
  * each return from a system call makes the processor look up again where the kernel isolates its
  * page tables without PCID). "lines" reads 400 cache lines per request, four in each of 100
  * pages: about as many lines as squalld's request touches over this loop's (CACHE_SIM=lines
@@ -41,8 +41,8 @@ static char response[MAX_RESPONSE_BYTES];
 static size_t response_bytes;
 static char answers[MAX_PIPELINE * MAX_RESPONSE_BYTES];
 
-/* BARE_EXTRA=work, pages and lines (see above). */
-static int extra_work, extra_pages_on, extra_lines_on;
+/* BARE_EXTRA=work, pages and lines (see above): pages and lines are on when allocated. */
+static int extra_work;
 #define WORK_ROUNDS \
   140 /* About ten instructions each (BARE_EXTRA=work SERVERS=bare bench/callgrind.sh). */
 #define EXTRA_PAGES_TOUCHED 32
@@ -58,10 +58,10 @@ static void extra_per_request(const char* bytes) {
     for (unsigned i = 0; i < WORK_ROUNDS; i++) sum = sum * 31u + (unsigned char)bytes[i & 31];
     extra_sink = sum;
   }
-  if (extra_pages_on) {
+  if (extra_pages != NULL) {
     for (size_t i = 0; i < EXTRA_PAGES_TOUCHED; i++) extra_pages[i * 4096]++;
   }
-  if (extra_lines_on) {
+  if (extra_lines != NULL) {
     unsigned sum = 0;
     for (size_t page = 0; page < EXTRA_LINE_PAGES; page++) {
       for (size_t line = 0; line < EXTRA_LINES_PER_PAGE; line++) {
@@ -141,7 +141,7 @@ static void on_read(uv_stream_t* client, ssize_t nread, const uv_buf_t* buf) {
     return;
   }
   size_t count = count_requests(client, read_buffer, (size_t)nread);
-  if (extra_work | extra_pages_on | extra_lines_on) {
+  if (extra_work || extra_pages != NULL || extra_lines != NULL) {
     for (size_t i = 0; i < count; i++) extra_per_request(read_buffer);
   }
   while (count > 0) {
@@ -180,6 +180,11 @@ static void on_connection(uv_stream_t* server, int status) {
   } else {
     uv_close((uv_handle_t*)client, on_close);
   }
+}
+
+static int out_of_memory(const char* variant) {
+  fprintf(stderr, "bare_http_uv: out of memory for BARE_EXTRA=%s\n", variant);
+  return 1;
 }
 
 int main(int argc, char** argv) {
@@ -234,22 +239,12 @@ int main(int argc, char** argv) {
       }
     } else if (strcmp(name, "work") == 0) {
       extra_work = 1;
-    } else if (strcmp(name, "pages") == 0 || strcmp(name, "lines") == 0) {
-      const int pages = name[0] == 'p';
-      char* memory = calloc(pages ? EXTRA_PAGES_TOUCHED : EXTRA_LINE_PAGES, 4096);
-      if (memory == NULL) {
-        fprintf(stderr, "bare_http_uv: out of memory for BARE_EXTRA=%s\n", name);
-        return 1;
-      }
-      if (pages) {
-        extra_pages = memory;
-        extra_pages_on = 1;
-      } else {
-        /* Written once, so that each page is its own (untouched ones all map the zero page). */
-        memset(memory, 1, (size_t)EXTRA_LINE_PAGES * 4096);
-        extra_lines = memory;
-        extra_lines_on = 1;
-      }
+    } else if (strcmp(name, "pages") == 0) {
+      if ((extra_pages = calloc(EXTRA_PAGES_TOUCHED, 4096)) == NULL) return out_of_memory(name);
+    } else if (strcmp(name, "lines") == 0) {
+      if ((extra_lines = malloc(EXTRA_LINE_PAGES * 4096)) == NULL) return out_of_memory(name);
+      /* Written once, so that each page is its own (untouched ones all map the zero page). */
+      memset(extra_lines, 1, EXTRA_LINE_PAGES * 4096);
     } else {
       fprintf(stderr, "bare_http_uv: BARE_EXTRA: %s is none of timer, thread, work, pages, lines\n",
               name);
