@@ -70,19 +70,29 @@ done
 cc -O2 -g -Wall -Werror -pthread -o "$work_dir/bare_http_uv" "$bench_dir/bare_http_uv.c" -luv ||
   die "cannot build bench/bare_http_uv.c"
 [[ $BARE == 1 ]] && servers+=(bare)
+# Every variant but "same" is BARE_EXTRA for the loop, which refuses unknown ones by name
+# (before it prints a port): each is tried once here, before the rounds.
 for variant in $BARE_VARIANTS; do
-  [[ $variant == same ]] ||
-    for part in ${variant//,/ }; do
-      [[ $part == timer || $part == thread || $part == work || $part == pages || $part == lines ]] ||
-        die "BARE_VARIANTS: '$part' (in '$variant') is none of timer, thread, work, pages, lines"
-    done
+  if [[ $variant != same ]]; then
+    status=0
+    BARE_EXTRA=$variant timeout 1 "$work_dir/bare_http_uv" 0 >/dev/null \
+      2>"$work_dir/variant.log" || status=$?
+    ((status == 124)) || die "BARE_VARIANTS: $(cat "$work_dir/variant.log")"
+  fi
   servers+=("bare:$variant")
 done
 hz=$(getconf CLK_TCK)
-[[ $PIPELINE =~ ^[0-9]+$ ]] || die "PIPELINE must be a number of requests per write, not '$PIPELINE'"
-# wrk's script before the URL and its argument after it.
-pipeline=() depth=()
-if ((PIPELINE > 0)); then pipeline=(-s "$bench_dir/pipeline.lua") depth=(-- "$PIPELINE"); fi
+[[ $PIPELINE =~ ^[0-9]+$ ]] ||
+  die "PIPELINE must be a number of requests per write, not '$PIPELINE'"
+# The measured wrk run against $url: one request at a time per connection, or PIPELINE per write.
+measured_wrk() {
+  if ((PIPELINE > 0)); then
+    taskset -c 1 "$WRK" -t1 -c"$CONNECTIONS" -d"$DURATION" -s "$bench_dir/pipeline.lua" "$url" \
+      -- "$PIPELINE"
+  else
+    taskset -c 1 "$WRK" -t1 -c"$CONNECTIONS" -d"$DURATION" "$url"
+  fi
+}
 
 # Starts $1 on CPU 0; sets server_pid and url.
 start_server() {
@@ -138,8 +148,7 @@ for ((round = 1; round <= ROUNDS; round++)); do
     start_server "$server"
     user_before=$(cpu_ticks "$server_pid" user)
     all_before=$(cpu_ticks "$server_pid")
-    report=$(taskset -c 1 "$WRK" -t1 -c"$CONNECTIONS" -d"$DURATION" "${pipeline[@]}" "$url" \
-      "${depth[@]}")
+    report=$(measured_wrk)
     user_after=$(cpu_ticks "$server_pid" user)
     all_after=$(cpu_ticks "$server_pid")
     stop_server
@@ -198,8 +207,7 @@ if [[ $SYSCALLS == 1 ]]; then
     perf stat -x, -e "$events" -p "$server_pid" -o "$work_dir/perf.txt" &
     perf_pid=$!
     sleep 0.3
-    report=$(taskset -c 1 "$WRK" -t1 -c"$CONNECTIONS" -d"$DURATION" "${pipeline[@]}" "$url" \
-      "${depth[@]}")
+    report=$(measured_wrk)
     kill -INT "$perf_pid"
     wait "$perf_pid" || true
     stop_server
